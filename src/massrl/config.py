@@ -1,0 +1,310 @@
+"""Typed run configuration: YAML files plus dotted command-line overrides.
+
+Every key is declared here. Unknown keys, wrong types and impossible values are errors that name
+the key (and, for a misspelling, the closest valid key), so a typo can never be silently ignored.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+STRATEGIES = ("simclr", "randaugment", "autoaugment", "fastautoaugment", "trivialaugment")
+DATASETS = (
+    "fashion_mnist", "digits", "cifar10", "cifar100", "stl10", "folder", "imagenet", "imagenet100",
+)
+PACKAGE_CONFIGS = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user (which key, what is wrong, how to fix)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RandAugmentConfig(_Section):
+    num_ops: int = Field(2, ge=0, description="RandAugment N: ops applied per image")
+    magnitude: int = Field(9, ge=0, description="RandAugment M on the 0..num_magnitude_bins-1 scale")
+    # The paper's M=9 is on a 0..10 scale (11 bins); torchvision's default 31 bins would make
+    # M=9 only 30% of each op's range.
+    num_magnitude_bins: int = Field(11, ge=2, description="bins of the magnitude scale")
+
+    @model_validator(mode="after")
+    def _magnitude_in_range(self) -> RandAugmentConfig:
+        if self.magnitude >= self.num_magnitude_bins:
+            raise ValueError(
+                f"magnitude={self.magnitude} must be < num_magnitude_bins={self.num_magnitude_bins}"
+            )
+        return self
+
+
+class AugmentConfig(_Section):
+    strategies: list[Literal[STRATEGIES]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: ["simclr", "randaugment", "autoaugment", "fastautoaugment"],
+        min_length=1,
+        description="augmentation strategies views are drawn from",
+    )
+    view_mode: Literal["random", "per_strategy", "crops_x_strategies"] = "random"
+    num_views: int = Field(2, ge=2, description="views per image in view_mode=random")
+    num_crops: int = Field(2, ge=1, description="shared crops in view_mode=crops_x_strategies")
+    pairs: Literal["all", "cross_strategy", "within_strategy", "cross_crop"] = Field(
+        "all", description="which ordered view pairs enter the loss"
+    )
+    crop: Literal["rrc", "uniform"] = "rrc"
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="rrc area scale range")
+    uniform_crop_range: tuple[float, float] = Field(
+        (0.5, 1.0), description="uniform crop side as a fraction of the shorter side"
+    )
+    randaugment: RandAugmentConfig = Field(default_factory=RandAugmentConfig)
+    autoaugment_policy: Literal["imagenet", "cifar10", "svhn"] = "imagenet"
+    fastautoaugment_policy: Literal["imagenet", "cifar10", "svhn"] = "imagenet"
+    # BYOL's asymmetric simclr pipeline: view 1 blur p=1.0 / solarize 0, view 2 blur 0.1 / solarize 0.2
+    asymmetric: bool = Field(True, description="BYOL's asymmetric blur/solarize on simclr views")
+    backend: Literal["per_image", "batched"] = "per_image"
+
+    @field_validator("crop_scale", "uniform_crop_range")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] <= v[1] <= 1):
+            raise ValueError(f"need 0 < low <= high <= 1, got {list(v)}")
+        return v
+
+
+class DataConfig(_Section):
+    name: Literal[DATASETS] = "fashion_mnist"  # type: ignore[valid-type]
+    root: str | None = Field(None, description="where the dataset lives (default: per dataset)")
+    download: bool = Field(False, description="let torchvision download when a network exists")
+    subset: int | None = Field(None, gt=0, description="seeded class-balanced subset of N images")
+    eval_subset: int | None = Field(None, gt=0, description="subset of the labeled splits for monitors")
+    image_size: int = Field(32, gt=0, description="crop size of every view")
+    batch_size: int = Field(256, gt=0, description="per-device batch size")
+    num_workers: int = Field(2, ge=0)
+    pin_memory: bool = True
+    persistent_workers: bool = True
+    strict: bool = Field(False, description="fail on an undecodable image instead of skipping it")
+    mean: tuple[float, float, float] | None = Field(None, description="default: the dataset's")
+    std: tuple[float, float, float] | None = Field(None, description="default: the dataset's")
+
+
+class ModelConfig(_Section):
+    backbone: str = Field("resnet18", description="timm model name")
+    cifar_stem: bool = Field(True, description="3x3 stride-1 first conv, no max-pool (small images)")
+    width: int = Field(64, gt=0, description="channels of the first stage (64 = standard ResNet)")
+    proj_hidden_dim: int = Field(4096, gt=0)
+    proj_output_dim: int = Field(256, gt=0)
+    pred_hidden_dim: int = Field(4096, gt=0)
+
+
+class LossConfig(_Section):
+    tau_base: float = Field(0.99, ge=0, le=1, description="EMA momentum at the first step")
+    tau_final: float = Field(1.0, ge=0, le=1, description="EMA momentum at the last step")
+    temperature: float = Field(0.2, gt=0, description="SimCLR NT-Xent temperature")
+
+
+class OptimizerConfig(_Section):
+    name: Literal["lars", "sgd", "adamw"] = "lars"
+    lr: float = Field(1.0, gt=0, description="base lr for batch 256 (scaled by global batch/256)")
+    scale_lr: bool = Field(True, description="multiply lr by global batch / 256")
+    weight_decay: float = Field(1e-6, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    trust_coefficient: float = Field(0.001, gt=0, description="LARS trust coefficient")
+    warmup_epochs: float = Field(10, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr / peak lr of the cosine")
+    exclude_bias_norm: bool = Field(True, description="biases and norms: no decay, no LARS")
+
+
+class TrainerConfig(_Section):
+    max_epochs: int = Field(100, gt=0)
+    accelerator: str = "auto"
+    devices: int | str | list[int] = "auto"
+    num_nodes: int = Field(1, gt=0)
+    strategy: str = "auto"
+    precision: str = Field("auto", description="auto = bf16-mixed where supported, else 32")
+    accumulate_grad_batches: int = Field(1, gt=0)
+    sync_batchnorm: bool = False
+    channels_last: bool = True
+    compile: bool = False
+    gradient_clip_val: float | None = None
+    log_every_n_steps: int = Field(10, gt=0)
+    limit_train_batches: int | float | None = None
+    progress_bar: bool = True
+
+
+class EvalConfig(_Section):
+    knn_every: int = Field(1, ge=0, description="online kNN monitor every N epochs (0 = off)")
+    knn_k: int = Field(200, gt=0)
+    knn_temperature: float = Field(0.07, gt=0)
+    probe: bool = Field(True, description="online linear probe on detached features")
+    probe_lr: float = Field(0.1, gt=0)
+    umap_every: int | None = Field(None, gt=0, description="UMAP picture every N epochs")
+
+
+class RunConfig(_Section):
+    name: str | None = Field(None, description="run name (default: <method>_<dataset>)")
+    method: Literal["massrl", "byol", "simclr"] = "massrl"
+    seed: int = 0
+    output_dir: str | None = Field(None, description="everything of the run goes here")
+    resume: str | None = Field(None, description="'auto' or a checkpoint path")
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @property
+    def run_name(self) -> str:
+        return self.name or f"{self.method}_{self.data.name}"
+
+
+# ---------------------------------------------------------------- loading and overrides
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_valid_keys(ann, prefix + name + "."))
+    return keys
+
+
+def _closest(key: str, schema: type[BaseModel] = RunConfig) -> str:
+    keys = _valid_keys(schema)
+    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not match:  # a misspelt leaf under the right section: compare leaf names only
+        leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
+        leaf = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaves), n=1, cutoff=0.7)
+        match = [leaves[leaf[0]]] if leaf else []
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _format_error(err: ValidationError, source: str, schema: type[BaseModel]) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{key}'.{_closest(key, schema)}")
+        else:
+            got = e.get("input")
+            got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{got_text}")
+    lines.append("  Run `massrl pretrain --help` for every key and its default.")
+    return "\n".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML reads it: 0.5 -> float, true -> bool, [a,b] -> list."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {}
+            node[p] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file, or a name of a shipped one such as `cifar10/byol`."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = PACKAGE_CONFIGS / (str(path).removesuffix(".yaml") + ".yaml")
+    if shipped.is_file():
+        return shipped
+    names = sorted(str(f.relative_to(PACKAGE_CONFIGS))[:-5] for f in PACKAGE_CONFIGS.rglob("*.yaml"))
+    raise ConfigError(
+        f"config file '{path}' not found. Give a path to a YAML file or one of the shipped "
+        f"configs: {', '.join(names)}"
+    )
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = resolve_config_path(path)
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p} must hold a mapping of keys, not {type(tree).__name__}")
+    return tree
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(
+                f"argument '{item}' is not KEY=VALUE (e.g. optimizer.lr=0.5 data.subset=2000)"
+            )
+        key, value = item.split("=", 1)
+        out.append((key.strip(), parse_value(value)))
+    return out
+
+
+def build_config(
+    schema: type[BaseModel] = RunConfig,
+    config_file: str | Path | None = None,
+    overrides: list[str] | None = None,
+    base: dict | None = None,
+) -> Any:
+    """Resolve base dict <- YAML file <- dotted overrides, then validate against the schema."""
+    tree: dict = dict(base or {})
+    source = "defaults"
+    if config_file is not None:
+        tree = _deep_merge(tree, load_yaml(config_file))
+        source = str(config_file)
+    for key, value in parse_overrides(overrides or []):
+        set_dotted(tree, key, value)
+        source += " + overrides"
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source, schema)) from None
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_options(schema: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """One line per key: name, default and description, for --help."""
+    lines = []
+    for name, field in schema.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.extend(describe_options(ann, prefix + name + "."))
+            continue
+        default = _jsonable(field.get_default(call_default_factory=True))
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        desc = f"  {field.description}" if field.description else ""
+        lines.append(f"  {prefix + name:<34} default {shown}{desc}")
+    return lines
+
+
+def _jsonable(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
