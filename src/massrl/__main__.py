@@ -1,0 +1,5 @@
+import sys
+
+from massrl.cli import main
+
+sys.exit(main())

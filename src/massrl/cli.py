@@ -1,0 +1,56 @@
+"""The `massrl` command: one sub-command per module in massrl.commands."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from massrl.config import ConfigError
+
+# Each module defines NAME, HELP, configure(parser) and run(args) -> int.
+COMMANDS = ("pretrain", "augviz")
+
+
+def _load(name: str):
+    return importlib.import_module(f"massrl.commands.{name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="massrl",
+        description="Self-supervised pre-training with multiple augmentation strategies "
+        "(MASSRL), BYOL and SimCLR.",
+        epilog="Every command takes -c FILE.yaml and KEY=VALUE overrides; "
+        "`massrl COMMAND --help` lists its keys and defaults.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        module = _load(name)
+        p = sub.add_parser(
+            module.NAME, help=module.HELP, description=module.HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        module.configure(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as exc:
+        print(f"massrl {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"massrl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the `massrl` CLI; cli.COMMANDS lists them."""

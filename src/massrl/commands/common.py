@@ -1,0 +1,29 @@
+"""Argument handling shared by every sub-command: -c FILE, KEY=VALUE overrides, --print-config."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pydantic import BaseModel
+
+from massrl.config import build_config, describe_options, to_yaml
+
+
+def add_config_args(parser: argparse.ArgumentParser, schema: type[BaseModel]) -> None:
+    parser.add_argument("-c", "--config", metavar="FILE.yaml",
+                        help="YAML config file, or a shipped one such as fashion_mnist/massrl")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. optimizer.lr=0.5 data.subset=2000")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config and exit")
+    parser.epilog = "config keys and defaults:\n" + "\n".join(describe_options(schema))
+
+
+def resolve(args: argparse.Namespace, schema: type[BaseModel]) -> Any:
+    """The validated config; prints it and returns None when --print-config was given."""
+    cfg = build_config(schema, args.config, args.overrides)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return None
+    return cfg
