@@ -30,7 +30,7 @@ class _Section(BaseModel):
 
 class RandAugmentConfig(_Section):
     num_ops: int = Field(2, ge=0, description="RandAugment N: ops applied per image")
-    magnitude: int = Field(9, ge=0, description="RandAugment M on the 0..num_magnitude_bins-1 scale")
+    magnitude: int = Field(9, ge=0, description="RandAugment M, 0..num_magnitude_bins-1")
     # The paper's M=9 is on a 0..10 scale (11 bins); torchvision's default 31 bins would make
     # M=9 only 30% of each op's range.
     num_magnitude_bins: int = Field(11, ge=2, description="bins of the magnitude scale")
@@ -64,7 +64,7 @@ class AugmentConfig(_Section):
     randaugment: RandAugmentConfig = Field(default_factory=RandAugmentConfig)
     autoaugment_policy: Literal["imagenet", "cifar10", "svhn"] = "imagenet"
     fastautoaugment_policy: Literal["imagenet", "cifar10", "svhn"] = "imagenet"
-    # BYOL's asymmetric simclr pipeline: view 1 blur p=1.0 / solarize 0, view 2 blur 0.1 / solarize 0.2
+    # BYOL's asymmetric simclr pipeline: view 1 blur p=1 / solarize 0, view 2 blur 0.1 / sol. 0.2
     asymmetric: bool = Field(True, description="BYOL's asymmetric blur/solarize on simclr views")
     backend: Literal["per_image", "batched"] = "per_image"
 
@@ -81,7 +81,7 @@ class DataConfig(_Section):
     root: str | None = Field(None, description="where the dataset lives (default: per dataset)")
     download: bool = Field(False, description="let torchvision download when a network exists")
     subset: int | None = Field(None, gt=0, description="seeded class-balanced subset of N images")
-    eval_subset: int | None = Field(None, gt=0, description="subset of the labeled splits for monitors")
+    eval_subset: int | None = Field(None, gt=0, description="subset of labeled splits (monitors)")
     image_size: int = Field(32, gt=0, description="crop size of every view")
     batch_size: int = Field(256, gt=0, description="per-device batch size")
     num_workers: int = Field(2, ge=0)
@@ -94,7 +94,7 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     backbone: str = Field("resnet18", description="timm model name")
-    cifar_stem: bool = Field(True, description="3x3 stride-1 first conv, no max-pool (small images)")
+    cifar_stem: bool = Field(True, description="3x3 stride-1 first conv, no max-pool")
     width: int = Field(64, gt=0, description="channels of the first stage (64 = standard ResNet)")
     proj_hidden_dim: int = Field(4096, gt=0)
     proj_output_dim: int = Field(256, gt=0)
@@ -229,7 +229,8 @@ def resolve_config_path(path: str | Path) -> Path:
     shipped = PACKAGE_CONFIGS / (str(path).removesuffix(".yaml") + ".yaml")
     if shipped.is_file():
         return shipped
-    names = sorted(str(f.relative_to(PACKAGE_CONFIGS))[:-5] for f in PACKAGE_CONFIGS.rglob("*.yaml"))
+    names = sorted(str(f.relative_to(PACKAGE_CONFIGS))[:-5]
+                   for f in PACKAGE_CONFIGS.rglob("*.yaml"))
     raise ConfigError(
         f"config file '{path}' not found. Give a path to a YAML file or one of the shipped "
         f"configs: {', '.join(names)}"
@@ -283,7 +284,8 @@ def build_config(
 def _deep_merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        both_dicts = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = _deep_merge(out[k], v) if both_dicts else v
     return out
 
 

@@ -1,1 +1,18 @@
+"""Pre-training methods: one LightningModule per method on the shared SSLMethod base."""
 
+from __future__ import annotations
+
+from massrl.methods.base import SSLMethod
+from massrl.methods.byol import BYOL
+from massrl.methods.massrl import MASSRL
+from massrl.methods.simclr import SimCLR
+
+METHODS: dict[str, type[SSLMethod]] = {"byol": BYOL, "simclr": SimCLR, "massrl": MASSRL}
+
+
+def build_method(config, num_classes: int | None = None,
+                 strategy_names: list[str] | None = None) -> SSLMethod:
+    return METHODS[config.method](config, num_classes=num_classes, strategy_names=strategy_names)
+
+
+__all__ = ["BYOL", "MASSRL", "METHODS", "SSLMethod", "SimCLR", "build_method"]

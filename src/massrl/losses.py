@@ -1,0 +1,72 @@
+"""Pure loss functions over a batch of views: [B, V, D] tensors and a [B, V, V] pair mask.
+
+Losses are averaged over the selected ordered pairs (not summed as in the author's code), so the
+learning rate does not depend on how many views the view mode makes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def byol_pair_loss(p: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over selected pairs (i, j) of 2 - 2 cos(p_i, z_j), z being the (no-grad) target.
+
+    p, z: [B, V, D] predictions and target projections; mask: [B, V, V] bool, True = pair used.
+    """
+    p = F.normalize(p.float(), dim=-1)
+    z = F.normalize(z.float().detach(), dim=-1)
+    cos = torch.einsum("bid,bjd->bij", p, z)
+    per_pair = 2 - 2 * cos
+    return per_pair[mask].mean()
+
+
+def pair_losses_by_kind(per_pair: torch.Tensor, mask: torch.Tensor, strategy: torch.Tensor
+                        ) -> dict[str, torch.Tensor]:
+    """Split a [B, V, V] per-pair loss into cross- and within-strategy means (for logging)."""
+    same = strategy[:, :, None] == strategy[:, None, :]
+    out = {}
+    for name, sel in (("cross_strategy", mask & ~same), ("within_strategy", mask & same)):
+        if bool(sel.any()):
+            out[name] = per_pair[sel].mean()
+    return out
+
+
+def nt_xent(
+    z: torch.Tensor,
+    mask: torch.Tensor,
+    temperature: float,
+    z_all: torch.Tensor | None = None,
+    rank_offset: int = 0,
+) -> torch.Tensor:
+    """NT-Xent (SimCLR) generalised to V views: positives are the masked views of the same image.
+
+    z: [B, V, D] local projections. z_all: [N, V, D] projections of the global batch (gathered
+    from all ranks *with* gradient) whose rows rank_offset..rank_offset+B are this rank's; the
+    negatives are every view of every other image in the global batch. For each selected pair
+    (i, j) the loss is -log(exp(s_ij/t) / sum_{k != i} exp(s_ik/t)); the mean is over pairs.
+    """
+    if z_all is None:
+        z_all = z
+    b, v, _ = z.shape
+    anchors = F.normalize(z.float(), dim=-1).reshape(b * v, -1)
+    keys = F.normalize(z_all.float(), dim=-1).reshape(z_all.shape[0] * v, -1)
+    logits = anchors @ keys.T / temperature  # [B*V, N*V]
+    # an anchor never competes with itself
+    self_idx = (torch.arange(b * v, device=z.device) + rank_offset * v)
+    logits[torch.arange(b * v, device=z.device), self_idx] = float("-inf")
+    log_prob = logits.log_softmax(dim=1)
+    # positives: same image (global row rank_offset + b), selected by the pair mask
+    img = torch.arange(b, device=z.device) + rank_offset
+    cols = (img[:, None, None] * v + torch.arange(v, device=z.device)[None, None, :])  # [B,1,V]
+    cols = cols.expand(b, v, v).reshape(b * v, v)
+    pos_log_prob = log_prob.gather(1, cols).reshape(b, v, v)
+    return -pos_log_prob[mask].mean()
+
+
+def projection_std(z: torch.Tensor) -> torch.Tensor:
+    """Mean per-dimension std of L2-normalised projections: about 1/sqrt(D) when healthy,
+    falling towards 0 when the representation collapses."""
+    zn = F.normalize(z.detach().float().reshape(-1, z.shape[-1]), dim=-1)
+    return zn.std(dim=0).mean()

@@ -1,0 +1,196 @@
+"""The shared LightningModule: backbone, online monitors, optimizer and schedule.
+
+A method subclass implements `ssl_step(batch)` (its loss) and, if it has one, what it does after
+each optimizer step. Everything else — the online linear probe on detached features, the online
+weighted-kNN monitor, logging, the optimizer and lr schedule — lives here.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from massrl import __version__
+from massrl.augment import pair_mask
+from massrl.config import RunConfig
+from massrl.models import build_backbone
+from massrl.optim import build_optimizer, scaled_lr, warmup_cosine
+
+
+def views_last(x: torch.Tensor, num_views: int) -> torch.Tensor:
+    """[V*B, D] (views concatenated along the batch) -> [B, V, D]."""
+    return x.reshape(num_views, -1, x.shape[-1]).transpose(0, 1)
+
+
+class SSLMethod(L.LightningModule):
+    """Base of every method. Batches are dicts: views (list of [B,3,S,S]), strategy [B,V],
+    crop [B,V], label [B] (-1 = unlabeled), skipped (bad files dropped from the batch)."""
+
+    def __init__(self, config: dict | RunConfig, num_classes: int | None = None,
+                 strategy_names: list[str] | None = None) -> None:
+        super().__init__()
+        cfg = config if isinstance(config, RunConfig) else RunConfig.model_validate(config)
+        self.save_hyperparameters({"config": cfg.model_dump(mode="json"),
+                                   "num_classes": num_classes,
+                                   "strategy_names": strategy_names})
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.strategy_names = strategy_names or list(cfg.augment.strategies)
+        self.backbone, self.backbone_spec = build_backbone(
+            cfg.model.backbone, cfg.model.cifar_stem, cfg.model.width)
+        self.feat_dim = int(self.backbone.num_features)
+        self.probe = (nn.Linear(self.feat_dim, num_classes)
+                      if cfg.eval.probe and num_classes else None)
+        self._val_outputs: dict[int, list[tuple[torch.Tensor, ...]]] = {}
+        self._epoch_start = 0.0
+        self._images_this_epoch = 0
+        self.images_seen = 0
+        self.skipped_files = 0
+
+    # ------------------------------------------------------------------ method interface
+
+    def ssl_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Return at least {"loss", "feats"}: feats are the backbone features of the first view
+        ([B, F]) used by the online probe; other entries are logged under train/."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def pair_mask(self, batch: dict) -> torch.Tensor:
+        return pair_mask(batch["strategy"], batch["crop"], self.cfg.augment.pairs)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.cfg.trainer.channels_last and isinstance(batch, dict):
+            fmt = torch.channels_last
+            if "views" in batch:
+                batch["views"] = [v.contiguous(memory_format=fmt) for v in batch["views"]]
+            if "image" in batch:
+                batch["image"] = batch["image"].contiguous(memory_format=fmt)
+        return batch
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # marks the file as massrl's, for evaluation / export commands
+        checkpoint["massrl"] = {"version": __version__, "backbone": self.backbone_spec.to_dict()}
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        out = self.ssl_step(batch)
+        loss = out.pop("loss")
+        feats = out.pop("feats")
+        b = batch["label"].shape[0]
+        log = {f"train/{k}": v.detach() for k, v in out.items()}
+        log["train/loss"] = loss.detach()
+        if self.probe is not None:
+            probe_loss, probe_acc = self._probe_step(feats.detach(), batch["label"])
+            if probe_loss is not None:
+                loss = loss + probe_loss
+                log["train/probe_loss"] = probe_loss.detach()
+                log["train/probe_acc"] = probe_acc
+        self.log_dict(log, on_step=True, on_epoch=True, prog_bar=False, batch_size=b,
+                      sync_dist=False)
+        self.log("loss", log["train/loss"], prog_bar=True, on_step=True, on_epoch=False,
+                 logger=False)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
+                 on_epoch=False, batch_size=b)
+        self._images_this_epoch += b
+        self.skipped_files += int(batch.get("skipped", 0))
+        return loss
+
+    def _probe_step(self, feats: torch.Tensor, labels: torch.Tensor
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        known = labels >= 0
+        if not bool(known.any()):
+            return None, None
+        logits = self.probe(feats[known].float())
+        loss = F.cross_entropy(logits, labels[known])
+        acc = (logits.argmax(1) == labels[known]).float().mean()
+        return loss, acc
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_start = time.perf_counter()
+        self._images_this_epoch = 0
+
+    def on_train_epoch_end(self) -> None:
+        seconds = max(time.perf_counter() - self._epoch_start, 1e-9)
+        world = self.trainer.world_size
+        images = self._images_this_epoch * world
+        self.images_seen += images
+        self.log_dict({"throughput/images_per_s": images / seconds,
+                       "throughput/epoch_seconds": seconds,
+                       "data/skipped_files": float(self.skipped_files)}, sync_dist=False)
+
+    # ------------------------------------------------------------------ online monitors
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        feats = self.backbone(batch["image"]).float()
+        self._val_outputs.setdefault(dataloader_idx, []).append(
+            (feats.detach(), batch["label"].detach()))
+
+    def on_validation_epoch_end(self) -> None:
+        outputs, self._val_outputs = self._val_outputs, {}
+        if self.trainer.sanity_checking or 1 not in outputs:
+            return
+        bank_f, bank_y = self._gather(outputs[0])
+        test_f, test_y = self._gather(outputs[1])
+        metrics = {}
+        if self.cfg.eval.knn_every and self.num_classes:
+            from massrl.eval.knn import weighted_knn
+
+            top1, top5 = weighted_knn(
+                F.normalize(bank_f, dim=1), bank_y, F.normalize(test_f, dim=1),
+                k=self.cfg.eval.knn_k, temperature=self.cfg.eval.knn_temperature,
+                num_classes=self.num_classes)
+            metrics["val/knn_top1"] = float(top1)
+            metrics["val/knn_top5"] = float(top5)
+        if self.probe is not None:
+            pred = self.probe(test_f).argmax(1)
+            metrics["val/probe_top1"] = float((pred == test_y).float().mean())
+        # values are already global (gathered), so every rank logs the same number
+        self.log_dict(metrics, prog_bar=True, sync_dist=False)
+
+    def _gather(self, outs: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and labels of the whole split: every rank's shard, gathered."""
+        f = torch.cat([o[0] for o in outs])
+        y = torch.cat([o[1] for o in outs])
+        if self.trainer.world_size > 1:
+            f = self.all_gather(f).flatten(0, 1)
+            y = self.all_gather(y).flatten(0, 1)
+        return f, y
+
+    # ------------------------------------------------------------------ optimisation
+
+    def global_batch_size(self) -> int:
+        t = self.trainer
+        return self.cfg.data.batch_size * t.world_size * t.accumulate_grad_batches
+
+    def configure_optimizers(self) -> Any:
+        ocfg = self.cfg.optimizer
+        lr = scaled_lr(ocfg, self.global_batch_size())
+        params = [(n, p) for n, p in self.named_parameters() if not n.startswith("probe.")]
+        optimizer = build_optimizer(ocfg, params, lr)
+        if self.probe is not None:  # the probe learns on its own fixed lr, never decayed
+            optimizer.add_param_group({"params": list(self.probe.parameters()),
+                                       "lr": self.cfg.eval.probe_lr, "weight_decay": 0.0,
+                                       "always_adapt": False})
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        steps_per_epoch = total / max(1, self.trainer.max_epochs)
+        warmup = int(ocfg.warmup_epochs * steps_per_epoch)
+        n_ssl_groups = len(optimizer.param_groups) - (self.probe is not None)
+
+        def factor(step: int) -> float:
+            return warmup_cosine(step, warmup, total, ocfg.min_lr_ratio)
+
+        lambdas = [factor] * n_ssl_groups + [lambda _: 1.0] * (self.probe is not None)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def total_steps(self) -> int:
+        return max(1, int(self.trainer.estimated_stepping_batches))

@@ -1,0 +1,78 @@
+"""BYOL: online encoder -> projector -> predictor regresses an EMA target's projections."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from massrl.losses import byol_pair_loss, projection_std
+from massrl.methods.base import SSLMethod, views_last
+from massrl.models import mlp
+from massrl.optim import cosine_tau
+
+
+class BYOL(SSLMethod):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        m = self.cfg.model
+        self.projector = mlp(self.feat_dim, m.proj_hidden_dim, m.proj_output_dim)
+        self.predictor = mlp(m.proj_output_dim, m.pred_hidden_dim, m.proj_output_dim)
+        self.target_backbone = copy.deepcopy(self.backbone)
+        self.target_projector = copy.deepcopy(self.projector)
+        for p in self.target_parameters():
+            p.requires_grad = False
+        self.tau = self.cfg.loss.tau_base
+        self._last_ema_step = 0
+
+    def target_parameters(self):
+        yield from self.target_backbone.parameters()
+        yield from self.target_projector.parameters()
+
+    def ssl_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        views = batch["views"]
+        feats = self.backbone(torch.cat(views))  # view-major [V*B, F]: one pass for all views
+        z = self.projector(feats)
+        p = self.predictor(z)
+        with torch.no_grad():
+            tz = self.target_projector(self.target_backbone(torch.cat(views)))
+        v = len(views)
+        p, tz = views_last(p, v), views_last(tz, v)
+        mask = self.pair_mask(batch)
+        loss = byol_pair_loss(p, tz, mask)
+        return {"loss": loss, "feats": feats[: views[0].shape[0]], "z_std": projection_std(z),
+                "tau": torch.tensor(self.tau), **self.extra_logs(p, tz, mask, batch)}
+
+    def extra_logs(self, p: torch.Tensor, tz: torch.Tensor, mask: torch.Tensor, batch: dict
+                   ) -> dict[str, torch.Tensor]:
+        return {}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        # update the target only after a real optimizer step (respects gradient accumulation)
+        step = self.trainer.global_step
+        if step == self._last_ema_step:
+            return
+        self._last_ema_step = step
+        self.tau = cosine_tau(step, self.total_steps(), self.cfg.loss.tau_base,
+                              self.cfg.loss.tau_final)
+        self.ema_update(self.tau)
+
+    @torch.no_grad()
+    def ema_update(self, tau: float) -> None:
+        online = [*self.backbone.parameters(), *self.projector.parameters()]
+        target = list(self.target_parameters())
+        torch._foreach_lerp_(target, online, 1 - tau)
+        # BN running statistics follow the online network
+        for src, dst in ((self.backbone, self.target_backbone),
+                         (self.projector, self.target_projector)):
+            for bs, bd in zip(src.buffers(), dst.buffers(), strict=True):
+                bd.copy_(bs)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["massrl_ema"] = {"tau": self.tau, "last_ema_step": self._last_ema_step}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("massrl_ema", {})
+        self.tau = state.get("tau", self.tau)
+        self._last_ema_step = state.get("last_ema_step", 0)

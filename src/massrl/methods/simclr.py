@@ -1,0 +1,28 @@
+"""SimCLR: NT-Xent over all views, negatives gathered from every rank with their gradient."""
+
+from __future__ import annotations
+
+import torch
+
+from massrl.losses import nt_xent, projection_std
+from massrl.methods.base import SSLMethod, views_last
+from massrl.models import mlp
+
+
+class SimCLR(SSLMethod):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        m = self.cfg.model
+        self.projector = mlp(self.feat_dim, m.proj_hidden_dim, m.proj_output_dim)
+
+    def ssl_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        views = batch["views"]
+        feats = self.backbone(torch.cat(views))
+        z = views_last(self.projector(feats), len(views))  # [B, V, D]
+        z_all, offset = z, 0
+        if self.trainer.world_size > 1:
+            # sync_grads: each rank's negatives send their gradient back to the rank that made them
+            z_all = self.all_gather(z, sync_grads=True).flatten(0, 1)
+            offset = self.global_rank * z.shape[0]
+        loss = nt_xent(z, self.pair_mask(batch), self.cfg.loss.temperature, z_all, offset)
+        return {"loss": loss, "feats": feats[: views[0].shape[0]], "z_std": projection_std(z)}

@@ -1,0 +1,169 @@
+"""Pre-training as a library call: `pretrain(cfg)` builds data, method and Trainer, fits, and
+writes the run directory (config.yaml, checkpoints, metrics.csv, TensorBoard logs, the
+augmentation picture and summary.json)."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from massrl.config import RunConfig, to_yaml
+from massrl.methods import SSLMethod, build_method
+
+KNN_METRIC = "val/knn_top1"
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """'auto' -> bf16 mixed precision where the hardware runs it fast, else fp32 (fp16 on GPUs
+    without bf16)."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+
+
+def make_run_dir(cfg: RunConfig) -> Path:
+    """output_dir if given, else the next free runs/<name>/version_N."""
+    if cfg.output_dir:
+        run_dir = Path(cfg.output_dir)
+    else:
+        base = Path("runs") / cfg.run_name
+        n = 0
+        while (base / f"version_{n}").exists():
+            n += 1
+        run_dir = base / f"version_{n}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+class RunSummary(Callback):
+    """Keeps the wall time and writes summary.json with the run's final figures."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.start = time.perf_counter()
+        self.train_seconds = 0.0
+        self._epoch_t0 = 0.0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.train_seconds += time.perf_counter() - self._epoch_t0
+
+    def summary(self, trainer: L.Trainer, module: SSLMethod, ckpt: ModelCheckpoint | None
+                ) -> dict[str, Any]:
+        m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        best = ckpt.best_model_score if ckpt is not None else None
+        return {
+            "method": module.cfg.method,
+            "dataset": module.cfg.data.name,
+            "knn_top1": m.get(KNN_METRIC),
+            "best_knn_top1": float(best) if best is not None else m.get(KNN_METRIC),
+            "probe_top1": m.get("val/probe_top1"),
+            "final_loss": m.get("train/loss_epoch"),
+            "epochs": trainer.current_epoch,
+            "images_seen": module.images_seen,
+            "skipped_files": module.skipped_files,
+            "train_seconds": round(self.train_seconds, 2),
+            "wall_seconds": round(time.perf_counter() - self.start, 2),
+            "images_per_s": round(module.images_seen / max(self.train_seconds, 1e-9), 1),
+            "run_dir": str(self.run_dir),
+            "last_checkpoint": str(self.run_dir / "checkpoints" / "last.ckpt"),
+            "best_checkpoint": (ckpt.best_model_path or None) if ckpt is not None else None,
+        }
+
+
+def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Trainer, dict]:
+    t = cfg.trainer
+    ckpt_dir = run_dir / "checkpoints"
+    last = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)
+    callbacks: list[Callback] = [last]
+    best = None
+    if has_labels and cfg.eval.knn_every:
+        best = ModelCheckpoint(dirpath=ckpt_dir, monitor=KNN_METRIC, mode="max", save_top_k=1,
+                               filename="best-knn-{epoch}", auto_insert_metric_name=False)
+        callbacks.append(best)
+    summary = RunSummary(run_dir)
+    callbacks.append(summary)
+    if t.progress_bar:
+        callbacks.append(RichProgressBar())
+    loggers = [CSVLogger(run_dir, name="", version=""),
+               TensorBoardLogger(run_dir, name="tensorboard", version="")]
+    trainer = L.Trainer(
+        default_root_dir=run_dir,
+        max_epochs=t.max_epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=resolve_precision(t.precision, t.accelerator),
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        sync_batchnorm=t.sync_batchnorm,
+        gradient_clip_val=t.gradient_clip_val,
+        log_every_n_steps=t.log_every_n_steps,
+        limit_train_batches=t.limit_train_batches,
+        check_val_every_n_epoch=cfg.eval.knn_every or 1,
+        limit_val_batches=1.0 if has_labels and cfg.eval.knn_every else 0,
+        num_sanity_val_steps=0,
+        enable_progress_bar=t.progress_bar,
+        callbacks=callbacks,
+        logger=loggers,
+        enable_model_summary=False,
+    )
+    return trainer, {"summary": summary, "best": best}
+
+
+def build_datamodule(cfg: RunConfig):
+    """The datamodule with the view-making transform for the configured backend."""
+    from massrl.augment import MultiViewTransform
+    from massrl.data import SSLDataModule
+
+    dm = SSLDataModule(cfg)
+    dm.setup("fit")
+    splits = dm.splits
+    dm.train_transform = MultiViewTransform(cfg.augment, cfg.data.image_size, splits.mean,
+                                            splits.std)
+    return dm
+
+
+def pretrain(cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
+    """Run one pre-training job and return its summary (also written to summary.json)."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_dir = run_dir or make_run_dir(cfg)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    dm = build_datamodule(cfg)
+    save_augmentation_picture(cfg, dm, run_dir / "augmentations.png")
+    method = build_method(cfg, num_classes=dm.num_classes,
+                          strategy_names=list(cfg.augment.strategies))
+    if cfg.trainer.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    trainer, parts = build_trainer(cfg, run_dir, has_labels=dm.has_labels)
+    fit_model = torch.compile(method) if cfg.trainer.compile else method
+    with warnings.catch_warnings():
+        # Lightning suggests more workers on every small run; the config decides that
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        trainer.fit(fit_model, datamodule=dm)
+    summary = parts["summary"].summary(trainer, method, parts["best"])
+    if trainer.is_global_zero:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def save_augmentation_picture(cfg: RunConfig, dm, path: Path) -> None:
+    from massrl.augviz import augmentation_grid
+
+    try:
+        augmentation_grid(dm.splits.train, dm.train_transform, path, num_images=6,
+                          title=f"{cfg.method} views on {cfg.data.name}", seed=cfg.seed)
+    except Exception as exc:  # a picture must never stop a training run
+        warnings.warn(f"could not draw the augmentation picture: {exc}", stacklevel=2)
