@@ -1,0 +1,171 @@
+"""Lightning data module: multi-view training batches and labeled evaluation loaders."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, default_collate
+from torchvision import transforms as T
+
+from massrl.config import RunConfig
+from massrl.data.datasets import DatasetSplits, load_dataset
+
+
+def collate_skip_bad(batch: list[Any]) -> dict[str, Any]:
+    """Drop ``None`` items (undecodable images), default-collate the rest and add ``"skipped"``.
+
+    Items are dicts (as the data module makes them); other items are returned under ``"data"``.
+    When every item is bad the result is just ``{"skipped": n}``: consumers must check for the
+    data keys (e.g. ``"views" in batch``) and skip such a batch.
+    """
+    good = [item for item in batch if item is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return {"skipped": skipped}
+    collated = default_collate(good)
+    if not isinstance(collated, dict):
+        collated = {"data": collated}
+    collated["skipped"] = skipped
+    return collated
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """One torch thread per worker (per-sample augmentation is parallel across workers, and
+    threads inside each would oversubscribe the cores), and python/numpy seeded from torch's
+    per-worker seed so random augmentations differ between workers yet repeat across runs."""
+    torch.set_num_threads(1)
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def _eval_transform(size: int, mean: tuple, std: tuple) -> Callable[[Image.Image], torch.Tensor]:
+    """Resize the shorter side to ``size``, centre crop, to a normalised float tensor."""
+    return T.Compose([
+        T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+        T.CenterCrop(size),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+class _Mapped(Dataset):
+    """Applies ``fn(image, label) -> dict`` to each item; bad (None) items stay None."""
+
+    def __init__(self, base: Dataset, fn: Callable[[Image.Image, int], dict]) -> None:
+        self.base, self.fn = base, fn
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict | None:
+        item = self.base[index]
+        return None if item is None else self.fn(*item)
+
+
+class _TrainItem:
+    """Picklable (for worker processes): the multi-view dict of the transform plus the label."""
+
+    def __init__(self, transform: Callable[[Image.Image], dict]) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Image.Image, label: int) -> dict:
+        out = dict(self.transform(image))
+        out["label"] = int(label)
+        return out
+
+
+class _EvalItem:
+    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
+        self.transform = transform
+
+    def __call__(self, image: Image.Image, label: int) -> dict:
+        return {"image": self.transform(image), "label": int(label)}
+
+
+class SSLDataModule(L.LightningDataModule):
+    """Train batches ``{"views": [V x [B,3,S,S]], "strategy": [B,V], "crop": [B,V], "label": [B],
+    "skipped": int}``; validation loaders ``[bank, test]`` of ``{"image", "label", "skipped"}``.
+
+    ``train_transform`` maps a PIL image to ``{"views", "strategy", "crop"}`` (e.g.
+    ``massrl.augment.MultiViewTransform``). It may be None when only evaluation loaders are needed.
+    """
+
+    def __init__(
+        self, cfg: RunConfig, train_transform: Callable[[Image.Image], dict] | None = None
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.train_transform = train_transform
+        self._splits: DatasetSplits | None = None
+
+    # ------------------------------------------------------------ setup
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node: the only place a download may happen, so ranks don't race.
+        if self.cfg.data.download:
+            load_dataset(self.cfg.data, seed=self.cfg.seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._splits is None:
+            # After prepare_data the files exist, so download=True only verifies them here.
+            self._splits = load_dataset(self.cfg.data, seed=self.cfg.seed)
+
+    @property
+    def splits(self) -> DatasetSplits:
+        if self._splits is None:
+            self.setup()
+        return self._splits
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.splits.num_classes
+
+    @property
+    def has_labels(self) -> bool:
+        """Whether labeled evaluation (kNN, probe) is possible: a labeled bank and a test split."""
+        return self.splits.train_labeled is not None and self.splits.test is not None
+
+    # ------------------------------------------------------------ loaders
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_transform is None:
+            raise ValueError(
+                "SSLDataModule.train_dataloader needs a train_transform that makes the views, "
+                "e.g. massrl.augment.MultiViewTransform"
+            )
+        dataset = _Mapped(self.splits.train, _TrainItem(self.train_transform))
+        # A seeded generator: the shuffle order (and the workers' base seeds) repeat per run.
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        return self._loader(dataset, shuffle=True, drop_last=True, generator=generator)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        if not self.has_labels:
+            return []
+        splits = self.splits
+        item = _EvalItem(_eval_transform(self.cfg.data.image_size, splits.mean, splits.std))
+        return [
+            self._loader(_Mapped(splits.train_labeled, item), shuffle=False, drop_last=False),
+            self._loader(_Mapped(splits.test, item), shuffle=False, drop_last=False),
+        ]
+
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+        data = self.cfg.data
+        workers = data.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=data.batch_size,
+            num_workers=workers,
+            collate_fn=collate_skip_bad,
+            # pinning without a GPU only costs time (and warns)
+            pin_memory=data.pin_memory and torch.cuda.is_available(),
+            persistent_workers=data.persistent_workers and workers > 0,
+            worker_init_fn=worker_init_fn if workers > 0 else None,
+            **kwargs,
+        )

@@ -1,0 +1,371 @@
+"""Dataset registry: `load_dataset(cfg)` finds a dataset offline (or downloads it when allowed)
+and returns its splits as datasets of ``(PIL RGB image, label)`` items, label -1 when unlabeled.
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch.utils.data import Dataset
+
+from massrl.config import DataConfig
+from massrl.data.folder import (
+    FileImageDataset,
+    is_class_folder_layout,
+    labeled_folder,
+    typical_size,
+    unlabeled_folder,
+)
+from massrl.data.subset import balanced_subset
+
+CACHE_ROOT = Path("~/.cache/massrl").expanduser()
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset is not where massrl looked; the message lists the places and how to get it."""
+
+
+@dataclass
+class DatasetSplits:
+    train: Dataset  # pre-training images
+    train_labeled: Dataset | None  # kNN bank / linear-probe training; may be `train` itself
+    test: Dataset | None
+    num_classes: int | None
+    classes: list[str] | None
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    native_size: int
+
+
+class ArrayImageDataset(Dataset):
+    """In-memory uint8 images ``[N, H, W]`` (grey, repeated to RGB) or ``[N, H, W, 3]``."""
+
+    def __init__(self, images: np.ndarray, targets: Sequence[int], classes: list[str]) -> None:
+        self.images = images
+        self.targets = [int(t) for t in targets]
+        self.classes = classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[index]).convert("RGB"), self.targets[index]
+
+
+class SubsetDataset(Dataset):
+    """A view on chosen indices that keeps ``targets`` and ``classes`` (torch's Subset does not)."""
+
+    def __init__(self, base: Dataset, indices: Sequence[int]) -> None:
+        self.base, self.indices = base, list(indices)
+        self.targets = [base.targets[i] for i in self.indices]
+        self.classes = getattr(base, "classes", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        return self.base[self.indices[index]]
+
+
+class TorchvisionDataset(Dataset):
+    """A torchvision dataset with RGB images, int labels and a ``targets`` list."""
+
+    def __init__(self, base: Dataset, targets: Sequence[int], classes: list[str] | None) -> None:
+        self.base, self.targets, self.classes = base, [int(t) for t in targets], classes
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:
+        image, label = self.base[index]
+        return image.convert("RGB") if image.mode != "RGB" else image, int(label)
+
+
+def load_dataset(cfg: DataConfig, seed: int = 0) -> DatasetSplits:
+    """The splits of ``cfg.name``, with ``cfg.subset`` / ``cfg.eval_subset`` and ``cfg.mean`` /
+    ``cfg.std`` applied. Raises DatasetNotFoundError (saying where it looked) when it is missing."""
+    splits = _LOADERS[cfg.name](cfg, seed)
+    return _apply_config(splits, cfg, seed)
+
+
+def _apply_config(splits: DatasetSplits, cfg: DataConfig, seed: int) -> DatasetSplits:
+    if cfg.subset is not None:
+        same = splits.train_labeled is splits.train
+        splits.train = _subset(splits.train, cfg.subset, seed)
+        if same:
+            splits.train_labeled = splits.train
+    if cfg.eval_subset is not None:
+        if splits.train_labeled is not None:
+            splits.train_labeled = _subset(splits.train_labeled, cfg.eval_subset, seed)
+        if splits.test is not None:
+            splits.test = _subset(splits.test, cfg.eval_subset, seed)
+    splits.mean = tuple(cfg.mean) if cfg.mean is not None else splits.mean
+    splits.std = tuple(cfg.std) if cfg.std is not None else splits.std
+    return splits
+
+
+def _subset(ds: Dataset, n: int, seed: int) -> Dataset:
+    if n >= len(ds):
+        return ds
+    return SubsetDataset(ds, balanced_subset(ds.targets, n, seed))
+
+
+def _not_found(name: str, looked: Sequence[str | Path], how: Sequence[str]) -> DatasetNotFoundError:
+    lines = [f"dataset '{name}' not found. Looked in:"]
+    lines += [f"  - {p}" for p in looked]
+    lines.append("To get it:")
+    lines += [f"  - {h}" for h in how]
+    return DatasetNotFoundError("\n".join(lines))
+
+
+# ---------------------------------------------------------------- fashion-mnist and digits
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format: magic, big-endian dimensions, uint8 data), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise ValueError(f"{path} is not an uint8 IDX file")
+    ndim = data[3]
+    dims = np.frombuffer(data, dtype=">i4", count=ndim, offset=4)
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: {arr.size} values for dimensions {dims.tolist()} (truncated?)")
+    return arr.reshape(dims)
+
+
+def _find_idx_folder(folders: Sequence[Path]) -> Path | None:
+    for folder in folders:
+        if all(_idx_file(folder, stem) for stem in _FASHION_STEMS):
+            return folder
+    return None
+
+
+_FASHION_STEMS = (
+    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
+)
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _fashion_mnist(cfg: DataConfig, seed: int) -> DatasetSplits:
+    base = Path(cfg.root).expanduser() if cfg.root else CACHE_ROOT
+    # the root itself, torchvision's layout below it, then the Debian package
+    folders = [base, base / "FashionMNIST" / "raw", base / "fashion-mnist", DEBIAN_FASHION_MNIST]
+    folder = _find_idx_folder(folders)
+    if folder is None and cfg.download:
+        folder = _download_fashion_mnist(base, folders)
+    if folder is None:
+        raise _not_found("fashion_mnist", folders, [
+            f"apt-get install dataset-fashion-mnist (installs into {DEBIAN_FASHION_MNIST})",
+            "data.download=true with a network connection (torchvision downloads into data.root)",
+            "data.root=DIR pointing at a folder with the four *-ubyte(.gz) IDX files",
+        ])
+    arrays = {stem: _read_idx(_idx_file(folder, stem)) for stem in _FASHION_STEMS}
+    train = ArrayImageDataset(arrays[_FASHION_STEMS[0]], arrays[_FASHION_STEMS[1]], FASHION_CLASSES)
+    test = ArrayImageDataset(arrays[_FASHION_STEMS[2]], arrays[_FASHION_STEMS[3]], FASHION_CLASSES)
+    return DatasetSplits(
+        train, train, test, 10, list(FASHION_CLASSES), (0.2860,) * 3, (0.3530,) * 3, 28
+    )
+
+
+def _download_fashion_mnist(base: Path, looked: Sequence[Path]) -> Path:
+    from torchvision.datasets import FashionMNIST
+
+    _torchvision_call("fashion_mnist", looked, lambda: FashionMNIST(str(base), download=True))
+    return base / "FashionMNIST" / "raw"
+
+
+def _digits(cfg: DataConfig, seed: int) -> DatasetSplits:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 -> 0..255
+    classes = [str(i) for i in range(10)]
+    tr, te = train_test_split(
+        np.arange(len(images)), test_size=0.2, random_state=seed, stratify=digits.target
+    )
+    tr, te = np.sort(tr), np.sort(te)
+    train = ArrayImageDataset(images[tr], digits.target[tr], classes)
+    test = ArrayImageDataset(images[te], digits.target[te], classes)
+    return DatasetSplits(train, train, test, 10, classes, (0.3053,) * 3, (0.3759,) * 3, 8)
+
+
+# ---------------------------------------------------------------- torchvision datasets
+
+
+def _torchvision_call(name: str, looked: Sequence[str | Path], make: Callable[[], Dataset]):
+    """Run a torchvision constructor; its "not found" and offline download errors become a
+    DatasetNotFoundError that says where massrl looked and how to get the data."""
+    try:
+        return make()
+    except (RuntimeError, OSError) as exc:  # RuntimeError: not found; OSError/URLError: offline
+        err = _not_found(name, looked, [
+            "data.download=true with a network connection (torchvision downloads into data.root)",
+            "data.root=DIR pointing at the folder that holds the torchvision files",
+        ])
+        raise DatasetNotFoundError(f"{err}\n(torchvision said: {exc})") from exc
+
+
+def _cifar(cfg: DataConfig, seed: int, hundred: bool) -> DatasetSplits:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    cls, name = (CIFAR100, "cifar100") if hundred else (CIFAR10, "cifar10")
+    root = Path(cfg.root).expanduser() if cfg.root else CACHE_ROOT
+    looked = [root / cls.base_folder]
+
+    def make(train: bool) -> TorchvisionDataset:
+        ds = _torchvision_call(name, looked, lambda: cls(str(root), train, download=cfg.download))
+        return TorchvisionDataset(ds, ds.targets, list(ds.classes))
+
+    train, test = make(True), make(False)
+    if hundred:
+        stats = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+    else:
+        stats = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    return DatasetSplits(train, train, test, len(train.classes), train.classes, *stats, 32)
+
+
+def _stl10(cfg: DataConfig, seed: int) -> DatasetSplits:
+    from torchvision.datasets import STL10
+
+    root = Path(cfg.root).expanduser() if cfg.root else CACHE_ROOT
+    looked = [root / STL10.base_folder]
+
+    def make(split: str) -> TorchvisionDataset:
+        ds = _torchvision_call(
+            "stl10", looked, lambda: STL10(str(root), split=split, download=cfg.download)
+        )
+        return TorchvisionDataset(ds, ds.labels, list(ds.classes))
+
+    # train+unlabeled for pre-training (torchvision labels the unlabeled part -1)
+    train, labeled, test = make("train+unlabeled"), make("train"), make("test")
+    stats = ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713))
+    return DatasetSplits(train, labeled, test, 10, labeled.classes, *stats, 96)
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def _folder(cfg: DataConfig, seed: int) -> DatasetSplits:
+    if not cfg.root:
+        raise _not_found("folder", ["(data.root is not set)"], [
+            "data.root=DIR pointing at a folder of images: class sub-folders (labeled), any "
+            "layout (unlabeled), or train/ and val/ sub-folders"
+        ])
+    root = Path(cfg.root).expanduser()
+    _require_folder("folder", root)
+    train_dir, test_dir = _split_dirs(root)
+    if not is_class_folder_layout(train_dir):
+        train = unlabeled_folder(train_dir, cfg.strict)
+        if not train.paths:
+            how = [f"put image files ({_EXTS}) under {train_dir}"]
+            raise _not_found("folder", [train_dir], how)
+        mean, std = IMAGENET_STATS
+        return DatasetSplits(train, None, None, None, None, mean, std, typical_size(train.paths))
+    return _labeled_splits("folder", train_dir, test_dir, cfg, seed)
+
+
+def _imagenet(cfg: DataConfig, seed: int, name: str) -> DatasetSplits:
+    root = Path(cfg.root).expanduser() if cfg.root else CACHE_ROOT / name
+    looked = [root / "train", root / "val"]
+    how = [f"data.root=DIR where DIR/train and DIR/val hold one sub-folder per class ({name} "
+           "must be obtained from image-net.org; torchvision cannot download it)"]
+    if not (root / "train").is_dir() or not (root / "val").is_dir():
+        raise _not_found(name, looked, how)
+    if not is_class_folder_layout(root / "val"):
+        raise DatasetNotFoundError(
+            f"{root / 'val'} has no class sub-folders; sort the validation images into one "
+            "folder per class (as in train/)"
+        )
+    return _labeled_splits(name, root / "train", root / "val", cfg, seed)
+
+
+def _labeled_splits(
+    name: str, train_dir: Path, test_dir: Path | None, cfg: DataConfig, seed: int
+) -> DatasetSplits:
+    train = labeled_folder(train_dir, cfg.strict)
+    classes = train.classes
+    if test_dir is not None:
+        if not is_class_folder_layout(test_dir):
+            raise ValueError(
+                f"{train_dir} has class sub-folders but {test_dir} does not; sort the held-out "
+                "images into the same class folders (or remove the folder to split train 80/20)"
+            )
+        test = labeled_folder(test_dir, cfg.strict, classes)
+    else:  # no held-out folder: a seeded, stratified 80/20 split, as for digits
+        train, test = _stratified_split(train, seed)
+    mean, std = IMAGENET_STATS
+    size = typical_size(train.paths)
+    return DatasetSplits(train, train, test, len(classes), classes, mean, std, size)
+
+
+def _stratified_split(
+    ds: FileImageDataset, seed: int, test_fraction: float = 0.2
+) -> tuple[FileImageDataset, FileImageDataset]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(ds))
+    counts = np.bincount(ds.targets)
+    stratify = ds.targets if counts.min() >= 2 else None  # sklearn needs 2 per class
+    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=stratify)
+    return _select(ds, np.sort(tr)), _select(ds, np.sort(te))
+
+
+def _select(ds: FileImageDataset, indices: Sequence[int]) -> FileImageDataset:
+    return FileImageDataset(
+        [ds.paths[i] for i in indices], [ds.targets[i] for i in indices], ds.classes, ds.strict
+    )
+
+
+def _split_dirs(root: Path) -> tuple[Path, Path | None]:
+    """``root/train`` with ``root/val`` (or ``root/test``) when present, else ``root`` alone."""
+    if (root / "train").is_dir():
+        for held_out in ("val", "test"):
+            if (root / held_out).is_dir():
+                return root / "train", root / held_out
+        return root / "train", None
+    return root, None
+
+
+def _require_folder(name: str, root: Path) -> None:
+    if not root.is_dir():
+        raise _not_found(name, [root], [
+            "data.root=DIR pointing at an existing folder of images (an ImageFolder with class "
+            "sub-folders, or any folder of images for unlabeled pre-training)"
+        ])
+
+
+_EXTS = "jpg, jpeg, png, bmp, gif, tif, tiff, webp"
+_LOADERS: dict[str, Callable[[DataConfig, int], DatasetSplits]] = {
+    "fashion_mnist": _fashion_mnist,
+    "digits": _digits,
+    "cifar10": lambda cfg, seed: _cifar(cfg, seed, hundred=False),
+    "cifar100": lambda cfg, seed: _cifar(cfg, seed, hundred=True),
+    "stl10": _stl10,
+    "folder": _folder,
+    "imagenet": lambda cfg, seed: _imagenet(cfg, seed, "imagenet"),
+    "imagenet100": lambda cfg, seed: _imagenet(cfg, seed, "imagenet100"),
+}
+

@@ -1,0 +1,142 @@
+"""Image folders: discovery of image files, labeled (class sub-folder) vs unlabeled layouts, and
+the dataset that decodes files with `load_image`, skipping undecodable ones unless strict.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from massrl.data.images import BadImageError, load_image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+STRICT_HINT = "set data.strict=false to skip undecodable images with a warning"
+
+
+class BadImageWarning(UserWarning):
+    """An image file was skipped because it could not be decoded."""
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def find_images(root: str | os.PathLike) -> list[Path]:
+    """Every image file under ``root`` (recursively, symlinks followed), in sorted order so that
+    indices (and therefore subsets and splits) are the same on every machine."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in filenames if is_image_file(f))
+    return sorted(found)
+
+
+def _subdirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _any_image(folder: Path) -> bool:
+    """Whether ``folder`` holds an image anywhere below it (stops at the first one)."""
+    for _, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(is_image_file(f) for f in filenames):
+            return True
+    return False
+
+
+def _has_direct_images(folder: Path) -> bool:
+    return any(p.is_file() and is_image_file(p.name) for p in folder.iterdir())
+
+
+def is_class_folder_layout(root: Path) -> bool:
+    """True when ``root`` looks like an ImageFolder: no images directly in it, and at least two
+    sub-folders with images, each holding images directly.
+
+    The last rule tells class folders (``cat/1.jpg``) from nested unlabeled collections
+    (``2021/05/1.jpg``); one sub-folder is treated as unlabeled, as one class cannot be evaluated.
+    """
+    if _has_direct_images(root):
+        return False
+    with_images = [d for d in _subdirs(root) if _any_image(d)]
+    return len(with_images) >= 2 and all(_has_direct_images(d) for d in with_images)
+
+
+class FileImageDataset(Dataset):
+    """Items ``(PIL RGB image, label)`` read from files; label -1 when unlabeled.
+
+    An undecodable file gives ``None`` and a `BadImageWarning` naming it (drop such items with
+    `collate_skip_bad`), or raises `BadImageError` when ``strict``.
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        targets: Sequence[int] | None = None,
+        classes: list[str] | None = None,
+        strict: bool = False,
+    ) -> None:
+        self.paths = list(paths)
+        self.targets = list(targets) if targets is not None else [-1] * len(self.paths)
+        self.classes = classes
+        self.strict = strict
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int] | None:
+        path = self.paths[index]
+        try:
+            image = load_image(path)
+        except BadImageError as err:
+            if self.strict:
+                raise BadImageError(path, f"{err.reason} ({STRICT_HINT})") from None
+            warnings.warn(f"skipping image {path}: {err.reason}", BadImageWarning, stacklevel=2)
+            return None
+        return image, self.targets[index]
+
+
+def labeled_folder(
+    root: Path, strict: bool, classes: list[str] | None = None
+) -> FileImageDataset:
+    """An ImageFolder: one class per sub-folder (sorted names), images found recursively inside.
+
+    With ``classes`` given (from the train split), the folders must be among them, so that a
+    validation split uses the training split's label numbering.
+    """
+    per_class = {d.name: find_images(d) for d in _subdirs(root)}
+    found = [name for name, files in per_class.items() if files]
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ValueError(
+            f"{root} has class folders that the training split lacks: {unknown[:10]}; "
+            "train/ and val/ must use the same class folder names"
+        )
+    index = {name: i for i, name in enumerate(classes)}
+    paths, targets = [], []
+    for name in found:
+        files = per_class[name]
+        paths.extend(files)
+        targets.extend([index[name]] * len(files))
+    return FileImageDataset(paths, targets, classes, strict)
+
+
+def unlabeled_folder(root: Path, strict: bool) -> FileImageDataset:
+    return FileImageDataset(find_images(root), None, None, strict)
+
+
+def typical_size(paths: Sequence[Path], default: int = 224) -> int:
+    """Shorter side of the first readable image (header only), for information."""
+    for path in paths[:5]:
+        try:
+            with Image.open(path) as img:
+                return min(img.size)
+        except Exception:  # noqa: BLE001 - only informational; bad files are reported on use
+            continue
+    return default
