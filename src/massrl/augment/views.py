@@ -1,0 +1,149 @@
+"""Making the views of one image from several augmentation strategies, and the loss's pair masks.
+
+View modes (DESIGN.md section 1):
+  random              cfg.num_views views, each its own crop and a strategy drawn per view
+  per_strategy        one view per strategy, each its own crop; view k = strategy k
+  crops_x_strategies  cfg.num_crops shared crops, every strategy on every crop (V = C * S)
+Every view then gets a horizontal flip (p=0.5), conversion to float and normalisation.
+Each view carries a strategy id (index into cfg.strategies) and a crop id for pair masks and labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
+
+from massrl.config import AugmentConfig
+
+from .crops import build_crop
+from .strategies import Strategy, build_strategy
+
+PAIRS = ("all", "cross_strategy", "within_strategy", "cross_crop")
+
+
+@dataclass
+class View:
+    tensor: torch.Tensor  # float [3, S, S], normalised
+    strategy: int
+    strategy_name: str
+    crop: int
+    ops: list[str] = field(default_factory=list)
+    image: Image.Image | None = None  # the un-normalised picture, for display
+
+
+def _to_normalised(img: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    x = F.to_dtype(F.pil_to_tensor(img), torch.float32, scale=True)
+    return (x - mean) / std
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    # grey datasets (Fashion-MNIST, digits) repeat to 3 channels; strategies assume RGB
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+class MultiViewTransform:
+    """PIL image -> {"views": [V x float[3,S,S]], "strategy": Long[V], "crop": Long[V]}."""
+
+    def __init__(
+        self, cfg: AugmentConfig, image_size: int, mean: tuple, std: tuple
+    ) -> None:
+        self.cfg = cfg
+        self.image_size = image_size
+        self.strategy_names: tuple[str, ...] = tuple(cfg.strategies)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.crop = build_crop(cfg, image_size)
+        S = len(self.strategy_names)
+        self.num_views = {
+            "random": cfg.num_views, "per_strategy": S, "crops_x_strategies": cfg.num_crops * S,
+        }[cfg.view_mode]
+        # The asymmetric simclr pipeline alternates with this index: the view index in random /
+        # per_strategy mode, the crop index in crops_x_strategies (so the two crops differ).
+        slots = cfg.num_crops if cfg.view_mode == "crops_x_strategies" else self.num_views
+        self._strategies: list[list[Strategy]] = [
+            [build_strategy(name, cfg, i) for name in self.strategy_names] for i in range(slots)
+        ]
+
+    def _view(self, cropped: Image.Image, slot: int, sid: int, crop_id: int) -> View:
+        img, ops = self._strategies[slot][sid](cropped)
+        if float(torch.rand(())) < 0.5:
+            img = F.horizontal_flip(img)
+            ops = [*ops, "HFlip"]
+        tensor = _to_normalised(img, self.mean, self.std)
+        return View(tensor, sid, self.strategy_names[sid], crop_id, ops, img)
+
+    def sample(self, img: Image.Image) -> list[View]:
+        """All views of one image, with their labels and pictures."""
+        img = _rgb(img)
+        S, mode = len(self.strategy_names), self.cfg.view_mode
+        if mode == "random":
+            return [
+                self._view(self.crop(img), v, int(torch.randint(S, ())), v)
+                for v in range(self.num_views)
+            ]
+        if mode == "per_strategy":
+            return [self._view(self.crop(img), k, k, k) for k in range(S)]
+        views = []
+        for c in range(self.cfg.num_crops):
+            cropped = self.crop(img)  # shared by every strategy of this crop
+            views.extend(self._view(cropped, c, s, c) for s in range(S))
+        return views
+
+    def __call__(self, img: Image.Image) -> dict:
+        views = self.sample(img)
+        return {
+            "views": [v.tensor for v in views],
+            "strategy": torch.tensor([v.strategy for v in views], dtype=torch.long),
+            "crop": torch.tensor([v.crop for v in views], dtype=torch.long),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"MultiViewTransform(mode={self.cfg.view_mode}, views={self.num_views}, "
+            f"strategies={self.strategy_names}, crop={self.crop!r})"
+        )
+
+
+def pair_mask(strategy: torch.Tensor, crop: torch.Tensor, pairs: str = "all") -> torch.Tensor:
+    """Bool [B, V, V]: which ordered view pairs (i, j), i != j, enter the loss.
+
+    all: every pair; cross_strategy / within_strategy: strategy ids differ / match;
+    cross_crop: crop ids differ.
+    """
+    if pairs not in PAIRS:
+        raise ValueError(f"unknown pairs '{pairs}'; choose from {PAIRS}")
+    B, V = strategy.shape
+    off_diag = ~torch.eye(V, dtype=torch.bool, device=strategy.device)
+    same_strategy = strategy[:, :, None] == strategy[:, None, :]
+    if pairs == "all":
+        keep = torch.ones(B, V, V, dtype=torch.bool, device=strategy.device)
+    elif pairs == "cross_strategy":
+        keep = ~same_strategy
+    elif pairs == "within_strategy":
+        keep = same_strategy
+    else:
+        keep = crop[:, :, None] != crop[:, None, :]
+    return keep & off_diag
+
+
+class EvalTransform:
+    """Resize the shorter side to image_size, centre-crop, to float, normalise (kNN / probes)."""
+
+    def __init__(self, image_size: int, mean: tuple, std: tuple) -> None:
+        self.image_size = image_size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = F.resize(
+            _rgb(img), [self.image_size], interpolation=InterpolationMode.BILINEAR, antialias=True
+        )
+        img = F.center_crop(img, [self.image_size, self.image_size])
+        return _to_normalised(img, self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(image_size={self.image_size})"
