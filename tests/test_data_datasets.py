@@ -1,0 +1,207 @@
+"""Dataset registry, image folders, bad-file handling and subsets."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from massrl.config import DataConfig
+from massrl.data import (
+    BadImageError,
+    BadImageWarning,
+    DatasetNotFoundError,
+    balanced_subset,
+    collate_skip_bad,
+    fraction_subset,
+    load_dataset,
+)
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _img(path: Path, value: int = 100, size: tuple[int, int] = (12, 10), mode: str = "RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, value if mode != "RGB" else (value, value, value)).save(path)
+    return path
+
+
+def _class_folder(root: Path, classes=("cat", "dog", "eel"), per_class: int = 4) -> Path:
+    for ci, name in enumerate(classes):
+        for i in range(per_class):
+            _img(root / name / f"{i}.png", value=40 * ci + i)
+    return root
+
+
+# ---------------------------------------------------------------- folders
+
+
+def test_class_folders_are_labeled(tmp_path):
+    root = _class_folder(tmp_path / "data")
+    _img(root / "dog" / "UPPER.JPG")  # extensions are case-insensitive
+    (root / "dog" / "readme.txt").write_text("not an image")
+    splits = load_dataset(DataConfig(name="folder", root=str(root)))
+    assert splits.classes == ["cat", "dog", "eel"] and splits.num_classes == 3
+    assert splits.train_labeled is splits.train
+    # no val/ folder: a seeded stratified 80/20 split of the 13 images
+    assert len(splits.train) + len(splits.test) == 13
+    assert set(splits.test.targets) == {0, 1, 2}
+    image, label = splits.train[0]
+    assert image.mode == "RGB" and label == 0
+    assert splits.mean == pytest.approx((0.485, 0.456, 0.406)) and splits.native_size == 10
+
+
+def test_train_val_folders_share_class_numbering(tmp_path):
+    _class_folder(tmp_path / "train")
+    _class_folder(tmp_path / "val", classes=("dog", "eel"), per_class=2)
+    splits = load_dataset(DataConfig(name="folder", root=str(tmp_path)))
+    assert len(splits.train) == 12 and len(splits.test) == 4
+    assert sorted(set(splits.test.targets)) == [1, 2]  # dog, eel as numbered in train/
+
+
+def test_flat_and_nested_unlabeled(tmp_path):
+    flat = tmp_path / "flat"
+    for i in range(3):
+        _img(flat / f"{i}.jpg")
+    splits = load_dataset(DataConfig(name="folder", root=str(flat)))
+    assert len(splits.train) == 3 and splits.train[1][1] == -1
+    assert splits.train_labeled is None and splits.test is None and splits.num_classes is None
+
+    nested = tmp_path / "nested"  # year/month folders are not classes
+    for y in ("2020", "2021"):
+        for m in ("01", "02"):
+            _img(nested / y / m / "x.webp")
+    splits = load_dataset(DataConfig(name="folder", root=str(nested)))
+    assert len(splits.train) == 4 and splits.train_labeled is None
+    paths = [str(p) for p in splits.train.paths]
+    assert paths == sorted(paths)
+
+
+def test_bad_files_skipped_with_warning_or_strict(tmp_path):
+    root = tmp_path / "odd"
+    _img(root / "grey.png", mode="L")
+    _img(root / "rgba.png", mode="RGBA")
+    _img(root / "cmyk.jpg", mode="CMYK")
+    (root / "zero.jpg").write_bytes(b"")
+    (root / "text.png").write_text("hello")
+    good = Path(_img(root / "full.jpg", size=(64, 64))).read_bytes()
+    (root / "trunc.jpg").write_bytes(good[: len(good) // 2])
+    ds = load_dataset(DataConfig(name="folder", root=str(root))).train
+    assert len(ds) == 7
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = [ds[i] for i in range(len(ds))]
+    named = " ".join(str(w.message) for w in caught if issubclass(w.category, BadImageWarning))
+    bad = [p.name for p, item in zip(ds.paths, items, strict=True) if item is None]
+    assert sorted(bad) == ["text.png", "trunc.jpg", "zero.jpg"]
+    assert all(name in named for name in bad)
+    assert all(item[0].mode == "RGB" for item in items if item is not None)
+
+    strict = load_dataset(DataConfig(name="folder", root=str(root), strict=True)).train
+    with pytest.raises(BadImageError, match="data.strict=false"):
+        [strict[i] for i in range(len(strict))]
+
+
+def test_collate_skip_bad():
+    import torch
+
+    batch = [{"x": torch.ones(2), "label": 1}, None, {"x": torch.zeros(2), "label": 0}]
+    out = collate_skip_bad(batch)
+    assert out["x"].shape == (2, 2) and out["label"].tolist() == [1, 0] and out["skipped"] == 1
+    assert collate_skip_bad([None, None]) == {"skipped": 2}
+
+
+def test_missing_folder_and_empty_folder(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match="nowhere"):
+        load_dataset(DataConfig(name="folder", root=str(tmp_path / "nowhere")))
+    with pytest.raises(DatasetNotFoundError, match="data.root"):
+        load_dataset(DataConfig(name="folder"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetNotFoundError):
+        load_dataset(DataConfig(name="folder", root=str(tmp_path / "empty")))
+
+
+def test_imagenet_layout(tmp_path):
+    _class_folder(tmp_path / "train", per_class=2)
+    with pytest.raises(DatasetNotFoundError, match="val"):
+        load_dataset(DataConfig(name="imagenet100", root=str(tmp_path)))
+    _class_folder(tmp_path / "val", per_class=1)
+    splits = load_dataset(DataConfig(name="imagenet", root=str(tmp_path)))
+    assert (len(splits.train), len(splits.test), splits.num_classes) == (6, 3, 3)
+
+
+# ---------------------------------------------------------------- built-in datasets
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_fashion_mnist_offline(tmp_path):
+    # an empty root: the loader must fall back to the Debian folder, never download
+    splits = load_dataset(DataConfig(name="fashion_mnist", root=str(tmp_path)))
+    assert (len(splits.train), len(splits.test), splits.num_classes) == (60000, 10000, 10)
+    image, label = splits.train[0]
+    assert image.mode == "RGB" and image.size == (28, 28) and 0 <= label < 10
+    arr = np.asarray(image)
+    assert (arr[..., 0] == arr[..., 2]).all() and arr.max() > 0
+    assert Counter(splits.test.targets) == {c: 1000 for c in range(10)}
+
+
+def test_digits_and_subsets():
+    cfg = DataConfig(name="digits", subset=100, eval_subset=50, mean=(0.5, 0.5, 0.5))
+    splits = load_dataset(cfg, seed=3)
+    assert len(splits.train) == 100 and splits.mean == (0.5, 0.5, 0.5)
+    # eval_subset is drawn from the (already subset) labeled train split, and from test
+    assert len(splits.train_labeled) == 50 and splits.train_labeled.base is splits.train
+    assert len(splits.test) == 50
+    only_subset = load_dataset(DataConfig(name="digits", subset=100), seed=3)
+    assert only_subset.train_labeled is only_subset.train
+    counts = Counter(splits.train.targets)
+    assert max(counts.values()) - min(counts.values()) <= 1
+    image, _ = splits.train[0]
+    assert image.size == (8, 8) and np.asarray(image).max() > 200  # 0..16 scaled to 0..255
+    full = load_dataset(DataConfig(name="digits"))
+    assert len(full.train) + len(full.test) == 1797
+
+
+def test_cifar10_missing_root_no_download(tmp_path, monkeypatch):
+    import urllib.request
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("must not try to download")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset(DataConfig(name="cifar10", root=str(tmp_path / "c")))
+    assert str(tmp_path / "c") in str(info.value) and "data.download=true" in str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+
+
+# ---------------------------------------------------------------- subsets
+
+
+def test_balanced_subset_counts_and_seeds():
+    labels = [0] * 50 + [1] * 30 + [2] * 3
+    idx = balanced_subset(labels, 20, seed=0)
+    assert idx == sorted(idx) and len(set(idx)) == 20
+    counts = Counter(labels[i] for i in idx)
+    assert counts[2] == 3 and abs(counts[0] - counts[1]) <= 1  # small class gives its shortfall
+    assert balanced_subset(labels, 20, seed=0) == idx
+    assert balanced_subset(labels, 20, seed=1) != idx
+    assert balanced_subset(labels, 500, seed=0) == list(range(len(labels)))
+    unlabeled = balanced_subset([-1] * 40, 10, seed=0)
+    assert len(unlabeled) == 10 and unlabeled != balanced_subset([-1] * 40, 10, seed=1)
+
+
+def test_fraction_subset_bounds():
+    labels = [0] * 100 + [1] * 10 + [-1] * 5
+    idx = fraction_subset(labels, 0.1, seed=0)
+    counts = Counter(labels[i] for i in idx)
+    assert counts == {0: 10, 1: 1}  # at least one per class, unlabeled never chosen
+    assert fraction_subset(labels, 0.1, seed=0) == idx
+    assert len(fraction_subset(labels, 1.0, seed=0)) == 110
+    for bad in (0, -0.5, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"\(0, 1\]"):
+            fraction_subset(labels, bad, seed=0)
