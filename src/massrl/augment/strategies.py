@@ -13,6 +13,7 @@ as torchvision's, so with the same seed they produce torchvision's output exactl
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -68,9 +69,11 @@ class _OpsStrategy:
 class RandAugmentStrategy(_OpsStrategy):
     """N ops drawn uniformly from torchvision's RandAugment space, all at magnitude bin M."""
 
+    # class attributes: the spaces hold lambdas, which must not be pickled into DataLoader workers
+    space: ClassVar[OpSpace] = RandAugment._AUGMENTATION_SPACE
+
     def __init__(self, num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 11) -> None:
         self.num_ops, self.magnitude, self.bins = num_ops, magnitude, num_magnitude_bins
-        self.space: OpSpace = RandAugment._AUGMENTATION_SPACE
         self.ops = tuple(self.space)
 
     def draw(self, height: int, width: int, generator: torch.Generator | None = None) -> list:
@@ -89,11 +92,12 @@ class RandAugmentStrategy(_OpsStrategy):
 class AutoAugmentStrategy(_OpsStrategy):
     """One of torchvision's AutoAugment sub-policies per image, each op with its probability."""
 
+    space: ClassVar[OpSpace] = AutoAugment._AUGMENTATION_SPACE
+
     def __init__(self, policy: str = "imagenet") -> None:
         self.policy = AutoAugmentPolicy(policy)
         # torchvision holds the published policy tables; reuse them rather than restate them
         self.subpolicies = AutoAugment(self.policy)._policies
-        self.space: OpSpace = AutoAugment._AUGMENTATION_SPACE
 
     def draw(self, height: int, width: int, generator: torch.Generator | None = None) -> list:
         sub = self.subpolicies[_randint(len(self.subpolicies), generator)]
@@ -111,9 +115,10 @@ class AutoAugmentStrategy(_OpsStrategy):
 class TrivialAugmentStrategy(_OpsStrategy):
     """One op from TrivialAugmentWide's space at a uniformly drawn magnitude bin."""
 
+    space: ClassVar[OpSpace] = TrivialAugmentWide._AUGMENTATION_SPACE
+
     def __init__(self, num_magnitude_bins: int = 31) -> None:
         self.bins = num_magnitude_bins
-        self.space: OpSpace = TrivialAugmentWide._AUGMENTATION_SPACE
         self.ops = tuple(self.space)
 
     def draw(self, height: int, width: int, generator: torch.Generator | None = None) -> list:
