@@ -80,7 +80,10 @@ class SSLMethod(L.LightningModule):
 
     # ------------------------------------------------------------------ training
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+        self.skipped_files += int(batch.get("skipped", 0))
+        if "views" not in batch:  # every image of the batch failed to decode: skip the step
+            return None
         out = self.ssl_step(batch)
         loss = out.pop("loss")
         feats = out.pop("feats")
@@ -100,7 +103,6 @@ class SSLMethod(L.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
                  on_epoch=False, batch_size=b)
         self._images_this_epoch += b
-        self.skipped_files += int(batch.get("skipped", 0))
         return loss
 
     def _probe_step(self, feats: torch.Tensor, labels: torch.Tensor
@@ -129,6 +131,8 @@ class SSLMethod(L.LightningModule):
     # ------------------------------------------------------------------ online monitors
 
     def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if "image" not in batch:
+            return
         feats = self.backbone(batch["image"]).float()
         self._val_outputs.setdefault(dataloader_idx, []).append(
             (feats.detach(), batch["label"].detach()))
@@ -144,7 +148,7 @@ class SSLMethod(L.LightningModule):
             from massrl.eval.knn import weighted_knn
 
             top1, top5 = weighted_knn(
-                F.normalize(bank_f, dim=1), bank_y, F.normalize(test_f, dim=1),
+                F.normalize(bank_f, dim=1), bank_y, F.normalize(test_f, dim=1), test_y,
                 k=self.cfg.eval.knn_k, temperature=self.cfg.eval.knn_temperature,
                 num_classes=self.num_classes)
             metrics["val/knn_top1"] = float(top1)

@@ -1,0 +1,59 @@
+"""The augmentation picture: one row per image, the original then each view with its label."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers and CI
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
+
+
+def _pick_images(dataset: Dataset, num_images: int, seed: int) -> list:
+    """num_images decodable images drawn with a fixed seed (bad files are passed over)."""
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    images = []
+    for i in order:
+        item = dataset[i]
+        if item is not None:
+            images.append(item[0])
+        if len(images) == num_images:
+            break
+    if not images:
+        raise ValueError("no decodable image in the dataset to draw")
+    return images
+
+
+def augmentation_grid(dataset: Dataset, transform, path: str | Path, num_images: int = 8,
+                      title: str = "", seed: int = 0) -> Path:
+    """Draw `num_images` rows: the original image, then every view `transform.sample` makes,
+    titled with the view's strategy, crop and the ops applied. Returns the PNG path."""
+    torch.manual_seed(seed)
+    images = _pick_images(dataset, num_images, seed)
+    rows = [transform.sample(img) for img in images]
+    cols = 1 + max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols, 2.3 * len(rows)),
+                             squeeze=False)
+    for r, (img, views) in enumerate(zip(images, rows, strict=True)):
+        axes[r][0].imshow(img)
+        axes[r][0].set_title("original", fontsize=8)
+        for c, view in enumerate(views, start=1):
+            axes[r][c].imshow(view.image)
+            label = f"{view.strategy_name} (crop {view.crop})"
+            if view.ops:
+                label += "\n" + textwrap.fill(", ".join(view.ops), 26, max_lines=3)
+            axes[r][c].set_title(label, fontsize=6)
+        for ax in axes[r]:
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

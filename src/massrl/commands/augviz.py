@@ -1,0 +1,45 @@
+"""`massrl augviz`: a picture of the views each augmentation strategy makes (no training)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from massrl.commands.common import add_config_args, resolve
+from massrl.config import RunConfig
+
+NAME = "augviz"
+HELP = ("Draw a PNG grid: one row per image, the original then each view labelled with its "
+        "strategy and ops. Works on any dataset, including data.name=folder data.root=DIR.")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser, RunConfig)
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument("--images", type=int, default=8, help="rows (images) in the grid")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.config is None:
+        args.config = "fashion_mnist/massrl"
+    cfg = resolve(args, RunConfig)
+    if cfg is None:
+        return 0
+    if args.images <= 0:
+        print("massrl augviz: --images must be a positive number of rows")
+        return 2
+    from massrl.augment import MultiViewTransform
+    from massrl.augviz import augmentation_grid
+    from massrl.data import DatasetNotFoundError, load_dataset
+
+    try:
+        splits = load_dataset(cfg.data, seed=cfg.seed)
+    except DatasetNotFoundError as exc:
+        print(f"massrl augviz: {exc}")
+        return 2
+    transform = MultiViewTransform(cfg.augment, cfg.data.image_size, splits.mean, splits.std)
+    out = Path(args.out)
+    augmentation_grid(splits.train, transform, out, num_images=args.images,
+                      title=f"{cfg.augment.view_mode} views of {cfg.data.name}", seed=cfg.seed)
+    print(f"wrote {out}")
+    return 0

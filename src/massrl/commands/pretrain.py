@@ -1,0 +1,54 @@
+"""`massrl pretrain`: pre-train a backbone with MASSRL, BYOL or SimCLR."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+from rich.table import Table
+
+from massrl.commands.common import add_config_args, resolve
+from massrl.config import RunConfig
+
+NAME = "pretrain"
+HELP = ("Pre-train a backbone. Without -c it runs MASSRL on Fashion-MNIST with a narrow "
+        "ResNet-18 (the shipped config fashion_mnist/massrl).")
+DEFAULT_CONFIG = "fashion_mnist/massrl"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser, RunConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.config is None:
+        args.config = DEFAULT_CONFIG
+    cfg = resolve(args, RunConfig)
+    if cfg is None:
+        return 0
+    from massrl.data import DatasetNotFoundError
+    from massrl.train import pretrain
+
+    try:
+        summary = pretrain(cfg)
+    except DatasetNotFoundError as exc:
+        print(f"massrl pretrain: {exc}")
+        return 2
+    print_summary(summary)
+    return 0
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}" if v < 10 else f"{v:,.1f}"
+    return "-" if v is None else str(v)
+
+
+def print_summary(summary: dict) -> None:
+    console = Console()
+    table = Table(title=f"{summary['method']} on {summary['dataset']}", show_header=False)
+    for key in ("knn_top1", "best_knn_top1", "probe_top1", "final_loss", "epochs",
+                "images_seen", "images_per_s", "train_seconds", "skipped_files"):
+        table.add_row(key, _fmt(summary.get(key)))
+    console.print(table)
+    print(f"run directory: {summary['run_dir']}")
