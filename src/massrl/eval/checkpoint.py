@@ -1,0 +1,94 @@
+"""Load the online backbone of a massrl pre-training checkpoint, with errors a user can act on."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ValidationError
+from torch import nn
+
+from massrl.config import ConfigError, RunConfig
+from massrl.models import BackboneSpec, build_backbone
+
+BACKBONE_PREFIX = "backbone."
+
+
+class CheckpointError(ConfigError):
+    """The file given as ckpt= cannot be used (missing, not massrl's, inconsistent)."""
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw checkpoint dict, after checking that it is a massrl pre-training checkpoint."""
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(
+            f"checkpoint '{path}' not found. Pass ckpt=PATH to a checkpoint written by "
+            "`massrl pretrain` (e.g. runs/<run>/checkpoints/last.ckpt)."
+        )
+    try:
+        # Lightning checkpoints pickle more than tensors (hyper-parameters, loop state).
+        ckpt = torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as exc:  # any unpickling failure means "not a checkpoint"
+        raise CheckpointError(f"'{path}' is not a PyTorch checkpoint ({exc}).") from None
+    if not isinstance(ckpt, dict) or "massrl" not in ckpt:
+        hint = ""
+        if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+            hint = " It looks like a plain state_dict (e.g. from `massrl export`)."
+        raise CheckpointError(
+            f"'{path}' is not a massrl pre-training checkpoint (no 'massrl' marker).{hint} "
+            "Pass a checkpoint written by `massrl pretrain`."
+        )
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> RunConfig:
+    raw = (ckpt.get("hyper_parameters") or {}).get("config")
+    if isinstance(raw, BaseModel):
+        raw = raw.model_dump(mode="json")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"'{path}' has no run config under hyper_parameters.config.")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        raise CheckpointError(
+            f"the run config stored in '{path}' is not valid for this massrl version: {problems}"
+        ) from None
+
+
+def backbone_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    state = ckpt.get("state_dict") or {}
+    return {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
+
+
+def load_pretrained(path: str | Path) -> tuple[nn.Module, RunConfig, BackboneSpec, str]:
+    """(backbone in eval mode on CPU, run config, backbone spec, sha256 of the file)."""
+    ckpt = read_checkpoint(path)
+    cfg = checkpoint_config(ckpt, path)
+    m = cfg.model
+    backbone, spec = build_backbone(m.backbone, m.cifar_stem, m.width)
+    weights = backbone_state_dict(ckpt)
+    if not weights:
+        raise CheckpointError(f"'{path}' holds no backbone weights (no 'backbone.*' keys).")
+    try:
+        backbone.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"the backbone weights in '{path}' do not match model.backbone={m.backbone} "
+            f"cifar_stem={m.cifar_stem} width={m.width}: {str(exc).splitlines()[0]}"
+        ) from None
+    backbone.eval()
+    return backbone, cfg, spec, file_sha256(path)

@@ -1,0 +1,160 @@
+"""Configs of the evaluation commands (`massrl knn|linear|umap|export`).
+
+The data section defaults to the checkpoint's own (same dataset, root, subsets, image size and
+normalisation), so the offline numbers match the online monitors; naming another dataset
+(data.name=...) switches to transfer, where only the dataset-independent loader settings are kept.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from massrl.config import (
+    ConfigError,
+    DataConfig,
+    RunConfig,
+    build_config,
+    load_yaml,
+    parse_overrides,
+    set_dotted,
+)
+
+# Loader settings that do not depend on which dataset is read: kept when evaluating on another one.
+DATASET_INDEPENDENT = ("download", "batch_size", "num_workers", "pin_memory",
+                       "persistent_workers", "strict")
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    ckpt: str = Field("", validate_default=True,
+                      description="(required) massrl pre-training checkpoint")
+    output_dir: str | None = Field(None, description="default: runs/eval/<command>/<timestamp>")
+    seed: int | None = Field(None, description="default: the checkpoint's seed")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("ckpt")
+    @classmethod
+    def _required(cls, v: str) -> str:
+        if not v:
+            raise ValueError("ckpt=PATH is required (a checkpoint written by `massrl pretrain`)")
+        return v
+
+
+class _DataEval(_Base):
+    data: DataConfig = Field(default_factory=DataConfig)
+    test_crop_ratio: float | None = Field(
+        None, gt=0, le=1,
+        description="test: resize to size/ratio, centre crop (default 1 up to 64 px, else 0.875)",
+    )
+    cache: bool = Field(True, description="cache features per checkpoint, split and transform")
+    cache_dir: str | None = Field(None, description="default: ~/.cache/massrl/features")
+
+
+class KnnEvalConfig(_DataEval):
+    k: list[int] = Field(default_factory=lambda: [20, 200], min_length=1,
+                         description="neighbours; one result per k")
+    temperature: float = Field(0.07, gt=0, description="vote weight exp(sim / temperature)")
+    distance: Literal["cosine", "euclidean"] = "cosine"
+    normalize: bool = Field(True, description="L2-normalise features (cosine always does)")
+
+    @field_validator("k")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(k < 1 for k in v):
+            raise ValueError("every k must be >= 1")
+        return v
+
+
+class LinearEvalConfig(_DataEval):
+    epochs: int = Field(100, gt=0)
+    lr: float = Field(0.1, gt=0, description="SGD learning rate of the linear head (cosine decay)")
+    batch_size: int = Field(256, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    features_cached: bool = Field(
+        False, description="train on cached features of un-augmented images (fast)"
+    )
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="train random-resized-crop")
+    label_fraction: float | None = Field(
+        None, description="train on a seeded class-balanced fraction of the labels, in (0, 1]"
+    )
+    finetune: bool = Field(False, description="train the whole network, not only the head")
+    backbone_lr: float | None = Field(None, gt=0, description="finetune: backbone lr (default lr)")
+    subset_file: str | None = Field(None, description="reuse label-subset indices saved by a run")
+
+    @field_validator("label_fraction")
+    @classmethod
+    def _fraction(cls, v: float | None) -> float | None:
+        if v is not None and not 0 < v <= 1:
+            raise ValueError("label_fraction must be in (0, 1], e.g. 0.01 or 0.1")
+        return v
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError("need 0 < low <= high <= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _modes(self) -> LinearEvalConfig:
+        if self.finetune and self.features_cached:
+            raise ValueError("finetune=true trains the backbone, so features_cached must be false")
+        return self
+
+
+class UmapEvalConfig(_DataEval):
+    out: str | None = Field(None, description="PNG path (default: <output_dir>/umap.png)")
+    split: Literal["train", "test"] = Field("train", description="labeled split to embed")
+    max_points: int | None = Field(5000, gt=0, description="seeded subsample for speed")
+    n_neighbors: int = Field(15, gt=1)
+    min_dist: float = Field(0.1, ge=0)
+    n_epochs: int | None = Field(None, gt=0, description="default: umap-learn's")
+
+
+class ExportConfig(_Base):
+    out: str | None = Field(None, description="weights path (default: <output_dir>/backbone.pt)")
+
+
+def inherited_data(pretrain: RunConfig, requested: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint's data section, trimmed to loader settings if another dataset is asked for."""
+    data = pretrain.data.model_dump(mode="json")
+    if requested.get("name", pretrain.data.name) != pretrain.data.name:
+        data = {k: data[k] for k in DATASET_INDEPENDENT}
+    return data
+
+
+def raw_tree(config_file: str | Path | None, overrides: list[str] | None) -> dict[str, Any]:
+    """YAML file + overrides before validation (to find ckpt and data.name first)."""
+    tree = load_yaml(config_file) if config_file is not None else {}
+    for key, value in parse_overrides(overrides or []):
+        set_dotted(tree, key, value)
+    return tree
+
+
+def build_eval_config(
+    schema: type[_Base],
+    config_file: str | Path | None,
+    overrides: list[str] | None,
+    pretrain: RunConfig | None,
+) -> Any:
+    """Validated config whose defaults come from the pre-training run config where it has them."""
+    base: dict[str, Any] = {}
+    if pretrain is not None:
+        base["seed"] = pretrain.seed
+        if "data" in schema.model_fields:
+            requested = raw_tree(config_file, overrides).get("data") or {}
+            if not isinstance(requested, dict):
+                raise ConfigError("data must be a mapping of keys, e.g. data.name=cifar10")
+            base["data"] = inherited_data(pretrain, requested)
+    return build_config(schema, config_file, overrides, base=base)
+
+
+def default_output_dir(command: str) -> Path:
+    return Path("runs") / "eval" / command / time.strftime("%Y%m%d-%H%M%S")

@@ -1,0 +1,164 @@
+"""Frozen backbone features: the evaluation transforms, extraction in eval mode, and a disk cache.
+
+The cache key holds everything that changes the features (checkpoint hash, dataset, split, subset,
+transform), so a cached file can never be reused for a different setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda was asked for but no CUDA GPU is visible; use device=cpu")
+    return torch.device(name)
+
+
+def test_resize(image_size: int, crop_ratio: float | None) -> tuple[int, float]:
+    """(resize side, ratio): small images are evaluated whole, large ones with the 0.875 crop."""
+    ratio = crop_ratio if crop_ratio is not None else (1.0 if image_size <= 64 else 0.875)
+    return round(image_size / ratio), ratio
+
+
+def eval_transform(
+    image_size: int, mean: Sequence[float], std: Sequence[float], crop_ratio: float | None = None
+) -> T.Compose:
+    resize, _ = test_resize(image_size, crop_ratio)
+    # Bicubic resize + centre crop, as the online monitors of pre-training do, so that the
+    # offline and online numbers agree on the same checkpoint and split.
+    return T.Compose([
+        T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+        T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std),
+    ])
+
+
+def train_transform(
+    image_size: int, mean: Sequence[float], std: Sequence[float],
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+) -> T.Compose:
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=crop_scale), T.RandomHorizontalFlip(),
+        T.ToTensor(), T.Normalize(mean, std),
+    ])
+
+
+class Transformed(Dataset):
+    """{"image", "label"} items of a (PIL image, label) dataset; undecodable (None) items stay None
+    so that `massrl.data.collate_skip_bad` drops them."""
+
+    def __init__(self, base: Dataset, transform: Callable[[Any], torch.Tensor]) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        item = self.base[i]
+        if item is None:
+            return None
+        image, label = item
+        return {"image": self.transform(image), "label": int(label)}
+
+
+def unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(images, labels) of a batch from collate_skip_bad or a plain (x, y) loader; None when every
+    item of the batch was undecodable."""
+    if isinstance(batch, dict):
+        if "image" not in batch:
+            return None
+        return batch["image"], torch.as_tensor(batch["label"], dtype=torch.long)
+    x, y = batch
+    return x, torch.as_tensor(y, dtype=torch.long)
+
+
+def make_loader(
+    dataset: Dataset, batch_size: int, *, shuffle: bool = False, num_workers: int = 0,
+    seed: int = 0, device: torch.device | str = "cpu", drop_last: bool = False,
+) -> DataLoader:
+    """A loader over Transformed items that skips undecodable images; shuffling is seeded."""
+    from massrl.data import collate_skip_bad, worker_init_fn
+
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+        collate_fn=collate_skip_bad, drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        pin_memory=torch.device(device).type == "cuda",
+        worker_init_fn=worker_init_fn if num_workers > 0 else None,
+    )
+
+
+def progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeRemainingColumn(), transient=True,
+    )
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
+    desc: str = "features",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features float32, labels int64) on CPU, computed in eval mode (BN running statistics)."""
+    was_training = backbone.training
+    backbone.eval().to(device)
+    feats, labels = [], []
+    try:
+        with progress() as bar:
+            task = bar.add_task(desc, total=len(loader))
+            for batch in loader:
+                bar.advance(task)
+                if (xy := unpack(batch)) is None:
+                    continue
+                feats.append(backbone(xy[0].to(device, non_blocking=True)).float().flatten(1).cpu())
+                labels.append(xy[1])
+    finally:
+        backbone.train(was_training)
+    if not feats:
+        raise ValueError(f"no images to compute {desc} from (empty dataset)")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("MASSRL_CACHE") or Path.home() / ".cache" / "massrl"
+    return Path(root) / "features"
+
+
+def cache_path(cache_dir: str | Path | None, key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    name = f"{key.get('ckpt_sha256', 'nockpt')[:12]}_{key.get('split', 'split')}_{digest[:16]}.pt"
+    return Path(cache_dir or default_cache_dir()) / name
+
+
+def cached_features(
+    backbone: nn.Module, dataset: Dataset, key: dict[str, Any], *,
+    cache_dir: str | Path | None = None, use_cache: bool = True,
+    device: torch.device | str = "cpu", batch_size: int = 256, num_workers: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of `dataset` (Transformed items), read from / written to the cache by `key`."""
+    path = cache_path(cache_dir, key)
+    if use_cache and path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved["features"], saved["labels"]
+    loader = make_loader(dataset, batch_size, num_workers=num_workers, device=device)
+    feats, labels = extract_features(backbone, loader, device, f"features ({key.get('split')})")
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"features": feats, "labels": labels, "key": json.dumps(key, default=str)}, tmp)
+        tmp.replace(path)  # atomic: a crash never leaves a truncated cache file behind
+    return feats, labels

@@ -1,0 +1,91 @@
+"""Weighted k-nearest-neighbour classification of frozen features (Wu et al. 2018, InstDisc).
+
+Each test sample's k nearest training samples vote for their class with weight exp(sim / T). The
+functions are pure tensor code, so the online monitor during pre-training and the offline `massrl
+knn` command compute the same number on the same features.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Distance = Literal["cosine", "euclidean"]
+
+
+def _similarity(test: torch.Tensor, train: torch.Tensor, distance: Distance) -> torch.Tensor:
+    if distance == "cosine":
+        return F.normalize(test, dim=1) @ F.normalize(train, dim=1).T
+    if distance == "euclidean":
+        # Negative distance, so that "larger is nearer" holds for both metrics.
+        return -torch.cdist(test, train)
+    raise ValueError(f"distance must be 'cosine' or 'euclidean', not {distance!r}")
+
+
+@torch.no_grad()
+def knn_scores(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    k: int,
+    temperature: float,
+    num_classes: int,
+    distance: Distance = "cosine",
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """Per-class vote totals, shape (num_test, num_classes), relative to the nearest neighbour.
+
+    Cosine similarity normalises the features itself; for euclidean the caller decides whether to
+    L2-normalise first. k larger than the training set is clamped to its size.
+    """
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"need k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
+    train_feats = train_feats.float()
+    test_feats = test_feats.to(train_feats.device, torch.float32)
+    labels = train_labels.to(train_feats.device, torch.long)
+    k = min(k, train_feats.shape[0])
+    out = []
+    # Chunk over test samples: the full test x train similarity matrix may not fit in memory.
+    for start in range(0, test_feats.shape[0], chunk_size):
+        sim = _similarity(test_feats[start:start + chunk_size], train_feats, distance)
+        top_sim, top_idx = sim.topk(k, dim=1)
+        # Shifting by each row's nearest similarity scales that row's votes by a constant (the
+        # ranking is unchanged) and keeps exp() finite for large euclidean distances.
+        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()
+        scores = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+        scores.scatter_add_(1, labels[top_idx], weights)
+        out.append(scores)
+    return torch.cat(out) if out else torch.zeros(0, num_classes)
+
+
+def topk_accuracy(
+    scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)
+) -> tuple[float, ...]:
+    """Fraction of samples whose label is among the top-k scores, for each k (k capped at C)."""
+    if scores.shape[0] == 0:
+        return tuple(0.0 for _ in ks)
+    labels = labels.to(scores.device)
+    ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
+    hits = ranked == labels[:, None]
+    return tuple(hits[:, :k].any(dim=1).float().mean().item() for k in ks)
+
+
+def weighted_knn(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    k: int,
+    temperature: float,
+    num_classes: int,
+    distance: Distance = "cosine",
+    chunk_size: int = 256,
+) -> tuple[float, float]:
+    """(top-1, top-5) accuracy as fractions in [0, 1] of the weighted kNN classifier."""
+    scores = knn_scores(
+        train_feats, train_labels, test_feats, k, temperature, num_classes, distance, chunk_size
+    )
+    top1, top5 = topk_accuracy(scores, test_labels, (1, 5))
+    return top1, top5

@@ -1,0 +1,205 @@
+"""Offline linear evaluation and semi-supervised fine-tuning.
+
+Linear: a linear head on the frozen backbone (eval mode, so batch-norm keeps the pre-training
+statistics), trained with SGD and a cosine schedule, no weight decay by default; either on
+augmented images (random resized crop + flip) or, for speed, on cached features of un-augmented
+images. Fine-tuning: the whole network trained on a seeded class-balanced fraction of the labels.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from massrl.eval.features import progress, unpack
+from massrl.eval.knn import topk_accuracy
+
+
+@dataclass
+class SGDRecipe:
+    epochs: int = 100
+    lr: float = 0.1
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+    backbone_lr: float | None = None  # fine-tuning only; None = lr
+
+
+@dataclass
+class LinearResult:
+    """Accuracies are fractions in [0, 1]; `top1`/`top5` are the last epoch's."""
+
+    top1: float
+    top5: float
+    best_top1: float
+    best_top5: float
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Classifier(nn.Module):
+    """Backbone + linear head. Frozen: backbone always in eval mode and run without gradients."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Linear, finetune: bool) -> None:
+        super().__init__()
+        self.backbone, self.head, self.finetune = backbone, head, finetune
+        if not finetune:
+            self.backbone.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.finetune:
+            return self.head(self.backbone(x).flatten(1))
+        with torch.no_grad():
+            feats = self.backbone(x).flatten(1)
+        return self.head(feats)
+
+    def train(self, mode: bool = True) -> Classifier:
+        super().train(mode)
+        if not self.finetune:
+            self.backbone.eval()  # frozen batch-norm: never update the running statistics
+        return self
+
+
+def _fit(
+    model: nn.Module, param_groups: list[dict[str, Any]], loader: DataLoader,
+    evaluate: Callable[[], tuple[float, float]], recipe: SGDRecipe, device: torch.device | str,
+    desc: str,
+) -> LinearResult:
+    opt = torch.optim.SGD(param_groups, lr=recipe.lr, momentum=recipe.momentum,
+                          weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
+    steps = max(1, recipe.epochs * len(loader))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)  # stepped per batch
+    history: list[dict[str, float]] = []
+    with progress() as bar:
+        task = bar.add_task(desc, total=steps)
+        for epoch in range(1, recipe.epochs + 1):
+            model.train()
+            total, count = 0.0, 0
+            for batch in loader:
+                bar.advance(task)
+                if (xy := unpack(batch)) is None:
+                    continue
+                x, y = xy[0].to(device, non_blocking=True), xy[1].to(device)
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total, count = total + loss.item() * len(y), count + len(y)
+            top1, top5 = evaluate()
+            history.append({"epoch": epoch, "loss": total / max(count, 1),
+                            "top1": top1, "top5": top5})
+    best = max(history, key=lambda h: h["top1"])  # the first epoch reaching the maximum
+    last = history[-1]
+    return LinearResult(last["top1"], last["top5"], best["top1"], best["top5"],
+                        int(best["epoch"]), history)
+
+
+@torch.no_grad()
+def _accuracy(
+    predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[Any],
+    device: torch.device | str,
+) -> tuple[float, float]:
+    scores, labels = [], []
+    for batch in batches:
+        if (xy := unpack(batch)) is None:
+            continue
+        scores.append(predict(xy[0].to(device)).float().cpu())
+        labels.append(xy[1])
+    top1, top5 = topk_accuracy(torch.cat(scores), torch.cat(labels), (1, 5))
+    return top1, top5
+
+
+def train_linear_on_features(
+    train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+    num_classes: int, recipe: SGDRecipe, seed: int = 0, device: torch.device | str = "cpu",
+) -> LinearResult:
+    """A linear classifier on fixed features, evaluated on the test features after every epoch."""
+    torch.manual_seed(seed)
+    head = nn.Linear(train_x.shape[1], num_classes).to(device)
+    loader = DataLoader(TensorDataset(train_x, train_y), batch_size=recipe.batch_size,
+                        shuffle=True, generator=torch.Generator().manual_seed(seed))
+    test = DataLoader(TensorDataset(test_x, test_y), batch_size=4096)
+
+    def evaluate() -> tuple[float, float]:
+        head.eval()
+        return _accuracy(head, test, device)
+
+    return _fit(head, [{"params": head.parameters()}], loader, evaluate, recipe, device,
+                "linear (cached features)")
+
+
+def train_on_images(
+    backbone: nn.Module, num_classes: int, feature_dim: int, train_loader: DataLoader,
+    recipe: SGDRecipe, *, finetune: bool, seed: int = 0, device: torch.device | str = "cpu",
+    test_loader: DataLoader | None = None,
+    test_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> LinearResult:
+    """Linear head on augmented images (frozen backbone) or fine-tuning of the whole network.
+
+    A frozen backbone gives the same test features every epoch, so they may be passed in
+    precomputed (`test_features`); fine-tuning needs `test_loader`.
+    """
+    torch.manual_seed(seed)
+    head = nn.Linear(feature_dim, num_classes)
+    model = Classifier(backbone, head, finetune).to(device)
+    groups: list[dict[str, Any]] = [{"params": head.parameters()}]
+    if finetune:
+        groups.append({"params": backbone.parameters(), "lr": recipe.backbone_lr or recipe.lr})
+
+    def evaluate() -> tuple[float, float]:
+        model.eval()
+        if test_features is not None and not finetune:
+            feats = DataLoader(TensorDataset(*test_features), batch_size=4096)
+            return _accuracy(head, feats, device)
+        if test_loader is None:
+            raise ValueError("train_on_images needs test_loader (or test_features when frozen)")
+        return _accuracy(model, test_loader, device)
+
+    desc = "fine-tune" if finetune else "linear (augmented)"
+    return _fit(model, groups, train_loader, evaluate, recipe, device, desc)
+
+
+# ---------------------------------------------------------------- label fractions
+
+
+def label_subset(
+    labels: Sequence[int], fraction: float, seed: int, *, dataset: str,
+    subset_file: str | Path | None = None, save_dir: str | Path | None = None,
+) -> tuple[list[int], Path | None]:
+    """Indices of a seeded class-balanced label fraction, and the JSON file that records them.
+
+    With `subset_file` the indices of an earlier run are reused (checked against this dataset).
+    """
+    from massrl.data import fraction_subset
+
+    if subset_file is not None:
+        saved = json.loads(Path(subset_file).read_text())
+        if saved.get("dataset") != dataset or saved.get("num_samples") != len(labels):
+            raise ValueError(
+                f"subset_file {subset_file} was made for {saved.get('dataset')} with "
+                f"{saved.get('num_samples')} training images, not {dataset} with {len(labels)}"
+            )
+        return [int(i) for i in saved["indices"]], Path(subset_file)
+    indices = fraction_subset(labels, fraction, seed)
+    path = None
+    if save_dir is not None:
+        path = Path(save_dir) / f"label_subset_{dataset}_{fraction:g}_seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({
+            "dataset": dataset, "split": "train_labeled", "num_samples": len(labels),
+            "label_fraction": fraction, "seed": seed, "indices": indices,
+        }))
+    return indices, path

@@ -1,0 +1,58 @@
+"""Weighted kNN: known answers on hand-built points; k and temperature really change the vote."""
+
+import pytest
+import torch
+
+from massrl.eval.knn import knn_scores, topk_accuracy, weighted_knn
+
+
+def _clusters(n_per: int = 20, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.eye(3) * 5
+    x = torch.cat([c + 0.3 * torch.randn(n_per, 3, generator=g) for c in centres])
+    y = torch.arange(3).repeat_interleave(n_per)
+    return x, y
+
+
+@pytest.mark.parametrize("distance", ["cosine", "euclidean"])
+def test_separated_clusters_are_classified_perfectly(distance):
+    train_x, train_y = _clusters(seed=0)
+    test_x, test_y = _clusters(seed=1)
+    top1, top5 = weighted_knn(train_x, train_y, test_x, test_y, k=5, temperature=0.07,
+                              num_classes=3, distance=distance, chunk_size=7)
+    assert top1 == 1.0 and top5 == 1.0
+
+
+def test_k_changes_the_answer():
+    # Query at angle 0; one class-0 point very close, two class-1 points a bit further.
+    train = torch.tensor([[1.0, 0.0], [0.9, 0.3], [0.9, -0.3]])
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.0]])
+    s1 = knn_scores(train, labels, query, k=1, temperature=1.0, num_classes=2)
+    s3 = knn_scores(train, labels, query, k=3, temperature=1.0, num_classes=2)
+    assert s1.argmax(1).item() == 0
+    assert s3.argmax(1).item() == 1
+
+
+def test_temperature_changes_the_answer():
+    train = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.8, -0.6]])
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.0]])
+    # Sharp temperature: the nearest neighbour's vote dominates the two further ones.
+    sharp = knn_scores(train, labels, query, k=3, temperature=0.01, num_classes=2)
+    flat = knn_scores(train, labels, query, k=3, temperature=10.0, num_classes=2)
+    assert sharp.argmax(1).item() == 0
+    assert flat.argmax(1).item() == 1
+
+
+def test_k_larger_than_bank_and_top5_with_few_classes():
+    train = torch.randn(4, 8)
+    labels = torch.tensor([0, 1, 0, 1])
+    top1, top5 = weighted_knn(train, labels, train, labels, k=200, temperature=0.07,
+                              num_classes=2)
+    assert 0.0 <= top1 <= 1.0 and top5 == 1.0
+
+
+def test_topk_accuracy():
+    scores = torch.tensor([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05]])
+    assert topk_accuracy(scores, torch.tensor([2, 0]), (1, 2)) == (0.5, 1.0)
