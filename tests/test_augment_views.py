@@ -1,0 +1,204 @@
+"""View making (three modes), normalisation, crops on small images and pair masks."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from massrl.augment import EvalTransform, MultiViewTransform, UniformCrop, build_crop, pair_mask
+from massrl.config import AugmentConfig
+
+ALL = ["simclr", "randaugment", "autoaugment", "fastautoaugment", "trivialaugment"]
+MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.1)
+
+
+def _textured(size=28, mode="L", seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.linspace(0, 255, size)[None, :] + rng.integers(0, 60, (size, size)), 0, 255)
+    img = Image.fromarray(arr.astype(np.uint8), "L")
+    return img if mode == "L" else img.convert(mode)
+
+
+def _mvt(**kw) -> MultiViewTransform:
+    size = kw.pop("size", 32)
+    return MultiViewTransform(AugmentConfig(**kw), size, MEAN, STD)
+
+
+@pytest.mark.parametrize(
+    "mode,expected_strategy,expected_crop",
+    [
+        ("per_strategy", [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]),
+        ("crops_x_strategies", [0, 1, 2, 3, 4] * 2, [0] * 5 + [1] * 5),
+    ],
+)
+def test_structured_modes(mode, expected_strategy, expected_crop):
+    t = _mvt(strategies=ALL, view_mode=mode, num_crops=2)
+    out = t(_textured())
+    assert t.num_views == len(expected_strategy) == len(out["views"])
+    assert out["strategy"].dtype == torch.long and out["strategy"].tolist() == expected_strategy
+    assert out["crop"].dtype == torch.long and out["crop"].tolist() == expected_crop
+    for v in out["views"]:
+        assert v.shape == (3, 32, 32) and v.dtype == torch.float32
+
+
+def test_random_mode_draws_strategy_per_view_per_image():
+    t = _mvt(strategies=ALL, view_mode="random", num_views=3)
+    assert t.num_views == 3 and t.strategy_names == tuple(ALL)
+    torch.manual_seed(0)
+    ids = torch.stack([t(_textured())["strategy"] for _ in range(50)])
+    assert ids.shape == (50, 3)
+    assert set(ids.flatten().tolist()) == set(range(5))
+    assert len({tuple(r) for r in ids.tolist()}) > 20  # not one fixed assignment
+    assert t(_textured())["crop"].tolist() == [0, 1, 2]  # every view has its own crop
+
+
+def test_same_image_gives_distinct_views():
+    t = _mvt(strategies=ALL, view_mode="per_strategy")
+    torch.manual_seed(0)
+    views = [v for _ in range(10) for v in t(_textured())["views"]]
+    assert len({v.numpy().tobytes() for v in views}) >= 45
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_each_strategy_normalised_range(name):
+    t = _mvt(strategies=[name], view_mode="random", num_views=4)
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    for view in t.sample(_textured(mode="RGB")):
+        raw = view.tensor * std + mean  # undo the normalisation: must be 8-bit pixels in [0, 1]
+        assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5
+        assert torch.allclose(raw * 255, (raw * 255).round(), atol=1e-3)
+        expected = torch.from_numpy(np.asarray(view.image).copy()).permute(2, 0, 1) / 255
+        assert torch.allclose(raw, expected, atol=1e-5)  # the picture is what the tensor shows
+        assert view.strategy_name == name and view.strategy == 0
+
+
+def test_constant_image_normalises_to_expected_values():
+    # RandAugment with no ops is the identity: only crop and flip, which keep a flat image flat
+    t = _mvt(strategies=["randaugment"], randaugment={"num_ops": 0}, crop="uniform")
+    rgb = (51, 102, 204)
+    expected = [(c / 255 - m) / s for c, m, s in zip(rgb, MEAN, STD, strict=True)]
+    for view in t(Image.new("RGB", (28, 28), rgb))["views"]:
+        for ch in range(3):
+            assert view[ch].mean().item() == pytest.approx(expected[ch], abs=1e-5)
+            assert view[ch].std().item() < 1e-5
+
+
+def test_eval_transform_resize_centre_crop_normalise():
+    rgb = (51, 102, 204)
+    out = EvalTransform(32, MEAN, STD)(Image.new("RGB", (40, 64), rgb))
+    assert out.shape == (3, 32, 32)
+    expected = torch.tensor([(c / 255 - m) / s for c, m, s in zip(rgb, MEAN, STD, strict=True)])
+    assert torch.allclose(out.mean(dim=(1, 2)), expected, atol=1e-5)
+    # centre crop: a picture whose left/right quarters are black keeps only its white middle
+    arr = np.zeros((32, 64), np.uint8)
+    arr[:, 16:48] = 255
+    middle = EvalTransform(32, (0.0,) * 3, (1.0,) * 3)(Image.fromarray(arr))
+    assert torch.allclose(middle, torch.ones(3, 32, 32))
+
+
+def test_grey_small_inputs_and_flip_labels():
+    for size in (8, 28):
+        for crop in ("rrc", "uniform"):
+            t = _mvt(strategies=ALL, view_mode="per_strategy", crop=crop)
+            views = t.sample(_textured(size))
+            assert all(v.tensor.shape == (3, 32, 32) for v in views)
+            assert all(v.image.size == (32, 32) for v in views)
+    torch.manual_seed(0)
+    flips = [("HFlip" in v.ops) for _ in range(40) for v in t.sample(_textured())]
+    assert 0.35 < np.mean(flips) < 0.65
+
+
+def test_asymmetric_simclr_alternates_over_views_and_crops():
+    torch.manual_seed(0)
+    t = _mvt(strategies=["simclr"], view_mode="random", num_views=2)
+    blurred = np.array([
+        any(o.startswith("Blur") for o in v.ops) for _ in range(60) for v in t.sample(_textured())
+    ]).reshape(60, 2)
+    assert blurred[:, 0].all() and blurred[:, 1].mean() < 0.3
+    t = _mvt(strategies=["simclr", "randaugment"], view_mode="crops_x_strategies", num_crops=2)
+    views = [t.sample(_textured()) for _ in range(60)]
+    first_crop = [any(o.startswith("Blur") for o in vs[0].ops) for vs in views]
+    second_crop = [any(o.startswith("Blur") for o in vs[2].ops) for vs in views]
+    assert all(first_crop) and np.mean(second_crop) < 0.3
+
+
+def test_seeded_reproducible_and_picklable():
+    t = _mvt(strategies=ALL, view_mode="random")
+    clone = pickle.loads(pickle.dumps(t))  # DataLoader workers may receive a pickled copy
+    torch.manual_seed(4)
+    a = t(_textured())
+    torch.manual_seed(4)
+    b = clone(_textured())
+    assert torch.equal(a["strategy"], b["strategy"])
+    assert all(torch.equal(x, y) for x, y in zip(a["views"], b["views"], strict=True))
+
+
+# ----------------------------------------------------------------------------- crops
+
+
+@pytest.mark.parametrize("crop", ["rrc", "uniform"])
+@pytest.mark.parametrize("shape", [(8, 8), (28, 28), (20, 45)])
+def test_crops_give_requested_size(crop, shape):
+    fn = build_crop(AugmentConfig(crop=crop), 32)
+    for _ in range(20):
+        assert fn(Image.new("RGB", shape)).size == (32, 32)
+
+
+def test_uniform_crop_side_distribution():
+    crop = UniformCrop(32, (0.5, 1.0))
+    g = torch.Generator().manual_seed(0)
+    params = [crop.params(60, 100, g) for _ in range(1000)]
+    sides = np.array([s for _, _, s in params])
+    assert sides.min() >= 30 and sides.max() <= 60
+    assert sides.min() <= 31 and sides.max() >= 59 and abs(sides.mean() - 45) < 1.5
+    assert all(0 <= top and top + s <= 60 and 0 <= left and left + s <= 100
+               for top, left, s in params)
+    lefts = np.array([left for _, left, _ in params])
+    assert lefts.max() > 60  # positions spread over the long side too
+    assert {UniformCrop(32, (1.0, 1.0)).params(60, 100, g)[2] for _ in range(10)} == {60}
+
+
+# ----------------------------------------------------------------------------- pair masks
+
+T, F_ = True, False
+
+
+def test_pair_mask_random_mode_three_views():
+    strategy = torch.tensor([[0, 1, 0], [2, 2, 2]])
+    crop = torch.tensor([[0, 1, 2], [0, 1, 2]])
+    off = ~torch.eye(3, dtype=torch.bool)
+    assert torch.equal(pair_mask(strategy, crop, "all"), off.expand(2, 3, 3))
+    assert torch.equal(pair_mask(strategy, crop, "cross_crop"), off.expand(2, 3, 3))
+    cross = pair_mask(strategy, crop, "cross_strategy")
+    assert cross[0].tolist() == [[F_, T, F_], [T, F_, T], [F_, T, F_]]
+    assert not cross[1].any()  # all three views share a strategy
+    within = pair_mask(strategy, crop, "within_strategy")
+    assert within[0].tolist() == [[F_, F_, T], [F_, F_, F_], [T, F_, F_]]
+    assert torch.equal(within[1], off)
+
+
+def test_pair_mask_crops_x_strategies_and_per_strategy():
+    t = _mvt(strategies=["simclr", "randaugment"], view_mode="crops_x_strategies", num_crops=2)
+    out = t(_textured())
+    strategy, crop = out["strategy"][None], out["crop"][None]  # [1, 4]: s = 0 1 0 1, c = 0 0 1 1
+    assert pair_mask(strategy, crop, "cross_crop")[0].tolist() == [
+        [F_, F_, T, T], [F_, F_, T, T], [T, T, F_, F_], [T, T, F_, F_]
+    ]
+    assert pair_mask(strategy, crop, "within_strategy")[0].tolist() == [
+        [F_, F_, T, F_], [F_, F_, F_, T], [T, F_, F_, F_], [F_, T, F_, F_]
+    ]
+    assert pair_mask(strategy, crop, "cross_strategy")[0].tolist() == [
+        [F_, T, F_, T], [T, F_, T, F_], [F_, T, F_, T], [T, F_, T, F_]
+    ]
+    per = _mvt(strategies=ALL[:3], view_mode="per_strategy")(_textured())
+    s, c = per["strategy"][None], per["crop"][None]
+    assert torch.equal(pair_mask(s, c, "cross_strategy"), pair_mask(s, c, "all"))
+    assert not pair_mask(s, c, "within_strategy").any()
+    assert pair_mask(s, c, "all").sum() == 6
+
+
+def test_pair_mask_rejects_unknown_setting():
+    with pytest.raises(ValueError, match="unknown pairs"):
+        pair_mask(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long), "x")
