@@ -40,9 +40,10 @@ def worker_init_fn(worker_id: int) -> None:
     threads inside each would oversubscribe the cores), and python/numpy seeded from torch's
     per-worker seed so random augmentations differ between workers yet repeat across runs."""
     torch.set_num_threads(1)
-    seed = torch.initial_seed() % 2**32
+    seed = torch.initial_seed() % 2**32  # base_seed + worker_id, drawn from the loader generator
     random.seed(seed)
-    np.random.seed(seed)
+    # hashed, so numpy's stream is not a shifted copy of a neighbouring worker's
+    np.random.seed(np.random.SeedSequence(seed).generate_state(4))
 
 
 def _eval_transform(size: int, mean: tuple, std: tuple) -> Callable[[Image.Image], torch.Tensor]:

@@ -1,0 +1,125 @@
+"""SSLDataModule: multi-view train batches, evaluation loaders, workers and bad files."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor, resize
+
+from massrl.config import RunConfig
+from massrl.data import SSLDataModule
+
+SIZE, VIEWS = 16, 3
+
+
+class StandInViews:
+    """A tiny stand-in for massrl.augment.MultiViewTransform: V resized copies with ids."""
+
+    def __call__(self, image: Image.Image) -> dict:
+        assert image.mode == "RGB"
+        view = pil_to_tensor(resize(image, [SIZE, SIZE])).float() / 255
+        return {
+            "views": [view + k for k in range(VIEWS)],
+            "strategy": torch.arange(VIEWS),
+            "crop": torch.zeros(VIEWS, dtype=torch.long),
+            # which torch thread count and worker the item was made with, for the checks below
+            "threads": torch.get_num_threads(),
+            "rand": torch.tensor([random.random(), np.random.rand()]),
+        }
+
+
+def _cfg(**data) -> RunConfig:
+    base = {"name": "digits", "batch_size": 8, "num_workers": 0, "image_size": SIZE}
+    return RunConfig.model_validate({"seed": 0, "data": {**base, **data}})
+
+
+def _check_train_batch(batch: dict, batch_size: int) -> None:
+    assert set(batch) == {"views", "strategy", "crop", "label", "skipped", "threads", "rand"}
+    assert len(batch["views"]) == VIEWS
+    for k, view in enumerate(batch["views"]):
+        assert view.shape == (batch_size, 3, SIZE, SIZE) and view.dtype == torch.float32
+        assert view.min() >= k  # view order kept
+    assert batch["strategy"].shape == (batch_size, VIEWS)
+    assert batch["strategy"][0].tolist() == list(range(VIEWS))
+    assert batch["crop"].shape == (batch_size, VIEWS) and batch["crop"].dtype == torch.long
+    assert batch["label"].shape == (batch_size,) and batch["label"].dtype == torch.long
+    assert batch["skipped"] == 0
+
+
+def test_train_batch_in_process():
+    dm = SSLDataModule(_cfg(), StandInViews())
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert loader.drop_last and len(loader) == len(dm.splits.train) // 8
+    batch = next(iter(loader))
+    _check_train_batch(batch, 8)
+    assert dm.has_labels and dm.num_classes == 10
+    # the shuffle is seeded: a new module with the same seed sees the same first batch
+    again = next(iter(SSLDataModule(_cfg(), StandInViews()).train_dataloader()))
+    assert torch.equal(again["label"], batch["label"])
+    assert torch.equal(again["views"][0], batch["views"][0])
+
+
+def test_train_batch_with_a_worker():
+    dm = SSLDataModule(_cfg(num_workers=1, subset=64), StandInViews())
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert loader.persistent_workers and loader.worker_init_fn is not None
+    batch = next(iter(loader))
+    _check_train_batch(batch, 8)
+    assert batch["threads"].tolist() == [1] * 8  # single-threaded augmentation in workers
+    # python/numpy randomness in workers is seeded: the same per run, different per item
+    rerun = SSLDataModule(_cfg(num_workers=1, subset=64), StandInViews())
+    assert torch.equal(next(iter(rerun.train_dataloader()))["rand"], batch["rand"])
+    for column in batch["rand"].T:
+        assert len(set(column.tolist())) == 8
+
+
+def test_no_persistent_workers_without_workers():
+    loader = SSLDataModule(_cfg(persistent_workers=True), StandInViews()).train_dataloader()
+    assert loader.num_workers == 0 and not loader.persistent_workers
+
+
+def test_val_loaders():
+    dm = SSLDataModule(_cfg(eval_subset=20))
+    dm.setup("validate")
+    bank, test = dm.val_dataloader()
+    for loader, n in ((bank, 20), (test, 20)):
+        batches = list(loader)
+        assert sum(len(b["label"]) for b in batches) == n  # no drop_last for evaluation
+        b = batches[0]
+        assert b["image"].shape == (8, 3, SIZE, SIZE) and b["skipped"] == 0
+        assert b["label"].dtype == torch.long
+        assert b["image"].mean().abs() < 3  # normalised, not 0..255
+    with pytest.raises(ValueError, match="train_transform"):
+        dm.train_dataloader()
+
+
+def _unlabeled_folder(root: Path, n: int = 10) -> Path:
+    root.mkdir()
+    for i in range(n):
+        Image.new("RGB", (20, 24), (10 * i, 0, 0)).save(root / f"{i:02d}.png")
+    (root / "05.png").write_bytes(b"")  # one broken file
+    return root
+
+
+def test_unlabeled_folder_skips_bad_files(tmp_path):
+    root = _unlabeled_folder(tmp_path / "imgs")
+    dm = SSLDataModule(_cfg(name="folder", root=str(root), batch_size=10), StandInViews())
+    dm.setup("fit")
+    assert not dm.has_labels and dm.val_dataloader() == [] and dm.num_classes is None
+    with pytest.warns(UserWarning, match="05.png"):
+        batch = next(iter(dm.train_dataloader()))
+    assert batch["skipped"] == 1 and batch["views"][0].shape[0] == 9
+    assert batch["label"].tolist() == [-1] * 9
+
+    strict = SSLDataModule(
+        _cfg(name="folder", root=str(root), batch_size=10, strict=True), StandInViews()
+    )
+    with pytest.raises(Exception, match="data.strict=false"):
+        next(iter(strict.train_dataloader()))
