@@ -1,0 +1,91 @@
+"""Export the backbone as a plain state_dict plus a JSON manifest, loadable without massrl.
+
+The weights are the timm model's own state_dict (no prefix, no classifier), so they load into
+`timm.create_model(name, num_classes=0, **timm_kwargs)` after the recorded stem change; timm and
+torchvision ResNets share parameter names, so width-64 ResNets also load into
+`torchvision.models.resnetXX()` with `fc = Identity()`. The export checks that claim on the spot.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+from massrl.models import BackboneSpec
+from massrl.models.backbones import apply_cifar_stem, feature_dim
+
+FORMAT = "massrl-backbone/1"
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+_STEM = (
+    "if meta['cifar_stem']:  # 3x3 stride-1 first conv, no max-pool (small images)\n"
+    "    model.conv1 = torch.nn.Conv2d(3, model.conv1.out_channels, 3, 1, 1, bias=False)\n"
+    "    model.maxpool = torch.nn.Identity()\n"
+)
+
+
+def _snippet(weights: str, manifest: str, build: str) -> str:
+    return (
+        f"import json, torch{', timm' if 'timm.' in build else ', torchvision'}\n"
+        f"meta = json.load(open('{manifest}'))\n"
+        f"{build}\n{_STEM}"
+        f"model.load_state_dict(torch.load('{weights}', map_location='cpu'))\n"
+        "model.eval()  # model(x) -> [N, meta['feature_dim']] pooled features\n"
+    )
+
+
+def torchvision_name(spec: BackboneSpec, state: dict[str, torch.Tensor]) -> str | None:
+    """The torchvision constructor the weights load into, or None; checked key by key."""
+    if spec.name not in TORCHVISION_RESNETS or spec.timm_kwargs:
+        return None
+    model = getattr(torchvision.models, spec.name)()
+    model.fc = nn.Identity()
+    if spec.cifar_stem:
+        apply_cifar_stem(model)
+    ref = model.state_dict()
+    same = ref.keys() == state.keys() and all(ref[k].shape == state[k].shape for k in ref)
+    return spec.name if same else None
+
+
+def export_backbone(
+    backbone: nn.Module, spec: BackboneSpec, out: str | Path, *,
+    image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None,
+    source: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write `out` (state_dict) and `out` with suffix .json (manifest); return the manifest."""
+    out = Path(out)
+    if out.suffix != ".pt":
+        out = out.with_suffix(out.suffix + ".pt") if out.suffix else out.with_suffix(".pt")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
+    torch.save(state, out)
+    manifest_path = out.with_suffix(".json")
+    tv = torchvision_name(spec, state)
+    timm_build = ("model = timm.create_model(meta['architecture'], pretrained=False, "
+                  "num_classes=0, **meta['timm_kwargs'])")
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "weights": out.name,
+        "architecture": spec.name,
+        "timm_kwargs": spec.timm_kwargs,
+        "cifar_stem": spec.cifar_stem,
+        "width": spec.width,
+        "torchvision": tv,
+        "feature_dim": feature_dim(backbone),
+        "input_size": image_size,
+        "mean": list(mean) if mean is not None else None,
+        "std": list(std) if std is not None else None,
+        "source": source or {},
+        "load_timm": _snippet(out.name, manifest_path.name, timm_build),
+    }
+    if tv is not None:
+        build = f"model = torchvision.models.{tv}()\nmodel.fc = torch.nn.Identity()"
+        manifest["load_torchvision"] = _snippet(out.name, manifest_path.name, build)
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return {**manifest, "weights_path": str(out), "manifest_path": str(manifest_path)}
