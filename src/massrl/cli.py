@@ -9,7 +9,7 @@ import sys
 from massrl.config import ConfigError
 
 # Each module defines NAME, HELP, configure(parser) and run(args) -> int.
-COMMANDS = ("pretrain", "augviz")
+COMMANDS = ("pretrain", "augviz", "knn", "linear", "umap", "export")
 
 
 def _load(name: str):

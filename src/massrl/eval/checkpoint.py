@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,28 @@ def backbone_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
 
 
+@dataclass
+class Pretrained:
+    backbone: nn.Module
+    config: RunConfig
+    spec: BackboneSpec
+    sha256: str
+    path: Path
+    meta: dict[str, Any]  # ckpt["massrl"]: version and whatever pre-training recorded
+
+
+def load(path: str | Path) -> Pretrained:
+    ckpt = read_checkpoint(path)
+    meta = ckpt["massrl"] if isinstance(ckpt["massrl"], dict) else {}
+    return Pretrained(*_load(ckpt, path), Path(path), dict(meta))
+
+
 def load_pretrained(path: str | Path) -> tuple[nn.Module, RunConfig, BackboneSpec, str]:
     """(backbone in eval mode on CPU, run config, backbone spec, sha256 of the file)."""
-    ckpt = read_checkpoint(path)
+    return _load(read_checkpoint(path), path)
+
+
+def _load(ckpt: dict[str, Any], path: str | Path) -> tuple[nn.Module, RunConfig, BackboneSpec, str]:
     cfg = checkpoint_config(ckpt, path)
     m = cfg.model
     backbone, spec = build_backbone(m.backbone, m.cifar_stem, m.width)

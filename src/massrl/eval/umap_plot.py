@@ -12,6 +12,14 @@ from matplotlib.figure import Figure
 
 
 def _umap_module():
+    import os
+
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        import numba
+
+        # numba's default OpenMP layer leaves spinning threads that slowed later torch work in
+        # the same process 10-25x on a 2-core machine; the workqueue layer does not spin.
+        numba.config.THREADING_LAYER = "workqueue"
     try:
         import umap
     except ImportError:

@@ -1,0 +1,45 @@
+"""`massrl knn`: weighted kNN accuracy of a pre-trained backbone's frozen features."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch.nn.functional as F
+
+from massrl.commands.common import add_config_args
+from massrl.eval import session
+from massrl.eval.config import KnnEvalConfig
+from massrl.eval.knn import weighted_knn
+
+NAME = "knn"
+HELP = ("Weighted kNN (cosine, k=20 and 200, temperature 0.07) on frozen, L2-normalised backbone "
+        "features in eval mode: `massrl knn ckpt=PATH [data.name=...]`.")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser, KnnEvalConfig)
+
+
+def run(args: argparse.Namespace) -> int:
+    r = session.start(NAME, KnnEvalConfig, args)
+    if r is None:
+        return 0
+    session.open_data(r)
+    cfg = r.cfg
+    train_x, train_y = session.features(r, "train")
+    test_x, test_y = session.features(r, "test")
+    if cfg.normalize:  # cosine normalises anyway; for euclidean this is the standard choice
+        train_x, test_x = F.normalize(train_x, dim=1), F.normalize(test_x, dim=1)
+    train_x, test_x = train_x.to(r.device), test_x.to(r.device)
+    results, rows = {}, []
+    for k in cfg.k:
+        top1, top5 = weighted_knn(train_x, train_y, test_x, test_y, k, cfg.temperature,
+                                  r.splits.num_classes, cfg.distance)
+        results[f"k={k}"] = {"k": k, "effective_k": min(k, len(train_y)),
+                             "top1": top1, "top5": top5}
+        rows += [(f"k={k} top-1", session.pct(top1)), (f"k={k} top-5", session.pct(top5))]
+    results["num_train"], results["num_test"] = len(train_y), len(test_y)
+    title = (f"kNN ({cfg.distance}, T={cfg.temperature}) - {r.pre.config.method} "
+             f"{r.pre.path.name} on {cfg.data.name}")
+    session.finish(r, title, results, rows)
+    return 0

@@ -1,0 +1,42 @@
+"""`massrl umap`: a UMAP picture of a pre-trained backbone's features, coloured by class."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from massrl.commands.common import add_config_args
+from massrl.eval import session
+from massrl.eval.config import UmapEvalConfig
+
+NAME = "umap"
+HELP = ("UMAP of frozen backbone features of a labeled split, one colour per class: "
+        "`massrl umap ckpt=PATH --out FILE.png`.")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser, UmapEvalConfig)
+    parser.add_argument("--out", metavar="FILE.png", help="same as out=FILE.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    from massrl.eval.umap_plot import save_umap
+
+    if args.out:
+        args.overrides = [*args.overrides, f"out={args.out}"]
+    r = session.start(NAME, UmapEvalConfig, args)
+    if r is None:
+        return 0
+    session.open_data(r)
+    cfg = r.cfg
+    feats, labels = session.features(r, cfg.split)
+    out = Path(cfg.out) if cfg.out else r.output_dir / "umap.png"
+    title = (f"{r.pre.config.method} - {r.pre.path.name} ({cfg.data.name} {cfg.split}, "
+             f"{min(len(labels), cfg.max_points or len(labels))} points)")
+    save_umap(feats, labels, r.splits.classes, title, out, seed=cfg.seed,
+              n_neighbors=cfg.n_neighbors, min_dist=cfg.min_dist, n_epochs=cfg.n_epochs,
+              max_points=cfg.max_points)
+    results = {"png": str(out), "num_points": min(len(labels), cfg.max_points or len(labels))}
+    session.finish(r, f"UMAP - {r.pre.path.name}", results,
+                   [("picture", str(out)), ("points", str(results["num_points"]))])
+    return 0

@@ -1,0 +1,179 @@
+"""What every evaluation command shares: config + checkpoint, the dataset and its checks, cached
+features, and the result file that records the protocol next to the numbers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import Dataset
+
+import massrl
+from massrl.config import ConfigError, to_yaml
+from massrl.eval.checkpoint import Pretrained, load
+from massrl.eval.config import build_eval_config, default_output_dir, raw_tree
+from massrl.eval.features import (
+    Transformed,
+    cached_features,
+    eval_transform,
+    resolve_device,
+    test_resize,
+)
+
+Split = Literal["train", "test"]
+FEATURES_VERSION = 1  # bump when extraction changes, so old cache files are not reused
+SIZE_WARN_RATIO = 2.0
+
+
+@dataclass
+class EvalRun:
+    command: str
+    cfg: Any
+    pre: Pretrained
+    output_dir: Path
+    device: torch.device
+    requested: dict[str, Any]  # the user's own keys (file + overrides), before defaults
+    warnings: list[str] = field(default_factory=list)
+    splits: Any = None  # massrl.data.DatasetSplits once open_data ran
+    image_size: int = 0
+    transfer: bool = False
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        Console(stderr=True).print(f"[yellow]warning:[/] {message}", highlight=False)
+
+
+def start(command: str, schema: type, args: argparse.Namespace) -> EvalRun | None:
+    """Load the checkpoint and resolve the config; None (after printing) for --print-config."""
+    requested = raw_tree(args.config, args.overrides)
+    ckpt = requested.get("ckpt")
+    pre = load(str(ckpt)) if ckpt else None
+    cfg = build_eval_config(schema, args.config, args.overrides, pre.config if pre else None)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return None
+    assert pre is not None  # the config validation requires ckpt
+    try:
+        device = resolve_device(cfg.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(command)
+    out.mkdir(parents=True, exist_ok=True)
+    return EvalRun(command, cfg, pre, out, device, requested)
+
+
+def open_data(run: EvalRun, needs_labels: bool = True) -> None:
+    """Load the evaluation dataset, check its labels and that the backbone takes its image size."""
+    from massrl.data import DatasetNotFoundError, load_dataset
+
+    data, pre_data = run.cfg.data, run.pre.config.data
+    try:
+        run.splits = splits = load_dataset(data, run.cfg.seed)
+    except (DatasetNotFoundError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    if needs_labels and (splits.train_labeled is None or splits.test is None
+                         or not splits.num_classes):
+        raise ConfigError(
+            f"dataset '{data.name}' (root {data.root}) has no labels, but `massrl {run.command}` "
+            "needs labeled train and test images. Use a labeled dataset, e.g. a folder with one "
+            "sub-folder per class, or data.name=cifar10."
+        )
+    run.transfer = data.name != pre_data.name or (data.root or pre_data.root) != pre_data.root
+    asked_size = "image_size" in (run.requested.get("data") or {})
+    # Transfer: the evaluation dataset's own size unless the user chose one.
+    run.image_size = splits.native_size if run.transfer and not asked_size else data.image_size
+    check_input_size(run)
+
+
+def check_input_size(run: EvalRun) -> None:
+    size, pre_size, name = run.image_size, run.pre.config.data.image_size, run.pre.spec.name
+    try:
+        with torch.no_grad():
+            run.pre.backbone.eval()(torch.zeros(1, 3, size, size))
+    except (RuntimeError, AssertionError, ValueError) as exc:  # timm asserts fixed input sizes
+        raise ConfigError(
+            f"the backbone ({name}, pre-trained on {pre_size} px images) cannot take {size} px "
+            f"images: {str(exc).splitlines()[0]}. Set data.image_size={pre_size}."
+        ) from None
+    if max(size, pre_size) / min(size, pre_size) >= SIZE_WARN_RATIO:
+        run.warn(
+            f"evaluating at {size} px a backbone pre-trained at {pre_size} px"
+            f"{' (cifar_stem)' if run.pre.spec.cifar_stem else ''}; features usually suffer. "
+            f"Consider data.image_size={pre_size}."
+        )
+
+
+def split_dataset(run: EvalRun, split: Split) -> Dataset:
+    return run.splits.train_labeled if split == "train" else run.splits.test
+
+
+def test_transform_info(run: EvalRun) -> dict[str, Any]:
+    resize, ratio = test_resize(run.image_size, run.cfg.test_crop_ratio)
+    return {"resize": resize, "center_crop": run.image_size, "crop_ratio": ratio,
+            "interpolation": "bicubic", "mean": list(run.splits.mean),
+            "std": list(run.splits.std)}
+
+
+def features(run: EvalRun, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen features of a labeled split with the test transform, cached on disk."""
+    cfg, ds = run.cfg, split_dataset(run, split)
+    key = {"ckpt_sha256": run.pre.sha256, "split": split, "dataset": cfg.data.name,
+           "root": cfg.data.root, "subset": cfg.data.subset, "eval_subset": cfg.data.eval_subset,
+           "seed": cfg.seed, "num_samples": len(ds), "version": FEATURES_VERSION,
+           **test_transform_info(run)}
+    transform = eval_transform(run.image_size, run.splits.mean, run.splits.std,
+                               cfg.test_crop_ratio)
+    return cached_features(
+        run.pre.backbone, Transformed(ds, transform), key, cache_dir=cfg.cache_dir,
+        use_cache=cfg.cache, device=run.device, batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.num_workers,
+    )
+
+
+def protocol(run: EvalRun) -> dict[str, Any]:
+    """Every setting that can change the numbers, next to them in the result file."""
+    pre = run.pre
+    info: dict[str, Any] = {
+        "command": run.command, "massrl_version": massrl.__version__,
+        "torch_version": torch.__version__, "device": str(run.device),
+        "checkpoint": {"path": str(pre.path), "sha256": pre.sha256, "method": pre.config.method,
+                       "run_name": pre.config.run_name, "backbone": pre.spec.to_dict(),
+                       "pretrain_dataset": pre.config.data.name,
+                       "pretrain_image_size": pre.config.data.image_size},
+        "config": run.cfg.model_dump(mode="json"),
+    }
+    if run.splits is not None:
+        info["dataset"] = {
+            "name": run.cfg.data.name, "transfer": run.transfer, "image_size": run.image_size,
+            "num_classes": run.splits.num_classes, "test_transform": test_transform_info(run),
+            "sizes": {"train": len(run.splits.train_labeled), "test": len(run.splits.test)},
+        }
+    return info
+
+
+def finish(run: EvalRun, title: str, results: dict[str, Any], rows: list[tuple[str, str]]) -> Path:
+    """Write <output_dir>/result.json and print the result table."""
+    path = run.output_dir / "result.json"
+    payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results,
+               "protocol": protocol(run), "warnings": run.warnings}
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    console = Console()
+    console.print(table)
+    console.print(f"result: {path}", highlight=False)
+    return path
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f} %"

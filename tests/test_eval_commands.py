@@ -1,0 +1,128 @@
+"""End to end: `massrl knn|linear|umap|export` on a tiny fake checkpoint with the digits dataset."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from massrl.cli import main
+from massrl.config import RunConfig
+from massrl.eval.checkpoint import CheckpointError, load_pretrained
+from massrl.models import build_backbone
+
+
+def make_checkpoint(path, **overrides):
+    tree = {"data": {"name": "digits", "image_size": 16, "num_workers": 0},
+            "model": {"backbone": "resnet18", "cifar_stem": True, "width": 8}}
+    for section, values in overrides.items():
+        tree[section].update(values)
+    cfg = RunConfig.model_validate(tree)
+    torch.manual_seed(0)
+    backbone, _ = build_backbone(cfg.model.backbone, cfg.model.cifar_stem, cfg.model.width)
+    state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    state["projector.0.weight"] = torch.zeros(2, 2)
+    torch.save({"state_dict": state, "hyper_parameters": {"config": cfg.model_dump(mode="json")},
+                "massrl": {"version": "0.1.0"}}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.ckpt")
+
+
+def _run(tmp_path, command, *args, flags=()):
+    out = tmp_path / command
+    argv = [command, *args, f"output_dir={out}", "device=cpu"]
+    if command != "export":
+        argv.append(f"cache_dir={tmp_path / 'cache'}")
+    argv += list(flags)  # argparse takes options before or after the KEY=VALUE list
+    code = main(argv)
+    result = out / "result.json"
+    return code, (json.loads(result.read_text()) if result.is_file() else None)
+
+
+def test_knn_records_protocol_and_reuses_cached_features(tmp_path, ckpt):
+    code, res = _run(tmp_path, "knn", f"ckpt={ckpt}")
+    assert code == 0
+    assert set(res["results"]) >= {"k=20", "k=200"}
+    proto = res["protocol"]
+    assert proto["checkpoint"]["sha256"] == load_pretrained(ckpt)[3]
+    assert proto["config"]["temperature"] == 0.07 and proto["config"]["distance"] == "cosine"
+    assert proto["dataset"]["sizes"] == {"train": 1437, "test": 360}
+    assert not proto["dataset"]["transfer"]
+    cached = sorted((tmp_path / "cache").iterdir())
+    assert len(cached) == 2
+    code, again = _run(tmp_path, "knn", f"ckpt={ckpt}", "k=[1]", "distance=euclidean")
+    assert code == 0 and sorted((tmp_path / "cache").iterdir()) == cached
+    assert set(again["results"]) == {"k=1", "num_train", "num_test"}
+
+
+def test_linear_cached_augmented_and_semi_supervised(tmp_path, ckpt):
+    code, res = _run(tmp_path, "linear", f"ckpt={ckpt}", "features_cached=true", "epochs=3",
+                     "lr=2", "batch_size=64")
+    assert code == 0 and res["results"]["mode"] == "cached"
+    # Random-init features of 10 digit classes: well above chance (0.1), far from perfect.
+    assert res["results"]["best_top1"] > 0.25 and len(res["results"]["history"]) == 3
+    code, res = _run(tmp_path, "linear", f"ckpt={ckpt}", "epochs=1", "data.batch_size=512")
+    assert code == 0 and res["results"]["mode"] == "augmented"
+    code, res = _run(tmp_path, "linear", f"ckpt={ckpt}", "epochs=1", "finetune=true",
+                     "label_fraction=0.1", "batch_size=32")
+    assert code == 0 and res["results"]["mode"] == "finetune"
+    subset = json.loads(open(res["results"]["subset_file"]).read())
+    assert res["results"]["num_train"] == len(subset["indices"]) < 200
+    code, again = _run(tmp_path, "linear", f"ckpt={ckpt}", "epochs=1", "features_cached=true",
+                       f"subset_file={res['results']['subset_file']}")
+    assert code == 0 and again["results"]["subset_sha256"] == res["results"]["subset_sha256"]
+
+
+def test_umap_and_export(tmp_path, ckpt):
+    pytest.importorskip("umap")
+    png = tmp_path / "pic.png"
+    code, res = _run(tmp_path, "umap", f"ckpt={ckpt}", "n_epochs=10", "max_points=120",
+                     "split=test", flags=["--out", str(png)])
+    assert code == 0 and png.read_bytes()[:4] == b"\x89PNG" and res["results"]["num_points"] == 120
+    code, res = _run(tmp_path, "export", f"ckpt={ckpt}", flags=["--out", str(tmp_path / "bb.pt")])
+    assert code == 0
+    meta = json.loads((tmp_path / "bb.json").read_text())
+    assert meta["cifar_stem"] and meta["input_size"] == 16 and meta["mean"] is not None
+    assert set(torch.load(tmp_path / "bb.pt")) == set(load_pretrained(ckpt)[0].state_dict())
+
+
+def test_transfer_uses_the_eval_dataset_size_and_warns(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "fm.ckpt", data={"name": "fashion_mnist", "image_size": 32,
+                                                       "root": "/nowhere"})
+    code, res = _run(tmp_path, "knn", f"ckpt={ckpt}", "data.name=digits", "k=[5]")
+    assert code == 0
+    assert res["protocol"]["dataset"]["transfer"] and res["protocol"]["dataset"]["image_size"] == 8
+    assert res["protocol"]["config"]["data"]["root"] is None
+    assert any("pre-trained at 32 px" in w for w in res["warnings"])
+
+
+def test_clear_errors(tmp_path, ckpt, capsys):
+    plain = tmp_path / "plain.pt"
+    torch.save(load_pretrained(ckpt)[0].state_dict(), plain)
+    with pytest.raises(CheckpointError, match="not a massrl pre-training checkpoint"):
+        load_pretrained(plain)
+    assert _run(tmp_path, "knn", f"ckpt={plain}")[0] == 2
+    assert _run(tmp_path, "knn", f"ckpt={tmp_path / 'missing.ckpt'}")[0] == 2
+    assert _run(tmp_path, "knn")[0] == 2
+    assert _run(tmp_path, "linear", f"ckpt={ckpt}", "label_fraction=1.5")[0] == 2
+    err = capsys.readouterr().err
+    assert "not a massrl pre-training checkpoint" in err and "not found" in err
+    assert "ckpt=PATH is required" in err and "label_fraction" in err
+    # A folder of images without class sub-folders has no labels.
+    for i in range(4):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    folder = ["data.name=folder", f"data.root={tmp_path}"]
+    assert _run(tmp_path, "knn", f"ckpt={ckpt}", *folder)[0] == 2
+    assert "has no labels" in capsys.readouterr().err
+
+
+def test_backbone_size_mismatch_is_an_error(tmp_path, capsys):
+    ckpt = make_checkpoint(tmp_path / "vit.ckpt", data={"image_size": 32},
+                           model={"backbone": "vit_tiny_patch16_224", "cifar_stem": False,
+                                  "width": 64})
+    assert _run(tmp_path, "knn", f"ckpt={ckpt}")[0] == 2
+    assert "cannot take 32 px images" in capsys.readouterr().err
