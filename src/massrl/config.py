@@ -177,8 +177,21 @@ def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+# names users bring from other frameworks, mapped to ours
+ALIASES = {
+    "learning_rate": "optimizer.lr", "epochs": "trainer.max_epochs",
+    "max_epochs": "trainer.max_epochs", "batch_size": "data.batch_size", "dataset": "data.name",
+    "backbone": "model.backbone", "arch": "model.backbone", "precision": "trainer.precision",
+    "devices": "trainer.devices", "gpus": "trainer.devices", "num_workers": "data.num_workers",
+    "temperature": "loss.temperature", "weight_decay": "optimizer.weight_decay",
+}
+
+
 def _closest(key: str, schema: type[BaseModel] = RunConfig) -> str:
     keys = _valid_keys(schema)
+    alias = ALIASES.get(key.rsplit(".", 1)[-1])
+    if alias in keys:
+        return f" Did you mean '{alias}'?"
     match = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     if not match:  # a misspelt leaf under the right section: compare leaf names only
         leaves = {k.rsplit(".", 1)[-1]: k for k in keys}

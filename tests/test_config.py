@@ -1,0 +1,92 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from massrl.cli import main
+from massrl.config import PACKAGE_CONFIGS, ConfigError, RunConfig, build_config
+
+
+def test_defaults_validate_and_overrides_apply():
+    cfg = build_config(overrides=["optimizer.lr=0.5", "data.subset=2000",
+                                  "augment.strategies=[simclr,randaugment]"])
+    assert cfg.optimizer.lr == 0.5
+    assert cfg.data.subset == 2000
+    assert cfg.augment.strategies == ["simclr", "randaugment"]
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optimizer.lrr=1", "unknown key 'optimizer.lrr'. Did you mean 'optimizer.lr'?"),
+    ("optimizr.lr=1", "unknown key 'optimizr'. Did you mean 'optimizer'?"),
+    ("augment.view_mod=random", "Did you mean 'augment.view_mode'?"),
+    ("optimizer.lr=-1", "optimizer.lr: Input should be greater than 0"),
+    ("augment.num_views=0", "augment.num_views"),
+    ("data.batch_size=abc", "data.batch_size"),
+    ("augment.strategies=[simclr,colour]", "augment.strategies.1"),
+    ("augment.randaugment.magnitude=11", "must be < num_magnitude_bins=11"),
+])
+def test_bad_values_name_the_key(override, expected):
+    with pytest.raises(ConfigError) as err:
+        build_config(overrides=[override])
+    assert expected in str(err.value)
+
+
+def test_override_without_equals_is_explained():
+    with pytest.raises(ConfigError, match="is not KEY=VALUE"):
+        build_config(overrides=["optimizer.lr"])
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optimizer:\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        build_config(config_file=f)
+    assert "c.yaml" in str(err.value)
+    assert "unknown key 'optimizer.learning_rate'. Did you mean 'optimizer.lr'?" in str(err.value)
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE_CONFIGS.rglob("*.yaml")), ids=str)
+def test_every_shipped_config_is_valid(path):
+    cfg = build_config(config_file=path)
+    assert cfg.method == path.stem
+    assert cfg.data.name == path.parent.name
+
+
+def test_shipped_configs_cover_datasets_and_methods():
+    names = {str(p.relative_to(PACKAGE_CONFIGS))[:-5] for p in PACKAGE_CONFIGS.rglob("*.yaml")}
+    for ds in ("fashion_mnist", "cifar10", "stl10", "imagenet"):
+        for m in ("massrl", "byol", "simclr"):
+            assert f"{ds}/{m}" in names
+
+
+def test_missing_config_file_lists_shipped_ones():
+    with pytest.raises(ConfigError, match="cifar10/byol"):
+        build_config(config_file="nope/nothing")
+
+
+def test_cli_print_config_round_trips(capsys):
+    assert main(["pretrain", "-c", "cifar10/byol", "optimizer.lr=0.7", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["optimizer"]["lr"] == 0.7
+    assert RunConfig.model_validate(printed).method == "byol"
+
+
+def test_cli_bad_key_exits_nonzero_with_message(capsys):
+    assert main(["pretrain", "optimizer.lrr=1"]) == 2
+    assert "Did you mean 'optimizer.lr'" in capsys.readouterr().err
+
+
+def test_help_lists_options_with_defaults():
+    out = subprocess.run([sys.executable, "-m", "massrl", "pretrain", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "augment.view_mode" in out and "default random" in out
+    top = subprocess.run([sys.executable, "-m", "massrl", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "pretrain" in top and "augviz" in top
+
+
+def test_configs_symlink_points_at_package():
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "configs" / "fashion_mnist" / "massrl.yaml").is_file()

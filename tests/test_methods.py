@@ -1,0 +1,113 @@
+import copy
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from massrl.config import build_config
+from massrl.methods import BYOL, MASSRL, build_method
+
+
+def _cfg(method="massrl", **over):
+    items = {"model.width": 8, "model.proj_hidden_dim": 32, "model.proj_output_dim": 16,
+             "model.pred_hidden_dim": 32, "data.batch_size": 8, "trainer.channels_last": False,
+             "augment.strategies": "[simclr,randaugment]", "optimizer.warmup_epochs": 0}
+    items.update(over)
+    return build_config(overrides=[f"method={method}"] + [f"{k}={v}" for k, v in items.items()])
+
+
+class _Views(Dataset):
+    """Random 'views' with labels: enough to drive a training step."""
+
+    def __init__(self, n: int = 32, v: int = 2) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, v, 3, 16, 16, generator=g)
+        self.v = v
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"views": list(self.x[i]), "strategy": torch.arange(self.v) % 2,
+                "crop": torch.arange(self.v), "label": i % 3}
+
+
+def _fit(model, accumulate=1, batches=4, epochs=1, views=2):
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accumulate_grad_batches=accumulate,
+                        limit_train_batches=batches, limit_val_batches=0)
+    trainer.fit(model, DataLoader(_Views(v=views), batch_size=8))
+    return trainer
+
+
+@pytest.mark.parametrize("method", ["byol", "simclr", "massrl"])
+def test_each_method_trains_and_changes_the_backbone(method):
+    torch.manual_seed(0)
+    model = build_method(_cfg(method), num_classes=3)
+    before = copy.deepcopy(model.backbone.state_dict())
+    _fit(model)
+    after = model.backbone.state_dict()
+    changed = [k for k in before if before[k].dtype.is_floating_point
+               and not torch.equal(before[k], after[k])]
+    assert changed, "no backbone parameter moved"
+    assert model.probe is not None and model.probe.out_features == 3
+
+
+def test_target_is_ema_and_not_trained_by_gradient():
+    torch.manual_seed(0)
+    model = build_method(_cfg("byol", **{"loss.tau_base": 0.5}), num_classes=3)
+    assert isinstance(model, BYOL)
+    assert all(not p.requires_grad for p in model.target_parameters())
+    target_before = [p.clone() for p in model.target_backbone.parameters()]
+    online_before = [p.clone() for p in model.backbone.parameters()]
+    _fit(model, batches=1)
+    # one optimizer step, then target <- tau*target + (1-tau)*online_after, tau from the schedule
+    tau = model.tau
+    for tb, t, o in zip(target_before, model.target_backbone.parameters(),
+                        model.backbone.parameters(), strict=True):
+        assert torch.allclose(t, tau * tb + (1 - tau) * o, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(online_before, model.backbone.parameters(),
+                                                      strict=True))
+
+
+def test_ema_updates_once_per_optimizer_step_with_accumulation():
+    model = build_method(_cfg("byol"), num_classes=3)
+    calls = []
+    original = model.ema_update
+    model.ema_update = lambda tau: (calls.append(tau), original(tau))
+    trainer = _fit(model, accumulate=2, batches=4)
+    assert trainer.global_step == 2
+    assert len(calls) == 2
+
+
+def test_massrl_logs_cross_and_within_strategy_losses():
+    model = build_method(_cfg("massrl", **{"augment.num_views": 4}), num_classes=3)
+    assert isinstance(model, MASSRL)
+    _fit(model, batches=1, views=4)
+    # _Views gives strategies [0,1,0,1]: both kinds of pairs exist
+    logged = model.trainer.logged_metrics
+    assert "train/loss_cross_strategy_epoch" in logged
+    assert "train/loss_within_strategy_epoch" in logged
+    assert 0 <= float(logged["train/loss_cross_strategy_epoch"]) <= 4
+
+
+def test_probe_ignores_unlabeled_images():
+    model = build_method(_cfg("byol"), num_classes=3)
+    feats = torch.randn(4, model.feat_dim)
+    loss, acc = model._probe_step(feats, torch.full((4,), -1))
+    assert loss is None and acc is None
+    loss, acc = model._probe_step(feats, torch.tensor([0, -1, 2, -1]))
+    assert loss is not None and 0 <= float(acc) <= 1
+
+
+def test_checkpoint_holds_config_and_marker(tmp_path):
+    model = build_method(_cfg("simclr"), num_classes=3)
+    trainer = _fit(model, batches=1)
+    path = tmp_path / "m.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["hyper_parameters"]["config"]["method"] == "simclr"
+    assert ckpt["massrl"]["backbone"]["width"] == 8
+    assert any(k.startswith("backbone.") for k in ckpt["state_dict"])

@@ -1,0 +1,91 @@
+"""`massrl pretrain` and `massrl augviz` end to end, on scikit-learn's digits (seconds each)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from massrl.cli import main
+
+
+def _run_dir(args: list[str]) -> Path:
+    return Path(next(a for a in args if a.startswith("output_dir=")).split("=", 1)[1])
+
+
+@pytest.mark.parametrize("method", ["massrl", "byol", "simclr"])
+def test_pretrain_writes_a_complete_run_directory(method, tiny, capsys):
+    args = tiny(method)
+    assert main(["pretrain", "-c", f"fashion_mnist/{method}", *args]) == 0
+    out = capsys.readouterr().out
+    run_dir = _run_dir(args)
+    assert out.strip().splitlines()[-1] == f"run directory: {run_dir}"
+    for name in ("config.yaml", "metrics.csv", "summary.json", "augmentations.png",
+                 "checkpoints/last.ckpt"):
+        assert (run_dir / name).is_file(), name
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((run_dir / "checkpoints").glob("best-knn-*.ckpt"))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["method"] == method and summary["dataset"] == "digits"
+    assert 0.0 <= summary["knn_top1"] <= 1.0
+    assert summary["epochs"] == 1
+    assert summary["images_seen"] == 128  # subset of 128, batch 32, drop_last
+    assert summary["images_per_s"] > 0
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["method"] == method and saved["data"]["subset"] == 128
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["hyper_parameters"]["config"]["method"] == method
+
+
+def test_pretrain_view_modes_and_batched_pairs(tiny):
+    for mode in ("per_strategy", "crops_x_strategies"):
+        args = tiny("massrl", **{"augment.view_mode": mode, "augment.pairs": "cross_strategy",
+                                 "output_dir": f"{_run_dir(tiny())}_{mode}"})
+        assert main(["pretrain", *args]) == 0
+
+
+def test_pretrain_missing_dataset_is_a_clear_error(tmp_path, capsys):
+    code = main(["pretrain", "data.name=cifar10", f"data.root={tmp_path / 'none'}",
+                 f"output_dir={tmp_path / 'run'}"])
+    assert code == 2
+    out = capsys.readouterr().out
+    assert "cifar10" in out.lower() and "data.download=true" in out
+
+
+def test_pretrain_on_a_folder_with_bad_files(tmp_path, tiny):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    for i in range(40):
+        Image.new("RGB", (20, 20), (i * 6, 100, 200 - i * 4)).save(root / f"{i}.png")
+    (root / "broken.png").write_bytes(b"not an image")
+    (root / "empty.jpg").write_bytes(b"")
+    args = tiny("byol", **{"data.name": "folder", "data.root": str(root), "data.subset": "null",
+                           "data.batch_size": "8"})
+    with pytest.warns(UserWarning, match="broken.png|empty.jpg"):
+        assert main(["pretrain", *args]) == 0
+    run_dir = _run_dir(args)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["knn_top1"] is None  # unlabeled folder: no monitors
+    assert summary["skipped_files"] == 2
+
+
+def test_augviz_writes_a_png(tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["augviz", "data.name=digits", "augment.view_mode=per_strategy",
+                 "--images", "3", "--out", str(out)]) == 0
+    img = Image.open(out)
+    assert img.format == "PNG" and img.width > 400 and img.height > 300
+    assert str(out) in capsys.readouterr().out
+
+
+def test_augviz_on_a_folder_of_user_images(tmp_path):
+    root = tmp_path / "mine"
+    root.mkdir()
+    for i in range(4):
+        Image.new("RGBA", (50, 40), (i * 50, 20, 90, 255)).save(root / f"p{i}.png")
+    out = tmp_path / "mine.png"
+    assert main(["augviz", "data.name=folder", f"data.root={root}", "data.image_size=32",
+                 "--images", "2", "--out", str(out)]) == 0
+    assert out.stat().st_size > 1000
