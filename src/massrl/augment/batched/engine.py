@@ -1,0 +1,226 @@
+"""The batched augmentation engine: every strategy on a whole batch, per-image random choices.
+
+Workers hand over uint8 crops (transform.CropOnlyTransform); `BatchedAugmenter` turns each view into
+a normalised float tensor on the training device. Per view it samples a program (policies.py: K op
+slots per image) and runs slot after slot. Within a slot, images are handled by op *family* (one
+affine warp for every geometric op, one fused pass for posterize/solarize/invert, ...):
+
+* grouped mode (default on CPU): each family runs only on the images that drew it, gathered by
+  index.
+  Counting them reads tensor values, which is free on the CPU.
+* full mode (default on CUDA): each family that the slot can hold runs on the whole batch, with
+  identity parameters for the images that drew something else. No host-device synchronisation,
+  at the price of some arithmetic the GPU has to spare.
+
+On the CPU the batch is processed in chunks of a few MB so that the ~20 passes of a program stay in
+cache and no large temporary goes through mmap/page faults at each op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from massrl.config import AugmentConfig
+
+from . import ops
+from .policies import CUTOUT_FILL, Op, PolicySampler, Program
+
+FamilyFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def _blur_radius(size: int) -> int:
+    """Match the per-image backend: kernel ~10% of the side (odd, >= 3) while it is <= 5 px;
+    beyond that PIL's untruncated blur, which 3 sigma_max (= 6 px) covers to 0.3% of its mass."""
+    k = max(3, int(0.1 * size) | 1)
+    return k // 2 if k <= 5 else 6
+
+
+class BatchedAugmenter:
+    """`aug(views, strategy, generator)`: uint8 [B,3,S,S] views -> normalised float32 views.
+
+    `strategy` [B, V] holds each view's strategy id (an index into cfg.strategies). Views are
+    expected in CropOnlyTransform's order; with cfg.asymmetric, simclr views take BYOL's second
+    pipeline on odd view indices (odd crop indices in crops_x_strategies), as the per-image backend.
+    """
+
+    def __init__(
+        self,
+        cfg: AugmentConfig,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        interpolation: str = "nearest",
+        grouped: bool | None = None,
+        chunk_bytes: int = 4 << 20,
+    ) -> None:
+        self.cfg = cfg
+        self.sampler = PolicySampler(cfg)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.interpolation = interpolation
+        self.grouped = grouped
+        self.chunk_bytes = chunk_bytes
+        self.fill = torch.tensor(CUTOUT_FILL, dtype=torch.float32) / 255
+        n = len(cfg.strategies)
+        self._families = self._build_families()
+        self._view_strategies = {
+            "random": lambda v: None,
+            "per_strategy": lambda v: [v % n],
+            "crops_x_strategies": lambda v: [v % n],
+        }[cfg.view_mode]
+
+    # -------------------------------------------------------------- public entry point
+
+    def __call__(
+        self,
+        views: Sequence[Tensor],
+        strategy: Tensor,
+        generator: torch.Generator | None = None,
+    ) -> list[Tensor]:
+        if strategy.dim() != 2 or strategy.shape[1] != len(views):
+            raise ValueError(f"strategy must be [B, {len(views)}], got {list(strategy.shape)}")
+        out = []
+        for v, u8 in enumerate(views):
+            with torch.autocast(u8.device.type, enabled=False):  # keep the maths in float32
+                prog = self.sampler.sample(strategy[:, v], u8.shape[-1], self._odd(v), generator)
+                out.append(self.apply(u8, prog, self._view_strategies(v)))
+        return out
+
+    def apply(self, u8: Tensor, prog: Program, present: list[int] | None = None) -> Tensor:
+        """Run one view's program on uint8 images [N, 3, H, W] -> normalised float32."""
+        if u8.dtype != torch.uint8 or u8.dim() != 4:
+            raise ValueError(f"views must be uint8 [B, 3, S, S], got {u8.dtype} {list(u8.shape)}")
+        grouped = self.grouped if self.grouped is not None else u8.device.type == "cpu"
+        out = torch.empty(u8.shape, dtype=torch.float32, device=u8.device)
+        per_image = max(1, u8[0].numel() * 4)
+        step = max(1, self.chunk_bytes // per_image) if grouped else max(1, u8.shape[0])
+        slot_ops = self.sampler.slot_ops(present)
+        for a in range(0, u8.shape[0], step):
+            x = out[a : a + step]
+            x.copy_(u8[a : a + step]).div_(255)
+            part = Program(prog.op[a : a + step], prog.mag[a : a + step],
+                           prog.aux[a : a + step], prog.flip[a : a + step])
+            self._run(x, part, slot_ops, grouped)
+        mean, std = self.mean.to(out.device), self.std.to(out.device)
+        return out.sub_(mean).div_(std)
+
+    # -------------------------------------------------------------- execution
+
+    def _odd(self, v: int) -> bool:
+        if self.cfg.view_mode == "crops_x_strategies":
+            return (v // len(self.cfg.strategies)) % 2 == 1
+        return v % 2 == 1
+
+    def _run(self, x: Tensor, prog: Program, slot_ops: list[set[int]], grouped: bool) -> None:
+        for k, possible in enumerate(slot_ops):
+            op, mag, aux = prog.op[:, k], prog.mag[:, k], prog.aux[:, k]
+            present = set(op.unique().tolist()) if grouped else possible
+            for members, fn in self._families:
+                if members & present:
+                    self._run_family(x, members, fn, op, mag, aux, grouped)
+        if grouped:
+            self._on_members(x, prog.flip, lambda t: t.flip(-1))
+        else:
+            ops.hflip_(x, prog.flip)
+
+    def _run_family(self, x: Tensor, members: set[int], fn: FamilyFn, op: Tensor, mag: Tensor,
+                    aux: Tensor, grouped: bool) -> None:
+        if not grouped:
+            y = fn(x, op, mag, aux)
+            if y is not x:
+                x.copy_(y)
+            return
+        mask = torch.isin(op, torch.tensor(sorted(members), device=op.device))
+        idx = mask.nonzero().squeeze(1)
+        if idx.numel() == x.shape[0]:
+            y = fn(x, op, mag, aux)
+            if y is not x:
+                x.copy_(y)
+            return
+        sub = fn(x.index_select(0, idx), op[idx], mag[idx], aux[idx])
+        x.index_copy_(0, idx, sub)
+
+    @staticmethod
+    def _on_members(x: Tensor, mask: Tensor, fn: Callable[[Tensor], Tensor]) -> None:
+        idx = mask.nonzero().squeeze(1)
+        if idx.numel():
+            x.index_copy_(0, idx, fn(x.index_select(0, idx)))
+
+    # -------------------------------------------------------------- op families
+
+    def _build_families(self) -> list[tuple[set[int], FamilyFn]]:
+        """(op ids, fn(x, op, mag, aux)); each fn is the identity on images of other ops."""
+        fill = self.fill
+        mode = self.interpolation
+
+        def warp(x, op, mag, aux):
+            kind = torch.where((op >= Op.SHEAR_X) & (op <= Op.ROTATE), op, 0)
+            theta = ops.warp_theta(kind, mag, x.shape[-2], x.shape[-1])
+            return ops.affine_warp(x, theta, mode)
+
+        def brightness(x, op, mag, aux):
+            return ops.brightness_(x, torch.where(op == Op.BRIGHTNESS, mag, 1.0))
+
+        def gray_blend(x, op, mag, aux):
+            sat, con, gray = op == Op.SATURATION, op == Op.CONTRAST, op == Op.GRAYSCALE
+            factor = torch.where(sat | con, mag, torch.where(gray, 0.0, 1.0))
+            return ops.gray_blend_(x, factor, (sat | gray).to(x.dtype), con.to(x.dtype))
+
+        def sharpness(x, op, mag, aux):
+            return ops.sharpness_(x, torch.where(op == Op.SHARPNESS, mag, 1.0))
+
+        def pointwise(x, op, mag, aux):
+            bits = torch.where(op == Op.POSTERIZE, mag, 8.0)
+            thr = torch.where(op == Op.SOLARIZE, mag, torch.where(op == Op.INVERT, 0.0, 256.0))
+            return ops.posterize_solarize_(x, bits, thr)
+
+        def autocontrast(x, op, mag, aux):
+            return ops.autocontrast_(x, op == Op.AUTOCONTRAST)
+
+        def equalize(x, op, mag, aux):
+            return ops.equalize_(x, op == Op.EQUALIZE)
+
+        def hue(x, op, mag, aux):
+            return ops.adjust_hue_(x, torch.where(op == Op.HUE, mag, 0.0))
+
+        def blur(x, op, mag, aux):
+            sigma = torch.where(op == Op.BLUR, mag, 1e-4)
+            return ops.gaussian_blur(x, sigma, _blur_radius(x.shape[-1]))
+
+        def cutout(x, op, mag, aux):
+            side = torch.where(op == Op.CUTOUT, mag, 0.0)
+            return ops.cutout_(x, side, aux, fill.to(x.device))
+
+        geometric = {int(o) for o in (Op.SHEAR_X, Op.SHEAR_Y, Op.TRANSLATE_X, Op.TRANSLATE_Y,
+                                      Op.ROTATE)}
+        return [
+            (geometric, warp),
+            ({int(Op.BRIGHTNESS)}, brightness),
+            ({int(Op.SATURATION), int(Op.CONTRAST), int(Op.GRAYSCALE)}, gray_blend),
+            ({int(Op.SHARPNESS)}, sharpness),
+            ({int(Op.POSTERIZE), int(Op.SOLARIZE), int(Op.INVERT)}, pointwise),
+            ({int(Op.AUTOCONTRAST)}, autocontrast),
+            ({int(Op.EQUALIZE)}, equalize),
+            ({int(Op.HUE)}, hue),
+            ({int(Op.BLUR)}, blur),
+            ({int(Op.CUTOUT)}, cutout),
+        ]
+
+
+def augment_batch(
+    batch: dict, augmenter: BatchedAugmenter, generator: torch.Generator | None = None
+) -> dict:
+    """Replace batch["views"] (uint8, from CropOnlyTransform) by augmented float views.
+
+    For `on_after_batch_transfer`; float views (the per-image backend) pass through unchanged.
+    """
+    views = batch["views"]
+    if not views or views[0].dtype != torch.uint8:
+        return batch
+    out = dict(batch)
+    out["views"] = augmenter(views, batch["strategy"], generator)
+    return out
+

@@ -1,0 +1,308 @@
+"""Per-image sampling of every strategy's ops and magnitudes, as tensors.
+
+Each strategy turns into a *program*: K op slots per image, an op id and a magnitude per slot
+(identity where an op does not fire), so the engine can run slot k for all images at once. All draws
+are tensor ops on one device with an optional generator: no `.item()`, no Python branch on a drawn
+value, hence no host-device synchronisation.
+
+Op spaces and magnitudes follow torchvision's transforms v2 definitions (RandAugment, AutoAugment,
+TrivialAugmentWide; the AutoAugment sub-policies are read from torchvision itself) and the Fast
+AutoAugment policy file, exactly as the per-image backend (massrl.augment.strategies) applies them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+from torch import Tensor
+from torchvision.transforms import AutoAugment, AutoAugmentPolicy
+
+from massrl.augment.fast_autoaugment import SIGNED_OPS as FAA_SIGNED
+from massrl.augment.fast_autoaugment import load_policy, magnitude
+from massrl.config import AugmentConfig
+
+
+class Op(IntEnum):
+    """The engine's op vocabulary; magnitudes are in the units ops.py takes."""
+
+    IDENTITY = 0
+    SHEAR_X = 1  # shear coefficient, pivot top-left
+    SHEAR_Y = 2
+    TRANSLATE_X = 3  # pixels
+    TRANSLATE_Y = 4
+    ROTATE = 5  # degrees, counter-clockwise
+    BRIGHTNESS = 6  # factor
+    SATURATION = 7  # factor (PIL's "Color")
+    CONTRAST = 8  # factor
+    SHARPNESS = 9  # factor
+    POSTERIZE = 10  # bits kept
+    SOLARIZE = 11  # threshold on the 0..255 scale
+    AUTOCONTRAST = 12
+    EQUALIZE = 13
+    INVERT = 14
+    HUE = 15  # hue shift, fraction of the circle
+    GRAYSCALE = 16
+    BLUR = 17  # sigma in pixels
+    CUTOUT = 18  # side in pixels; aux = centre (x, y) in pixels
+
+
+TV_OPS = {
+    "Identity": Op.IDENTITY, "ShearX": Op.SHEAR_X, "ShearY": Op.SHEAR_Y,
+    "TranslateX": Op.TRANSLATE_X, "TranslateY": Op.TRANSLATE_Y, "Rotate": Op.ROTATE,
+    "Brightness": Op.BRIGHTNESS, "Color": Op.SATURATION, "Contrast": Op.CONTRAST,
+    "Sharpness": Op.SHARPNESS, "Posterize": Op.POSTERIZE, "Solarize": Op.SOLARIZE,
+    "AutoContrast": Op.AUTOCONTRAST, "Equalize": Op.EQUALIZE, "Invert": Op.INVERT,
+    "Cutout": Op.CUTOUT,
+}
+ENHANCE = (Op.BRIGHTNESS, Op.SATURATION, Op.CONTRAST, Op.SHARPNESS)
+CUTOUT_FILL = (125, 123, 114)
+BLUR_SIGMA = (0.1, 2.0)
+JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+
+
+@dataclass
+class Program:
+    """Per-image ops of one view: op [N, K] long, mag [N, K], aux [N, K, 2], flip [N] bool."""
+
+    op: Tensor
+    mag: Tensor
+    aux: Tensor
+    flip: Tensor
+
+    def to(self, device: torch.device) -> Program:
+        return Program(*(t.to(device, non_blocking=True) for t in
+                         (self.op, self.mag, self.aux, self.flip)))
+
+
+# ------------------------------------------------------------------------------ torchvision spaces
+
+_SPACE_NAMES = ["ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
+                "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize"]
+_SIGNED = {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
+           "Contrast", "Sharpness"}
+
+
+def tv_space(kind: str, bins: int, size: int) -> list[tuple[str, Tensor | None, bool]]:
+    """torchvision v2's op space: [(name, magnitude per bin or None, signed)], in its order."""
+    wide = kind == "trivialaugment"  # TrivialAugmentWide's stronger ranges
+    shear, enhance = (0.99, 0.99) if wide else (0.3, 0.9)
+    translate, rotate = (32.0, 135.0) if wide else (150.0 / 331.0 * size, 30.0)
+    post_span = 6 if wide else 4
+    lin = {
+        "ShearX": shear, "ShearY": shear, "TranslateX": translate, "TranslateY": translate,
+        "Rotate": rotate, "Brightness": enhance, "Color": enhance, "Contrast": enhance,
+        "Sharpness": enhance,
+    }
+    names = (["Identity"] if kind != "autoaugment" else []) + _SPACE_NAMES
+    names += ["Invert"] if kind == "autoaugment" else []
+    out: list[tuple[str, Tensor | None, bool]] = []
+    for name in names:
+        if name in lin:
+            mags: Tensor | None = torch.linspace(0.0, lin[name], bins)
+        elif name == "Posterize":
+            mags = (8 - torch.arange(bins) / ((bins - 1) / post_span)).round()
+        elif name == "Solarize":
+            mags = torch.linspace(1.0, 0.0, bins)
+        else:
+            mags = None
+        out.append((name, mags, name in _SIGNED))
+    return out
+
+
+def _space_tables(kind: str, bins: int, size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """op ids [M], magnitudes [M, bins] (torchvision units), signed [M]."""
+    space = tv_space(kind, bins, size)
+    ids = torch.tensor([int(TV_OPS[name]) for name, _, _ in space])
+    mags = torch.stack([m if m is not None else torch.zeros(bins) for _, m, _ in space])
+    signed = torch.tensor([s for _, _, s in space])
+    return ids, mags.float(), signed
+
+
+def tv_to_engine(op: Tensor, mag: Tensor) -> Tensor:
+    """torchvision auto-augment magnitudes -> engine units (enhance 1 + m, int pixels / bits,
+    solarize threshold 255 m), as torchvision's _apply_image_or_video_transform reads them."""
+    enhance = torch.isin(op, torch.tensor([int(o) for o in ENHANCE], device=op.device))
+    trunc = (op == Op.TRANSLATE_X) | (op == Op.TRANSLATE_Y) | (op == Op.POSTERIZE)
+    out = torch.where(enhance, 1 + mag, mag)
+    out = torch.where(trunc, out.trunc(), out)
+    return torch.where(op == Op.SOLARIZE, 255 * mag, out)
+
+
+def _signs(signed: Tensor, shape: tuple[int, ...], g: torch.Generator | None, device) -> Tensor:
+    flip = signed & (torch.rand(shape, generator=g, device=device) <= 0.5)
+    return torch.where(flip, -1.0, 1.0)
+
+
+# ------------------------------------------------------------------------------ strategies
+
+
+class _Strategy:
+    """A sampler of K-slot programs; `slot_ops` says statically which ops each slot may hold."""
+
+    slots: int
+    slot_ops: list[set[int]]
+
+    def sample(self, n: int, size: int, odd_view: bool, g: torch.Generator | None,
+               device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class RandAugmentSampler(_Strategy):
+    def __init__(self, cfg: AugmentConfig, kind: str = "randaugment") -> None:
+        ra = cfg.randaugment
+        self.kind = kind
+        self.bins = ra.num_magnitude_bins if kind == "randaugment" else 31
+        self.slots = ra.num_ops if kind == "randaugment" else 1
+        self.magnitude = ra.magnitude
+        ids = [int(TV_OPS[name]) for name, _, _ in tv_space(kind, self.bins, 32)]
+        self.slot_ops = [set(ids)] * self.slots
+
+    def sample(self, n, size, odd_view, g, device):
+        ids, table, signed = (t.to(device) for t in _space_tables(self.kind, self.bins, size))
+        shape = (n, self.slots)
+        idx = torch.randint(len(ids), shape, generator=g, device=device)
+        if self.kind == "randaugment":  # fixed magnitude M
+            mag = table[idx, self.magnitude]
+        else:  # TrivialAugmentWide: a uniform bin per image
+            mag = table[idx, torch.randint(self.bins, shape, generator=g, device=device)]
+        mag = mag * _signs(signed[idx], shape, g, device)
+        op = ids[idx]
+        return op, tv_to_engine(op, mag), torch.zeros(n, self.slots, 2, device=device)
+
+
+class AutoAugmentSampler(_Strategy):
+    """One of the policy's two-op sub-policies per image; each op fires with its probability."""
+
+    def __init__(self, cfg: AugmentConfig) -> None:
+        policies = AutoAugment(AutoAugmentPolicy(cfg.autoaugment_policy)).policies
+        self.names = [[name for name, _, _ in sub] for sub in policies]
+        self.prob = torch.tensor([[p for _, p, _ in sub] for sub in policies])
+        self.bin = torch.tensor([[b or 0 for _, _, b in sub] for sub in policies])
+        self.slots = 2
+        self.slot_ops = [{int(TV_OPS[sub[k]]) for sub in self.names} for k in range(2)]
+
+    def sample(self, n, size, odd_view, g, device):
+        ids, table, signed = _space_tables("autoaugment", 10, size)
+        row = {int(i): r for r, i in enumerate(ids.tolist())}
+        pos = torch.tensor([[row[int(TV_OPS[x])] for x in sub] for sub in self.names])
+        pos, prob, bins = pos.to(device), self.prob.to(device), self.bin.to(device)
+        ids, table, signed = ids.to(device), table.to(device), signed.to(device)
+        sub = torch.randint(len(self.names), (n,), generator=g, device=device)
+        idx = pos[sub]
+        fire = torch.rand(n, 2, generator=g, device=device) <= prob[sub]
+        mag = table[idx, bins[sub]] * _signs(signed[idx], (n, 2), g, device)
+        op = torch.where(fire, ids[idx], int(Op.IDENTITY))
+        return op, tv_to_engine(op, mag), torch.zeros(n, 2, 2, device=device)
+
+
+class FastAutoAugmentSampler(_Strategy):
+    """Fast AutoAugment: one searched sub-policy per image, the policy file's magnitudes."""
+
+    def __init__(self, cfg: AugmentConfig) -> None:
+        subs = load_policy(cfg.fastautoaugment_policy)
+        self.op = torch.tensor([[int(TV_OPS[o]) for o, _, _ in sub] for sub in subs])
+        self.prob = torch.tensor([[p for _, p, _ in sub] for sub in subs])
+        self.value = torch.tensor([[magnitude(o, lv) for o, _, lv in sub] for sub in subs])
+        self.signed = torch.tensor([[o in FAA_SIGNED for o, _, _ in sub] for sub in subs])
+        self.slots = self.op.shape[1]
+        self.slot_ops = [set(self.op[:, k].tolist()) for k in range(self.slots)]
+
+    def sample(self, n, size, odd_view, g, device):
+        k = self.slots
+        sub = torch.randint(len(self.op), (n,), generator=g, device=device)
+        op, prob = self.op.to(device)[sub], self.prob.to(device)[sub]
+        value, signed = self.value.to(device)[sub], self.signed.to(device)[sub]
+        fire = torch.rand(n, k, generator=g, device=device) < prob
+        value = value * _signs(signed, (n, k), g, device)
+        translate = (op == Op.TRANSLATE_X) | (op == Op.TRANSLATE_Y)
+        mag = torch.where(translate, (value * size).trunc(), value)  # a fraction of the side
+        mag = torch.where(op == Op.CUTOUT, value * size, mag)
+        aux = torch.rand(n, k, 2, generator=g, device=device) * size  # cutout centre
+        return torch.where(fire, op, int(Op.IDENTITY)), mag, aux
+
+
+class SimCLRSampler(_Strategy):
+    """ColorJitter (random order) p=0.8, grayscale p=0.2, blur, solarize(128): 7 slots."""
+
+    def __init__(self, cfg: AugmentConfig) -> None:
+        self.asymmetric = cfg.asymmetric
+        self.slots = 7
+        jitter = {int(Op.BRIGHTNESS), int(Op.CONTRAST), int(Op.SATURATION), int(Op.HUE)}
+        self.slot_ops = [jitter] * 4 + [{int(Op.GRAYSCALE)}, {int(Op.BLUR)}, {int(Op.SOLARIZE)}]
+
+    def probabilities(self, odd_view: bool) -> tuple[float, float]:
+        """(blur p, solarize p): BYOL's second view where asymmetric and the view is odd."""
+        return (0.1, 0.2) if self.asymmetric and odd_view else (1.0, 0.0)
+
+    def sample(self, n, size, odd_view, g, device):
+        def uniform(lo: float, hi: float) -> Tensor:
+            return lo + (hi - lo) * torch.rand(n, generator=g, device=device)
+
+        b, c, s, h = JITTER
+        factors = torch.stack([uniform(1 - b, 1 + b), uniform(1 - c, 1 + c),
+                               uniform(1 - s, 1 + s), uniform(-h, h)], 1)
+        kinds = torch.tensor([Op.BRIGHTNESS, Op.CONTRAST, Op.SATURATION, Op.HUE], device=device)
+        order = torch.rand(n, 4, generator=g, device=device).argsort(1)  # a random permutation
+        jitter = (torch.rand(n, 1, generator=g, device=device) < 0.8).expand(n, 4)
+        blur_p, sol_p = self.probabilities(odd_view)
+        gray = torch.rand(n, 1, generator=g, device=device) < 0.2
+        blur = torch.rand(n, 1, generator=g, device=device) < blur_p
+        sol = torch.rand(n, 1, generator=g, device=device) < sol_p
+        fire = torch.cat([jitter, gray, blur, sol], 1)
+        op = torch.cat([kinds[order], torch.tensor([[Op.GRAYSCALE, Op.BLUR, Op.SOLARIZE]],
+                                                   device=device).expand(n, 3)], 1)
+        sigma = uniform(*BLUR_SIGMA)[:, None]
+        mag = torch.cat([factors.gather(1, order), torch.zeros_like(sigma), sigma,
+                         torch.full_like(sigma, 128.0)], 1)
+        op = torch.where(fire, op, int(Op.IDENTITY))
+        return op, mag, torch.zeros(n, self.slots, 2, device=device)
+
+
+def build_sampler(name: str, cfg: AugmentConfig) -> _Strategy:
+    if name == "simclr":
+        return SimCLRSampler(cfg)
+    if name in ("randaugment", "trivialaugment"):
+        return RandAugmentSampler(cfg, name)
+    if name == "autoaugment":
+        return AutoAugmentSampler(cfg)
+    if name == "fastautoaugment":
+        return FastAutoAugmentSampler(cfg)
+    raise ValueError(f"unknown strategy '{name}'")
+
+
+class PolicySampler:
+    """Programs for a batch whose images each have a strategy id (an index into cfg.strategies)."""
+
+    def __init__(self, cfg: AugmentConfig) -> None:
+        self.strategies = [build_sampler(name, cfg) for name in cfg.strategies]
+        self.slots = max(s.slots for s in self.strategies)
+
+    def slot_ops(self, present: list[int] | None = None) -> list[set[int]]:
+        """Ops each slot may hold (over the strategies `present`, default all): static."""
+        chosen = [self.strategies[i] for i in (present or range(len(self.strategies)))]
+        out: list[set[int]] = [set() for _ in range(self.slots)]
+        for strat in chosen:
+            for k, ops in enumerate(strat.slot_ops):
+                out[k] |= ops
+        return out
+
+    def sample(self, strategy: Tensor, size: int, odd_view: bool = False,
+               generator: torch.Generator | None = None) -> Program:
+        """Draw every strategy for every image and keep each image's own: no data-dependent
+        control flow, and the draws do not depend on how the strategies are mixed."""
+        device = generator.device if generator is not None else strategy.device
+        sid = strategy.to(device)
+        n, k = sid.shape[0], self.slots
+        op = torch.zeros(n, k, dtype=torch.long, device=device)
+        mag = torch.zeros(n, k, device=device)
+        aux = torch.zeros(n, k, 2, device=device)
+        for i, strat in enumerate(self.strategies):
+            o, m, a = strat.sample(n, size, odd_view, generator, device)
+            mine = (sid == i)[:, None]
+            op[:, : strat.slots] = torch.where(mine, o, op[:, : strat.slots])
+            mag[:, : strat.slots] = torch.where(mine, m, mag[:, : strat.slots])
+            aux[:, : strat.slots] = torch.where(mine[..., None], a, aux[:, : strat.slots])
+        flip = torch.rand(n, generator=generator, device=device) < 0.5
+        return Program(op, mag, aux, flip).to(strategy.device)
