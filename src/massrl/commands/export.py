@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from massrl.commands.common import add_config_args
 from massrl.eval import session
 from massrl.eval.config import ExportConfig
 from massrl.eval.export import export_backbone
@@ -17,7 +16,7 @@ HELP = ("Export the pre-trained backbone as a state_dict + JSON manifest that lo
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_config_args(parser, ExportConfig)
+    session.configure(parser, ExportConfig)
     parser.add_argument("--out", metavar="FILE.pt", help="same as out=FILE.pt")
 
 

@@ -6,7 +6,6 @@ import argparse
 
 import torch.nn.functional as F
 
-from massrl.commands.common import add_config_args
 from massrl.eval import session
 from massrl.eval.config import KnnEvalConfig
 from massrl.eval.knn import weighted_knn
@@ -17,7 +16,7 @@ HELP = ("Weighted kNN (cosine, k=20 and 200, temperature 0.07) on frozen, L2-nor
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_config_args(parser, KnnEvalConfig)
+    session.configure(parser, KnnEvalConfig)
 
 
 def run(args: argparse.Namespace) -> int:

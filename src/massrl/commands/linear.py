@@ -10,7 +10,6 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
-from massrl.commands.common import add_config_args
 from massrl.config import ConfigError
 from massrl.eval import session
 from massrl.eval.config import LinearEvalConfig
@@ -37,7 +36,7 @@ HELP = ("Offline linear evaluation on the frozen backbone (SGD + cosine, random 
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_config_args(parser, LinearEvalConfig)
+    session.configure(parser, LinearEvalConfig)
 
 
 def _targets(ds: Dataset) -> list[int]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from massrl.commands.common import add_config_args
 from massrl.eval import session
 from massrl.eval.config import UmapEvalConfig
 
@@ -15,7 +14,7 @@ HELP = ("UMAP of frozen backbone features of a labeled split, one colour per cla
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_config_args(parser, UmapEvalConfig)
+    session.configure(parser, UmapEvalConfig)
     parser.add_argument("--out", metavar="FILE.png", help="same as out=FILE.png")
 
 
