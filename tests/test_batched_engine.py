@@ -1,0 +1,166 @@
+"""BatchedAugmenter and CropOnlyTransform: shapes, ranges, diversity, determinism, devices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from massrl.augment.batched import (
+    BatchedAugmenter,
+    CropOnlyTransform,
+    PolicySampler,
+    Program,
+    augment_batch,
+)
+from massrl.config import AugmentConfig
+
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+ALL = ["simclr", "randaugment", "autoaugment", "fastautoaugment", "trivialaugment"]
+
+
+def _picture(size: int = 40) -> Image.Image:
+    """A colourful, textured picture so that every op changes it."""
+    g = torch.Generator().manual_seed(3)
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    img = torch.stack([xx, yy, (xx + yy) / 2]) * 200 + torch.rand(3, size, size, generator=g) * 55
+    return Image.fromarray(img.byte().permute(1, 2, 0).numpy())
+
+
+def _batch(cfg: AugmentConfig, n: int, size: int = 16) -> dict:
+    tf = CropOnlyTransform(cfg, size)
+    torch.manual_seed(0)
+    items = [tf(_picture()) for _ in range(n)]
+    return torch.utils.data.default_collate(items)
+
+
+def test_crop_only_transform_view_modes():
+    img = _picture()
+    cfg = AugmentConfig(strategies=ALL[:4], view_mode="crops_x_strategies", num_crops=2)
+    out = CropOnlyTransform(cfg, 16)(img)
+    assert len(out["views"]) == 8 and out["views"][0].dtype == torch.uint8
+    assert out["views"][0].shape == (3, 16, 16)
+    assert out["strategy"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert out["crop"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert torch.equal(out["views"][0], out["views"][3])  # a crop is shared by its strategies
+    out = CropOnlyTransform(cfg.model_copy(update={"view_mode": "per_strategy"}), 16)(img)
+    assert out["strategy"].tolist() == [0, 1, 2, 3] == out["crop"].tolist()
+    cfg = cfg.model_copy(update={"view_mode": "random", "num_views": 3})
+    ids = torch.stack([CropOnlyTransform(cfg, 16)(img)["strategy"] for _ in range(50)])
+    assert ids.shape == (50, 3) and len(ids.unique()) == 4  # drawn per view
+    grey = Image.new("L", (20, 20), 128)
+    assert CropOnlyTransform(cfg, 8)(grey)["views"][0].shape == (3, 8, 8)
+
+
+def test_shapes_dtypes_ranges():
+    cfg = AugmentConfig(strategies=ALL, view_mode="random", num_views=3)
+    batch = _batch(cfg, 24)
+    out = augment_batch(batch, BatchedAugmenter(cfg, MEAN, STD))
+    assert set(out) == set(batch) and out["strategy"] is batch["strategy"]
+    lo = (0 - torch.tensor(MEAN)) / torch.tensor(STD)
+    hi = (1 - torch.tensor(MEAN)) / torch.tensor(STD)
+    for v in out["views"]:
+        assert v.shape == (24, 3, 16, 16) and v.dtype == torch.float32
+        per_channel = v.transpose(0, 1).reshape(3, -1)
+        assert (per_channel.amin(1) >= lo - 1e-5).all() and (per_channel.amax(1) <= hi + 1e-5).all()
+    # float views (the per-image backend) pass through untouched
+    assert augment_batch(out, BatchedAugmenter(cfg, MEAN, STD)) is out
+
+
+def test_per_image_diversity():
+    """256 copies of one image: most outputs differ, and strategy ids vary."""
+    cfg = AugmentConfig(strategies=ALL[:4], view_mode="random", num_views=2)
+    one = CropOnlyTransform(cfg, 16)(_picture())
+    views = [one["views"][0].expand(256, 3, 16, 16).contiguous()] * 2
+    strategy = torch.randint(4, (256, 2), generator=torch.Generator().manual_seed(0))
+    out = BatchedAugmenter(cfg, MEAN, STD)(views, strategy, torch.Generator().manual_seed(0))
+    distinct = len({tuple(x.flatten().round(decimals=3).tolist()) for x in out[0]})
+    assert distinct >= 150, distinct  # (auto)augment images whose ops all miss only flip
+    assert len(strategy[:, 0].unique()) == 4
+    # every strategy produces several distinct outputs, not one per batch
+    for s in range(4):
+        rows = out[0][strategy[:, 0] == s]
+        assert len({tuple(x.flatten().round(decimals=3).tolist()) for x in rows}) > len(rows) // 3
+
+
+def test_determinism_under_a_seed():
+    cfg = AugmentConfig(strategies=ALL, view_mode="random")
+    batch = _batch(cfg, 16)
+    aug = BatchedAugmenter(cfg, MEAN, STD)
+    a = aug(batch["views"], batch["strategy"], torch.Generator().manual_seed(7))
+    b = aug(batch["views"], batch["strategy"], torch.Generator().manual_seed(7))
+    c = aug(batch["views"], batch["strategy"], torch.Generator().manual_seed(8))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_grouped_and_full_modes_agree():
+    """The sync-free whole-batch path (GPU default) equals the grouped path (CPU default): every
+    op family is an exact identity for the images that drew another op."""
+    cfg = AugmentConfig(strategies=ALL, view_mode="random", num_views=2)
+    batch = _batch(cfg, 32)
+    grouped = BatchedAugmenter(cfg, MEAN, STD, grouped=True, chunk_bytes=5 * 3 * 16 * 16 * 4)
+    full = BatchedAugmenter(cfg, MEAN, STD, grouped=False)
+    a = grouped(batch["views"], batch["strategy"], torch.Generator().manual_seed(2))
+    b = full(batch["views"], batch["strategy"], torch.Generator().manual_seed(2))
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+
+
+def test_identity_program_is_normalisation_only():
+    cfg = AugmentConfig(strategies=["simclr"])
+    aug = BatchedAugmenter(cfg, MEAN, STD)
+    u8 = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    k = PolicySampler(cfg).slots
+    prog = Program(torch.zeros(4, k, dtype=torch.long), torch.zeros(4, k), torch.zeros(4, k, 2),
+                   torch.tensor([False, True, False, False]))
+    out = aug.apply(u8, prog)
+    ref = (u8.float() / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    ref[1] = ref[1].flip(-1)
+    torch.testing.assert_close(out, ref)
+
+
+def test_bf16_autocast():
+    cfg = AugmentConfig(strategies=ALL, view_mode="random")
+    batch = _batch(cfg, 8)
+    aug = BatchedAugmenter(cfg, MEAN, STD)
+    ref = aug(batch["views"], batch["strategy"], torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = aug(batch["views"], batch["strategy"], torch.Generator().manual_seed(0))
+    for x, y in zip(out, ref, strict=True):
+        assert x.dtype == torch.float32
+        torch.testing.assert_close(x, y)
+
+
+def test_rejects_bad_inputs():
+    cfg = AugmentConfig(strategies=["simclr"])
+    aug = BatchedAugmenter(cfg, MEAN, STD)
+    with pytest.raises(ValueError, match="strategy must be"):
+        aug([torch.zeros(2, 3, 8, 8, dtype=torch.uint8)], torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="uint8"):
+        aug([torch.zeros(2, 3, 8, 8)], torch.zeros(2, 1, dtype=torch.long))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu_without_host_sync():
+    cfg = AugmentConfig(strategies=ALL, view_mode="random")
+    batch = _batch(cfg, 64, size=32)
+    aug = BatchedAugmenter(cfg, MEAN, STD)
+    views = [v.cuda() for v in batch["views"]]
+    strategy = batch["strategy"].cuda()
+    gen = torch.Generator("cuda").manual_seed(0)
+    aug(views, strategy, gen)  # warm-up: lazy CUDA initialisation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = aug(views, strategy, torch.Generator("cuda").manual_seed(0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out[0].is_cuda and out[0].dtype == torch.float32 and torch.isfinite(out[0]).all()
+    # same programs on both devices (drawn on the CPU) give the same images
+    cpu_gen, cuda_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a = aug(batch["views"], batch["strategy"], cpu_gen)
+    b = aug(views, strategy, cuda_gen)
+    for x, y in zip(a, b, strict=True):
+        close = ((x - y.cpu()).abs() < 1e-3).float().mean()
+        assert close > 0.99  # nearest-neighbour warps may round a few boundary pixels apart
