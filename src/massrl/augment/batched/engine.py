@@ -54,7 +54,7 @@ class BatchedAugmenter:
         *,
         interpolation: str = "nearest",
         grouped: bool | None = None,
-        chunk_bytes: int = 4 << 20,
+        chunk_bytes: int = 8 << 20,
     ) -> None:
         self.cfg = cfg
         self.sampler = PolicySampler(cfg)
@@ -64,13 +64,7 @@ class BatchedAugmenter:
         self.grouped = grouped
         self.chunk_bytes = chunk_bytes
         self.fill = torch.tensor(CUTOUT_FILL, dtype=torch.float32) / 255
-        n = len(cfg.strategies)
         self._families = self._build_families()
-        self._view_strategies = {
-            "random": lambda v: None,
-            "per_strategy": lambda v: [v % n],
-            "crops_x_strategies": lambda v: [v % n],
-        }[cfg.view_mode]
 
     # -------------------------------------------------------------- public entry point
 
@@ -82,15 +76,21 @@ class BatchedAugmenter:
     ) -> list[Tensor]:
         if strategy.dim() != 2 or strategy.shape[1] != len(views):
             raise ValueError(f"strategy must be [B, {len(views)}], got {list(strategy.shape)}")
-        out = []
-        for v, u8 in enumerate(views):
-            with torch.autocast(u8.device.type, enabled=False):  # keep the maths in float32
-                prog = self.sampler.sample(strategy[:, v], u8.shape[-1], self._odd(v), generator)
-                out.append(self.apply(u8, prog, self._view_strategies(v)))
-        return out
+        if not views:
+            return []
+        # all views form one batch: one program, one pass per op family for every view
+        u8 = torch.cat(list(views)) if len(views) > 1 else views[0]
+        sid = strategy.t().reshape(-1)
+        odd = torch.tensor([self._odd(v) for v in range(len(views))], device=sid.device)
+        odd = odd.repeat_interleave(strategy.shape[0])
+        with torch.autocast(u8.device.type, enabled=False):  # keep the maths in float32
+            prog = self.sampler.sample(sid, u8.shape[-1], odd, generator)
+            out = self.apply(u8, prog)
+        return list(out.split(strategy.shape[0]))
 
     def apply(self, u8: Tensor, prog: Program, present: list[int] | None = None) -> Tensor:
-        """Run one view's program on uint8 images [N, 3, H, W] -> normalised float32."""
+        """Run a program on uint8 images [N, 3, H, W] -> normalised float32. `present`: the
+        strategy ids that may occur (default all), which bounds the op families of full mode."""
         if u8.dtype != torch.uint8 or u8.dim() != 4:
             raise ValueError(f"views must be uint8 [B, 3, S, S], got {u8.dtype} {list(u8.shape)}")
         grouped = self.grouped if self.grouped is not None else u8.device.type == "cpu"
@@ -98,14 +98,16 @@ class BatchedAugmenter:
         per_image = max(1, u8[0].numel() * 4)
         step = max(1, self.chunk_bytes // per_image) if grouped else max(1, u8.shape[0])
         slot_ops = self.sampler.slot_ops(present)
+        scale = (1 / self.std).to(out.device)
+        shift = (-self.mean / self.std).to(out.device)
         for a in range(0, u8.shape[0], step):
             x = out[a : a + step]
-            x.copy_(u8[a : a + step]).div_(255)
+            x.copy_(u8[a : a + step]).mul_(1 / 255)  # 10x faster than mul(u8, out=x)
             part = Program(prog.op[a : a + step], prog.mag[a : a + step],
                            prog.aux[a : a + step], prog.flip[a : a + step])
             self._run(x, part, slot_ops, grouped)
-        mean, std = self.mean.to(out.device), self.std.to(out.device)
-        return out.sub_(mean).div_(std)
+            x.mul_(scale).add_(shift)  # (x - mean) / std while x is in cache
+        return out
 
     # -------------------------------------------------------------- execution
 
@@ -172,10 +174,12 @@ class BatchedAugmenter:
         def sharpness(x, op, mag, aux):
             return ops.sharpness_(x, torch.where(op == Op.SHARPNESS, mag, 1.0))
 
-        def pointwise(x, op, mag, aux):
-            bits = torch.where(op == Op.POSTERIZE, mag, 8.0)
+        def posterize(x, op, mag, aux):
+            return ops.posterize_(x, torch.where(op == Op.POSTERIZE, mag, 8.0))
+
+        def solarize(x, op, mag, aux):  # invert = solarize at threshold 0
             thr = torch.where(op == Op.SOLARIZE, mag, torch.where(op == Op.INVERT, 0.0, 256.0))
-            return ops.posterize_solarize_(x, bits, thr)
+            return ops.solarize_(x, thr)
 
         def autocontrast(x, op, mag, aux):
             return ops.autocontrast_(x, op == Op.AUTOCONTRAST)
@@ -201,7 +205,8 @@ class BatchedAugmenter:
             ({int(Op.BRIGHTNESS)}, brightness),
             ({int(Op.SATURATION), int(Op.CONTRAST), int(Op.GRAYSCALE)}, gray_blend),
             ({int(Op.SHARPNESS)}, sharpness),
-            ({int(Op.POSTERIZE), int(Op.SOLARIZE), int(Op.INVERT)}, pointwise),
+            ({int(Op.POSTERIZE)}, posterize),
+            ({int(Op.SOLARIZE), int(Op.INVERT)}, solarize),
             ({int(Op.AUTOCONTRAST)}, autocontrast),
             ({int(Op.EQUALIZE)}, equalize),
             ({int(Op.HUE)}, hue),

@@ -128,16 +128,23 @@ def sharpness_(x: Tensor, factor: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------ pointwise / LUTs
 
 
-def posterize_solarize_(x: Tensor, bits: Tensor, threshold: Tensor) -> Tensor:
-    """Keep the top `bits` bits of each 0..255 level, then invert levels >= `threshold` (0..255;
-    0 = invert, > 255 = none). bits = 8 leaves the image untouched, non-integer levels too."""
+def posterize_(x: Tensor, bits: Tensor) -> Tensor:
+    """Keep the top `bits` bits of each 0..255 level; bits = 8 leaves the image untouched
+    (non-integer levels too, so that it is an exact identity)."""
     q = _img(torch.exp2(8 - bits.to(x.dtype)))
-    levels = x * 255
     # +1e-3: a level that is a multiple of q must not fall one step down through rounding
-    posterized = levels.div_(q).add_(1e-3).floor_().mul_(q).div_(255)
-    x = x.copy_(torch.where(q > 1, posterized, x))
+    posterized = (x * 255).div_(q).add_(1e-3).floor_().mul_(q).div_(255)
+    return torch.where(q > 1, posterized, x, out=x)
+
+
+def solarize_(x: Tensor, threshold: Tensor) -> Tensor:
+    """Invert levels >= `threshold` (0..255 scale; 0 = invert all, > 255 = none)."""
     solar = x >= _img(threshold.to(x.dtype) / 255)
-    return x.copy_(torch.where(solar, 1 - x, x))
+    return torch.where(solar, 1 - x, x, out=x)
+
+
+def posterize_solarize_(x: Tensor, bits: Tensor, threshold: Tensor) -> Tensor:
+    return solarize_(posterize_(x, bits), threshold)
 
 
 def posterize(x: Tensor, bits: Tensor) -> Tensor:
@@ -179,7 +186,7 @@ def equalize_(x: Tensor, enabled: Tensor) -> Tensor:
     use = (step > 0) & enabled.repeat_interleave(c)[:, None]
     eq = lut.gather(1, levels).view(n, c, h, w).to(x.dtype).div_(255)
     # images left alone keep their exact (possibly non-integer) levels
-    return x.copy_(torch.where(use.view(n, c, 1, 1), eq, x))
+    return torch.where(use.view(n, c, 1, 1), eq, x, out=x)
 
 
 # ------------------------------------------------------------------------------ hue
@@ -248,4 +255,4 @@ def cutout_(x: Tensor, side: Tensor, centre: Tensor, fill: Tensor) -> Tensor:
     in_x = (cols >= x0[:, None]) & (cols < x1[:, None])
     in_y = (rows >= y0[:, None]) & (rows < y1[:, None])
     mask = (in_y[:, :, None] & in_x[:, None, :])[:, None]
-    return x.copy_(torch.where(mask, fill.to(x.dtype).view(1, -1, 1, 1), x))
+    return torch.where(mask, fill.to(x.dtype).view(1, -1, 1, 1), x, out=x)

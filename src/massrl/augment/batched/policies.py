@@ -144,8 +144,9 @@ class _Strategy:
     slots: int
     slot_ops: list[set[int]]
 
-    def sample(self, n: int, size: int, odd_view: bool, g: torch.Generator | None,
+    def sample(self, n: int, size: int, odd_view: bool | Tensor, g: torch.Generator | None,
                device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """odd_view: whether each image (bool [n] or one bool) is an odd view (asymmetric BYOL)."""
         raise NotImplementedError
 
 
@@ -232,9 +233,10 @@ class SimCLRSampler(_Strategy):
         jitter = {int(Op.BRIGHTNESS), int(Op.CONTRAST), int(Op.SATURATION), int(Op.HUE)}
         self.slot_ops = [jitter] * 4 + [{int(Op.GRAYSCALE)}, {int(Op.BLUR)}, {int(Op.SOLARIZE)}]
 
-    def probabilities(self, odd_view: bool) -> tuple[float, float]:
-        """(blur p, solarize p): BYOL's second view where asymmetric and the view is odd."""
-        return (0.1, 0.2) if self.asymmetric and odd_view else (1.0, 0.0)
+    def probabilities(self, odd_view: Tensor) -> tuple[Tensor, Tensor]:
+        """Per image (blur p, solarize p): BYOL's second view where asymmetric and odd."""
+        second = odd_view & self.asymmetric
+        return torch.where(second, 0.1, 1.0), torch.where(second, 0.2, 0.0)
 
     def sample(self, n, size, odd_view, g, device):
         def uniform(lo: float, hi: float) -> Tensor:
@@ -246,7 +248,8 @@ class SimCLRSampler(_Strategy):
         kinds = torch.tensor([Op.BRIGHTNESS, Op.CONTRAST, Op.SATURATION, Op.HUE], device=device)
         order = torch.rand(n, 4, generator=g, device=device).argsort(1)  # a random permutation
         jitter = (torch.rand(n, 1, generator=g, device=device) < 0.8).expand(n, 4)
-        blur_p, sol_p = self.probabilities(odd_view)
+        odd = torch.as_tensor(odd_view, device=device).expand(n)
+        blur_p, sol_p = (p[:, None] for p in self.probabilities(odd))
         gray = torch.rand(n, 1, generator=g, device=device) < 0.2
         blur = torch.rand(n, 1, generator=g, device=device) < blur_p
         sol = torch.rand(n, 1, generator=g, device=device) < sol_p
@@ -288,12 +291,14 @@ class PolicySampler:
                 out[k] |= ops
         return out
 
-    def sample(self, strategy: Tensor, size: int, odd_view: bool = False,
+    def sample(self, strategy: Tensor, size: int, odd_view: bool | Tensor = False,
                generator: torch.Generator | None = None) -> Program:
         """Draw every strategy for every image and keep each image's own: no data-dependent
         control flow, and the draws do not depend on how the strategies are mixed."""
         device = generator.device if generator is not None else strategy.device
         sid = strategy.to(device)
+        if isinstance(odd_view, Tensor):
+            odd_view = odd_view.to(device)
         n, k = sid.shape[0], self.slots
         op = torch.zeros(n, k, dtype=torch.long, device=device)
         mag = torch.zeros(n, k, device=device)
