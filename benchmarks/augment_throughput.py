@@ -1,0 +1,169 @@
+"""Augmentation throughput: per-image backend vs batched backend, images per second.
+
+per_image: massrl.augment.MultiViewTransform on each PIL image (crop, strategies, flip, to float,
+           normalise), as DataLoader workers run it.
+batched:   CropOnlyTransform on each PIL image (crop + resize to uint8, the worker's share),
+           collate, then BatchedAugmenter on the batch. Both halves are timed, so the two
+           backends do the same work from the same PIL images on the same cores.
+
+Both run in this process with torch.set_num_threads(--threads) (default 1: images/s per core).
+On a GPU (--device cuda) only the engine is timed, on uint8 views already on the device.
+
+    python benchmarks/augment_throughput.py --quick --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import default_collate
+
+from massrl.augment import MultiViewTransform
+from massrl.augment.batched import BatchedAugmenter, CropOnlyTransform
+from massrl.config import AugmentConfig
+
+MASSRL = ["simclr", "randaugment", "autoaugment", "fastautoaugment"]
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def source_images(n: int, size: int, seed: int = 0) -> list[Image.Image]:
+    """Textured colour pictures a little larger than the crop (as datasets are)."""
+    g = torch.Generator().manual_seed(seed)
+    side = int(size * 1.15) + 1
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, side), torch.linspace(0, 1, side), indexing="ij")
+    out = []
+    for _ in range(n):
+        phase = torch.rand(3, 1, 1, generator=g)
+        base = torch.stack([xx, yy, 1 - xx]) * 0.6 + phase * 0.3
+        img = base * 200 + torch.rand(3, side, side, generator=g) * 55
+        out.append(Image.fromarray(img.clamp(0, 255).byte().permute(1, 2, 0).numpy()))
+    return out
+
+
+def make_cfg(strategy: str) -> AugmentConfig:
+    if strategy == "massrl":  # the full view set: 2 crops x 4 strategies = 8 views
+        return AugmentConfig(strategies=MASSRL, view_mode="crops_x_strategies", num_crops=2)
+    return AugmentConfig(strategies=[strategy], view_mode="random", num_views=2)
+
+
+def time_per_image(cfg: AugmentConfig, images: list[Image.Image], size: int) -> float:
+    tf = MultiViewTransform(cfg, size, MEAN, STD)
+    tf(images[0])  # warm-up
+    start = time.perf_counter()
+    default_collate([tf(img) for img in images])
+    return time.perf_counter() - start
+
+
+def time_batched(cfg: AugmentConfig, images: list[Image.Image], size: int, batch: int,
+                 device: str) -> tuple[float, float]:
+    """(crop seconds, engine seconds) for len(images) images in batches of `batch`."""
+    crop_tf, aug = CropOnlyTransform(cfg, size), BatchedAugmenter(cfg, MEAN, STD)
+    g = torch.Generator(device).manual_seed(0)
+    warm = default_collate([crop_tf(img) for img in images[:batch]])
+    aug([v.to(device) for v in warm["views"]], warm["strategy"].to(device), g)  # warm-up
+    crop_s = engine_s = 0.0
+    for a in range(0, len(images), batch):
+        t0 = time.perf_counter()
+        b = default_collate([crop_tf(img) for img in images[a : a + batch]])
+        t1 = time.perf_counter()
+        views = [v.to(device) for v in b["views"]]
+        strategy = b["strategy"].to(device)
+        _sync(device)
+        t2 = time.perf_counter()
+        aug(views, strategy, g)
+        _sync(device)
+        crop_s, engine_s = crop_s + t1 - t0, engine_s + time.perf_counter() - t2
+    return crop_s, engine_s
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for size in args.sizes:
+        for strategy in args.strategies:
+            if args.quick and strategy != "massrl" and size != min(args.sizes):
+                continue  # quick: single strategies only at the smallest size
+            cfg = make_cfg(strategy)
+            n_pi = args.per_image_images or args.batch
+            images = source_images(max(n_pi, args.batch), size)
+            row = {"strategy": strategy, "size": size, "batch": args.batch,
+                   "threads": args.threads, "views_per_image": _views(cfg)}
+            pi_s = time_per_image(cfg, images[:n_pi], size)
+            row["per_image_img_s"] = n_pi / pi_s
+            crop_s, eng_s = time_batched(cfg, images[: args.batch], size, args.batch, "cpu")
+            row["batched_img_s"] = args.batch / (crop_s + eng_s)
+            row["batched_crop_share"] = crop_s / (crop_s + eng_s)
+            row["ratio"] = row["batched_img_s"] / row["per_image_img_s"]
+            if args.cuda:
+                _, gpu_s = time_batched(cfg, images[: args.batch], size, args.batch, "cuda")
+                row["gpu_engine_img_s"] = args.batch / gpu_s
+            rows.append(row)
+            print(_fmt(row), flush=True)
+    return rows
+
+
+def _views(cfg: AugmentConfig) -> int:
+    return cfg.num_crops * len(cfg.strategies) if cfg.view_mode == "crops_x_strategies" else 2
+
+
+HEADER = (f"{'strategy':<16}{'px':>5}{'views':>6}{'per-image img/s':>17}{'batched img/s':>15}"
+          f"{'ratio':>7}{'crop share':>12}{'GPU engine img/s':>18}")
+
+
+def _fmt(r: dict) -> str:
+    gpu = f"{r['gpu_engine_img_s']:>18.0f}" if "gpu_engine_img_s" in r else f"{'-':>18}"
+    return (f"{r['strategy']:<16}{r['size']:>5}{r['views_per_image']:>6}"
+            f"{r['per_image_img_s']:>17.1f}{r['batched_img_s']:>15.1f}{r['ratio']:>7.2f}"
+            f"{r['batched_crop_share']:>12.0%}{gpu}")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="< 1 minute: fewer images, batch 64")
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 96, 224])
+    p.add_argument("--strategies", nargs="+", default=[*MASSRL, "trivialaugment", "massrl"])
+    p.add_argument("--batch", type=int, default=None, help="default 256 (64 with --quick)")
+    p.add_argument("--per-image-images", type=int, default=None,
+                   help="images timed for the per-image backend (default: one batch)")
+    p.add_argument("--threads", type=int, default=1, help="CPU cores given to each backend")
+    p.add_argument("--cuda", action="store_true", help="also time the engine on the GPU")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = p.parse_args(argv)
+    args.batch = args.batch or (64 if args.quick else 256)
+    if args.quick and args.per_image_images is None:
+        args.per_image_images = 32
+    if args.cuda and not torch.cuda.is_available():
+        p.error("--cuda given but no CUDA device is available")
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"threads={args.threads}, batch={args.batch}")
+    print(HEADER)
+    rows = run(args)
+    if args.out:
+        meta = {"torch": torch.__version__, "threads": args.threads, "batch": args.batch,
+                "quick": args.quick, "cuda": torch.cuda.get_device_name() if args.cuda else None}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
