@@ -164,3 +164,33 @@ def test_cuda_matches_cpu_without_host_sync():
     for x, y in zip(a, b, strict=True):
         close = ((x - y.cpu()).abs() < 1e-3).float().mean()
         assert close > 0.99  # nearest-neighbour warps may round a few boundary pixels apart
+
+
+def test_rrc_box_matches_torchvision_distribution():
+    from torchvision.transforms import RandomResizedCrop
+
+    from massrl.augment.batched.transform import rrc_box
+
+    torch.manual_seed(0)
+    img = Image.new("RGB", (60, 40))
+    mine = torch.tensor([rrc_box(60, 40, (0.08, 1.0)) for _ in range(4000)], dtype=torch.float)
+    ref = torch.tensor([RandomResizedCrop.get_params(img, [0.08, 1.0], [3 / 4, 4 / 3])
+                        for _ in range(4000)], dtype=torch.float)  # (top, left, h, w)
+    ref = torch.stack([ref[:, 1], ref[:, 0], ref[:, 1] + ref[:, 3], ref[:, 0] + ref[:, 2]], 1)
+    assert (mine[:, 2] <= 60).all() and (mine[:, 3] <= 40).all() and (mine[:, :2] >= 0).all()
+    # box corners: means within ~4 standard errors
+    torch.testing.assert_close(mine.mean(0), ref.mean(0), atol=1.0, rtol=0)
+
+
+def test_crop_pixels_match_torchvision_resized_crop():
+    from torchvision.transforms.v2 import functional as TF
+
+    cfg = AugmentConfig(crop="uniform")
+    tf = CropOnlyTransform(cfg, 16)
+    img = _picture(40)
+    torch.manual_seed(5)
+    mine = tf(img)["views"][0]
+    torch.manual_seed(5)
+    top, left, side = tf.crop.params(40, 40)
+    ref = TF.pil_to_tensor(TF.resized_crop(img, top, left, side, side, [16, 16], antialias=True))
+    assert torch.equal(mine, ref)

@@ -7,12 +7,44 @@ whole batch on the training device (engine.BatchedAugmenter).
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import functional as F
 
-from massrl.augment.crops import build_crop
+from massrl.augment.crops import UniformCrop, build_crop
 from massrl.config import AugmentConfig
+
+RATIO = (3 / 4, 4 / 3)
+
+
+def rrc_box(width: int, height: int, scale: tuple[float, float],
+            ratio: tuple[float, float] = RATIO) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's box (left, top, right, bottom): area ~ U[scale] of the image, log aspect
+    ratio ~ U[log ratio], 10 tries, then the largest centred crop of clamped ratio. The same
+    distribution as torchvision's, from one torch RNG draw (workers' seeding applies) and plain
+    float maths, because torchvision's per-call overhead exceeds a 32 px resize."""
+    u = torch.rand(40).tolist()
+    area, lo, hi = width * height, math.log(ratio[0]), math.log(ratio[1])
+    for k in range(0, 40, 4):
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[k])
+        aspect = math.exp(lo + (hi - lo) * u[k + 1])
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(int(u[k + 2] * (height - h + 1)), height - h)
+            left = min(int(u[k + 3] * (width - w + 1)), width - w)
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
 
 
 def num_views(cfg: AugmentConfig) -> int:
@@ -32,8 +64,18 @@ class CropOnlyTransform:
         self.num_strategies = len(cfg.strategies)
         self.num_views = num_views(cfg)
 
+    def _box(self, img: Image.Image) -> tuple[int, int, int, int]:
+        if isinstance(self.crop, UniformCrop):
+            top, left, side = self.crop.params(img.size[1], img.size[0])
+            return left, top, left + side, top + side
+        return rrc_box(img.size[0], img.size[1], tuple(self.cfg.crop_scale))
+
     def _crop(self, img: Image.Image) -> torch.Tensor:
-        return F.pil_to_tensor(self.crop(img)).contiguous()
+        # PIL crop + antialiased bilinear resize: what torchvision's resized_crop does on PIL,
+        # pixel for pixel (resize(box=...) would differ: its filter reads outside the box)
+        size = (self.image_size, self.image_size)
+        out = img.crop(self._box(img)).resize(size, Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.array(out)).permute(2, 0, 1).contiguous()
 
     def __call__(self, img: Image.Image) -> dict:
         img = img if img.mode == "RGB" else img.convert("RGB")  # grey datasets repeat to 3 channels
