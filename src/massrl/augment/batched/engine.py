@@ -26,7 +26,7 @@ from torch import Tensor
 from massrl.config import AugmentConfig
 
 from . import ops
-from .policies import CUTOUT_FILL, Op, PolicySampler, Program
+from .policies import CUTOUT_FILL, Op, PolicySampler, Program, on_device
 
 FamilyFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -86,8 +86,11 @@ class BatchedAugmenter:
         # all views form one batch: one program, one pass per op family for every view
         u8 = torch.cat(list(views)) if len(views) > 1 else views[0]
         sid = strategy.t().reshape(-1)
-        odd = torch.tensor([self._odd(v) for v in range(len(views))], device=sid.device)
-        odd = odd.repeat_interleave(strategy.shape[0])
+        # view parity computed on the device: a host tensor would need a synchronising copy
+        v = torch.arange(len(views), device=sid.device)
+        if self.cfg.view_mode == "crops_x_strategies":
+            v = v // len(self.cfg.strategies)
+        odd = (v % 2 == 1).repeat_interleave(strategy.shape[0])
         with torch.autocast(u8.device.type, enabled=False):  # keep the maths in float32
             prog = self.sampler.sample(sid, u8.shape[-1], odd, generator)
             out = self.apply(u8, prog)
@@ -103,8 +106,9 @@ class BatchedAugmenter:
         per_image = max(1, u8[0].numel() * 4)
         step = max(1, self.chunk_bytes // per_image) if grouped else max(1, u8.shape[0])
         slot_ops = self.sampler.slot_ops(present)
-        scale = (1 / self.std).to(out.device)
-        shift = (-self.mean / self.std).to(out.device)
+        key = (tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist()))
+        scale = on_device(("scale", *key), out.device, lambda: 1 / self.std)
+        shift = on_device(("shift", *key), out.device, lambda: -self.mean / self.std)
         for a in range(0, u8.shape[0], step):
             x = out[a : a + step]
             x.copy_(u8[a : a + step]).mul_(1 / 255)  # 10x faster than mul(u8, out=x)
@@ -115,11 +119,6 @@ class BatchedAugmenter:
         return out
 
     # -------------------------------------------------------------- execution
-
-    def _odd(self, v: int) -> bool:
-        if self.cfg.view_mode == "crops_x_strategies":
-            return (v // len(self.cfg.strategies)) % 2 == 1
-        return v % 2 == 1
 
     def _run(self, x: Tensor, prog: Program, slot_ops: list[set[int]], grouped: bool) -> None:
         for k, possible in enumerate(slot_ops):
@@ -204,7 +203,7 @@ class BatchedAugmenter:
 
         def cutout(x, op, mag, aux):
             side = torch.where(op == Op.CUTOUT, mag, 0.0)
-            return ops.cutout_(x, side, aux, fill.to(x.device))
+            return ops.cutout_(x, side, aux, on_device(("fill",), x.device, lambda: fill))
 
         geometric = {int(o) for o in (Op.SHEAR_X, Op.SHEAR_Y, Op.TRANSLATE_X, Op.TRANSLATE_Y,
                                       Op.ROTATE)}

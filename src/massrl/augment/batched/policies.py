@@ -62,6 +62,18 @@ BLUR_SIGMA = (0.1, 2.0)
 JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
 
 
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def on_device(key: tuple, device: torch.device | str, build) -> Tensor:
+    """A constant table, built on the CPU once and copied to `device` once: a host-to-device
+    copy synchronises, so it must not happen on every batch."""
+    full_key = (*key, str(torch.device(device)))
+    if full_key not in _CONSTANTS:
+        _CONSTANTS[full_key] = build().to(device)
+    return _CONSTANTS[full_key]
+
+
 @dataclass
 class Program:
     """Per-image ops of one view: op [N, K] long, mag [N, K], aux [N, K, 2], flip [N] bool."""
@@ -123,7 +135,8 @@ def _space_tables(kind: str, bins: int, size: int) -> tuple[Tensor, Tensor, Tens
 def tv_to_engine(op: Tensor, mag: Tensor) -> Tensor:
     """torchvision auto-augment magnitudes -> engine units (enhance 1 + m, int pixels / bits,
     solarize threshold 255 m), as torchvision's _apply_image_or_video_transform reads them."""
-    enhance = torch.isin(op, torch.tensor([int(o) for o in ENHANCE], device=op.device))
+    enhance = (op == Op.BRIGHTNESS) | (op == Op.SATURATION) | (op == Op.CONTRAST)
+    enhance |= op == Op.SHARPNESS
     trunc = (op == Op.TRANSLATE_X) | (op == Op.TRANSLATE_Y) | (op == Op.POSTERIZE)
     out = torch.where(enhance, 1 + mag, mag)
     out = torch.where(trunc, out.trunc(), out)
@@ -161,7 +174,10 @@ class RandAugmentSampler(_Strategy):
         self.slot_ops = [set(ids)] * self.slots
 
     def sample(self, n, size, odd_view, g, device):
-        ids, table, signed = (t.to(device) for t in _space_tables(self.kind, self.bins, size))
+        key = (self.kind, self.bins, size)
+        ids, table, signed = (
+            on_device((*key, i), device, lambda i=i: _space_tables(*key)[i]) for i in range(3)
+        )
         shape = (n, self.slots)
         idx = torch.randint(len(ids), shape, generator=g, device=device)
         if self.kind == "randaugment":  # fixed magnitude M
@@ -177,7 +193,8 @@ class AutoAugmentSampler(_Strategy):
     """One of the policy's two-op sub-policies per image; each op fires with its probability."""
 
     def __init__(self, cfg: AugmentConfig) -> None:
-        policies = AutoAugment(AutoAugmentPolicy(cfg.autoaugment_policy)).policies
+        self.policy = cfg.autoaugment_policy
+        policies = AutoAugment(AutoAugmentPolicy(self.policy)).policies
         self.names = [[name for name, _, _ in sub] for sub in policies]
         self.prob = torch.tensor([[p for _, p, _ in sub] for sub in policies])
         self.bin = torch.tensor([[b or 0 for _, _, b in sub] for sub in policies])
@@ -185,11 +202,16 @@ class AutoAugmentSampler(_Strategy):
         self.slot_ops = [{int(TV_OPS[sub[k]]) for sub in self.names} for k in range(2)]
 
     def sample(self, n, size, odd_view, g, device):
-        ids, table, signed = _space_tables("autoaugment", 10, size)
-        row = {int(i): r for r, i in enumerate(ids.tolist())}
-        pos = torch.tensor([[row[int(TV_OPS[x])] for x in sub] for sub in self.names])
-        pos, prob, bins = pos.to(device), self.prob.to(device), self.bin.to(device)
-        ids, table, signed = ids.to(device), table.to(device), signed.to(device)
+        def tables() -> list[Tensor]:
+            ids, table, signed = _space_tables("autoaugment", 10, size)
+            row = {int(i): r for r, i in enumerate(ids.tolist())}
+            pos = torch.tensor([[row[int(TV_OPS[x])] for x in sub] for sub in self.names])
+            return [pos, self.prob, self.bin, ids, table, signed]
+
+        key = ("autoaugment", self.policy, size)
+        pos, prob, bins, ids, table, signed = (
+            on_device((*key, i), device, lambda i=i: tables()[i]) for i in range(6)
+        )
         sub = torch.randint(len(self.names), (n,), generator=g, device=device)
         idx = pos[sub]
         fire = torch.rand(n, 2, generator=g, device=device) <= prob[sub]
@@ -202,7 +224,8 @@ class FastAutoAugmentSampler(_Strategy):
     """Fast AutoAugment: one searched sub-policy per image, the policy file's magnitudes."""
 
     def __init__(self, cfg: AugmentConfig) -> None:
-        subs = load_policy(cfg.fastautoaugment_policy)
+        self.policy = cfg.fastautoaugment_policy
+        subs = load_policy(self.policy)
         self.op = torch.tensor([[int(TV_OPS[o]) for o, _, _ in sub] for sub in subs])
         self.prob = torch.tensor([[p for _, p, _ in sub] for sub in subs])
         self.value = torch.tensor([[magnitude(o, lv) for o, _, lv in sub] for sub in subs])
@@ -213,8 +236,11 @@ class FastAutoAugmentSampler(_Strategy):
     def sample(self, n, size, odd_view, g, device):
         k = self.slots
         sub = torch.randint(len(self.op), (n,), generator=g, device=device)
-        op, prob = self.op.to(device)[sub], self.prob.to(device)[sub]
-        value, signed = self.value.to(device)[sub], self.signed.to(device)[sub]
+        op, prob, value, signed = (
+            on_device(("fastautoaugment", self.policy, name), device, lambda t=t: t)[sub]
+            for name, t in (("op", self.op), ("prob", self.prob), ("value", self.value),
+                            ("signed", self.signed))
+        )
         fire = torch.rand(n, k, generator=g, device=device) < prob
         value = value * _signs(signed, (n, k), g, device)
         translate = (op == Op.TRANSLATE_X) | (op == Op.TRANSLATE_Y)
@@ -245,17 +271,18 @@ class SimCLRSampler(_Strategy):
         b, c, s, h = JITTER
         factors = torch.stack([uniform(1 - b, 1 + b), uniform(1 - c, 1 + c),
                                uniform(1 - s, 1 + s), uniform(-h, h)], 1)
-        kinds = torch.tensor([Op.BRIGHTNESS, Op.CONTRAST, Op.SATURATION, Op.HUE], device=device)
+        kinds = on_device(("simclr", "kinds"), device, lambda: torch.tensor([
+            Op.BRIGHTNESS, Op.CONTRAST, Op.SATURATION, Op.HUE, Op.GRAYSCALE, Op.BLUR, Op.SOLARIZE]))
         order = torch.rand(n, 4, generator=g, device=device).argsort(1)  # a random permutation
         jitter = (torch.rand(n, 1, generator=g, device=device) < 0.8).expand(n, 4)
-        odd = torch.as_tensor(odd_view, device=device).expand(n)
+        odd = (odd_view.to(device) if isinstance(odd_view, Tensor)
+               else torch.full((n,), bool(odd_view), device=device)).expand(n)
         blur_p, sol_p = (p[:, None] for p in self.probabilities(odd))
         gray = torch.rand(n, 1, generator=g, device=device) < 0.2
         blur = torch.rand(n, 1, generator=g, device=device) < blur_p
         sol = torch.rand(n, 1, generator=g, device=device) < sol_p
         fire = torch.cat([jitter, gray, blur, sol], 1)
-        op = torch.cat([kinds[order], torch.tensor([[Op.GRAYSCALE, Op.BLUR, Op.SOLARIZE]],
-                                                   device=device).expand(n, 3)], 1)
+        op = torch.cat([kinds[order], kinds[4:].expand(n, 3)], 1)
         sigma = uniform(*BLUR_SIGMA)[:, None]
         mag = torch.cat([factors.gather(1, order), torch.zeros_like(sigma), sigma,
                          torch.full_like(sigma, 128.0)], 1)
