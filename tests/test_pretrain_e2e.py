@@ -89,3 +89,31 @@ def test_augviz_on_a_folder_of_user_images(tmp_path):
     assert main(["augviz", "data.name=folder", f"data.root={root}", "data.image_size=32",
                  "--images", "2", "--out", str(out)]) == 0
     assert out.stat().st_size > 1000
+
+
+def test_chain_pretrain_knn_linear_export(tiny, tmp_path):
+    """pretrain -> knn -> linear -> export on one tiny run; the offline kNN on the same split and
+    checkpoint reproduces the online monitor's number."""
+    args = tiny("massrl", **{"data.eval_subset": "null", "eval.knn_k": "20",
+                             "eval.umap_every": "1"})
+    assert main(["pretrain", *args]) == 0
+    run_dir = _run_dir(args)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (run_dir / "umap" / "epoch_0001.png").is_file()
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    common = [f"ckpt={ckpt}", "device=cpu", f"cache_dir={tmp_path / 'cache'}"]
+    assert main(["knn", *common, "k=[20]", f"output_dir={tmp_path / 'knn'}"]) == 0
+    knn = json.loads((tmp_path / "knn" / "result.json").read_text())
+    assert knn["results"]["k=20"]["top1"] == pytest.approx(summary["knn_top1"], abs=1e-3)
+    linear = ["linear", *common, "epochs=10", "data.subset=null", f"output_dir={tmp_path / 'lin'}"]
+    assert main(linear) == 0
+    lin = json.loads((tmp_path / "lin" / "result.json").read_text())
+    assert 0.15 < lin["results"]["best_top1"] <= 1.0  # 10 classes: chance is 0.1
+    out = tmp_path / "backbone.pt"
+    assert main(["export", f"ckpt={ckpt}", "--out", str(out)]) == 0
+    manifest = json.loads(out.with_suffix(".json").read_text())
+    assert manifest["mean"] == pytest.approx(list(summary_mean(ckpt)))
+
+
+def summary_mean(ckpt: Path) -> list[float]:
+    return torch.load(ckpt, weights_only=False)["massrl"]["data"]["mean"]

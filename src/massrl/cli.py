@@ -16,7 +16,7 @@ def _load(name: str):
     return importlib.import_module(f"massrl.commands.{name}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="massrl",
         description="Self-supervised pre-training with multiple augmentation strategies "
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`massrl COMMAND --help` lists its keys and defaults.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parsers = {}
     for name in COMMANDS:
         module = _load(name)
         p = sub.add_parser(
@@ -32,13 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         module.configure(p)
-        p.set_defaults(_run=module.run)
-    return parser
+        p.set_defaults(_run=module.run, command=module.NAME)
+        parsers[module.NAME] = p
+    return parser, parsers
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser, parsers = build_parser()
+    if argv and argv[0] in parsers:
+        # intermixed: options may stand between KEY=VALUE overrides (`ckpt=X --out f.png k=20`)
+        args = parsers[argv[0]].parse_intermixed_args(argv[1:])
+    else:
+        args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0

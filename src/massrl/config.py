@@ -210,7 +210,7 @@ def _format_error(err: ValidationError, source: str, schema: type[BaseModel]) ->
             got = e.get("input")
             got_text = "" if isinstance(got, dict) else f" (got {got!r})"
             lines.append(f"  {key}: {e['msg']}{got_text}")
-    lines.append("  Run `massrl pretrain --help` for every key and its default.")
+    lines.append("  `massrl <command> --help` lists every key and its default.")
     return "\n".join(lines)
 
 

@@ -145,6 +145,8 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
     save_augmentation_picture(cfg, dm, run_dir / "augmentations.png")
     method = build_method(cfg, num_classes=dm.num_classes,
                           strategy_names=list(cfg.augment.strategies))
+    method.normalization = {"mean": list(dm.splits.mean), "std": list(dm.splits.std),
+                            "image_size": cfg.data.image_size, "classes": dm.splits.classes}
     if cfg.trainer.channels_last:
         method = method.to(memory_format=torch.channels_last)
     trainer, parts = build_trainer(cfg, run_dir, has_labels=dm.has_labels)

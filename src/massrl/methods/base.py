@@ -8,6 +8,7 @@ weighted-kNN monitor, logging, the optimizer and lr schedule — lives here.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -51,6 +52,9 @@ class SSLMethod(L.LightningModule):
         self._images_this_epoch = 0
         self.images_seen = 0
         self.skipped_files = 0
+        # the input normalisation of the data this model is trained on (set by massrl.train);
+        # recorded in checkpoints so evaluation and export can reproduce it
+        self.normalization: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ method interface
 
@@ -76,7 +80,8 @@ class SSLMethod(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # marks the file as massrl's, for evaluation / export commands
-        checkpoint["massrl"] = {"version": __version__, "backbone": self.backbone_spec.to_dict()}
+        checkpoint["massrl"] = {"version": __version__, "backbone": self.backbone_spec.to_dict(),
+                                "data": dict(self.normalization)}
 
     # ------------------------------------------------------------------ training
 
@@ -158,6 +163,19 @@ class SSLMethod(L.LightningModule):
             metrics["val/probe_top1"] = float((pred == test_y).float().mean())
         # values are already global (gathered), so every rank logs the same number
         self.log_dict(metrics, prog_bar=True, sync_dist=False)
+        self._maybe_umap(test_f, test_y)
+
+    def _maybe_umap(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
+        every = self.cfg.eval.umap_every
+        epoch = self.current_epoch + 1
+        if not every or epoch % every or not self.trainer.is_global_zero:
+            return
+        from massrl.eval.umap_plot import save_umap
+
+        path = Path(self.trainer.default_root_dir) / "umap" / f"epoch_{epoch:04d}.png"
+        save_umap(feats, labels, self.normalization.get("classes"),
+                  f"{self.cfg.method} on {self.cfg.data.name}, epoch {epoch}", path,
+                  seed=self.cfg.seed, max_points=5000)
 
     def _gather(self, outs: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and labels of the whole split: every rank's shard, gathered."""
