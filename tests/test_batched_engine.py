@@ -65,6 +65,8 @@ def test_shapes_dtypes_ranges():
         assert (per_channel.amin(1) >= lo - 1e-5).all() and (per_channel.amax(1) <= hi + 1e-5).all()
     # float views (the per-image backend) pass through untouched
     assert augment_batch(out, BatchedAugmenter(cfg, MEAN, STD)) is out
+    skipped = {"skipped": 3}  # the datamodule's batch when every image failed to decode
+    assert augment_batch(skipped, BatchedAugmenter(cfg, MEAN, STD)) is skipped
 
 
 def test_per_image_diversity():

@@ -229,8 +229,8 @@ def augment_batch(
 
     For `on_after_batch_transfer`; float views (the per-image backend) pass through unchanged.
     """
-    views = batch["views"]
-    if not views or views[0].dtype != torch.uint8:
+    views = batch.get("views") if isinstance(batch, dict) else None
+    if not views or views[0].dtype != torch.uint8:  # eval batches, skipped batches, float views
         return batch
     out = dict(batch)
     out["views"] = augmenter(views, batch["strategy"], generator)
