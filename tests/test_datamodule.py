@@ -39,7 +39,9 @@ def _cfg(**data) -> RunConfig:
 
 
 def _check_train_batch(batch: dict, batch_size: int) -> None:
-    assert set(batch) == {"views", "strategy", "crop", "label", "skipped", "threads", "rand"}
+    assert set(batch) == {"views", "strategy", "crop", "label", "index", "skipped", "threads",
+                          "rand"}
+    assert batch["index"].shape == (batch_size,) and len(set(batch["index"].tolist())) == batch_size
     assert len(batch["views"]) == VIEWS
     for k, view in enumerate(batch["views"]):
         assert view.shape == (batch_size, 3, SIZE, SIZE) and view.dtype == torch.float32

@@ -67,7 +67,11 @@ class _Mapped(Dataset):
 
     def __getitem__(self, index: int) -> dict | None:
         item = self.base[index]
-        return None if item is None else self.fn(*item)
+        if item is None:
+            return None
+        # the dataset index travels with the sample: gathered evaluation features drop the
+        # repeats a DistributedSampler pads an uneven split with (SSLMethod._gather)
+        return {**self.fn(*item), "index": index}
 
 
 class _TrainItem:
@@ -92,7 +96,8 @@ class _EvalItem:
 
 class SSLDataModule(L.LightningDataModule):
     """Train batches ``{"views": [V x [B,3,S,S]], "strategy": [B,V], "crop": [B,V], "label": [B],
-    "skipped": int}``; validation loaders ``[bank, test]`` of ``{"image", "label", "skipped"}``.
+    "index": [B], "skipped": int}``; validation loaders ``[bank, test]`` of ``{"image", "label",
+    "index", "skipped"}`` (index = position in the split).
 
     ``train_transform`` maps a PIL image to ``{"views", "strategy", "crop"}`` (e.g.
     ``massrl.augment.MultiViewTransform``). It may be None when only evaluation loaders are needed.

@@ -28,6 +28,14 @@ def views_last(x: torch.Tensor, num_views: int) -> torch.Tensor:
     return x.reshape(num_views, -1, x.shape[-1]).transpose(0, 1)
 
 
+def _first_occurrences(index: torch.Tensor) -> torch.Tensor:
+    """Positions of the first occurrence of each distinct value of `index`, by ascending value."""
+    values, inverse = torch.unique(index, return_inverse=True)
+    pos = torch.arange(len(index), device=index.device)
+    first = torch.full((len(values),), len(index), dtype=torch.long, device=index.device)
+    return first.scatter_reduce_(0, inverse, pos, "amin")
+
+
 class SSLMethod(L.LightningModule):
     """Base of every method. Batches are dicts: views (list of [B,3,S,S]), strategy [B,V],
     crop [B,V], label [B] (-1 = unlabeled), skipped (bad files dropped from the batch)."""
@@ -139,8 +147,10 @@ class SSLMethod(L.LightningModule):
         if "image" not in batch:
             return
         feats = self.backbone(batch["image"]).float()
-        self._val_outputs.setdefault(dataloader_idx, []).append(
-            (feats.detach(), batch["label"].detach()))
+        out = (feats.detach(), batch["label"].detach())
+        if "index" in batch:  # lets _gather drop the sampler's padding repeats
+            out += (batch["index"].detach(),)
+        self._val_outputs.setdefault(dataloader_idx, []).append(out)
 
     def on_validation_epoch_end(self) -> None:
         outputs, self._val_outputs = self._val_outputs, {}
@@ -178,13 +188,25 @@ class SSLMethod(L.LightningModule):
                   seed=self.cfg.seed, max_points=5000)
 
     def _gather(self, outs: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and labels of the whole split: every rank's shard, gathered."""
-        f = torch.cat([o[0] for o in outs])
-        y = torch.cat([o[1] for o in outs])
-        if self.trainer.world_size > 1:
-            f = self.all_gather(f).flatten(0, 1)
-            y = self.all_gather(y).flatten(0, 1)
-        return f, y
+        """Features and labels of the whole split: every rank's shard, gathered, each sample once
+        and in dataset order (as one process would see them)."""
+        parts = [torch.cat(column) for column in zip(*outs, strict=True)]
+        if self.trainer.world_size == 1:
+            return parts[0], parts[1]
+        # shards differ in length when a rank skipped undecodable files
+        sizes = self.all_gather(torch.tensor([len(parts[0])], device=parts[0].device))
+        parts = [self._all_gather_rows(t, sizes.flatten().tolist()) for t in parts]
+        if len(parts) == 2:  # no dataset indices: cannot tell padding repeats apart
+            return parts[0], parts[1]
+        # the DistributedSampler pads an uneven split with repeats: keep each index once
+        keep = _first_occurrences(parts[2])
+        return parts[0][keep], parts[1][keep]
+
+    def _all_gather_rows(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """Concatenate every rank's [sizes[r], ...] tensor (all_gather needs equal shapes: pad)."""
+        pad = t.new_zeros((max(sizes) - len(t), *t.shape[1:]))
+        gathered = self.all_gather(torch.cat([t, pad]))
+        return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])
 
     # ------------------------------------------------------------------ optimisation
 
