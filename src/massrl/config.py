@@ -134,6 +134,9 @@ class TrainerConfig(_Section):
     log_every_n_steps: int = Field(10, gt=0)
     limit_train_batches: int | float | None = None
     progress_bar: bool = True
+    checkpoint_every_n_steps: int = Field(
+        500, ge=0, description="also save last.ckpt every N optimizer steps (0 = epoch ends only)")
+    skip_nonfinite: bool = Field(False, description="skip steps whose loss is NaN/inf")
 
 
 class EvalConfig(_Section):

@@ -15,8 +15,14 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from massrl.config import RunConfig, to_yaml
+from massrl.config import ConfigError, RunConfig, to_yaml
 from massrl.methods import SSLMethod, build_method
+from massrl.resilience import (
+    AtomicCheckpointIO,
+    Preemption,
+    check_resume_compatible,
+    find_resume_checkpoint,
+)
 
 KNN_METRIC = "val/knn_top1"
 
@@ -86,8 +92,12 @@ class RunSummary(Callback):
 def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Trainer, dict]:
     t = cfg.trainer
     ckpt_dir = run_dir / "checkpoints"
+    # last.ckpt at every epoch end and every N optimizer steps (written atomically)
     last = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)
-    callbacks: list[Callback] = [last]
+    callbacks: list[Callback] = [last, Preemption(ckpt_dir / "last.ckpt")]
+    if t.checkpoint_every_n_steps:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                         every_n_train_steps=t.checkpoint_every_n_steps))
     best = None
     if has_labels and cfg.eval.knn_every:
         best = ModelCheckpoint(dirpath=ckpt_dir, monitor=KNN_METRIC, mode="max", save_top_k=1,
@@ -119,6 +129,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Tr
         callbacks=callbacks,
         logger=loggers,
         enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],
     )
     return trainer, {"summary": summary, "best": best}
 
@@ -139,7 +150,14 @@ def build_datamodule(cfg: RunConfig):
 def pretrain(cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """Run one pre-training job and return its summary (also written to summary.json)."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.resume == "auto" and not cfg.output_dir and run_dir is None:
+        raise ConfigError("resume=auto needs output_dir=DIR: the run directory to continue")
     run_dir = run_dir or make_run_dir(cfg)
+    resume_from = find_resume_checkpoint(cfg, run_dir)
+    if resume_from is not None:
+        check_resume_compatible(cfg, resume_from)
+        _keep_previous_metrics(run_dir)
+        print(f"resuming from {resume_from}")
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     dm = build_datamodule(cfg)
     save_augmentation_picture(cfg, dm, run_dir / "augmentations.png")
@@ -154,11 +172,21 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
     with warnings.catch_warnings():
         # Lightning suggests more workers on every small run; the config decides that
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        trainer.fit(fit_model, datamodule=dm)
+        trainer.fit(fit_model, datamodule=dm, ckpt_path=resume_from)
     summary = parts["summary"].summary(trainer, method, parts["best"])
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _keep_previous_metrics(run_dir: Path) -> None:
+    """Lightning's CSV logger rewrites metrics.csv: keep the interrupted part beside it."""
+    metrics = run_dir / "metrics.csv"
+    if metrics.is_file():
+        n = 1
+        while (run_dir / f"metrics.before_resume_{n}.csv").exists():
+            n += 1
+        metrics.rename(run_dir / f"metrics.before_resume_{n}.csv")
 
 
 def save_augmentation_picture(cfg: RunConfig, dm, path: Path) -> None:

@@ -26,7 +26,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve(args, RunConfig)
     if cfg is None:
         return 0
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from massrl.data import DatasetNotFoundError
+    from massrl.resilience import CheckpointWriteError, NonFiniteLossError
     from massrl.train import pretrain
 
     try:
@@ -34,6 +37,14 @@ def run(args: argparse.Namespace) -> int:
     except DatasetNotFoundError as exc:
         print(f"massrl pretrain: {exc}")
         return 2
+    except (NonFiniteLossError, CheckpointWriteError) as exc:
+        print(f"massrl pretrain: {exc}")
+        return 1
+    except SIGTERMException:
+        where = cfg.output_dir or "the run directory"
+        print(f"massrl pretrain: stopped by SIGTERM; last.ckpt saved. Continue with "
+              f"resume=auto output_dir={where}")
+        return 143
     print_summary(summary)
     return 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,7 @@ from torchvision import transforms as T
 
 from massrl.config import RunConfig
 from massrl.data.datasets import DatasetSplits, load_dataset
+from massrl.data.sampler import ResumableLoader, ResumableSampler
 
 
 def collate_skip_bad(batch: list[Any]) -> dict[str, Any]:
@@ -65,7 +67,12 @@ class _Mapped(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> dict | None:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict | None:
+        if isinstance(index, tuple):  # (index, seed) from ResumableSampler: seed this image's views
+            index, seed = index
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
         item = self.base[index]
         if item is None:
             return None
@@ -147,9 +154,21 @@ class SSLDataModule(L.LightningDataModule):
                 "e.g. massrl.augment.MultiViewTransform"
             )
         dataset = _Mapped(self.splits.train, _TrainItem(self.train_transform))
-        # A seeded generator: the shuffle order (and the workers' base seeds) repeat per run.
-        generator = torch.Generator().manual_seed(self.cfg.seed)
-        return self._loader(dataset, shuffle=True, drop_last=True, generator=generator)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        sampler = ResumableSampler(len(dataset), self.cfg.seed, self.cfg.data.batch_size,
+                                   rank=rank, world_size=world)
+        loader = self._loader(dataset, sampler=sampler, drop_last=True, cls=ResumableLoader)
+        if trainer is not None:
+            progress = trainer.fit_loop.epoch_loop.batch_progress
+            loader.consumed = lambda: progress.current.ready
+        return loader
+
+    def train_batches_per_epoch(self, world_size: int = 1) -> int:
+        """Batches each rank trains on per epoch (shards padded as in ResumableSampler, the last
+        partial batch dropped)."""
+        per_rank = math.ceil(len(self.splits.train) / world_size)
+        return per_rank // self.cfg.data.batch_size
 
     def val_dataloader(self) -> list[DataLoader]:
         if not self.has_labels:
@@ -161,10 +180,11 @@ class SSLDataModule(L.LightningDataModule):
             self._loader(_Mapped(splits.test, item), shuffle=False, drop_last=False),
         ]
 
-    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+    def _loader(self, dataset: Dataset, cls: type[DataLoader] = DataLoader,
+                **kwargs: Any) -> DataLoader:
         data = self.cfg.data
         workers = data.num_workers
-        return DataLoader(
+        return cls(
             dataset,
             batch_size=data.batch_size,
             num_workers=workers,

@@ -7,6 +7,7 @@ weighted-kNN monitor, logging, the optimizer and lr schedule — lives here.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from massrl.augment import pair_mask
 from massrl.config import RunConfig
 from massrl.models import build_backbone
 from massrl.optim import build_optimizer, scaled_lr, warmup_cosine
+from massrl.resilience import check_finite, rng_state, set_rng_state
 
 
 def views_last(x: torch.Tensor, num_views: int) -> torch.Tensor:
@@ -89,7 +91,17 @@ class SSLMethod(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # marks the file as massrl's, for evaluation / export commands
         checkpoint["massrl"] = {"version": __version__, "backbone": self.backbone_spec.to_dict(),
-                                "data": dict(self.normalization)}
+                                "data": dict(self.normalization),
+                                "images_seen": self.images_seen,
+                                "skipped_files": self.skipped_files,
+                                "rng": rng_state()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("massrl", {})
+        self.images_seen = state.get("images_seen", 0)
+        self.skipped_files = state.get("skipped_files", 0)
+        if "rng" in state:
+            set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ training
 
@@ -99,6 +111,11 @@ class SSLMethod(L.LightningModule):
             return None
         out = self.ssl_step(batch)
         loss = out.pop("loss")
+        if not check_finite(loss, self.global_step, self.current_epoch,
+                            self.cfg.trainer.skip_nonfinite):
+            self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", on_epoch=True,
+                     on_step=False)
+            return None
         feats = out.pop("feats")
         b = batch["label"].shape[0]
         log = {f"train/{k}": v.detach() for k, v in out.items()}
@@ -116,6 +133,7 @@ class SSLMethod(L.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
                  on_epoch=False, batch_size=b)
         self._images_this_epoch += b
+        self.images_seen += b * self.trainer.world_size  # per step: exact across a resume
         return loss
 
     def _probe_step(self, feats: torch.Tensor, labels: torch.Tensor
@@ -134,9 +152,7 @@ class SSLMethod(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         seconds = max(time.perf_counter() - self._epoch_start, 1e-9)
-        world = self.trainer.world_size
-        images = self._images_this_epoch * world
-        self.images_seen += images
+        images = self._images_this_epoch * self.trainer.world_size
         self.log_dict({"throughput/images_per_s": images / seconds,
                        "throughput/epoch_seconds": seconds,
                        "data/skipped_files": float(self.skipped_files)}, sync_dist=False)
@@ -223,7 +239,7 @@ class SSLMethod(L.LightningModule):
             optimizer.add_param_group({"params": list(self.probe.parameters()),
                                        "lr": self.cfg.eval.probe_lr, "weight_decay": 0.0,
                                        "always_adapt": False})
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        total = self.total_steps()
         steps_per_epoch = total / max(1, self.trainer.max_epochs)
         warmup = int(ocfg.warmup_epochs * steps_per_epoch)
         n_ssl_groups = len(optimizer.param_groups) - (self.probe is not None)
@@ -237,4 +253,20 @@ class SSLMethod(L.LightningModule):
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def total_steps(self) -> int:
-        return max(1, int(self.trainer.estimated_stepping_batches))
+        """Optimizer steps of the whole run (for the lr and tau schedules).
+
+        With a massrl datamodule it is computed from the dataset size, not with Lightning's
+        `estimated_stepping_batches`: that builds the train loader before a checkpoint is restored,
+        and the loader would then miss its saved position.
+        """
+        t = self.trainer
+        per_epoch_fn = getattr(t.datamodule, "train_batches_per_epoch", None)
+        if per_epoch_fn is None:
+            return max(1, int(t.estimated_stepping_batches))
+        per_epoch = per_epoch_fn(t.world_size)
+        limit = t.limit_train_batches
+        if isinstance(limit, int):
+            per_epoch = min(per_epoch, limit)
+        elif limit is not None:
+            per_epoch = int(per_epoch * limit)
+        return max(1, math.ceil(per_epoch / t.accumulate_grad_batches) * max(1, t.max_epochs))

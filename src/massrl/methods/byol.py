@@ -23,7 +23,6 @@ class BYOL(SSLMethod):
         for p in self.target_parameters():
             p.requires_grad = False
         self.tau = self.cfg.loss.tau_base
-        self._last_ema_step = 0
 
     def target_parameters(self):
         yield from self.target_backbone.parameters()
@@ -47,14 +46,12 @@ class BYOL(SSLMethod):
                    ) -> dict[str, torch.Tensor]:
         return {}
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        # update the target only after a real optimizer step (respects gradient accumulation)
-        step = self.trainer.global_step
-        if step == self._last_ema_step:
-            return
-        self._last_ema_step = step
-        self.tau = cosine_tau(step, self.total_steps(), self.cfg.loss.tau_base,
-                              self.cfg.loss.tau_final)
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # the target follows each real optimizer step (so it respects gradient accumulation), and
+        # is updated before any checkpoint of this step is written
+        self.tau = cosine_tau(self.trainer.global_step, self.total_steps(),
+                              self.cfg.loss.tau_base, self.cfg.loss.tau_final)
         self.ema_update(self.tau)
 
     @torch.no_grad()
@@ -70,9 +67,9 @@ class BYOL(SSLMethod):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["massrl_ema"] = {"tau": self.tau, "last_ema_step": self._last_ema_step}
+        checkpoint["massrl_ema"] = {"tau": self.tau}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("massrl_ema", {})
         self.tau = state.get("tau", self.tau)
-        self._last_ema_step = state.get("last_ema_step", 0)

@@ -1,0 +1,87 @@
+"""A training sampler that makes runs exactly resumable and independent of the worker count.
+
+- The shuffle of epoch e is a permutation seeded by (seed, e): the same on every rank and after a
+  restart, without storing any generator state.
+- It shards the epoch across ranks like torch's DistributedSampler (it is one, so Lightning keeps
+  it instead of injecting its own).
+- It yields `(index, sample_seed)`: the dataset seeds the augmentation of that image with
+  sample_seed = f(seed, epoch, index), so the views of an image depend on neither the number of
+  DataLoader workers nor on where a run was interrupted.
+- `state_dict()` / `load_state_dict()` record the epoch and how many batches of it were consumed; a
+  resumed run skips exactly those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed per (run seed, epoch, image) (splitmix64-style mixing)."""
+    x = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    x = (x * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 29)) & 0x7FFFFFFFFFFFFFFF
+
+
+class ResumableSampler(DistributedSampler):
+    def __init__(self, size: int, seed: int, batch_size: int, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = True) -> None:
+        super().__init__(range(size), num_replicas=world_size, rank=rank, shuffle=shuffle,
+                         seed=seed, drop_last=False)
+        self.size = size
+        self.batch_size = batch_size
+        self.skip_batches = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:  # a new epoch starts from its first batch
+            self.skip_batches = 0
+        self.epoch = epoch
+
+    def _shard(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1))
+            order = torch.randperm(self.size, generator=g).tolist()
+        else:
+            order = list(range(self.size))
+        order += order[: self.total_size - len(order)]  # pad so every rank gets as many
+        return order[self.rank: self.total_size: self.num_replicas]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        shard = self._shard()[self.skip_batches * self.batch_size:]
+        return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in shard])
+
+    def __len__(self) -> int:
+        # the whole epoch, skipped part included: Lightning counts the batches it restored as
+        # already fetched, and ends the epoch at this length
+        return self.num_samples
+
+    def batches_per_epoch(self) -> int:
+        return self.num_samples // self.batch_size  # the loader drops the last partial batch
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position Lightning saves in checkpoints (the `_Stateful` protocol).
+
+    `consumed` tells how many batches of the current epoch the training loop has used (counted
+    from the epoch's start, across restarts); it comes from the trainer, because the loader itself
+    runs ahead (prefetching) of what was trained on.
+    """
+
+    consumed: Callable[[], int] | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        sampler: ResumableSampler = self.sampler
+        batches = self.consumed() if self.consumed is not None else sampler.skip_batches
+        return {"epoch": sampler.epoch, "batches": batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        sampler: ResumableSampler = self.sampler
+        epoch, batches = int(state["epoch"]), int(state["batches"])
+        if batches >= sampler.batches_per_epoch():  # saved at the end of an epoch
+            epoch, batches = epoch + 1, 0
+        sampler.epoch = epoch
+        sampler.skip_batches = batches

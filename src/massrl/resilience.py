@@ -1,0 +1,155 @@
+"""What keeps a long run alive: atomic checkpoints, resume, preemption, non-finite losses.
+
+- Checkpoints are written to a temporary file and renamed over the old one, so a crash or a full
+  disk while saving never leaves a broken `last.ckpt`.
+- `resume=auto` continues the run in `output_dir` from its last checkpoint, exactly: model, EMA
+  target, optimizer, scheduler, tau, the sampler's position in the epoch and the RNG states.
+- SIGTERM (preemption) saves a checkpoint before the process exits; on SLURM the job is requeued.
+- A non-finite loss stops the run with a message naming the step (unless skip_nonfinite).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from massrl.config import ConfigError, RunConfig
+
+# what cannot change when a run is resumed: the checkpoint's tensors would not fit, or the run
+# would silently become another experiment
+FROZEN_KEYS = ("method", "data.name", "model.backbone", "model.cifar_stem", "model.width",
+               "model.proj_hidden_dim", "model.proj_output_dim", "model.pred_hidden_dim")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the previous one is intact."""
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """torch.save to `<path>.tmp`, fsync, then an atomic rename over `<path>`."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
+                        storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            kept = "The previous checkpoint there is intact. " if path.exists() else ""
+            raise CheckpointWriteError(
+                f"could not write the checkpoint {path}: {exc.strerror or exc}. {kept}"
+                "Free some space (or set output_dir on a disk with room) and continue the run "
+                "with resume=auto."
+            ) from exc
+
+
+def rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain python values, so `torch.load(weights_only=True)` (what
+    Lightning uses to resume) accepts them."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Preemption(Callback):
+    """On SIGTERM (Lightning turns it into SIGTERMException between steps): save last.ckpt so the
+    run continues with resume=auto, and on SLURM ask for the job to be requeued."""
+
+    def __init__(self, last_path: Path) -> None:
+        self.last_path = last_path
+        self.saved = False
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                     exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        trainer.save_checkpoint(self.last_path)
+        self.saved = True
+        job = os.environ.get("SLURM_JOB_ID")
+        if job and trainer.is_global_zero:
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            print(f"requeued SLURM job {job}" if result.returncode == 0 else
+                  f"could not requeue SLURM job {job}: {result.stderr.strip()}")
+
+
+def check_finite(loss: torch.Tensor, step: int, epoch: int, skip: bool) -> bool:
+    """True when the loss may be used; raises NonFiniteLossError unless `skip`."""
+    if bool(torch.isfinite(loss)):
+        return True
+    if skip:
+        return False
+    raise NonFiniteLossError(
+        f"the loss became {loss.item()} at optimizer step {step} (epoch {epoch}). The run stopped; "
+        "its last good checkpoint is kept. Usual fixes: a lower optimizer.lr, "
+        "trainer.precision=32-true, trainer.gradient_clip_val=1.0, a longer "
+        "optimizer.warmup_epochs; or trainer.skip_nonfinite=true to skip such steps."
+    )
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else {}
+    return tree
+
+
+def find_resume_checkpoint(cfg: RunConfig, run_dir: Path) -> Path | None:
+    """The checkpoint to continue from: None for a fresh run."""
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return last if last.is_file() else None
+    path = Path(cfg.resume)
+    if not path.is_file():
+        raise ConfigError(f"resume={cfg.resume}: no such checkpoint file. Use resume=auto with "
+                          "output_dir=DIR to continue the run in DIR.")
+    return path
+
+
+def check_resume_compatible(cfg: RunConfig, ckpt_path: Path) -> None:
+    """Refuse to resume with a config that changed what cannot change mid-run."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    saved = (ckpt.get("hyper_parameters") or {}).get("config")
+    if saved is None:
+        raise ConfigError(f"{ckpt_path} is not a massrl pre-training checkpoint: cannot resume")
+    now = cfg.model_dump(mode="json")
+    changed = [f"{k}: {_get(saved, k)!r} in the checkpoint, {_get(now, k)!r} now"
+               for k in FROZEN_KEYS if _get(saved, k) != _get(now, k)]
+    if changed:
+        raise ConfigError(
+            f"cannot resume from {ckpt_path}: the config changed what cannot change mid-run:\n  "
+            + "\n  ".join(changed)
+            + "\nStart a new run (another output_dir) or restore these values."
+        )

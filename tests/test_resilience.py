@@ -1,0 +1,158 @@
+"""Runs that survive interruption: atomic checkpoints, SIGKILL/SIGTERM and resume, NaN losses,
+and resuming with a changed config."""
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from massrl.cli import main
+from massrl.resilience import AtomicCheckpointIO, CheckpointWriteError
+
+# 256 digits, batch 32 -> 8 optimizer steps per epoch, 2 epochs; last.ckpt every 3 steps
+RUN = {"data.subset": "256", "trainer.max_epochs": "2", "trainer.checkpoint_every_n_steps": "3"}
+
+# A subprocess that runs `massrl` and sends itself a signal right after optimizer step KILL_AT.
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    torch.set_num_threads(1)  # as in this test process: the same float reduction order
+    from lightning.pytorch.callbacks import Callback
+    import massrl.train as train
+
+    class Kill(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == int(os.environ["KILL_AT"]):
+                os.kill(os.getpid(), getattr(signal, os.environ["KILL_SIGNAL"]))
+
+    build = train.build_trainer
+    def patched(*a, **k):
+        trainer, parts = build(*a, **k)
+        trainer.callbacks.insert(0, Kill())
+        return trainer, parts
+    train.build_trainer = patched
+    from massrl.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def _interrupted(args: list[str], at: int, sig: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KILL_AT": str(at), "KILL_SIGNAL": sig}
+    return subprocess.run([sys.executable, "-c", KILLER, "pretrain", *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _byol(tiny, **extra: str) -> list[str]:
+    return ["-c", "fashion_mnist/byol", *tiny("byol", **extra)]
+
+
+def _backbone(run_dir: Path) -> dict:
+    sd = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    return {k: v for k, v in sd.items() if k.startswith(("backbone.", "target_backbone."))}
+
+
+def _out(args: list[str]) -> Path:
+    return Path(next(a for a in args if a.startswith("output_dir=")).split("=", 1)[1])
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny):
+    reference = _byol(tiny, **RUN)
+    assert main(["pretrain", *reference]) == 0
+    ref_dir = _out(reference)
+
+    args = _byol(tiny, **RUN, output_dir=str(ref_dir.parent / "killed"))
+    killed = _interrupted(args, at=11, sig="SIGKILL")  # epoch 1, mid-epoch; last save at step 9
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    ckpt = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 9
+    assert main(["pretrain", *args, "resume=auto"]) == 0
+
+    ref_summary = json.loads((ref_dir / "summary.json").read_text())
+    summary = json.loads((_out(args) / "summary.json").read_text())
+    # the resumed run saw the same images with the same views, in the same order, and the
+    # sampler position, optimizer, scheduler, EMA and RNG states were restored: on the CPU with
+    # one thread the result is bit-identical (the tolerance allows for other float orders)
+    assert summary["images_seen"] == ref_summary["images_seen"] == 512
+    assert summary["knn_top1"] == pytest.approx(ref_summary["knn_top1"], abs=1e-6)
+    ref, res = _backbone(ref_dir), _backbone(_out(args))
+    for k in ref:
+        if ref[k].dtype.is_floating_point:
+            assert torch.allclose(ref[k], res[k], atol=1e-6), k
+    assert list(_out(args).glob("metrics.before_resume_1.csv"))
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_continues(tiny):
+    args = _byol(tiny, **{**RUN, "trainer.checkpoint_every_n_steps": "0"})
+    result = _interrupted(args, at=5, sig="SIGTERM")
+    assert result.returncode == 143, result.stderr[-2000:]
+    assert "resume=auto" in result.stdout
+    ckpt = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 5  # saved on SIGTERM, not at an epoch end
+    assert main(["pretrain", *args, "resume=auto"]) == 0
+    summary = json.loads((_out(args) / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["images_seen"] == 512
+
+
+def test_resume_with_a_changed_backbone_is_refused(tiny, capsys):
+    args = _byol(tiny, **{"trainer.max_epochs": "1"})
+    assert main(["pretrain", *args]) == 0
+    assert main(["pretrain", *args, "resume=auto", "model.width=16"]) == 2
+    err = capsys.readouterr().err
+    assert "model.width: 8 in the checkpoint, 16 now" in err
+
+
+def test_resume_auto_needs_output_dir():
+    assert main(["pretrain", "resume=auto", "data.name=digits"]) == 2
+
+
+def test_resume_from_a_missing_file_is_explained(tiny, capsys):
+    assert main(["pretrain", *tiny(), "resume=/nope/last.ckpt"]) == 2
+    assert "no such checkpoint file" in capsys.readouterr().err
+
+
+def test_nonfinite_loss_stops_with_the_step_or_is_skipped(tiny, monkeypatch, capsys):
+    import massrl.methods.byol as byol
+
+    real = byol.byol_pair_loss
+    calls = {"n": 0}
+
+    def nan_on_third(p, z, mask):
+        calls["n"] += 1
+        loss = real(p, z, mask)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(byol, "byol_pair_loss", nan_on_third)
+    args = _byol(tiny, **{"trainer.checkpoint_every_n_steps": "1"})
+    assert main(["pretrain", *args]) == 1
+    out = capsys.readouterr().out
+    assert "at optimizer step 2" in out and "optimizer.lr" in out
+    ckpt = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 2  # the last good checkpoint is kept
+
+    calls["n"] = 0
+    skip = _byol(tiny, **{"trainer.skip_nonfinite": "true", "output_dir": str(_out(args)) + "s"})
+    assert main(["pretrain", *skip]) == 0
+    assert json.loads((_out(skip) / "summary.json").read_text())["epochs"] == 1
+
+
+def test_atomic_checkpoint_keeps_the_previous_file_on_a_full_disk(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match="No space left on device.*intact"):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
