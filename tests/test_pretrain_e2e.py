@@ -117,3 +117,14 @@ def test_chain_pretrain_knn_linear_export(tiny, tmp_path):
 
 def summary_mean(ckpt: Path) -> list[float]:
     return torch.load(ckpt, weights_only=False)["massrl"]["data"]["mean"]
+
+
+@pytest.mark.parametrize("mode", ["random", "crops_x_strategies"])
+def test_pretrain_with_the_batched_backend(tiny, mode):
+    args = tiny("massrl", **{"augment.backend": "batched", "augment.view_mode": mode,
+                             "augment.strategies": "[simclr,randaugment,autoaugment,"
+                                                   "fastautoaugment,trivialaugment]",
+                             "output_dir": f"{_run_dir(tiny())}_batched_{mode}"})
+    assert main(["pretrain", *args]) == 0
+    summary = json.loads((_run_dir(args) / "summary.json").read_text())
+    assert summary["images_seen"] == 128 and 0 <= summary["knn_top1"] <= 1

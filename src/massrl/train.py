@@ -135,15 +135,20 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Tr
 
 
 def build_datamodule(cfg: RunConfig):
-    """The datamodule with the view-making transform for the configured backend."""
+    """The datamodule with the view-making transform for the configured backend: the whole
+    per-image pipeline in the workers, or (backend=batched) only crops there."""
     from massrl.augment import MultiViewTransform
+    from massrl.augment.batched import CropOnlyTransform
     from massrl.data import SSLDataModule
 
     dm = SSLDataModule(cfg)
     dm.setup("fit")
     splits = dm.splits
-    dm.train_transform = MultiViewTransform(cfg.augment, cfg.data.image_size, splits.mean,
-                                            splits.std)
+    if cfg.augment.backend == "batched":
+        dm.train_transform = CropOnlyTransform(cfg.augment, cfg.data.image_size)
+    else:
+        dm.train_transform = MultiViewTransform(cfg.augment, cfg.data.image_size, splits.mean,
+                                                splits.std)
     return dm
 
 
@@ -160,11 +165,15 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
         print(f"resuming from {resume_from}")
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     dm = build_datamodule(cfg)
-    save_augmentation_picture(cfg, dm, run_dir / "augmentations.png")
+    save_augmentation_picture(cfg, run_dir / "augmentations.png", dm.splits)
     method = build_method(cfg, num_classes=dm.num_classes,
                           strategy_names=list(cfg.augment.strategies))
     method.normalization = {"mean": list(dm.splits.mean), "std": list(dm.splits.std),
                             "image_size": cfg.data.image_size, "classes": dm.splits.classes}
+    if cfg.augment.backend == "batched":
+        from massrl.augment.batched import BatchedAugmenter
+
+        method.augmenter = BatchedAugmenter(cfg.augment, dm.splits.mean, dm.splits.std)
     if cfg.trainer.channels_last:
         method = method.to(memory_format=torch.channels_last)
     trainer, parts = build_trainer(cfg, run_dir, has_labels=dm.has_labels)
@@ -189,11 +198,15 @@ def _keep_previous_metrics(run_dir: Path) -> None:
         metrics.rename(run_dir / f"metrics.before_resume_{n}.csv")
 
 
-def save_augmentation_picture(cfg: RunConfig, dm, path: Path) -> None:
+def save_augmentation_picture(cfg: RunConfig, path: Path, splits) -> None:
+    """The run's views, drawn with the per-image pipeline (the batched backend applies the same
+    strategies on the device)."""
+    from massrl.augment import MultiViewTransform
     from massrl.augviz import augmentation_grid
 
+    transform = MultiViewTransform(cfg.augment, cfg.data.image_size, splits.mean, splits.std)
     try:
-        augmentation_grid(dm.splits.train, dm.train_transform, path, num_images=6,
+        augmentation_grid(splits.train, transform, path, num_images=6,
                           title=f"{cfg.method} views on {cfg.data.name}", seed=cfg.seed)
     except Exception as exc:  # a picture must never stop a training run
         warnings.warn(f"could not draw the augmentation picture: {exc}", stacklevel=2)

@@ -65,6 +65,8 @@ class SSLMethod(L.LightningModule):
         # the input normalisation of the data this model is trained on (set by massrl.train);
         # recorded in checkpoints so evaluation and export can reproduce it
         self.normalization: dict[str, Any] = {}
+        # augment.backend=batched: the strategies run here on the device (see massrl.train)
+        self.augmenter: Any = None
 
     # ------------------------------------------------------------------ method interface
 
@@ -80,6 +82,10 @@ class SSLMethod(L.LightningModule):
         return pair_mask(batch["strategy"], batch["crop"], self.cfg.augment.pairs)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.augmenter is not None and self.trainer.training:
+            from massrl.augment.batched import augment_batch
+
+            batch = augment_batch(batch, self.augmenter)
         if self.cfg.trainer.channels_last and isinstance(batch, dict):
             fmt = torch.channels_last
             if "views" in batch:
