@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import lightning as L
@@ -160,7 +161,8 @@ def _worker(rank: int, out: Path, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD),
                       RANK=str(rank), LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a collective that does not match across ranks fails after a minute instead of hanging
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     torch.nn.SyncBatchNorm.forward = _cpu_sync_bn_forward
     # DDP refuses SyncBatchNorm layers on CPU modules; the stand-in above runs there
     DistributedDataParallel._passing_sync_batchnorm_handle = lambda self, module: None
@@ -177,9 +179,37 @@ def _worker(rank: int, out: Path, port: int) -> None:
             model, DataLoader(_Views(4 * WORLD * B), batch_size=B))
         result[("ema", sync_bn)] = _target_state(model)
     result["knn"] = _validate(_model("simclr"))
+    result["uneven"] = _simclr_uneven_step()
     result["sampler"], result["subset"] = _fit_datamodule(rank)
     torch.save(result, out / f"rank{rank}.pt")
     dist.destroy_process_group()
+
+
+class _ViewsWithBadItem(_Views):
+    def __getitem__(self, i: int) -> dict | None:
+        return None if i == BAD_INDEX else super().__getitem__(i)
+
+
+def _simclr_uneven_step() -> dict:
+    """One SimCLR step where one rank lost an undecodable image (batches of B and B-1): the
+    gathered negatives must be every good image of both ranks, once."""
+    import massrl.methods.simclr as simclr
+
+    seen = {}
+    loss_fn = simclr.nt_xent
+
+    def spy(z, mask, temperature, z_all=None, rank_offset=0):
+        seen.update(rows=len(z), keys=z_all.detach().clone(), offset=rank_offset)
+        return loss_fn(z, mask, temperature, z_all, rank_offset)
+
+    simclr.nt_xent = spy
+    try:
+        model = _model("simclr")
+        _trainer(WORLD).fit(model, DataLoader(_ViewsWithBadItem(), batch_size=B,
+                                              collate_fn=collate_skip_bad))
+    finally:
+        simclr.nt_xent = loss_fn
+    return {**seen, "params": _params(model)}
 
 
 def _validate(model) -> dict:
@@ -317,3 +347,14 @@ def test_subset_is_the_same_on_every_rank(ranks):
     assert len(expected["indices"]) == 40
     for result in ranks:
         assert result["subset"] == expected
+
+
+def test_simclr_gathers_uneven_batches(ranks):
+    """A rank that skipped an undecodable image still exchanges negatives with the others."""
+    first, second = (r["uneven"] for r in ranks)
+    assert sorted([first["rows"], second["rows"]]) == [B - 1, B]
+    assert first["offset"] == 0 and second["offset"] == first["rows"]
+    assert len(first["keys"]) == len(second["keys"]) == WORLD * B - 1
+    assert torch.equal(first["keys"], second["keys"])  # the same global batch, in rank order
+    for name, value in first["params"].items():
+        assert torch.equal(value, second["params"][name]), name

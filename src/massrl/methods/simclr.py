@@ -21,8 +21,17 @@ class SimCLR(SSLMethod):
         z = views_last(self.projector(feats), len(views))  # [B, V, D]
         z_all, offset = z, 0
         if self.trainer.world_size > 1:
-            # sync_grads: each rank's negatives send their gradient back to the rank that made them
-            z_all = self.all_gather(z, sync_grads=True).flatten(0, 1)
-            offset = self.global_rank * z.shape[0]
+            z_all, offset = self._gather_projections(z)
         loss = nt_xent(z, self.pair_mask(batch), self.cfg.loss.temperature, z_all, offset)
         return {"loss": loss, "feats": feats[: views[0].shape[0]], "z_std": projection_std(z)}
+
+    def _gather_projections(self, z: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Every rank's [B_r, V, D] projections, concatenated in rank order, and where this
+        rank's rows start. B_r differ when a rank skipped undecodable images, and all_gather
+        needs equal shapes: pad, gather, strip."""
+        sizes = self.all_gather(torch.tensor([len(z)], device=z.device)).flatten().tolist()
+        pad = z.new_zeros((max(sizes) - len(z), *z.shape[1:]))
+        # sync_grads: each rank's negatives send their gradient back to the rank that made them
+        gathered = self.all_gather(torch.cat([z, pad]), sync_grads=True)
+        z_all = torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])
+        return z_all, sum(sizes[: self.global_rank])
