@@ -1,0 +1,421 @@
+"""Pre-training throughput: images/s and peak memory of `massrl pretrain` on this machine.
+
+Measured, each in its own subprocess (so peak memory is the run's own):
+
+- byol, simclr and massrl in each view mode, per augmentation backend (per_image; batched when
+  pre-training uses it at this commit),
+- the speed levers on/off on BYOL: bf16 autocast (trainer.precision), channels_last, torch.compile,
+  DataLoader workers 0/1/2, persistent workers, pinned memory,
+- the same BYOL training written with the `lightly` package (same timm backbone, batch, views,
+  LARS, bf16, Fashion-MNIST images), alternating runs with massrl so the ratio is measured under
+  the same machine load. lightly is installed for the benchmark only, e.g.
+  `pip install --no-deps --target /tmp/lightly_pkgs lightly` and `--lightly-path /tmp/lightly_pkgs`
+  (its heads, loss, transforms, LARS and momentum helpers import without its other dependencies).
+
+images/s is the last epoch's (the first one pays for worker start-up and compilation); each
+measurement runs `--epochs` epochs of `--batches` batches. Peak memory is the maximum resident set
+size of the training process (resource.getrusage), and separately of its largest child (a
+DataLoader worker). Monitors are off (eval.knn_every=0, eval.probe=false): pure pre-training.
+
+    python benchmarks/train_throughput.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import inspect
+import json
+import os
+import platform
+import resource
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS: dict[str, tuple[str, list[str]]] = {
+    "byol": ("fashion_mnist/byol", []),
+    "simclr": ("fashion_mnist/simclr", []),
+    "massrl_random": ("fashion_mnist/massrl", ["augment.view_mode=random"]),
+    "massrl_per_strategy": ("fashion_mnist/massrl", ["augment.view_mode=per_strategy"]),
+    "massrl_crops_x_strategies": ("fashion_mnist/massrl",
+                                  ["augment.view_mode=crops_x_strategies", "augment.num_crops=2"]),
+}
+# lever name -> list of (setting label, overrides) measured on BYOL
+LEVERS: dict[str, list[tuple[str, list[str]]]] = {
+    "precision": [("bf16-mixed", ["trainer.precision=bf16-mixed"]),
+                  ("32-true", ["trainer.precision=32-true"])],
+    "channels_last": [("true", ["trainer.channels_last=true"]),
+                      ("false", ["trainer.channels_last=false"])],
+    "compile": [("false", ["trainer.compile=false"]), ("true", ["trainer.compile=true"])],
+    "num_workers": [(str(n), [f"data.num_workers={n}"]) for n in (0, 1, 2)],
+    "persistent_workers": [("true", ["data.persistent_workers=true"]),
+                           ("false", ["data.persistent_workers=false"])],
+    "pin_memory": [("true", ["data.pin_memory=true"]), ("false", ["data.pin_memory=false"])],
+}
+
+
+# ---------------------------------------------------------------- worker side (one measurement)
+
+
+def peak_rss_mib() -> tuple[float, float]:
+    """(this process, its largest finished child) peak resident set size in MiB (Linux: KiB)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return round(own, 1), round(child, 1)
+
+
+def massrl_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    from massrl.config import build_config
+    from massrl.train import pretrain
+
+    config, overrides = METHODS[spec["method"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = build_config(config_file=config, overrides=[
+            *overrides, *spec["common"], *spec["overrides"], f"output_dir={tmp}"])
+        summary = pretrain(cfg)
+        rates = epoch_rates(Path(tmp) / "metrics.csv")
+    return {"images_per_s": rates[-1], "epoch_images_per_s": rates,
+            "precision": cfg.trainer.precision, "images_seen": summary["images_seen"]}
+
+
+def epoch_rates(metrics_csv: Path) -> list[float]:
+    with metrics_csv.open() as f:
+        return [round(float(r["throughput/images_per_s"]), 1) for r in csv.DictReader(f)
+                if r.get("throughput/images_per_s")]
+
+
+def lightly_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """BYOL written with lightly's building blocks, in a plain PyTorch loop."""
+    import torch
+
+    from massrl.config import build_config
+    from massrl.data import load_dataset
+
+    cfg = build_config(config_file="fashion_mnist/byol",
+                       overrides=[*spec["common"], *spec["overrides"]])
+    splits = load_dataset(cfg.data, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model, loader = lightly_parts(cfg, splits)
+    rates = [lightly_epoch(cfg, model, loader, e) for e in range(cfg.trainer.max_epochs)]
+    return {"images_per_s": rates[-1], "epoch_images_per_s": rates,
+            "precision": cfg.trainer.precision}
+
+
+def lightly_parts(cfg: Any, splits: Any) -> tuple[dict[str, Any], Any]:
+    import copy
+
+    import torch
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+    from lightly.models.utils import deactivate_requires_grad
+    from lightly.transforms.byol_transform import (
+        BYOLTransform,
+        BYOLView1Transform,
+        BYOLView2Transform,
+    )
+    from lightly.utils.lars import LARS
+
+    from massrl.models.backbones import build_backbone, feature_dim
+
+    norm = {"mean": list(splits.mean), "std": list(splits.std)}
+    size = cfg.data.image_size
+    transform = BYOLTransform(BYOLView1Transform(input_size=size, normalize=norm),
+                              BYOLView2Transform(input_size=size, normalize=norm))
+    backbone, _ = build_backbone(cfg.model.backbone, cfg.model.cifar_stem, cfg.model.width)
+    m = cfg.model
+    online = torch.nn.ModuleDict({
+        "backbone": backbone,
+        "projector": BYOLProjectionHead(feature_dim(backbone), m.proj_hidden_dim,
+                                        m.proj_output_dim),
+        "predictor": BYOLPredictionHead(m.proj_output_dim, m.pred_hidden_dim, m.proj_output_dim),
+    })
+    target = torch.nn.ModuleDict({"backbone": copy.deepcopy(online["backbone"]),
+                                  "projector": copy.deepcopy(online["projector"])})
+    deactivate_requires_grad(target)
+    if cfg.trainer.channels_last:
+        online, target = (n.to(memory_format=torch.channels_last) for n in (online, target))
+    lr = cfg.optimizer.lr * cfg.data.batch_size / 256
+    opt = LARS(online.parameters(), lr=lr, momentum=0.9,
+               weight_decay=cfg.optimizer.weight_decay)
+    loader = torch.utils.data.DataLoader(
+        TwoViews(splits.train, transform), batch_size=cfg.data.batch_size, shuffle=True,
+        drop_last=True, num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory,
+        persistent_workers=cfg.data.persistent_workers and cfg.data.num_workers > 0)
+    return {"online": online, "target": target, "opt": opt,
+            "loss": NegativeCosineSimilarity()}, loader
+
+
+def lightly_epoch(cfg: Any, model: dict[str, Any], loader: Any, epoch: int) -> float:
+    import torch
+    from lightly.models.utils import update_momentum
+    from lightly.utils.scheduler import cosine_schedule
+
+    online, target, opt, loss_fn = model["online"], model["target"], model["opt"], model["loss"]
+    steps = len(loader) * cfg.trainer.max_epochs
+    bf16 = cfg.trainer.precision.startswith("bf16")
+    cl = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    t0, images = time.perf_counter(), 0
+    for i, ((x0, x1), _) in enumerate(loader):
+        tau = cosine_schedule(epoch * len(loader) + i, steps, cfg.loss.tau_base, 1.0)
+        update_momentum(online["backbone"], target["backbone"], tau)
+        update_momentum(online["projector"], target["projector"], tau)
+        x0, x1 = x0.to(memory_format=cl), x1.to(memory_format=cl)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            p0, p1 = (online["predictor"](online["projector"](online["backbone"](x)))
+                      for x in (x0, x1))
+            with torch.no_grad():
+                z0, z1 = (target["projector"](target["backbone"](x)) for x in (x0, x1))
+            loss = 0.5 * (loss_fn(p0, z1.detach()) + loss_fn(p1, z0.detach()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        images += x0.shape[0]
+    return round(images / (time.perf_counter() - t0), 1)
+
+
+class TwoViews:
+    """(PIL image, label) dataset -> ([view0, view1], label) with a lightly multi-view transform."""
+
+    def __init__(self, base: Any, transform: Any) -> None:
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> tuple[list[Any], int]:
+        image, label = self.base[i]
+        return self.transform(image), int(label)
+
+
+def worker_main(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    if spec.get("lightly_path"):
+        sys.path.insert(0, spec["lightly_path"])
+    t0 = time.perf_counter()
+    out = lightly_worker(spec) if spec["kind"] == "lightly" else massrl_worker(spec)
+    out["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    out["peak_rss_mib"], out["peak_rss_child_mib"] = peak_rss_mib()
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def measure(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One measurement in a fresh interpreter; an error row instead of raising."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    row = {k: spec[k] for k in ("kind", "method", "label")} | {"overrides": spec["overrides"]}
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return row | {"error": f"timed out after {timeout:.0f} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout)[-800:]
+        return row | {"error": f"exit {proc.returncode}: {tail}"}
+    result = row | json.loads(lines[-1][len("RESULT "):])
+    print(f"{row['kind']:>7} {row['method']:<26} {row['label']:<28} "
+          f"{result['images_per_s']:>8.1f} img/s  peak {result['peak_rss_mib']:.0f} MiB",
+          flush=True)
+    return result
+
+
+def batched_status() -> tuple[bool, str]:
+    """Whether pre-training at this commit runs the batched backend (not only that it exists)."""
+    try:
+        from massrl.augment.batched import BatchedAugmenter  # noqa: F401
+    except ImportError as exc:
+        return False, f"massrl.augment.batched has no BatchedAugmenter ({exc})"
+    import massrl.data.datamodule as dm
+    import massrl.methods.base as base
+    import massrl.train as train
+
+    wired = any(w in inspect.getsource(mod) for mod in (train, dm, base)
+                for w in ("augment_batch", "BatchedAugmenter", "CropOnlyTransform"))
+    if not wired:
+        return False, ("BatchedAugmenter exists, but pre-training at this commit does not use it "
+                       "(augment.backend=batched would still run the per-image transform)")
+    return True, "wired into pre-training"
+
+
+def spec(kind: str, method: str, label: str, common: list[str], overrides: list[str],
+         lightly_path: str | None) -> dict[str, Any]:
+    return {"kind": kind, "method": method, "label": label, "common": common,
+            "overrides": overrides, "lightly_path": lightly_path}
+
+
+def plan(a: argparse.Namespace, common: list[str], batched: bool) -> list[dict[str, Any]]:
+    specs = []
+    backends = ["per_image", "batched"] if batched else ["per_image"]
+    for method in a.methods:
+        for b in backends:
+            specs.append(spec("massrl", method, f"backend={b}", common,
+                              [f"augment.backend={b}"], None))
+    for lever in a.levers:
+        for label, ov in LEVERS[lever]:
+            specs.append(spec("massrl", "byol", f"{lever}={label}", common, ov, None))
+    return specs
+
+
+def lightly_available(path: str | None) -> tuple[bool, str]:
+    code = "import lightly.loss, lightly.models.modules, lightly.transforms, lightly.utils.lars"
+    env = dict(os.environ)
+    if path:
+        env["PYTHONPATH"] = path + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", code + "; print(lightly.__version__)"],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        return False, proc.stderr.strip().splitlines()[-1] if proc.stderr else "import failed"
+    return True, proc.stdout.strip()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--quick", action="store_true", help="fewer batches, no torch.compile")
+    p.add_argument("--batches", type=int, default=None, help="batches per epoch")
+    p.add_argument("--epochs", type=int, default=2, help="epochs; the last one is reported")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--levers", nargs="*", default=None, choices=list(LEVERS))
+    p.add_argument("--lightly-path", default=None, help="directory holding the lightly package")
+    p.add_argument("--lightly-repeats", type=int, default=None, help="massrl/lightly pairs")
+    p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--docs", type=Path, default=ROOT / "docs", help="'none': no markdown")
+    return p.parse_args(argv)
+
+
+def lightly_pairs(a: argparse.Namespace, common: list[str]) -> tuple[list[dict], str]:
+    ok, version = lightly_available(a.lightly_path)
+    if not ok:
+        return [], f"lightly not importable: {version}"
+    rows = []
+    for _ in range(a.lightly_repeats):  # alternate, so both see the same machine load
+        rows.append(measure(spec("massrl", "byol", "vs-lightly", common,
+                                 ["augment.backend=per_image"], None), a.timeout))
+        rows.append(measure(spec("lightly", "byol", "vs-lightly", common, [], a.lightly_path),
+                            a.timeout))
+    return rows, version
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parse_args(argv)
+    if a.worker:
+        worker_main(a.worker)
+        return {}
+    a.batches = a.batches or (3 if a.quick else 8)
+    a.lightly_repeats = a.lightly_repeats or (1 if a.quick else 3)
+    if a.levers is None:
+        a.levers = [k for k in LEVERS if not (a.quick and k == "compile")]
+    common = [f"data.subset={a.batch_size * a.batches}", f"data.batch_size={a.batch_size}",
+              f"model.width={a.width}", f"trainer.max_epochs={a.epochs}", "eval.knn_every=0",
+              "eval.probe=false", "trainer.progress_bar=false", "optimizer.warmup_epochs=0"]
+    batched, batched_note = batched_status()
+    t0 = time.perf_counter()
+    rows = [measure(s, a.timeout) for s in plan(a, common, batched)]
+    pairs, lightly_note = lightly_pairs(a, common)
+    data = {"meta": meta(a, argv, common, batched_note, lightly_note, time.perf_counter() - t0),
+            "results": rows + pairs}
+    mode = "quick" if a.quick else "full"
+    out = a.out or ROOT / "benchmarks" / "results" / f"train_throughput_{mode}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2))
+    if str(a.docs) != "none":
+        write_section(data, a.docs / "benchmarks.md")
+    return data
+
+
+def meta(a: argparse.Namespace, argv: list[str] | None, common: list[str], batched: str,
+         lightly: str, seconds: float) -> dict[str, Any]:
+    import torch
+
+    import massrl
+
+    cmd = "python benchmarks/train_throughput.py " + shlex.join(
+        argv if argv is not None else sys.argv[1:])
+    return {"command": cmd, "common_overrides": common, "batched_backend": batched,
+            "lightly": lightly, "torch": torch.__version__, "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "massrl_path": str(Path(massrl.__file__).parent), "total_seconds": round(seconds, 1),
+            "git_commit": os.environ.get("MASSRL_COMMIT") or _commit()}
+
+
+def _commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown"
+
+
+# ---------------------------------------------------------------- markdown
+
+
+def _cell(r: dict[str, Any]) -> tuple[str, str]:
+    if "error" in r:
+        return "error", r["error"].splitlines()[0][:60]
+    return f"{r['images_per_s']:.0f}", f"{r['peak_rss_mib']:.0f} / {r['peak_rss_child_mib']:.0f}"
+
+
+def table(rows: list[dict[str, Any]], first: str) -> list[str]:
+    out = [f"| {first} | setting | images/s | peak RSS MiB (main / largest worker) |",
+           "|---|---|---|---|"]
+    for r in rows:
+        rate, mem = _cell(r)
+        name = r["method"] if r["kind"] == "massrl" else f"{r['kind']} {r['method']}"
+        out.append(f"| {name} | {r['label']} | {rate} | {mem} |")
+    return out
+
+
+def lightly_summary(rows: list[dict[str, Any]]) -> list[str]:
+    ok = [r for r in rows if r["label"] == "vs-lightly" and "error" not in r]
+    ours = [r["images_per_s"] for r in ok if r["kind"] == "massrl"]
+    theirs = [r["images_per_s"] for r in ok if r["kind"] == "lightly"]
+    if not ours or not theirs:
+        return ["No massrl/lightly pair finished (see the errors above)."]
+    ratios = [a / b for a, b in zip(ours, theirs, strict=False)]
+    mem_o = max(r["peak_rss_mib"] for r in ok if r["kind"] == "massrl")
+    mem_l = max(r["peak_rss_mib"] for r in ok if r["kind"] == "lightly")
+    return [f"massrl / lightly images/s per alternating pair: "
+            f"{', '.join(f'{x:.2f}' for x in ratios)} (mean {sum(ratios) / len(ratios):.2f}); "
+            f"peak RSS of the main process: massrl {mem_o:.0f} MiB, lightly {mem_l:.0f} MiB."]
+
+
+def write_section(data: dict[str, Any], doc: Path) -> None:
+    m, rows = data["meta"], data["results"]
+    mode = "quick" if "--quick" in m["command"] else "full"
+    methods = [r for r in rows if r["label"].startswith("backend=")]
+    levers = [r for r in rows if r["kind"] == "massrl" and not r["label"].startswith("backend=")
+              and r["label"] != "vs-lightly"]
+    pairs = [r for r in rows if r["label"] == "vs-lightly"]
+    body = [
+        f"## Pre-training throughput on the CPU ({mode} run)", "",
+        f"Produced by `{m['command']}` ({m['total_seconds'] / 60:.0f} min, {m['cpus']} shared "
+        f"CPU cores, torch {m['torch']}, commit `{m['git_commit'][:10]}`). Every run: "
+        f"`{' '.join(m['common_overrides'])}`, the shipped fashion_mnist config otherwise; "
+        "images/s of the last epoch (the first pays for start-up), in its own process. The "
+        "machine was shared with other jobs: compare rows measured close together, not with "
+        "other machines.", "",
+        f"Batched backend: {m['batched_backend']}.", "",
+        "### Methods and view modes", "", *table(methods, "method"), "",
+        "### Speed levers (BYOL, per_image backend; every other setting as shipped)", "",
+        *table(levers, "method"), "",
+        f"### Same BYOL written with lightly ({m['lightly']})", "",
+        "Alternating runs; lightly's BYOLTransform (same asymmetric blur / solarize), heads, "
+        "NegativeCosineSimilarity, LARS, cosine momentum; the same timm ResNet-18 CIFAR stem, "
+        "batch, bf16 autocast, channels_last and DataLoader settings, in a plain PyTorch loop.", "",
+        *table(pairs, "run"), "", *lightly_summary(rows), "",
+    ]
+    sys.path.insert(0, str(Path(__file__).parent))
+    from quality import replace_section  # sibling benchmark script
+
+    replace_section(doc, f"throughput-{mode}", "\n".join(body))
+
+
+if __name__ == "__main__":
+    main()

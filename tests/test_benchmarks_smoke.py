@@ -1,0 +1,66 @@
+"""Smoke tests: the quality and training-throughput benchmarks run in their tiniest configuration
+and write their result files (no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str) -> ModuleType:
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def fashion_mnist_present() -> None:
+    from massrl.config import DataConfig
+    from massrl.data import DatasetNotFoundError, load_dataset
+
+    try:
+        load_dataset(DataConfig(name="fashion_mnist", subset=10), 0)
+    except DatasetNotFoundError:
+        pytest.skip("Fashion-MNIST (Debian package dataset-fashion-mnist) is not installed")
+
+
+def test_quality_tiny_run_writes_results(tmp_path, fashion_mnist_present):
+    out, docs = tmp_path / "results", tmp_path / "docs"
+    _load("quality").main([
+        "--quick", "--methods", "byol", "massrl_random", "--epochs", "1", "--subset", "64",
+        "--eval-subset", "100", "--offline-subset", "100", "--batch-size", "32", "--width", "4",
+        "--num-workers", "0", "--linear-epochs", "1", "--runs-dir", str(tmp_path / "runs"),
+        "--out-dir", str(out), "--docs", str(docs),
+    ])
+    data = json.loads((out / "quality_quick.json").read_text())
+    assert [r["method"] for r in data["runs"]] == ["byol", "massrl_random"]
+    for run in data["runs"]:
+        assert len(run["curve"]) == 1 and 0 <= run["linear_top1"] <= 1
+    assert set(data["baselines"]) == {"random_init", "raw_pixels"}
+    assert (out / "quality_quick.csv").read_text().count("\n") == 3
+    assert (docs / "quality_curves_quick.png").stat().st_size > 0
+    assert "quality-quick:start" in (docs / "benchmarks.md").read_text()
+
+
+def test_train_throughput_tiny_run_writes_results(tmp_path, fashion_mnist_present):
+    out = tmp_path / "tp.json"
+    _load("train_throughput").main([
+        "--quick", "--methods", "byol", "--levers", "--batches", "2", "--epochs", "1",
+        "--batch-size", "16", "--width", "4", "--lightly-repeats", "1", "--lightly-path",
+        str(tmp_path / "no-lightly-here"), "--out", str(out), "--docs", str(tmp_path / "docs"),
+    ])
+    data = json.loads(out.read_text())
+    rows = [r for r in data["results"] if r["kind"] == "massrl"]
+    assert rows and all("error" not in r and r["images_per_s"] > 0 for r in rows)
+    assert rows[0]["peak_rss_mib"] > 0
+    assert "throughput-quick:start" in (tmp_path / "docs" / "benchmarks.md").read_text()
