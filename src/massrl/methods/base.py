@@ -113,10 +113,13 @@ class SSLMethod(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         self.skipped_files += int(batch.get("skipped", 0))
-        if "views" not in batch:  # every image of the batch failed to decode: skip the step
+        # every image of the batch failed to decode (on some rank): skip the step
+        if not self._on_every_rank("views" in batch):
             return None
         out = self.ssl_step(batch)
         loss = out.pop("loss")
+        if not self._on_every_rank(bool(torch.isfinite(loss))):  # stop or skip on all ranks
+            loss = loss.detach() * float("nan")
         if not check_finite(loss, self.global_step, self.current_epoch,
                             self.cfg.trainer.skip_nonfinite):
             self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", on_epoch=True,
@@ -141,6 +144,13 @@ class SSLMethod(L.LightningModule):
         self._images_this_epoch += b
         self.images_seen += b * self.trainer.world_size  # per step: exact across a resume
         return loss
+
+    def _on_every_rank(self, ok: bool) -> bool:
+        """Whether `ok` holds on every rank. DDP ranks must all train or all skip a step: a rank
+        that skips its backward (or raises) leaves the others waiting in a collective."""
+        if self.trainer.world_size == 1:
+            return ok
+        return bool(self.all_gather(torch.tensor([int(ok)], device=self.device)).min())
 
     def _probe_step(self, feats: torch.Tensor, labels: torch.Tensor
                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
