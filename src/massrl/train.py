@@ -5,6 +5,7 @@ augmentation picture and summary.json)."""
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from pathlib import Path
@@ -37,10 +38,22 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
 
 
+RUN_DIR_ENV = "MASSRL_RUN_DIR"
+
+
 def make_run_dir(cfg: RunConfig) -> Path:
-    """output_dir if given, else the next free runs/<name>/version_N."""
+    """output_dir if given, else the next free runs/<name>/version_N.
+
+    The chosen directory is put in the environment, so the processes Lightning starts for DDP
+    (which re-run the command) use the same one instead of taking the next free version.
+    """
     if cfg.output_dir:
         run_dir = Path(cfg.output_dir)
+    elif os.environ.get(RUN_DIR_ENV):
+        run_dir = Path(os.environ[RUN_DIR_ENV])
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("a run launched as several processes (torchrun, srun) needs "
+                          "output_dir=DIR, the same on every process")
     else:
         base = Path("runs") / cfg.run_name
         n = 0
@@ -48,6 +61,7 @@ def make_run_dir(cfg: RunConfig) -> Path:
             n += 1
         run_dir = base / f"version_{n}"
     run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
     return run_dir
 
 
@@ -154,6 +168,15 @@ def build_datamodule(cfg: RunConfig):
 
 def pretrain(cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """Run one pre-training job and return its summary (also written to summary.json)."""
+    inherited = RUN_DIR_ENV in os.environ
+    try:
+        return _pretrain(cfg, run_dir)
+    finally:
+        if not inherited:  # the next run in this process picks its own directory
+            os.environ.pop(RUN_DIR_ENV, None)
+
+
+def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if cfg.resume == "auto" and not cfg.output_dir and run_dir is None:
         raise ConfigError("resume=auto needs output_dir=DIR: the run directory to continue")
