@@ -393,9 +393,6 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank(ranks):
         assert result["nonfinite"][False] == "NonFiniteLossError", result["nonfinite"]
 
 
-@pytest.mark.xfail(strict=True, reason="Lightning refuses a training_step that returns None under "
-                   "DDP, so trainer.skip_nonfinite (and an all-undecodable batch) cannot skip a "
-                   "step there yet; every rank now fails alike instead of one hanging")
 def test_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(ranks):
     for result in ranks:
         assert result["nonfinite"][True] == ("trained", True), result["nonfinite"]

@@ -67,6 +67,8 @@ class SSLMethod(L.LightningModule):
         self.normalization: dict[str, Any] = {}
         # augment.backend=batched: the strategies run here on the device (see massrl.train)
         self.augmenter: Any = None
+        self._skipping = False  # the current step is being skipped (see _skip_step)
+        self._saved_lrs: list[float] = []
 
     # ------------------------------------------------------------------ method interface
 
@@ -111,11 +113,11 @@ class SSLMethod(L.LightningModule):
 
     # ------------------------------------------------------------------ training
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.skipped_files += int(batch.get("skipped", 0))
         # every image of the batch failed to decode (on some rank): skip the step
         if not self._on_every_rank("views" in batch):
-            return None
+            return self._skip_step()
         out = self.ssl_step(batch)
         loss = out.pop("loss")
         if not self._on_every_rank(bool(torch.isfinite(loss))):  # stop or skip on all ranks
@@ -124,7 +126,7 @@ class SSLMethod(L.LightningModule):
                             self.cfg.trainer.skip_nonfinite):
             self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", on_epoch=True,
                      on_step=False)
-            return None
+            return self._skip_step()
         feats = out.pop("feats")
         b = batch["label"].shape[0]
         log = {f"train/{k}": v.detach() for k, v in out.items()}
@@ -144,6 +146,34 @@ class SSLMethod(L.LightningModule):
         self._images_this_epoch += b
         self.images_seen += b * self.trainer.world_size  # per step: exact across a resume
         return loss
+
+    def _skip_step(self) -> torch.Tensor:
+        """A step that changes nothing, taken the same way on every rank.
+
+        Returning None would skip the step on one process only, which DDP cannot do (the other
+        ranks wait in the gradient all-reduce). Instead every parameter gets a zero gradient and
+        the optimizer runs with lr 0 (see optimizer_step): weights and EMA target stay unchanged.
+        """
+        self._skipping = True
+        return sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skipping:
+            self._saved_lrs = [g["lr"] for g in optimizer.param_groups]
+            for g in optimizer.param_groups:
+                g["lr"] = 0.0
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        skipped, self._skipping = self._skipping, False
+        if skipped:
+            optimizer = self.trainer.optimizers[0]
+            for g, lr in zip(optimizer.param_groups, self._saved_lrs, strict=True):
+                g["lr"] = lr
+        self.after_optimizer_step(skipped)
+
+    def after_optimizer_step(self, skipped: bool) -> None:
+        """Called after each optimizer step (after the weights changed, before checkpoints)."""
 
     def _on_every_rank(self, ok: bool) -> bool:
         """Whether `ok` holds on every rank. DDP ranks must all train or all skip a step: a rank

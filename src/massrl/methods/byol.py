@@ -46,10 +46,11 @@ class BYOL(SSLMethod):
                    ) -> dict[str, torch.Tensor]:
         return {}
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def after_optimizer_step(self, skipped: bool) -> None:
         # the target follows each real optimizer step (so it respects gradient accumulation), and
-        # is updated before any checkpoint of this step is written
+        # is updated before any checkpoint of this step is written; a skipped step changes nothing
+        if skipped:
+            return
         self.tau = cosine_tau(self.trainer.global_step, self.total_steps(),
                               self.cfg.loss.tau_base, self.cfg.loss.tau_final)
         self.ema_update(self.tau)
