@@ -508,23 +508,47 @@ def write_results(setup: Setup, runs: list[dict], baselines: dict, info: dict) -
     return stem.with_suffix(".json")
 
 
+PAPER_PAIR = ("byol", "massrl_random")  # the paper's figure: run these over all seeds first
+
+
+def schedule(methods: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """Run order such that a run cut short still holds the most useful results: BYOL and MASSRL
+    (random, 2 views) for every seed first, then every other method for the first seed, then
+    the remaining seeds. Results are written after every run."""
+    def key(item: tuple[str, int]) -> tuple[int, int, int]:
+        method, seed = item
+        phase = 0 if method in PAPER_PAIR else 1 if seed == seeds[0] else 2
+        return phase, seed, methods.index(method)
+
+    return sorted(((m, s) for s in seeds for m in methods), key=key)
+
+
+def cached_baselines(setup: Setup, evaluator: Evaluator, resume: bool) -> dict[str, Any]:
+    path = setup.runs_dir / setup.mode / "baselines.json"
+    if resume and path.is_file():
+        return json.loads(path.read_text())
+    baselines = baseline_features(setup, evaluator)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(baselines, indent=2))
+    return baselines
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     setup = make_setup(args)
     t0 = time.perf_counter()
     runs: list[dict] = []
     evaluator = Evaluator(setup, setup.offline_subset)
-    baselines = baseline_features(setup, evaluator)
+    baselines = cached_baselines(setup, evaluator, args.resume)
     print("baselines:", json.dumps(baselines), flush=True)
-    for seed in setup.seeds:  # seed-major: a cut-short run still has every method for seed 0
-        for method in setup.methods:
-            r = one_run(setup, method, seed, args.resume, evaluator)
-            runs.append(r)
-            print(f"{method} seed {seed}: online kNN {r['online_knn_top1']:.4f} offline kNN "
-                  f"{r['offline_knn_top1_k200']:.4f} linear {r['linear_top1']:.4f} "
-                  f"({r['pretrain_wall_seconds']:.0f} s)", flush=True)
-            info = meta(setup, argv, time.perf_counter() - t0)
-            path = write_results(setup, runs, baselines, info)
+    for method, seed in schedule(setup.methods, setup.seeds):
+        r = one_run(setup, method, seed, args.resume, evaluator)
+        runs.append(r)
+        print(f"{method} seed {seed}: online kNN {r['online_knn_top1']:.4f} offline kNN "
+              f"{r['offline_knn_top1_k200']:.4f} linear {r['linear_top1']:.4f} "
+              f"({r['pretrain_wall_seconds']:.0f} s)", flush=True)
+        info = meta(setup, argv, time.perf_counter() - t0)
+        path = write_results(setup, runs, baselines, info)
     if setup.docs is not None:
         write_report(json.loads(path.read_text()), setup.docs)
     return {"runs": runs, "baselines": baselines, "results": str(path)}
