@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="where benchmarks.md and quality_curves.png go ('none': nowhere)")
     p.add_argument("--resume", action="store_true", help="reuse finished runs in --runs-dir")
     p.add_argument("--override", nargs="*", default=[], help="extra KEY=VALUE for every run")
+    p.add_argument("--report-only", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="only (re)write docs from a results file (e.g. of a run still going)")
     return p.parse_args(argv)
 
 
@@ -296,21 +298,24 @@ def at_budget(run: dict, key: str, budget: float) -> dict | None:
 
 
 def equal_epochs_table(groups: dict[str, list[dict]], baselines: dict) -> list[str]:
-    rows = ["| method | views | online kNN (last epoch) | offline kNN k=200 | offline kNN k=20 | "
-            "offline linear | pre-training s | image-views (M) |", "|---" * 8 + "|"]
+    rows = ["| method | seeds | views | online kNN (last epoch) | offline kNN k=200 | "
+            "offline kNN k=20 | offline linear | pre-training s | image-views (k) |",
+            "|---" * 9 + "|"]
     for m, rs in groups.items():
         rows.append(
-            f"| {LABELS[m]} | {rs[0]['views']} | {fmt([r['online_knn_top1'] for r in rs])} | "
+            f"| {LABELS[m]} | {len(rs)} | {rs[0]['views']} | "
+            f"{fmt([r['online_knn_top1'] for r in rs])} | "
             f"{fmt([r['offline_knn_top1_k200'] for r in rs])} | "
             f"{fmt([r['offline_knn_top1_k20'] for r in rs])} | "
             f"{fmt([r['linear_top1'] for r in rs])} | "
             f"{fmt([r['train_seconds'] for r in rs], 1.0, 0)} | "
-            f"{fmt([r['curve'][-1]['image_views'] for r in rs], 1e-6, 3)} |")
+            f"{fmt([r['curve'][-1]['image_views'] for r in rs], 1e-3, 1)} |")
     for name, label in (("random_init", "untrained backbone"), ("raw_pixels", "raw pixels")):
         b = baselines.get(name)
         if b:
             on, off = b["online"], b["offline"]
-            rows.append(f"| {label} (no training) | - | {100 * on['offline_knn_top1_k200']:.1f} | "
+            rows.append(f"| {label} (no training) | - | - | "
+                        f"{100 * on['offline_knn_top1_k200']:.1f} | "
                         f"{100 * off['offline_knn_top1_k200']:.1f} | "
                         f"{100 * off['offline_knn_top1_k20']:.1f} | "
                         f"{100 * off['linear_top1']:.1f} | 0 | 0 |")
@@ -324,7 +329,7 @@ def equal_compute_table(groups: dict[str, list[dict]]) -> list[str]:
         return ["(no BYOL runs: no equal-compute comparison)"]
     views_budget = ref[0]["curve"][-1]["image_views"]
     time_budget = mean_std([r["train_seconds"] for r in ref])[0]
-    rows = [f"Budgets: BYOL's {views_budget / 1e6:.3f} M image-views through the encoder, and "
+    rows = [f"Budgets: BYOL's {views_budget / 1e3:.1f} k image-views through the encoder, and "
             f"BYOL's mean training time {time_budget:.0f} s (wall time on a shared 2-core CPU: "
             "noisy).", "",
             "| method | epochs in view budget | online kNN at equal image-views | "
@@ -389,10 +394,10 @@ def plot_curves(groups: dict[str, list[dict]], baselines: dict, path: Path, titl
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, xlabel in ((axes[0], "epoch", "pre-training epoch"),
-                            (axes[1], "image_views", "images x views through the encoder (M)")):
+                            (axes[1], "image_views", "images x views through the encoder (thousands)")):
         for m, rs in groups.items():
             n = min(len(r["curve"]) for r in rs)
-            xs = [rs[0]["curve"][e][key] * (1e-6 if key == "image_views" else 1) for e in range(n)]
+            xs = [rs[0]["curve"][e][key] * (1e-3 if key == "image_views" else 1) for e in range(n)]
             stats = [mean_std([100 * r["curve"][e]["knn_top1"] for r in rs]) for e in range(n)]
             mean = [s[0] for s in stats]
             ax.plot(xs, mean, marker="o", ms=3, color=COLOURS[m], label=LABELS[m],
@@ -426,7 +431,8 @@ def report_section(data: dict, png: str) -> str:
         f"ResNet-18 CIFAR stem, width {info['width']}, 32 px, {info['subset']} class-balanced "
         f"Fashion-MNIST training images, batch {info['batch_size']}, {info['epochs']} epochs, "
         "the shipped fashion_mnist configs otherwise (LARS, 1 warm-up epoch, cosine, bf16 "
-        f"autocast); {seeds} seed(s), mean ± std over seeds. Online kNN: k=200, T=0.07, cosine, "
+        f"autocast); {seeds} seed(s) planned (the seeds column says how many finished), "
+        "mean ± std over seeds. Online kNN: k=200, T=0.07, cosine, "
         f"on {info['eval_subset']} train / {info['eval_subset']} test images (data.eval_subset). "
         "Offline: the protocol of `massrl knn` (k=200 and 20) and `massrl linear "
         f"features_cached=true epochs={info['linear_epochs']}` (the same functions, run in the "
@@ -460,7 +466,7 @@ def write_report(data: dict, docs: Path) -> None:
     mode = data["meta"]["mode"]
     png = "quality_curves.png" if mode == "full" else f"quality_curves_{mode}.png"
     title = (f"Fashion-MNIST, ResNet-18 w{data['meta']['width']}, online kNN top-1 per epoch "
-             f"(mean ± std over {len(data['meta']['seeds'])} seed(s))")
+             f"(mean ± std over up to {len(data['meta']['seeds'])} seeds)")
     plot_curves(by_method(data["runs"]), data["baselines"], docs / png, title)
     replace_section(docs / "benchmarks.md", f"quality-{mode}", report_section(data, png))
 
@@ -535,6 +541,9 @@ def cached_baselines(setup: Setup, evaluator: Evaluator, resume: bool) -> dict[s
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.report_only is not None:
+        write_report(json.loads(args.report_only.read_text()), args.docs)
+        return {"results": str(args.report_only)}
     setup = make_setup(args)
     t0 = time.perf_counter()
     runs: list[dict] = []
