@@ -394,7 +394,7 @@ def plot_curves(groups: dict[str, list[dict]], baselines: dict, path: Path, titl
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, key, xlabel in ((axes[0], "epoch", "pre-training epoch"),
-                            (axes[1], "image_views", "images x views through the encoder (thousands)")):
+                            (axes[1], "image_views", "image-views through the encoder (k)")):
         for m, rs in groups.items():
             n = min(len(r["curve"]) for r in rs)
             xs = [rs[0]["curve"][e][key] * (1e-3 if key == "image_views" else 1) for e in range(n)]
