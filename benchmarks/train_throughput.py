@@ -201,6 +201,7 @@ def worker_main(spec_json: str) -> None:
     out = lightly_worker(spec) if spec["kind"] == "lightly" else massrl_worker(spec)
     out["wall_seconds"] = round(time.perf_counter() - t0, 1)
     out["peak_rss_mib"], out["peak_rss_child_mib"] = peak_rss_mib()
+    out["load_average_1min"] = round(os.getloadavg()[0], 2)  # the machine is shared
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -363,12 +364,13 @@ def _cell(r: dict[str, Any]) -> tuple[str, str]:
 
 
 def table(rows: list[dict[str, Any]], first: str) -> list[str]:
-    out = [f"| {first} | setting | images/s | peak RSS MiB (main / largest worker) |",
-           "|---|---|---|---|"]
+    out = [f"| {first} | setting | images/s | peak RSS MiB (main / largest worker) | "
+           "load average at the end |", "|---|---|---|---|---|"]
     for r in rows:
         rate, mem = _cell(r)
         name = r["method"] if r["kind"] == "massrl" else f"{r['kind']} {r['method']}"
-        out.append(f"| {name} | {r['label']} | {rate} | {mem} |")
+        load = r.get("load_average_1min", "-")
+        out.append(f"| {name} | {r['label']} | {rate} | {mem} | {load} |")
     return out
 
 
