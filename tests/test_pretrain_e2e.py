@@ -50,8 +50,8 @@ def test_pretrain_missing_dataset_is_a_clear_error(tmp_path, capsys):
     code = main(["pretrain", "data.name=cifar10", f"data.root={tmp_path / 'none'}",
                  f"output_dir={tmp_path / 'run'}"])
     assert code == 2
-    out = capsys.readouterr().out
-    assert "cifar10" in out.lower() and "data.download=true" in out
+    err = capsys.readouterr().err
+    assert "cifar10" in err.lower() and "data.download=true" in err
 
 
 def test_pretrain_on_a_folder_with_bad_files(tmp_path, tiny):

@@ -91,7 +91,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_continues(tiny):
     args = _byol(tiny, **{**RUN, "trainer.checkpoint_every_n_steps": "0"})
     result = _interrupted(args, at=5, sig="SIGTERM")
     assert result.returncode == 143, result.stderr[-2000:]
-    assert "resume=auto" in result.stdout
+    assert "resume=auto" in result.stderr
     ckpt = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 5  # saved on SIGTERM, not at an epoch end
     assert main(["pretrain", *args, "resume=auto"]) == 0
@@ -130,7 +130,7 @@ def test_nonfinite_loss_stops_with_the_step_or_is_skipped(tiny, monkeypatch, cap
     monkeypatch.setattr(byol, "byol_pair_loss", nan_on_third)
     args = _byol(tiny, **{"trainer.checkpoint_every_n_steps": "1"})
     assert main(["pretrain", *args]) == 1
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "at optimizer step 2" in out and "optimizer.lr" in out
     ckpt = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2  # the last good checkpoint is kept

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from massrl.commands.common import add_config_args, resolve
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     if cfg is None:
         return 0
     if args.images <= 0:
-        print("massrl augviz: --images must be a positive number of rows")
+        print("massrl augviz: --images must be a positive number of rows", file=sys.stderr)
         return 2
     from massrl.augment import MultiViewTransform
     from massrl.augviz import augmentation_grid
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         splits = load_dataset(cfg.data, seed=cfg.seed)
     except DatasetNotFoundError as exc:
-        print(f"massrl augviz: {exc}")
+        print(f"massrl augviz: {exc}", file=sys.stderr)
         return 2
     transform = MultiViewTransform(cfg.augment, cfg.data.image_size, splits.mean, splits.std)
     out = Path(args.out)

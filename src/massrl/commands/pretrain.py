@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from rich.console import Console
 from rich.table import Table
@@ -35,15 +36,15 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = pretrain(cfg)
     except DatasetNotFoundError as exc:
-        print(f"massrl pretrain: {exc}")
+        print(f"massrl pretrain: {exc}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, CheckpointWriteError) as exc:
-        print(f"massrl pretrain: {exc}")
+        print(f"massrl pretrain: {exc}", file=sys.stderr)
         return 1
     except SIGTERMException:
         where = cfg.output_dir or "the run directory"
         print(f"massrl pretrain: stopped by SIGTERM; last.ckpt saved. Continue with "
-              f"resume=auto output_dir={where}")
+              f"resume=auto output_dir={where}", file=sys.stderr)
         return 143
     print_summary(summary)
     return 0
