@@ -26,6 +26,13 @@ from massrl.resilience import (
 )
 
 KNN_METRIC = "val/knn_top1"
+QUIET = (
+    ".*does not have many workers.*",  # the config decides the worker count
+    ".*Experiment logs directory .* exists and is not empty.*",  # config.yaml is written first
+    ".*overridden `on_after_batch_transfer`.*",  # on purpose: the batched backend lives there
+    ".*is smaller than the logging interval.*",  # tiny runs
+    ".*LeafSpec.*",  # a deprecation inside Lightning
+)
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -202,8 +209,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
     trainer, parts = build_trainer(cfg, run_dir, has_labels=dm.has_labels)
     fit_model = torch.compile(method) if cfg.trainer.compile else method
     with warnings.catch_warnings():
-        # Lightning suggests more workers on every small run; the config decides that
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
+        # notices that are expected in a massrl run and only bury the useful output
+        for message in QUIET:
+            warnings.filterwarnings("ignore", message)
         trainer.fit(fit_model, datamodule=dm, ckpt_path=resume_from)
     summary = parts["summary"].summary(trainer, method, parts["best"])
     if trainer.is_global_zero:
