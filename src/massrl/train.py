@@ -207,12 +207,17 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
     if cfg.trainer.channels_last:
         method = method.to(memory_format=torch.channels_last)
     trainer, parts = build_trainer(cfg, run_dir, has_labels=dm.has_labels)
-    fit_model = torch.compile(method) if cfg.trainer.compile else method
+    if cfg.trainer.compile:
+        # the encoders carry the compute; compiling them in place keeps checkpoint keys plain and
+        # leaves the data-dependent loss bookkeeping in eager mode
+        for name in ("backbone", "target_backbone"):
+            if hasattr(method, name):
+                getattr(method, name).compile()
     with warnings.catch_warnings():
         # notices that are expected in a massrl run and only bury the useful output
         for message in QUIET:
             warnings.filterwarnings("ignore", message)
-        trainer.fit(fit_model, datamodule=dm, ckpt_path=resume_from)
+        trainer.fit(method, datamodule=dm, ckpt_path=resume_from)
     summary = parts["summary"].summary(trainer, method, parts["best"])
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
