@@ -42,8 +42,9 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def _interrupted(args: list[str], at: int, sig: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KILL_AT": str(at), "KILL_SIGNAL": sig}
+def _interrupted(args: list[str], at: int, sig: str, **env_extra: str
+                 ) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KILL_AT": str(at), "KILL_SIGNAL": sig, **env_extra}
     return subprocess.run([sys.executable, "-c", KILLER, "pretrain", *args], env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -87,11 +88,19 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny):
     assert list(_out(args).glob("metrics.before_resume_1.csv"))
 
 
-def test_sigterm_saves_a_checkpoint_and_the_run_continues(tiny):
+def test_sigterm_saves_a_checkpoint_requeues_on_slurm_and_the_run_continues(tiny, tmp_path):
+    # a stand-in `scontrol` that records how it was called
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'scontrol.args'}\n")
+    scontrol.chmod(0o755)
     args = _byol(tiny, **{**RUN, "trainer.checkpoint_every_n_steps": "0"})
-    result = _interrupted(args, at=5, sig="SIGTERM")
+    result = _interrupted(args, at=5, sig="SIGTERM", SLURM_JOB_ID="4242",
+                          PATH=f"{bin_dir}:{os.environ['PATH']}")
     assert result.returncode == 143, result.stderr[-2000:]
     assert "resume=auto" in result.stderr
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
     ckpt = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 5  # saved on SIGTERM, not at an epoch end
     assert main(["pretrain", *args, "resume=auto"]) == 0
