@@ -137,6 +137,8 @@ class TrainerConfig(_Section):
     checkpoint_every_n_steps: int = Field(
         500, ge=0, description="also save last.ckpt every N optimizer steps (0 = epoch ends only)")
     skip_nonfinite: bool = Field(False, description="skip steps whose loss is NaN/inf")
+    cpu_threads: int | None = Field(
+        None, gt=0, description="torch threads of a CPU run (default: cores - data.num_workers)")
 
 
 class EvalConfig(_Section):
