@@ -360,6 +360,16 @@ def per_epoch_table(groups: dict[str, list[dict]]) -> list[str]:
     return rows
 
 
+def compare(diff: float, sa: float, sb: float, na: int, nb: int) -> str:
+    """'above' / 'below' / 'within the seeds' spread of' BYOL, the spread being the larger std."""
+    if na < 2 and nb < 2:
+        return f"{'above' if diff > 0 else 'below'} BYOL; 1 seed each, no noise estimate"
+    noise = max(sa if na > 1 else 0.0, sb if nb > 1 else 0.0)
+    if abs(diff) <= noise:
+        return f"within the seeds' spread (std {noise:.1f}) of BYOL"
+    return f"{'above' if diff > 0 else 'below'} BYOL, beyond the seeds' std {noise:.1f}"
+
+
 def verdicts(groups: dict[str, list[dict]]) -> list[str]:
     """Plain sentences: each MASSRL mode against BYOL, difference of means and the seeds' spread."""
     ref = groups.get("byol")
@@ -375,13 +385,8 @@ def verdicts(groups: dict[str, list[dict]]) -> list[str]:
         for key, name in metrics:
             a, sa = mean_std([100 * r[key] for r in rs])
             b, sb = mean_std([100 * r[key] for r in ref])
-            noise = max(sa, sb)
-            word = ("within noise of" if abs(a - b) <= noise or len(rs) < 2
-                    else "above" if a > b else "below")
-            if len(rs) < 2:
-                word = "above" if a > b else "below"
-                word += " (1 seed: no noise estimate)"
-            parts.append(f"{name} {a - b:+.1f} points ({word} BYOL)")
+            verdict = compare(a - b, sa, sb, len(rs), len(ref))
+            parts.append(f"{name} {a - b:+.1f} points ({verdict})")
         out.append(f"- **{LABELS[m]}** at equal epochs: " + "; ".join(parts) + ".")
     return out
 
