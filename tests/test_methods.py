@@ -111,3 +111,21 @@ def test_checkpoint_holds_config_and_marker(tmp_path):
     assert ckpt["hyper_parameters"]["config"]["method"] == "simclr"
     assert ckpt["massrl"]["backbone"]["width"] == 8
     assert any(k.startswith("backbone.") for k in ckpt["state_dict"])
+
+
+def test_cpu_runs_leave_a_core_per_worker(monkeypatch):
+    """Oversubscribed torch threads stall at every barrier: a CPU run takes cores - workers."""
+    from massrl.train import set_cpu_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    try:
+        set_cpu_threads(_cfg(**{"data.num_workers": 3, "trainer.accelerator": "cpu"}))
+        assert torch.get_num_threads() == 5
+        set_cpu_threads(_cfg(**{"data.num_workers": 3, "trainer.accelerator": "cpu",
+                                "trainer.cpu_threads": 2}))
+        assert torch.get_num_threads() == 2
+        set_cpu_threads(_cfg(**{"data.num_workers": 0, "trainer.accelerator": "cpu"}))
+        assert torch.get_num_threads() == 2  # no workers: left as it was
+    finally:
+        torch.set_num_threads(before)
