@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -322,8 +322,22 @@ def describe_options(schema: type[BaseModel] = RunConfig, prefix: str = "") -> l
         default = _jsonable(field.get_default(call_default_factory=True))
         shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
         desc = f"  {field.description}" if field.description else ""
+        choices = _choices(ann)
+        if choices:
+            desc += f"  (one of: {', '.join(choices)})"
         lines.append(f"  {prefix + name:<34} default {shown}{desc}")
     return lines
+
+
+def _choices(annotation: Any) -> list[str]:
+    """The allowed values of a Literal field (also inside list[...] / Optional[...])."""
+    if get_origin(annotation) is Literal:
+        return [str(a) for a in get_args(annotation)]
+    for arg in get_args(annotation):
+        found = _choices(arg)
+        if found:
+            return found
+    return []
 
 
 def _jsonable(v: Any) -> Any:

@@ -17,7 +17,9 @@ def add_config_args(parser: argparse.ArgumentParser, schema: type[BaseModel]) ->
                         help="dotted overrides, e.g. optimizer.lr=0.5 data.subset=2000")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config and exit")
-    parser.epilog = "config keys and defaults:\n" + "\n".join(describe_options(schema))
+    parser.epilog = ("config keys and their schema defaults (a -c config file may set others; "
+                     "--print-config shows the resolved values):\n"
+                     + "\n".join(describe_options(schema)))
 
 
 def resolve(args: argparse.Namespace, schema: type[BaseModel]) -> Any:
