@@ -83,39 +83,53 @@ class BatchedAugmenter:
             raise ValueError(f"strategy must be [B, {len(views)}], got {list(strategy.shape)}")
         if not views:
             return []
-        # all views form one batch: one program, one pass per op family for every view
-        u8 = torch.cat(list(views)) if len(views) > 1 else views[0]
+        # all views form one batch: one program, one pass per op family for every view (in
+        # grouped mode the chunks are taken from the views directly, without a concatenated copy)
+        grouped = self.grouped if self.grouped is not None else views[0].device.type == "cpu"
+        u8: Tensor | list[Tensor] = list(views)
+        if not grouped and len(views) > 1:
+            u8 = torch.cat(u8)
         sid = strategy.t().reshape(-1)
         # view parity computed on the device: a host tensor would need a synchronising copy
         v = torch.arange(len(views), device=sid.device)
         if self.cfg.view_mode == "crops_x_strategies":
             v = v // len(self.cfg.strategies)
         odd = (v % 2 == 1).repeat_interleave(strategy.shape[0])
-        with torch.autocast(u8.device.type, enabled=False):  # keep the maths in float32
-            prog = self.sampler.sample(sid, u8.shape[-1], odd, generator)
+        with torch.autocast(views[0].device.type, enabled=False):  # keep the maths in float32
+            prog = self.sampler.sample(sid, views[0].shape[-1], odd, generator)
             out = self.apply(u8, prog)
         return list(out.split(strategy.shape[0]))
 
-    def apply(self, u8: Tensor, prog: Program, present: list[int] | None = None) -> Tensor:
-        """Run a program on uint8 images [N, 3, H, W] -> normalised float32. `present`: the
-        strategy ids that may occur (default all), which bounds the op families of full mode."""
-        if u8.dtype != torch.uint8 or u8.dim() != 4:
-            raise ValueError(f"views must be uint8 [B, 3, S, S], got {u8.dtype} {list(u8.shape)}")
-        grouped = self.grouped if self.grouped is not None else u8.device.type == "cpu"
-        out = torch.empty(u8.shape, dtype=torch.float32, device=u8.device)
-        per_image = max(1, u8[0].numel() * 4)
-        step = max(1, self.chunk_bytes // per_image) if grouped else max(1, u8.shape[0])
+    def apply(self, u8: Tensor | Sequence[Tensor], prog: Program,
+              present: list[int] | None = None) -> Tensor:
+        """Run a program on uint8 images [N, 3, H, W] (or a list of such batches, taken as their
+        concatenation) -> normalised float32. `present`: the strategy ids that may occur (default
+        all), which bounds the op families of full mode."""
+        parts = [u8] if isinstance(u8, Tensor) else list(u8)
+        for p in parts:
+            if p.dtype != torch.uint8 or p.dim() != 4 or p.shape[1:] != parts[0].shape[1:]:
+                raise ValueError(f"views must be uint8 [B, 3, S, S], got {p.dtype} {list(p.shape)}")
+        first = parts[0]
+        total = sum(p.shape[0] for p in parts)
+        grouped = self.grouped if self.grouped is not None else first.device.type == "cpu"
+        out = torch.empty((total, *first.shape[1:]), dtype=torch.float32, device=first.device)
+        per_image = max(1, first[0].numel() * 4)
+        step = max(1, self.chunk_bytes // per_image) if grouped else max(1, total)
         slot_ops = self.sampler.slot_ops(present)
         key = (tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist()))
         scale = on_device(("scale", *key), out.device, lambda: 1 / self.std)
         shift = on_device(("shift", *key), out.device, lambda: -self.mean / self.std)
-        for a in range(0, u8.shape[0], step):
-            x = out[a : a + step]
-            x.copy_(u8[a : a + step]).mul_(1 / 255)  # 10x faster than mul(u8, out=x)
-            part = Program(prog.op[a : a + step], prog.mag[a : a + step],
-                           prog.aux[a : a + step], prog.flip[a : a + step])
-            self._run(x, part, slot_ops, grouped)
-            x.mul_(scale).add_(shift)  # (x - mean) / std while x is in cache
+        base = 0
+        for src in parts:
+            for a in range(0, src.shape[0], step):
+                b = min(a + step, src.shape[0])
+                x = out[base + a : base + b]
+                x.copy_(src[a:b]).mul_(1 / 255)  # 10x faster than mul(u8, out=x)
+                i, j = base + a, base + b
+                part = Program(prog.op[i:j], prog.mag[i:j], prog.aux[i:j], prog.flip[i:j])
+                self._run(x, part, slot_ops, grouped)
+                x.mul_(scale).add_(shift)  # (x - mean) / std while x is in cache
+            base += src.shape[0]
         return out
 
     # -------------------------------------------------------------- execution
