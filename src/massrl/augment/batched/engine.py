@@ -87,8 +87,9 @@ class BatchedAugmenter:
         # grouped mode the chunks are taken from the views directly, without a concatenated copy)
         grouped = self.grouped if self.grouped is not None else views[0].device.type == "cpu"
         u8: Tensor | list[Tensor] = list(views)
-        if not grouped and len(views) > 1:
-            u8 = torch.cat(u8)
+        chunk = max(1, self.chunk_bytes // max(1, views[0][0].numel() * 4))
+        if len(views) > 1 and (not grouped or chunk > views[0].shape[0]):
+            u8 = torch.cat(u8)  # (small images: chunks spanning views, fewer of them)
         sid = strategy.t().reshape(-1)
         # view parity computed on the device: a host tensor would need a synchronising copy
         v = torch.arange(len(views), device=sid.device)
@@ -128,7 +129,10 @@ class BatchedAugmenter:
                 i, j = base + a, base + b
                 part = Program(prog.op[i:j], prog.mag[i:j], prog.aux[i:j], prog.flip[i:j])
                 self._run(x, part, slot_ops, grouped)
-                x.mul_(scale).add_(shift)  # (x - mean) / std while x is in cache
+                # (x - mean) / std while x is in cache, one pass
+                torch.addcmul(shift, x, scale, out=x)
+                if grouped:  # flip commutes with the per-channel normalisation
+                    self._flip(x, part.flip, per_image)
             base += src.shape[0]
         return out
 
@@ -141,9 +145,7 @@ class BatchedAugmenter:
             for members, fn in self._families:
                 if members & present:
                     self._run_family(x, members, fn, op, mag, aux, grouped)
-        if grouped:
-            self._on_members(x, prog.flip, lambda t: t.flip(-1))
-        else:
+        if not grouped:  # grouped mode flips after the normalisation, image by image
             ops.hflip_(x, prog.flip)
 
     def _run_family(self, x: Tensor, members: set[int], fn: FamilyFn, op: Tensor, mag: Tensor,
@@ -167,10 +169,17 @@ class BatchedAugmenter:
         x.index_copy_(0, idx, sub)
 
     @staticmethod
-    def _on_members(x: Tensor, mask: Tensor, fn: Callable[[Tensor], Tensor]) -> None:
-        idx = mask.nonzero().squeeze(1)
-        if idx.numel():
-            x.index_copy_(0, idx, fn(x.index_select(0, idx)))
+    def _flip(x: Tensor, flip: Tensor, image_bytes: int) -> None:
+        """Flip the images where `flip` is set: in place, image by image, for large images (2
+        passes, no gather); with one gather / flip / scatter for small ones (fewer calls)."""
+        idx = flip.nonzero().squeeze(1)
+        if not idx.numel():
+            return
+        if image_bytes >= 64 << 10:
+            for t in idx.tolist():
+                x[t].copy_(x[t].flip(-1))
+        else:
+            x.index_copy_(0, idx, x.index_select(0, idx).flip(-1))
 
     # -------------------------------------------------------------- op families
 
