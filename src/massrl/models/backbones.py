@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import timm
-import torch
 from torch import nn
 
 
@@ -72,7 +71,3 @@ def feature_dim(model: nn.Module) -> int:
         raise ValueError("backbone has no num_features attribute")
     return int(dim)
 
-
-@torch.no_grad()
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
