@@ -128,15 +128,15 @@ def test_resume_from_a_missing_file_is_explained(tiny, capsys):
 def test_nonfinite_loss_stops_with_the_step_or_is_skipped(tiny, monkeypatch, capsys):
     import massrl.methods.byol as byol
 
-    real = byol.byol_pair_loss
+    real = byol.byol_per_pair
     calls = {"n": 0}
 
-    def nan_on_third(p, z, mask):
+    def nan_on_third(p, z):
         calls["n"] += 1
-        loss = real(p, z, mask)
+        loss = real(p, z)
         return loss * float("nan") if calls["n"] == 3 else loss
 
-    monkeypatch.setattr(byol, "byol_pair_loss", nan_on_third)
+    monkeypatch.setattr(byol, "byol_per_pair", nan_on_third)
     args = _byol(tiny, **{"trainer.checkpoint_every_n_steps": "1"})
     assert main(["pretrain", *args]) == 1
     out = capsys.readouterr().err

@@ -10,16 +10,19 @@ import torch
 import torch.nn.functional as F
 
 
-def byol_pair_loss(p: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over selected pairs (i, j) of 2 - 2 cos(p_i, z_j), z being the (no-grad) target.
+def byol_per_pair(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """2 - 2 cos(p_i, z_j) for every ordered view pair: [B, V, D] x [B, V, D] -> [B, V, V].
 
-    p, z: [B, V, D] predictions and target projections; mask: [B, V, V] bool, True = pair used.
+    z is the (no-grad) target.
     """
     p = F.normalize(p.float(), dim=-1)
     z = F.normalize(z.float().detach(), dim=-1)
-    cos = torch.einsum("bid,bjd->bij", p, z)
-    per_pair = 2 - 2 * cos
-    return per_pair[mask].mean()
+    return 2 - 2 * torch.einsum("bid,bjd->bij", p, z)
+
+
+def byol_pair_loss(p: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of byol_per_pair over the pairs selected by mask ([B, V, V] bool, True = used)."""
+    return byol_per_pair(p, z)[mask].mean()
 
 
 def pair_losses_by_kind(per_pair: torch.Tensor, mask: torch.Tensor, strategy: torch.Tensor

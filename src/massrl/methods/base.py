@@ -225,7 +225,7 @@ class SSLMethod(L.LightningModule):
             from massrl.eval.knn import weighted_knn
 
             top1, top5 = weighted_knn(
-                F.normalize(bank_f, dim=1), bank_y, F.normalize(test_f, dim=1), test_y,
+                bank_f, bank_y, test_f, test_y,  # cosine: knn normalises the features itself
                 k=self.cfg.eval.knn_k, temperature=self.cfg.eval.knn_temperature,
                 num_classes=self.num_classes)
             metrics["val/knn_top1"] = float(top1)

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from massrl.losses import byol_pair_loss, projection_std
+from massrl.losses import byol_per_pair, projection_std
 from massrl.methods.base import SSLMethod, views_last
 from massrl.models import mlp
 from massrl.optim import cosine_tau
@@ -30,20 +30,22 @@ class BYOL(SSLMethod):
 
     def ssl_step(self, batch: dict) -> dict[str, torch.Tensor]:
         views = batch["views"]
-        feats = self.backbone(torch.cat(views))  # view-major [V*B, F]: one pass for all views
+        x = torch.cat(views)  # view-major [V*B, ...]: one pass for all views
+        feats = self.backbone(x)
         z = self.projector(feats)
         p = self.predictor(z)
         with torch.no_grad():
-            tz = self.target_projector(self.target_backbone(torch.cat(views)))
+            tz = self.target_projector(self.target_backbone(x))
         v = len(views)
-        p, tz = views_last(p, v), views_last(tz, v)
+        per_pair = byol_per_pair(views_last(p, v), views_last(tz, v))
         mask = self.pair_mask(batch)
-        loss = byol_pair_loss(p, tz, mask)
+        loss = per_pair[mask].mean()
         return {"loss": loss, "feats": feats[: views[0].shape[0]], "z_std": projection_std(z),
-                "tau": torch.tensor(self.tau), **self.extra_logs(p, tz, mask, batch)}
+                "tau": torch.tensor(self.tau), **self.extra_logs(per_pair, mask, batch)}
 
-    def extra_logs(self, p: torch.Tensor, tz: torch.Tensor, mask: torch.Tensor, batch: dict
+    def extra_logs(self, per_pair: torch.Tensor, mask: torch.Tensor, batch: dict
                    ) -> dict[str, torch.Tensor]:
+        """Method-specific logs from the [B, V, V] per-pair losses."""
         return {}
 
     def after_optimizer_step(self, skipped: bool) -> None:

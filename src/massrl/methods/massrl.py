@@ -8,17 +8,13 @@ the method: the loss between views of *different* strategies vs views of the *sa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from massrl.losses import pair_losses_by_kind
 from massrl.methods.byol import BYOL
 
 
 class MASSRL(BYOL):
-    def extra_logs(self, p: torch.Tensor, tz: torch.Tensor, mask: torch.Tensor, batch: dict
+    def extra_logs(self, per_pair: torch.Tensor, mask: torch.Tensor, batch: dict
                    ) -> dict[str, torch.Tensor]:
-        with torch.no_grad():
-            cos = torch.einsum("bid,bjd->bij", F.normalize(p.float(), dim=-1),
-                               F.normalize(tz.float(), dim=-1))
-            kinds = pair_losses_by_kind(2 - 2 * cos, mask, batch["strategy"])
+        kinds = pair_losses_by_kind(per_pair.detach(), mask, batch["strategy"])
         return {f"loss_{k}": v for k, v in kinds.items()}
