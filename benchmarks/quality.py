@@ -12,7 +12,7 @@ pixels. Results: one JSON per run under --out-dir, all runs in quality_<mode>.cs
 markdown section in docs/benchmarks.md and accuracy-per-epoch curves in docs/quality_curves.png.
 
     python benchmarks/quality.py --quick          # < 10 minutes, 1 seed
-    nohup nice -n 10 python benchmarks/quality.py > /tmp/quality.log 2>&1 &   # full, 3 seeds
+    nohup python benchmarks/quality.py > /tmp/quality.log 2>&1 &   # full, 3 seeds, ~75 min
 
 Set PYTHONPATH to a fixed source tree (e.g. a `git archive` of a commit) to benchmark that commit
 while the working tree changes; the commit and massrl path are recorded in the results.
@@ -89,7 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="bank and test images of the offline kNN / linear evaluation")
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="0 (augment between steps) was fastest on 2 cores")
     p.add_argument("--linear-epochs", type=int, default=None)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--runs-dir", type=Path, default=Path("/tmp/massrl_quality"))
@@ -110,8 +111,8 @@ def make_setup(a: argparse.Namespace) -> Setup:
         return value if value is not None else (quick if q else full)
 
     return Setup(
-        mode="quick" if q else "full", epochs=pick(a.epochs, 3, 5),
-        subset=pick(a.subset, 600, 1280), eval_subset=pick(a.eval_subset, 1000, 1000),
+        mode="quick" if q else "full", epochs=pick(a.epochs, 3, 8),
+        subset=pick(a.subset, 600, 4000), eval_subset=pick(a.eval_subset, 1000, 1000),
         offline_subset=pick(a.offline_subset, 2000, 5000), width=a.width,
         batch_size=a.batch_size, num_workers=a.num_workers,
         linear_epochs=pick(a.linear_epochs, 20, 30), seeds=list(range(pick(a.seeds, 1, 3))),
