@@ -72,6 +72,7 @@ def peak_rss_mib() -> tuple[float, float]:
 
 def massrl_worker(spec: dict[str, Any]) -> dict[str, Any]:
     from massrl.config import build_config
+    from massrl.eval.checkpoint import load_pretrained
     from massrl.train import pretrain
 
     config, overrides = METHODS[spec["method"]]
@@ -80,8 +81,44 @@ def massrl_worker(spec: dict[str, Any]) -> dict[str, Any]:
             *overrides, *spec["common"], *spec["overrides"], f"output_dir={tmp}"])
         summary = pretrain(cfg)
         rates = epoch_rates(Path(tmp) / "metrics.csv")
-    return {"images_per_s": rates[-1], "epoch_images_per_s": rates,
-            "precision": cfg.trainer.precision, "images_seen": summary["images_seen"]}
+        out = {"images_per_s": rates[-1], "epoch_images_per_s": rates,
+               "precision": cfg.trainer.precision, "images_seen": summary["images_seen"]}
+        if spec.get("knn"):
+            backbone = load_pretrained(Path(summary["last_checkpoint"]))[0]
+            out["knn_top1"] = frozen_knn_top1(backbone, cfg)
+    return out
+
+
+def lightly_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    from lightly_byol import train_lightly_byol
+
+    from massrl.config import build_config
+    from massrl.data import load_dataset
+
+    cfg = build_config(config_file="fashion_mnist/byol",
+                       overrides=[*spec["common"], *spec["overrides"]])
+    rates, backbone = train_lightly_byol(cfg, load_dataset(cfg.data, cfg.seed))
+    out = {"images_per_s": rates[-1], "epoch_images_per_s": rates,
+           "precision": cfg.trainer.precision}
+    if spec.get("knn"):
+        out["knn_top1"] = frozen_knn_top1(backbone, cfg)
+    return out
+
+
+def frozen_knn_top1(backbone: Any, cfg: Any) -> float:
+    """The online monitor's protocol offline: weighted kNN (cfg.eval k and temperature) of frozen
+    features, bank = labeled train split, queries = test split, both cut to data.eval_subset."""
+    from massrl.data import load_dataset
+    from massrl.eval.features import Transformed, eval_transform, extract_features, make_loader
+    from massrl.eval.knn import weighted_knn
+
+    splits = load_dataset(cfg.data, 0)  # the same bank and test images for every run
+    t = eval_transform(cfg.data.image_size, splits.mean, splits.std)
+    bank, test = (extract_features(backbone, make_loader(Transformed(ds, t), 256))
+                  for ds in (splits.train_labeled, splits.test))
+    top1 = weighted_knn(*bank, *test, cfg.eval.knn_k, cfg.eval.knn_temperature,
+                        splits.num_classes)[0]
+    return round(float(top1), 4)
 
 
 def epoch_rates(metrics_csv: Path) -> list[float]:
@@ -90,111 +127,9 @@ def epoch_rates(metrics_csv: Path) -> list[float]:
                 if r.get("throughput/images_per_s")]
 
 
-def lightly_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """BYOL written with lightly's building blocks, in a plain PyTorch loop."""
-    import torch
-
-    from massrl.config import build_config
-    from massrl.data import load_dataset
-
-    cfg = build_config(config_file="fashion_mnist/byol",
-                       overrides=[*spec["common"], *spec["overrides"]])
-    splits = load_dataset(cfg.data, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model, loader = lightly_parts(cfg, splits)
-    rates = [lightly_epoch(cfg, model, loader, e) for e in range(cfg.trainer.max_epochs)]
-    return {"images_per_s": rates[-1], "epoch_images_per_s": rates,
-            "precision": cfg.trainer.precision}
-
-
-def lightly_parts(cfg: Any, splits: Any) -> tuple[dict[str, Any], Any]:
-    import copy
-
-    import torch
-    from lightly.loss import NegativeCosineSimilarity
-    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
-    from lightly.models.utils import deactivate_requires_grad
-    from lightly.transforms.byol_transform import (
-        BYOLTransform,
-        BYOLView1Transform,
-        BYOLView2Transform,
-    )
-    from lightly.utils.lars import LARS
-
-    from massrl.models.backbones import build_backbone, feature_dim
-
-    norm = {"mean": list(splits.mean), "std": list(splits.std)}
-    size = cfg.data.image_size
-    transform = BYOLTransform(BYOLView1Transform(input_size=size, normalize=norm),
-                              BYOLView2Transform(input_size=size, normalize=norm))
-    backbone, _ = build_backbone(cfg.model.backbone, cfg.model.cifar_stem, cfg.model.width)
-    m = cfg.model
-    online = torch.nn.ModuleDict({
-        "backbone": backbone,
-        "projector": BYOLProjectionHead(feature_dim(backbone), m.proj_hidden_dim,
-                                        m.proj_output_dim),
-        "predictor": BYOLPredictionHead(m.proj_output_dim, m.pred_hidden_dim, m.proj_output_dim),
-    })
-    target = torch.nn.ModuleDict({"backbone": copy.deepcopy(online["backbone"]),
-                                  "projector": copy.deepcopy(online["projector"])})
-    deactivate_requires_grad(target)
-    if cfg.trainer.channels_last:
-        online, target = (n.to(memory_format=torch.channels_last) for n in (online, target))
-    lr = cfg.optimizer.lr * cfg.data.batch_size / 256
-    opt = LARS(online.parameters(), lr=lr, momentum=0.9,
-               weight_decay=cfg.optimizer.weight_decay)
-    loader = torch.utils.data.DataLoader(
-        TwoViews(splits.train, transform), batch_size=cfg.data.batch_size, shuffle=True,
-        drop_last=True, num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory,
-        persistent_workers=cfg.data.persistent_workers and cfg.data.num_workers > 0)
-    return {"online": online, "target": target, "opt": opt,
-            "loss": NegativeCosineSimilarity()}, loader
-
-
-def lightly_epoch(cfg: Any, model: dict[str, Any], loader: Any, epoch: int) -> float:
-    import torch
-    from lightly.models.utils import update_momentum
-    from lightly.utils.scheduler import cosine_schedule
-
-    online, target, opt, loss_fn = model["online"], model["target"], model["opt"], model["loss"]
-    steps = len(loader) * cfg.trainer.max_epochs
-    bf16 = cfg.trainer.precision.startswith("bf16")
-    cl = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
-    t0, images = time.perf_counter(), 0
-    for i, ((x0, x1), _) in enumerate(loader):
-        tau = cosine_schedule(epoch * len(loader) + i, steps, cfg.loss.tau_base, 1.0)
-        update_momentum(online["backbone"], target["backbone"], tau)
-        update_momentum(online["projector"], target["projector"], tau)
-        x0, x1 = x0.to(memory_format=cl), x1.to(memory_format=cl)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            p0, p1 = (online["predictor"](online["projector"](online["backbone"](x)))
-                      for x in (x0, x1))
-            with torch.no_grad():
-                z0, z1 = (target["projector"](target["backbone"](x)) for x in (x0, x1))
-            loss = 0.5 * (loss_fn(p0, z1.detach()) + loss_fn(p1, z0.detach()))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        images += x0.shape[0]
-    return round(images / (time.perf_counter() - t0), 1)
-
-
-class TwoViews:
-    """(PIL image, label) dataset -> ([view0, view1], label) with a lightly multi-view transform."""
-
-    def __init__(self, base: Any, transform: Any) -> None:
-        self.base, self.transform = base, transform
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> tuple[list[Any], int]:
-        image, label = self.base[i]
-        return self.transform(image), int(label)
-
-
 def worker_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
+    sys.path.insert(0, str(Path(__file__).parent))  # lightly_byol.py
     if spec.get("lightly_path"):
         sys.path.insert(0, spec["lightly_path"])
     t0 = time.perf_counter()
@@ -287,7 +222,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--levers", nargs="*", default=None, choices=list(LEVERS))
     p.add_argument("--lightly-path", default=None, help="directory holding the lightly package")
-    p.add_argument("--lightly-repeats", type=int, default=None, help="massrl/lightly pairs")
+    p.add_argument("--lightly-repeats", type=int, default=None,
+                   help="massrl/lightly pairs, one seed each (default 3; quick 1)")
+    p.add_argument("--pair-batches", type=int, default=None,
+                   help="batches per epoch of the lightly pairs (default 20; quick 3)")
+    p.add_argument("--pair-epochs", type=int, default=None, help="default 3; quick 2")
+    p.add_argument("--pair-eval-subset", type=int, default=2000,
+                   help="kNN bank and test images after the lightly pairs")
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--docs", type=Path, default=ROOT / "docs", help="'none': no markdown")
@@ -295,15 +236,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def lightly_pairs(a: argparse.Namespace, common: list[str]) -> tuple[list[dict], str]:
+    """Alternating massrl / lightly BYOL runs (so both see the same machine load), one seed per
+    pair, longer than the other rows so that the kNN accuracy after training means something."""
     ok, version = lightly_available(a.lightly_path)
     if not ok:
         return [], f"lightly not importable: {version}"
     rows = []
-    for _ in range(a.lightly_repeats):  # alternate, so both see the same machine load
-        rows.append(measure(spec("massrl", "byol", "vs-lightly", common,
-                                 ["augment.backend=per_image"], None), a.timeout))
-        rows.append(measure(spec("lightly", "byol", "vs-lightly", common, [], a.lightly_path),
-                            a.timeout))
+    for seed in range(a.lightly_repeats):
+        longer = [f"seed={seed}", f"data.subset={a.batch_size * a.pair_batches}",
+                  f"trainer.max_epochs={a.pair_epochs}", f"data.eval_subset={a.pair_eval_subset}"]
+        for kind, ov in (("massrl", ["augment.backend=per_image", *longer]), ("lightly", longer)):
+            s = spec(kind, "byol", "vs-lightly", common, ov, a.lightly_path if kind == "lightly"
+                     else None)
+            rows.append(measure(s | {"knn": True}, a.timeout))
     return rows, version
 
 
@@ -314,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     a.batches = a.batches or (3 if a.quick else 8)
     a.lightly_repeats = a.lightly_repeats or (1 if a.quick else 3)
+    a.pair_batches = a.pair_batches or (3 if a.quick else 20)
+    a.pair_epochs = a.pair_epochs or (2 if a.quick else 3)
     if a.levers is None:
         a.levers = [k for k in LEVERS if not (a.quick and k == "compile")]
     common = [f"data.subset={a.batch_size * a.batches}", f"data.batch_size={a.batch_size}",
@@ -342,7 +289,10 @@ def meta(a: argparse.Namespace, argv: list[str] | None, common: list[str], batch
 
     cmd = "python benchmarks/train_throughput.py " + shlex.join(
         argv if argv is not None else sys.argv[1:])
+    pairs = {"repeats": a.lightly_repeats, "batches": a.pair_batches, "epochs": a.pair_epochs,
+             "eval_subset": a.pair_eval_subset}
     return {"command": cmd, "common_overrides": common, "batched_backend": batched,
+            "lightly_pairs": pairs,
             "lightly": lightly, "torch": torch.__version__, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "massrl_path": str(Path(massrl.__file__).parent), "total_seconds": round(seconds, 1),
@@ -364,14 +314,23 @@ def _cell(r: dict[str, Any]) -> tuple[str, str]:
 
 
 def table(rows: list[dict[str, Any]], first: str) -> list[str]:
+    knn = any("knn_top1" in r for r in rows)
     out = [f"| {first} | setting | images/s | peak RSS MiB (main / largest worker) | "
-           "load average at the end |", "|---|---|---|---|---|"]
+           + ("kNN top-1 | " if knn else "") + "load average at the end |",
+           "|---" * (6 if knn else 5) + "|"]
     for r in rows:
         rate, mem = _cell(r)
         name = r["method"] if r["kind"] == "massrl" else f"{r['kind']} {r['method']}"
-        load = r.get("load_average_1min", "-")
-        out.append(f"| {name} | {r['label']} | {rate} | {mem} | {load} |")
+        if r["label"] == "vs-lightly":
+            name += f" (seed {_seed(r)})"
+        acc = (f"{100 * r['knn_top1']:.1f} | " if "knn_top1" in r else "- | ") if knn else ""
+        out.append(f"| {name} | {r['label']} | {rate} | {mem} | {acc}"
+                   f"{r.get('load_average_1min', '-')} |")
     return out
+
+
+def _seed(r: dict[str, Any]) -> str:
+    return next((o.split("=")[1] for o in r["overrides"] if o.startswith("seed=")), "0")
 
 
 def lightly_summary(rows: list[dict[str, Any]]) -> list[str]:
@@ -383,9 +342,21 @@ def lightly_summary(rows: list[dict[str, Any]]) -> list[str]:
     ratios = [a / b for a, b in zip(ours, theirs, strict=False)]
     mem_o = max(r["peak_rss_mib"] for r in ok if r["kind"] == "massrl")
     mem_l = max(r["peak_rss_mib"] for r in ok if r["kind"] == "lightly")
+    knn = {k: [100 * r["knn_top1"] for r in ok if r["kind"] == k and "knn_top1" in r]
+           for k in ("massrl", "lightly")}
     return [f"massrl / lightly images/s per alternating pair: "
             f"{', '.join(f'{x:.2f}' for x in ratios)} (mean {sum(ratios) / len(ratios):.2f}); "
-            f"peak RSS of the main process: massrl {mem_o:.0f} MiB, lightly {mem_l:.0f} MiB."]
+            f"peak RSS of the main process: massrl {mem_o:.0f} MiB, lightly {mem_l:.0f} MiB; "
+            f"kNN top-1 after the same epochs: massrl {_mean_std(knn['massrl'])}, "
+            f"lightly {_mean_std(knn['lightly'])} (mean ± std over the pairs' seeds)."]
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    m = sum(values) / len(values)
+    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0
+    return f"{m:.1f} ± {sd:.1f}"
 
 
 def write_section(data: dict[str, Any], doc: Path) -> None:
@@ -408,7 +379,10 @@ def write_section(data: dict[str, Any], doc: Path) -> None:
         "### Speed levers (BYOL, per_image backend; every other setting as shipped)", "",
         *table(levers, "method"), "",
         f"### Same BYOL written with lightly ({m['lightly']})", "",
-        "Alternating runs; lightly's BYOLTransform (same asymmetric blur / solarize), heads, "
+        "Alternating runs, one seed per pair ({repeats} pairs), each {batches} batches × {epochs} "
+        "epochs, then the frozen-feature kNN (the online monitor's k=200, T=0.07) on {eval_subset} "
+        "train / {eval_subset} test images, the same code for both. ".format(**m["lightly_pairs"])
+        + "lightly's BYOLTransform (same asymmetric blur / solarize), heads, "
         "NegativeCosineSimilarity, LARS, cosine momentum; the same timm ResNet-18 CIFAR stem, "
         "batch, bf16 autocast, channels_last and DataLoader settings, in a plain PyTorch loop.", "",
         *table(pairs, "run"), "", *lightly_summary(rows), "",
