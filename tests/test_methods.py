@@ -118,7 +118,7 @@ def test_cpu_runs_leave_a_core_per_worker(monkeypatch):
     from massrl.train import set_cpu_threads
 
     before = torch.get_num_threads()
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("massrl.train.usable_cores", lambda: 8)
     try:
         set_cpu_threads(_cfg(**{"data.num_workers": 3, "trainer.accelerator": "cpu"}))
         assert torch.get_num_threads() == 5

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -84,12 +85,28 @@ class DataConfig(_Section):
     eval_subset: int | None = Field(None, gt=0, description="subset of labeled splits (monitors)")
     image_size: int = Field(32, gt=0, description="crop size of every view")
     batch_size: int = Field(256, gt=0, description="per-device batch size")
-    num_workers: int = Field(2, ge=0)
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="DataLoader workers; auto: 0 on a CPU with <= 4 cores, cores/4 "
+        "on more, cores - 1 per GPU up to 8")
     pin_memory: bool = True
     persistent_workers: bool = True
     strict: bool = Field(False, description="fail on an undecodable image instead of skipping it")
     mean: tuple[float, float, float] | None = Field(None, description="default: the dataset's")
     std: tuple[float, float, float] | None = Field(None, description="default: the dataset's")
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        # one message instead of one per branch of the int | "auto" union
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        try:
+            n = int(str(v))
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise ValueError("need a whole number >= 0 or 'auto'")
+        return n
 
 
 class ModelConfig(_Section):
@@ -333,7 +350,11 @@ def _choices(annotation: Any) -> list[str]:
     """The allowed values of a Literal field (also inside list[...] / Optional[...])."""
     if get_origin(annotation) is Literal:
         return [str(a) for a in get_args(annotation)]
-    for arg in get_args(annotation):
+    args = get_args(annotation)
+    if get_origin(annotation) in (Union, UnionType) and any(
+            a is not type(None) and get_origin(a) is not Literal for a in args):
+        return []  # e.g. int | "auto": the literal is one choice among many
+    for arg in args:
         found = _choices(arg)
         if found:
             return found

@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from massrl.config import ConfigError, RunConfig, to_yaml
+from massrl.devices import run_num_workers, trains_on_cpu, usable_cores
 from massrl.methods import SSLMethod, build_method
 from massrl.resilience import (
     AtomicCheckpointIO,
@@ -56,14 +57,13 @@ def set_cpu_threads(cfg: RunConfig) -> None:
     busy by other processes, a width-16 BYOL step at batch 256: 2 threads 9.6 images/s, 1 thread
     52 images/s.
     """
-    on_cpu = cfg.trainer.accelerator == "cpu" or (
-        cfg.trainer.accelerator == "auto" and not torch.cuda.is_available())
-    if not on_cpu:
+    if not trains_on_cpu(cfg.trainer.accelerator):
         return
+    workers = run_num_workers(cfg)
     if cfg.trainer.cpu_threads:
         torch.set_num_threads(cfg.trainer.cpu_threads)
-    elif cfg.data.num_workers > 0:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - cfg.data.num_workers))
+    elif workers > 0:
+        torch.set_num_threads(max(1, usable_cores() - workers))
 
 
 def make_run_dir(cfg: RunConfig) -> Path:

@@ -78,7 +78,7 @@ def _cached_mode(r: session.EvalRun, train: Dataset, subset: dict[str, Any],
         train_x, train_y = cached_features(
             r.pre.backbone, Transformed(train, transform), key, cache_dir=cfg.cache_dir,
             use_cache=cfg.cache, device=r.device, batch_size=cfg.data.batch_size,
-            num_workers=cfg.data.num_workers)
+            num_workers=session.loader_workers(r))
     test_x, test_y = session.features(r, "test")
     return train_linear_on_features(train_x, train_y, test_x, test_y, r.splits.num_classes,
                                     recipe, cfg.seed, r.device)
@@ -90,13 +90,14 @@ def _image_mode(r: session.EvalRun, train: Dataset, recipe: SGDRecipe) -> Linear
     # Fine-tuning trains batch-norm: a last batch of one image would break it.
     drop_last = cfg.finetune and len(train) > cfg.batch_size
     loader = make_loader(Transformed(train, aug), cfg.batch_size, shuffle=True, seed=cfg.seed,
-                         num_workers=cfg.data.num_workers, device=r.device, drop_last=drop_last)
+                         num_workers=session.loader_workers(r), device=r.device,
+                         drop_last=drop_last)
     common = dict(finetune=cfg.finetune, seed=cfg.seed, device=r.device)
     if cfg.finetune:
         test = Transformed(s.test, eval_transform(r.image_size, s.mean, s.std,
                                                   cfg.test_crop_ratio))
         common["test_loader"] = make_loader(test, cfg.data.batch_size, device=r.device,
-                                            num_workers=cfg.data.num_workers)
+                                            num_workers=session.loader_workers(r))
     else:
         common["test_features"] = session.features(r, "test")
     return train_on_images(r.pre.backbone, s.num_classes, feature_dim(r.pre.backbone), loader,

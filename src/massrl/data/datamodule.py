@@ -17,6 +17,7 @@ from torchvision import transforms as T
 from massrl.config import RunConfig
 from massrl.data.datasets import DatasetSplits, load_dataset
 from massrl.data.sampler import ResumableLoader, ResumableSampler
+from massrl.devices import run_num_workers
 
 
 def collate_skip_bad(batch: list[Any]) -> dict[str, Any]:
@@ -183,7 +184,7 @@ class SSLDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, cls: type[DataLoader] = DataLoader,
                 **kwargs: Any) -> DataLoader:
         data = self.cfg.data
-        workers = data.num_workers
+        workers = run_num_workers(self.cfg)
         return cls(
             dataset,
             batch_size=data.batch_size,

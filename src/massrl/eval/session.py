@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 import massrl
 from massrl.config import ConfigError, to_yaml
+from massrl.devices import resolve_num_workers
 from massrl.eval.checkpoint import Pretrained, load
 from massrl.eval.config import build_eval_config, default_output_dir, raw_tree
 from massrl.eval.features import (
@@ -133,6 +134,11 @@ def test_transform_info(run: EvalRun) -> dict[str, Any]:
             "std": list(run.splits.std)}
 
 
+def loader_workers(run: EvalRun) -> int:
+    """data.num_workers as a number for the device this evaluation runs on."""
+    return resolve_num_workers(run.cfg.data.num_workers, run.device.type == "cpu")
+
+
 def features(run: EvalRun, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     """Frozen features of a labeled split with the test transform, cached on disk."""
     cfg, ds = run.cfg, split_dataset(run, split)
@@ -145,7 +151,7 @@ def features(run: EvalRun, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     return cached_features(
         run.pre.backbone, Transformed(ds, transform), key, cache_dir=cfg.cache_dir,
         use_cache=cfg.cache, device=run.device, batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
+        num_workers=loader_workers(run),
     )
 
 

@@ -1,0 +1,54 @@
+"""What data.num_workers=auto becomes on each kind of machine, and its validation."""
+
+import pytest
+
+from massrl.config import ConfigError, build_config
+from massrl.devices import (
+    MAX_WORKERS_PER_DEVICE,
+    auto_num_workers,
+    devices_per_node,
+    resolve_num_workers,
+    run_num_workers,
+    usable_cores,
+)
+
+
+@pytest.mark.parametrize(("cores", "expected"), [(1, 0), (2, 0), (4, 0), (8, 2), (16, 4), (64, 16)])
+def test_cpu_training_keeps_small_machines_worker_free(cores: int, expected: int) -> None:
+    assert auto_num_workers(on_cpu=True, cores=cores) == expected
+
+
+@pytest.mark.parametrize(("cores", "devices", "expected"),
+                         [(16, 1, 8), (16, 2, 7), (8, 8, 1), (4, 1, 3), (1, 1, 1), (128, 1, 8)])
+def test_gpu_training_feeds_each_device(cores: int, devices: int, expected: int) -> None:
+    got = auto_num_workers(on_cpu=False, cores=cores, devices=devices)
+    assert got == expected and 1 <= got <= MAX_WORKERS_PER_DEVICE
+
+
+@pytest.mark.parametrize(("devices", "expected"),
+                         [(2, 2), ("4", 4), ([0, 3], 2), ("0,1,2", 3), (0, 1)])
+def test_devices_per_node(devices: object, expected: int) -> None:
+    assert devices_per_node(devices) == expected
+
+
+def test_an_explicit_number_is_kept() -> None:
+    assert resolve_num_workers(3, on_cpu=True) == 3
+    assert resolve_num_workers("auto", on_cpu=True) == auto_num_workers(True, usable_cores())
+
+
+def test_run_config_resolves_for_its_device() -> None:
+    cpu = build_config(config_file="fashion_mnist/byol", overrides=["trainer.accelerator=cpu"])
+    assert cpu.data.num_workers == "auto"  # the config keeps 'auto'; loaders resolve it
+    assert run_num_workers(cpu) == auto_num_workers(True, usable_cores())
+    two = build_config(config_file="fashion_mnist/byol",
+                       overrides=["trainer.accelerator=cpu", "data.num_workers=2"])
+    assert run_num_workers(two) == 2
+
+
+@pytest.mark.parametrize("bad", ["-1", "many", "2.5"])
+def test_bad_worker_counts_get_one_clear_message(bad: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config(config_file="fashion_mnist/byol", overrides=[f"data.num_workers={bad}"])
+    text = str(err.value)
+    assert "data.num_workers" in text and "whole number >= 0 or 'auto'" in text
+    assert "literal" not in text  # not one line per branch of the union
