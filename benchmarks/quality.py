@@ -436,7 +436,7 @@ def report_section(data: dict, png: str) -> str:
         "CPU).",
         f"ResNet-18 CIFAR stem, width {info['width']}, 32 px, {info['subset']} class-balanced "
         f"Fashion-MNIST training images, batch {info['batch_size']}, {info['epochs']} epochs, "
-        "the shipped fashion_mnist configs otherwise (LARS, 1 warm-up epoch, cosine, bf16 "
+        "the shipped fashion_mnist configs otherwise (LARS, 0.5 warm-up epochs, cosine, bf16 "
         f"autocast); {seeds} seed(s) planned (the seeds column says how many finished), "
         "mean ± std over seeds. Online kNN: k=200, T=0.07, cosine, "
         f"on {info['eval_subset']} train / {info['eval_subset']} test images (data.eval_subset). "
