@@ -34,6 +34,7 @@ def lightly_parts(cfg: Any, splits: Any) -> tuple[dict[str, Any], Any]:
     )
     from lightly.utils.lars import LARS
 
+    from massrl.devices import run_num_workers
     from massrl.models.backbones import build_backbone, feature_dim
 
     norm = {"mean": list(splits.mean), "std": list(splits.std)}
@@ -56,10 +57,11 @@ def lightly_parts(cfg: Any, splits: Any) -> tuple[dict[str, Any], Any]:
     lr = cfg.optimizer.lr * cfg.data.batch_size / 256
     opt = LARS(online.parameters(), lr=lr, momentum=0.9,
                weight_decay=cfg.optimizer.weight_decay)
+    workers = run_num_workers(cfg)  # what massrl's loader uses for the same config
     loader = torch.utils.data.DataLoader(
         TwoViews(splits.train, transform), batch_size=cfg.data.batch_size, shuffle=True,
-        drop_last=True, num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory,
-        persistent_workers=cfg.data.persistent_workers and cfg.data.num_workers > 0)
+        drop_last=True, num_workers=workers, pin_memory=cfg.data.pin_memory,
+        persistent_workers=cfg.data.persistent_workers and workers > 0)
     return {"online": online, "target": target, "opt": opt,
             "loss": NegativeCosineSimilarity()}, loader
 

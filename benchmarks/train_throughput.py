@@ -219,7 +219,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=2, help="epochs; the last one is reported")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--width", type=int, default=16)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
+                   help="(none: only the levers and the lightly pairs)")
     p.add_argument("--levers", nargs="*", default=None, choices=list(LEVERS))
     p.add_argument("--lightly-path", default=None, help="directory holding the lightly package")
     p.add_argument("--lightly-repeats", type=int, default=None,
