@@ -228,6 +228,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pair-batches", type=int, default=None,
                    help="batches per epoch of the lightly pairs (default 20; quick 3)")
     p.add_argument("--pair-epochs", type=int, default=None, help="default 3; quick 2")
+    p.add_argument("--pair-backends", nargs="+", default=["per_image", "batched"],
+                   choices=["per_image", "batched"], help="massrl's side of each lightly pair")
     p.add_argument("--pair-eval-subset", type=int, default=2000,
                    help="kNN bank and test images after the lightly pairs")
     p.add_argument("--timeout", type=float, default=600)
@@ -246,9 +248,11 @@ def lightly_pairs(a: argparse.Namespace, common: list[str]) -> tuple[list[dict],
     for seed in range(a.lightly_repeats):
         longer = [f"seed={seed}", f"data.subset={a.batch_size * a.pair_batches}",
                   f"trainer.max_epochs={a.pair_epochs}", f"data.eval_subset={a.pair_eval_subset}"]
-        for kind, ov in (("massrl", ["augment.backend=per_image", *longer]), ("lightly", longer)):
-            s = spec(kind, "byol", "vs-lightly", common, ov, a.lightly_path if kind == "lightly"
-                     else None)
+        runs = [("massrl", f"vs-lightly backend={b}", [f"augment.backend={b}", *longer], None)
+                for b in a.pair_backends]
+        runs.append(("lightly", "vs-lightly", longer, a.lightly_path))
+        for kind, label, ov, path in runs:
+            s = spec(kind, "byol", label, common, ov, path)
             rows.append(measure(s | {"knn": True}, a.timeout))
     return rows, version
 
@@ -322,7 +326,7 @@ def table(rows: list[dict[str, Any]], first: str) -> list[str]:
     for r in rows:
         rate, mem = _cell(r)
         name = r["method"] if r["kind"] == "massrl" else f"{r['kind']} {r['method']}"
-        if r["label"] == "vs-lightly":
+        if r["label"].startswith("vs-lightly"):
             name += f" (seed {_seed(r)})"
         acc = (f"{100 * r['knn_top1']:.1f} | " if "knn_top1" in r else "- | ") if knn else ""
         out.append(f"| {name} | {r['label']} | {rate} | {mem} | {acc}"
@@ -335,21 +339,27 @@ def _seed(r: dict[str, Any]) -> str:
 
 
 def lightly_summary(rows: list[dict[str, Any]]) -> list[str]:
-    ok = [r for r in rows if r["label"] == "vs-lightly" and "error" not in r]
-    ours = [r["images_per_s"] for r in ok if r["kind"] == "massrl"]
-    theirs = [r["images_per_s"] for r in ok if r["kind"] == "lightly"]
-    if not ours or not theirs:
-        return ["No massrl/lightly pair finished (see the errors above)."]
-    ratios = [a / b for a, b in zip(ours, theirs, strict=False)]
-    mem_o = max(r["peak_rss_mib"] for r in ok if r["kind"] == "massrl")
-    mem_l = max(r["peak_rss_mib"] for r in ok if r["kind"] == "lightly")
-    knn = {k: [100 * r["knn_top1"] for r in ok if r["kind"] == k and "knn_top1" in r]
-           for k in ("massrl", "lightly")}
-    return [f"massrl / lightly images/s per alternating pair: "
-            f"{', '.join(f'{x:.2f}' for x in ratios)} (mean {sum(ratios) / len(ratios):.2f}); "
-            f"peak RSS of the main process: massrl {mem_o:.0f} MiB, lightly {mem_l:.0f} MiB; "
-            f"kNN top-1 after the same epochs: massrl {_mean_std(knn['massrl'])}, "
-            f"lightly {_mean_std(knn['lightly'])} (mean ± std over the pairs' seeds)."]
+    ok = [r for r in rows if r["label"].startswith("vs-lightly") and "error" not in r]
+    theirs = [r for r in ok if r["kind"] == "lightly"]
+    if not theirs:
+        return ["No lightly run finished (see the errors above)."]
+    out = []
+    for label in sorted({r["label"] for r in ok if r["kind"] == "massrl"}):
+        ours = [r for r in ok if r["label"] == label]
+        ratios = [a["images_per_s"] / b["images_per_s"]
+                  for a, b in zip(ours, theirs, strict=False)]
+        out.append(
+            f"- massrl ({label.removeprefix('vs-lightly ')}) / lightly images/s per alternating "
+            f"pair: {', '.join(f'{x:.2f}' for x in ratios)} (mean "
+            f"{sum(ratios) / len(ratios):.2f}); peak RSS of the main process: massrl "
+            f"{max(r['peak_rss_mib'] for r in ours):.0f} MiB, lightly "
+            f"{max(r['peak_rss_mib'] for r in theirs):.0f} MiB; kNN top-1 after the same "
+            f"epochs: massrl {_knn(ours)}, lightly {_knn(theirs)} (mean ± std over the seeds).")
+    return out
+
+
+def _knn(rows: list[dict[str, Any]]) -> str:
+    return _mean_std([100 * r["knn_top1"] for r in rows if "knn_top1" in r])
 
 
 def _mean_std(values: list[float]) -> str:
@@ -365,8 +375,8 @@ def write_section(data: dict[str, Any], doc: Path) -> None:
     mode = "quick" if "--quick" in m["command"] else "full"
     methods = [r for r in rows if r["label"].startswith("backend=")]
     levers = [r for r in rows if r["kind"] == "massrl" and not r["label"].startswith("backend=")
-              and r["label"] != "vs-lightly"]
-    pairs = [r for r in rows if r["label"] == "vs-lightly"]
+              and not r["label"].startswith("vs-lightly")]
+    pairs = [r for r in rows if r["label"].startswith("vs-lightly")]
     body = [
         f"## Pre-training throughput on the CPU ({mode} run)", "",
         f"Produced by `{m['command']}` ({m['total_seconds'] / 60:.0f} min, {m['cpus']} shared "
