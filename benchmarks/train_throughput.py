@@ -136,7 +136,7 @@ def worker_main(spec_json: str) -> None:
     out = lightly_worker(spec) if spec["kind"] == "lightly" else massrl_worker(spec)
     out["wall_seconds"] = round(time.perf_counter() - t0, 1)
     out["peak_rss_mib"], out["peak_rss_child_mib"] = peak_rss_mib()
-    out["load_average_1min"] = round(os.getloadavg()[0], 2)  # the machine is shared
+    out["load_average_1min"] = round(os.getloadavg()[0], 2)  # is anything else running?
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -379,12 +379,13 @@ def write_section(data: dict[str, Any], doc: Path) -> None:
     pairs = [r for r in rows if r["label"].startswith("vs-lightly")]
     body = [
         f"## Pre-training throughput on the CPU ({mode} run)", "",
-        f"Produced by `{m['command']}` ({m['total_seconds'] / 60:.0f} min, {m['cpus']} shared "
+        f"Produced by `{m['command']}` ({m['total_seconds'] / 60:.0f} min, {m['cpus']} "
         f"CPU cores, torch {m['torch']}, commit `{m['git_commit'][:10]}`). Every run: "
         f"`{' '.join(m['common_overrides'])}`, the shipped fashion_mnist config otherwise; "
-        "images/s of the last epoch (the first pays for start-up), in its own process. The "
-        "machine was shared with other jobs: compare rows measured close together, not with "
-        "other machines.", "",
+        "images/s of the last epoch (the first pays for start-up), in its own process, one run "
+        "per row. Several lever rows are the shipped setting itself (e.g. bf16-mixed, "
+        "channels_last=true, compile=false, num_workers=0 on 2 cores): their spread is the "
+        "run-to-run noise. The last column is the machine's load average when the run ended.", "",
         f"Batched backend: {m['batched_backend']}.", "",
         "### Methods and view modes", "", *table(methods, "method"), "",
         "### Speed levers (BYOL, per_image backend; every other setting as shipped)", "",
