@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 from PIL import Image
@@ -107,12 +109,18 @@ def _run(args: argparse.Namespace) -> list[dict]:
             images = source_images(max(n_pi, args.batch), size)
             row = {"strategy": strategy, "size": size, "batch": args.batch,
                    "threads": args.threads, "views_per_image": _views(cfg)}
-            pi_s = time_per_image(cfg, images[:n_pi], size)
-            row["per_image_img_s"] = n_pi / pi_s
-            crop_s, eng_s = time_batched(cfg, images[: args.batch], size, args.batch, "cpu")
-            row["batched_img_s"] = args.batch / (crop_s + eng_s)
-            row["batched_crop_share"] = crop_s / (crop_s + eng_s)
+            # alternating repeats: one process's memory state moves single timings by up to 2x
+            pi, bt, share = [], [], []
+            for _ in range(args.repeats):
+                pi.append(n_pi / time_per_image(cfg, images[:n_pi], size))
+                crop_s, eng_s = time_batched(cfg, images[: args.batch], size, args.batch, "cpu")
+                bt.append(args.batch / (crop_s + eng_s))
+                share.append(crop_s / (crop_s + eng_s))
+            row["per_image_img_s"], row["batched_img_s"] = median(pi), median(bt)
+            row["batched_crop_share"] = median(share)
             row["ratio"] = row["batched_img_s"] / row["per_image_img_s"]
+            row["per_image_runs"], row["batched_runs"] = pi, bt
+            row["pair_ratios"] = [b / a for a, b in zip(pi, bt, strict=True)]
             if args.cuda:
                 _, gpu_s = time_batched(cfg, images[: args.batch], size, args.batch, "cuda")
                 row["gpu_engine_img_s"] = args.batch / gpu_s
@@ -126,14 +134,15 @@ def _views(cfg: AugmentConfig) -> int:
 
 
 HEADER = (f"{'strategy':<16}{'px':>5}{'views':>6}{'per-image img/s':>17}{'batched img/s':>15}"
-          f"{'ratio':>7}{'crop share':>12}{'GPU engine img/s':>18}")
+          f"{'ratio':>7}  {'pair ratios':<30}{'crop share':>10}{'GPU engine img/s':>18}")
 
 
 def _fmt(r: dict) -> str:
     gpu = f"{r['gpu_engine_img_s']:>18.0f}" if "gpu_engine_img_s" in r else f"{'-':>18}"
     return (f"{r['strategy']:<16}{r['size']:>5}{r['views_per_image']:>6}"
             f"{r['per_image_img_s']:>17.1f}{r['batched_img_s']:>15.1f}{r['ratio']:>7.2f}"
-            f"{r['batched_crop_share']:>12.0%}{gpu}")
+            f"  {' '.join(f'{x:.2f}' for x in r['pair_ratios']):<30}"
+            f"{r['batched_crop_share']:>10.0%}{gpu}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -145,10 +154,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--per-image-images", type=int, default=None,
                    help="images timed for the per-image backend (default: one batch)")
     p.add_argument("--threads", type=int, default=1, help="CPU cores given to each backend")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="alternating per-image / batched timings per row, medians reported "
+                        "(default 3; quick 1)")
     p.add_argument("--cuda", action="store_true", help="also time the engine on the GPU")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = p.parse_args(argv)
     args.batch = args.batch or (64 if args.quick else 256)
+    args.repeats = args.repeats or (1 if args.quick else 3)
     if args.quick and args.per_image_images is None:
         args.per_image_images = 32
     if args.cuda and not torch.cuda.is_available():
@@ -159,6 +172,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = run(args)
     if args.out:
         meta = {"torch": torch.__version__, "threads": args.threads, "batch": args.batch,
+                "repeats": args.repeats, "command": "python benchmarks/augment_throughput.py "
+                + " ".join(argv if argv is not None else sys.argv[1:]),
                 "quick": args.quick, "cuda": torch.cuda.get_device_name() if args.cuda else None}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))

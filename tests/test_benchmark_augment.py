@@ -24,5 +24,8 @@ def test_benchmark_tiny_run_writes_json(tmp_path):
     assert len(rows) == 2 == len(data["results"])
     for row in data["results"]:
         assert row["per_image_img_s"] > 0 and row["batched_img_s"] > 0 and row["ratio"] > 0
+        # alternating repeats, medians reported
+        assert len(row["pair_ratios"]) == len(row["per_image_runs"]) == 3
+        assert min(row["per_image_runs"]) <= row["per_image_img_s"] <= max(row["per_image_runs"])
     assert data["results"][1]["views_per_image"] == 8
-    assert data["meta"]["threads"] == 1
+    assert data["meta"]["threads"] == 1 and data["meta"]["repeats"] == 3
