@@ -204,6 +204,8 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
 def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     set_cpu_threads(cfg)
+    if cfg.data.num_workers == "auto":
+        print(f"data.num_workers=auto: {run_num_workers(cfg)} DataLoader workers on this machine")
     if cfg.resume == "auto" and not cfg.output_dir and run_dir is None:
         raise ConfigError("resume=auto needs output_dir=DIR: the run directory to continue")
     run_dir = run_dir or make_run_dir(cfg)
