@@ -37,6 +37,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+from quality import fmt, replace_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS: dict[str, tuple[str, list[str]]] = {
     "byol": ("fashion_mnist/byol", []),
@@ -129,7 +132,6 @@ def epoch_rates(metrics_csv: Path) -> list[float]:
 
 def worker_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
-    sys.path.insert(0, str(Path(__file__).parent))  # lightly_byol.py
     if spec.get("lightly_path"):
         sys.path.insert(0, spec["lightly_path"])
     t0 = time.perf_counter()
@@ -359,15 +361,7 @@ def lightly_summary(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _knn(rows: list[dict[str, Any]]) -> str:
-    return _mean_std([100 * r["knn_top1"] for r in rows if "knn_top1" in r])
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    m = sum(values) / len(values)
-    sd = (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0
-    return f"{m:.1f} ± {sd:.1f}"
+    return fmt([r["knn_top1"] for r in rows if "knn_top1" in r])
 
 
 def write_section(data: dict[str, Any], doc: Path) -> None:
@@ -399,9 +393,6 @@ def write_section(data: dict[str, Any], doc: Path) -> None:
         "batch, bf16 autocast, channels_last and DataLoader settings, in a plain PyTorch loop.", "",
         *table(pairs, "run"), "", *lightly_summary(rows), "",
     ]
-    sys.path.insert(0, str(Path(__file__).parent))
-    from quality import replace_section  # sibling benchmark script
-
     replace_section(doc, f"throughput-{mode}", "\n".join(body))
 
 
