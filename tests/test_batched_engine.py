@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from PIL import Image
@@ -38,11 +40,12 @@ def test_crop_only_transform_view_modes():
     img = _picture()
     cfg = AugmentConfig(strategies=ALL[:4], view_mode="crops_x_strategies", num_crops=2)
     out = CropOnlyTransform(cfg, 16)(img)
-    assert len(out["views"]) == 8 and out["views"][0].dtype == torch.uint8
+    # only the 2 shared crops travel; strategy / crop ids describe all 8 views
+    assert len(out["views"]) == 2 and out["views"][0].dtype == torch.uint8
     assert out["views"][0].shape == (3, 16, 16)
+    assert not torch.equal(out["views"][0], out["views"][1])
     assert out["strategy"].tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
     assert out["crop"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
-    assert torch.equal(out["views"][0], out["views"][3])  # a crop is shared by its strategies
     out = CropOnlyTransform(cfg.model_copy(update={"view_mode": "per_strategy"}), 16)(img)
     assert out["strategy"].tolist() == [0, 1, 2, 3] == out["crop"].tolist()
     cfg = cfg.model_copy(update={"view_mode": "random", "num_views": 3})
@@ -134,10 +137,52 @@ def test_bf16_autocast():
         torch.testing.assert_close(x, y)
 
 
+def test_crops_x_strategies_expands_shared_crops():
+    """The engine makes all C x S views from the C crops, every strategy on each crop."""
+    cfg = AugmentConfig(strategies=ALL[:4], view_mode="crops_x_strategies", num_crops=2)
+    batch = _batch(cfg, 6)
+    assert len(batch["views"]) == 2 and batch["strategy"].shape == (6, 8)
+    out = augment_batch(batch, BatchedAugmenter(cfg, MEAN, STD), torch.Generator().manual_seed(0))
+    assert len(out["views"]) == 8 and out["views"][0].shape == (6, 3, 16, 16)
+    # same as handing over the 8 views themselves
+    eight = [batch["views"][c] for c in batch["crop"][0].tolist()]
+    gen = torch.Generator().manual_seed(0)
+    ref = BatchedAugmenter(cfg, MEAN, STD)(eight, batch["strategy"], gen)
+    for x, y in zip(out["views"], ref, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_output_buffers_are_reused_only_when_free():
+    """Large CPU outputs come from a pool; one still held keeps its data across calls."""
+    from massrl.augment.batched.buffers import MIN_BYTES, BufferPool
+
+    pool = BufferPool(capacity=2)
+    side = 1024
+    shape = (MIN_BYTES // (3 * side * side * 4) + 1, 3, side, side)
+    a = pool.empty(shape, torch.float32).fill_(1.0)
+    ptr = a.data_ptr()
+    held = pool.empty(shape, torch.float32)
+    assert held.data_ptr() != ptr  # `a` is alive: a second map
+    del a
+    b = pool.empty(shape, torch.float32).fill_(2.0)
+    assert b.data_ptr() == ptr  # `a` was freed: its memory is reused
+    held.fill_(3.0)
+    part = b[1:2]  # a view keeps `b`'s memory in use
+    del b
+    c = pool.empty(shape, torch.float32)
+    assert c.data_ptr() not in (ptr, held.data_ptr()) and pool.nbytes == 2 * 4 * math.prod(shape)
+    c.fill_(4.0)
+    assert (part == 2.0).all() and (held == 3.0).all()
+    small = pool.empty((2, 3), torch.float32)
+    assert small.shape == (2, 3) and pool.nbytes == 2 * 4 * math.prod(shape)
+
+
 def test_rejects_bad_inputs():
     cfg = AugmentConfig(strategies=["simclr"])
     aug = BatchedAugmenter(cfg, MEAN, STD)
     with pytest.raises(ValueError, match="strategy must be"):
+        aug([torch.zeros(2, 3, 8, 8, dtype=torch.uint8)], torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="2 views per image but 1 view batches"):
         aug([torch.zeros(2, 3, 8, 8, dtype=torch.uint8)], torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="uint8"):
         aug([torch.zeros(2, 3, 8, 8)], torch.zeros(2, 1, dtype=torch.long))

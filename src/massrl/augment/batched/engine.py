@@ -26,6 +26,7 @@ from torch import Tensor
 from massrl.config import AugmentConfig
 
 from . import ops
+from .buffers import BufferPool
 from .policies import CUTOUT_FILL, Op, PolicySampler, Program, on_device
 
 FamilyFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -71,6 +72,7 @@ class BatchedAugmenter:
         self.fill = torch.tensor(CUTOUT_FILL, dtype=torch.float32) / 255
         self._families = self._build_families()
         self._gather = torch.empty(0)  # grouped mode's gather buffer, reused across calls
+        self._outputs = BufferPool()  # CPU outputs, reused once the caller has let them go
 
     # -------------------------------------------------------------- public entry point
 
@@ -80,8 +82,9 @@ class BatchedAugmenter:
         strategy: Tensor,
         generator: torch.Generator | None = None,
     ) -> list[Tensor]:
-        if strategy.dim() != 2 or strategy.shape[1] != len(views):
-            raise ValueError(f"strategy must be [B, {len(views)}], got {list(strategy.shape)}")
+        if strategy.dim() != 2:
+            raise ValueError(f"strategy must be [B, V], got {list(strategy.shape)}")
+        views = self.expand(views, strategy.shape[1])
         if not views:
             return []
         # all views form one batch: one program, one pass per op family for every view (in
@@ -102,6 +105,17 @@ class BatchedAugmenter:
             out = self.apply(u8, prog)
         return list(out.split(strategy.shape[0]))
 
+    def expand(self, views: Sequence[Tensor], num_views: int) -> list[Tensor]:
+        """The V views: `views` itself, or in crops_x_strategies mode the shared crops that
+        CropOnlyTransform hands over, each repeated for every strategy (by reference)."""
+        per_crop = len(self.cfg.strategies)
+        if len(views) == num_views:
+            return list(views)
+        if self.cfg.view_mode == "crops_x_strategies" and len(views) * per_crop == num_views:
+            return [v for v in views for _ in range(per_crop)]
+        raise ValueError(f"strategy has {num_views} views per image but {len(views)} view "
+                         f"batches were given ({self.cfg.view_mode} mode)")
+
     def apply(self, u8: Tensor | Sequence[Tensor], prog: Program,
               present: list[int] | None = None) -> Tensor:
         """Run a program on uint8 images [N, 3, H, W] (or a list of such batches, taken as their
@@ -114,7 +128,11 @@ class BatchedAugmenter:
         first = parts[0]
         total = sum(p.shape[0] for p in parts)
         grouped = self.grouped if self.grouped is not None else first.device.type == "cpu"
-        out = torch.empty((total, *first.shape[1:]), dtype=torch.float32, device=first.device)
+        shape = (total, *first.shape[1:])
+        if first.device.type == "cpu":
+            out = self._outputs.empty(shape, torch.float32)
+        else:
+            out = torch.empty(shape, dtype=torch.float32, device=first.device)
         per_image = max(1, first[0].numel() * 4)
         step = max(1, self.chunk_bytes // per_image) if grouped else max(1, total)
         slot_ops = self.sampler.slot_ops(present)
@@ -130,8 +148,9 @@ class BatchedAugmenter:
                 i, j = base + a, base + b
                 part = Program(prog.op[i:j], prog.mag[i:j], prog.aux[i:j], prog.flip[i:j])
                 self._run(x, part, slot_ops, grouped)
-                # (x - mean) / std while x is in cache, one pass
-                torch.addcmul(shift, x, scale, out=x)
+                # (x - mean) / std while x is in cache; two passes, as addcmul with a broadcast
+                # `shift` as its input runs ~8x slower on the CPU
+                x.mul_(scale).add_(shift)
                 if grouped:  # flip commutes with the per-channel normalisation
                     self._flip(x, part.flip, per_image)
             base += src.shape[0]

@@ -55,7 +55,10 @@ def num_views(cfg: AugmentConfig) -> int:
 
 
 class CropOnlyTransform:
-    """PIL image -> {"views": [V x uint8[3,S,S]], "strategy": Long[V], "crop": Long[V]}."""
+    """PIL image -> {"views": [V x uint8[3,S,S]], "strategy": Long[V], "crop": Long[V]}.
+
+    In crops_x_strategies mode "views" holds the num_crops shared crops (V = num_crops x S
+    strategies); "strategy" and "crop" still describe all V views."""
 
     def __init__(self, cfg: AugmentConfig, image_size: int) -> None:
         self.cfg = cfg
@@ -87,9 +90,10 @@ class CropOnlyTransform:
         elif mode == "per_strategy":
             views = [self._crop(img) for _ in range(n)]
             strategy = crop = torch.arange(n)
-        else:  # crops_x_strategies: crop-major, every strategy on each shared crop
-            crops = [self._crop(img) for _ in range(self.cfg.num_crops)]
-            views = [c for c in crops for _ in range(n)]
+        else:  # crops_x_strategies: crop-major, every strategy on each shared crop. Only the
+            # crops travel (the collate would otherwise stack each one S times); the engine
+            # expands them back to the V views (BatchedAugmenter.expand)
+            views = [self._crop(img) for _ in range(self.cfg.num_crops)]
             strategy = torch.arange(n).repeat(self.cfg.num_crops)
             crop = torch.arange(self.cfg.num_crops).repeat_interleave(n)
         return {"views": views, "strategy": strategy.long(), "crop": crop.long()}
