@@ -141,13 +141,17 @@ def posterize_(x: Tensor, bits: Tensor) -> Tensor:
     q = _img(torch.exp2(8 - bits.to(x.dtype)))
     # +1e-3: a level that is a multiple of q must not fall one step down through rounding
     posterized = (x * 255).div_(q).add_(1e-3).floor_().mul_(q).div_(255)
-    return torch.where(q > 1, posterized, x, out=x)
+    # exact 0/1 blend per image (torch.where is ~8x slower than an arithmetic pass on the CPU)
+    use = (q > 1).to(x.dtype)
+    return x.mul_(1 - use).addcmul_(posterized, use)
 
 
 def solarize_(x: Tensor, threshold: Tensor) -> Tensor:
     """Invert levels >= `threshold` (0..255 scale; 0 = invert all, > 255 = none)."""
-    solar = x >= _img(threshold.to(x.dtype) / 255)
-    return torch.where(solar, 1 - x, x, out=x)
+    # |m - x| with m = 1 where inverted, else 0: exactly 1 - x or x, in 3 arithmetic passes
+    # (torch.where on a per-pixel mask is ~8x slower than one pass on the CPU)
+    solar = torch.ge(x, _img(threshold.to(x.dtype) / 255), out=torch.empty_like(x))
+    return torch.sub(solar, x, out=x).abs_()
 
 
 def posterize_solarize_(x: Tensor, bits: Tensor, threshold: Tensor) -> Tensor:
