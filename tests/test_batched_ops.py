@@ -149,6 +149,15 @@ def test_geometry(u8, kind, mags):
     assert differ.float().mean().item() <= 0.005
 
 
+def test_translate_matches_nearest_warp_exactly(u8):
+    """Whole-pixel shifts by slice copies = the nearest warp of the same translation."""
+    for kind, dx, dy in ((3, 1, 0), (4, 0, 1)):
+        mag = torch.tensor([-30.0, -7.0, -1.0, 0.0, 5.0, 23.0])  # beyond the side: all zeros
+        ref = _warp(_f(u8), kind, mag)
+        mine = ops.translate_(_f(u8), dx * mag, dy * mag)
+        assert torch.equal(mine, ref), kind
+
+
 def test_identity_warp_is_exact(u8):
     assert torch.equal(_warp(_f(u8), 0, torch.zeros(N)), _f(u8))
 

@@ -33,8 +33,9 @@ FamilyFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 # member fraction of a chunk above which a family runs on the whole chunk (cheap ops: early)
+# (translate: 0, it skips the images that do not move, so it never needs a gather)
 _DENSE = {"brightness": 0.3, "gray_blend": 0.4, "solarize": 0.4, "posterize": 0.5,
-          "autocontrast": 0.5, "cutout": 0.3}
+          "autocontrast": 0.5, "cutout": 0.3, "translate": 0.0}
 
 
 def _blur_radius(size: int) -> int:
@@ -70,7 +71,8 @@ class BatchedAugmenter:
         self.grouped = grouped
         self.chunk_bytes = chunk_bytes
         self.fill = torch.tensor(CUTOUT_FILL, dtype=torch.float32) / 255
-        self._families = self._build_families()
+        # grouped mode runs whole-pixel translations as slice copies instead of in the warp
+        self._families = {g: self._build_families(g) for g in (False, True)}
         self._gather = torch.empty(0)  # grouped mode's gather buffer, reused across calls
         self._outputs = BufferPool()  # CPU outputs, reused once the caller has let them go
 
@@ -162,7 +164,7 @@ class BatchedAugmenter:
         for k, possible in enumerate(slot_ops):
             op, mag, aux = prog.op[:, k], prog.mag[:, k], prog.aux[:, k]
             present = set(op.unique().tolist()) if grouped else possible
-            for members, fn in self._families:
+            for members, fn in self._families[grouped]:
                 if members & present:
                     self._run_family(x, members, fn, op, mag, aux, grouped)
         if not grouped:  # grouped mode flips after the normalisation, image by image
@@ -214,15 +216,23 @@ class BatchedAugmenter:
 
     # -------------------------------------------------------------- op families
 
-    def _build_families(self) -> list[tuple[set[int], FamilyFn]]:
+    def _build_families(self, grouped: bool) -> list[tuple[set[int], FamilyFn]]:
         """(op ids, fn(x, op, mag, aux)); each fn is the identity on images of other ops."""
         fill = self.fill
         mode = self.interpolation
+        # translations are whole pixels (policies.py): with nearest sampling the warp is a shift
+        shift = grouped and mode == "nearest"
+        moves = {int(Op.TRANSLATE_X), int(Op.TRANSLATE_Y)}
 
         def warp(x, op, mag, aux):
             kind = torch.where((op >= Op.SHEAR_X) & (op <= Op.ROTATE), op, 0)
             theta = ops.warp_theta(kind, mag, x.shape[-2], x.shape[-1])
             return ops.affine_warp(x, theta, mode)
+
+        def translate(x, op, mag, aux):
+            zero = torch.zeros_like(mag)
+            return ops.translate_(x, torch.where(op == Op.TRANSLATE_X, mag, zero),
+                                  torch.where(op == Op.TRANSLATE_Y, mag, zero))
 
         def brightness(x, op, mag, aux):
             return ops.brightness_(x, torch.where(op == Op.BRIGHTNESS, mag, 1.0))
@@ -259,10 +269,10 @@ class BatchedAugmenter:
             side = torch.where(op == Op.CUTOUT, mag, 0.0)
             return ops.cutout_(x, side, aux, on_device(("fill",), x.device, lambda: fill))
 
-        geometric = {int(o) for o in (Op.SHEAR_X, Op.SHEAR_Y, Op.TRANSLATE_X, Op.TRANSLATE_Y,
-                                      Op.ROTATE)}
+        geometric = {int(o) for o in (Op.SHEAR_X, Op.SHEAR_Y, Op.ROTATE)}
+        geometry = [(geometric, warp), (moves, translate)] if shift else [(geometric | moves, warp)]
         return [
-            (geometric, warp),
+            *geometry,
             ({int(Op.BRIGHTNESS)}, brightness),
             ({int(Op.SATURATION), int(Op.CONTRAST), int(Op.GRAYSCALE)}, gray_blend),
             ({int(Op.SHARPNESS)}, sharpness),

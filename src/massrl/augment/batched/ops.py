@@ -81,6 +81,24 @@ def affine_warp(x: Tensor, theta: Tensor, mode: str = "nearest") -> Tensor:
     return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
 
 
+def translate_(x: Tensor, dx: Tensor, dy: Tensor) -> Tensor:
+    """Shift each image by whole pixels (dx right, dy down), filling with 0: what a
+    nearest-neighbour affine warp does for an integer translation, as slice copies (~7x less
+    work than grid_sample on the CPU). Reads the shifts on the host: for the CPU's grouped mode."""
+    h, w = x.shape[-2:]
+    for img, tx, ty in zip(x, dx.tolist(), dy.tolist(), strict=True):
+        tx, ty = int(tx), int(ty)
+        if tx == ty == 0:
+            continue
+        if abs(tx) >= w or abs(ty) >= h:
+            img.zero_()
+            continue
+        src = img[:, max(0, -ty) : h - max(0, ty), max(0, -tx) : w - max(0, tx)].clone()
+        img.zero_()
+        img[:, max(0, ty) : h - max(0, -ty), max(0, tx) : w - max(0, -tx)].copy_(src)
+    return x
+
+
 def hflip_(x: Tensor, flip: Tensor) -> Tensor:
     """Horizontal flip of the images where `flip` is true."""
     return x.copy_(torch.where(_img(flip), x.flip(-1), x))
