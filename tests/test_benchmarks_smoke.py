@@ -65,3 +65,16 @@ def test_train_throughput_tiny_run_writes_results(tmp_path, fashion_mnist_presen
     assert rows and all("error" not in r and r["images_per_s"] > 0 for r in rows)
     assert rows[0]["peak_rss_mib"] > 0
     assert "throughput-quick:start" in (tmp_path / "docs" / "benchmarks.md").read_text()
+
+
+def test_feed_rate_tiny_run_writes_json(tmp_path):
+    """Engine vs BYOL step images/s, on the CPU with a tiny backbone and batch."""
+    out = tmp_path / "feed.json"
+    res = _load("feed_rate").main(["--device", "cpu", "--size", "16", "--batch", "4",
+                                   "--backbone", "resnet18", "--repeats", "2", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(res))
+    assert [e["views_per_image"] for e in data["engine"]] == [8, 2]
+    assert data["step"]["views_per_image"] == 2 and len(data["step"]["runs_s"]) == 2
+    for e in data["engine"]:
+        assert e["img_s"] > 0 and e["vs_step"] == pytest.approx(e["img_s"] / data["step"]["img_s"])

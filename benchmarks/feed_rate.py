@@ -1,0 +1,131 @@
+"""Can the batched engine feed a training step? Images/s of each, on the same device.
+
+engine:  BatchedAugmenter on uint8 224 px crops already on the device (the workers' share,
+         decode + crop, is not timed), for the full MASSRL view set (4 strategies x 2 crops =
+         8 views per image) and for BYOL's 2 SimCLR views.
+step:    one BYOL training step of massrl's own method (the packaged imagenet/byol config:
+         ResNet-50, 2 views, LARS), forward + backward + optimizer + EMA update, under bf16
+         autocast and channels_last, on already augmented float views.
+
+The engine keeps up when its images/s exceed the step's. Meant for a GPU:
+
+    python benchmarks/feed_rate.py --out benchmarks/results/feed_rate_gpu.json
+
+and runs anywhere with smaller settings (--device cpu --size 32 --batch 8 --backbone resnet18).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from augment_throughput import MEAN, STD, make_cfg, source_images  # noqa: E402
+
+from massrl.augment.batched import BatchedAugmenter, CropOnlyTransform  # noqa: E402
+from massrl.config import build_config, resolve_config_path  # noqa: E402
+from massrl.methods import build_method  # noqa: E402
+from massrl.optim import build_optimizer  # noqa: E402
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def engine_rate(strategy: str, size: int, batch: int, device: torch.device,
+                repeats: int) -> dict:
+    """Images/s of the engine for one view set, on crops already on the device."""
+    cfg = make_cfg(strategy)
+    crop = CropOnlyTransform(cfg, size)
+    items = [crop(img) for img in source_images(batch, size)]
+    b = torch.utils.data.default_collate(items)
+    views = [v.to(device) for v in b["views"]]
+    sid = b["strategy"].to(device)
+    aug = BatchedAugmenter(cfg, MEAN, STD)
+    gen = torch.Generator(device).manual_seed(0)
+    times = _timed(lambda: aug(views, sid, gen), device, 2, repeats)
+    return {"view_set": strategy, "views_per_image": sid.shape[1],
+            "img_s": batch / median(times), "runs_s": times}
+
+
+def step_rate(backbone: str, size: int, batch: int, device: torch.device, repeats: int) -> dict:
+    """Images/s of a BYOL training step (2 views per image)."""
+    cfg = build_config(config_file=resolve_config_path("imagenet/byol"), overrides=[
+        f"model.backbone={backbone}", f"data.image_size={size}", f"data.batch_size={batch}",
+        "eval.probe=false"])
+    method = build_method(cfg).to(device).to(memory_format=torch.channels_last)
+    params = [(n, p) for n, p in method.named_parameters() if p.requires_grad]
+    opt = build_optimizer(cfg.optimizer, params, cfg.optimizer.lr)
+    g = torch.Generator(device).manual_seed(0)
+    views = [torch.randn(batch, 3, size, size, device=device, generator=g)
+             .contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    sid = torch.zeros(batch, 2, dtype=torch.long, device=device)
+    crop = torch.arange(2, device=device).expand(batch, 2)
+    data = {"views": views, "strategy": sid, "crop": crop}
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = method.ssl_step(data)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        method.ema_update(cfg.loss.tau_base)
+
+    method.train()
+    times = _timed(step, device, 3, repeats)
+    return {"backbone": backbone, "views_per_image": 2, "img_s": batch / median(times),
+            "runs_s": times}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--backbone", default="resnet50")
+    p.add_argument("--repeats", type=int, default=10, help="timed calls each (medians)")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, {name}, {args.size} px, batch {args.batch}", flush=True)
+    engines = [engine_rate(s, args.size, args.batch, device, args.repeats)
+               for s in ("massrl", "simclr")]
+    step = step_rate(args.backbone, args.size, args.batch, device, args.repeats)
+    for e in engines:
+        e["vs_step"] = e["img_s"] / step["img_s"]
+        print(f"engine {e['view_set']:<7} {e['views_per_image']} views/image: "
+              f"{e['img_s']:9.1f} img/s = {e['vs_step']:5.2f}x the step", flush=True)
+    print(f"BYOL step {args.backbone}, 2 views/image: {step['img_s']:9.1f} img/s", flush=True)
+    result = {"meta": {"torch": torch.__version__, "device": name, "size": args.size,
+                       "batch": args.batch, "repeats": args.repeats, "command":
+                       "python benchmarks/feed_rate.py " + " ".join(argv or sys.argv[1:])},
+              "engine": engines, "step": step}
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
