@@ -146,10 +146,35 @@ def test_crops_x_strategies_expands_shared_crops():
     assert len(out["views"]) == 8 and out["views"][0].shape == (6, 3, 16, 16)
     # same as handing over the 8 views themselves
     eight = [batch["views"][c] for c in batch["crop"][0].tolist()]
-    gen = torch.Generator().manual_seed(0)
-    ref = BatchedAugmenter(cfg, MEAN, STD)(eight, batch["strategy"], gen)
+    ref = BatchedAugmenter(cfg, MEAN, STD)(eight, batch["strategy"], seeds=batch["seed"])
     for x, y in zip(out["views"], ref, strict=True):
         assert torch.equal(x, y)
+
+
+def test_views_augment_the_same_in_any_batch():
+    """Each view draws from its own seed: 1 x 2B images (one device) gives what 2 x B (two
+    ranks) give, and shuffling the batch shuffles the outputs."""
+    cfg = AugmentConfig(strategies=ALL, view_mode="random", num_views=2)
+    batch = _batch(cfg, 12, size=24)
+    assert batch["seed"].shape == (12, 2) and batch["seed"].unique().numel() == 24
+    aug = BatchedAugmenter(cfg, MEAN, STD)
+    whole = aug(batch["views"], batch["strategy"], seeds=batch["seed"])
+
+    def part(rows):
+        return aug([v[rows] for v in batch["views"]], batch["strategy"][rows],
+                   seeds=batch["seed"][rows])
+
+    halves = [part(slice(0, 6)), part(slice(6, 12))]
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    shuffled = part(perm)
+    for v in range(2):
+        # hue's identity and blurs over group sizes may move a float by an ulp, no more
+        torch.testing.assert_close(torch.cat([halves[0][v], halves[1][v]]), whole[v],
+                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(shuffled[v], whole[v][perm], atol=1e-5, rtol=0)
+    # other seeds, other augmentations
+    other = aug(batch["views"], batch["strategy"], seeds=batch["seed"] + 1)
+    assert not torch.allclose(other[0], whole[0])
 
 
 def test_output_buffers_are_reused_only_when_free():
@@ -184,6 +209,9 @@ def test_rejects_bad_inputs():
         aug([torch.zeros(2, 3, 8, 8, dtype=torch.uint8)], torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="2 views per image but 1 view batches"):
         aug([torch.zeros(2, 3, 8, 8, dtype=torch.uint8)], torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="seeds must be"):
+        aug([torch.zeros(2, 3, 8, 8, dtype=torch.uint8)], torch.zeros(2, 1, dtype=torch.long),
+            seeds=torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="uint8"):
         aug([torch.zeros(2, 3, 8, 8)], torch.zeros(2, 1, dtype=torch.long))
 

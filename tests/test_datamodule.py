@@ -125,3 +125,23 @@ def test_unlabeled_folder_skips_bad_files(tmp_path):
     )
     with pytest.raises(Exception, match="data.strict=false"):
         next(iter(strict.train_dataloader()))
+
+
+def test_batched_backend_view_seeds_follow_the_image():
+    """CropOnlyTransform's per-view seeds (the engine's randomness) are drawn under the
+    sampler's per-image seed: the same for an image whatever the batch size or worker count."""
+    from massrl.augment.batched import CropOnlyTransform
+    from massrl.config import AugmentConfig
+
+    tf = CropOnlyTransform(AugmentConfig(strategies=["simclr", "randaugment"]), SIZE)
+    seen: dict[int, list[int]] = {}
+    for batch_size, workers in ((8, 0), (4, 0), (4, 1)):
+        dm = SSLDataModule(_cfg(batch_size=batch_size, num_workers=workers, subset=64), tf)
+        dm.setup("fit")
+        it = iter(dm.train_dataloader())
+        for _ in range(8 // batch_size):
+            batch = next(it)
+            assert batch["seed"].shape == (batch_size, 2)
+            for index, seeds in zip(batch["index"].tolist(), batch["seed"].tolist(), strict=True):
+                assert seen.setdefault(index, seeds) == seeds
+    assert len(seen) == 8 and len({s for v in seen.values() for s in v}) == 16

@@ -83,9 +83,16 @@ class BatchedAugmenter:
         views: Sequence[Tensor],
         strategy: Tensor,
         generator: torch.Generator | None = None,
+        seeds: Tensor | None = None,
     ) -> list[Tensor]:
+        """seeds: int64 [B, V], each view's own (CropOnlyTransform draws them in the workers);
+        without them, fresh ones from `generator`. A view's augmentation depends only on its
+        seed, so it is the same whatever batch or device it is processed in."""
         if strategy.dim() != 2:
             raise ValueError(f"strategy must be [B, V], got {list(strategy.shape)}")
+        if seeds is not None and seeds.shape != strategy.shape:
+            raise ValueError(f"seeds must be [B, V] like strategy {list(strategy.shape)}, "
+                             f"got {list(seeds.shape)}")
         views = self.expand(views, strategy.shape[1])
         if not views:
             return []
@@ -103,7 +110,8 @@ class BatchedAugmenter:
             v = v // len(self.cfg.strategies)
         odd = (v % 2 == 1).repeat_interleave(strategy.shape[0])
         with torch.autocast(views[0].device.type, enabled=False):  # keep the maths in float32
-            prog = self.sampler.sample(sid, views[0].shape[-1], odd, generator)
+            per_view = None if seeds is None else seeds.t().reshape(-1)
+            prog = self.sampler.sample(sid, views[0].shape[-1], odd, generator, per_view)
             out = self.apply(u8, prog)
         return list(out.split(strategy.shape[0]))
 
@@ -297,6 +305,6 @@ def augment_batch(
     if not views or views[0].dtype != torch.uint8:  # eval batches, skipped batches, float views
         return batch
     out = dict(batch)
-    out["views"] = augmenter(views, batch["strategy"], generator)
+    out["views"] = augmenter(views, batch["strategy"], generator, batch.get("seed"))
     return out
 

@@ -2,8 +2,8 @@
 
 Each strategy turns into a *program*: K op slots per image, an op id and a magnitude per slot
 (identity where an op does not fire), so the engine can run slot k for all images at once. All draws
-are tensor ops on one device with an optional generator: no `.item()`, no Python branch on a drawn
-value, hence no host-device synchronisation.
+are tensor ops on one device, each image drawing from its own seed (draws.py): no `.item()`, no
+Python branch on a drawn value, hence no host-device synchronisation.
 
 Op spaces and magnitudes follow torchvision's transforms v2 definitions (RandAugment, AutoAugment,
 TrivialAugmentWide; the AutoAugment sub-policies are read from torchvision itself) and the Fast
@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms import AutoAugment, AutoAugmentPolicy
 
+from massrl.augment.batched.draws import ImageDraws, new_seeds
 from massrl.augment.fast_autoaugment import SIGNED_OPS as FAA_SIGNED
 from massrl.augment.fast_autoaugment import load_policy, magnitude
 from massrl.config import AugmentConfig
@@ -143,8 +144,8 @@ def tv_to_engine(op: Tensor, mag: Tensor) -> Tensor:
     return torch.where(op == Op.SOLARIZE, 255 * mag, out)
 
 
-def _signs(signed: Tensor, shape: tuple[int, ...], g: torch.Generator | None, device) -> Tensor:
-    flip = signed & (torch.rand(shape, generator=g, device=device) <= 0.5)
+def _signs(signed: Tensor, draws: ImageDraws, slots: int) -> Tensor:
+    flip = signed & (draws.rand(slots) <= 0.5)
     return torch.where(flip, -1.0, 1.0)
 
 
@@ -157,8 +158,8 @@ class _Strategy:
     slots: int
     slot_ops: list[set[int]]
 
-    def sample(self, n: int, size: int, odd_view: bool | Tensor, g: torch.Generator | None,
-               device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    def sample(self, draws: ImageDraws, size: int,
+               odd_view: bool | Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """odd_view: whether each image (bool [n] or one bool) is an odd view (asymmetric BYOL)."""
         raise NotImplementedError
 
@@ -173,18 +174,18 @@ class RandAugmentSampler(_Strategy):
         ids = [int(TV_OPS[name]) for name, _, _ in tv_space(kind, self.bins, 32)]
         self.slot_ops = [set(ids)] * self.slots
 
-    def sample(self, n, size, odd_view, g, device):
+    def sample(self, draws, size, odd_view):
+        n, device = draws.n, draws.device
         key = (self.kind, self.bins, size)
         ids, table, signed = (
             on_device((*key, i), device, lambda i=i: _space_tables(*key)[i]) for i in range(3)
         )
-        shape = (n, self.slots)
-        idx = torch.randint(len(ids), shape, generator=g, device=device)
+        idx = draws.randint(len(ids), self.slots)
         if self.kind == "randaugment":  # fixed magnitude M
             mag = table[idx, self.magnitude]
         else:  # TrivialAugmentWide: a uniform bin per image
-            mag = table[idx, torch.randint(self.bins, shape, generator=g, device=device)]
-        mag = mag * _signs(signed[idx], shape, g, device)
+            mag = table[idx, draws.randint(self.bins, self.slots)]
+        mag = mag * _signs(signed[idx], draws, self.slots)
         op = ids[idx]
         return op, tv_to_engine(op, mag), torch.zeros(n, self.slots, 2, device=device)
 
@@ -201,7 +202,9 @@ class AutoAugmentSampler(_Strategy):
         self.slots = 2
         self.slot_ops = [{int(TV_OPS[sub[k]]) for sub in self.names} for k in range(2)]
 
-    def sample(self, n, size, odd_view, g, device):
+    def sample(self, draws, size, odd_view):
+        n, device = draws.n, draws.device
+
         def tables() -> list[Tensor]:
             ids, table, signed = _space_tables("autoaugment", 10, size)
             row = {int(i): r for r, i in enumerate(ids.tolist())}
@@ -212,10 +215,10 @@ class AutoAugmentSampler(_Strategy):
         pos, prob, bins, ids, table, signed = (
             on_device((*key, i), device, lambda i=i: tables()[i]) for i in range(6)
         )
-        sub = torch.randint(len(self.names), (n,), generator=g, device=device)
+        sub = draws.randint(len(self.names))
         idx = pos[sub]
-        fire = torch.rand(n, 2, generator=g, device=device) <= prob[sub]
-        mag = table[idx, bins[sub]] * _signs(signed[idx], (n, 2), g, device)
+        fire = draws.rand(2) <= prob[sub]
+        mag = table[idx, bins[sub]] * _signs(signed[idx], draws, 2)
         op = torch.where(fire, ids[idx], int(Op.IDENTITY))
         return op, tv_to_engine(op, mag), torch.zeros(n, 2, 2, device=device)
 
@@ -233,20 +236,20 @@ class FastAutoAugmentSampler(_Strategy):
         self.slots = self.op.shape[1]
         self.slot_ops = [set(self.op[:, k].tolist()) for k in range(self.slots)]
 
-    def sample(self, n, size, odd_view, g, device):
-        k = self.slots
-        sub = torch.randint(len(self.op), (n,), generator=g, device=device)
+    def sample(self, draws, size, odd_view):
+        k, device = self.slots, draws.device
+        sub = draws.randint(len(self.op))
         op, prob, value, signed = (
             on_device(("fastautoaugment", self.policy, name), device, lambda t=t: t)[sub]
             for name, t in (("op", self.op), ("prob", self.prob), ("value", self.value),
                             ("signed", self.signed))
         )
-        fire = torch.rand(n, k, generator=g, device=device) < prob
-        value = value * _signs(signed, (n, k), g, device)
+        fire = draws.rand(k) < prob
+        value = value * _signs(signed, draws, k)
         translate = (op == Op.TRANSLATE_X) | (op == Op.TRANSLATE_Y)
         mag = torch.where(translate, (value * size).trunc(), value)  # a fraction of the side
         mag = torch.where(op == Op.CUTOUT, value * size, mag)
-        aux = torch.rand(n, k, 2, generator=g, device=device) * size  # cutout centre
+        aux = draws.rand(k, 2) * size  # cutout centre
         return torch.where(fire, op, int(Op.IDENTITY)), mag, aux
 
 
@@ -264,23 +267,25 @@ class SimCLRSampler(_Strategy):
         second = odd_view & self.asymmetric
         return torch.where(second, 0.1, 1.0), torch.where(second, 0.2, 0.0)
 
-    def sample(self, n, size, odd_view, g, device):
+    def sample(self, draws, size, odd_view):
+        n, device = draws.n, draws.device
+
         def uniform(lo: float, hi: float) -> Tensor:
-            return lo + (hi - lo) * torch.rand(n, generator=g, device=device)
+            return lo + (hi - lo) * draws.rand()
 
         b, c, s, h = JITTER
         factors = torch.stack([uniform(1 - b, 1 + b), uniform(1 - c, 1 + c),
                                uniform(1 - s, 1 + s), uniform(-h, h)], 1)
         kinds = on_device(("simclr", "kinds"), device, lambda: torch.tensor([
             Op.BRIGHTNESS, Op.CONTRAST, Op.SATURATION, Op.HUE, Op.GRAYSCALE, Op.BLUR, Op.SOLARIZE]))
-        order = torch.rand(n, 4, generator=g, device=device).argsort(1)  # a random permutation
-        jitter = (torch.rand(n, 1, generator=g, device=device) < 0.8).expand(n, 4)
+        order = draws.rand(4).argsort(1)  # a random permutation
+        jitter = (draws.rand(1) < 0.8).expand(n, 4)
         odd = (odd_view.to(device) if isinstance(odd_view, Tensor)
                else torch.full((n,), bool(odd_view), device=device)).expand(n)
         blur_p, sol_p = (p[:, None] for p in self.probabilities(odd))
-        gray = torch.rand(n, 1, generator=g, device=device) < 0.2
-        blur = torch.rand(n, 1, generator=g, device=device) < blur_p
-        sol = torch.rand(n, 1, generator=g, device=device) < sol_p
+        gray = draws.rand(1) < 0.2
+        blur = draws.rand(1) < blur_p
+        sol = draws.rand(1) < sol_p
         fire = torch.cat([jitter, gray, blur, sol], 1)
         op = torch.cat([kinds[order], kinds[4:].expand(n, 3)], 1)
         sigma = uniform(*BLUR_SIGMA)[:, None]
@@ -319,10 +324,17 @@ class PolicySampler:
         return out
 
     def sample(self, strategy: Tensor, size: int, odd_view: bool | Tensor = False,
-               generator: torch.Generator | None = None) -> Program:
+               generator: torch.Generator | None = None, seeds: Tensor | None = None) -> Program:
         """Draw every strategy for every image and keep each image's own: no data-dependent
-        control flow, and the draws do not depend on how the strategies are mixed."""
-        device = generator.device if generator is not None else strategy.device
+        control flow, and the draws do not depend on how the strategies are mixed.
+
+        seeds: int64 [N], each image's own (draws.py); without them, fresh ones from `generator`
+        (on its device). The draws run on the seeds' device."""
+        if seeds is None:
+            device = generator.device if generator is not None else strategy.device
+            seeds = new_seeds((strategy.shape[0],), generator, device)
+        draws = ImageDraws(seeds)
+        device = draws.device
         sid = strategy.to(device)
         if isinstance(odd_view, Tensor):
             odd_view = odd_view.to(device)
@@ -331,10 +343,10 @@ class PolicySampler:
         mag = torch.zeros(n, k, device=device)
         aux = torch.zeros(n, k, 2, device=device)
         for i, strat in enumerate(self.strategies):
-            o, m, a = strat.sample(n, size, odd_view, generator, device)
+            o, m, a = strat.sample(draws, size, odd_view)
             mine = (sid == i)[:, None]
             op[:, : strat.slots] = torch.where(mine, o, op[:, : strat.slots])
             mag[:, : strat.slots] = torch.where(mine, m, mag[:, : strat.slots])
             aux[:, : strat.slots] = torch.where(mine[..., None], a, aux[:, : strat.slots])
-        flip = torch.rand(n, generator=generator, device=device) < 0.5
+        flip = draws.rand() < 0.5
         return Program(op, mag, aux, flip).to(strategy.device)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from massrl.augment.batched.draws import new_seeds
 from massrl.augment.crops import UniformCrop, build_crop
 from massrl.config import AugmentConfig
 
@@ -55,7 +56,8 @@ def num_views(cfg: AugmentConfig) -> int:
 
 
 class CropOnlyTransform:
-    """PIL image -> {"views": [V x uint8[3,S,S]], "strategy": Long[V], "crop": Long[V]}.
+    """PIL image -> {"views": [V x uint8[3,S,S]], "strategy": Long[V], "crop": Long[V],
+    "seed": Long[V]} (each view's augmentation seed, for the engine).
 
     In crops_x_strategies mode "views" holds the num_crops shared crops (V = num_crops x S
     strategies); "strategy" and "crop" still describe all V views."""
@@ -96,7 +98,9 @@ class CropOnlyTransform:
             views = [self._crop(img) for _ in range(self.cfg.num_crops)]
             strategy = torch.arange(n).repeat(self.cfg.num_crops)
             crop = torch.arange(self.cfg.num_crops).repeat_interleave(n)
-        return {"views": views, "strategy": strategy.long(), "crop": crop.long()}
+        # each view's own augmentation seed, from this worker's generator (see draws.py)
+        seed = new_seeds((len(strategy),))
+        return {"views": views, "strategy": strategy.long(), "crop": crop.long(), "seed": seed}
 
     def __repr__(self) -> str:
         return (f"CropOnlyTransform(mode={self.cfg.view_mode}, views={self.num_views}, "
