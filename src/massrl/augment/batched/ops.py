@@ -244,14 +244,14 @@ def adjust_hue_(x: Tensor, hue: Tensor) -> Tensor:
     chroma = maxc - minc
     # the maximum channel picks the sector (red wins ties, then green)
     is_r = torch.eq(r, maxc, out=torch.empty_like(maxc))
-    is_g = torch.eq(g, maxc, out=torch.empty_like(maxc)).sub_(is_r).clamp_min_(0)
-    # chroma * h6 before the shift: red g - b, green b - r + 2c, blue r - g + 4c
-    num = torch.sub(r, g).add_(chroma, alpha=4)  # blue
-    is_b = torch.add(is_r, is_g).neg_().add_(1)
-    num.mul_(is_b)
-    t = torch.sub(g, b)
+    is_g = torch.eq(g, maxc, out=torch.empty_like(maxc))
+    is_g.addcmul_(is_g, is_r, value=-1)  # green max and red not
+    # chroma * h6 before the shift: red g - b, green b - r + 2c, blue r - g + 4c; as the blue
+    # value plus each mask times (its sector's value - blue's), which needs no blue mask
+    num = torch.sub(r, g).add_(chroma, alpha=4)
+    t = torch.sub(g, b).sub_(num)
     num.addcmul_(t, is_r)
-    torch.sub(b, r, out=t).add_(chroma, alpha=2)
+    torch.add(b, g, out=t).sub_(r, alpha=2).sub_(chroma, alpha=2)  # (b - r + 2c) - blue's
     num.addcmul_(t, is_g)
     # chroma 0 (gray) has num 0, and any positive divisor then keeps the pixel gray
     h6 = num.div_(torch.clamp_min(chroma, torch.finfo(x.dtype).tiny))
