@@ -75,6 +75,7 @@ class BatchedAugmenter:
         self._families = {g: self._build_families(g) for g in (False, True)}
         self._gather = torch.empty(0)  # grouped mode's gather buffer, reused across calls
         self._outputs = BufferPool()  # CPU outputs, reused once the caller has let them go
+        self._luts: dict[torch.device, Tensor] = {}  # grouped mode's op -> family, per device
 
     # -------------------------------------------------------------- public entry point
 
@@ -169,45 +170,65 @@ class BatchedAugmenter:
     # -------------------------------------------------------------- execution
 
     def _run(self, x: Tensor, prog: Program, slot_ops: list[set[int]], grouped: bool) -> None:
+        if grouped:
+            self._run_grouped(x, prog)
+            return
         for k, possible in enumerate(slot_ops):
             op, mag, aux = prog.op[:, k], prog.mag[:, k], prog.aux[:, k]
-            present = set(op.unique().tolist()) if grouped else possible
-            for members, fn in self._families[grouped]:
-                if members & present:
-                    self._run_family(x, members, fn, op, mag, aux, grouped)
-        if not grouped:  # grouped mode flips after the normalisation, image by image
-            ops.hflip_(x, prog.flip)
+            for members, fn in self._families[False]:
+                if members & possible:
+                    y = fn(x, op, mag, aux)
+                    if y is not x:
+                        x.copy_(y)
+        ops.hflip_(x, prog.flip)  # (grouped mode flips after the normalisation)
 
-    def _run_family(self, x: Tensor, members: set[int], fn: FamilyFn, op: Tensor, mag: Tensor,
-                    aux: Tensor, grouped: bool) -> None:
-        if not grouped:
-            y = fn(x, op, mag, aux)
-            if y is not x:
-                x.copy_(y)
-            return
-        mask = torch.isin(op, torch.tensor(sorted(members), device=op.device))
-        idx = mask.nonzero().squeeze(1)
-        # gather + scatter costs ~2 passes over the members: when they are most of the chunk
+    def _run_grouped(self, x: Tensor, prog: Program) -> None:
+        """Each family on the images that drew it, slot after slot: per slot, one stable sort of
+        the images by family and one read of the group sizes (free on the CPU)."""
+        families = self._families[True]
+        if x.device not in self._luts:
+            self._luts[x.device] = self._family_lut().to(x.device)
+        family = self._luts[x.device][prog.op]  # [n, K]; len(families) for the identity
+        for k in range(prog.op.shape[1]):
+            column = family[:, k]
+            sizes = torch.bincount(column, minlength=len(families) + 1).tolist()
+            order = torch.argsort(column, stable=True)
+            start = 0
+            for f, size in enumerate(sizes[:-1]):
+                if size:
+                    self._run_family(x, families[f][1], order[start : start + size],
+                                     prog.op[:, k], prog.mag[:, k], prog.aux[:, k])
+                start += size
+
+    def _family_lut(self) -> Tensor:
+        """Op id -> index of its grouped-mode family (len(families) for the identity)."""
+        families = self._families[True]
+        lut = torch.full((max(int(o) for o in Op) + 1,), len(families), dtype=torch.long)
+        for f, (members, _) in enumerate(families):
+            lut[sorted(members)] = f
+        return lut
+
+    def _run_family(self, x: Tensor, fn: FamilyFn, idx: Tensor, op: Tensor, mag: Tensor,
+                    aux: Tensor) -> None:
+        # gather + scatter costs ~2 passes over the images: when they are most of the chunk
         # (or the op is a cheap single pass), run it on all images with identity parameters
-        dense = _DENSE.get(fn.__name__, 0.8)
-        if idx.numel() >= dense * x.shape[0]:
+        if idx.numel() >= _DENSE.get(fn.__name__, 0.8) * x.shape[0]:
             y = fn(x, op, mag, aux)
             if y is not x:
                 x.copy_(y)
             return
-        # gathered into a reused buffer and (large images) scattered back image by image: a fresh
+        # gathered into a reused buffer and (large images) scattered back run by run: a fresh
         # gather output and index_copy_ each cost ~3x as much on the CPU (page faults, slow kernel)
-        k = idx.numel()
-        need = k * x[0].numel()
+        need = idx.numel() * x[0].numel()
         if self._gather.numel() < need or self._gather.device != x.device:
             self._gather = x.new_empty(need)
-        buf = self._gather[:need].view(k, *x.shape[1:])
+        buf = self._gather[:need].view(idx.numel(), *x.shape[1:])
         sub = fn(torch.index_select(x, 0, idx, out=buf), op[idx], mag[idx], aux[idx])
         if x[0].numel() * x.element_size() < 64 << 10:  # small images: one call
             x.index_copy_(0, idx, sub)
             return
-        for j, i in enumerate(idx.tolist()):
-            x[i].copy_(sub[j])
+        for j, i, n in _runs(idx.tolist()):
+            x[i : i + n].copy_(sub[j : j + n])
 
     @staticmethod
     def _flip(x: Tensor, flip: Tensor, image_bytes: int) -> None:
@@ -292,6 +313,17 @@ class BatchedAugmenter:
             ({int(Op.BLUR)}, blur),
             ({int(Op.CUTOUT)}, cutout),
         ]
+
+
+def _runs(images: list[int]) -> list[tuple[int, int, int]]:
+    """(position in `images`, first image, length) of each run of consecutive image indices."""
+    out: list[tuple[int, int, int]] = []
+    for j, i in enumerate(images):
+        if out and out[-1][1] + out[-1][2] == i:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((j, i, 1))
+    return out
 
 
 def augment_batch(
