@@ -24,6 +24,11 @@ from statistics import median
 
 import torch
 from PIL import Image
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 from torch.utils.data import default_collate
 
 from massrl.augment import MultiViewTransform
@@ -54,22 +59,30 @@ def make_cfg(strategy: str) -> AugmentConfig:
     return AugmentConfig(strategies=[strategy], view_mode="random", num_views=2)
 
 
-def time_per_image(cfg: AugmentConfig, images: list[Image.Image], size: int) -> float:
+def _faults() -> int:
+    """Minor page faults of this process so far (0 where the resource module is missing)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+
+
+def time_per_image(cfg: AugmentConfig, images: list[Image.Image], size: int) -> tuple[float, int]:
+    """(seconds, minor page faults) for len(images) images."""
     tf = MultiViewTransform(cfg, size, MEAN, STD)
     tf(images[0])  # warm-up
-    start = time.perf_counter()
+    faults, start = _faults(), time.perf_counter()
     default_collate([tf(img) for img in images])
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _faults() - faults
 
 
 def time_batched(cfg: AugmentConfig, images: list[Image.Image], size: int, batch: int,
-                 device: str) -> tuple[float, float]:
-    """(crop seconds, engine seconds) for len(images) images in batches of `batch`."""
+                 device: str) -> tuple[float, float, int]:
+    """(crop seconds, engine seconds, minor page faults) for len(images) images in batches of
+    `batch`."""
     crop_tf, aug = CropOnlyTransform(cfg, size), BatchedAugmenter(cfg, MEAN, STD)
     g = torch.Generator(device).manual_seed(0)
     warm = default_collate([crop_tf(img) for img in images[:batch]])
     aug([v.to(device) for v in warm["views"]], warm["strategy"].to(device), g)  # warm-up
     crop_s = engine_s = 0.0
+    faults = _faults()
     for a in range(0, len(images), batch):
         t0 = time.perf_counter()
         b = default_collate([crop_tf(img) for img in images[a : a + batch]])
@@ -81,7 +94,7 @@ def time_batched(cfg: AugmentConfig, images: list[Image.Image], size: int, batch
         aug(views, strategy, g)
         _sync(device)
         crop_s, engine_s = crop_s + t1 - t0, engine_s + time.perf_counter() - t2
-    return crop_s, engine_s
+    return crop_s, engine_s, _faults() - faults
 
 
 def _sync(device: str) -> None:
@@ -110,19 +123,27 @@ def _run(args: argparse.Namespace) -> list[dict]:
             row = {"strategy": strategy, "size": size, "batch": args.batch,
                    "threads": args.threads, "views_per_image": _views(cfg)}
             # alternating repeats: one process's memory state moves single timings by up to 2x
-            pi, bt, share = [], [], []
+            pi, bt, share, pi_faults, bt_faults = [], [], [], [], []
             for _ in range(args.repeats):
-                pi.append(n_pi / time_per_image(cfg, images[:n_pi], size))
-                crop_s, eng_s = time_batched(cfg, images[: args.batch], size, args.batch, "cpu")
+                seconds, faults = time_per_image(cfg, images[:n_pi], size)
+                pi.append(n_pi / seconds)
+                pi_faults.append(faults / n_pi)
+                crop_s, eng_s, faults = time_batched(cfg, images[: args.batch], size, args.batch,
+                                                     "cpu")
                 bt.append(args.batch / (crop_s + eng_s))
                 share.append(crop_s / (crop_s + eng_s))
+                bt_faults.append(faults / args.batch)
             row["per_image_img_s"], row["batched_img_s"] = median(pi), median(bt)
             row["batched_crop_share"] = median(share)
             row["ratio"] = row["batched_img_s"] / row["per_image_img_s"]
             row["per_image_runs"], row["batched_runs"] = pi, bt
             row["pair_ratios"] = [b / a for a, b in zip(pi, bt, strict=True)]
+            # first-touch page faults per source image: their cost varies several-fold between
+            # runs on a VM, and the per-image side allocates ~2 fresh float copies of its views
+            row["per_image_faults_per_img"] = median(pi_faults)
+            row["batched_faults_per_img"] = median(bt_faults)
             if args.cuda:
-                _, gpu_s = time_batched(cfg, images[: args.batch], size, args.batch, "cuda")
+                _, gpu_s, _ = time_batched(cfg, images[: args.batch], size, args.batch, "cuda")
                 row["gpu_engine_img_s"] = args.batch / gpu_s
             rows.append(row)
             print(_fmt(row), flush=True)
@@ -134,7 +155,8 @@ def _views(cfg: AugmentConfig) -> int:
 
 
 HEADER = (f"{'strategy':<16}{'px':>5}{'views':>6}{'per-image img/s':>17}{'batched img/s':>15}"
-          f"{'ratio':>7}  {'pair ratios':<30}{'crop share':>10}{'GPU engine img/s':>18}")
+          f"{'ratio':>7}  {'pair ratios':<30}{'crop share':>10}{'faults/img pi|bt':>17}"
+          f"{'GPU engine img/s':>18}")
 
 
 def _fmt(r: dict) -> str:
@@ -142,7 +164,8 @@ def _fmt(r: dict) -> str:
     return (f"{r['strategy']:<16}{r['size']:>5}{r['views_per_image']:>6}"
             f"{r['per_image_img_s']:>17.1f}{r['batched_img_s']:>15.1f}{r['ratio']:>7.2f}"
             f"  {' '.join(f'{x:.2f}' for x in r['pair_ratios']):<30}"
-            f"{r['batched_crop_share']:>10.0%}{gpu}")
+            f"{r['batched_crop_share']:>10.0%}"
+            f"{r['per_image_faults_per_img']:>10.0f} |{r['batched_faults_per_img']:>5.0f}{gpu}")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

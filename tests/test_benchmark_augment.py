@@ -27,5 +27,6 @@ def test_benchmark_tiny_run_writes_json(tmp_path):
         # alternating repeats, medians reported
         assert len(row["pair_ratios"]) == len(row["per_image_runs"]) == 3
         assert min(row["per_image_runs"]) <= row["per_image_img_s"] <= max(row["per_image_runs"])
+        assert row["per_image_faults_per_img"] >= 0 and row["batched_faults_per_img"] >= 0
     assert data["results"][1]["views_per_image"] == 8
     assert data["meta"]["threads"] == 1 and data["meta"]["repeats"] == 3
