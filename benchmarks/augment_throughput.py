@@ -34,6 +34,7 @@ from torch.utils.data import default_collate
 from massrl.augment import MultiViewTransform
 from massrl.augment.batched import BatchedAugmenter, CropOnlyTransform
 from massrl.config import AugmentConfig
+from massrl.memory import retain_freed_memory
 
 MASSRL = ["simclr", "randaugment", "autoaugment", "fastautoaugment"]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -182,7 +183,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         "(default 3; quick 1)")
     p.add_argument("--cuda", action="store_true", help="also time the engine on the GPU")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    p.add_argument("--no-retain-freed-memory", dest="retain", action="store_false",
+                   help="leave glibc's malloc as it is (training sets trainer.retain_freed_memory)")
     args = p.parse_args(argv)
+    if args.retain:  # as `massrl pretrain` runs, both backends in this process
+        retain_freed_memory()
     args.batch = args.batch or (64 if args.quick else 256)
     args.repeats = args.repeats or (1 if args.quick else 3)
     if args.quick and args.per_image_images is None:
@@ -197,7 +202,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         meta = {"torch": torch.__version__, "threads": args.threads, "batch": args.batch,
                 "repeats": args.repeats, "command": "python benchmarks/augment_throughput.py "
                 + " ".join(argv if argv is not None else sys.argv[1:]),
-                "quick": args.quick, "cuda": torch.cuda.get_device_name() if args.cuda else None}
+                "quick": args.quick, "cuda": torch.cuda.get_device_name() if args.cuda else None,
+                "retain_freed_memory": args.retain}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     return rows

@@ -60,6 +60,8 @@ LEVERS: dict[str, list[tuple[str, list[str]]]] = {
     "persistent_workers": [("true", ["data.persistent_workers=true"]),
                            ("false", ["data.persistent_workers=false"])],
     "pin_memory": [("true", ["data.pin_memory=true"]), ("false", ["data.pin_memory=false"])],
+    "retain_freed_memory": [("true", ["trainer.retain_freed_memory=true"]),
+                            ("false", ["trainer.retain_freed_memory=false"])],
 }
 
 

@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from massrl.config import ConfigError, RunConfig, to_yaml
 from massrl.devices import run_num_workers, trains_on_cpu, usable_cores
+from massrl.memory import retain_freed_memory
 from massrl.methods import SSLMethod, build_method
 from massrl.resilience import (
     AtomicCheckpointIO,
@@ -204,6 +205,8 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
 def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     set_cpu_threads(cfg)
+    if cfg.trainer.retain_freed_memory:
+        retain_freed_memory()
     if cfg.data.num_workers == "auto":
         print(f"data.num_workers=auto: {run_num_workers(cfg)} DataLoader workers on this machine")
     if cfg.resume == "auto" and not cfg.output_dir and run_dir is None:
