@@ -177,6 +177,27 @@ def test_views_augment_the_same_in_any_batch():
     assert not torch.allclose(other[0], whole[0])
 
 
+def test_grouped_and_full_mode_agree():
+    """The CPU's grouped execution (families on gathered images, whole chunks when most images
+    drew one, translations as shifts) gives what full mode gives (every family on every image
+    with identity parameters). Slot 0: 9 shears and 1 translation, so the warp family runs on the
+    whole chunk and must leave the translated image to the shift family."""
+    from massrl.augment.batched.policies import Op
+
+    cfg = AugmentConfig(strategies=ALL, view_mode="random", num_views=2)
+    batch = _batch(cfg, 10, size=24)
+    u8 = batch["views"][0]
+    prog = PolicySampler(cfg).sample(batch["strategy"][:, 0], 24,
+                                     generator=torch.Generator().manual_seed(0))
+    prog.op[:, 0] = int(Op.SHEAR_X)
+    prog.op[3, 0] = int(Op.TRANSLATE_X)
+    prog.mag[:, 0] = 0.2
+    prog.mag[3, 0] = 5.0
+    out = {g: BatchedAugmenter(cfg, MEAN, STD, grouped=g).apply(u8, prog) for g in (True, False)}
+    close = ((out[True] - out[False]).abs() < 1e-4).float().mean()
+    assert close > 0.995, close  # nearest warps may round a few boundary pixels apart
+
+
 def test_output_buffers_are_reused_only_when_free():
     """Large CPU outputs come from a pool; one still held keeps its data across calls."""
     from massrl.augment.batched.buffers import MIN_BYTES, BufferPool

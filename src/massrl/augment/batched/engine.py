@@ -253,8 +253,11 @@ class BatchedAugmenter:
         shift = grouped and mode == "nearest"
         moves = {int(Op.TRANSLATE_X), int(Op.TRANSLATE_Y)}
 
-        def warp(x, op, mag, aux):
-            kind = torch.where((op >= Op.SHEAR_X) & (op <= Op.ROTATE), op, 0)
+        def warp(x, op, mag, aux):  # (identity for translations when they have their own family)
+            warped = (op >= Op.SHEAR_X) & (op <= Op.ROTATE)
+            if shift:
+                warped &= (op != Op.TRANSLATE_X) & (op != Op.TRANSLATE_Y)
+            kind = torch.where(warped, op, 0)
             theta = ops.warp_theta(kind, mag, x.shape[-2], x.shape[-1])
             return ops.affine_warp(x, theta, mode)
 
