@@ -78,3 +78,16 @@ def test_feed_rate_tiny_run_writes_json(tmp_path):
     assert data["step"]["views_per_image"] == 2 and len(data["step"]["runs_s"]) == 2
     for e in data["engine"]:
         assert e["img_s"] > 0 and e["vs_step"] == pytest.approx(e["img_s"] / data["step"]["img_s"])
+
+
+def test_engine_ab_against_head_runs(tmp_path):
+    """The in-process A/B harness loads HEAD's engine beside the working tree's and times both."""
+    import subprocess
+
+    root = BENCH.parent
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    res = _load("engine_ab").main(["--against", "HEAD", "--size", "16", "--batch", "8",
+                                   "--rounds", "2", "--strategy", "simclr"])
+    assert res["old_s"] > 0 and res["new_s"] > 0 and len(res["round_ratios"]) == 2
+    assert res["new_over_old"] == pytest.approx(res["new_s"] / res["old_s"])
