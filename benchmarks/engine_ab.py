@@ -9,8 +9,8 @@ batch format (commits from e27130f on, which hand over shared crops).
 
     python benchmarks/engine_ab.py --against HEAD~1 --size 224 --rounds 10
 
-Measured: against b3bd397 (after the output pool and the where-free solarize), 224 px, 6 rounds: the working tree's
-engine takes 0.917x the time (rounds 0.83-0.95).
+Measured: against b3bd397 (which had the output pool and the where-free solarize), 224 px,
+6 rounds: the working tree's engine takes 0.917x the time (rounds 0.83-0.95).
 """
 
 from __future__ import annotations
