@@ -32,28 +32,28 @@ class BufferPool:
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         count = math.prod(shape)
-        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        nbytes = count * dtype.itemsize
         if nbytes < MIN_BYTES:
             return torch.empty(shape, dtype=dtype)
-        buf = self._free_map(nbytes)
-        if buf is None:
+        fits = [i for i in self._free() if len(self._maps[i]) >= nbytes]
+        if fits:
+            buf = self._maps[fits[0]]
+        else:
             buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             self._keep(buf)
         return torch.frombuffer(buf, dtype=dtype, count=count).view(shape)
 
-    def _free_map(self, nbytes: int) -> mmap.mmap | None:
-        for i in range(len(self._maps)):
-            # references: the list, and getrefcount's argument; any more is a live tensor
-            if len(self._maps[i]) >= nbytes and sys.getrefcount(self._maps[i]) == 2:
-                return self._maps[i]
-        return None
+    def _free(self) -> list[int]:
+        """Indices of the maps no tensor uses: referenced only by the list and by getrefcount's
+        own argument."""
+        return [i for i in range(len(self._maps)) if sys.getrefcount(self._maps[i]) == 2]
 
     def _keep(self, buf: mmap.mmap) -> None:
         if len(self._maps) < self.capacity:
             self._maps.append(buf)
             return
         # full: replace the smallest free map (a held one must stay, it is in use)
-        free = [i for i in range(len(self._maps)) if sys.getrefcount(self._maps[i]) == 2]
+        free = self._free()
         if free:
             self._maps[min(free, key=lambda i: len(self._maps[i]))] = buf
 
