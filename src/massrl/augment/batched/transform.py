@@ -80,7 +80,8 @@ class CropOnlyTransform:
         # pixel for pixel (resize(box=...) would differ: its filter reads outside the box)
         size = (self.image_size, self.image_size)
         out = img.crop(self._box(img)).resize(size, Image.Resampling.BILINEAR)
-        return torch.from_numpy(np.array(out)).permute(2, 0, 1).contiguous()
+        # HWC -> CHW in numpy: half the time of torch's uint8 permute-and-copy at 224 px
+        return torch.from_numpy(np.ascontiguousarray(np.asarray(out).transpose(2, 0, 1)))
 
     def __call__(self, img: Image.Image) -> dict:
         img = img if img.mode == "RGB" else img.convert("RGB")  # grey datasets repeat to 3 channels
