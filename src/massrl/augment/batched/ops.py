@@ -203,11 +203,13 @@ def equalize_(x: Tensor, enabled: Tensor) -> Tensor:
     """PIL's histogram equalisation per channel on the 0..255 levels, as a per-channel LUT.
 
     One flat index (level + 256 * channel row) per pixel, as int32: a bincount gives every
-    histogram and an index_select applies every LUT (no int64 temporaries, no gather)."""
+    histogram and an index_select applies every LUT (no int64 temporaries, no gather). Values
+    are in [0, 1] (every op clamps), so the index needs no clamp."""
     n, c, h, w = x.shape
     rows = n * c
-    offset = torch.arange(rows, device=x.device, dtype=x.dtype).mul_(256).view(n, c, 1, 1)
-    flat = (x * 255).round_().clamp_(0, 255).add_(offset).to(torch.int32).view(-1)
+    # level + 0.5 + offset, truncated: round-half-up of x * 255 (levels k / 255 never tie)
+    offset = torch.arange(rows, device=x.device, dtype=x.dtype).mul_(256).add_(0.5)
+    flat = torch.add(offset.view(n, c, 1, 1), x, alpha=255).to(torch.int32).view(-1)
     hist = torch.bincount(flat, minlength=rows * 256).view(rows, 256)
     # PIL: step = (pixels - count of the brightest level) // 255,
     # lut[k] = (cum[k-1] + step // 2) // step
@@ -217,11 +219,15 @@ def equalize_(x: Tensor, enabled: Tensor) -> Tensor:
     step = (h * w - top).div(255, rounding_mode="floor")
     cum = hist.cumsum(1)[:, :-1]
     lut = (cum + step // 2).div(step.clamp_min(1), rounding_mode="floor").clamp_(0, 255)
-    lut = torch.cat([torch.zeros_like(lut[:, :1]), lut], 1).to(x.dtype).div_(255)
-    eq = lut.view(-1).index_select(0, flat).view(n, c, h, w)
-    # images left alone keep their exact (possibly non-integer) levels: exact 0/1 blend
-    use = ((step > 0) & enabled.repeat_interleave(c)[:, None]).to(x.dtype).view(n, c, 1, 1)
-    return x.mul_(1 - use).addcmul_(eq, use)
+    lut = torch.cat([torch.zeros_like(lut[:, :1]), lut], 1).to(x.dtype).div_(255).view(-1)
+    # images left alone keep their exact (possibly non-integer) levels
+    use = (step > 0) & enabled.repeat_interleave(c)[:, None]
+    if x.device.type == "cpu" and x.is_contiguous() and bool(use.all()):
+        # reading a value is free on the CPU: every channel is equalised, written in one pass
+        return torch.index_select(lut, 0, flat, out=x.view(-1)).view(n, c, h, w)
+    eq = lut.index_select(0, flat).view(n, c, h, w)
+    blend = use.to(x.dtype).view(n, c, 1, 1)  # exact 0/1 blend
+    return x.mul_(1 - blend).addcmul_(eq, blend)
 
 
 # ------------------------------------------------------------------------------ hue
