@@ -147,9 +147,7 @@ class BatchedAugmenter:
         per_image = max(1, first[0].numel() * 4)
         step = max(1, self.chunk_bytes // per_image) if grouped else max(1, total)
         slot_ops = self.sampler.slot_ops(present)
-        key = (tuple(self.mean.flatten().tolist()), tuple(self.std.flatten().tolist()))
-        scale = on_device(("scale", *key), out.device, lambda: 1 / self.std)
-        shift = on_device(("shift", *key), out.device, lambda: -self.mean / self.std)
+        normalise = self._normaliser(out.device)
         base = 0
         for src in parts:
             for a in range(0, src.shape[0], step):
@@ -159,13 +157,30 @@ class BatchedAugmenter:
                 i, j = base + a, base + b
                 part = Program(prog.op[i:j], prog.mag[i:j], prog.aux[i:j], prog.flip[i:j])
                 self._run(x, part, slot_ops, grouped)
-                # (x - mean) / std while x is in cache; two passes, as addcmul with a broadcast
-                # `shift` as its input runs ~8x slower on the CPU
-                x.mul_(scale).add_(shift)
+                normalise(x)  # while x is in cache
                 if grouped:  # flip commutes with the per-channel normalisation
                     self._flip(x, part.flip, per_image)
             base += src.shape[0]
         return out
+
+    def _normaliser(self, device: torch.device) -> Callable[[Tensor], None]:
+        """In-place (x - mean) / std, one pass per channel plane: x + w * (end - x) with
+        w = 1 - 1 / std, end = mean / (1 - std), as a lerp (the two passes of mul_ and add_ cost
+        ~30 % more; addcmul with a broadcast shift ~8x more on the CPU)."""
+        mean, std = self.mean.flatten().tolist(), self.std.flatten().tolist()
+        key = ("lerp_end", *mean, *std)
+        end = on_device(key, device, lambda: torch.tensor(
+            [m / (1 - s) if abs(1 - s) > 1e-3 else 0.0 for m, s in zip(mean, std, strict=True)]))
+        ends = end.unbind()
+
+        def normalise(x: Tensor) -> None:
+            for c, (m, s) in enumerate(zip(mean, std, strict=True)):
+                if abs(1 - s) > 1e-3:
+                    x[:, c].lerp_(ends[c], 1 - 1 / s)
+                else:  # std ~1: the lerp's end would blow up; two exact passes instead
+                    x[:, c].sub_(m).div_(s)
+
+        return normalise
 
     # -------------------------------------------------------------- execution
 
