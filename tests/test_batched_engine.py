@@ -200,6 +200,35 @@ def test_grouped_and_full_mode_agree():
     assert close > 0.995, close  # nearest warps may round a few boundary pixels apart
 
 
+@pytest.mark.parametrize("size", [24, 80])
+def test_flip_before_the_ops_gives_the_flip_after_them(size):
+    """On the CPU, images of 64 KB and more are flipped as uint8 before the ops where that is
+    exact (mirroring shear x, rotations and translations x), after them for shear y and cutout
+    (smaller images: always after): every flipped image must equal the unflipped program's
+    output, flipped."""
+    from massrl.augment.batched.policies import Op
+
+    cfg = AugmentConfig(strategies=ALL, view_mode="random", num_views=2)
+    batch = _batch(cfg, 9, size=size)
+    u8 = batch["views"][0]
+    prog = PolicySampler(cfg).sample(batch["strategy"][:, 0], size,
+                                     generator=torch.Generator().manual_seed(0))
+    # (shear 0.23, not 0.2: nearest sampling rounds exact ties, as 0.2 * 2.5 px, to even)
+    cases = [(Op.SHEAR_X, 0.23), (Op.ROTATE, 17.0), (Op.TRANSLATE_X, 5.0), (Op.SHEAR_Y, 0.23),
+             (Op.CUTOUT, 8.0), (Op.EQUALIZE, 0.0), (Op.BLUR, 1.5), (Op.HUE, 0.2),
+             (Op.SHARPNESS, 1.8)]
+    prog.op[:, 1:] = int(Op.IDENTITY)
+    for i, (op, mag) in enumerate(cases):
+        prog.op[i, 0], prog.mag[i, 0] = int(op), mag
+    prog.aux[:, 0] = torch.tensor([7.0, 15.0])  # cutout centre, off the vertical axis
+    aug = BatchedAugmenter(cfg, MEAN, STD)
+    flipped = aug.apply(u8, Program(prog.op, prog.mag, prog.aux, torch.ones(9, dtype=torch.bool)))
+    plain = aug.apply(u8, Program(prog.op, prog.mag, prog.aux, torch.zeros(9, dtype=torch.bool)))
+    for i, (op, _) in enumerate(cases):
+        close = ((flipped[i] - plain[i].flip(-1)).abs() < 1e-4).float().mean()
+        assert close > 0.99, (op.name, close)  # nearest warps may round a few pixels apart
+
+
 def test_output_buffers_are_reused_only_when_free():
     """Large CPU outputs come from a pool; one still held keeps its data across calls."""
     from massrl.augment.batched.buffers import MIN_BYTES, BufferPool
