@@ -309,15 +309,24 @@ def test_rrc_box_matches_torchvision_distribution():
     torch.testing.assert_close(mine.mean(0), ref.mean(0), atol=1.0, rtol=0)
 
 
-def test_crop_pixels_match_torchvision_resized_crop():
+@pytest.mark.parametrize("size", [16, 72])
+def test_crop_pixels_match_torchvision_resized_crop(size):
+    """Below 64 px the crop is PIL's, pixel for pixel; from 64 px torch's uint8 antialiased
+    resize, which rounds some levels the other way (never by more than 1)."""
     from torchvision.transforms.v2 import functional as TF
 
     cfg = AugmentConfig(crop="uniform")
-    tf = CropOnlyTransform(cfg, 16)
-    img = _picture(40)
-    torch.manual_seed(5)
-    mine = tf(img)["views"][0]
-    torch.manual_seed(5)
-    top, left, side = tf.crop.params(40, 40)
-    ref = TF.pil_to_tensor(TF.resized_crop(img, top, left, side, side, [16, 16], antialias=True))
-    assert torch.equal(mine, ref)
+    tf = CropOnlyTransform(cfg, size)
+    img = _picture(2 * size + 9)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        mine = tf(img)["views"][0]
+        torch.manual_seed(seed)
+        top, left, side = tf.crop.params(img.height, img.width)
+        ref = TF.pil_to_tensor(TF.resized_crop(img, top, left, side, side, [size, size]))
+        diff = (mine.int() - ref.int()).abs()
+        assert mine.shape == ref.shape == (3, size, size) and mine.dtype == torch.uint8
+        if size < 64:
+            assert torch.equal(mine, ref)
+        else:
+            assert diff.max() <= 1 and diff.float().mean() < 0.05, (diff.max(), diff.mean())
