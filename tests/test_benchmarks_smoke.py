@@ -91,3 +91,20 @@ def test_engine_ab_against_head_runs(tmp_path):
                                    "--rounds", "2", "--strategy", "simclr"])
     assert res["old_s"] > 0 and res["new_s"] > 0 and len(res["round_ratios"]) == 2
     assert res["new_over_old"] == pytest.approx(res["new_s"] / res["old_s"])
+
+
+def test_engine_ab_pipeline_times_both_backends(tmp_path):
+    """--pipeline: each revision's crops + collate + engine and the per-image backend, per round."""
+    import json
+    import subprocess
+
+    root = BENCH.parent
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    out = tmp_path / "ab.json"
+    res = _load("engine_ab").main(["--against", "HEAD", "--size", "16", "--batch", "8",
+                                   "--rounds", "2", "--pipeline", "--out", str(out)])
+    assert all(len(v) == 2 and min(v) > 0 for v in res["runs"].values())
+    assert res["ratio_new"] == pytest.approx(res["img_s"]["new"] / res["img_s"]["per_image"])
+    saved = json.loads(out.read_text())
+    assert saved["command"].endswith("--out " + str(out)) and saved["img_s"] == res["img_s"]
