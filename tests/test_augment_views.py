@@ -98,6 +98,16 @@ def test_eval_transform_resize_centre_crop_normalise():
     assert torch.allclose(middle, torch.ones(3, 32, 32))
 
 
+def test_normalisation_keeps_every_pixel_and_channel_in_place():
+    """A textured picture at the eval size is only normalised: pixel for pixel, per channel."""
+    rng = np.random.default_rng(1)
+    arr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    out = EvalTransform(32, MEAN, STD)(Image.fromarray(arr))
+    ref = (torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+           - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
 def test_grey_small_inputs_and_flip_labels():
     for size in (8, 28):
         for crop in ("rrc", "uniform"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms.v2 import InterpolationMode
@@ -35,9 +36,20 @@ class View:
     image: Image.Image | None = None  # the un-normalised picture, for display
 
 
-def _to_normalised(img: Image.Image, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    x = F.to_dtype(F.pil_to_tensor(img), torch.float32, scale=True)
-    return (x - mean) / std
+def _to_normalised(img: Image.Image, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """PIL picture -> float [3, H, W] = level * scale + shift (scale = 1 / (255 std), shift =
+    -mean / std): one copy to float and two in-place passes, a third of the time of pil_to_tensor,
+    to_dtype and (x - mean) / std at 224 px, which allocate a float copy per step."""
+    # HWC -> CHW in numpy: half the time of torch's uint8 permute-and-copy
+    chw = torch.from_numpy(np.ascontiguousarray(np.asarray(_rgb(img)).transpose(2, 0, 1)))
+    return torch.empty(chw.shape, dtype=torch.float32).copy_(chw).mul_(scale).add_(shift)
+
+
+def _affine(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of _to_normalised for these per-channel statistics."""
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return 1 / (255 * s), -m / s
 
 
 def _rgb(img: Image.Image) -> Image.Image:
@@ -54,8 +66,7 @@ class MultiViewTransform:
         self.cfg = cfg
         self.image_size = image_size
         self.strategy_names: tuple[str, ...] = tuple(cfg.strategies)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self._scale, self._shift = _affine(mean, std)
         self.crop = build_crop(cfg, image_size)
         S = len(self.strategy_names)
         self.num_views = {
@@ -73,7 +84,7 @@ class MultiViewTransform:
         if float(torch.rand(())) < 0.5:
             img = F.horizontal_flip(img)
             ops = [*ops, "HFlip"]
-        tensor = _to_normalised(img, self.mean, self.std)
+        tensor = _to_normalised(img, self._scale, self._shift)
         return View(tensor, sid, self.strategy_names[sid], crop_id, ops, img)
 
     def sample(self, img: Image.Image) -> list[View]:
@@ -135,15 +146,14 @@ class EvalTransform:
 
     def __init__(self, image_size: int, mean: tuple, std: tuple) -> None:
         self.image_size = image_size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self._scale, self._shift = _affine(mean, std)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = F.resize(
             _rgb(img), [self.image_size], interpolation=InterpolationMode.BILINEAR, antialias=True
         )
         img = F.center_crop(img, [self.image_size, self.image_size])
-        return _to_normalised(img, self.mean, self.std)
+        return _to_normalised(img, self._scale, self._shift)
 
     def __repr__(self) -> str:
         return f"EvalTransform(image_size={self.image_size})"
