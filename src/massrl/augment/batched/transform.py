@@ -17,6 +17,7 @@ from PIL import Image
 
 from massrl.augment.batched.draws import new_seeds
 from massrl.augment.crops import UniformCrop, build_crop
+from massrl.augment.views import pil_to_chw
 from massrl.config import AugmentConfig
 
 RATIO = (3 / 4, 4 / 3)
@@ -89,9 +90,7 @@ class CropOnlyTransform:
             hwc = torch.from_numpy(np.array(box)).permute(2, 0, 1)[None]  # channels-last view
             out = F.interpolate(hwc, size=(size, size), mode="bilinear", antialias=True)
             return out[0].contiguous()
-        out = box.resize((size, size), Image.Resampling.BILINEAR)
-        # HWC -> CHW in numpy: half the time of torch's uint8 permute-and-copy
-        return torch.from_numpy(np.ascontiguousarray(np.asarray(out).transpose(2, 0, 1)))
+        return pil_to_chw(box.resize((size, size), Image.Resampling.BILINEAR))
 
     def __call__(self, img: Image.Image) -> dict:
         img = img if img.mode == "RGB" else img.convert("RGB")  # grey datasets repeat to 3 channels
