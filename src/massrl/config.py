@@ -145,7 +145,8 @@ class TrainerConfig(_Section):
     precision: str = Field("auto", description="auto = bf16-mixed where supported, else 32")
     accumulate_grad_batches: int = Field(1, gt=0)
     sync_batchnorm: bool = False
-    channels_last: bool = True
+    channels_last: bool = Field(True, description="off on the CPU for models with strided 1x1 "
+                                "convs of < 16 input channels (oneDNN bug; devices.py)")
     compile: bool = False
     gradient_clip_val: float | None = None
     log_every_n_steps: int = Field(10, gt=0)

@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import torch
+from torch import nn
 
 # DataLoader workers per accelerator, at most: beyond this, worker start-up and memory grow while
 # a GPU step at the sizes massrl trains is rarely waiting on more than this many decoders
@@ -71,3 +72,30 @@ def run_num_workers(cfg: Any) -> int:
     on_cpu = trains_on_cpu(t.accelerator)
     return resolve_num_workers(cfg.data.num_workers, on_cpu, 1 if on_cpu else
                                devices_per_node(t.devices))
+
+
+# oneDNN's channels-last backward of a strided 1x1 convolution with fewer input channels than its
+# register block writes past its buffer (uxlfoundation/oneDNN#6035, open): on this project's CPU a
+# ResNet of model.width < 16 segfaults from 64 px (8 channels into a stride-2 shortcut)
+ONEDNN_1X1_MIN_CHANNELS = 16
+
+
+def channels_last_hazards(model: nn.Module) -> list[str]:
+    """The convolutions of `model` that channels-last training on the CPU may crash in."""
+    return [name for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1
+            and m.in_channels < ONEDNN_1X1_MIN_CHANNELS]
+
+
+def use_channels_last(requested: bool, accelerator: str, model: nn.Module) -> bool:
+    """trainer.channels_last as it can run: off on the CPU for models with hazards (a notice
+    says so); the config keeps what was asked, as with num_workers=auto."""
+    if not requested or not trains_on_cpu(accelerator):
+        return requested
+    hazards = channels_last_hazards(model)
+    if hazards:
+        print(f"trainer.channels_last: off for this model on the CPU: {len(hazards)} strided 1x1 "
+              f"convolution(s) with < {ONEDNN_1X1_MIN_CHANNELS} input channels ({hazards[0]}, "
+              "...) crash oneDNN's channels-last backward (uxlfoundation/oneDNN#6035); "
+              f"model.width >= {ONEDNN_1X1_MIN_CHANNELS} avoids it")
+    return not hazards

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressB
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from massrl.config import ConfigError, RunConfig, to_yaml
-from massrl.devices import run_num_workers, trains_on_cpu, usable_cores
+from massrl.devices import run_num_workers, trains_on_cpu, usable_cores, use_channels_last
 from massrl.memory import retain_freed_memory
 from massrl.methods import SSLMethod, build_method
 from massrl.resilience import (
@@ -228,7 +228,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
         from massrl.augment.batched import BatchedAugmenter
 
         method.augmenter = BatchedAugmenter(cfg.augment, dm.splits.mean, dm.splits.std)
-    if cfg.trainer.channels_last:
+    method.channels_last = use_channels_last(cfg.trainer.channels_last, cfg.trainer.accelerator,
+                                             method)
+    if method.channels_last:
         method = method.to(memory_format=torch.channels_last)
     trainer, parts = build_trainer(cfg, run_dir, has_labels=dm.has_labels)
     if cfg.trainer.compile:

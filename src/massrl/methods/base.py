@@ -67,6 +67,8 @@ class SSLMethod(L.LightningModule):
         self.normalization: dict[str, Any] = {}
         # augment.backend=batched: the strategies run here on the device (see massrl.train)
         self.augmenter: Any = None
+        # channels-last batches, as the model (train.py may turn it off: devices.py)
+        self.channels_last = cfg.trainer.channels_last
         self._skipping = False  # the current step is being skipped (see _skip_step)
         self._saved_lrs: list[float] = []
 
@@ -88,7 +90,7 @@ class SSLMethod(L.LightningModule):
             from massrl.augment.batched import augment_batch
 
             batch = augment_batch(batch, self.augmenter)
-        if self.cfg.trainer.channels_last and isinstance(batch, dict):
+        if self.channels_last and isinstance(batch, dict):
             fmt = torch.channels_last
             if "views" in batch:
                 batch["views"] = [v.contiguous(memory_format=fmt) for v in batch["views"]]
