@@ -85,7 +85,7 @@ class CropOnlyTransform:
         size = self.image_size
         box = img.crop(self._box(img))
         if size >= TENSOR_RESIZE_FROM:
-            # torch's uint8 antialiased kernel, written to match PIL's (levels within 1):
+            # torch's uint8 antialiased kernel, within 1 level of PIL's (tested):
             # 2.4x faster than PIL at 224 px, slower below 64 px (per-call costs)
             hwc = torch.from_numpy(np.array(box)).permute(2, 0, 1)[None]  # channels-last view
             out = F.interpolate(hwc, size=(size, size), mode="bilinear", antialias=True)
