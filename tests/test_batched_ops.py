@@ -79,6 +79,9 @@ def test_posterize_solarize_invert_exact(u8):
     bits = torch.tensor([1, 2, 4, 5, 7, 8])
     ref = _per_image_ref(u8, bits.tolist(), TF.posterize)
     assert torch.equal((ops.posterize(_f(u8), bits.float()) * 255).round().byte(), ref)
+    # every image posterized: the CPU's in-place path without the blend
+    out = ops.posterize(_f(u8[:5]), bits[:5].float())
+    assert torch.equal((out * 255).round().byte(), ref[:5])
     thr = torch.tensor([0.0, 1.0, 113.33, 128.0, 254.0, 255.0])
     ref = _per_image_ref(u8, thr.tolist(), TF.solarize)
     assert torch.equal((ops.solarize(_f(u8), thr) * 255).round().byte(), ref)
