@@ -325,7 +325,7 @@ class BatchedAugmenter:
 
         def blur(x, op, mag, aux):
             sigma = torch.where(op == Op.BLUR, mag, 1e-4)
-            return ops.gaussian_blur(x, sigma, _blur_radius(x.shape[-1]))
+            return ops.gaussian_blur_(x, sigma, _blur_radius(x.shape[-1]))
 
         def cutout(x, op, mag, aux):
             side = torch.where(op == Op.CUTOUT, mag, 0.0)

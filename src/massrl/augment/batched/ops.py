@@ -298,20 +298,21 @@ def _reflect_pad(x: Tensor, r: int, dim: int) -> Tensor:
     return xp
 
 
-def _conv1d_(x: Tensor, k: Tensor, dim: int) -> Tensor:
+def _conv1d(x: Tensor, k: Tensor, dim: int, out: Tensor | None = None) -> Tensor:
     """Per-image 1-D convolution along `dim` (-2 or -1) with reflect padding, as a sum of
-    shifted slices (one multiply-add pass per tap; faster than a grouped conv2d on the CPU)."""
+    shifted slices (one multiply-add pass per tap; faster than a grouped conv2d on the CPU);
+    into `out` if given (it may be x: the taps read a padded copy)."""
     r = (k.shape[1] - 1) // 2
     size = x.shape[dim]
     xp = _reflect_pad(x, r, dim)
-    out = xp.narrow(dim, 0, size) * _img(k[:, 0])
+    out = torch.mul(xp.narrow(dim, 0, size), _img(k[:, 0]), out=out)
     for j in range(1, 2 * r + 1):
         out.addcmul_(xp.narrow(dim, j, size), _img(k[:, j]))
     return out
 
 
-def gaussian_blur(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
-    """Separable Gaussian blur, reflect padding, per-image sigma (~0 = identity)."""
+def gaussian_blur_(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
+    """Separable Gaussian blur in place, reflect padding, per-image sigma (~0 = identity)."""
     radius = min(radius, x.shape[-2] - 1, x.shape[-1] - 1)  # reflect padding stays inside
     sigma = sigma.to(x.dtype)
     if x.device.type == "cpu" and sigma.numel():
@@ -321,7 +322,8 @@ def gaussian_blur(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
         needed = math.ceil(6.44 * float(sigma.max()))
         radius = min(radius, max(needed, 0))
     k = gaussian_kernels(sigma, radius)
-    return _conv1d_(_conv1d_(x, k, -2), k, -1)
+    # the second pass writes into x: no output to allocate and copy back
+    return _conv1d(_conv1d(x, k, -2), k, -1, out=x)
 
 
 def cutout_(x: Tensor, side: Tensor, centre: Tensor, fill: Tensor) -> Tensor:
