@@ -169,7 +169,7 @@ class BatchedAugmenter:
                 self._run(x, part, slot_ops, grouped)
                 normalise(x)  # while x is in cache
                 if grouped:  # (flip commutes with the per-channel normalisation)
-                    flip_after(x, part.flip, per_image)  # images with shear y or cutout
+                    flip_after(x, part.flip, per_image)  # what flip_first left, if it ran
             base += src.shape[0]
         return out
 
