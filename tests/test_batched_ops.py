@@ -1,5 +1,8 @@
 """Each batched op against torchvision.transforms.v2.functional on the same image and parameters.
 
+The ops with a fused CPU kernel (cpu_kernels.py: hue, gray blends, equalize, blur) are checked in
+both implementations, with the same tolerances.
+
 Tolerances (pixel levels on the 0..255 scale unless said otherwise):
   colour blends, hue, sharpness, blur, autocontrast: float in and out,
     max |diff| <= 1e-5 (on [0, 1])
@@ -17,9 +20,12 @@ import torch
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from massrl.augment.batched import ops
+from massrl.augment.batched import cpu_kernels, ops
 
 N, S = 6, 24
+FUSED = [pytest.param(ops, id="torch"),
+         pytest.param(cpu_kernels, id="numba", marks=pytest.mark.skipif(
+             not cpu_kernels.available(), reason="numba is not installed"))]
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +56,24 @@ def test_brightness(u8):
     _close(ops.brightness_(_f(u8), f), ref, 1e-6)
 
 
+@pytest.mark.parametrize("impl", FUSED)
 @pytest.mark.parametrize("name", ["contrast", "saturation"])
-def test_contrast_saturation(u8, name):
+def test_contrast_saturation(u8, name, impl):
     f = torch.linspace(0.0, 1.9, N)
     tv = {"contrast": TF.adjust_contrast, "saturation": TF.adjust_saturation}[name]
-    mine = {"contrast": ops.adjust_contrast, "saturation": ops.adjust_saturation}[name]
-    _close(mine(_f(u8), f), _per_image_ref(_f(u8), f.tolist(), tv), 1e-5)
+    gray_w = torch.full((N,), float(name == "saturation"))
+    mine = impl.gray_blend_(_f(u8), f, gray_w, 1 - gray_w)
+    _close(mine, _per_image_ref(_f(u8), f.tolist(), tv), 1e-5)
+    # the wrappers the torch path offers
+    wrapper = {"contrast": ops.adjust_contrast, "saturation": ops.adjust_saturation}[name]
+    _close(wrapper(_f(u8), f), mine, 1e-5)
 
 
-def test_grayscale(u8):
+@pytest.mark.parametrize("impl", FUSED)
+def test_grayscale(u8, impl):
     ref = TF.rgb_to_grayscale(_f(u8), num_output_channels=3)
+    zeros = torch.zeros(N)
+    _close(impl.gray_blend_(_f(u8), zeros, zeros + 1, zeros), ref, 1e-6)
     _close(ops.grayscale(_f(u8)), ref, 1e-6)
 
 
@@ -69,10 +83,11 @@ def test_sharpness(u8):
     _close(ops.sharpness_(_f(u8), f), ref, 1e-5)
 
 
-def test_hue(u8):
+@pytest.mark.parametrize("impl", FUSED)
+def test_hue(u8, impl):
     h = torch.linspace(-0.5, 0.5, N)
     ref = _per_image_ref(_f(u8), h.tolist(), TF.adjust_hue)
-    _close(ops.adjust_hue_(_f(u8), h), ref, 2e-5)
+    _close(impl.adjust_hue_(_f(u8), h), ref, 2e-5)
 
 
 def test_posterize_solarize_invert_exact(u8):
@@ -97,20 +112,22 @@ def test_autocontrast(u8):
     _close(ops.autocontrast_(_f(u8), on), ref, 1e-6)
 
 
-def test_equalize_exact(u8):
+@pytest.mark.parametrize("impl", FUSED)
+def test_equalize_exact(u8, impl):
     on = torch.tensor([True] * (N - 1) + [False])
     ref = TF.equalize(u8)
     ref[-1] = u8[-1]
-    assert torch.equal((ops.equalize_(_f(u8), on) * 255).round().byte(), ref)
+    assert torch.equal((impl.equalize_(_f(u8), on) * 255).round().byte(), ref)
 
 
-def test_blur(u8):
+@pytest.mark.parametrize("impl", FUSED)
+def test_blur(u8, impl):
     sigma = torch.linspace(0.1, 2.0, N)
     k = 13
     ref = _per_image_ref(_f(u8), sigma.tolist(), lambda im, s: TF.gaussian_blur(im, [k, k], [s, s]))
-    _close(ops.gaussian_blur_(_f(u8), sigma, k // 2), ref, 1e-5)
+    _close(impl.gaussian_blur_(_f(u8), sigma, k // 2), ref, 1e-5)
     # sigma ~ 0 is the identity, which the engine relies on for images without blur
-    _close(ops.gaussian_blur_(_f(u8), torch.full((N,), 1e-4), 6), _f(u8), 0)
+    _close(impl.gaussian_blur_(_f(u8), torch.full((N,), 1e-4), 6), _f(u8), 0)
 
 
 def _warp(x: torch.Tensor, kind: int, mag: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,9 @@ class AugmentConfig(_Section):
     # BYOL's asymmetric simclr pipeline: view 1 blur p=1 / solarize 0, view 2 blur 0.1 / sol. 0.2
     asymmetric: bool = Field(True, description="BYOL's asymmetric blur/solarize on simclr views")
     backend: Literal["per_image", "batched"] = "per_image"
+    cpu_kernels: Literal["auto", "numba", "torch"] = Field(
+        "auto", description="batched backend on the CPU: fused numba kernels for hue, blur, gray "
+        "blends and equalize (auto: when numba is installed) or torch ops only")
 
     @field_validator("crop_scale", "uniform_crop_range")
     @classmethod

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from massrl.config import AugmentConfig
 
-from . import ops
+from . import cpu_kernels, ops
 from .buffers import BufferPool
 from .flips import flip_after, flip_first, load_flipped
 from .policies import CUTOUT_FILL, Op, PolicySampler, Program, on_device
@@ -39,6 +39,17 @@ FamilyFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 # passes: 0.5). translate: 0, it skips the images that do not move, so it never needs a gather
 _DENSE = {"brightness": 0.5, "gray_blend": 0.75, "solarize": 0.4, "posterize": 0.5,
           "autocontrast": 0.5, "cutout": 0.3, "translate": 0.0}
+
+
+# families with a fused CPU kernel (cpu_kernels.py)
+_FUSED = {"gray_blend", "equalize", "hue", "blur"}
+
+
+def _use_cpu_kernels(choice: str) -> bool:
+    if choice == "numba" and not cpu_kernels.available():
+        raise ValueError("augment.cpu_kernels=numba needs numba, which is not installed: "
+                         "`pip install numba`, or set augment.cpu_kernels=auto (torch ops then)")
+    return choice != "torch" and cpu_kernels.available()
 
 
 def _blur_radius(size: int) -> int:
@@ -74,6 +85,7 @@ class BatchedAugmenter:
         self.grouped = grouped
         self.chunk_bytes = chunk_bytes
         self.fill = torch.tensor(CUTOUT_FILL, dtype=torch.float32) / 255
+        self.fused = _use_cpu_kernels(cfg.cpu_kernels)
         # grouped mode runs whole-pixel translations as slice copies instead of in the warp
         self._families = {g: self._build_families(g) for g in (False, True)}
         self._gather = torch.empty(0)  # grouped mode's gather buffer, reused across calls
@@ -233,7 +245,7 @@ class BatchedAugmenter:
             for f, size in enumerate(sizes[k][:-1]):
                 if size:
                     end = start + size
-                    if size >= _DENSE.get(families[f][1].__name__, 0.8) * n:
+                    if size >= self._dense_threshold(families[f][1].__name__, x) * n:
                         # most of the chunk: all images, identity parameters for the others
                         self._run_dense(x, families[f][1], prog.op[:, k], prog.mag[:, k],
                                         prog.aux[:, k])
@@ -242,6 +254,15 @@ class BatchedAugmenter:
                                            orders[k][start:end], op[start:end, k],
                                            mag[start:end, k], aux[start:end, k])
                 start += size
+
+    def _dense_threshold(self, family: str, x: Tensor) -> float:
+        # the fused kernels skip the images whose parameter is the identity: never gather
+        if family in _FUSED and self._fused_on(x):
+            return 0.0
+        return _DENSE.get(family, 0.8)
+
+    def _fused_on(self, x: Tensor) -> bool:
+        return self.fused and x.device.type == "cpu" and x.dtype == torch.float32
 
     def _family_lut(self) -> Tensor:
         """Op id -> index of its grouped-mode family (len(families) for the identity)."""
@@ -304,7 +325,8 @@ class BatchedAugmenter:
         def gray_blend(x, op, mag, aux):
             sat, con, gray = op == Op.SATURATION, op == Op.CONTRAST, op == Op.GRAYSCALE
             factor = torch.where(sat | con, mag, torch.where(gray, 0.0, 1.0))
-            return ops.gray_blend_(x, factor, (sat | gray).to(x.dtype), con.to(x.dtype))
+            impl = cpu_kernels if self._fused_on(x) else ops
+            return impl.gray_blend_(x, factor, (sat | gray).to(x.dtype), con.to(x.dtype))
 
         def sharpness(x, op, mag, aux):
             return ops.sharpness_(x, torch.where(op == Op.SHARPNESS, mag, 1.0))
@@ -320,14 +342,17 @@ class BatchedAugmenter:
             return ops.autocontrast_(x, op == Op.AUTOCONTRAST)
 
         def equalize(x, op, mag, aux):
-            return ops.equalize_(x, op == Op.EQUALIZE)
+            impl = cpu_kernels if self._fused_on(x) else ops
+            return impl.equalize_(x, op == Op.EQUALIZE)
 
         def hue(x, op, mag, aux):
-            return ops.adjust_hue_(x, torch.where(op == Op.HUE, mag, 0.0))
+            impl = cpu_kernels if self._fused_on(x) else ops
+            return impl.adjust_hue_(x, torch.where(op == Op.HUE, mag, 0.0))
 
         def blur(x, op, mag, aux):
             sigma = torch.where(op == Op.BLUR, mag, 1e-4)
-            return ops.gaussian_blur_(x, sigma, _blur_radius(x.shape[-1]))
+            impl = cpu_kernels if self._fused_on(x) else ops
+            return impl.gaussian_blur_(x, sigma, _blur_radius(x.shape[-1]))
 
         def cutout(x, op, mag, aux):
             side = torch.where(op == Op.CUTOUT, mag, 0.0)

@@ -1,0 +1,126 @@
+"""The fused CPU kernels (numba) against the torch ops they replace, and in the engine.
+
+tests/test_batched_ops.py checks both implementations against torchvision on small images; here:
+larger images (the vectorised loops' remainders, blur radius 6), images left exactly alone where
+their parameter is the identity, thread-count independence, input checks, and whole programs
+with augment.cpu_kernels=numba vs torch.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from massrl.augment.batched import BatchedAugmenter, cpu_kernels, ops
+from massrl.augment.batched import engine as engine_module
+from massrl.config import AugmentConfig
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="numba is not installed")
+
+N, S = 7, 67  # odd side: no vector width divides a row
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    img = torch.randint(0, 256, (N, 3, S, S), generator=g).float().div(255)
+    img[0, :, :10] = 0.5  # gray rows: zero chroma for hue
+    img[1, 0] = img[1, 1]  # red = green: the sector tie-break
+    return img
+
+
+def _params(name: str) -> tuple:
+    """Per-image parameters with the identity at image 2 (and equalize's disabled image 3)."""
+    if name == "hue":
+        h = torch.linspace(-0.5, 0.45, N)
+        h[2] = 0.0
+        return (h,)
+    if name == "gray_blend":
+        f = torch.linspace(0.0, 1.9, N)
+        f[2] = 1.0
+        gray_w = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+        return f, gray_w, 1 - gray_w
+    if name == "equalize":
+        return (torch.tensor([True, True, False, False, True, True, True]),)
+    sigma = torch.linspace(0.1, 2.0, N)
+    sigma[2] = 1e-4
+    return sigma, 6
+
+
+CASES = {"hue": "adjust_hue_", "gray_blend": "gray_blend_", "equalize": "equalize_",
+         "blur": "gaussian_blur_"}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_torch_ops_and_leaves_identity_images_alone(x, name):
+    fn = CASES[name]
+    args = _params(name)
+    mine = getattr(cpu_kernels, fn)(x.clone(), *args)
+    ref = getattr(ops, fn)(x.clone(), *args)
+    assert (mine - ref).abs().max().item() <= 2e-6
+    assert torch.equal(mine[2], x[2])  # exactly, not just within rounding
+    assert not torch.equal(mine[4], x[4])  # and the others did change
+
+
+def test_blur_uses_each_images_own_reach(x):
+    """A small sigma next to a large one: its own few taps, the same result within rounding."""
+    sigma = torch.tensor([0.3, 2.0, 0.3, 0.1, 1.0, 0.5, 2.0])
+    alone = torch.cat([ops.gaussian_blur_(x[i : i + 1].clone(), sigma[i : i + 1], 6)
+                       for i in range(N)])
+    assert (cpu_kernels.gaussian_blur_(x.clone(), sigma, 6) - alone).abs().max() <= 2e-6
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_same_result_on_one_and_two_threads(x, name):
+    fn = getattr(cpu_kernels, CASES[name])
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fn(x.clone(), *_params(name))
+        torch.set_num_threads(2)
+        two = fn(x.clone(), *_params(name))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+def test_empty_batch_and_bad_input(x):
+    empty = x[:0].clone()
+    assert cpu_kernels.adjust_hue_(empty, torch.zeros(0)).shape == (0, 3, S, S)
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
+        cpu_kernels.adjust_hue_(x.double(), torch.zeros(N))
+    with pytest.raises(ValueError, match="contiguous float32 CPU tensor"):
+        cpu_kernels.equalize_(x.transpose(-1, -2), torch.ones(N, dtype=torch.bool))
+
+
+def _run(kernels: str, u8: torch.Tensor, strategy: torch.Tensor) -> list[torch.Tensor]:
+    cfg = AugmentConfig(strategies=["simclr", "randaugment", "autoaugment", "fastautoaugment"],
+                        view_mode="random", num_views=2, cpu_kernels=kernels)
+    aug = BatchedAugmenter(cfg, MEAN, STD)
+    assert aug.fused == (kernels == "numba")
+    return aug([u8, u8.flip(-1)], strategy, seeds=torch.arange(strategy.numel()).view_as(strategy))
+
+
+def test_engine_numba_vs_torch_kernels():
+    """Whole programs of every strategy: the same images within float rounding. A level can
+    land on the other side of a discrete op's step (posterize, solarize, equalize), so a few
+    values may differ by a level; nearly all are equal within 1e-4 (normalised units)."""
+    g = torch.Generator().manual_seed(0)
+    u8 = torch.randint(0, 256, (64, 3, 40, 40), dtype=torch.uint8, generator=g)
+    strategy = torch.randint(0, 4, (64, 2), generator=g)
+    fused, plain = _run("numba", u8, strategy), _run("torch", u8, strategy)
+    for a, b in zip(fused, plain, strict=True):
+        close = (a - b).abs() <= 1e-4
+        assert close.float().mean().item() >= 0.999
+        assert (a - b).abs().max().item() < 0.2  # at most a few levels, never another image
+
+
+def test_numba_required_but_missing(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    cfg = AugmentConfig(cpu_kernels="numba")
+    with pytest.raises(ValueError, match="pip install numba"):
+        BatchedAugmenter(cfg, MEAN, STD)
+    # auto falls back to the torch ops
+    assert not BatchedAugmenter(AugmentConfig(), MEAN, STD).fused
+    assert engine_module._use_cpu_kernels("auto") is False
