@@ -85,6 +85,25 @@ def test_same_result_on_one_and_two_threads(x, name):
     assert torch.equal(one, two)
 
 
+@pytest.mark.parametrize("side", [16, 31, 96])
+def test_nearest_warp_equals_grid_sample_pixel_for_pixel(side):
+    """Same source pixel for every output pixel as ops.affine_warp (grid_sample), exact ties
+    included (shears of 0.2, 0.25, 0.5 put rows half-way between pixels)."""
+    g = torch.Generator().manual_seed(side)
+    n = 48
+    img = torch.randint(0, 256, (n, 3, side, side), generator=g).float().div(255)
+    kind = torch.randint(0, 6, (n,), generator=g)
+    mag = torch.rand(n, generator=g) * 0.6 - 0.3
+    mag = torch.where(kind == 5, mag * 200, mag)  # rotations up to 60 degrees
+    mag = torch.where((kind == 3) | (kind == 4), (mag * 30).round(), mag)  # whole pixels
+    mag[:6] = torch.tensor([0.2, -0.2, 0.25, -0.5, 0.125, 0.0])
+    theta = ops.warp_theta(kind, mag, side, side)
+    ref = ops.affine_warp(img.clone(), theta, "nearest")
+    mine = cpu_kernels.warp_nearest_(img.clone(), theta, kind != 0)
+    assert torch.equal(mine, ref)
+    assert not torch.equal(mine[kind != 0], img[kind != 0])
+
+
 def test_empty_batch_and_bad_input(x):
     empty = x[:0].clone()
     assert cpu_kernels.adjust_hue_(empty, torch.zeros(0)).shape == (0, 3, S, S)

@@ -1,7 +1,8 @@
 """Fused CPU kernels (numba) for the batched engine's costliest ops.
 
 Each kernel does in one or two passes over an image what its torch version in ops.py does in many
-(hue ~15 passes, gray blend ~6, blur one multiply-add pass per tap), and skips the images whose
+(hue ~15 passes, gray blend ~6, blur one multiply-add pass per tap, the nearest warp a grid and a
+sample pass over 2-channel coordinates), and skips the images whose
 parameter is the identity, so the engine runs them on a whole chunk instead of gathering the
 images that drew them. Images are processed in parallel over torch's thread count. Results match
 ops.py within float rounding (tests/test_batched_ops.py runs both); without numba, ops.py runs.
@@ -247,3 +248,51 @@ def _blur(x, sigma, radius):
             tmp, row = np.empty((h, w), np.float32), np.empty(w + 2 * r, np.float32)
             for ch in range(c):
                 _blur_plane(x[i, ch], k, tmp, row)
+
+
+# ------------------------------------------------------------------------------ geometry
+
+
+def warp_nearest_(x: Tensor, theta: Tensor, active: Tensor) -> Tensor:
+    """ops.affine_warp(x, theta, "nearest") for the images where `active` is true (the others
+    are left as they are): each output pixel takes its source pixel's value, 0 outside."""
+    a, th, on = _arrays(x, theta.reshape(-1, 6), active)
+    if a.size:
+        _warp_nearest(a, th, on)
+    return x
+
+
+# no fastmath: the source coordinates must round as grid_sample's (IEEE float32, no fused
+# multiply-adds) for the pixels to agree, ties included
+@(numba.njit(parallel=True, nogil=True, cache=True) if numba else (lambda fn: fn))
+def _warp_nearest(x, theta, active):
+    n, c, h, w = x.shape
+    # ops.affine_warp's normalised pixel centres, then grid_sample's unnormalisation
+    xs = (np.arange(w).astype(np.float32) + _HALF) * np.float32(2 / w) - _1
+    ys = (np.arange(h).astype(np.float32) + _HALF) * np.float32(2 / h) - _1
+    half_w, half_h = np.float32(w / 2), np.float32(h / 2)
+    for i in prange(n):
+        if active[i] == 0:
+            continue
+        t = theta[i]
+        # each plane copied with one 0 after it, where pixels from outside the image point
+        src = np.empty((c, h * w + 1), np.float32)
+        src[:, : h * w] = x[i].reshape(c, h * w)
+        src[:, h * w] = _0
+        index = np.empty(w, np.int64)
+        for r in range(h):
+            row_x, row_y = t[1] * ys[r], t[4] * ys[r]
+            for col in range(w):
+                sx = np.rint((row_x + (t[0] * xs[col] + t[2]) + _1) * half_w - _HALF)
+                sy = np.rint((row_y + (t[3] * xs[col] + t[5]) + _1) * half_h - _HALF)
+                inside = (sx >= _0) & (sx < w) & (sy >= _0) & (sy < h)
+                index[col] = int(sy) * w + int(sx) if inside else h * w
+            _gather_row(x[i, :, r], src, index)
+
+
+@_helper
+def _gather_row(dst, src, index):
+    for ch in range(dst.shape[0]):
+        out, plane = dst[ch], src[ch]
+        for col in range(index.shape[0]):
+            out[col] = plane[index[col]]

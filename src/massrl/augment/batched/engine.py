@@ -42,7 +42,7 @@ _DENSE = {"brightness": 0.5, "gray_blend": 0.75, "solarize": 0.4, "posterize": 0
 
 
 # families with a fused CPU kernel (cpu_kernels.py)
-_FUSED = {"gray_blend", "equalize", "hue", "blur"}
+_FUSED = {"gray_blend", "equalize", "hue", "blur", "warp"}  # (warp: nearest only)
 
 
 def _use_cpu_kernels(choice: str) -> bool:
@@ -257,7 +257,8 @@ class BatchedAugmenter:
 
     def _dense_threshold(self, family: str, x: Tensor) -> float:
         # the fused kernels skip the images whose parameter is the identity: never gather
-        if family in _FUSED and self._fused_on(x):
+        fused = family in _FUSED and (family != "warp" or self.interpolation == "nearest")
+        if fused and self._fused_on(x):
             return 0.0
         return _DENSE.get(family, 0.8)
 
@@ -312,6 +313,8 @@ class BatchedAugmenter:
                 warped &= (op != Op.TRANSLATE_X) & (op != Op.TRANSLATE_Y)
             kind = torch.where(warped, op, 0)
             theta = ops.warp_theta(kind, mag, x.shape[-2], x.shape[-1])
+            if mode == "nearest" and self._fused_on(x):
+                return cpu_kernels.warp_nearest_(x, theta, kind != 0)
             return ops.affine_warp(x, theta, mode)
 
         def translate(x, op, mag, aux):
