@@ -1,7 +1,7 @@
 """Each batched op against torchvision.transforms.v2.functional on the same image and parameters.
 
-The ops with a fused CPU kernel (cpu_kernels.py: hue, gray blends, equalize, blur) are checked in
-both implementations, with the same tolerances.
+The ops with a fused CPU kernel (cpu_kernels.py: every op but the whole-pixel translation and the
+flip) are checked in both implementations, with the same tolerances.
 
 Tolerances (pixel levels on the 0..255 scale unless said otherwise):
   colour blends, hue, sharpness, blur, autocontrast: float in and out,
@@ -50,10 +50,11 @@ def _close(a: torch.Tensor, b: torch.Tensor, atol: float) -> None:
     assert (a - b).abs().max().item() <= atol, (a - b).abs().max().item()
 
 
-def test_brightness(u8):
+@pytest.mark.parametrize("impl", FUSED)
+def test_brightness(u8, impl):
     f = torch.linspace(0.1, 1.9, N)
     ref = _per_image_ref(_f(u8), f.tolist(), TF.adjust_brightness)
-    _close(ops.brightness_(_f(u8), f), ref, 1e-6)
+    _close(impl.brightness_(_f(u8), f), ref, 1e-6)
 
 
 @pytest.mark.parametrize("impl", FUSED)
@@ -77,10 +78,11 @@ def test_grayscale(u8, impl):
     _close(ops.grayscale(_f(u8)), ref, 1e-6)
 
 
-def test_sharpness(u8):
+@pytest.mark.parametrize("impl", FUSED)
+def test_sharpness(u8, impl):
     f = torch.linspace(0.1, 1.9, N)
     ref = _per_image_ref(_f(u8), f.tolist(), TF.adjust_sharpness)
-    _close(ops.sharpness_(_f(u8), f), ref, 1e-5)
+    _close(impl.sharpness_(_f(u8), f), ref, 1e-5)
 
 
 @pytest.mark.parametrize("impl", FUSED)
@@ -94,22 +96,29 @@ def test_posterize_solarize_invert_exact(u8):
     bits = torch.tensor([1, 2, 4, 5, 7, 8])
     ref = _per_image_ref(u8, bits.tolist(), TF.posterize)
     assert torch.equal((ops.posterize(_f(u8), bits.float()) * 255).round().byte(), ref)
+    if cpu_kernels.available():
+        out = cpu_kernels.posterize_(_f(u8), bits.float())
+        assert torch.equal(out, ops.posterize(_f(u8), bits.float()))  # the same float values
     # every image posterized: the CPU's in-place path without the blend
     out = ops.posterize(_f(u8[:5]), bits[:5].float())
     assert torch.equal((out * 255).round().byte(), ref[:5])
     thr = torch.tensor([0.0, 1.0, 113.33, 128.0, 254.0, 255.0])
     ref = _per_image_ref(u8, thr.tolist(), TF.solarize)
     assert torch.equal((ops.solarize(_f(u8), thr) * 255).round().byte(), ref)
+    if cpu_kernels.available():
+        assert torch.equal(cpu_kernels.solarize_(_f(u8), thr), ops.solarize(_f(u8), thr))
+        assert torch.equal(cpu_kernels.solarize_(_f(u8), torch.zeros(N)), ops.invert(_f(u8)))
     assert torch.equal((ops.invert(_f(u8)) * 255).round().byte(), TF.invert(u8))
     # Fast AutoAugment's threshold range ends at 256 (PIL): nothing is inverted
     assert torch.equal(ops.solarize(_f(u8), torch.full((N,), 256.0)), _f(u8))
 
 
-def test_autocontrast(u8):
+@pytest.mark.parametrize("impl", FUSED)
+def test_autocontrast(u8, impl):
     on = torch.tensor([True] * (N - 1) + [False])
     ref = TF.autocontrast(_f(u8))
     ref[-1] = _f(u8)[-1]
-    _close(ops.autocontrast_(_f(u8), on), ref, 1e-6)
+    _close(impl.autocontrast_(_f(u8), on), ref, 1e-6)
 
 
 @pytest.mark.parametrize("impl", FUSED)
@@ -185,10 +194,11 @@ def test_identity_warp_is_exact(u8):
     assert torch.equal(_warp(_f(u8), 0, torch.zeros(N)), _f(u8))
 
 
-def test_cutout():
+@pytest.mark.parametrize("impl", FUSED)
+def test_cutout(impl):
     x = torch.zeros(2, 3, 10, 10)
     fill = torch.tensor([125, 123, 114]) / 255
-    out = ops.cutout_(x, torch.tensor([4.0, 0.0]), torch.tensor([[1.0, 8.5], [5.0, 5.0]]), fill)
+    out = impl.cutout_(x, torch.tensor([4.0, 0.0]), torch.tensor([[1.0, 8.5], [5.0, 5.0]]), fill)
     # image 0: x0 = max(0, 1 - 2) = 0, x1 = 4; y0 = floor(6.5) = 6, y1 = 10
     expect = torch.zeros(10, 10, dtype=torch.bool)
     expect[6:10, 0:4] = True

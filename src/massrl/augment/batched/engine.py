@@ -42,7 +42,8 @@ _DENSE = {"brightness": 0.5, "gray_blend": 0.75, "solarize": 0.4, "posterize": 0
 
 
 # families with a fused CPU kernel (cpu_kernels.py)
-_FUSED = {"gray_blend", "equalize", "hue", "blur", "warp"}  # (warp: nearest only)
+_FUSED = {"gray_blend", "equalize", "hue", "blur", "warp", "brightness", "sharpness", "posterize",
+          "solarize", "autocontrast", "cutout"}  # (warp: nearest only)
 
 
 def _use_cpu_kernels(choice: str) -> bool:
@@ -265,6 +266,10 @@ class BatchedAugmenter:
     def _fused_on(self, x: Tensor) -> bool:
         return self.fused and x.device.type == "cpu" and x.dtype == torch.float32
 
+    def _impl(self, x: Tensor):
+        """The module whose ops run on x: the fused CPU kernels or the torch ops."""
+        return cpu_kernels if self._fused_on(x) else ops
+
     def _family_lut(self) -> Tensor:
         """Op id -> index of its grouped-mode family (len(families) for the identity)."""
         families = self._families[True]
@@ -323,43 +328,39 @@ class BatchedAugmenter:
                                   torch.where(op == Op.TRANSLATE_Y, mag, zero))
 
         def brightness(x, op, mag, aux):
-            return ops.brightness_(x, torch.where(op == Op.BRIGHTNESS, mag, 1.0))
+            return self._impl(x).brightness_(x, torch.where(op == Op.BRIGHTNESS, mag, 1.0))
 
         def gray_blend(x, op, mag, aux):
             sat, con, gray = op == Op.SATURATION, op == Op.CONTRAST, op == Op.GRAYSCALE
             factor = torch.where(sat | con, mag, torch.where(gray, 0.0, 1.0))
-            impl = cpu_kernels if self._fused_on(x) else ops
-            return impl.gray_blend_(x, factor, (sat | gray).to(x.dtype), con.to(x.dtype))
+            return self._impl(x).gray_blend_(x, factor, (sat | gray).to(x.dtype), con.to(x.dtype))
 
         def sharpness(x, op, mag, aux):
-            return ops.sharpness_(x, torch.where(op == Op.SHARPNESS, mag, 1.0))
+            return self._impl(x).sharpness_(x, torch.where(op == Op.SHARPNESS, mag, 1.0))
 
         def posterize(x, op, mag, aux):
-            return ops.posterize_(x, torch.where(op == Op.POSTERIZE, mag, 8.0))
+            return self._impl(x).posterize_(x, torch.where(op == Op.POSTERIZE, mag, 8.0))
 
         def solarize(x, op, mag, aux):  # invert = solarize at threshold 0
             thr = torch.where(op == Op.SOLARIZE, mag, torch.where(op == Op.INVERT, 0.0, 256.0))
-            return ops.solarize_(x, thr)
+            return self._impl(x).solarize_(x, thr)
 
         def autocontrast(x, op, mag, aux):
-            return ops.autocontrast_(x, op == Op.AUTOCONTRAST)
+            return self._impl(x).autocontrast_(x, op == Op.AUTOCONTRAST)
 
         def equalize(x, op, mag, aux):
-            impl = cpu_kernels if self._fused_on(x) else ops
-            return impl.equalize_(x, op == Op.EQUALIZE)
+            return self._impl(x).equalize_(x, op == Op.EQUALIZE)
 
         def hue(x, op, mag, aux):
-            impl = cpu_kernels if self._fused_on(x) else ops
-            return impl.adjust_hue_(x, torch.where(op == Op.HUE, mag, 0.0))
+            return self._impl(x).adjust_hue_(x, torch.where(op == Op.HUE, mag, 0.0))
 
         def blur(x, op, mag, aux):
             sigma = torch.where(op == Op.BLUR, mag, 1e-4)
-            impl = cpu_kernels if self._fused_on(x) else ops
-            return impl.gaussian_blur_(x, sigma, _blur_radius(x.shape[-1]))
+            return self._impl(x).gaussian_blur_(x, sigma, _blur_radius(x.shape[-1]))
 
         def cutout(x, op, mag, aux):
             side = torch.where(op == Op.CUTOUT, mag, 0.0)
-            return ops.cutout_(x, side, aux, on_device(("fill",), x.device, lambda: fill))
+            return self._impl(x).cutout_(x, side, aux, on_device(("fill",), x.device, lambda: fill))
 
         geometric = {int(o) for o in (Op.SHEAR_X, Op.SHEAR_Y, Op.ROTATE)}
         geometry = [(geometric, warp), (moves, translate)] if shift else [(geometric | moves, warp)]

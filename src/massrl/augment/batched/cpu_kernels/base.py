@@ -1,0 +1,66 @@
+"""numba, the kernels' decorators, float32 constants and the call wrapper."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+try:
+    import numba
+except ImportError:  # the torch ops in ops.py run instead
+    numba = None
+
+from ..ops import GRAY_WEIGHTS
+
+prange = numba.prange if numba else range  # (a global numba recognises as its parallel loop)
+
+# float32 constants: with Python numbers numba would compute in float64, at half the vector width
+F0, F1, F2, F3, F4, F6 = (np.float32(v) for v in (0, 1, 2, 3, 4, 6))
+SIXTH = np.float32(1 / 6)
+TINY = np.float32(np.finfo(np.float32).tiny)
+WR, WG, WB = (np.float32(w) for w in GRAY_WEIGHTS)
+HALF, F255 = np.float32(0.5), np.float32(255)
+F13, F4_13 = np.float32(13), np.float32(4 / 13)
+LEVEL_EPS = np.float32(1e-3)  # ops.posterize_'s: a level on a step must not round down
+# sigma at or below which a blur is the identity (the engine's identity sigma is 1e-4; the
+# strategies' smallest is 0.1); taps beyond 6.44 sigma weigh < 1e-9 of the centre (as ops.py)
+SIGMA_OFF, TAP_REACH = 1e-3, 6.44
+
+
+def available() -> bool:
+    return numba is not None
+
+
+def kernel(fn):
+    """Parallel over images (numba.prange); fastmath lets LLVM vectorise the per-pixel loops."""
+    return numba.njit(fn, parallel=True, fastmath=True, nogil=True, cache=True) if numba else fn
+
+
+def exact_kernel(fn):
+    """Without fastmath: IEEE float32 as the torch ops (discrete levels, pixel coordinates)."""
+    return numba.njit(fn, parallel=True, nogil=True, cache=True) if numba else fn
+
+
+def helper(fn):
+    return numba.njit(fn, fastmath=True, nogil=True, cache=True) if numba else fn
+
+
+def run(fn, x: Tensor, layout: str, *params: Tensor, **constants) -> Tensor:
+    """fn(images, *params, *constants) on x's storage, in place; returns x.
+
+    layout: "image" [N, C, H, W], "planes" [N, C, H * W] or "flat" [N, C * H * W]. Parameters
+    are passed as contiguous float32 arrays."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"cpu_kernels need a contiguous float32 CPU tensor, got {x.dtype} on "
+                         f"{x.device} (contiguous: {x.is_contiguous()})")
+    if x.numel() == 0:
+        return x
+    # numba runs as many threads as torch would (training sets torch's count per process)
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    a = x.numpy()
+    if layout != "image":
+        a = a.reshape(a.shape[0], -1) if layout == "flat" else a.reshape(*a.shape[:2], -1)
+    arrays = (p.detach().to("cpu", torch.float32).contiguous().numpy() for p in params)
+    fn(a, *arrays, *constants.values())
+    return x
