@@ -15,6 +15,7 @@ On a GPU (--device cuda) only the engine is timed, on uint8 views already on the
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import sys
@@ -54,10 +55,12 @@ def source_images(n: int, size: int, seed: int = 0) -> list[Image.Image]:
     return out
 
 
-def make_cfg(strategy: str) -> AugmentConfig:
+def make_cfg(strategy: str, cpu_kernels: str = "auto") -> AugmentConfig:
     if strategy == "massrl":  # the full view set: 2 crops x 4 strategies = 8 views
-        return AugmentConfig(strategies=MASSRL, view_mode="crops_x_strategies", num_crops=2)
-    return AugmentConfig(strategies=[strategy], view_mode="random", num_views=2)
+        return AugmentConfig(strategies=MASSRL, view_mode="crops_x_strategies", num_crops=2,
+                             cpu_kernels=cpu_kernels)
+    return AugmentConfig(strategies=[strategy], view_mode="random", num_views=2,
+                         cpu_kernels=cpu_kernels)
 
 
 def _faults() -> int:
@@ -69,6 +72,7 @@ def time_per_image(cfg: AugmentConfig, images: list[Image.Image], size: int) -> 
     """(seconds, minor page faults) for len(images) images."""
     tf = MultiViewTransform(cfg, size, MEAN, STD)
     tf(images[0])  # warm-up
+    gc.collect()  # (see time_batched)
     faults, start = _faults(), time.perf_counter()
     default_collate([tf(img) for img in images])
     return time.perf_counter() - start, _faults() - faults
@@ -82,6 +86,9 @@ def time_batched(cfg: AugmentConfig, images: list[Image.Image], size: int, batch
     g = torch.Generator(device).manual_seed(0)
     warm = default_collate([crop_tf(img) for img in images[:batch]])
     aug([v.to(device) for v in warm["views"]], warm["strategy"].to(device), g)  # warm-up
+    # a full garbage collection costs ~0.2 s in this process (torch, numba): one falling into a
+    # timed region made the first 32 px timing 8x too slow
+    gc.collect()
     crop_s = engine_s = 0.0
     faults = _faults()
     for a in range(0, len(images), batch):
@@ -118,7 +125,7 @@ def _run(args: argparse.Namespace) -> list[dict]:
         for strategy in args.strategies:
             if args.quick and strategy != "massrl" and size != min(args.sizes):
                 continue  # quick: single strategies only at the smallest size
-            cfg = make_cfg(strategy)
+            cfg = make_cfg(strategy, args.cpu_kernels)
             n_pi = args.per_image_images or args.batch
             images = source_images(max(n_pi, args.batch), size)
             row = {"strategy": strategy, "size": size, "batch": args.batch,
@@ -182,6 +189,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="alternating per-image / batched timings per row, medians reported "
                         "(default 3; quick 1)")
     p.add_argument("--cuda", action="store_true", help="also time the engine on the GPU")
+    p.add_argument("--cpu-kernels", default="auto", choices=["auto", "numba", "torch"],
+                   help="the batched engine's CPU ops (augment.cpu_kernels)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     p.add_argument("--no-retain-freed-memory", dest="retain", action="store_false",
                    help="leave glibc's malloc as it is (training sets trainer.retain_freed_memory)")
@@ -203,7 +212,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "repeats": args.repeats, "command": "python benchmarks/augment_throughput.py "
                 + " ".join(argv if argv is not None else sys.argv[1:]),
                 "quick": args.quick, "cuda": torch.cuda.get_device_name() if args.cuda else None,
-                "retain_freed_memory": args.retain}
+                "retain_freed_memory": args.retain, "cpu_kernels": args.cpu_kernels}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     return rows

@@ -42,7 +42,7 @@ def _timed(fn, seconds: Counter, calls: Counter, images: Counter, name: str):
 
 
 def profile(size: int, strategy: str, kernels: str, batch: int, rounds: int) -> dict:
-    cfg = make_cfg(strategy).model_copy(update={"cpu_kernels": kernels})
+    cfg = make_cfg(strategy, kernels)
     crop = CropOnlyTransform(cfg, size)
     views = default_collate([crop(img) for img in source_images(batch, size)])
     aug = BatchedAugmenter(cfg, MEAN, STD)
@@ -50,23 +50,26 @@ def profile(size: int, strategy: str, kernels: str, batch: int, rounds: int) -> 
     aug._families = {mode: [(members, _timed(fn, seconds, calls, images, fn.__name__))
                             for members, fn in families]
                      for mode, families in aug._families.items()}
+    runs = Counter()
     for name in ("_run_gathered", "_run_dense"):  # the family calls plus their gathers
-        setattr(aug, name, _timed(getattr(aug, name), seconds, Counter(), Counter(), name))
+        setattr(aug, name, _timed(getattr(aug, name), seconds, runs, Counter(), name))
     aug(views["views"], views["strategy"], torch.Generator().manual_seed(0))  # warm-up
-    for counter in (seconds, calls, images):
+    for counter in (seconds, calls, images, runs):
         counter.clear()
     start = time.perf_counter()
     for r in range(rounds):
         aug(views["views"], views["strategy"], torch.Generator().manual_seed(r + 1))
     total = (time.perf_counter() - start) / rounds
     families = {k: v for k, v in seconds.items() if not k.startswith("_")}
-    runs = seconds["_run_gathered"] + seconds["_run_dense"]
+    run_s = seconds["_run_gathered"] + seconds["_run_dense"]
     return {
         "size": size, "strategy": strategy, "kernels": kernels, "batch": batch,
         "rounds": rounds, "threads": torch.get_num_threads(), "engine_s": total,
         "families_s": sum(families.values()) / rounds,
-        "gathers_scatters_s": (runs - sum(families.values())) / rounds,
-        "outside_families_s": total - runs / rounds,
+        "gathers_scatters_s": (run_s - sum(families.values())) / rounds,
+        "outside_families_s": total - run_s / rounds,
+        "gathered_runs": runs["_run_gathered"] // rounds,
+        "dense_runs": runs["_run_dense"] // rounds,
         "per_family": {k: {"s": v / rounds, "calls": calls[k] // rounds,
                            "images": images[k] // rounds, "us_per_image": 1e6 * v / images[k]}
                        for k, v in sorted(families.items(), key=lambda kv: -kv[1])},
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{r['size']} px, {r['strategy']}, kernels={r['kernels']}, batch {r['batch']}: engine "
           f"{r['engine_s']:.3f} s per call ({1e3 * r['engine_s'] / r['batch']:.2f} ms/image); "
           f"families {r['families_s']:.3f}, gathers/scatters {r['gathers_scatters_s']:.3f}, "
-          f"outside the families {r['outside_families_s']:.3f}")
+          f"outside the families {r['outside_families_s']:.3f}; family runs on gathered images "
+          f"{r['gathered_runs']}, on whole chunks {r['dense_runs']}")
     for name, f in r["per_family"].items():
         print(f"  {name:13s} {f['s']:.3f} s  {f['calls']:4d} calls  {f['images']:5d} images  "
               f"{f['us_per_image']:6.0f} us/image")

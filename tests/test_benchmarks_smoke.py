@@ -108,3 +108,23 @@ def test_engine_ab_pipeline_times_both_backends(tmp_path):
     assert res["ratio_new"] == pytest.approx(res["img_s"]["new"] / res["img_s"]["per_image"])
     saved = json.loads(out.read_text())
     assert saved["command"].endswith("--out " + str(out)) and saved["img_s"] == res["img_s"]
+
+
+@pytest.mark.parametrize("kernels", ["numba", "torch"])
+def test_engine_profile_accounts_for_the_engine_call(tmp_path, kernels):
+    if kernels == "numba":
+        pytest.importorskip("numba")
+    out = tmp_path / "profile.json"
+    res = _load("engine_profile").main(["--size", "24", "--batch", "16", "--rounds", "2",
+                                        "--kernels", kernels, "--out", str(out)])
+    assert json.loads(out.read_text())["engine_s"] == res["engine_s"]
+    fams = res["per_family"]
+    # the full MASSRL view set draws from every family but the whole-pixel translation's rivals
+    assert {"warp", "hue", "blur", "gray_blend", "equalize"} <= set(fams)
+    assert all(f["calls"] > 0 and f["s"] >= 0 for f in fams.values())
+    assert 0 < res["families_s"] <= res["engine_s"]
+    assert res["outside_families_s"] >= 0
+    assert res["dense_runs"] > 0
+    # the numba kernels skip identity images, so every family runs on whole chunks; the torch
+    # ops gather the images that drew a family when they are few
+    assert (res["gathered_runs"] == 0) == (kernels == "numba")
