@@ -69,8 +69,8 @@ class AugmentConfig(_Section):
     asymmetric: bool = Field(True, description="BYOL's asymmetric blur/solarize on simclr views")
     backend: Literal["per_image", "batched"] = "per_image"
     cpu_kernels: Literal["auto", "numba", "torch"] = Field(
-        "auto", description="batched backend on the CPU: fused numba kernels for hue, blur, gray "
-        "blends and equalize (auto: when numba is installed) or torch ops only")
+        "auto", description="batched backend on the CPU: each op as a fused numba kernel (auto: "
+        "when numba is installed; numba: required) or as torch ops")
 
     @field_validator("crop_scale", "uniform_crop_range")
     @classmethod

@@ -13,12 +13,15 @@ affine warp for every geometric op, one fused pass for posterize/solarize/invert
   at the price of some arithmetic the GPU has to spare.
 
 On the CPU the batch is processed in chunks of a few MB so that the ~20 passes of a program stay in
-cache and no large temporary goes through mmap/page faults at each op.
+cache and no large temporary goes through mmap/page faults at each op. There the op families run
+as fused numba kernels (cpu_kernels/, augment.cpu_kernels) that skip the images whose parameter is
+the identity: every family runs on whole chunks, and grouped mode gathers only with torch ops.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -41,7 +44,7 @@ _DENSE = {"brightness": 0.5, "gray_blend": 0.75, "solarize": 0.4, "posterize": 0
           "autocontrast": 0.5, "cutout": 0.3, "translate": 0.0}
 
 
-# families with a fused CPU kernel (cpu_kernels.py)
+# families with a fused CPU kernel (cpu_kernels/; translate is slice copies already)
 _FUSED = {"gray_blend", "equalize", "hue", "blur", "warp", "brightness", "sharpness", "posterize",
           "solarize", "autocontrast", "cutout"}  # (warp: nearest only)
 
@@ -266,7 +269,7 @@ class BatchedAugmenter:
     def _fused_on(self, x: Tensor) -> bool:
         return self.fused and x.device.type == "cpu" and x.dtype == torch.float32
 
-    def _impl(self, x: Tensor):
+    def _impl(self, x: Tensor) -> ModuleType:
         """The module whose ops run on x: the fused CPU kernels or the torch ops."""
         return cpu_kernels if self._fused_on(x) else ops
 
