@@ -153,6 +153,21 @@ def test_engine_numba_vs_torch_kernels():
         assert (a - b).abs().max().item() < 0.2  # at most a few levels, never another image
 
 
+def test_kernels_compile_where_no_cache_can_be_written():
+    """A read-only install and home: numba refuses to cache at decoration time; the kernels
+    are then compiled without a disk cache instead of failing the import."""
+    import numba
+
+    from massrl.augment.batched.cpu_kernels import base
+
+    namespace: dict = {}
+    source = "def add_one(x):\n    return x + 1\n"
+    exec(compile(source, "/nonexistent-read-only-dir/module.py", "exec"), namespace)
+    with pytest.raises(RuntimeError, match="cannot cache"):
+        numba.njit(namespace["add_one"], cache=True)  # what numba itself does there
+    assert base.jit(namespace["add_one"])(41) == 42
+
+
 def test_numba_required_but_missing(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     cfg = AugmentConfig(cpu_kernels="numba")

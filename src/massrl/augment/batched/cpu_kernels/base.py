@@ -32,18 +32,30 @@ def available() -> bool:
     return numba is not None
 
 
+def jit(fn, **options):
+    """numba.njit with the compiled code cached on disk (next to the module, or in numba's user
+    cache, or NUMBA_CACHE_DIR); where none is writable numba refuses to cache at decoration
+    time, and the kernels are compiled in each process instead (~8 s at first use)."""
+    if numba is None:
+        return fn
+    try:
+        return numba.njit(fn, nogil=True, cache=True, **options)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return numba.njit(fn, nogil=True, cache=False, **options)
+
+
 def kernel(fn):
     """Parallel over images (numba.prange); fastmath lets LLVM vectorise the per-pixel loops."""
-    return numba.njit(fn, parallel=True, fastmath=True, nogil=True, cache=True) if numba else fn
+    return jit(fn, parallel=True, fastmath=True)
 
 
 def exact_kernel(fn):
     """Without fastmath: IEEE float32 as the torch ops (discrete levels, pixel coordinates)."""
-    return numba.njit(fn, parallel=True, nogil=True, cache=True) if numba else fn
+    return jit(fn, parallel=True)
 
 
 def helper(fn):
-    return numba.njit(fn, fastmath=True, nogil=True, cache=True) if numba else fn
+    return jit(fn, fastmath=True)
 
 
 def run(fn, x: Tensor, layout: str, *params: Tensor, **constants) -> Tensor:
