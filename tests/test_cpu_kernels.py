@@ -176,3 +176,23 @@ def test_numba_required_but_missing(monkeypatch):
     # auto falls back to the torch ops
     assert not BatchedAugmenter(AugmentConfig(), MEAN, STD).fused
     assert engine_module._use_cpu_kernels("auto") is False
+
+
+def test_kernels_keep_torchs_thread_count():
+    """Starting numba's OpenMP pool resets the OpenMP thread count that torch shares with it; the
+    kernels put torch's back (in a fresh process: the pool starts once per process)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, numba\n"
+        "torch.set_num_threads(1)\n"
+        "from massrl.augment.batched import cpu_kernels\n"
+        "x = torch.rand(2, 3, 8, 8)\n"
+        "cpu_kernels.adjust_hue_(x, torch.tensor([0.1, 0.2]))\n"
+        "cpu_kernels.adjust_hue_(x, torch.tensor([0.1, 0.2]))\n"
+        "print(torch.get_num_threads(), numba.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "1"]

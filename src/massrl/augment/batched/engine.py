@@ -164,7 +164,9 @@ class BatchedAugmenter:
         else:
             out = torch.empty(shape, dtype=torch.float32, device=first.device)
         per_image = max(1, first[0].numel() * 4)
-        step = max(1, self.chunk_bytes // per_image) if grouped else max(1, total)
+        # the kernels work in parallel over a chunk's images: one chunk per thread's worth
+        threads = torch.get_num_threads() if self._fused_on(out) else 1
+        step = max(1, self.chunk_bytes * threads // per_image) if grouped else max(1, total)
         slot_ops = self.sampler.slot_ops(present)
         normalise = self._normaliser(out.device)
         # large images on the CPU flip before the ops, as uint8 (flip_first). Small ones flip

@@ -69,10 +69,17 @@ def run(fn, x: Tensor, layout: str, *params: Tensor, **constants) -> Tensor:
     if x.numel() == 0:
         return x
     # numba runs as many threads as torch would (training sets torch's count per process)
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     a = x.numpy()
     if layout != "image":
         a = a.reshape(a.shape[0], -1) if layout == "flat" else a.reshape(*a.shape[:2], -1)
     arrays = (p.detach().to("cpu", torch.float32).contiguous().numpy() for p in params)
     fn(a, *arrays, *constants.values())
+    # torch and numba's OpenMP layer share one libgomp (one soname, loaded once), and starting
+    # numba's thread pool sets the process's OpenMP thread count to every core, which torch then
+    # reads as its own: a process set to 1 thread (a per-core benchmark) or to cores - workers
+    # (training) would run torch, and these kernels, on every core from then on
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
     return x
