@@ -263,10 +263,12 @@ class BatchedAugmenter:
 
     def _dense_threshold(self, family: str, x: Tensor) -> float:
         # the fused kernels skip the images whose parameter is the identity: never gather
+        return 0.0 if self._kernel_for(family, x) else _DENSE.get(family, 0.8)
+
+    def _kernel_for(self, family: str, x: Tensor) -> bool:
+        """Whether `family` runs as a fused CPU kernel on x (the warp only when nearest)."""
         fused = family in _FUSED and (family != "warp" or self.interpolation == "nearest")
-        if fused and self._fused_on(x):
-            return 0.0
-        return _DENSE.get(family, 0.8)
+        return fused and self._fused_on(x)
 
     def _fused_on(self, x: Tensor) -> bool:
         return self.fused and x.device.type == "cpu" and x.dtype == torch.float32
@@ -323,7 +325,7 @@ class BatchedAugmenter:
                 warped &= (op != Op.TRANSLATE_X) & (op != Op.TRANSLATE_Y)
             kind = torch.where(warped, op, 0)
             theta = ops.warp_theta(kind, mag, x.shape[-2], x.shape[-1])
-            if mode == "nearest" and self._fused_on(x):
+            if self._kernel_for("warp", x):
                 return cpu_kernels.warp_nearest_(x, theta, kind != 0)
             return ops.affine_warp(x, theta, mode)
 

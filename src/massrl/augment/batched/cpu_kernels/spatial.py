@@ -135,6 +135,7 @@ def _gather_row(dst, src, index):
             out[col] = plane[index[col]]
 
 
+# ------------------------------------------------------------------------------ sharpness, cutout
 
 
 def sharpness_(x: Tensor, factor: Tensor) -> Tensor:
