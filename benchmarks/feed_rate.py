@@ -9,7 +9,9 @@ step:    one BYOL training step of massrl's own method (the packaged imagenet/by
 
 The engine keeps up when its images/s exceed the step's. Meant for a GPU:
 
-    python benchmarks/feed_rate.py --out benchmarks/results/feed_rate_gpu.json
+    python benchmarks/feed_rate.py --compile --out benchmarks/results/feed_rate_gpu.json
+
+(--compile: the engine also through torch.compile, augment.compile; its first call compiles.)
 
 and runs anywhere with smaller settings (--device cpu --size 32 --batch 8 --backbone resnet18).
 """
@@ -53,19 +55,24 @@ def _timed(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
 
 
 def engine_rate(strategy: str, size: int, batch: int, device: torch.device,
-                repeats: int) -> dict:
-    """Images/s of the engine for one view set, on crops already on the device."""
-    cfg = make_cfg(strategy)
+                repeats: int, compile: bool = False) -> dict:
+    """Images/s of the engine for one view set, on crops already on the device; with
+    `compile`, through torch.compile (augment.compile), whose first call compiles."""
+    cfg = make_cfg(strategy).model_copy(update={"compile": compile})
     crop = CropOnlyTransform(cfg, size)
     items = [crop(img) for img in source_images(batch, size)]
     b = torch.utils.data.default_collate(items)
     views = [v.to(device) for v in b["views"]]
     sid = b["strategy"].to(device)
-    aug = BatchedAugmenter(cfg, MEAN, STD)
+    aug = BatchedAugmenter(cfg, MEAN, STD, grouped=False if compile else None)  # (CPU too)
     gen = torch.Generator(device).manual_seed(0)
+    start = time.perf_counter()
+    aug(views, sid, gen)
+    _sync(device)
+    first = time.perf_counter() - start
     times = _timed(lambda: aug(views, sid, gen), device, 2, repeats)
-    return {"view_set": strategy, "views_per_image": sid.shape[1],
-            "img_s": batch / median(times), "runs_s": times}
+    return {"view_set": strategy, "compiled": compile, "views_per_image": sid.shape[1],
+            "img_s": batch / median(times), "runs_s": times, "first_call_s": first}
 
 
 def step_rate(backbone: str, size: int, batch: int, device: torch.device, repeats: int) -> dict:
@@ -104,28 +111,44 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--backbone", default="resnet50")
     p.add_argument("--repeats", type=int, default=10, help="timed calls each (medians)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the engine through torch.compile (augment.compile)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"torch {torch.__version__}, {name}, {args.size} px, batch {args.batch}", flush=True)
-    engines = [engine_rate(s, args.size, args.batch, device, args.repeats)
-               for s in ("massrl", "simclr")]
-    step = step_rate(args.backbone, args.size, args.batch, device, args.repeats)
-    for e in engines:
-        e["vs_step"] = e["img_s"] / step["img_s"]
-        print(f"engine {e['view_set']:<7} {e['views_per_image']} views/image: "
-              f"{e['img_s']:9.1f} img/s = {e['vs_step']:5.2f}x the step", flush=True)
-    print(f"BYOL step {args.backbone}, 2 views/image: {step['img_s']:9.1f} img/s", flush=True)
     result = {"meta": {"torch": torch.__version__, "device": name, "size": args.size,
                        "batch": args.batch, "repeats": args.repeats, "command":
                        "python benchmarks/feed_rate.py " + " ".join(argv or sys.argv[1:])},
-              "engine": engines, "step": step}
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+              "engine": []}
+    # the step first and the JSON rewritten after each row: a compile that fails or runs past
+    # a time limit leaves every figure measured before it
+    step = result["step"] = step_rate(args.backbone, args.size, args.batch, device, args.repeats)
+    print(f"BYOL step {args.backbone}, 2 views/image: {step['img_s']:9.1f} img/s", flush=True)
+    _write(result, args.out)
+    for compiled in (False, True) if args.compile else (False,):
+        for view_set in ("massrl", "simclr"):
+            try:
+                e = engine_rate(view_set, args.size, args.batch, device, args.repeats, compiled)
+            except Exception as exc:  # recorded: the rows before it still count
+                e = {"view_set": view_set, "compiled": compiled, "error": repr(exc)}
+                print(f"engine {view_set} (compiled={compiled}) failed: {exc!r}", flush=True)
+            else:
+                e["vs_step"] = e["img_s"] / step["img_s"]
+                how = f"compiled, first call {e['first_call_s']:.1f} s" if compiled else "eager"
+                print(f"engine {view_set:<7} {e['views_per_image']} views/image: "
+                      f"{e['img_s']:9.1f} img/s = {e['vs_step']:5.2f}x the step ({how})",
+                      flush=True)
+            result["engine"].append(e)
+            _write(result, args.out)
     return result
 
+
+def _write(result: dict, out: Path | None) -> None:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
 
 if __name__ == "__main__":
     main()

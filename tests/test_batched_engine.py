@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import shutil
+import warnings
 
 import pytest
 import torch
@@ -110,6 +114,53 @@ def test_grouped_and_full_modes_agree():
     b = full(batch["views"], batch["strategy"], torch.Generator().manual_seed(2))
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+
+
+def _compiled_vs_eager(monkeypatch, **compile_kwargs) -> tuple[list, list]:
+    """Full mode of every strategy with the torch ops (what compile traces), eager and with
+    augment.compile (torch.compile given `compile_kwargs`), on the same batch and seed."""
+    cfg = AugmentConfig(strategies=ALL, view_mode="random", cpu_kernels="torch")
+    batch = _batch(cfg, 16)
+    eager = BatchedAugmenter(cfg, MEAN, STD, grouped=False)
+    compiled = BatchedAugmenter(cfg.model_copy(update={"compile": True}), MEAN, STD,
+                                grouped=False)
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn: real(fn, **compile_kwargs))
+    torch._dynamo.reset()
+    ref = eager(batch["views"], batch["strategy"], torch.Generator().manual_seed(4))
+    out = compiled(batch["views"], batch["strategy"], torch.Generator().manual_seed(4))
+    assert compiled._compiled is not None  # the compiled path ran
+    return ref, out
+
+
+def test_full_mode_traces_as_one_graph(monkeypatch):
+    """No value read on the host and no graph break in full mode: torch.compile captures every
+    op family of every strategy as one graph (fullgraph=True raises at any break) and, traced
+    without code generation, gives the eager output."""
+    ref, out = _compiled_vs_eager(monkeypatch, backend="aot_eager", fullgraph=True)
+    for x, y in zip(out, ref, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not shutil.which(os.environ.get("CXX", "g++")),
+                    reason="torch.compile's CPU code generation needs a C++ compiler")
+def test_compiled_engine_matches_eager(monkeypatch):
+    """augment.compile with torch.compile's default backend (inductor's C++ on the CPU, Triton
+    on GPUs): the fused code gives the eager images to float rounding."""
+    ref, out = _compiled_vs_eager(monkeypatch)
+    for x, y in zip(out, ref, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+
+
+def test_compile_on_the_cpu_warns_once():
+    cfg = AugmentConfig(strategies=["simclr"], compile=True)
+    batch = _batch(cfg, 4)
+    aug = BatchedAugmenter(cfg, MEAN, STD)  # the CPU's grouped mode
+    with pytest.warns(UserWarning, match="augment.compile applies to the whole-batch mode"):
+        aug(batch["views"], batch["strategy"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        aug(batch["views"], batch["strategy"])
 
 
 @pytest.mark.parametrize("mean, std", [(MEAN, STD), ((0.5, 0.0, 0.2), (1.0, 0.5, 1.0005))])
@@ -268,6 +319,17 @@ def test_rejects_bad_inputs():
         aug([torch.zeros(2, 3, 8, 8)], torch.zeros(2, 1, dtype=torch.long))
 
 
+@contextlib.contextmanager
+def _no_host_sync():
+    """Any operation inside that synchronises the host with the GPU raises."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu_without_host_sync():
     cfg = AugmentConfig(strategies=ALL, view_mode="random")
@@ -277,12 +339,8 @@ def test_cuda_matches_cpu_without_host_sync():
     strategy = batch["strategy"].cuda()
     gen = torch.Generator("cuda").manual_seed(0)
     aug(views, strategy, gen)  # warm-up: lazy CUDA initialisation may synchronise
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with _no_host_sync():
         out = aug(views, strategy, torch.Generator("cuda").manual_seed(0))
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert out[0].is_cuda and out[0].dtype == torch.float32 and torch.isfinite(out[0]).all()
     # same programs on both devices (drawn on the CPU) give the same images
     cpu_gen, cuda_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
@@ -291,6 +349,24 @@ def test_cuda_matches_cpu_without_host_sync():
     for x, y in zip(a, b, strict=True):
         close = ((x - y.cpu()).abs() < 1e-3).float().mean()
         assert close > 0.99  # nearest-neighbour warps may round a few boundary pixels apart
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_compiled_matches_eager_without_host_sync():
+    """augment.compile on a GPU (Triton code): the eager images, and no synchronisation once
+    compiled."""
+    cfg = AugmentConfig(strategies=ALL, view_mode="random")
+    batch = _batch(cfg, 64, size=32)
+    views = [v.cuda() for v in batch["views"]]
+    strategy = batch["strategy"].cuda()
+    eager = BatchedAugmenter(cfg, MEAN, STD)
+    compiled = BatchedAugmenter(cfg.model_copy(update={"compile": True}), MEAN, STD)
+    ref = eager(views, strategy, torch.Generator("cuda").manual_seed(0))
+    compiled(views, strategy, torch.Generator("cuda").manual_seed(0))  # compiles
+    with _no_host_sync():
+        out = compiled(views, strategy, torch.Generator("cuda").manual_seed(0))
+    for x, y in zip(out, ref, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
 
 
 def test_rrc_box_matches_torchvision_distribution():

@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -75,9 +76,43 @@ def test_feed_rate_tiny_run_writes_json(tmp_path):
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(res))
     assert [e["views_per_image"] for e in data["engine"]] == [8, 2]
+    assert not any(e["compiled"] for e in data["engine"])
     assert data["step"]["views_per_image"] == 2 and len(data["step"]["runs_s"]) == 2
     for e in data["engine"]:
         assert e["img_s"] > 0 and e["vs_step"] == pytest.approx(e["img_s"] / data["step"]["img_s"])
+
+
+def test_feed_rate_records_a_failed_compile(tmp_path, monkeypatch):
+    """--compile: a compile that fails is recorded in its row, after the step and eager rows."""
+    def no_compiler(fn, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    out = tmp_path / "feed.json"
+    _load("feed_rate").main(["--device", "cpu", "--size", "16", "--batch", "4", "--backbone",
+                             "resnet18", "--repeats", "1", "--compile", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["step"]["img_s"] > 0
+    assert [(e["view_set"], e["compiled"]) for e in data["engine"]] == [
+        ("massrl", False), ("simclr", False), ("massrl", True), ("simclr", True)]
+    assert all(e["img_s"] > 0 for e in data["engine"][:2])
+    assert all("no compiler here" in e["error"] for e in data["engine"][2:])
+
+
+def test_full_mode_traffic_counts_ops_and_bytes(tmp_path):
+    out = tmp_path / "traffic.json"
+    r = _load("full_mode_traffic").main(["--size", "16", "--batch", "2", "--out", str(out)])
+    assert json.loads(out.read_text())["views"] == r["views"] == 16  # 2 images x 8 views
+    families = r["per_family"]
+    assert {"hue", "blur", "warp", "equalize"} <= families.keys()
+    assert all(f["calls"] > 0 and f["aten_ops"] > 0 and f["mb_per_view"] > 0
+               for f in families.values())
+    # the whole call also loads, normalises and flips: more than the families alone
+    assert r["mb_per_view"] > sum(f["mb_per_view"] for f in families.values())
+    assert r["aten_ops"] > sum(f["aten_ops"] for f in families.values())
+    # every family reads and writes at least the whole view once per call
+    view_mb = 3 * 16 * 16 * 4 / 1e6
+    assert all(f["mb_per_view"] >= 2 * view_mb * f["calls"] for f in families.values())
 
 
 def test_engine_ab_against_head_runs(tmp_path):

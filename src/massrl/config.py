@@ -71,6 +71,9 @@ class AugmentConfig(_Section):
     cpu_kernels: Literal["auto", "numba", "torch"] = Field(
         "auto", description="batched backend on the CPU: each op as a fused numba kernel (auto: "
         "when numba is installed; numba: required) or as torch ops")
+    compile: bool = Field(
+        False, description="batched backend, whole-batch mode (the GPU's): run the ops through "
+        "torch.compile, which fuses each op family's passes; the first batch compiles")
 
     @field_validator("crop_scale", "uniform_crop_range")
     @classmethod

@@ -20,8 +20,9 @@ the identity: every family runs on whole chunks, and grouped mode gathers only w
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -34,6 +35,10 @@ from .flips import flip_after, flip_first, load_flipped
 from .policies import CUTOUT_FILL, Op, PolicySampler, Program, on_device
 
 FamilyFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+# the op ids as plain ints for the families' comparisons: torch.compile traces
+# `tensor == Op.X` (an IntEnum member) as a Python bool, not as a tensor comparison
+OP = SimpleNamespace(**{o.name: int(o) for o in Op})
 
 
 # member fraction of a chunk above which a family runs on the whole chunk: where running it on
@@ -95,6 +100,8 @@ class BatchedAugmenter:
         self._gather = torch.empty(0)  # grouped mode's gather buffer, reused across calls
         self._outputs = BufferPool()  # CPU outputs, reused once the caller has let them go
         self._luts: dict[torch.device, Tensor] = {}  # grouped mode's op -> family, per device
+        self._compiled: Callable[..., None] | None = None  # full mode under torch.compile
+        self._compile_unused_told = False
 
     # -------------------------------------------------------------- public entry point
 
@@ -158,6 +165,11 @@ class BatchedAugmenter:
         first = parts[0]
         total = sum(p.shape[0] for p in parts)
         grouped = self.grouped if self.grouped is not None else first.device.type == "cpu"
+        if grouped and self.cfg.compile and not self._compile_unused_told:
+            self._compile_unused_told = True
+            warnings.warn("augment.compile applies to the whole-batch mode that the engine runs "
+                          "on GPUs; on the CPU its ops run as fused kernels, uncompiled",
+                          stacklevel=2)
         shape = (total, *first.shape[1:])
         if first.device.type == "cpu":
             out = self._outputs.empty(shape, torch.float32)
@@ -218,14 +230,25 @@ class BatchedAugmenter:
         if grouped:
             self._run_grouped(x, prog)
             return
+        run = self._run_full
+        if self.cfg.compile:
+            if self._compiled is None:  # (made on first use: the augmenter stays picklable)
+                self._compiled = torch.compile(self._run_full)
+            run = self._compiled
+        run(x, prog.op, prog.mag, prog.aux, prog.flip, slot_ops)
+
+    def _run_full(self, x: Tensor, op: Tensor, mag: Tensor, aux: Tensor, flip: Tensor,
+                  slot_ops: list[set[int]]) -> None:
+        """Full mode: every family the slot can hold on the whole batch, slot after slot. No
+        value is read on the host, so torch.compile (augment.compile) traces it as one graph
+        and fuses each family's passes."""
         for k, possible in enumerate(slot_ops):
-            op, mag, aux = prog.op[:, k], prog.mag[:, k], prog.aux[:, k]
             for members, fn in self._families[False]:
                 if members & possible:
-                    y = fn(x, op, mag, aux)
+                    y = fn(x, op[:, k], mag[:, k], aux[:, k])
                     if y is not x:
                         x.copy_(y)
-        ops.hflip_(x, prog.flip)  # (grouped mode flips after the normalisation)
+        ops.hflip_(x, flip)  # (grouped mode flips after the normalisation)
 
     def _run_grouped(self, x: Tensor, prog: Program) -> None:
         """Each family on the images that drew it, slot after slot. The bookkeeping is done once
@@ -271,7 +294,9 @@ class BatchedAugmenter:
         return fused and self._fused_on(x)
 
     def _fused_on(self, x: Tensor) -> bool:
-        return self.fused and x.device.type == "cpu" and x.dtype == torch.float32
+        # (torch.compile traces the torch ops; it cannot trace into the numba kernels)
+        return (self.fused and x.device.type == "cpu" and x.dtype == torch.float32
+                and not torch.compiler.is_compiling())
 
     def _impl(self, x: Tensor) -> ModuleType:
         """The module whose ops run on x: the fused CPU kernels or the torch ops."""
@@ -317,12 +342,12 @@ class BatchedAugmenter:
         mode = self.interpolation
         # translations are whole pixels (policies.py): with nearest sampling the warp is a shift
         shift = grouped and mode == "nearest"
-        moves = {int(Op.TRANSLATE_X), int(Op.TRANSLATE_Y)}
+        moves = {OP.TRANSLATE_X, OP.TRANSLATE_Y}
 
         def warp(x, op, mag, aux):  # (identity for translations when they have their own family)
-            warped = (op >= Op.SHEAR_X) & (op <= Op.ROTATE)
+            warped = (op >= OP.SHEAR_X) & (op <= OP.ROTATE)
             if shift:
-                warped &= (op != Op.TRANSLATE_X) & (op != Op.TRANSLATE_Y)
+                warped &= (op != OP.TRANSLATE_X) & (op != OP.TRANSLATE_Y)
             kind = torch.where(warped, op, 0)
             theta = ops.warp_theta(kind, mag, x.shape[-2], x.shape[-1])
             if self._kernel_for("warp", x):
@@ -331,42 +356,42 @@ class BatchedAugmenter:
 
         def translate(x, op, mag, aux):
             zero = torch.zeros_like(mag)
-            return ops.translate_(x, torch.where(op == Op.TRANSLATE_X, mag, zero),
-                                  torch.where(op == Op.TRANSLATE_Y, mag, zero))
+            return ops.translate_(x, torch.where(op == OP.TRANSLATE_X, mag, zero),
+                                  torch.where(op == OP.TRANSLATE_Y, mag, zero))
 
         def brightness(x, op, mag, aux):
-            return self._impl(x).brightness_(x, torch.where(op == Op.BRIGHTNESS, mag, 1.0))
+            return self._impl(x).brightness_(x, torch.where(op == OP.BRIGHTNESS, mag, 1.0))
 
         def gray_blend(x, op, mag, aux):
-            sat, con, gray = op == Op.SATURATION, op == Op.CONTRAST, op == Op.GRAYSCALE
+            sat, con, gray = op == OP.SATURATION, op == OP.CONTRAST, op == OP.GRAYSCALE
             factor = torch.where(sat | con, mag, torch.where(gray, 0.0, 1.0))
             return self._impl(x).gray_blend_(x, factor, (sat | gray).to(x.dtype), con.to(x.dtype))
 
         def sharpness(x, op, mag, aux):
-            return self._impl(x).sharpness_(x, torch.where(op == Op.SHARPNESS, mag, 1.0))
+            return self._impl(x).sharpness_(x, torch.where(op == OP.SHARPNESS, mag, 1.0))
 
         def posterize(x, op, mag, aux):
-            return self._impl(x).posterize_(x, torch.where(op == Op.POSTERIZE, mag, 8.0))
+            return self._impl(x).posterize_(x, torch.where(op == OP.POSTERIZE, mag, 8.0))
 
         def solarize(x, op, mag, aux):  # invert = solarize at threshold 0
-            thr = torch.where(op == Op.SOLARIZE, mag, torch.where(op == Op.INVERT, 0.0, 256.0))
+            thr = torch.where(op == OP.SOLARIZE, mag, torch.where(op == OP.INVERT, 0.0, 256.0))
             return self._impl(x).solarize_(x, thr)
 
         def autocontrast(x, op, mag, aux):
-            return self._impl(x).autocontrast_(x, op == Op.AUTOCONTRAST)
+            return self._impl(x).autocontrast_(x, op == OP.AUTOCONTRAST)
 
         def equalize(x, op, mag, aux):
-            return self._impl(x).equalize_(x, op == Op.EQUALIZE)
+            return self._impl(x).equalize_(x, op == OP.EQUALIZE)
 
         def hue(x, op, mag, aux):
-            return self._impl(x).adjust_hue_(x, torch.where(op == Op.HUE, mag, 0.0))
+            return self._impl(x).adjust_hue_(x, torch.where(op == OP.HUE, mag, 0.0))
 
         def blur(x, op, mag, aux):
-            sigma = torch.where(op == Op.BLUR, mag, 1e-4)
+            sigma = torch.where(op == OP.BLUR, mag, 1e-4)
             return self._impl(x).gaussian_blur_(x, sigma, _blur_radius(x.shape[-1]))
 
         def cutout(x, op, mag, aux):
-            side = torch.where(op == Op.CUTOUT, mag, 0.0)
+            side = torch.where(op == OP.CUTOUT, mag, 0.0)
             return self._impl(x).cutout_(x, side, aux, on_device(("fill",), x.device, lambda: fill))
 
         geometric = {int(o) for o in (Op.SHEAR_X, Op.SHEAR_Y, Op.ROTATE)}

@@ -26,6 +26,12 @@ def _img(p: Tensor) -> Tensor:
     return p.reshape(-1, 1, 1, 1)
 
 
+def _reads_free(x: Tensor) -> bool:
+    """Whether a shortcut may read tensor values on the host: free on the CPU, and never while
+    torch.compile traces (a read would split the graph, and on a GPU would synchronise)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def to_gray(x: Tensor) -> Tensor:
     """Luma [N, 1, H, W]."""
     r, g, b = x.unbind(1)
@@ -157,7 +163,7 @@ def posterize_(x: Tensor, bits: Tensor) -> Tensor:
     """Keep the top `bits` bits of each 0..255 level; bits = 8 leaves the image untouched
     (non-integer levels too, so that it is an exact identity)."""
     q = _img(torch.exp2(8 - bits.to(x.dtype)))
-    if x.device.type == "cpu" and bool((q > 1).all()):
+    if _reads_free(x) and bool((q > 1).all()):
         # every image is posterized (reading values is free on the CPU): in place, no blend.
         # x * (255 / q) is (x * 255) / q exactly, q being a power of two
         return x.mul_(255 / q).add_(1e-3).floor_().mul_(q).div_(255)
@@ -214,7 +220,12 @@ def equalize_(x: Tensor, enabled: Tensor) -> Tensor:
     # level + 0.5 + offset, truncated: round-half-up of x * 255 (levels k / 255 never tie)
     offset = torch.arange(rows, device=x.device, dtype=x.dtype).mul_(256).add_(0.5)
     flat = torch.add(offset.view(n, c, 1, 1), x, alpha=255).to(torch.int32).view(-1)
-    hist = torch.bincount(flat, minlength=rows * 256).view(rows, 256)
+    if torch.compiler.is_compiling():  # bincount's output size depends on the values
+        hist = flat.new_zeros(rows * 256, dtype=torch.int64)
+        hist = hist.scatter_add_(0, flat.long(), hist.new_ones(1).expand(flat.numel()))
+    else:
+        hist = torch.bincount(flat, minlength=rows * 256)
+    hist = hist.view(rows, 256)
     # PIL: step = (pixels - count of the brightest level) // 255,
     # lut[k] = (cum[k-1] + step // 2) // step
     levels = torch.arange(256, device=x.device)
@@ -226,7 +237,7 @@ def equalize_(x: Tensor, enabled: Tensor) -> Tensor:
     lut = torch.cat([torch.zeros_like(lut[:, :1]), lut], 1).to(x.dtype).div_(255).view(-1)
     # images left alone keep their exact (possibly non-integer) levels
     use = (step > 0) & enabled.repeat_interleave(c)[:, None]
-    if x.device.type == "cpu" and x.is_contiguous() and bool(use.all()):
+    if _reads_free(x) and x.is_contiguous() and bool(use.all()):
         # reading a value is free on the CPU: every channel is equalised, written in one pass
         return torch.index_select(lut, 0, flat, out=x.view(-1)).view(n, c, h, w)
     eq = lut.index_select(0, flat).view(n, c, h, w)
@@ -270,7 +281,11 @@ def adjust_hue_(x: Tensor, hue: Tensor) -> Tensor:
     h6.add_(t, alpha=-6)
     for i, (centre, sign) in enumerate(((3.0, 1.0), (2.0, -1.0), (4.0, -1.0))):
         torch.sub(h6, centre, out=t).abs_().sub_(1).clamp_(0, 1)
-        torch.addcmul(minc if sign > 0 else maxc, t, chroma, value=sign, out=x[:, i])
+        base = minc if sign > 0 else maxc
+        if torch.compiler.is_compiling():  # traced: no out= into a strided view of x
+            x[:, i].copy_(torch.addcmul(base, t, chroma, value=sign))
+        else:
+            torch.addcmul(base, t, chroma, value=sign, out=x[:, i])
     return x
 
 
@@ -315,7 +330,7 @@ def gaussian_blur_(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
     """Separable Gaussian blur in place, reflect padding, per-image sigma (~0 = identity)."""
     radius = min(radius, x.shape[-2] - 1, x.shape[-1] - 1)  # reflect padding stays inside
     sigma = sigma.to(x.dtype)
-    if x.device.type == "cpu" and sigma.numel():
+    if _reads_free(x) and sigma.numel():
         # reading values is free on the CPU: drop outer taps that weigh < 1e-9 of the centre
         # tap for every image (exp(-t^2 / 2 sigma^2) < 1e-9 beyond t = 6.44 sigma); sigma ~0
         # (images without blur) needs no tap at all
