@@ -15,6 +15,7 @@ from PIL import Image
 from massrl.augment.batched import (
     BatchedAugmenter,
     CropOnlyTransform,
+    Op,
     PolicySampler,
     Program,
     augment_batch,
@@ -103,10 +104,12 @@ def test_determinism_under_a_seed():
     assert not torch.equal(a[0], c[0])
 
 
-def test_grouped_and_full_modes_agree():
+@pytest.mark.parametrize("view_mode", ["random", "crops_x_strategies", "per_strategy"])
+def test_grouped_and_full_modes_agree(view_mode):
     """The sync-free whole-batch path (GPU default) equals the grouped path (CPU default): every
-    op family is an exact identity for the images that drew another op."""
-    cfg = AugmentConfig(strategies=ALL, view_mode="random", num_views=2)
+    op family is an exact identity for the images that drew another op, and in the view modes
+    that fix each view's strategy, full mode runs each strategy's views on their own."""
+    cfg = AugmentConfig(strategies=ALL, view_mode=view_mode, num_views=2)
     batch = _batch(cfg, 32)
     grouped = BatchedAugmenter(cfg, MEAN, STD, grouped=True, chunk_bytes=5 * 3 * 16 * 16 * 4)
     full = BatchedAugmenter(cfg, MEAN, STD, grouped=False)
@@ -161,6 +164,35 @@ def test_compile_on_the_cpu_warns_once():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         aug(batch["views"], batch["strategy"])
+
+
+def test_full_mode_runs_each_strategy_s_families_on_its_views_only():
+    """crops_x_strategies: view v has strategy v % 4, so hue (SimCLR's alone among these) runs
+    on the 2 SimCLR views of each image, once per slot SimCLR may hold it; random mode cannot
+    know which views are SimCLR's and runs it on all of them."""
+    seen: list[int] = []
+
+    def spy(fn):
+        def wrapper(x, *args):
+            seen.append(x.shape[0])
+            return fn(x, *args)
+        return wrapper
+
+    for mode, images in (("crops_x_strategies", 5 * 2), ("random", 5 * 8)):
+        cfg = AugmentConfig(strategies=ALL[:4], view_mode=mode, num_crops=2, num_views=8)
+        batch = _batch(cfg, 5)
+        aug = BatchedAugmenter(cfg, MEAN, STD, grouped=False)
+        aug._families[False] = [(m, spy(fn) if fn.__name__ == "hue" else fn)
+                                for m, fn in aug._families[False]]
+        seen.clear()
+        aug(batch["views"], batch["strategy"], torch.Generator().manual_seed(0))
+        simclr = aug.sampler.slot_ops([ALL.index("simclr")])
+        assert seen == [images] * sum(int(Op.HUE) in ops for ops in simclr)
+    with pytest.raises(ValueError, match="expects view v to have strategy"):
+        cfg = AugmentConfig(strategies=ALL[:4], view_mode="per_strategy")
+        batch = _batch(cfg, 3)
+        BatchedAugmenter(cfg, MEAN, STD, grouped=False)(batch["views"],
+                                                        batch["strategy"].flip(1))
 
 
 @pytest.mark.parametrize("mean, std", [(MEAN, STD), ((0.5, 0.0, 0.2), (1.0, 0.5, 1.0005))])

@@ -84,6 +84,11 @@ class Program:
     aux: Tensor
     flip: Tensor
 
+    def rows(self, spans: list[tuple[int, int]]) -> Program:
+        """The images of the [start, end) spans, in order."""
+        return Program(*(torch.cat([t[a:b] for a, b in spans])
+                         for t in (self.op, self.mag, self.aux, self.flip)))
+
     def to(self, device: torch.device) -> Program:
         return Program(*(t.to(device, non_blocking=True) for t in
                          (self.op, self.mag, self.aux, self.flip)))
