@@ -59,6 +59,9 @@ def make_cfg(strategy: str, cpu_kernels: str = "auto") -> AugmentConfig:
     if strategy == "massrl":  # the full view set: 2 crops x 4 strategies = 8 views
         return AugmentConfig(strategies=MASSRL, view_mode="crops_x_strategies", num_crops=2,
                              cpu_kernels=cpu_kernels)
+    if strategy == "massrl_random":  # the shipped massrl configs: 2 views, a strategy each
+        return AugmentConfig(strategies=MASSRL, view_mode="random", num_views=2,
+                             cpu_kernels=cpu_kernels)
     return AugmentConfig(strategies=[strategy], view_mode="random", num_views=2,
                          cpu_kernels=cpu_kernels)
 

@@ -2,7 +2,8 @@
 
 engine:  BatchedAugmenter on uint8 224 px crops already on the device (the workers' share,
          decode + crop, is not timed), for the full MASSRL view set (4 strategies x 2 crops =
-         8 views per image) and for BYOL's 2 SimCLR views.
+         8 views per image), for the shipped massrl configs' 2 views of random strategies
+         (massrl_random) and for BYOL's 2 SimCLR views.
 step:    one BYOL training step of massrl's own method (the packaged imagenet/byol config:
          ResNet-50, 2 views, LARS), forward + backward + optimizer + EMA update, under bf16
          autocast and channels_last, on already augmented float views.
@@ -30,7 +31,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from augment_throughput import MEAN, STD, make_cfg, source_images  # noqa: E402
 
-from massrl.augment.batched import BatchedAugmenter, CropOnlyTransform  # noqa: E402
+from massrl.augment.batched import (  # noqa: E402
+    BatchedAugmenter,
+    CropOnlyTransform,
+    count_strategies,
+)
 from massrl.config import build_config, resolve_config_path  # noqa: E402
 from massrl.methods import build_method  # noqa: E402
 from massrl.optim import build_optimizer  # noqa: E402
@@ -59,18 +64,25 @@ def engine_rate(strategy: str, size: int, batch: int, device: torch.device,
     """Images/s of the engine for one view set, on crops already on the device; with
     `compile`, through torch.compile (augment.compile), whose first call compiles."""
     cfg = make_cfg(strategy).model_copy(update={"compile": compile})
+    if compile:
+        torch._dynamo.reset()  # each view set's graphs from scratch, within dynamo's cache limit
     crop = CropOnlyTransform(cfg, size)
     items = [crop(img) for img in source_images(batch, size)]
-    b = torch.utils.data.default_collate(items)
+    aug = BatchedAugmenter(cfg, MEAN, STD, grouped=False if compile else None)  # (CPU too)
+    # the strategy counts read on the host, as the training loop does before the transfer
+    b = count_strategies(torch.utils.data.default_collate(items), aug)
     views = [v.to(device) for v in b["views"]]
     sid = b["strategy"].to(device)
-    aug = BatchedAugmenter(cfg, MEAN, STD, grouped=False if compile else None)  # (CPU too)
     gen = torch.Generator(device).manual_seed(0)
+
+    def call() -> None:
+        aug(views, sid, gen, counts=b["strategy_counts"])
+
     start = time.perf_counter()
-    aug(views, sid, gen)
+    call()
     _sync(device)
     first = time.perf_counter() - start
-    times = _timed(lambda: aug(views, sid, gen), device, 2, repeats)
+    times = _timed(call, device, 2, repeats)
     return {"view_set": strategy, "compiled": compile, "views_per_image": sid.shape[1],
             "img_s": batch / median(times), "runs_s": times, "first_call_s": first}
 
@@ -128,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"BYOL step {args.backbone}, 2 views/image: {step['img_s']:9.1f} img/s", flush=True)
     _write(result, args.out)
     for compiled in (False, True) if args.compile else (False,):
-        for view_set in ("massrl", "simclr"):
+        for view_set in ("massrl", "massrl_random", "simclr"):
             try:
                 e = engine_rate(view_set, args.size, args.batch, device, args.repeats, compiled)
             except Exception as exc:  # recorded: the rows before it still count

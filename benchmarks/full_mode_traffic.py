@@ -24,7 +24,11 @@ from torch.utils.data import default_collate
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from augment_throughput import MEAN, STD, make_cfg, source_images  # noqa: E402
 
-from massrl.augment.batched import BatchedAugmenter, CropOnlyTransform  # noqa: E402
+from massrl.augment.batched import (  # noqa: E402
+    BatchedAugmenter,
+    CropOnlyTransform,
+    count_strategies,
+)
 
 # ops that return views of their input: no memory is read or written
 VIEWS = {"slice", "select", "unbind", "view", "expand", "t", "transpose", "as_strided", "narrow",
@@ -57,14 +61,17 @@ class Traffic(TorchDispatchMode):
         return out
 
 
-def measure(size: int, strategy: str, batch: int) -> dict:
+def measure(size: int, strategy: str, batch: int, counted: bool = True) -> dict:
+    torch.manual_seed(0)  # the workers' draws: crops and, in random mode, the strategies
     cfg = make_cfg(strategy, "torch")
     crop = CropOnlyTransform(cfg, size)
-    b = default_collate([crop(img) for img in source_images(batch, size)])
     aug = BatchedAugmenter(cfg, MEAN, STD, grouped=False)
+    # the strategy counts read on the host, as the training loop does before the transfer
+    b = count_strategies(default_collate([crop(img) for img in source_images(batch, size)]), aug)
+    counts = b["strategy_counts"] if counted else None
     per_family: dict[str, Counter] = {}
 
-    def counted(fn):
+    def spied(fn):
         def wrapper(x, *args):
             with Traffic() as t:
                 y = fn(x, *args)
@@ -73,14 +80,14 @@ def measure(size: int, strategy: str, batch: int) -> dict:
             return y
         return wrapper
 
-    aug(b["views"], b["strategy"], torch.Generator().manual_seed(0))  # warm-up
-    aug._families[False] = [(m, counted(fn)) for m, fn in aug._families[False]]
+    aug(b["views"], b["strategy"], torch.Generator().manual_seed(0), counts=counts)  # warm-up
+    aug._families[False] = [(m, spied(fn)) for m, fn in aug._families[False]]
     with Traffic() as total:
-        aug(b["views"], b["strategy"], torch.Generator().manual_seed(1))
+        aug(b["views"], b["strategy"], torch.Generator().manual_seed(1), counts=counts)
     views = batch * b["strategy"].shape[1]
     view_bytes = 3 * size * size * 4  # one float32 view
     return {
-        "size": size, "strategy": strategy, "batch": batch, "views": views,
+        "size": size, "strategy": strategy, "batch": batch, "views": views, "counted": counted,
         "aten_ops": total.ops, "mb_per_view": total.bytes / views / 1e6,
         "passes_per_view": total.bytes / views / view_bytes,
         "per_family": {k: {"calls": c["calls"], "aten_ops": c["ops"],
@@ -92,13 +99,19 @@ def measure(size: int, strategy: str, batch: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--strategy", default="massrl", help="massrl (the full view set) or one")
-    p.add_argument("--batch", type=int, default=8, help="images (the counts per view do not "
-                   "depend on it)")
+    p.add_argument("--strategy", default="massrl", help="massrl (the full view set), "
+                   "massrl_random (2 views of random strategies) or one strategy")
+    p.add_argument("--no-counts", dest="counted", action="store_false",
+                   help="without the host's strategy counts (random mode then runs every "
+                   "family on every view)")
+    p.add_argument("--batch", type=int, default=32, help="images (the counts per view depend "
+                   "on it only through random mode's draws of strategies)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    r = measure(args.size, args.strategy, args.batch)
-    print(f"{r['size']} px, {r['strategy']}, full mode, torch ops: {r['aten_ops']} aten ops per "
+    r = measure(args.size, args.strategy, args.batch, args.counted)
+    how = "with" if r["counted"] else "without"
+    print(f"{r['size']} px, {r['strategy']}, full mode {how} the host's strategy counts, torch "
+          f"ops: {r['aten_ops']} aten ops per "
           f"call, {r['mb_per_view']:.1f} MB read + written per view ({r['passes_per_view']:.0f}x "
           f"a float32 view)")
     for name, f in r["per_family"].items():

@@ -19,6 +19,7 @@ from massrl.augment.batched import (
     PolicySampler,
     Program,
     augment_batch,
+    count_strategies,
 )
 from massrl.config import AugmentConfig
 
@@ -104,17 +105,24 @@ def test_determinism_under_a_seed():
     assert not torch.equal(a[0], c[0])
 
 
-@pytest.mark.parametrize("view_mode", ["random", "crops_x_strategies", "per_strategy"])
-def test_grouped_and_full_modes_agree(view_mode):
+@pytest.mark.parametrize("view_mode, counted", [("random", False), ("random", True),
+                                                ("crops_x_strategies", False),
+                                                ("per_strategy", False)])
+def test_grouped_and_full_modes_agree(view_mode, counted):
     """The sync-free whole-batch path (GPU default) equals the grouped path (CPU default): every
-    op family is an exact identity for the images that drew another op, and in the view modes
-    that fix each view's strategy, full mode runs each strategy's views on their own."""
+    op family is an exact identity for the images that drew another op; in the view modes that
+    fix each view's strategy, or given the host's strategy counts, full mode runs each
+    strategy's views on their own."""
     cfg = AugmentConfig(strategies=ALL, view_mode=view_mode, num_views=2)
     batch = _batch(cfg, 32)
+    if counted:
+        batch = count_strategies(batch, BatchedAugmenter(cfg, MEAN, STD))
+        assert sum(batch["strategy_counts"]) == 64 and len(batch["strategy_counts"]) == 5
     grouped = BatchedAugmenter(cfg, MEAN, STD, grouped=True, chunk_bytes=5 * 3 * 16 * 16 * 4)
     full = BatchedAugmenter(cfg, MEAN, STD, grouped=False)
     a = grouped(batch["views"], batch["strategy"], torch.Generator().manual_seed(2))
-    b = full(batch["views"], batch["strategy"], torch.Generator().manual_seed(2))
+    b = full(batch["views"], batch["strategy"], torch.Generator().manual_seed(2),
+             counts=batch.get("strategy_counts"))
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
 
@@ -128,7 +136,7 @@ def _compiled_vs_eager(monkeypatch, **compile_kwargs) -> tuple[list, list]:
     compiled = BatchedAugmenter(cfg.model_copy(update={"compile": True}), MEAN, STD,
                                 grouped=False)
     real = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn: real(fn, **compile_kwargs))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **kw, **compile_kwargs))
     torch._dynamo.reset()
     ref = eager(batch["views"], batch["strategy"], torch.Generator().manual_seed(4))
     out = compiled(batch["views"], batch["strategy"], torch.Generator().manual_seed(4))
@@ -178,14 +186,18 @@ def test_full_mode_runs_each_strategy_s_families_on_its_views_only():
             return fn(x, *args)
         return wrapper
 
-    for mode, images in (("crops_x_strategies", 5 * 2), ("random", 5 * 8)):
+    for mode, counted in (("crops_x_strategies", False), ("random", False), ("random", True)):
         cfg = AugmentConfig(strategies=ALL[:4], view_mode=mode, num_crops=2, num_views=8)
         batch = _batch(cfg, 5)
         aug = BatchedAugmenter(cfg, MEAN, STD, grouped=False)
         aug._families[False] = [(m, spy(fn) if fn.__name__ == "hue" else fn)
                                 for m, fn in aug._families[False]]
+        counts = count_strategies(batch, aug)["strategy_counts"] if counted else None
         seen.clear()
-        aug(batch["views"], batch["strategy"], torch.Generator().manual_seed(0))
+        aug(batch["views"], batch["strategy"], torch.Generator().manual_seed(0), counts=counts)
+        simclr_views = int((batch["strategy"] == ALL.index("simclr")).sum())
+        images = 5 * 8 if mode == "random" and not counted else simclr_views
+        assert mode == "random" or simclr_views == 5 * 2
         simclr = aug.sampler.slot_ops([ALL.index("simclr")])
         assert seen == [images] * sum(int(Op.HUE) in ops for ops in simclr)
     with pytest.raises(ValueError, match="expects view v to have strategy"):
@@ -193,6 +205,29 @@ def test_full_mode_runs_each_strategy_s_families_on_its_views_only():
         batch = _batch(cfg, 3)
         BatchedAugmenter(cfg, MEAN, STD, grouped=False)(batch["views"],
                                                         batch["strategy"].flip(1))
+
+
+def test_strategy_counts_are_checked():
+    cfg = AugmentConfig(strategies=ALL[:4], view_mode="random", num_views=2)
+    batch = _batch(cfg, 6)
+    aug = BatchedAugmenter(cfg, MEAN, STD, grouped=False)
+    counts = count_strategies(batch, aug)["strategy_counts"]
+    with pytest.raises(ValueError, match="number of views of each of the 4 strategies, 12 in"):
+        aug(batch["views"], batch["strategy"], counts=counts[:3])
+    wrong = [counts[0] + 1, counts[1] - 1, *counts[2:]] if counts[1] else [*counts[1:], 0]
+    with pytest.raises(ValueError, match="do not match strategy"):
+        aug(batch["views"], batch["strategy"], counts=wrong)
+
+
+def test_count_strategies_leaves_other_batches_alone():
+    aug = BatchedAugmenter(AugmentConfig(strategies=ALL[:2]), MEAN, STD)
+    floats = {"views": [torch.zeros(2, 3, 4, 4)], "strategy": torch.zeros(2, 1, dtype=torch.long)}
+    assert count_strategies(floats, aug) is floats  # the per-image backend's views
+    evaluation = {"image": torch.zeros(2)}
+    assert count_strategies(evaluation, aug) is evaluation
+    u8 = {"views": [torch.zeros(2, 3, 4, 4, dtype=torch.uint8)] * 2,
+          "strategy": torch.tensor([[1, 1], [0, 1]])}
+    assert count_strategies(u8, aug)["strategy_counts"] == [1, 3]
 
 
 @pytest.mark.parametrize("mean, std", [(MEAN, STD), ((0.5, 0.0, 0.2), (1.0, 0.5, 1.0005))])

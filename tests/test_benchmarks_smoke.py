@@ -75,7 +75,7 @@ def test_feed_rate_tiny_run_writes_json(tmp_path):
                                    "--backbone", "resnet18", "--repeats", "2", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(res))
-    assert [e["views_per_image"] for e in data["engine"]] == [8, 2]
+    assert [e["views_per_image"] for e in data["engine"]] == [8, 2, 2]
     assert not any(e["compiled"] for e in data["engine"])
     assert data["step"]["views_per_image"] == 2 and len(data["step"]["runs_s"]) == 2
     for e in data["engine"]:
@@ -94,9 +94,9 @@ def test_feed_rate_records_a_failed_compile(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert data["step"]["img_s"] > 0
     assert [(e["view_set"], e["compiled"]) for e in data["engine"]] == [
-        ("massrl", False), ("simclr", False), ("massrl", True), ("simclr", True)]
-    assert all(e["img_s"] > 0 for e in data["engine"][:2])
-    assert all("no compiler here" in e["error"] for e in data["engine"][2:])
+        (v, compiled) for compiled in (False, True) for v in ("massrl", "massrl_random", "simclr")]
+    assert all(e["img_s"] > 0 for e in data["engine"][:3])
+    assert all("no compiler here" in e["error"] for e in data["engine"][3:])
 
 
 def test_full_mode_traffic_counts_ops_and_bytes(tmp_path):

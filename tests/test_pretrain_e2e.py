@@ -120,11 +120,24 @@ def summary_mean(ckpt: Path) -> list[float]:
 
 
 @pytest.mark.parametrize("mode", ["random", "crops_x_strategies"])
-def test_pretrain_with_the_batched_backend(tiny, mode):
+def test_pretrain_with_the_batched_backend(tiny, mode, monkeypatch):
+    from massrl.augment.batched import BatchedAugmenter
+
+    calls = []
+    real = BatchedAugmenter.__call__
+
+    def spy(self, views, strategy, generator=None, seeds=None, counts=None):
+        calls.append((strategy.clone(), counts))
+        return real(self, views, strategy, generator, seeds, counts)
+
+    monkeypatch.setattr(BatchedAugmenter, "__call__", spy)
     args = tiny("massrl", **{"augment.backend": "batched", "augment.view_mode": mode,
                              "augment.strategies": "[simclr,randaugment,autoaugment,"
                                                    "fastautoaugment,trivialaugment]",
                              "output_dir": f"{_run_dir(tiny())}_batched_{mode}"})
     assert main(["pretrain", *args]) == 0
+    # the training loop counts each batch's strategies on the host, before the transfer
+    assert calls and all(c == torch.bincount(s.flatten(), minlength=5).tolist()
+                         for s, c in calls)
     summary = json.loads((_run_dir(args) / "summary.json").read_text())
     assert summary["images_seen"] == 128 and 0 <= summary["knn_top1"] <= 1

@@ -85,6 +85,13 @@ class SSLMethod(L.LightningModule):
     def pair_mask(self, batch: dict) -> torch.Tensor:
         return pair_mask(batch["strategy"], batch["crop"], self.cfg.augment.pairs)
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.augmenter is not None and self.trainer.training:
+            from massrl.augment.batched import count_strategies
+
+            batch = count_strategies(batch, self.augmenter)  # read on the host, where it is free
+        return batch
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.augmenter is not None and self.trainer.training:
             from massrl.augment.batched import augment_batch

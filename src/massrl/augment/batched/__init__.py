@@ -4,15 +4,18 @@ DataLoader workers only crop and resize (`CropOnlyTransform`, uint8 views); `Bat
 applies every strategy to the whole batch on the training device, each image with its own strategy,
 sub-policy, ops and magnitudes. In a LightningModule::
 
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        return count_strategies(batch, self.augmenter)  # (optional: helps the GPU's full mode)
+
     def on_after_batch_transfer(self, batch, dataloader_idx):
         return augment_batch(batch, self.augmenter)
 """
 
-from .engine import BatchedAugmenter, augment_batch
+from .engine import BatchedAugmenter, augment_batch, count_strategies
 from .policies import Op, PolicySampler, Program
 from .transform import CropOnlyTransform, num_views
 
 __all__ = [
     "BatchedAugmenter", "CropOnlyTransform", "Op", "PolicySampler", "Program", "augment_batch",
-    "num_views",
+    "count_strategies", "num_views",
 ]

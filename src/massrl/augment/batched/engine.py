@@ -112,10 +112,15 @@ class BatchedAugmenter:
         strategy: Tensor,
         generator: torch.Generator | None = None,
         seeds: Tensor | None = None,
+        counts: Sequence[int] | None = None,
     ) -> list[Tensor]:
         """seeds: int64 [B, V], each view's own (CropOnlyTransform draws them in the workers);
         without them, fresh ones from `generator`. A view's augmentation depends only on its
-        seed, so it is the same whatever batch or device it is processed in."""
+        seed, so it is the same whatever batch or device it is processed in.
+
+        counts: how many views of each strategy `strategy` holds, read on the host before the
+        batch went to the device (`count_strategies`): in random view mode it lets full mode
+        run each strategy's views apart without a synchronising read."""
         if strategy.dim() != 2:
             raise ValueError(f"strategy must be [B, V], got {list(strategy.shape)}")
         if seeds is not None and seeds.shape != strategy.shape:
@@ -136,7 +141,7 @@ class BatchedAugmenter:
             prog = self.sampler.sample(sid, views[0].shape[-1], odd, generator, per_view)
             if grouped:
                 return self._apply_views(views, prog, grouped)
-            return self._apply_by_strategy(views, prog, strategy)
+            return self._apply_by_strategy(views, prog, strategy, counts)
 
     def _apply_views(self, views: list[Tensor], prog: Program, grouped: bool,
                      present: list[int] | None = None) -> list[Tensor]:
@@ -149,13 +154,16 @@ class BatchedAugmenter:
             u8 = torch.cat(views)  # (small images: chunks spanning views, fewer of them)
         return list(self.apply(u8, prog, present).split(views[0].shape[0]))
 
-    def _apply_by_strategy(self, views: list[Tensor], prog: Program,
-                           strategy: Tensor) -> list[Tensor]:
+    def _apply_by_strategy(self, views: list[Tensor], prog: Program, strategy: Tensor,
+                           counts: Sequence[int] | None) -> list[Tensor]:
         """Full mode runs every op family a slot may hold on every image. Where the view mode
-        fixes each view's strategy by its index (CropOnlyTransform's layout), the views of one
-        strategy run together with only that strategy's families: the full MASSRL view set at
-        224 px then reads and writes 2.2x fewer bytes (benchmarks/full_mode_traffic.py)."""
+        fixes each view's strategy by its index (CropOnlyTransform's layout), or where the host
+        says how many views each strategy has (`counts`), the views of one strategy run
+        together with only that strategy's families: the full MASSRL view set at 224 px then
+        reads and writes 2.2x fewer bytes (benchmarks/full_mode_traffic.py)."""
         groups = self._strategy_of_view(len(views))
+        if groups is None and counts is not None:
+            return self._apply_sorted(views, prog, strategy, counts)
         if groups is None:
             return self._apply_views(views, prog, grouped=False)
         if strategy.device.type == "cpu":  # reading it is free here: check the layout
@@ -171,6 +179,33 @@ class BatchedAugmenter:
             out.update(zip(mine, self._apply_views([views[v] for v in mine], part, False, [s]),
                            strict=True))
         return [out[v] for v in range(len(views))]
+
+    def _apply_sorted(self, views: list[Tensor], prog: Program, strategy: Tensor,
+                      counts: Sequence[int]) -> list[Tensor]:
+        """The images sorted by strategy on the device (a stable sort, no host read), each
+        strategy's run of `counts[s]` images augmented with its own families, and the results
+        put back in place."""
+        sid = strategy.t().reshape(-1)
+        if len(counts) != len(self.cfg.strategies) or sum(counts) != sid.numel():
+            raise ValueError(f"counts must give the number of views of each of the "
+                             f"{len(self.cfg.strategies)} strategies, {sid.numel()} in all; "
+                             f"got {list(counts)}")
+        if sid.device.type == "cpu":  # reading it is free here: check the counts
+            actual = torch.bincount(sid, minlength=len(counts)).tolist()
+            if actual != list(counts):
+                raise ValueError(f"counts {list(counts)} do not match strategy ({actual})")
+        order = torch.argsort(sid, stable=True)
+        u8 = torch.cat(views).index_select(0, order)
+        ranked = prog.take(order)
+        out = torch.empty(u8.shape, dtype=torch.float32, device=u8.device)
+        start = 0
+        for s, n in enumerate(counts):
+            if n:
+                part = ranked.rows([(start, start + n)])
+                out.index_copy_(0, order[start : start + n],
+                                self.apply(u8[start : start + n], part, [s]))
+            start += n
+        return list(out.split(views[0].shape[0]))
 
     def _strategy_of_view(self, num_views: int) -> list[int] | None:
         """Each view's strategy where the view mode fixes it (None in random mode)."""
@@ -270,7 +305,9 @@ class BatchedAugmenter:
         run = self._run_full
         if self.cfg.compile:
             if self._compiled is None:  # (made on first use: the augmenter stays picklable)
-                self._compiled = torch.compile(self._run_full)
+                # dynamic: in random view mode each strategy's share of the batch changes from
+                # batch to batch; one graph per strategy then serves them all
+                self._compiled = torch.compile(self._run_full, dynamic=True)
             run = self._compiled
         run(x, prog.op, prog.mag, prog.aux, prog.flip, slot_ops)
 
@@ -470,6 +507,21 @@ def augment_batch(
     if not views or views[0].dtype != torch.uint8:  # eval batches, skipped batches, float views
         return batch
     out = dict(batch)
-    out["views"] = augmenter(views, batch["strategy"], generator, batch.get("seed"))
+    out["views"] = augmenter(views, batch["strategy"], generator, batch.get("seed"),
+                             batch.get("strategy_counts"))
+    return out
+
+
+def count_strategies(batch: dict, augmenter: BatchedAugmenter) -> dict:
+    """Add batch["strategy_counts"]: how many views of each strategy the batch holds, a list of
+    ints, read while the batch is still on the host (`on_before_batch_transfer`), where reading
+    is free. It travels to the device unchanged and lets the engine's full mode run each
+    strategy's views apart in random view mode (`BatchedAugmenter.__call__`)."""
+    views = batch.get("views") if isinstance(batch, dict) else None
+    if not views or views[0].dtype != torch.uint8 or batch["strategy"].device.type != "cpu":
+        return batch
+    out = dict(batch)
+    num = len(augmenter.cfg.strategies)
+    out["strategy_counts"] = torch.bincount(batch["strategy"].flatten(), minlength=num).tolist()
     return out
 

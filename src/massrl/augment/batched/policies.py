@@ -89,6 +89,11 @@ class Program:
         return Program(*(torch.cat([t[a:b] for a, b in spans])
                          for t in (self.op, self.mag, self.aux, self.flip)))
 
+    def take(self, index: Tensor) -> Program:
+        """The images `index` (a tensor on the program's device), in that order."""
+        return Program(*(t.index_select(0, index)
+                         for t in (self.op, self.mag, self.aux, self.flip)))
+
     def to(self, device: torch.device) -> Program:
         return Program(*(t.to(device, non_blocking=True) for t in
                          (self.op, self.mag, self.aux, self.flip)))
