@@ -11,8 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from massrl.augment.batched import BatchedAugmenter, cpu_kernels, ops
-from massrl.augment.batched import engine as engine_module
+from massrl.augment.batched import BatchedAugmenter, cpu_kernels, families, ops
 from massrl.config import AugmentConfig
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="numba is not installed")
@@ -175,7 +174,7 @@ def test_numba_required_but_missing(monkeypatch):
         BatchedAugmenter(cfg, MEAN, STD)
     # auto falls back to the torch ops
     assert not BatchedAugmenter(AugmentConfig(), MEAN, STD).fused
-    assert engine_module._use_cpu_kernels("auto") is False
+    assert families.use_cpu_kernels("auto") is False
 
 
 def test_kernels_keep_torchs_thread_count():

@@ -31,7 +31,7 @@ KNN_METRIC = "val/knn_top1"
 QUIET = (
     ".*does not have many workers.*",  # the config decides the worker count
     ".*Experiment logs directory .* exists and is not empty.*",  # config.yaml is written first
-    ".*overridden `on_after_batch_transfer`.*",  # on purpose: the batched backend lives there
+    ".*overridden `on_(before|after)_batch_transfer`.*",  # on purpose: the batched backend
     ".*is smaller than the logging interval.*",  # tiny runs
     ".*LeafSpec.*",  # a deprecation inside Lightning
 )

@@ -23,50 +23,17 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Sequence
-from types import ModuleType, SimpleNamespace
 
 import torch
 from torch import Tensor
 
 from massrl.config import AugmentConfig
 
-from . import cpu_kernels, ops
+from . import ops
 from .buffers import BufferPool
+from .families import FamilyFn, OpFamilies, use_cpu_kernels
 from .flips import flip_after, flip_first, load_flipped
-from .policies import CUTOUT_FILL, Op, PolicySampler, Program, on_device
-
-FamilyFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
-
-# the op ids as plain ints for the families' comparisons: torch.compile traces
-# `tensor == Op.X` (an IntEnum member) as a Python bool, not as a tensor comparison
-OP = SimpleNamespace(**{o.name: int(o) for o in Op})
-
-
-# member fraction of a chunk above which a family runs on the whole chunk: where running it on
-# the others costs less than gathering and scattering the members (~2 passes each), so cheap ops
-# go dense early (gray blend ~6 passes: 0.75, 0.979x against 0.4 at 224 px; brightness ~2
-# passes: 0.5). translate: 0, it skips the images that do not move, so it never needs a gather
-_DENSE = {"brightness": 0.5, "gray_blend": 0.75, "solarize": 0.4, "posterize": 0.5,
-          "autocontrast": 0.5, "cutout": 0.3, "translate": 0.0}
-
-
-# families with a fused CPU kernel (cpu_kernels/; translate is slice copies already)
-_FUSED = {"gray_blend", "equalize", "hue", "blur", "warp", "brightness", "sharpness", "posterize",
-          "solarize", "autocontrast", "cutout"}  # (warp: nearest only)
-
-
-def _use_cpu_kernels(choice: str) -> bool:
-    if choice == "numba" and not cpu_kernels.available():
-        raise ValueError("augment.cpu_kernels=numba needs numba, which is not installed: "
-                         "`pip install numba`, or set augment.cpu_kernels=auto (torch ops then)")
-    return choice != "torch" and cpu_kernels.available()
-
-
-def _blur_radius(size: int) -> int:
-    """Match the per-image backend: kernel ~10% of the side (odd, >= 3) while it is <= 5 px;
-    beyond that PIL's untruncated blur, which 3 sigma_max (= 6 px) covers to 0.3% of its mass."""
-    k = max(3, int(0.1 * size) | 1)
-    return k // 2 if k <= 5 else 6
+from .policies import Op, PolicySampler, Program, on_device
 
 
 class BatchedAugmenter:
@@ -91,13 +58,11 @@ class BatchedAugmenter:
         self.sampler = PolicySampler(cfg)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        self.interpolation = interpolation
         self.grouped = grouped
         self.chunk_bytes = chunk_bytes
-        self.fill = torch.tensor(CUTOUT_FILL, dtype=torch.float32) / 255
-        self.fused = _use_cpu_kernels(cfg.cpu_kernels)
-        # grouped mode runs whole-pixel translations as slice copies instead of in the warp
-        self._families = {g: self._build_families(g) for g in (False, True)}
+        self.fused = use_cpu_kernels(cfg.cpu_kernels)
+        self.families = OpFamilies(self.fused, interpolation)
+        self._families = {g: self.families.build(g) for g in (False, True)}  # full, grouped
         self._gather = torch.empty(0)  # grouped mode's gather buffer, reused across calls
         self._outputs = BufferPool()  # CPU outputs, reused once the caller has let them go
         self._luts: dict[torch.device, Tensor] = {}  # grouped mode's op -> family, per device
@@ -249,7 +214,7 @@ class BatchedAugmenter:
             out = torch.empty(shape, dtype=torch.float32, device=first.device)
         per_image = max(1, first[0].numel() * 4)
         # the kernels work in parallel over a chunk's images: one chunk per thread's worth
-        threads = torch.get_num_threads() if self._fused_on(out) else 1
+        threads = torch.get_num_threads() if self.families.fused_on(out) else 1
         step = max(1, self.chunk_bytes * threads // per_image) if grouped else max(1, total)
         slot_ops = self.sampler.slot_ops(present)
         normalise = self._normaliser(out.device)
@@ -348,7 +313,7 @@ class BatchedAugmenter:
             for f, size in enumerate(sizes[k][:-1]):
                 if size:
                     end = start + size
-                    if size >= self._dense_threshold(families[f][1].__name__, x) * n:
+                    if size >= self.families.dense_threshold(families[f][1].__name__, x) * n:
                         # most of the chunk: all images, identity parameters for the others
                         self._run_dense(x, families[f][1], prog.op[:, k], prog.mag[:, k],
                                         prog.aux[:, k])
@@ -357,24 +322,6 @@ class BatchedAugmenter:
                                            orders[k][start:end], op[start:end, k],
                                            mag[start:end, k], aux[start:end, k])
                 start += size
-
-    def _dense_threshold(self, family: str, x: Tensor) -> float:
-        # the fused kernels skip the images whose parameter is the identity: never gather
-        return 0.0 if self._kernel_for(family, x) else _DENSE.get(family, 0.8)
-
-    def _kernel_for(self, family: str, x: Tensor) -> bool:
-        """Whether `family` runs as a fused CPU kernel on x (the warp only when nearest)."""
-        fused = family in _FUSED and (family != "warp" or self.interpolation == "nearest")
-        return fused and self._fused_on(x)
-
-    def _fused_on(self, x: Tensor) -> bool:
-        # (torch.compile traces the torch ops; it cannot trace into the numba kernels)
-        return (self.fused and x.device.type == "cpu" and x.dtype == torch.float32
-                and not torch.compiler.is_compiling())
-
-    def _impl(self, x: Tensor) -> ModuleType:
-        """The module whose ops run on x: the fused CPU kernels or the torch ops."""
-        return cpu_kernels if self._fused_on(x) else ops
 
     def _family_lut(self) -> Tensor:
         """Op id -> index of its grouped-mode family (len(families) for the identity)."""
@@ -407,82 +354,6 @@ class BatchedAugmenter:
             return
         for j, i, n in _runs(images):
             x[i : i + n].copy_(sub[j : j + n])
-
-    # -------------------------------------------------------------- op families
-
-    def _build_families(self, grouped: bool) -> list[tuple[set[int], FamilyFn]]:
-        """(op ids, fn(x, op, mag, aux)); each fn is the identity on images of other ops."""
-        fill = self.fill
-        mode = self.interpolation
-        # translations are whole pixels (policies.py): with nearest sampling the warp is a shift
-        shift = grouped and mode == "nearest"
-        moves = {OP.TRANSLATE_X, OP.TRANSLATE_Y}
-
-        def warp(x, op, mag, aux):  # (identity for translations when they have their own family)
-            warped = (op >= OP.SHEAR_X) & (op <= OP.ROTATE)
-            if shift:
-                warped &= (op != OP.TRANSLATE_X) & (op != OP.TRANSLATE_Y)
-            kind = torch.where(warped, op, 0)
-            theta = ops.warp_theta(kind, mag, x.shape[-2], x.shape[-1])
-            if self._kernel_for("warp", x):
-                return cpu_kernels.warp_nearest_(x, theta, kind != 0)
-            return ops.affine_warp(x, theta, mode)
-
-        def translate(x, op, mag, aux):
-            zero = torch.zeros_like(mag)
-            return ops.translate_(x, torch.where(op == OP.TRANSLATE_X, mag, zero),
-                                  torch.where(op == OP.TRANSLATE_Y, mag, zero))
-
-        def brightness(x, op, mag, aux):
-            return self._impl(x).brightness_(x, torch.where(op == OP.BRIGHTNESS, mag, 1.0))
-
-        def gray_blend(x, op, mag, aux):
-            sat, con, gray = op == OP.SATURATION, op == OP.CONTRAST, op == OP.GRAYSCALE
-            factor = torch.where(sat | con, mag, torch.where(gray, 0.0, 1.0))
-            return self._impl(x).gray_blend_(x, factor, (sat | gray).to(x.dtype), con.to(x.dtype))
-
-        def sharpness(x, op, mag, aux):
-            return self._impl(x).sharpness_(x, torch.where(op == OP.SHARPNESS, mag, 1.0))
-
-        def posterize(x, op, mag, aux):
-            return self._impl(x).posterize_(x, torch.where(op == OP.POSTERIZE, mag, 8.0))
-
-        def solarize(x, op, mag, aux):  # invert = solarize at threshold 0
-            thr = torch.where(op == OP.SOLARIZE, mag, torch.where(op == OP.INVERT, 0.0, 256.0))
-            return self._impl(x).solarize_(x, thr)
-
-        def autocontrast(x, op, mag, aux):
-            return self._impl(x).autocontrast_(x, op == OP.AUTOCONTRAST)
-
-        def equalize(x, op, mag, aux):
-            return self._impl(x).equalize_(x, op == OP.EQUALIZE)
-
-        def hue(x, op, mag, aux):
-            return self._impl(x).adjust_hue_(x, torch.where(op == OP.HUE, mag, 0.0))
-
-        def blur(x, op, mag, aux):
-            sigma = torch.where(op == OP.BLUR, mag, 1e-4)
-            return self._impl(x).gaussian_blur_(x, sigma, _blur_radius(x.shape[-1]))
-
-        def cutout(x, op, mag, aux):
-            side = torch.where(op == OP.CUTOUT, mag, 0.0)
-            return self._impl(x).cutout_(x, side, aux, on_device(("fill",), x.device, lambda: fill))
-
-        geometric = {int(o) for o in (Op.SHEAR_X, Op.SHEAR_Y, Op.ROTATE)}
-        geometry = [(geometric, warp), (moves, translate)] if shift else [(geometric | moves, warp)]
-        return [
-            *geometry,
-            ({int(Op.BRIGHTNESS)}, brightness),
-            ({int(Op.SATURATION), int(Op.CONTRAST), int(Op.GRAYSCALE)}, gray_blend),
-            ({int(Op.SHARPNESS)}, sharpness),
-            ({int(Op.POSTERIZE)}, posterize),
-            ({int(Op.SOLARIZE), int(Op.INVERT)}, solarize),
-            ({int(Op.AUTOCONTRAST)}, autocontrast),
-            ({int(Op.EQUALIZE)}, equalize),
-            ({int(Op.HUE)}, hue),
-            ({int(Op.BLUR)}, blur),
-            ({int(Op.CUTOUT)}, cutout),
-        ]
 
 
 def _runs(images: list[int]) -> list[tuple[int, int, int]]:
