@@ -398,21 +398,25 @@ def _no_host_sync():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu_without_host_sync():
-    cfg = AugmentConfig(strategies=ALL, view_mode="random")
+@pytest.mark.parametrize("view_mode, counted", [("random", False), ("random", True),
+                                                ("crops_x_strategies", False)])
+def test_cuda_matches_cpu_without_host_sync(view_mode, counted):
+    cfg = AugmentConfig(strategies=ALL, view_mode=view_mode)
     batch = _batch(cfg, 64, size=32)
     aug = BatchedAugmenter(cfg, MEAN, STD)
+    counts = count_strategies(batch, aug)["strategy_counts"] if counted else None
     views = [v.cuda() for v in batch["views"]]
     strategy = batch["strategy"].cuda()
     gen = torch.Generator("cuda").manual_seed(0)
-    aug(views, strategy, gen)  # warm-up: lazy CUDA initialisation may synchronise
+    aug(views, strategy, gen, counts=counts)  # warm-up: lazy CUDA initialisation may synchronise
+    gen = torch.Generator("cuda").manual_seed(0)
     with _no_host_sync():
-        out = aug(views, strategy, torch.Generator("cuda").manual_seed(0))
+        out = aug(views, strategy, gen, counts=counts)
     assert out[0].is_cuda and out[0].dtype == torch.float32 and torch.isfinite(out[0]).all()
     # same programs on both devices (drawn on the CPU) give the same images
     cpu_gen, cuda_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
     a = aug(batch["views"], batch["strategy"], cpu_gen)
-    b = aug(views, strategy, cuda_gen)
+    b = aug(views, strategy, cuda_gen, counts=counts)
     for x, y in zip(a, b, strict=True):
         close = ((x - y.cpu()).abs() < 1e-3).float().mean()
         assert close > 0.99  # nearest-neighbour warps may round a few boundary pixels apart
@@ -430,8 +434,9 @@ def test_cuda_compiled_matches_eager_without_host_sync():
     compiled = BatchedAugmenter(cfg.model_copy(update={"compile": True}), MEAN, STD)
     ref = eager(views, strategy, torch.Generator("cuda").manual_seed(0))
     compiled(views, strategy, torch.Generator("cuda").manual_seed(0))  # compiles
+    gen = torch.Generator("cuda").manual_seed(0)
     with _no_host_sync():
-        out = compiled(views, strategy, torch.Generator("cuda").manual_seed(0))
+        out = compiled(views, strategy, gen)
     for x, y in zip(out, ref, strict=True):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
 
