@@ -12,7 +12,10 @@ The engine keeps up when its images/s exceed the step's. Meant for a GPU:
 
     python benchmarks/feed_rate.py --compile --out benchmarks/results/feed_rate_gpu.json
 
-(--compile: the engine also through torch.compile, augment.compile; its first call compiles.)
+Engine modes: "default", what training runs on the device (grouped mode on the CPU; on a GPU,
+grouped mode as the host planned it, plan.py), and "full" (every op family on all the views of
+the strategies that can draw it); with --compile also "compiled", full mode through torch.compile
+(augment.compile), whose first call compiles.
 
 and runs anywhere with smaller settings (--device cpu --size 32 --batch 8 --backbone resnet18).
 """
@@ -27,15 +30,12 @@ from pathlib import Path
 from statistics import median
 
 import torch
+from lightning.pytorch.utilities import move_data_to_device
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from augment_throughput import MEAN, STD, make_cfg, source_images  # noqa: E402
 
-from massrl.augment.batched import (  # noqa: E402
-    BatchedAugmenter,
-    CropOnlyTransform,
-    count_strategies,
-)
+from massrl.augment.batched import BatchedAugmenter, CropOnlyTransform, plan_batch  # noqa: E402
 from massrl.config import build_config, resolve_config_path  # noqa: E402
 from massrl.methods import build_method  # noqa: E402
 from massrl.optim import build_optimizer  # noqa: E402
@@ -59,32 +59,47 @@ def _timed(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
     return times
 
 
+# engine modes: "default" is what training runs on the device (grouped mode on the CPU; on a
+# GPU the grouped mode the host planned), "full" every family on all views of the strategies
+# that can draw it, "compiled" that through torch.compile (augment.compile)
+MODES = ("default", "full")
+
+
 def engine_rate(strategy: str, size: int, batch: int, device: torch.device,
-                repeats: int, compile: bool = False) -> dict:
-    """Images/s of the engine for one view set, on crops already on the device; with
-    `compile`, through torch.compile (augment.compile), whose first call compiles."""
-    cfg = make_cfg(strategy).model_copy(update={"compile": compile})
-    if compile:
+                repeats: int, mode: str = "default") -> dict:
+    """Images/s of the engine for one view set, on crops already on the device, in `mode`."""
+    cfg = make_cfg(strategy).model_copy(update={"compile": mode == "compiled"})
+    if mode == "compiled":
         torch._dynamo.reset()  # each view set's graphs from scratch, within dynamo's cache limit
     crop = CropOnlyTransform(cfg, size)
     items = [crop(img) for img in source_images(batch, size)]
-    aug = BatchedAugmenter(cfg, MEAN, STD, grouped=False if compile else None)  # (CPU too)
-    # the strategy counts read on the host, as the training loop does before the transfer
-    b = count_strategies(torch.utils.data.default_collate(items), aug)
-    views = [v.to(device) for v in b["views"]]
-    sid = b["strategy"].to(device)
-    gen = torch.Generator(device).manual_seed(0)
+    aug = BatchedAugmenter(cfg, MEAN, STD, grouped=None if mode == "default" else False)
+    # what the training loop does on the host before the transfer: the strategy counts and,
+    # for the default mode off the CPU, the plan (its host time is reported apart: it overlaps
+    # the device's work in training)
+    collate = torch.utils.data.default_collate(items)
+    plan_for = device if mode == "default" else torch.device("cpu")
+    plan_s = [_host_seconds(lambda: plan_batch(collate, aug, plan_for)) for _ in range(3)]
+    host = plan_batch(collate, aug, plan_for)
+    b = move_data_to_device(host, device)
 
     def call() -> None:
-        aug(views, sid, gen, counts=b["strategy_counts"])
+        aug(b["views"], b["strategy"], None, b["seed"], b["strategy_counts"], b.get("plan"))
 
     start = time.perf_counter()
     call()
     _sync(device)
     first = time.perf_counter() - start
     times = _timed(call, device, 2, repeats)
-    return {"view_set": strategy, "compiled": compile, "views_per_image": sid.shape[1],
-            "img_s": batch / median(times), "runs_s": times, "first_call_s": first}
+    return {"view_set": strategy, "mode": mode, "planned": "plan" in b,
+            "views_per_image": b["strategy"].shape[1], "img_s": batch / median(times),
+            "runs_s": times, "first_call_s": first, "host_plan_s": median(plan_s)}
+
+
+def _host_seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def step_rate(backbone: str, size: int, batch: int, device: torch.device, repeats: int) -> dict:
@@ -139,21 +154,23 @@ def main(argv: list[str] | None = None) -> dict:
     step = result["step"] = step_rate(args.backbone, args.size, args.batch, device, args.repeats)
     print(f"BYOL step {args.backbone}, 2 views/image: {step['img_s']:9.1f} img/s", flush=True)
     _write(result, args.out)
-    for compiled in (False, True) if args.compile else (False,):
-        for view_set in ("massrl", "massrl_random", "simclr"):
-            try:
-                e = engine_rate(view_set, args.size, args.batch, device, args.repeats, compiled)
-            except Exception as exc:  # recorded: the rows before it still count
-                e = {"view_set": view_set, "compiled": compiled, "error": repr(exc)}
-                print(f"engine {view_set} (compiled={compiled}) failed: {exc!r}", flush=True)
-            else:
-                e["vs_step"] = e["img_s"] / step["img_s"]
-                how = f"compiled, first call {e['first_call_s']:.1f} s" if compiled else "eager"
-                print(f"engine {view_set:<7} {e['views_per_image']} views/image: "
-                      f"{e['img_s']:9.1f} img/s = {e['vs_step']:5.2f}x the step ({how})",
-                      flush=True)
-            result["engine"].append(e)
-            _write(result, args.out)
+    rows = [(v, m) for m in MODES for v in ("massrl", "massrl_random", "simclr")]
+    rows += [(v, "compiled") for v in ("massrl", "massrl_random", "simclr") if args.compile]
+    for view_set, mode in rows:
+        try:
+            e = engine_rate(view_set, args.size, args.batch, device, args.repeats, mode)
+        except Exception as exc:  # recorded: the rows before it still count
+            e = {"view_set": view_set, "mode": mode, "error": repr(exc)}
+            print(f"engine {view_set} ({mode}) failed: {exc!r}", flush=True)
+        else:
+            e["vs_step"] = e["img_s"] / step["img_s"]
+            extra = f", first call {e['first_call_s']:.1f} s" if mode == "compiled" else ""
+            if e["planned"]:
+                extra += f", host plan {1e3 * e['host_plan_s']:.1f} ms"
+            print(f"engine {view_set:<13} {mode:<8} {e['views_per_image']} views/image: "
+                  f"{e['img_s']:9.1f} img/s = {e['vs_step']:5.2f}x the step{extra}", flush=True)
+        result["engine"].append(e)
+        _write(result, args.out)
     return result
 
 

@@ -1,12 +1,13 @@
-"""What the engine's full mode (the GPU's, eager) asks of memory, counted on the CPU.
+"""What the engine's GPU modes (eager) ask of memory, counted on the CPU.
 
-Runs one BatchedAugmenter call in full mode with the torch ops (what a GPU runs) and counts every
-aten op it dispatches and the bytes of the tensors each op reads and writes (views such as slices
-count nothing), per op family. On a GPU the eager ops are bound by memory traffic and by their
-number (one kernel launch each), so the bytes per view divided by the card's bandwidth bound the
-engine's images/s from above; torch.compile (augment.compile) fuses each family's passes.
+Runs one BatchedAugmenter call in full mode, or (--planned) in grouped mode as the host plans
+it, with the torch ops (what a GPU runs), and counts every aten op it dispatches and the bytes of
+the tensors each op reads and writes (views such as slices count nothing), per op family. On a
+GPU the eager ops are bound by memory traffic and by their number (one kernel launch each), so
+the bytes per view divided by the card's bandwidth bound the engine's images/s from above;
+torch.compile (augment.compile) fuses each family's passes.
 
-    python benchmarks/full_mode_traffic.py --size 224
+    python benchmarks/full_mode_traffic.py --size 224 [--planned]
 """
 
 from __future__ import annotations
@@ -27,13 +28,17 @@ from augment_throughput import MEAN, STD, make_cfg, source_images  # noqa: E402
 from massrl.augment.batched import (  # noqa: E402
     BatchedAugmenter,
     CropOnlyTransform,
-    count_strategies,
+    plan_batch,
 )
 
 # ops that return views of their input: no memory is read or written
 VIEWS = {"slice", "select", "unbind", "view", "expand", "t", "transpose", "as_strided", "narrow",
          "unsqueeze", "squeeze", "permute", "split", "split_with_sizes", "_unsafe_view", "alias",
          "detach", "reshape", "diagonal"}
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _tensors(x) -> list[torch.Tensor]:
@@ -55,20 +60,29 @@ class Traffic(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.ops += 1
-        if func.overloadpacket.__name__ not in VIEWS:
+        name = func.overloadpacket.__name__
+        if name == "index_select":  # reads and writes the gathered rows only
+            self.bytes += 2 * _nbytes(out)
+        elif name in ("index_copy_", "index_copy"):  # reads and writes the rows copied in
+            self.bytes += 2 * _nbytes(args[3])
+        elif name not in VIEWS:
             touched = _tensors(list(args)) + _tensors(list((kwargs or {}).values()))
-            self.bytes += sum(t.numel() * t.element_size() for t in touched + _tensors(out))
+            self.bytes += sum(_nbytes(t) for t in touched + _tensors(out))
         return out
 
 
-def measure(size: int, strategy: str, batch: int, counted: bool = True) -> dict:
+def measure(size: int, strategy: str, batch: int, counted: bool = True,
+            planned: bool = False) -> dict:
     torch.manual_seed(0)  # the workers' draws: crops and, in random mode, the strategies
     cfg = make_cfg(strategy, "torch")
     crop = CropOnlyTransform(cfg, size)
     aug = BatchedAugmenter(cfg, MEAN, STD, grouped=False)
     # the strategy counts read on the host, as the training loop does before the transfer
-    b = count_strategies(default_collate([crop(img) for img in source_images(batch, size)]), aug)
-    counts = b["strategy_counts"] if counted else None
+    # any device but the CPU gets a plan: the meta device stands for one here
+    b = plan_batch(default_collate([crop(img) for img in source_images(batch, size)]), aug,
+                   torch.device("meta"))
+    kwargs = {"counts": b["strategy_counts"] if counted else None,
+              "plan": b["plan"] if planned else None}
     per_family: dict[str, Counter] = {}
 
     def spied(fn):
@@ -80,14 +94,15 @@ def measure(size: int, strategy: str, batch: int, counted: bool = True) -> dict:
             return y
         return wrapper
 
-    aug(b["views"], b["strategy"], torch.Generator().manual_seed(0), counts=counts)  # warm-up
+    aug(b["views"], b["strategy"], torch.Generator().manual_seed(0), **kwargs)  # warm-up
     aug._families[False] = [(m, spied(fn)) for m, fn in aug._families[False]]
     with Traffic() as total:
-        aug(b["views"], b["strategy"], torch.Generator().manual_seed(1), counts=counts)
+        aug(b["views"], b["strategy"], torch.Generator().manual_seed(1), **kwargs)
     views = batch * b["strategy"].shape[1]
     view_bytes = 3 * size * size * 4  # one float32 view
     return {
         "size": size, "strategy": strategy, "batch": batch, "views": views, "counted": counted,
+        "planned": planned,
         "aten_ops": total.ops, "mb_per_view": total.bytes / views / 1e6,
         "passes_per_view": total.bytes / views / view_bytes,
         "per_family": {k: {"calls": c["calls"], "aten_ops": c["ops"],
@@ -104,14 +119,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-counts", dest="counted", action="store_false",
                    help="without the host's strategy counts (random mode then runs every "
                    "family on every view)")
+    p.add_argument("--planned", action="store_true", help="the GPU's grouped mode as the host "
+                   "plans it (plan.py) instead of full mode")
     p.add_argument("--batch", type=int, default=32, help="images (the counts per view depend "
                    "on it only through random mode's draws of strategies)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    r = measure(args.size, args.strategy, args.batch, args.counted)
-    how = "with" if r["counted"] else "without"
-    print(f"{r['size']} px, {r['strategy']}, full mode {how} the host's strategy counts, torch "
-          f"ops: {r['aten_ops']} aten ops per "
+    r = measure(args.size, args.strategy, args.batch, args.counted, args.planned)
+    how = ("grouped mode as the host planned it" if r["planned"] else
+           f"full mode {'with' if r['counted'] else 'without'} the host's strategy counts")
+    print(f"{r['size']} px, {r['strategy']}, {how}, torch ops: {r['aten_ops']} aten ops per "
           f"call, {r['mb_per_view']:.1f} MB read + written per view ({r['passes_per_view']:.0f}x "
           f"a float32 view)")
     for name, f in r["per_family"].items():

@@ -16,10 +16,12 @@ from massrl.augment.batched import (
     BatchedAugmenter,
     CropOnlyTransform,
     Op,
+    Plan,
     PolicySampler,
     Program,
     augment_batch,
     count_strategies,
+    plan_batch,
 )
 from massrl.config import AugmentConfig
 
@@ -205,6 +207,50 @@ def test_full_mode_runs_each_strategy_s_families_on_its_views_only():
         batch = _batch(cfg, 3)
         BatchedAugmenter(cfg, MEAN, STD, grouped=False)(batch["views"],
                                                         batch["strategy"].flip(1))
+
+
+@pytest.mark.parametrize("view_mode", ["random", "crops_x_strategies"])
+def test_planned_grouped_mode_matches_grouped_mode(view_mode):
+    """The host's plan (programs from the views' seeds, grouped by family) run where reading is
+    not free: the images of grouped mode on the CPU, from the same seeds."""
+    cfg = AugmentConfig(strategies=ALL, view_mode=view_mode, cpu_kernels="torch")
+    batch = _batch(cfg, 12)
+    grouped = BatchedAugmenter(cfg, MEAN, STD, grouped=True)
+    device_like = BatchedAugmenter(cfg, MEAN, STD, grouped=False)
+    planned = plan_batch(batch, device_like, torch.device("meta"))  # any device but the CPU
+    assert isinstance(planned["plan"], Plan) and "plan" not in plan_batch(batch, grouped, "cpu")
+    ref = grouped(batch["views"], batch["strategy"], seeds=batch["seed"])
+    out = device_like(batch["views"], batch["strategy"], plan=planned["plan"])
+    for x, y in zip(out, ref, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+    half = [v[:6] for v in batch["views"]]
+    with pytest.raises(ValueError, match=r"the plan is for (\d+) views, the batch has \d+"):
+        device_like(half, batch["strategy"][:6], plan=planned["plan"])
+
+
+def test_planned_mode_reads_nothing_on_the_host(monkeypatch):
+    """Every read of a tensor value happens in the plan, on the host; the planned call itself
+    reads none (on a GPU each would synchronise)."""
+    from massrl.augment.batched import ops
+
+    cfg = AugmentConfig(strategies=ALL, view_mode="random", cpu_kernels="torch")
+    batch = _batch(cfg, 8)
+    aug = BatchedAugmenter(cfg, MEAN, STD, grouped=False)
+    plan = plan_batch(batch, aug, torch.device("meta"))["plan"]
+    aug(batch["views"], batch["strategy"], plan=plan)  # warm-up: constant tables, once
+    monkeypatch.setattr(ops, "_reads_free", lambda x: False)  # the CPU's shortcuts read values
+
+    def read(*args, **kwargs):
+        raise AssertionError("a tensor value was read on the host")
+
+    for name in ("item", "tolist", "nonzero", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, read)
+    out = aug(batch["views"], batch["strategy"], plan=plan)
+    monkeypatch.undo()
+    assert len(out) == 2 and torch.isfinite(out[0]).all()
+    with pytest.raises(AssertionError, match="read on the host"):  # the check itself works
+        monkeypatch.setattr(torch.Tensor, "tolist", read)
+        aug(batch["views"], batch["strategy"], seeds=batch["seed"], counts=[4, 4, 4, 2, 2])
 
 
 def test_strategy_counts_are_checked():
@@ -398,25 +444,38 @@ def _no_host_sync():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("view_mode, counted", [("random", False), ("random", True),
-                                                ("crops_x_strategies", False)])
-def test_cuda_matches_cpu_without_host_sync(view_mode, counted):
+@pytest.mark.parametrize("view_mode, host", [("random", None), ("random", "counts"),
+                                             ("random", "plan"), ("crops_x_strategies", None),
+                                             ("crops_x_strategies", "plan")])
+def test_cuda_matches_cpu_without_host_sync(view_mode, host):
+    """Full mode (without or with the host's strategy counts) and the host-planned grouped
+    mode, as the training loop hands them over (plan_batch, then Lightning's transfer)."""
+    from lightning.pytorch.utilities import move_data_to_device
+
     cfg = AugmentConfig(strategies=ALL, view_mode=view_mode)
     batch = _batch(cfg, 64, size=32)
     aug = BatchedAugmenter(cfg, MEAN, STD)
-    counts = count_strategies(batch, aug)["strategy_counts"] if counted else None
+    planned = plan_batch(batch, aug, torch.device("cuda"))
+    kwargs = {}
+    if host == "counts":
+        kwargs["counts"] = planned["strategy_counts"]
+    if host == "plan":
+        assert planned["plan"].prog.op.is_pinned()  # so that the transfer need not wait
+        kwargs["plan"] = move_data_to_device(planned["plan"], torch.device("cuda"))
     views = [v.cuda() for v in batch["views"]]
     strategy = batch["strategy"].cuda()
     gen = torch.Generator("cuda").manual_seed(0)
-    aug(views, strategy, gen, counts=counts)  # warm-up: lazy CUDA initialisation may synchronise
+    aug(views, strategy, gen, **kwargs)  # warm-up: lazy CUDA initialisation may synchronise
     gen = torch.Generator("cuda").manual_seed(0)
     with _no_host_sync():
-        out = aug(views, strategy, gen, counts=counts)
+        out = aug(views, strategy, gen, **kwargs)
     assert out[0].is_cuda and out[0].dtype == torch.float32 and torch.isfinite(out[0]).all()
-    # same programs on both devices (drawn on the CPU) give the same images
+    # same programs on both devices (drawn on the CPU; the plan's from the views' seeds) give
+    # the same images
     cpu_gen, cuda_gen = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-    a = aug(batch["views"], batch["strategy"], cpu_gen)
-    b = aug(views, strategy, cuda_gen, counts=counts)
+    seeds = batch["seed"] if host == "plan" else None
+    a = aug(batch["views"], batch["strategy"], cpu_gen, seeds)
+    b = aug(views, strategy, cuda_gen, **kwargs)
     for x, y in zip(a, b, strict=True):
         close = ((x - y.cpu()).abs() < 1e-3).float().mean()
         assert close > 0.99  # nearest-neighbour warps may round a few boundary pixels apart

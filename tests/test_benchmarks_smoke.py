@@ -75,8 +75,10 @@ def test_feed_rate_tiny_run_writes_json(tmp_path):
                                    "--backbone", "resnet18", "--repeats", "2", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(res))
-    assert [e["views_per_image"] for e in data["engine"]] == [8, 2, 2]
-    assert not any(e["compiled"] for e in data["engine"])
+    assert [(e["view_set"], e["mode"], e["views_per_image"]) for e in data["engine"]] == [
+        ("massrl", "default", 8), ("massrl_random", "default", 2), ("simclr", "default", 2),
+        ("massrl", "full", 8), ("massrl_random", "full", 2), ("simclr", "full", 2)]
+    assert not any(e["planned"] for e in data["engine"])  # the CPU plans for itself
     assert data["step"]["views_per_image"] == 2 and len(data["step"]["runs_s"]) == 2
     for e in data["engine"]:
         assert e["img_s"] > 0 and e["vs_step"] == pytest.approx(e["img_s"] / data["step"]["img_s"])
@@ -93,10 +95,11 @@ def test_feed_rate_records_a_failed_compile(tmp_path, monkeypatch):
                              "resnet18", "--repeats", "1", "--compile", "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["step"]["img_s"] > 0
-    assert [(e["view_set"], e["compiled"]) for e in data["engine"]] == [
-        (v, compiled) for compiled in (False, True) for v in ("massrl", "massrl_random", "simclr")]
-    assert all(e["img_s"] > 0 for e in data["engine"][:3])
-    assert all("no compiler here" in e["error"] for e in data["engine"][3:])
+    assert [(e["view_set"], e["mode"]) for e in data["engine"]] == [
+        (v, m) for m in ("default", "full", "compiled")
+        for v in ("massrl", "massrl_random", "simclr")]
+    assert all(e["img_s"] > 0 for e in data["engine"][:6])
+    assert all("no compiler here" in e["error"] for e in data["engine"][6:])
 
 
 def test_full_mode_traffic_counts_ops_and_bytes(tmp_path):
@@ -113,6 +116,9 @@ def test_full_mode_traffic_counts_ops_and_bytes(tmp_path):
     # each view is at least loaded, normalised and written out
     assert r["passes_per_view"] == pytest.approx(r["mb_per_view"] / (3 * 16 * 16 * 4 / 1e6))
     assert r["passes_per_view"] > 2
+    # the host-planned grouped mode runs each family on its images only: fewer bytes
+    planned = _load("full_mode_traffic").main(["--size", "16", "--batch", "2", "--planned"])
+    assert planned["planned"] and 2 < planned["passes_per_view"] < r["passes_per_view"]
 
 
 def test_engine_ab_against_head_runs(tmp_path):

@@ -126,9 +126,9 @@ def test_pretrain_with_the_batched_backend(tiny, mode, monkeypatch):
     calls = []
     real = BatchedAugmenter.__call__
 
-    def spy(self, views, strategy, generator=None, seeds=None, counts=None):
-        calls.append((strategy.clone(), counts))
-        return real(self, views, strategy, generator, seeds, counts)
+    def spy(self, views, strategy, generator=None, seeds=None, counts=None, plan=None):
+        calls.append((strategy.clone(), counts, plan))
+        return real(self, views, strategy, generator, seeds, counts, plan)
 
     monkeypatch.setattr(BatchedAugmenter, "__call__", spy)
     args = tiny("massrl", **{"augment.backend": "batched", "augment.view_mode": mode,
@@ -136,8 +136,9 @@ def test_pretrain_with_the_batched_backend(tiny, mode, monkeypatch):
                                                    "fastautoaugment,trivialaugment]",
                              "output_dir": f"{_run_dir(tiny())}_batched_{mode}"})
     assert main(["pretrain", *args]) == 0
-    # the training loop counts each batch's strategies on the host, before the transfer
-    assert calls and all(c == torch.bincount(s.flatten(), minlength=5).tolist()
-                         for s, c in calls)
+    # the training loop counts each batch's strategies on the host, before the transfer; the
+    # CPU's grouped mode plans for itself
+    assert calls and all(c == torch.bincount(s.flatten(), minlength=5).tolist() and p is None
+                         for s, c, p in calls)
     summary = json.loads((_run_dir(args) / "summary.json").read_text())
     assert summary["images_seen"] == 128 and 0 <= summary["knn_top1"] <= 1

@@ -87,9 +87,10 @@ class SSLMethod(L.LightningModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.augmenter is not None and self.trainer.training:
-            from massrl.augment.batched import count_strategies
+            from massrl.augment.batched import plan_batch
 
-            batch = count_strategies(batch, self.augmenter)  # read on the host, where it is free
+            # read and planned on the host, where reading is free (see batched/plan.py)
+            batch = plan_batch(batch, self.augmenter, self.device)
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -5,17 +5,18 @@ applies every strategy to the whole batch on the training device, each image wit
 sub-policy, ops and magnitudes. In a LightningModule::
 
     def on_before_batch_transfer(self, batch, dataloader_idx):
-        return count_strategies(batch, self.augmenter)  # (optional: helps the GPU's full mode)
+        return plan_batch(batch, self.augmenter, self.device)  # (optional: for GPUs)
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         return augment_batch(batch, self.augmenter)
 """
 
-from .engine import BatchedAugmenter, augment_batch, count_strategies
+from .engine import BatchedAugmenter, augment_batch
+from .plan import Plan, count_strategies, plan_batch
 from .policies import Op, PolicySampler, Program
 from .transform import CropOnlyTransform, num_views
 
 __all__ = [
     "BatchedAugmenter", "CropOnlyTransform", "Op", "PolicySampler", "Program", "augment_batch",
-    "count_strategies", "num_views",
+    "Plan", "count_strategies", "num_views", "plan_batch",
 ]

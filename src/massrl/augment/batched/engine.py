@@ -33,7 +33,8 @@ from . import ops
 from .buffers import BufferPool
 from .families import FamilyFn, OpFamilies, use_cpu_kernels
 from .flips import flip_after, flip_first, load_flipped
-from .policies import Op, PolicySampler, Program, on_device
+from .plan import Grouping, Plan, family_lut, group_by_family
+from .policies import PolicySampler, Program, on_device
 
 
 class BatchedAugmenter:
@@ -56,8 +57,7 @@ class BatchedAugmenter:
     ) -> None:
         self.cfg = cfg
         self.sampler = PolicySampler(cfg)
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self._mean_std = ([float(m) for m in mean], [float(s) for s in std])
         self.grouped = grouped
         self.chunk_bytes = chunk_bytes
         self.fused = use_cpu_kernels(cfg.cpu_kernels)
@@ -78,14 +78,16 @@ class BatchedAugmenter:
         generator: torch.Generator | None = None,
         seeds: Tensor | None = None,
         counts: Sequence[int] | None = None,
+        plan: Plan | None = None,
     ) -> list[Tensor]:
         """seeds: int64 [B, V], each view's own (CropOnlyTransform draws them in the workers);
         without them, fresh ones from `generator`. A view's augmentation depends only on its
         seed, so it is the same whatever batch or device it is processed in.
 
-        counts: how many views of each strategy `strategy` holds, read on the host before the
-        batch went to the device (`count_strategies`): in random view mode it lets full mode
-        run each strategy's views apart without a synchronising read."""
+        Off the CPU, from the host (plan.plan_batch, before the batch went to the device):
+        `plan`, the programs drawn from the same seeds and their grouping, runs grouped mode
+        without a synchronising read; without it, `counts` (how many views of each strategy
+        `strategy` holds) lets full mode run each strategy's views apart in random view mode."""
         if strategy.dim() != 2:
             raise ValueError(f"strategy must be [B, V], got {list(strategy.shape)}")
         if seeds is not None and seeds.shape != strategy.shape:
@@ -95,18 +97,47 @@ class BatchedAugmenter:
         if not views:
             return []
         grouped = self.grouped if self.grouped is not None else views[0].device.type == "cpu"
-        sid = strategy.t().reshape(-1)
-        # view parity computed on the device: a host tensor would need a synchronising copy
-        v = torch.arange(len(views), device=sid.device)
-        if self.cfg.view_mode == "crops_x_strategies":
-            v = v // len(self.cfg.strategies)
-        odd = (v % 2 == 1).repeat_interleave(strategy.shape[0])
         with torch.autocast(views[0].device.type, enabled=False):  # keep the maths in float32
-            per_view = None if seeds is None else seeds.t().reshape(-1)
-            prog = self.sampler.sample(sid, views[0].shape[-1], odd, generator, per_view)
+            if plan is not None and not grouped and not self.cfg.compile:
+                return self._apply_planned(views, plan)
+            prog = self._sample(strategy, views[0].shape[-1], generator, seeds)
             if grouped:
                 return self._apply_views(views, prog, grouped)
             return self._apply_by_strategy(views, prog, strategy, counts)
+
+    def plan(self, strategy: Tensor, seeds: Tensor, size: int) -> Plan:
+        """On the host: the programs of views with these strategies and seeds, [B, V] each, and
+        their grouping for the device's grouped mode (the families with translations in the
+        warp, as full mode)."""
+        prog = self._sample(strategy, size, None, seeds)
+        families = self._families[False]
+        return Plan(prog, group_by_family(prog, family_lut(families), len(families)))
+
+    def _sample(self, strategy: Tensor, size: int, generator: torch.Generator | None,
+                seeds: Tensor | None) -> Program:
+        """Every view's program, view-major (view v's images at rows v * B ... v * B + B - 1)."""
+        sid = strategy.t().reshape(-1)
+        # view parity computed on the device: a host tensor would need a synchronising copy
+        v = torch.arange(strategy.shape[1], device=sid.device)
+        if self.cfg.view_mode == "crops_x_strategies":
+            v = v // len(self.cfg.strategies)
+        odd = (v % 2 == 1).repeat_interleave(strategy.shape[0])
+        per_view = None if seeds is None else seeds.t().reshape(-1)
+        return self.sampler.sample(sid, size, odd, generator, per_view)
+
+    def _apply_planned(self, views: list[Tensor], plan: Plan) -> list[Tensor]:
+        """Grouped mode on the device, as the host planned it: each family on its images only,
+        in one chunk, the flips as one masked pass."""
+        u8 = torch.cat(views)
+        if plan.prog.op.shape[0] != u8.shape[0]:
+            raise ValueError(f"the plan is for {plan.prog.op.shape[0]} views, the batch has "
+                             f"{u8.shape[0]}")
+        x = torch.empty(u8.shape, dtype=torch.float32, device=u8.device)
+        x.copy_(u8).mul_(1 / 255)
+        self._run_groups(x, plan.prog, plan.grouping, self._families[False], None)
+        ops.hflip_(x, plan.prog.flip)
+        self._normaliser(x.device)(x)
+        return list(x.split(views[0].shape[0]))
 
     def _apply_views(self, views: list[Tensor], prog: Program, grouped: bool,
                      present: list[int] | None = None) -> list[Tensor]:
@@ -246,7 +277,7 @@ class BatchedAugmenter:
         """In-place (x - mean) / std, one pass per channel plane: x + w * (end - x) with
         w = 1 - 1 / std, end = mean / (1 - std), as a lerp (the two passes of mul_ and add_ cost
         ~30 % more; addcmul with a broadcast shift ~8x more on the CPU)."""
-        mean, std = self.mean.flatten().tolist(), self.std.flatten().tolist()
+        mean, std = self._mean_std
         key = ("lerp_end", *mean, *std)
         end = on_device(key, device, lambda: torch.tensor(
             [m / (1 - s) if abs(1 - s) > 1e-3 else 0.0 for m, s in zip(mean, std, strict=True)]))
@@ -292,25 +323,23 @@ class BatchedAugmenter:
     def _run_grouped(self, x: Tensor, prog: Program) -> None:
         """Each family on the images that drew it, slot after slot. The bookkeeping is done once
         per chunk, for every slot together (at 224 px a chunk is ~13 images and per-call costs
-        are a fifth of the engine's time): one stable sort of the images by family per slot, the
-        parameters in that order, and one read of all group sizes (free on the CPU)."""
+        are a fifth of the engine's time; plan.group_by_family)."""
         families = self._families[True]
         if x.device not in self._luts:
-            self._luts[x.device] = self._family_lut().to(x.device)
-        family = self._luts[x.device][prog.op]  # [n, K]; len(families) for the identity
-        n, slots = family.shape
-        groups = len(families) + 1
-        order = torch.argsort(family, dim=0, stable=True)  # [n, K]
-        slot_base = torch.arange(slots, device=x.device) * groups
-        sizes = torch.bincount((family + slot_base).view(-1), minlength=slots * groups)
-        sizes = sizes.view(slots, groups).tolist()
-        op, mag = prog.op.gather(0, order), prog.mag.gather(0, order)
-        aux = prog.aux.gather(0, order[..., None].expand(-1, -1, prog.aux.shape[-1]))
-        order = order.t().contiguous()  # [K, n]: slot k's images, grouped by family
-        orders = order.tolist()
-        for k in range(slots):
+            self._luts[x.device] = family_lut(families).to(x.device)
+        grouping = group_by_family(prog, self._luts[x.device], len(families))
+        self._run_groups(x, prog, grouping, families, grouping.order.tolist())
+
+    def _run_groups(self, x: Tensor, prog: Program, g: Grouping,
+                    families: list[tuple[set[int], FamilyFn]],
+                    orders: list[list[int]] | None) -> None:
+        """Slot after slot, each family on its sorted run of images, or on all of them where
+        they are most of the chunk. `orders` (g.order on the host, where it is free to read)
+        lets large images be scattered back run by run."""
+        n = x.shape[0]
+        for k, sizes in enumerate(g.sizes):
             start = 0
-            for f, size in enumerate(sizes[k][:-1]):
+            for f, size in enumerate(sizes[:-1]):
                 if size:
                     end = start + size
                     if size >= self.families.dense_threshold(families[f][1].__name__, x) * n:
@@ -318,18 +347,11 @@ class BatchedAugmenter:
                         self._run_dense(x, families[f][1], prog.op[:, k], prog.mag[:, k],
                                         prog.aux[:, k])
                     else:
-                        self._run_gathered(x, families[f][1], order[k, start:end],
-                                           orders[k][start:end], op[start:end, k],
-                                           mag[start:end, k], aux[start:end, k])
+                        self._run_gathered(x, families[f][1], g.order[k, start:end],
+                                           None if orders is None else orders[k][start:end],
+                                           g.op[start:end, k], g.mag[start:end, k],
+                                           g.aux[start:end, k])
                 start += size
-
-    def _family_lut(self) -> Tensor:
-        """Op id -> index of its grouped-mode family (len(families) for the identity)."""
-        families = self._families[True]
-        lut = torch.full((max(int(o) for o in Op) + 1,), len(families), dtype=torch.long)
-        for f, (members, _) in enumerate(families):
-            lut[sorted(members)] = f
-        return lut
 
     @staticmethod
     def _run_dense(x: Tensor, fn: FamilyFn, op: Tensor, mag: Tensor, aux: Tensor) -> None:
@@ -339,9 +361,10 @@ class BatchedAugmenter:
         if y is not x:
             x.copy_(y)
 
-    def _run_gathered(self, x: Tensor, fn: FamilyFn, idx: Tensor, images: list[int],
+    def _run_gathered(self, x: Tensor, fn: FamilyFn, idx: Tensor, images: list[int] | None,
                       op: Tensor, mag: Tensor, aux: Tensor) -> None:
-        """fn on the images `idx` (== `images`) of x, whose parameters are op, mag, aux."""
+        """fn on the images `idx` (== `images`, where known on the host) of x, whose parameters
+        are op, mag, aux."""
         # gathered into a reused buffer and (large images) scattered back run by run: a fresh
         # gather output and index_copy_ each cost ~3x as much on the CPU (page faults, slow kernel)
         need = idx.numel() * x[0].numel()
@@ -349,7 +372,7 @@ class BatchedAugmenter:
             self._gather = x.new_empty(need)
         buf = self._gather[:need].view(idx.numel(), *x.shape[1:])
         sub = fn(torch.index_select(x, 0, idx, out=buf), op, mag, aux)
-        if x[0].numel() * x.element_size() < 64 << 10:  # small images: one call
+        if images is None or x[0].numel() * x.element_size() < 64 << 10:  # one call
             x.index_copy_(0, idx, sub)
             return
         for j, i, n in _runs(images):
@@ -379,20 +402,5 @@ def augment_batch(
         return batch
     out = dict(batch)
     out["views"] = augmenter(views, batch["strategy"], generator, batch.get("seed"),
-                             batch.get("strategy_counts"))
+                             batch.get("strategy_counts"), batch.get("plan"))
     return out
-
-
-def count_strategies(batch: dict, augmenter: BatchedAugmenter) -> dict:
-    """Add batch["strategy_counts"]: how many views of each strategy the batch holds, a list of
-    ints, read while the batch is still on the host (`on_before_batch_transfer`), where reading
-    is free. It travels to the device unchanged and lets the engine's full mode run each
-    strategy's views apart in random view mode (`BatchedAugmenter.__call__`)."""
-    views = batch.get("views") if isinstance(batch, dict) else None
-    if not views or views[0].dtype != torch.uint8 or batch["strategy"].device.type != "cpu":
-        return batch
-    out = dict(batch)
-    num = len(augmenter.cfg.strategies)
-    out["strategy_counts"] = torch.bincount(batch["strategy"].flatten(), minlength=num).tolist()
-    return out
-

@@ -1,0 +1,109 @@
+"""Grouped mode's bookkeeping, and the same worked out on the host for a GPU.
+
+Grouped mode runs each op family only on the images that drew it: per slot it sorts the images by
+family and slices the sorted run of each family, which needs the group sizes as host ints. On the
+CPU reading them is free; on a GPU it would synchronise at every batch, so the GPU's default was
+full mode, every family on every image (2.8x the bytes of grouped mode at 224 px;
+benchmarks/full_mode_traffic.py). `plan_batch` instead samples each view's program on the host,
+from the seeds the workers drew, while the batch is still there (the training loop's
+`on_before_batch_transfer`), and sorts it: the plan travels to the device with the batch, and the
+engine runs grouped mode there with the sizes already known.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .families import FamilyFn
+from .policies import Op, Program
+
+if TYPE_CHECKING:
+    from .engine import BatchedAugmenter
+
+
+@dataclass
+class Grouping:
+    """Each slot's images sorted by op family: `order` [K, n] (slot k's image indices, family by
+    family), the parameters in that order (op, mag [n, K], aux [n, K, 2]) and `sizes` [K][F + 1],
+    host ints, the number of images of each family (the last: the identity)."""
+
+    order: Tensor
+    op: Tensor
+    mag: Tensor
+    aux: Tensor
+    sizes: list[list[int]]
+
+
+@dataclass
+class Plan:
+    """A batch's programs, drawn on the host from its views' seeds, and their grouping."""
+
+    prog: Program
+    grouping: Grouping
+
+
+def family_lut(families: Sequence[tuple[set[int], FamilyFn]]) -> Tensor:
+    """Op id -> index of its family (len(families) for the identity)."""
+    lut = torch.full((max(int(o) for o in Op) + 1,), len(families), dtype=torch.long)
+    for f, (members, _) in enumerate(families):
+        lut[sorted(members)] = f
+    return lut
+
+
+def group_by_family(prog: Program, lut: Tensor, num_families: int) -> Grouping:
+    """One stable sort of the images by family per slot, for every slot together, and one read
+    of all group sizes: on the host, where that read is free. `lut`: family_lut's, on the
+    program's device."""
+    family = lut[prog.op]  # [n, K]
+    slots = family.shape[1]
+    groups = num_families + 1  # and the identity
+    order = torch.argsort(family, dim=0, stable=True)  # [n, K]
+    slot_base = torch.arange(slots, device=family.device) * groups
+    sizes = torch.bincount((family + slot_base).view(-1), minlength=slots * groups)
+    op, mag = prog.op.gather(0, order), prog.mag.gather(0, order)
+    aux = prog.aux.gather(0, order[..., None].expand(-1, -1, prog.aux.shape[-1]))
+    return Grouping(order.t().contiguous(), op, mag, aux, sizes.view(slots, groups).tolist())
+
+
+def count_strategies(batch: dict, augmenter: BatchedAugmenter) -> dict:
+    """Add batch["strategy_counts"]: how many views of each strategy the batch holds, a list of
+    ints, read while the batch is still on the host (`on_before_batch_transfer`), where reading
+    is free. It travels to the device unchanged and lets the engine's full mode run each
+    strategy's views apart in random view mode (`BatchedAugmenter.__call__`)."""
+    if not _crops_on_host(batch):
+        return batch
+    out = dict(batch)
+    num = len(augmenter.cfg.strategies)
+    out["strategy_counts"] = torch.bincount(batch["strategy"].flatten(), minlength=num).tolist()
+    return out
+
+
+def plan_batch(batch: dict, augmenter: BatchedAugmenter, device: torch.device) -> dict:
+    """Before the transfer to `device`: the strategy counts and, for a device other than the CPU
+    (whose grouped mode plans for itself, for free), batch["plan"], the views' programs and
+    their grouping (pinned, so that the transfer does not wait for the device)."""
+    batch = count_strategies(batch, augmenter)
+    if torch.device(device).type == "cpu" or not _crops_on_host(batch) or "seed" not in batch:
+        return batch
+    size = batch["views"][0].shape[-1]
+    plan = augmenter.plan(batch["strategy"], batch["seed"], size)
+    if torch.cuda.is_available():
+        plan = _pinned(plan)
+    return {**batch, "plan": plan}
+
+
+def _crops_on_host(batch: dict) -> bool:
+    views = batch.get("views") if isinstance(batch, dict) else None
+    return bool(views) and views[0].dtype == torch.uint8 and batch["strategy"].device.type == "cpu"
+
+
+def _pinned(plan: Plan) -> Plan:
+    p, g = plan.prog, plan.grouping
+    prog = Program(*(t.pin_memory() for t in (p.op, p.mag, p.aux, p.flip)))
+    grouping = Grouping(*(t.pin_memory() for t in (g.order, g.op, g.mag, g.aux)), g.sizes)
+    return Plan(prog, grouping)
