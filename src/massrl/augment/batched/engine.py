@@ -5,13 +5,14 @@ a normalised float tensor on the training device. Per view it samples a program 
 slots per image) and runs slot after slot. Within a slot, images are handled by op *family* (one
 affine warp for every geometric op, one fused pass for posterize/solarize/invert, ...):
 
-* grouped mode (default on CPU): each family runs only on the images that drew it, gathered by
-  index.
-  Counting them reads tensor values, which is free on the CPU.
-* full mode (default on CUDA): each family that the slot can hold runs on the whole batch, with
-  identity parameters for the images that drew something else. No host-device synchronisation,
-  at the price of some arithmetic the GPU has to spare. Where the view mode fixes each view's
-  strategy, each strategy's views run apart, with only that strategy's families.
+* grouped mode (the CPU's): each family runs only on the images that drew it, gathered by
+  index. Counting them reads tensor values, which is free on the CPU. On a GPU it runs when the
+  host planned it (plan.py: the training loop samples the programs on the host from the views'
+  seeds and sorts them before the batch goes to the device).
+* full mode (GPUs without a plan, and augment.compile): each family that the slot can hold runs
+  on the whole batch, with identity parameters for the images that drew something else. No
+  host-device synchronisation, at the price of arithmetic. Where the view mode fixes each view's
+  strategy, or the host counted them, each strategy's views run apart, with only its families.
 
 On the CPU the batch is processed in chunks of a few MB so that the ~20 passes of a program stay in
 cache and no large temporary goes through mmap/page faults at each op. There the op families run
