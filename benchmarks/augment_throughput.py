@@ -24,6 +24,7 @@ from pathlib import Path
 from statistics import median
 
 import torch
+from lightning.pytorch.utilities import move_data_to_device
 from PIL import Image
 
 try:
@@ -33,7 +34,7 @@ except ImportError:  # not on Windows
 from torch.utils.data import default_collate
 
 from massrl.augment import MultiViewTransform
-from massrl.augment.batched import BatchedAugmenter, CropOnlyTransform
+from massrl.augment.batched import BatchedAugmenter, CropOnlyTransform, plan_batch
 from massrl.config import AugmentConfig
 from massrl.memory import retain_freed_memory
 
@@ -84,11 +85,22 @@ def time_per_image(cfg: AugmentConfig, images: list[Image.Image], size: int) -> 
 def time_batched(cfg: AugmentConfig, images: list[Image.Image], size: int, batch: int,
                  device: str) -> tuple[float, float, int]:
     """(crop seconds, engine seconds, minor page faults) for len(images) images in batches of
-    `batch`."""
+    `batch`. As in training: the crops and, on the host, the batch's plan (plan_batch; on the
+    CPU only the strategy counts) are the first share, the engine the second."""
     crop_tf, aug = CropOnlyTransform(cfg, size), BatchedAugmenter(cfg, MEAN, STD)
-    g = torch.Generator(device).manual_seed(0)
-    warm = default_collate([crop_tf(img) for img in images[:batch]])
-    aug([v.to(device) for v in warm["views"]], warm["strategy"].to(device), g)  # warm-up
+
+    def on_device(host: dict) -> dict:
+        b = move_data_to_device(host, torch.device(device))
+        _sync(device)
+        return b
+
+    def engine(b: dict) -> None:
+        aug(b["views"], b["strategy"], None, b["seed"], b["strategy_counts"], b.get("plan"))
+
+    def crops(part: list[Image.Image]) -> dict:
+        return plan_batch(default_collate([crop_tf(img) for img in part]), aug, device)
+
+    engine(on_device(crops(images[:batch])))  # warm-up
     # a full garbage collection costs ~0.2 s in this process (torch, numba): one falling into a
     # timed region made the first 32 px timing 8x too slow
     gc.collect()
@@ -96,13 +108,11 @@ def time_batched(cfg: AugmentConfig, images: list[Image.Image], size: int, batch
     faults = _faults()
     for a in range(0, len(images), batch):
         t0 = time.perf_counter()
-        b = default_collate([crop_tf(img) for img in images[a : a + batch]])
+        host = crops(images[a : a + batch])
         t1 = time.perf_counter()
-        views = [v.to(device) for v in b["views"]]
-        strategy = b["strategy"].to(device)
-        _sync(device)
+        b = on_device(host)  # (the transfer is not timed)
         t2 = time.perf_counter()
-        aug(views, strategy, g)
+        engine(b)
         _sync(device)
         crop_s, engine_s = crop_s + t1 - t0, engine_s + time.perf_counter() - t2
     return crop_s, engine_s, _faults() - faults
