@@ -253,6 +253,14 @@ def test_planned_mode_reads_nothing_on_the_host(monkeypatch):
         aug(batch["views"], batch["strategy"], seeds=batch["seed"], counts=[4, 4, 4, 2, 2])
 
 
+def test_consecutive_runs():
+    from massrl.augment.batched.plan import consecutive_runs
+
+    # (position in the list, first image, length): grouped mode scatters large images run by run
+    assert consecutive_runs([3, 4, 5, 9, 1, 2]) == [(0, 3, 3), (3, 9, 1), (4, 1, 2)]
+    assert consecutive_runs([]) == []
+
+
 def test_strategy_counts_are_checked():
     cfg = AugmentConfig(strategies=ALL[:4], view_mode="random", num_views=2)
     batch = _batch(cfg, 6)

@@ -34,7 +34,7 @@ from . import ops
 from .buffers import BufferPool
 from .families import FamilyFn, OpFamilies, use_cpu_kernels
 from .flips import flip_after, flip_first, load_flipped
-from .plan import Grouping, Plan, family_lut, group_by_family
+from .plan import Grouping, Plan, consecutive_runs, family_lut, group_by_family
 from .policies import PolicySampler, Program, on_device
 
 
@@ -376,19 +376,8 @@ class BatchedAugmenter:
         if images is None or x[0].numel() * x.element_size() < 64 << 10:  # one call
             x.index_copy_(0, idx, sub)
             return
-        for j, i, n in _runs(images):
+        for j, i, n in consecutive_runs(images):
             x[i : i + n].copy_(sub[j : j + n])
-
-
-def _runs(images: list[int]) -> list[tuple[int, int, int]]:
-    """(position in `images`, first image, length) of each run of consecutive image indices."""
-    out: list[tuple[int, int, int]] = []
-    for j, i in enumerate(images):
-        if out and out[-1][1] + out[-1][2] == i:
-            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
-        else:
-            out.append((j, i, 1))
-    return out
 
 
 def augment_batch(

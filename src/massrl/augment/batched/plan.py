@@ -70,6 +70,17 @@ def group_by_family(prog: Program, lut: Tensor, num_families: int) -> Grouping:
     return Grouping(order.t().contiguous(), op, mag, aux, sizes.view(slots, groups).tolist())
 
 
+def consecutive_runs(images: list[int]) -> list[tuple[int, int, int]]:
+    """(position in `images`, first image, length) of each run of consecutive image indices."""
+    out: list[tuple[int, int, int]] = []
+    for j, i in enumerate(images):
+        if out and out[-1][1] + out[-1][2] == i:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((j, i, 1))
+    return out
+
+
 def count_strategies(batch: dict, augmenter: BatchedAugmenter) -> dict:
     """Add batch["strategy_counts"]: how many views of each strategy the batch holds, a list of
     ints, read while the batch is still on the host (`on_before_batch_transfer`), where reading
