@@ -2,12 +2,13 @@
 
 Grouped mode runs each op family only on the images that drew it: per slot it sorts the images by
 family and slices the sorted run of each family, which needs the group sizes as host ints. On the
-CPU reading them is free; on a GPU it would synchronise at every batch, so the GPU's default was
-full mode, every family on every image (2.8x the bytes of grouped mode at 224 px;
-benchmarks/full_mode_traffic.py). `plan_batch` instead samples each view's program on the host,
-from the seeds the workers drew, while the batch is still there (the training loop's
-`on_before_batch_transfer`), and sorts it: the plan travels to the device with the batch, and the
-engine runs grouped mode there with the sizes already known.
+CPU reading them is free; on a GPU it would synchronise at every batch, so a GPU without a plan
+runs full mode, every family on all the views that may draw it (3.8x the bytes of the planned
+grouped mode for the full MASSRL view set at 224 px; benchmarks/full_mode_traffic.py).
+`plan_batch` instead samples each view's program on the host, from the seeds the workers drew,
+while the batch is still there (the training loop's `on_before_batch_transfer`), and sorts it:
+the plan travels to the device with the batch, and the engine runs grouped mode there with the
+sizes already known.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def count_strategies(batch: dict, augmenter: BatchedAugmenter) -> dict:
     return out
 
 
-def plan_batch(batch: dict, augmenter: BatchedAugmenter, device: torch.device) -> dict:
+def plan_batch(batch: dict, augmenter: BatchedAugmenter, device: torch.device | str) -> dict:
     """Before the transfer to `device`: the strategy counts and, for a device other than the CPU
     (whose grouped mode plans for itself, for free), batch["plan"], the views' programs and
     their grouping (pinned, so that the transfer does not wait for the device)."""
