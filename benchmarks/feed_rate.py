@@ -66,8 +66,9 @@ MODES = ("default", "full")
 
 
 def engine_rate(strategy: str, size: int, batch: int, device: torch.device,
-                repeats: int, mode: str = "default") -> dict:
-    """Images/s of the engine for one view set, on crops already on the device, in `mode`."""
+                repeats: int, mode: str = "default", profile: Path | None = None) -> dict:
+    """Images/s of the engine for one view set, on crops already on the device, in `mode`;
+    with `profile`, one more call under torch.profiler, its table of ops written there."""
     cfg = make_cfg(strategy).model_copy(update={"compile": mode == "compiled"})
     if mode == "compiled":
         torch._dynamo.reset()  # each view set's graphs from scratch, within dynamo's cache limit
@@ -91,9 +92,26 @@ def engine_rate(strategy: str, size: int, batch: int, device: torch.device,
     _sync(device)
     first = time.perf_counter() - start
     times = _timed(call, device, 2, repeats)
+    if profile is not None:
+        _profile(call, device, profile)
     return {"view_set": strategy, "mode": mode, "planned": "plan" in b,
             "views_per_image": b["strategy"].shape[1], "img_s": batch / median(times),
             "runs_s": times, "first_call_s": first, "host_plan_s": median(plan_s)}
+
+
+def _profile(fn, device: torch.device, out: Path) -> None:
+    """Where one call's time goes, op by op (the kernels' own time on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        fn()
+        _sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(prof.key_averages().table(sort_by=key, row_limit=40))
 
 
 def _host_seconds(fn) -> float:
@@ -140,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=10, help="timed calls each (medians)")
     p.add_argument("--compile", action="store_true",
                    help="also time the engine through torch.compile (augment.compile)")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="write the op table of one profiled default-mode call (full view set)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -158,7 +178,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows += [(v, "compiled") for v in ("massrl", "massrl_random", "simclr") if args.compile]
     for view_set, mode in rows:
         try:
-            e = engine_rate(view_set, args.size, args.batch, device, args.repeats, mode)
+            profile = args.profile if (view_set, mode) == ("massrl", "default") else None
+            e = engine_rate(view_set, args.size, args.batch, device, args.repeats, mode, profile)
         except Exception as exc:  # recorded: the rows before it still count
             e = {"view_set": view_set, "mode": mode, "error": repr(exc)}
             print(f"engine {view_set} ({mode}) failed: {exc!r}", flush=True)

@@ -30,5 +30,5 @@ timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_batched_engi
 timeout 100 python3 benchmarks/augment_throughput.py --cuda --sizes 32 224 --strategies massrl \
   --repeats 1 --per-image-images 32 --out "$out/augment_throughput_gpu.json" 2>&1 \
   | tee "$out/augment.log"
-timeout 300 python3 benchmarks/feed_rate.py --compile --out "$out/feed_rate_gpu.json" 2>&1 \
-  | tee "$out/feed.log"
+timeout 300 python3 benchmarks/feed_rate.py --compile --out "$out/feed_rate_gpu.json" \
+  --profile "$out/engine_ops_gpu.txt" 2>&1 | tee "$out/feed.log"

@@ -72,9 +72,11 @@ def test_feed_rate_tiny_run_writes_json(tmp_path):
     """Engine vs BYOL step images/s, on the CPU with a tiny backbone and batch."""
     out = tmp_path / "feed.json"
     res = _load("feed_rate").main(["--device", "cpu", "--size", "16", "--batch", "4",
-                                   "--backbone", "resnet18", "--repeats", "2", "--out", str(out)])
+                                   "--backbone", "resnet18", "--repeats", "2", "--out", str(out),
+                                   "--profile", str(tmp_path / "profile.txt")])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(res))
+    assert "Self CPU time total" in (tmp_path / "profile.txt").read_text()
     assert [(e["view_set"], e["mode"], e["views_per_image"]) for e in data["engine"]] == [
         ("massrl", "default", 8), ("massrl_random", "default", 2), ("simclr", "default", 2),
         ("massrl", "full", 8), ("massrl_random", "full", 2), ("simclr", "full", 2)]
