@@ -93,7 +93,10 @@ def engine_rate(strategy: str, size: int, batch: int, device: torch.device,
     first = time.perf_counter() - start
     times = _timed(call, device, 2, repeats)
     if profile is not None:
-        _profile(call, device, profile)
+        try:
+            _profile(call, device, profile)
+        except Exception as exc:  # the timings above still count
+            profile.write_text(f"profiling failed: {exc!r}\n")
     return {"view_set": strategy, "mode": mode, "planned": "plan" in b,
             "views_per_image": b["strategy"].shape[1], "img_s": batch / median(times),
             "runs_s": times, "first_call_s": first, "host_plan_s": median(plan_s)}
