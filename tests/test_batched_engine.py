@@ -209,12 +209,14 @@ def test_full_mode_runs_each_strategy_s_families_on_its_views_only():
                                                         batch["strategy"].flip(1))
 
 
-@pytest.mark.parametrize("view_mode", ["random", "crops_x_strategies"])
-def test_planned_grouped_mode_matches_grouped_mode(view_mode):
+@pytest.mark.parametrize("view_mode, size", [("random", 16), ("crops_x_strategies", 16),
+                                             ("random", 80)])
+def test_planned_grouped_mode_matches_grouped_mode(view_mode, size):
     """The host's plan (programs from the views' seeds, grouped by family) run where reading is
-    not free: the images of grouped mode on the CPU, from the same seeds."""
+    not free: the images of grouped mode on the CPU, from the same seeds (at 80 px the CPU
+    flips before the ops and scatters run by run; the planned path does neither)."""
     cfg = AugmentConfig(strategies=ALL, view_mode=view_mode, cpu_kernels="torch")
-    batch = _batch(cfg, 12)
+    batch = _batch(cfg, 12, size)
     grouped = BatchedAugmenter(cfg, MEAN, STD, grouped=True)
     device_like = BatchedAugmenter(cfg, MEAN, STD, grouped=False)
     planned = plan_batch(batch, device_like, torch.device("meta"))  # any device but the CPU
