@@ -61,14 +61,18 @@ class BatchedAugmenter:
         self._mean_std = ([float(m) for m in mean], [float(s) for s in std])
         self.grouped = grouped
         self.chunk_bytes = chunk_bytes
-        self.fused = use_cpu_kernels(cfg.cpu_kernels)
-        self.families = OpFamilies(self.fused, interpolation)
+        self.families = OpFamilies(use_cpu_kernels(cfg.cpu_kernels), interpolation)
         self._families = {g: self.families.build(g) for g in (False, True)}  # full, grouped
         self._gather = torch.empty(0)  # grouped mode's gather buffer, reused across calls
         self._outputs = BufferPool()  # CPU outputs, reused once the caller has let them go
         self._luts: dict[torch.device, Tensor] = {}  # grouped mode's op -> family, per device
         self._compiled: Callable[..., None] | None = None  # full mode under torch.compile
         self._compile_unused_told = False
+
+    @property
+    def fused(self) -> bool:
+        """Whether the op families run as fused numba kernels on the CPU."""
+        return self.families.fused
 
     # -------------------------------------------------------------- public entry point
 
@@ -266,7 +270,7 @@ class BatchedAugmenter:
                     x.copy_(src[a:b]).mul_(1 / 255)  # 10x faster than mul(u8, out=x)
                 else:
                     load_flipped(x, src[a:b], early[i:j])
-                part = Program(prog.op[i:j], prog.mag[i:j], prog.aux[i:j], prog.flip[i:j])
+                part = prog.map(lambda t, i=i, j=j: t[i:j])
                 self._run(x, part, slot_ops, grouped)
                 normalise(x)  # while x is in cache
                 if grouped:  # (flip commutes with the per-channel normalisation)

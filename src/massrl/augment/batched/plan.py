@@ -115,7 +115,6 @@ def _crops_on_host(batch: dict) -> bool:
 
 
 def _pinned(plan: Plan) -> Plan:
-    p, g = plan.prog, plan.grouping
-    prog = Program(*(t.pin_memory() for t in (p.op, p.mag, p.aux, p.flip)))
+    g = plan.grouping
     grouping = Grouping(*(t.pin_memory() for t in (g.order, g.op, g.mag, g.aux)), g.sizes)
-    return Plan(prog, grouping)
+    return Plan(plan.prog.map(Tensor.pin_memory), grouping)

@@ -12,6 +12,7 @@ AutoAugment policy file, exactly as the per-image backend (massrl.augment.strate
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -84,19 +85,20 @@ class Program:
     aux: Tensor
     flip: Tensor
 
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Program:
+        """fn applied to every per-image tensor (each has the images along dim 0)."""
+        return Program(*(fn(t) for t in (self.op, self.mag, self.aux, self.flip)))
+
     def rows(self, spans: list[tuple[int, int]]) -> Program:
         """The images of the [start, end) spans, in order."""
-        return Program(*(torch.cat([t[a:b] for a, b in spans])
-                         for t in (self.op, self.mag, self.aux, self.flip)))
+        return self.map(lambda t: torch.cat([t[a:b] for a, b in spans]))
 
     def take(self, index: Tensor) -> Program:
         """The images `index` (a tensor on the program's device), in that order."""
-        return Program(*(t.index_select(0, index)
-                         for t in (self.op, self.mag, self.aux, self.flip)))
+        return self.map(lambda t: t.index_select(0, index))
 
     def to(self, device: torch.device) -> Program:
-        return Program(*(t.to(device, non_blocking=True) for t in
-                         (self.op, self.mag, self.aux, self.flip)))
+        return self.map(lambda t: t.to(device, non_blocking=True))
 
 
 # ------------------------------------------------------------------------------ torchvision spaces
