@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from massrl.augment.batched import BatchedAugmenter
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -28,3 +30,32 @@ def test_readme_test_command_is_what_ci_runs():
     command = "python3 -m pytest -q"
     assert f"```bash\n{command}\n```" in README
     assert command in ci
+
+
+def _readme_block(section: str) -> str:
+    return README.split(section)[1].split("```python\n")[1].split("```")[0]
+
+
+def test_batched_engine_example_runs_and_its_plan_line_too():
+    """The standalone engine example: normalised float views, the same for the same seeds; and
+    the GPU sentence's plan, here on the CPU with the device's (whole-batch) mode."""
+    scope: dict = {}
+    exec(compile(_readme_block("### The batched augmentation engine in a loop of your own"),
+                 "README.md", "exec"), scope)
+    views, crops, strategy, seeds = (scope[k] for k in ("views", "crops", "strategy", "seeds"))
+    assert [tuple(v.shape) for v in views] == [(64, 3, 32, 32)] * 2
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in views)
+    again = scope["aug"](crops, strategy, seeds=seeds)
+    assert all(torch.equal(a, b) for a, b in zip(views, again, strict=True))
+    other = scope["aug"](crops, strategy, seeds=seeds + 1)
+    assert not torch.equal(views[0], other[0])
+
+    sentence = README.split("draw the plan on the\nhost")[1].split("\n\n")[0].replace("\n", " ")
+    plan_code, call_code = re.findall(r"`([^`]+)`", sentence)
+    device_like = BatchedAugmenter(scope["cfg"], mean=[0.485, 0.456, 0.406],
+                                   std=[0.229, 0.224, 0.225], grouped=False)
+    scope.update(aug=device_like, torch=torch)
+    exec(plan_code.replace('"cuda"', '"cpu"'), scope)
+    planned = eval(call_code.replace(".cuda()", ".cpu()"), scope)
+    for x, y in zip(planned, views, strict=True):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=0)

@@ -47,6 +47,13 @@ class Plan:
     prog: Program
     grouping: Grouping
 
+    def to(self, device: torch.device) -> Plan:
+        """The plan on `device`, copied without waiting (the group sizes stay host ints). The
+        training loop's transfer does this itself; a loop of one's own calls it."""
+        g = self.grouping
+        moved = (t.to(device, non_blocking=True) for t in (g.order, g.op, g.mag, g.aux))
+        return Plan(self.prog.to(device), Grouping(*moved, g.sizes))
+
 
 def family_lut(families: Sequence[tuple[set[int], FamilyFn]]) -> Tensor:
     """Op id -> index of its family (len(families) for the identity)."""
