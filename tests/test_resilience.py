@@ -66,6 +66,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny):
     reference = _byol(tiny, **RUN)
     assert main(["pretrain", *reference]) == 0
     ref_dir = _out(reference)
+    # the step and epoch-end saves share one last.ckpt, the newest (no last-v1.ckpt beside it)
+    assert [p.name for p in (ref_dir / "checkpoints").glob("last*")] == ["last.ckpt"]
+    last = torch.load(ref_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 16
 
     args = _byol(tiny, **RUN, output_dir=str(ref_dir.parent / "killed"))
     killed = _interrupted(args, at=11, sig="SIGKILL")  # epoch 1, mid-epoch; last save at step 9

@@ -132,12 +132,16 @@ class RunSummary(Callback):
 def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Trainer, dict]:
     t = cfg.trainer
     ckpt_dir = run_dir / "checkpoints"
-    # last.ckpt at every epoch end and every N optimizer steps (written atomically)
-    last = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0)
+    # last.ckpt at every epoch end and every N optimizer steps (written atomically), by two
+    # callbacks writing the same file: with the version counter each would keep its own
+    # (last.ckpt, last-v1.ckpt), and resume=auto would read whichever came first
+    last = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                           enable_version_counter=False)
     callbacks: list[Callback] = [last, Preemption(ckpt_dir / "last.ckpt")]
     if t.checkpoint_every_n_steps:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                         every_n_train_steps=t.checkpoint_every_n_steps))
+                                         every_n_train_steps=t.checkpoint_every_n_steps,
+                                         enable_version_counter=False))
     best = None
     if has_labels and cfg.eval.knn_every:
         best = ModelCheckpoint(dirpath=ckpt_dir, monitor=KNN_METRIC, mode="max", save_top_k=1,
