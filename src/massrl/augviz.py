@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
+from massrl.data.datasets import UnusableDataError  # noqa: E402
+
 
 def _pick_images(dataset: Dataset, num_images: int, seed: int) -> list:
     """num_images decodable images drawn with a fixed seed (bad files are passed over)."""
@@ -24,7 +26,8 @@ def _pick_images(dataset: Dataset, num_images: int, seed: int) -> list:
         if len(images) == num_images:
             break
     if not images:
-        raise ValueError("no decodable image in the dataset to draw")
+        raise UnusableDataError(f"none of the {len(dataset)} images of the dataset could be "
+                                "decoded (see the warnings above): nothing to draw")
     return images
 
 

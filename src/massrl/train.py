@@ -5,6 +5,7 @@ augmentation picture and summary.json)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import warnings
@@ -196,6 +197,22 @@ def build_datamodule(cfg: RunConfig):
     return dm
 
 
+def check_one_batch(dm, cfg: RunConfig, world_size: int) -> None:
+    """Stop before training when the split cannot fill one batch per device: Lightning would
+    train nothing and finish as if all went well."""
+    if dm.train_batches_per_epoch(world_size) > 0:
+        return
+    from massrl.data import UnusableDataError
+
+    n = len(dm.splits.train)
+    per_device = math.ceil(n / world_size)
+    where = f" ({per_device} per device on {world_size})" if world_size > 1 else ""
+    raise UnusableDataError(
+        f"the training split has {n} images{where}, fewer than one batch of data.batch_size="
+        f"{cfg.data.batch_size} (each epoch drops its last partial batch): set data.batch_size="
+        f"{per_device} or less, or add images")
+
+
 def pretrain(cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """Run one pre-training job and return its summary (also written to summary.json)."""
     inherited = RUN_DIR_ENV in os.environ
@@ -237,6 +254,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
     if method.channels_last:
         method = method.to(memory_format=torch.channels_last)
     trainer, parts = build_trainer(cfg, run_dir, has_labels=dm.has_labels)
+    check_one_batch(dm, cfg, trainer.world_size)
     if cfg.trainer.compile:
         # the encoders carry the compute; compiling them in place keeps checkpoint keys plain and
         # leaves the data-dependent loss bookkeeping in eager mode

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from massrl.commands.common import add_config_args, resolve
+from massrl.commands.common import add_config_args, data_error_message, resolve
 from massrl.config import RunConfig
 
 NAME = "augviz"
@@ -31,16 +31,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from massrl.augment import MultiViewTransform
     from massrl.augviz import augmentation_grid
-    from massrl.data import DatasetNotFoundError, load_dataset
+    from massrl.data import BadImageError, DatasetNotFoundError, UnusableDataError, load_dataset
 
+    out = Path(args.out)
     try:
         splits = load_dataset(cfg.data, seed=cfg.seed)
-    except DatasetNotFoundError as exc:
-        print(f"massrl augviz: {exc}", file=sys.stderr)
+        transform = MultiViewTransform(cfg.augment, cfg.data.image_size, splits.mean, splits.std)
+        augmentation_grid(splits.train, transform, out, num_images=args.images,
+                          title=f"{cfg.augment.view_mode} views of {cfg.data.name}", seed=cfg.seed)
+    except (DatasetNotFoundError, UnusableDataError, BadImageError) as exc:
+        print(f"massrl augviz: {data_error_message(exc)}", file=sys.stderr)
         return 2
-    transform = MultiViewTransform(cfg.augment, cfg.data.image_size, splits.mean, splits.std)
-    out = Path(args.out)
-    augmentation_grid(splits.train, transform, out, num_images=args.images,
-                      title=f"{cfg.augment.view_mode} views of {cfg.data.name}", seed=cfg.seed)
     print(f"wrote {out}")
     return 0

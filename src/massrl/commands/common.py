@@ -29,3 +29,12 @@ def resolve(args: argparse.Namespace, schema: type[BaseModel]) -> Any:
         print(to_yaml(cfg), end="")
         return None
     return cfg
+
+
+def data_error_message(exc: BaseException) -> str:
+    """One line for a data error. A DataLoader worker's error comes back with the worker's
+    traceback as its message: only its last line, the error itself, is the user's business."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and any("Traceback" in line for line in lines):
+        return lines[-1].split("Error: ", 1)[-1]
+    return str(exc)

@@ -8,7 +8,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from massrl.commands.common import add_config_args, resolve
+from massrl.commands.common import add_config_args, data_error_message, resolve
 from massrl.config import RunConfig
 
 NAME = "pretrain"
@@ -29,14 +29,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from massrl.data import DatasetNotFoundError
+    from massrl.data import BadImageError, DatasetNotFoundError, UnusableDataError
     from massrl.resilience import CheckpointWriteError, NonFiniteLossError
     from massrl.train import pretrain
 
     try:
         summary = pretrain(cfg)
-    except DatasetNotFoundError as exc:
-        print(f"massrl pretrain: {exc}", file=sys.stderr)
+    except (DatasetNotFoundError, UnusableDataError, BadImageError) as exc:
+        print(f"massrl pretrain: {data_error_message(exc)}", file=sys.stderr)
         return 2
     except (NonFiniteLossError, CheckpointWriteError) as exc:
         print(f"massrl pretrain: {exc}", file=sys.stderr)

@@ -1,7 +1,12 @@
 """Datasets (offline discovery, image folders, subsets) and the Lightning data module."""
 
 from massrl.data.datamodule import SSLDataModule, collate_skip_bad, worker_init_fn
-from massrl.data.datasets import DatasetNotFoundError, DatasetSplits, load_dataset
+from massrl.data.datasets import (
+    DatasetNotFoundError,
+    DatasetSplits,
+    UnusableDataError,
+    load_dataset,
+)
 from massrl.data.folder import BadImageWarning
 from massrl.data.images import BadImageError, load_image
 from massrl.data.subset import balanced_subset, fraction_subset, random_subset
@@ -12,6 +17,7 @@ __all__ = [
     "DatasetNotFoundError",
     "DatasetSplits",
     "SSLDataModule",
+    "UnusableDataError",
     "balanced_subset",
     "collate_skip_bad",
     "fraction_subset",

@@ -37,6 +37,11 @@ class DatasetNotFoundError(FileNotFoundError):
     """The dataset is not where massrl looked; the message lists the places and how to get it."""
 
 
+class UnusableDataError(ValueError):
+    """The dataset is there but cannot be trained on (no image decodes, fewer images than one
+    batch); the message says what to change."""
+
+
 @dataclass
 class DatasetSplits:
     train: Dataset  # pre-training images

@@ -60,6 +60,7 @@ class SSLMethod(L.LightningModule):
         self._val_outputs: dict[int, list[tuple[torch.Tensor, ...]]] = {}
         self._epoch_start = 0.0
         self._images_this_epoch = 0
+        self._skipped_this_epoch = 0
         self.images_seen = 0
         self.skipped_files = 0
         # the input normalisation of the data this model is trained on (set by massrl.train);
@@ -125,6 +126,7 @@ class SSLMethod(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         self.skipped_files += int(batch.get("skipped", 0))
+        self._skipped_this_epoch += int(batch.get("skipped", 0))
         # every image of the batch failed to decode (on some rank): skip the step
         if not self._on_every_rank("views" in batch):
             return self._skip_step()
@@ -204,9 +206,18 @@ class SSLMethod(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
-        self._images_this_epoch = 0
+        self._images_this_epoch = self._skipped_this_epoch = 0
 
     def on_train_epoch_end(self) -> None:
+        # batches came, and not one image of them decoded, on any rank: stop rather than train
+        # nothing to the end (a run resumed after its epoch's last batch sees no batch at all)
+        if self._on_every_rank(self._images_this_epoch == 0 and self._skipped_this_epoch > 0):
+            from massrl.data import UnusableDataError
+
+            raise UnusableDataError(
+                f"no training image could be decoded in epoch {self.current_epoch}: all "
+                f"{self._skipped_this_epoch} were skipped (see the warnings above). Check "
+                f"data.root and the files' format")
         seconds = max(time.perf_counter() - self._epoch_start, 1e-9)
         images = self._images_this_epoch * self.trainer.world_size
         self.log_dict({"throughput/images_per_s": images / seconds,

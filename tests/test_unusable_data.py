@@ -1,0 +1,82 @@
+"""Data that cannot be trained on stops the command with one line that says what to change,
+instead of a traceback or a run that trains nothing and exits 0."""
+
+import pytest
+from PIL import Image
+
+from massrl.cli import main
+from massrl.commands.common import data_error_message
+from massrl.data import BadImageError
+
+
+def _folder(root, good: int, bad: int):
+    root.mkdir()
+    for i in range(good):
+        Image.new("RGB", (20, 20), (i * 6, 100, 200 - i * 4)).save(root / f"{i}.png")
+    for i in range(bad):
+        (root / f"broken{i}.png").write_bytes(b"not an image")
+    return root
+
+
+def _last_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "nothing on stderr"
+    return err[-1]
+
+
+def test_fewer_images_than_one_batch(tmp_path, tiny, capsys):
+    root = _folder(tmp_path / "few", good=10, bad=0)
+    args = tiny("byol", **{"data.name": "folder", "data.root": str(root), "data.subset": "null",
+                           "data.batch_size": "64"})
+    assert main(["pretrain", *args]) == 2
+    line = _last_error_line(capsys)
+    assert line.startswith("massrl pretrain: the training split has 10 images")
+    assert "data.batch_size=64" in line and "set data.batch_size=10 or less" in line
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_folder_of_only_broken_files_stops_after_the_first_epoch(tmp_path, tiny, capsys):
+    root = _folder(tmp_path / "broken", good=0, bad=6)
+    args = tiny("byol", **{"data.name": "folder", "data.root": str(root), "data.subset": "null",
+                           "data.batch_size": "2", "trainer.max_epochs": "3"})
+    with pytest.warns(UserWarning, match="broken"):
+        assert main(["pretrain", *args]) == 2
+    line = _last_error_line(capsys)
+    assert "no training image could be decoded in epoch 0" in line
+    assert "all 6 were skipped" in line
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_strict_mode_names_the_bad_file_in_one_line(tmp_path, tiny, capsys, workers):
+    root = _folder(tmp_path / "strict", good=30, bad=1)
+    args = tiny("byol", **{"data.name": "folder", "data.root": str(root), "data.subset": "null",
+                           "data.batch_size": "8", "data.strict": "true",
+                           "data.num_workers": str(workers), "seed": "1"})
+    with pytest.warns(UserWarning, match="augmentation picture"):  # drawn from the same files
+        code = main(["pretrain", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("massrl pretrain: cannot decode image ") and "broken0.png" in last
+    assert "data.strict=false" in last
+    assert "Traceback" not in err
+
+
+def test_data_error_message_keeps_a_worker_error_to_its_last_line():
+    worker = BadImageError("Caught BadImageError in DataLoader worker process 0.\n"
+                           "Original Traceback (most recent call last):\n  File \"x.py\", ...\n"
+                           "massrl.data.images.BadImageError: cannot decode image /d/a.png: bad")
+    assert data_error_message(worker) == "cannot decode image /d/a.png: bad"
+    plain = BadImageError("/d/a.png", "truncated")
+    assert data_error_message(plain) == "cannot decode image /d/a.png: truncated"
+
+
+def test_augviz_on_a_folder_of_only_broken_files(tmp_path, capsys):
+    root = _folder(tmp_path / "broken", good=0, bad=3)
+    with pytest.warns(UserWarning, match="broken"):
+        code = main(["augviz", "data.name=folder", f"data.root={root}", "--images", "2",
+                     "--out", str(tmp_path / "x.png")])
+    assert code == 2
+    line = _last_error_line(capsys)
+    assert line.startswith("massrl augviz: none of the") and "could be decoded" in line
+    assert not (tmp_path / "x.png").exists()
