@@ -1,6 +1,7 @@
 """Runs that survive interruption: atomic checkpoints, SIGKILL/SIGTERM and resume, NaN losses,
 and resuming with a changed config."""
 
+import csv
 import errno
 import json
 import os
@@ -84,6 +85,13 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny):
     # sampler position, optimizer, scheduler, EMA and RNG states were restored: on the CPU with
     # one thread the result is bit-identical (the tolerance allows for other float orders)
     assert summary["images_seen"] == ref_summary["images_seen"] == 512
+    # the resumed session's clock and speed: from the restored step on (7 steps of 32 images)
+    assert 0 < summary["train_seconds"] <= summary["wall_seconds"]
+    assert summary["images_per_s"] * summary["train_seconds"] == pytest.approx(224, rel=0.01)
+    with open(_out(args) / "metrics.csv") as f:
+        epoch_seconds = [float(row["throughput/epoch_seconds"]) for row in csv.DictReader(f)
+                         if row["throughput/epoch_seconds"]]
+    assert epoch_seconds and all(0 < t <= summary["wall_seconds"] for t in epoch_seconds)
     assert summary["knn_top1"] == pytest.approx(ref_summary["knn_top1"], abs=1e-6)
     ref, res = _backbone(ref_dir), _backbone(_out(args))
     for k in ref:
@@ -118,6 +126,36 @@ def test_resume_with_a_changed_backbone_is_refused(tiny, capsys):
     assert main(["pretrain", *args, "resume=auto", "model.width=16"]) == 2
     err = capsys.readouterr().err
     assert "model.width: 8 in the checkpoint, 16 now" in err
+
+
+def test_resuming_a_finished_run_trains_nothing_and_keeps_its_summary(tiny, capsys):
+    args = _byol(tiny, **{"trainer.max_epochs": "1"})
+    assert main(["pretrain", *args]) == 0
+    summary = (_out(args) / "summary.json").read_bytes()
+    capsys.readouterr()
+    assert main(["pretrain", *args, "resume=auto"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert (_out(args) / "summary.json").read_bytes() == summary
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "directory"])
+def test_resume_from_a_damaged_checkpoint_is_explained(tiny, capsys, tmp_path, damage):
+    args = _byol(tiny, **{"trainer.max_epochs": "1"})
+    assert main(["pretrain", *args]) == 0
+    last = _out(args) / "checkpoints" / "last.ckpt"
+    bad = tmp_path / "bad.ckpt"
+    if damage == "truncated":
+        bad.write_bytes(last.read_bytes()[:5000])
+    elif damage == "empty":
+        bad.write_bytes(b"")
+    else:
+        bad = _out(args)
+    capsys.readouterr()
+    assert main(["pretrain", *args, f"resume={bad}"]) == 2
+    err = capsys.readouterr().err
+    expected = {"truncated": "is truncated or not a PyTorch checkpoint",
+                "empty": "is an empty file", "directory": f"Did you mean {last}?"}[damage]
+    assert expected in err and "Traceback" not in err
 
 
 def test_resume_auto_needs_output_dir():

@@ -132,15 +132,18 @@ def find_resume_checkpoint(cfg: RunConfig, run_dir: Path) -> Path | None:
         last = run_dir / "checkpoints" / "last.ckpt"
         return last if last.is_file() else None
     path = Path(cfg.resume)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"resume={cfg.resume}: no such checkpoint file. Use resume=auto with "
                           "output_dir=DIR to continue the run in DIR.")
     return path
 
 
-def check_resume_compatible(cfg: RunConfig, ckpt_path: Path) -> None:
-    """Refuse to resume with a config that changed what cannot change mid-run."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+def check_resume_compatible(cfg: RunConfig, ckpt_path: Path) -> dict:
+    """Refuse to resume from a file that is not a massrl checkpoint, or with a config that
+    changed what cannot change mid-run. Returns the checkpoint."""
+    from massrl.eval.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(ckpt_path)
     saved = (ckpt.get("hyper_parameters") or {}).get("config")
     if saved is None:
         raise ConfigError(f"{ckpt_path} is not a massrl pre-training checkpoint: cannot resume")
@@ -153,3 +156,10 @@ def check_resume_compatible(cfg: RunConfig, ckpt_path: Path) -> None:
             + "\n  ".join(changed)
             + "\nStart a new run (another output_dir) or restore these values."
         )
+    return ckpt
+
+
+def epochs_done(ckpt: dict) -> int:
+    """The epochs a checkpoint's run had completed when it was saved."""
+    progress = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+    return int(progress.get("current", {}).get("completed", 0))

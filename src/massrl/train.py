@@ -25,6 +25,7 @@ from massrl.resilience import (
     AtomicCheckpointIO,
     Preemption,
     check_resume_compatible,
+    epochs_done,
     find_resume_checkpoint,
 )
 
@@ -100,6 +101,13 @@ class RunSummary(Callback):
         self.start = time.perf_counter()
         self.train_seconds = 0.0
         self._epoch_t0 = 0.0
+        self._images_at_start = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # after a checkpoint was restored: a run resumed mid-epoch starts its clock here (no
+        # epoch start comes first), and counts its speed from the images seen from here on
+        self._epoch_t0 = time.perf_counter()
+        self._images_at_start = getattr(pl_module, "images_seen", 0)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_t0 = time.perf_counter()
@@ -123,7 +131,8 @@ class RunSummary(Callback):
             "skipped_files": module.skipped_files,
             "train_seconds": round(self.train_seconds, 2),
             "wall_seconds": round(time.perf_counter() - self.start, 2),
-            "images_per_s": round(module.images_seen / max(self.train_seconds, 1e-9), 1),
+            "images_per_s": round((module.images_seen - self._images_at_start)
+                                  / max(self.train_seconds, 1e-9), 1),
             "run_dir": str(self.run_dir),
             "last_checkpoint": str(self.run_dir / "checkpoints" / "last.ckpt"),
             "best_checkpoint": (ckpt.best_model_path or None) if ckpt is not None else None,
@@ -235,9 +244,13 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
     run_dir = run_dir or make_run_dir(cfg)
     resume_from = find_resume_checkpoint(cfg, run_dir)
     if resume_from is not None:
-        check_resume_compatible(cfg, resume_from)
+        done = epochs_done(check_resume_compatible(cfg, resume_from))
+        if done >= cfg.trainer.max_epochs:
+            return _finished_already(run_dir, resume_from, done, cfg.trainer.max_epochs)
         _keep_previous_metrics(run_dir)
-        print(f"resuming from {resume_from}")
+        print(f"resuming from {resume_from} ({done} of {cfg.trainer.max_epochs} epochs done)")
+    elif cfg.resume == "auto":
+        print(f"resume=auto: no checkpoint in {run_dir} yet, starting the run")
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     dm = build_datamodule(cfg)
     save_augmentation_picture(cfg, run_dir / "augmentations.png", dm.splits)
@@ -270,6 +283,16 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _finished_already(run_dir: Path, ckpt: Path, done: int, max_epochs: int) -> dict[str, Any]:
+    """Resuming a run that has trained all its epochs: nothing to do, and its summary stays."""
+    print(f"nothing to train: {ckpt} has completed {done} epochs, trainer.max_epochs={max_epochs}."
+          " Raise trainer.max_epochs to train longer.")
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        return json.loads(summary.read_text())
+    return {"epochs": done, "run_dir": str(run_dir), "last_checkpoint": str(ckpt)}
 
 
 def _keep_previous_metrics(run_dir: Path) -> None:

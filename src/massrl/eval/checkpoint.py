@@ -32,16 +32,24 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw checkpoint dict, after checking that it is a massrl pre-training checkpoint."""
     p = Path(path)
+    if p.is_dir():
+        inside = p / "checkpoints" / "last.ckpt"
+        hint = f" Did you mean {inside}?" if inside.is_file() else ""
+        raise CheckpointError(f"checkpoint '{path}' is a directory, not a checkpoint file.{hint}")
     if not p.is_file():
         raise CheckpointError(
             f"checkpoint '{path}' not found. Pass ckpt=PATH to a checkpoint written by "
             "`massrl pretrain` (e.g. runs/<run>/checkpoints/last.ckpt)."
         )
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint '{path}' is an empty file (0 bytes).")
     try:
         # Lightning checkpoints pickle more than tensors (hyper-parameters, loop state).
         ckpt = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as exc:  # any unpickling failure means "not a checkpoint"
-        raise CheckpointError(f"'{path}' is not a PyTorch checkpoint ({exc}).") from None
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(
+            f"'{path}' is truncated or not a PyTorch checkpoint ({why}).") from None
     if not isinstance(ckpt, dict) or "massrl" not in ckpt:
         hint = ""
         if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):

@@ -204,6 +204,9 @@ class SSLMethod(L.LightningModule):
         acc = (logits.argmax(1) == labels[known]).float().mean()
         return loss, acc
 
+    def on_train_start(self) -> None:
+        self._epoch_start = time.perf_counter()  # a run resumed mid-epoch has no epoch start
+
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
         self._images_this_epoch = self._skipped_this_epoch = 0
