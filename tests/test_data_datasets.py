@@ -55,6 +55,13 @@ def test_class_folders_are_labeled(tmp_path):
     assert splits.mean == pytest.approx((0.485, 0.456, 0.406)) and splits.native_size == 10
 
 
+def test_native_size_is_the_typical_image_not_the_first(tmp_path):
+    root = _class_folder(tmp_path / "data", classes=("a", "b"), per_class=5)  # 12 x 10 images
+    _img(root / "a" / "000_icon.png", size=(1, 1))  # sorts first
+    _img(root / "b" / "000_banner.png", size=(2000, 20))
+    assert load_dataset(DataConfig(name="folder", root=str(root))).native_size == 10
+
+
 def test_train_val_folders_share_class_numbering(tmp_path):
     _class_folder(tmp_path / "train")
     _class_folder(tmp_path / "val", classes=("dog", "eel"), per_class=2)

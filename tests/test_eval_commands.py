@@ -1,6 +1,7 @@
 """End to end: `massrl knn|linear|umap|export` on a tiny fake checkpoint with the digits dataset."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -88,6 +89,27 @@ def test_umap_and_export(tmp_path, ckpt):
     meta = json.loads((tmp_path / "bb.json").read_text())
     assert meta["cifar_stem"] and meta["input_size"] == 16 and meta["mean"] is not None
     assert set(torch.load(tmp_path / "bb.pt")) == set(load_pretrained(ckpt)[0].state_dict())
+
+
+def test_cached_features_follow_the_files_of_a_folder(tmp_path, ckpt):
+    """The same file names, one file's content replaced: the features are recomputed (the cache
+    was keyed by the folder's path and image count only), and reused while nothing changes."""
+    root = tmp_path / "pics"
+    for c, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (16, 16), (20 * i, 200 * c, 90)).save(root / name / f"{i}.png")
+    folder = ["data.name=folder", f"data.root={root}", "data.image_size=16", "k=[3]"]
+
+    def cached() -> int:
+        assert _run(tmp_path, "knn", f"ckpt={ckpt}", *folder)[0] == 0
+        return len(list((tmp_path / "cache").iterdir()))
+
+    assert cached() == 2
+    Image.effect_noise((16, 16), 60).convert("RGB").save(root / "a" / "0.png")
+    os.utime(root / "a" / "0.png", ns=(1, 1))  # a modification time unlike the first one's
+    assert cached() == 3  # the file is in the bank or the test split: that one is recomputed
+    assert cached() == 3
 
 
 def test_transfer_uses_the_eval_dataset_size_and_warns(tmp_path):

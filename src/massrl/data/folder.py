@@ -4,7 +4,9 @@ the dataset that decodes files with `load_image`, skipping undecodable ones unle
 
 from __future__ import annotations
 
+import hashlib
 import os
+import statistics
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,6 +102,24 @@ class FileImageDataset(Dataset):
         return image, self.targets[index]
 
 
+def files_fingerprint(dataset: Dataset) -> str | None:
+    """A hash of the files behind a (possibly wrapped) FileImageDataset: their paths, sizes,
+    modification times and labels; None for datasets not read from files. Cached features keyed
+    with it are recomputed when a file is added, replaced, removed or moved to another class."""
+    while not isinstance(dataset, FileImageDataset):
+        dataset = getattr(dataset, "dataset", None)
+        if dataset is None:
+            return None
+    h = hashlib.sha256()
+    for path, target in zip(dataset.paths, dataset.targets, strict=True):
+        try:
+            st = os.stat(path)
+            h.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\t{target}\n".encode())
+        except OSError:
+            h.update(f"{path}\tmissing\t{target}\n".encode())
+    return h.hexdigest()
+
+
 def labeled_folder(
     root: Path, strict: bool, classes: list[str] | None = None
 ) -> FileImageDataset:
@@ -131,12 +151,15 @@ def unlabeled_folder(root: Path, strict: bool) -> FileImageDataset:
     return FileImageDataset(find_images(root), None, None, strict)
 
 
-def typical_size(paths: Sequence[Path], default: int = 224) -> int:
-    """Shorter side of the first readable image (header only), for information."""
-    for path in paths[:5]:
+def typical_size(paths: Sequence[Path], default: int = 224, sample: int = 64) -> int:
+    """Median shorter side of up to `sample` images spread over the folder (headers only): one
+    odd file (a 1x1 icon, a banner) does not decide the size the folder is evaluated at."""
+    step = max(1, len(paths) // sample)
+    sides = []
+    for path in paths[::step][:sample]:
         try:
             with Image.open(path) as img:
-                return min(img.size)
+                sides.append(min(img.size))
         except Exception:  # noqa: BLE001 - only informational; bad files are reported on use
             continue
-    return default
+    return int(statistics.median_low(sides)) if sides else default

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 import massrl
 from massrl.config import ConfigError, to_yaml
+from massrl.data.folder import files_fingerprint
 from massrl.devices import resolve_num_workers
 from massrl.eval.checkpoint import Pretrained, load
 from massrl.eval.config import build_eval_config, default_output_dir, raw_tree
@@ -144,8 +145,8 @@ def features(run: EvalRun, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     cfg, ds = run.cfg, split_dataset(run, split)
     key = {"ckpt_sha256": run.pre.sha256, "split": split, "dataset": cfg.data.name,
            "root": cfg.data.root, "subset": cfg.data.subset, "eval_subset": cfg.data.eval_subset,
-           "seed": cfg.seed, "num_samples": len(ds), "version": FEATURES_VERSION,
-           **test_transform_info(run)}
+           "seed": cfg.seed, "num_samples": len(ds), "files": files_fingerprint(ds),
+           "version": FEATURES_VERSION, **test_transform_info(run)}
     transform = eval_transform(run.image_size, run.splits.mean, run.splits.std,
                                cfg.test_crop_ratio)
     return cached_features(
