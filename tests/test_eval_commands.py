@@ -112,6 +112,25 @@ def test_cached_features_follow_the_files_of_a_folder(tmp_path, ckpt):
     assert cached() == 3
 
 
+def test_out_paths_folders_suffixes_and_unwritable_places(tmp_path, ckpt, capsys):
+    into = tmp_path / "exports"
+    into.mkdir()
+    assert _run(tmp_path, "export", f"ckpt={ckpt}", flags=["--out", str(into)])[0] == 0
+    assert sorted(p.name for p in into.iterdir()) == ["backbone.json", "backbone.pt"]
+    assert _run(tmp_path, "export", f"ckpt={ckpt}", flags=["--out", str(into / "b.pth")])[0] == 0
+    assert (into / "b.pth").is_file() and (into / "b.json").is_file()
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    capsys.readouterr()
+    for command, name in (("export", "b.pt"), ("umap", "u.png")):
+        code, _ = _run(tmp_path, command, f"ckpt={ckpt}", flags=["--out", str(blocker / name)])
+        err = capsys.readouterr().err
+        assert code == 1 and err.startswith(f"massrl {command}: Not a directory: ")
+        assert str(blocker) in err and "Traceback" not in err
+    assert not (tmp_path / "cache").exists()  # umap stopped before computing any feature
+
+
 def test_transfer_uses_the_eval_dataset_size_and_warns(tmp_path):
     ckpt = make_checkpoint(tmp_path / "fm.ckpt", data={"name": "fashion_mnist", "image_size": 32,
                                                        "root": "/nowhere"})

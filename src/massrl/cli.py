@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -38,6 +39,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     return parser, parsers
 
 
+def os_error_message(exc: OSError) -> str:
+    """`strerror: path`, and for a full disk what to do about it."""
+    where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+    text = f"{exc.strerror}: {where}" if exc.strerror and where else str(exc)
+    if exc.errno == errno.ENOSPC:
+        text += " (free some space, or write elsewhere: output_dir=, --out)"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser, parsers = build_parser()
@@ -54,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"massrl {args.command}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path that cannot be written or read, a full disk
+        print(f"massrl {args.command}: {os_error_message(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"massrl {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -26,10 +26,10 @@ def run(args: argparse.Namespace) -> int:
     r = session.start(NAME, UmapEvalConfig, args)
     if r is None:
         return 0
-    session.open_data(r)
     cfg = r.cfg
+    out = session.output_file(Path(cfg.out) if cfg.out else r.output_dir, "umap.png")
+    session.open_data(r)
     feats, labels = session.features(r, cfg.split)
-    out = Path(cfg.out) if cfg.out else r.output_dir / "umap.png"
     title = (f"{r.pre.config.method} - {r.pre.path.name} ({cfg.data.name} {cfg.split}, "
              f"{min(len(labels), cfg.max_points or len(labels))} points)")
     save_umap(feats, labels, r.splits.classes, title, out, seed=cfg.seed,

@@ -58,13 +58,15 @@ def export_backbone(
     image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None,
     source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `out` (state_dict) and `out` with suffix .json (manifest); return the manifest."""
+    """Write `out` (state_dict; .pt added unless it ends in .pt or .pth) and `out` with suffix
+    .json (manifest); return the manifest."""
     out = Path(out)
-    if out.suffix != ".pt":
-        out = out.with_suffix(out.suffix + ".pt") if out.suffix else out.with_suffix(".pt")
+    if out.suffix not in (".pt", ".pth"):
+        out = out.with_name(out.name + ".pt")
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    torch.save(state, out)
+    with open(out, "wb") as f:  # (an unwritable path: an OSError naming it, not torch's)
+        torch.save(state, f)
     manifest_path = out.with_suffix(".json")
     tv = torchvision_name(spec, state)
     timm_build = ("model = timm.create_model(meta['architecture'], pretrained=False, "

@@ -4,7 +4,9 @@ features, and the result file that records the protocol next to the numbers."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +83,23 @@ def start(command: str, schema: type, args: argparse.Namespace) -> EvalRun | Non
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(command)
     out.mkdir(parents=True, exist_ok=True)
     return EvalRun(command, cfg, pre, out, device, requested)
+
+
+def output_file(path: Path, default_name: str) -> Path:
+    """Where an --out file goes (inside `path` when it is a folder), with its folder made and
+    checked writable now, before the work: an OSError naming the path, not one after it."""
+    if path.is_dir():
+        path = path / default_name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:  # a file where a folder of the path should be
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), exc.filename) from None
+    existed = path.exists()
+    with open(path, "ab"):
+        pass
+    if not existed:
+        path.unlink()
+    return path
 
 
 def open_data(run: EvalRun, needs_labels: bool = True) -> None:
