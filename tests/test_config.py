@@ -61,6 +61,31 @@ def test_shipped_configs_cover_datasets_and_methods():
             assert f"{ds}/{m}" in names
 
 
+def test_a_config_files_dataset_settings_stay_with_its_dataset(capsys):
+    """fashion_mnist/massrl's 20,000-image subset and bank must not cut a folder of images."""
+    kept = build_config(config_file="fashion_mnist/massrl", overrides=["seed=1"])
+    assert (kept.data.subset, kept.data.eval_subset) == (20000, 10000)
+    assert kept.run_name == "massrl_fashion_mnist"
+    assert capsys.readouterr().err == ""
+
+    other = build_config(config_file="fashion_mnist/massrl",
+                         overrides=["data.name=folder", "data.root=/photos", "data.eval_subset=50"])
+    assert (other.data.subset, other.data.eval_subset, other.data.root) == (None, 50, "/photos")
+    assert other.run_name == "massrl_folder"  # the run directory follows the dataset
+    assert capsys.readouterr().err == (
+        "note: data.name=folder replaces fashion_mnist/massrl's fashion_mnist: its "
+        "data.subset=20000 is not applied (give it again to keep it)\n")
+
+    imagenet = build_config(config_file="imagenet/byol", overrides=["data.name=imagenet100"])
+    assert imagenet.data.root is None and "data.root=/data/imagenet" in capsys.readouterr().err
+
+
+def test_config_error_names_its_sources_once():
+    with pytest.raises(ConfigError) as err:
+        build_config(config_file="cifar10/byol", overrides=["seed=1", "optimizer.lrr=1"])
+    assert "(cifar10/byol + overrides)" in str(err.value)
+
+
 def test_missing_config_file_lists_shipped_ones():
     with pytest.raises(ConfigError, match="cifar10/byol"):
         build_config(config_file="nope/nothing")
@@ -75,7 +100,8 @@ def test_cli_print_config_round_trips(capsys):
 
 def test_cli_bad_key_exits_nonzero_with_message(capsys):
     assert main(["pretrain", "optimizer.lrr=1"]) == 2
-    assert "Did you mean 'optimizer.lr'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "Did you mean 'optimizer.lr'" in err and "`massrl pretrain --help` lists" in err
 
 
 def test_help_lists_options_with_defaults():

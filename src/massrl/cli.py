@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except ConfigError as exc:
-        print(f"massrl {args.command}: {exc}", file=sys.stderr)
+        text = str(exc).replace("massrl <command>", f"massrl {args.command}")
+        print(f"massrl {args.command}: {text}", file=sys.stderr)
         return 2
     except OSError as exc:  # a path that cannot be written or read, a full disk
         print(f"massrl {args.command}: {os_error_message(exc)}", file=sys.stderr)

@@ -7,6 +7,7 @@ the key (and, for a misspelling, the closest valid key), so a typo can never be 
 from __future__ import annotations
 
 import difflib
+import sys
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -314,16 +315,41 @@ def build_config(
     """Resolve base dict <- YAML file <- dotted overrides, then validate against the schema."""
     tree: dict = dict(base or {})
     source = "defaults"
+    parsed = parse_overrides(overrides or [])
     if config_file is not None:
-        tree = _deep_merge(tree, load_yaml(config_file))
+        tree = _deep_merge(tree, _for_other_dataset(load_yaml(config_file), parsed, config_file))
         source = str(config_file)
-    for key, value in parse_overrides(overrides or []):
+    for key, value in parsed:
         set_dotted(tree, key, value)
+    if parsed:
         source += " + overrides"
     try:
         return schema.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_error(err, source, schema)) from None
+
+
+# set for one dataset, meaningless for another: a config file's values of these are dropped when
+# an override names another data.name (fashion_mnist's 20,000-image subset must not cut a folder)
+DATASET_KEYS = ("root", "subset", "eval_subset", "mean", "std")
+
+
+def _for_other_dataset(file_tree: dict, overrides: list[tuple[str, Any]],
+                       config_file: str | Path) -> dict:
+    data = file_tree.get("data")
+    names = [v for k, v in overrides if k == "data.name"]
+    if not isinstance(data, dict) or not names or names[-1] == data.get("name"):
+        return file_tree
+    given = {k for k, _ in overrides}
+    dropped = {k: data[k] for k in DATASET_KEYS if k in data and f"data.{k}" not in given}
+    if not dropped:
+        return file_tree
+    settings = ", ".join(f"data.{k}={v}" for k, v in dropped.items())
+    verb, them = ("is", "it") if len(dropped) == 1 else ("are", "them")
+    print(f"note: data.name={names[-1]} replaces {config_file}'s {data.get('name')}: its "
+          f"{settings} {verb} not applied (give {them} again to keep {them})", file=sys.stderr)
+    kept = {k: v for k, v in data.items() if k not in dropped}
+    return {**file_tree, "data": kept}
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
