@@ -1,7 +1,11 @@
 """Data that cannot be trained on stops the command with one line that says what to change,
 instead of a traceback or a run that trains nothing and exits 0."""
 
+import json
+from pathlib import Path
+
 import pytest
+import torch
 from PIL import Image
 
 from massrl.cli import main
@@ -69,6 +73,19 @@ def test_data_error_message_keeps_a_worker_error_to_its_last_line():
     assert data_error_message(worker) == "cannot decode image /d/a.png: bad"
     plain = BadImageError("/d/a.png", "truncated")
     assert data_error_message(plain) == "cannot decode image /d/a.png: truncated"
+
+
+def test_bad_files_are_counted_once_however_many_epochs_meet_them(tmp_path, tiny):
+    root = _folder(tmp_path / "some_bad", good=30, bad=3)
+    args = tiny("byol", **{"data.name": "folder", "data.root": str(root), "data.subset": "null",
+                           "data.batch_size": "3", "trainer.max_epochs": "3"})
+    with pytest.warns(UserWarning, match="broken"):
+        assert main(["pretrain", *args]) == 0
+    run_dir = Path(next(a for a in args if a.startswith("output_dir=")).split("=", 1)[1])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["skipped_files"] == 3  # 33 images / batch 3: every file is met each epoch
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert len(ckpt["massrl"]["bad_images"]) == 3  # kept for a resumed run
 
 
 def test_augviz_on_a_folder_of_only_broken_files(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
@@ -20,21 +21,32 @@ from massrl.data.sampler import ResumableLoader, ResumableSampler
 from massrl.devices import run_num_workers
 
 
+@dataclass(frozen=True)
+class BadItem:
+    """An undecodable image, by its index in the dataset: lets the training loop count bad
+    files once each, however many epochs meet them."""
+
+    index: int
+
+
 def collate_skip_bad(batch: list[Any]) -> dict[str, Any]:
-    """Drop ``None`` items (undecodable images), default-collate the rest and add ``"skipped"``.
+    """Drop ``None`` and `BadItem` items (undecodable images), default-collate the rest and add
+    ``"skipped"`` (their number) and, for BadItems, ``"skipped_index"`` (their indices).
 
     Items are dicts (as the data module makes them); other items are returned under ``"data"``.
-    When every item is bad the result is just ``{"skipped": n}``: consumers must check for the
+    When every item is bad the result holds only those keys: consumers must check for the
     data keys (e.g. ``"views" in batch``) and skip such a batch.
     """
-    good = [item for item in batch if item is not None]
-    skipped = len(batch) - len(good)
-    if not good:
-        return {"skipped": skipped}
-    collated = default_collate(good)
-    if not isinstance(collated, dict):
-        collated = {"data": collated}
-    collated["skipped"] = skipped
+    good = [item for item in batch if item is not None and not isinstance(item, BadItem)]
+    bad = [item.index for item in batch if isinstance(item, BadItem)]
+    collated: dict[str, Any] = {}
+    if good:
+        collated = default_collate(good)
+        if not isinstance(collated, dict):
+            collated = {"data": collated}
+    collated["skipped"] = len(batch) - len(good)
+    if bad:
+        collated["skipped_index"] = bad
     return collated
 
 
@@ -60,7 +72,7 @@ def _eval_transform(size: int, mean: tuple, std: tuple) -> Callable[[Image.Image
 
 
 class _Mapped(Dataset):
-    """Applies ``fn(image, label) -> dict`` to each item; bad (None) items stay None."""
+    """Applies ``fn(image, label) -> dict`` to each item; a bad (None) item becomes a BadItem."""
 
     def __init__(self, base: Dataset, fn: Callable[[Image.Image, int], dict]) -> None:
         self.base, self.fn = base, fn
@@ -76,7 +88,7 @@ class _Mapped(Dataset):
             np.random.seed(seed % 2**32)
         item = self.base[index]
         if item is None:
-            return None
+            return BadItem(index)
         # the dataset index travels with the sample: gathered evaluation features drop the
         # repeats a DistributedSampler pads an uneven split with (SSLMethod._gather)
         return {**self.fn(*item), "index": index}

@@ -62,7 +62,7 @@ class SSLMethod(L.LightningModule):
         self._images_this_epoch = 0
         self._skipped_this_epoch = 0
         self.images_seen = 0
-        self.skipped_files = 0
+        self._bad_images: set[int] = set()  # training-split indices of undecodable files
         # the input normalisation of the data this model is trained on (set by massrl.train);
         # recorded in checkpoints so evaluation and export can reproduce it
         self.normalization: dict[str, Any] = {}
@@ -113,19 +113,20 @@ class SSLMethod(L.LightningModule):
                                 "data": dict(self.normalization),
                                 "images_seen": self.images_seen,
                                 "skipped_files": self.skipped_files,
+                                "bad_images": sorted(self._bad_images),
                                 "rng": rng_state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("massrl", {})
         self.images_seen = state.get("images_seen", 0)
-        self.skipped_files = state.get("skipped_files", 0)
+        self._bad_images = set(state.get("bad_images", ()))
         if "rng" in state:
             set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ training
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        self.skipped_files += int(batch.get("skipped", 0))
+        self._bad_images.update(batch.get("skipped_index", ()))
         self._skipped_this_epoch += int(batch.get("skipped", 0))
         # every image of the batch failed to decode (on some rank): skip the step
         if not self._on_every_rank("views" in batch):
@@ -204,6 +205,11 @@ class SSLMethod(L.LightningModule):
         acc = (logits.argmax(1) == labels[known]).float().mean()
         return loss, acc
 
+    @property
+    def skipped_files(self) -> int:
+        """Distinct training images that failed to decode so far (each file once)."""
+        return len(self._bad_images)
+
     def on_train_start(self) -> None:
         self._epoch_start = time.perf_counter()  # a run resumed mid-epoch has no epoch start
 
@@ -221,6 +227,10 @@ class SSLMethod(L.LightningModule):
                 f"no training image could be decoded in epoch {self.current_epoch}: all "
                 f"{self._skipped_this_epoch} were skipped (see the warnings above). Check "
                 f"data.root and the files' format")
+        if self.trainer.world_size > 1:  # each rank met its own bad files: count their union
+            gathered: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, sorted(self._bad_images))
+            self._bad_images = set().union(*gathered)
         seconds = max(time.perf_counter() - self._epoch_start, 1e-9)
         images = self._images_this_epoch * self.trainer.world_size
         self.log_dict({"throughput/images_per_s": images / seconds,
