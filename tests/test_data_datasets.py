@@ -62,6 +62,32 @@ def test_native_size_is_the_typical_image_not_the_first(tmp_path):
     assert load_dataset(DataConfig(name="folder", root=str(root))).native_size == 10
 
 
+def test_folder_reading_says_what_it_found_and_why(tmp_path, capsys):
+    root = _class_folder(tmp_path / "data", classes=("cat", "dog"), per_class=5)
+    load_dataset(DataConfig(name="folder", root=str(root)))
+    assert capsys.readouterr().out == (f"data: {root}: 2 classes (cat, dog); 8 images to train "
+                                       "on, 2 held out (a seeded 80/20 split)\n")
+    _img(root / "preview.jpg")  # one stray picture beside the class folders
+    assert load_dataset(DataConfig(name="folder", root=str(root))).num_classes is None
+    out = capsys.readouterr().out
+    assert "11 unlabeled images" in out and "1 image lies directly in the folder" in out
+    assert "preview.jpg" in out
+
+    single = _class_folder(tmp_path / "one", classes=("cat",), per_class=3)
+    load_dataset(DataConfig(name="folder", root=str(single)))
+    assert "one sub-folder, cat: a single class cannot be evaluated" in capsys.readouterr().out
+
+
+def test_folder_skips_hidden_files_and_symlink_loops(tmp_path):
+    root = _class_folder(tmp_path / "data", classes=("cat", "dog"), per_class=3)
+    (root / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07")  # macOS AppleDouble
+    _img(root / "dog" / ".hidden.png")
+    (root / "cat" / "loop").symlink_to("..")  # back up to the root
+    splits = load_dataset(DataConfig(name="folder", root=str(root)))
+    paths = [p.name for p in splits.train.paths + splits.test.paths]
+    assert sorted(paths) == sorted(["0.png", "1.png", "2.png"] * 2)
+
+
 def test_train_val_folders_share_class_numbering(tmp_path):
     _class_folder(tmp_path / "train")
     _class_folder(tmp_path / "val", classes=("dog", "eel"), per_class=2)

@@ -20,6 +20,7 @@ from massrl.data.folder import (
     labeled_folder,
     typical_size,
     unlabeled_folder,
+    why_unlabeled,
 )
 from massrl.data.subset import balanced_subset
 
@@ -287,9 +288,15 @@ def _folder(cfg: DataConfig, seed: int) -> DatasetSplits:
         if not train.paths:
             how = [f"put image files ({_EXTS}) under {train_dir}"]
             raise _not_found("folder", [train_dir], how)
+        print(f"data: {train_dir}: {len(train)} unlabeled images{why_unlabeled(train_dir)}")
         mean, std = IMAGENET_STATS
         return DatasetSplits(train, None, None, None, None, mean, std, typical_size(train.paths))
-    return _labeled_splits("folder", train_dir, test_dir, cfg, seed)
+    splits = _labeled_splits("folder", train_dir, test_dir, cfg, seed)
+    names = ", ".join(splits.classes[:5]) + (", ..." if len(splits.classes) > 5 else "")
+    held_out = f"{test_dir}" if test_dir is not None else "a seeded 80/20 split"
+    print(f"data: {train_dir}: {splits.num_classes} classes ({names}); {len(splits.train)} "
+          f"images to train on, {len(splits.test)} held out ({held_out})")
+    return splits
 
 
 def _imagenet(cfg: DataConfig, seed: int, name: str) -> DatasetSplits:

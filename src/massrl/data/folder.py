@@ -25,14 +25,25 @@ class BadImageWarning(UserWarning):
 
 
 def is_image_file(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS)
+    """An image by its extension, and not hidden: dot files include macOS's AppleDouble `._x.jpg`
+    companions, which are not images, and hidden folders are skipped too."""
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
 def find_images(root: str | os.PathLike) -> list[Path]:
-    """Every image file under ``root`` (recursively, symlinks followed), in sorted order so that
-    indices (and therefore subsets and splits) are the same on every machine."""
+    """Every image file under ``root`` (recursively, symlinks followed, each folder once: a link
+    back up the tree would list its images again and again), in sorted order so that indices
+    (and therefore subsets and splits) are the same on every machine."""
     found = []
+    top = os.path.realpath(root)
+    seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        # a folder met before, or one that holds the root (a link back up the tree)
+        if real in seen or (seen and top.startswith(real.rstrip(os.sep) + os.sep)):
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(Path(dirpath) / f for f in filenames if is_image_file(f))
     return sorted(found)
@@ -66,6 +77,21 @@ def is_class_folder_layout(root: Path) -> bool:
         return False
     with_images = [d for d in _subdirs(root) if _any_image(d)]
     return len(with_images) >= 2 and all(_has_direct_images(d) for d in with_images)
+
+
+def why_unlabeled(folder: Path) -> str:
+    """Why a folder with sub-folders was not read as classes (and what that costs)."""
+    loose = sorted(p.name for p in folder.iterdir() if p.is_file() and is_image_file(p.name))
+    with_images = [d for d in _subdirs(folder) if _any_image(d)]
+    if loose and with_images:
+        lie = "images lie" if len(loose) > 1 else "image lies"
+        return (f" (no kNN or probe monitors): {len(loose)} {lie} directly in the folder "
+                f"(e.g. {loose[0]}) beside its sub-folders; to use the sub-folders as classes, "
+                "keep images only inside them")
+    if len(with_images) == 1:
+        return (f" (one sub-folder, {with_images[0].name}: a single class cannot be evaluated, "
+                "so no kNN or probe monitors)")
+    return " (no class sub-folders: no kNN or probe monitors)"
 
 
 class FileImageDataset(Dataset):
