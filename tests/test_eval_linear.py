@@ -48,14 +48,17 @@ def test_frozen_classifier_keeps_backbone_in_eval_mode_and_unchanged():
 
 def test_label_subset_is_balanced_reproducible_and_reusable(tmp_path):
     labels = [i % 10 for i in range(1000)]
-    a, path = label_subset(labels, 0.1, seed=1, dataset="toy", save_dir=tmp_path)
-    b, _ = label_subset(labels, 0.1, seed=1, dataset="toy")
-    c, _ = label_subset(labels, 0.1, seed=2, dataset="toy")
-    assert a == b and a != c
+    a, path, fraction = label_subset(labels, 0.1, seed=1, dataset="toy", save_dir=tmp_path)
+    b, _, _ = label_subset(labels, 0.1, seed=1, dataset="toy")
+    c, _, _ = label_subset(labels, 0.1, seed=2, dataset="toy")
+    assert a == b and a != c and fraction == 0.1
     assert set(Counter(labels[i] for i in a).values()) == {10}
     saved = json.loads(path.read_text())
     assert saved["indices"] == a and saved["label_fraction"] == 0.1
-    reused, _ = label_subset(labels, 0.5, seed=9, dataset="toy", subset_file=path)
-    assert reused == a
+    # the file decides the images and the fraction recorded; another fraction contradicts it
+    assert label_subset(labels, None, seed=9, dataset="toy", subset_file=path) == (a, path, 0.1)
+    assert label_subset(labels, 0.1, seed=9, dataset="toy", subset_file=path)[0] == a
+    with pytest.raises(ValueError, match="holds a label_fraction of 0.1, not 0.5"):
+        label_subset(labels, 0.5, seed=9, dataset="toy", subset_file=path)
     with pytest.raises(ValueError, match="was made for"):
         label_subset(labels[:500], 0.1, seed=1, dataset="toy", subset_file=path)

@@ -52,14 +52,14 @@ def _train_set(r: session.EvalRun) -> tuple[Dataset, dict[str, Any]]:
     if cfg.label_fraction is None and cfg.subset_file is None:
         return ds, {"label_fraction": None, "num_train": len(ds)}
     try:
-        indices, path = label_subset(
-            _targets(ds), cfg.label_fraction or 1.0, cfg.seed, dataset=cfg.data.name,
+        indices, path, fraction = label_subset(
+            _targets(ds), cfg.label_fraction, cfg.seed, dataset=cfg.data.name,
             subset_file=cfg.subset_file, save_dir=r.output_dir,
         )
     except (ValueError, OSError) as exc:
         raise ConfigError(str(exc)) from None
     digest = hashlib.sha256(json.dumps(indices).encode()).hexdigest()
-    info = {"label_fraction": cfg.label_fraction, "num_train": len(indices),
+    info = {"label_fraction": fraction, "num_train": len(indices),
             "subset_file": str(path) if path else None, "subset_sha256": digest}
     return Subset(ds, indices), info
 

@@ -187,12 +187,14 @@ def train_on_images(
 
 
 def label_subset(
-    labels: Sequence[int], fraction: float, seed: int, *, dataset: str,
+    labels: Sequence[int], fraction: float | None, seed: int, *, dataset: str,
     subset_file: str | Path | None = None, save_dir: str | Path | None = None,
-) -> tuple[list[int], Path | None]:
-    """Indices of a seeded class-balanced label fraction, and the JSON file that records them.
+) -> tuple[list[int], Path | None, float]:
+    """Indices of a seeded class-balanced label fraction, the JSON file that records them, and
+    the fraction.
 
-    With `subset_file` the indices of an earlier run are reused (checked against this dataset).
+    With `subset_file` the indices of an earlier run are reused (checked against this dataset);
+    `fraction` may then be None (the file's), and must otherwise be the file's.
     """
     from massrl.data import fraction_subset
 
@@ -203,7 +205,14 @@ def label_subset(
                 f"subset_file {subset_file} was made for {saved.get('dataset')} with "
                 f"{saved.get('num_samples')} training images, not {dataset} with {len(labels)}"
             )
-        return [int(i) for i in saved["indices"]], Path(subset_file)
+        if fraction is not None and fraction != saved.get("label_fraction"):
+            raise ValueError(
+                f"subset_file {subset_file} holds a label_fraction of "
+                f"{saved.get('label_fraction')}, not {fraction}: leave label_fraction out (the "
+                "file decides) or drop subset_file")
+        return [int(i) for i in saved["indices"]], Path(subset_file), saved.get("label_fraction")
+    if fraction is None:
+        raise ValueError("label_subset needs a fraction or a subset_file")
     indices = fraction_subset(labels, fraction, seed)
     path = None
     if save_dir is not None:
@@ -213,4 +222,4 @@ def label_subset(
             "dataset": dataset, "split": "train_labeled", "num_samples": len(labels),
             "label_fraction": fraction, "seed": seed, "indices": indices,
         }))
-    return indices, path
+    return indices, path, fraction
