@@ -161,6 +161,17 @@ def test_clear_errors(tmp_path, ckpt, capsys):
     assert "has no labels" in capsys.readouterr().err
 
 
+def test_eval_config_forms_and_rules(ckpt, capsys):
+    assert main(["knn", f"ckpt={ckpt}", "k=5", "--print-config"]) == 0
+    assert "k:\n- 5\n" in capsys.readouterr().out  # one k needs no list
+    assert main(["linear", f"ckpt={ckpt}", "backbone_lr=0.1"]) == 2
+    assert "backbone_lr applies to finetune=true only" in capsys.readouterr().err
+    assert main(["linear", f"ckpt={ckpt}", "finetune=true", "features_cached=true"]) == 2
+    err = capsys.readouterr().err
+    assert "\n  finetune=true trains the backbone, so features_cached must be false\n" in err
+    assert "Value error" not in err
+
+
 def test_backbone_size_mismatch_is_an_error(tmp_path, capsys):
     ckpt = make_checkpoint(tmp_path / "vit.ckpt", data={"image_size": 32},
                            model={"backbone": "vit_tiny_patch16_224", "cifar_stem": False,

@@ -142,3 +142,12 @@ def test_pretrain_with_the_batched_backend(tiny, mode, monkeypatch):
                          for s, c, p in calls)
     summary = json.loads((_run_dir(args) / "summary.json").read_text())
     assert summary["images_seen"] == 128 and 0 <= summary["knn_top1"] <= 1
+
+
+def test_summary_table_formats_by_kind(capsys):
+    from massrl.commands.pretrain import print_summary
+
+    print_summary({"method": "byol", "dataset": "folder", "knn_top1": None, "final_loss": 0.51234,
+                   "images_per_s": 7.1, "train_seconds": 9.01, "epochs": 1, "run_dir": "r"})
+    out = capsys.readouterr().out
+    assert "0.5123" in out and "7.1 " in out and "9.0 " in out and "7.1000" not in out

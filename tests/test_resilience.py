@@ -136,6 +136,9 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_its_summary(tiny, caps
     assert main(["pretrain", *args, "resume=auto"]) == 0
     assert "nothing to train" in capsys.readouterr().out
     assert (_out(args) / "summary.json").read_bytes() == summary
+    (_out(args) / "summary.json").unlink()  # a run killed after its last save
+    assert main(["pretrain", *args, "resume=auto"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "directory"])

@@ -239,10 +239,12 @@ def _format_error(err: ValidationError, source: str, schema: type[BaseModel]) ->
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{key}'.{_closest(key, schema)}")
+        elif not key:  # a rule across keys (model_validator): its message names them
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
         else:
             got = e.get("input")
             got_text = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {e['msg']}{got_text}")
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}{got_text}")
     lines.append("  `massrl <command> --help` lists every key and its default.")
     return "\n".join(lines)
 

@@ -246,7 +246,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
     if resume_from is not None:
         done = epochs_done(check_resume_compatible(cfg, resume_from))
         if done >= cfg.trainer.max_epochs:
-            return _finished_already(run_dir, resume_from, done, cfg.trainer.max_epochs)
+            return _finished_already(cfg, run_dir, resume_from, done)
         _keep_previous_metrics(run_dir)
         print(f"resuming from {resume_from} ({done} of {cfg.trainer.max_epochs} epochs done)")
     elif cfg.resume == "auto":
@@ -285,14 +285,15 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
     return summary
 
 
-def _finished_already(run_dir: Path, ckpt: Path, done: int, max_epochs: int) -> dict[str, Any]:
+def _finished_already(cfg: RunConfig, run_dir: Path, ckpt: Path, done: int) -> dict[str, Any]:
     """Resuming a run that has trained all its epochs: nothing to do, and its summary stays."""
-    print(f"nothing to train: {ckpt} has completed {done} epochs, trainer.max_epochs={max_epochs}."
-          " Raise trainer.max_epochs to train longer.")
+    print(f"nothing to train: {ckpt} has completed {done} epochs, trainer.max_epochs="
+          f"{cfg.trainer.max_epochs}. Raise trainer.max_epochs to train longer.")
     summary = run_dir / "summary.json"
     if summary.is_file():
         return json.loads(summary.read_text())
-    return {"epochs": done, "run_dir": str(run_dir), "last_checkpoint": str(ckpt)}
+    return {"method": cfg.method, "dataset": cfg.data.name, "epochs": done,
+            "run_dir": str(run_dir), "last_checkpoint": str(ckpt)}
 
 
 def _keep_previous_metrics(run_dir: Path) -> None:

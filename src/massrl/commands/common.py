@@ -10,11 +10,13 @@ from pydantic import BaseModel
 from massrl.config import build_config, describe_options, to_yaml
 
 
-def add_config_args(parser: argparse.ArgumentParser, schema: type[BaseModel]) -> None:
-    parser.add_argument("-c", "--config", metavar="FILE.yaml",
-                        help="YAML config file, or a shipped one such as fashion_mnist/massrl")
+def add_config_args(parser: argparse.ArgumentParser, schema: type[BaseModel],
+                    config_help: str = "YAML config file, or a shipped one such as "
+                    "fashion_mnist/massrl",
+                    example: str = "optimizer.lr=0.5 data.subset=2000") -> None:
+    parser.add_argument("-c", "--config", metavar="FILE.yaml", help=config_help)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. optimizer.lr=0.5 data.subset=2000")
+                        help=f"dotted overrides, e.g. {example}")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config and exit")
     parser.epilog = ("config keys and their schema defaults (a -c config file may set others; "

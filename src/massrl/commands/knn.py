@@ -36,7 +36,10 @@ def run(args: argparse.Namespace) -> int:
                                   r.splits.num_classes, cfg.distance)
         results[f"k={k}"] = {"k": k, "effective_k": min(k, len(train_y)),
                              "top1": top1, "top5": top5}
-        rows += [(f"k={k} top-1", session.pct(top1)), (f"k={k} top-5", session.pct(top5))]
+        shown = f"k={k}" if k <= len(train_y) else f"k={k} (bank of {len(train_y)})"
+        rows.append((f"{shown} top-1", session.pct(top1)))
+        if (r.splits.num_classes or 0) > 5:  # with 5 classes or fewer, top-5 is always 100 %
+            rows.append((f"{shown} top-5", session.pct(top5)))
     results["num_train"], results["num_test"] = len(train_y), len(test_y)
     title = (f"kNN ({cfg.distance}, T={cfg.temperature}) - {r.pre.config.method} "
              f"{r.pre.path.name} on {cfg.data.name}")

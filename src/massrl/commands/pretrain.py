@@ -50,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fmt(v: object) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}" if v < 10 else f"{v:,.1f}"
+def _fmt(key: str, v: object) -> str:
+    if isinstance(v, float):  # accuracies and the loss to 4 places, speeds and times to 1
+        return f"{v:.4f}" if key.endswith(("top1", "loss")) else f"{v:,.1f}"
     return "-" if v is None else str(v)
 
 
@@ -61,6 +61,6 @@ def print_summary(summary: dict) -> None:
     table = Table(title=f"{summary['method']} on {summary['dataset']}", show_header=False)
     for key in ("knn_top1", "best_knn_top1", "probe_top1", "final_loss", "epochs",
                 "images_seen", "images_per_s", "train_seconds", "skipped_files"):
-        table.add_row(key, _fmt(summary.get(key)))
+        table.add_row(key, _fmt(key, summary.get(key)))
     console.print(table)
     print(f"run directory: {summary['run_dir']}")

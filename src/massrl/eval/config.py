@@ -57,8 +57,13 @@ class _DataEval(_Base):
 
 class KnnEvalConfig(_DataEval):
     k: list[int] = Field(default_factory=lambda: [20, 200], min_length=1,
-                         description="neighbours; one result per k")
+                         description="neighbours; one result per k (k=200 or k=[20,200])")
     temperature: float = Field(0.07, gt=0, description="vote weight exp(sim / temperature)")
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _one_k(cls, v: object) -> object:
+        return [v] if isinstance(v, int) else v
     distance: Literal["cosine", "euclidean"] = "cosine"
     normalize: bool = Field(True, description="L2-normalise features (cosine always does)")
 
@@ -106,6 +111,9 @@ class LinearEvalConfig(_DataEval):
     def _modes(self) -> LinearEvalConfig:
         if self.finetune and self.features_cached:
             raise ValueError("finetune=true trains the backbone, so features_cached must be false")
+        if self.backbone_lr is not None and not self.finetune:
+            raise ValueError("backbone_lr applies to finetune=true only (the linear protocol "
+                             "keeps the backbone frozen)")
         return self
 
 

@@ -58,7 +58,10 @@ def configure(parser: argparse.ArgumentParser, schema: type) -> None:
     """The shared -c/overrides/--print-config arguments, with a note on checkpoint defaults."""
     from massrl.commands.common import add_config_args
 
-    add_config_args(parser, schema)
+    add_config_args(parser, schema,
+                    config_help="YAML file of this command's keys (e.g. saved from "
+                    "--print-config); pre-training configs do not apply here",
+                    example="ckpt=runs/RUN/checkpoints/last.ckpt data.eval_subset=null")
     note = ("data.* and seed default to the checkpoint's own pre-training values (the table "
             "below shows the plain defaults); naming another data.name evaluates transfer.")
     if "data" not in schema.model_fields:
