@@ -23,6 +23,7 @@ def test_python_api_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["features"].shape == (8, scope["model"].feat_dim)
     assert torch.isfinite(scope["features"]).all()
+    assert list(tmp_path.iterdir()) == []  # nothing left in the working directory
 
 
 def test_readme_test_command_is_what_ci_runs():

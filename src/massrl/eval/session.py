@@ -184,9 +184,9 @@ def protocol(run: EvalRun) -> dict[str, Any]:
     info: dict[str, Any] = {
         "command": run.command, "massrl_version": massrl.__version__,
         "torch_version": torch.__version__, "device": str(run.device),
-        "checkpoint": {"path": str(pre.path), "sha256": pre.sha256, "method": pre.config.method,
-                       "run_name": pre.config.run_name, "backbone": pre.spec.to_dict(),
-                       "pretrain_dataset": pre.config.data.name,
+        "checkpoint": {"path": str(pre.path.resolve()), "sha256": pre.sha256,
+                       "method": pre.config.method, "run_name": pre.config.run_name,
+                       "backbone": pre.spec.to_dict(), "pretrain_dataset": pre.config.data.name,
                        "pretrain_image_size": pre.config.data.image_size},
         "config": run.cfg.model_dump(mode="json"),
     }
