@@ -98,6 +98,13 @@ def test_labels_name_the_ops_applied():
         drawn = strategy.draw(32, 32, torch.Generator().manual_seed(seed))
         _, ops = strategy(img, torch.Generator().manual_seed(seed))
         assert [o.split("(")[0] for o in ops] == [op for op, _ in drawn]
+    from massrl.augment.fast_autoaugment import format_op
+    from massrl.augment.strategies import label_scale
+
+    # labels on one scale across strategies: Solarize on 0..255, enhance ops as their factor
+    assert format_op(*label_scale("Solarize", 0.5)) == "Solarize(128)"
+    assert format_op(*label_scale("Color", -0.3)) == "Color(0.7)"
+    assert format_op(*label_scale("Rotate", -0.0)) == "Rotate(0)"
     _, ops = build_strategy("fastautoaugment", AugmentConfig(), 0)(img, g)
     assert all(o.split("(")[0] in {"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate",
                "AutoContrast", "Invert", "Equalize", "Solarize", "Posterize", "Contrast",

@@ -39,8 +39,10 @@ def augmentation_grid(dataset: Dataset, transform, path: str | Path, num_images:
     images = _pick_images(dataset, num_images, seed)
     rows = [transform.sample(img) for img in images]
     cols = 1 + max(len(r) for r in rows)
+    # constrained layout makes room for each title's lines (tight_layout let a row's labels
+    # run into the row above, and the figure title into the first)
     fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols, 2.3 * len(rows)),
-                             squeeze=False)
+                             squeeze=False, layout="constrained")
     for r, (img, views) in enumerate(zip(images, rows, strict=True)):
         axes[r][0].imshow(img)
         axes[r][0].set_title("original", fontsize=8)
@@ -54,7 +56,6 @@ def augmentation_grid(dataset: Dataset, transform, path: str | Path, num_images:
             ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

@@ -131,7 +131,7 @@ def apply_op(
 
 def format_op(op: str, value: float) -> str:
     """A short label for pictures: 'Rotate(-12.3)', 'Equalize'."""
-    return op if op in UNARY_OPS or op == "Identity" else f"{op}({value:.3g})"
+    return op if op in UNARY_OPS or op == "Identity" else f"{op}({value + 0.0:.3g})"  # no -0
 
 
 class FastAutoAugment:

@@ -28,7 +28,7 @@ from torchvision.transforms.v2 import functional as F
 
 from massrl.config import AugmentConfig
 
-from .fast_autoaugment import FastAutoAugment, apply_tv_op, format_op
+from .fast_autoaugment import ENHANCE_OPS, FastAutoAugment, apply_tv_op, format_op
 
 Strategy = Callable[..., tuple[Image.Image, list[str]]]
 OpSpace = dict[str, tuple[Callable, bool]]  # torchvision's: op -> (magnitudes(bins, h, w), signed)
@@ -63,7 +63,18 @@ class _OpsStrategy:
         drawn = self.draw(img.size[1], img.size[0], generator)
         for op, value in drawn:
             img = apply_tv_op(img, op, value)
-        return img, [format_op(op, value) for op, value in drawn]
+        return img, [format_op(*label_scale(op, value)) for op, value in drawn]
+
+
+def label_scale(op: str, value: float) -> tuple[str, float]:
+    """A torchvision-space magnitude on the scale Fast AutoAugment's labels use, so that every
+    strategy's picture labels read alike: enhance ops as their factor (torchvision's value is
+    factor - 1), Solarize as a threshold on 0..255 (torchvision's is a fraction of it)."""
+    if op in ENHANCE_OPS:
+        return op, 1.0 + value
+    if op == "Solarize":
+        return op, 255.0 * value
+    return op, value
 
 
 class RandAugmentStrategy(_OpsStrategy):
