@@ -37,10 +37,10 @@ class _Base(BaseModel):
     seed: int | None = Field(None, description="default: the checkpoint's seed")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    @field_validator("ckpt")
+    @field_validator("ckpt", mode="before")
     @classmethod
-    def _required(cls, v: str) -> str:
-        if not v:
+    def _required(cls, v: object) -> object:
+        if v is None or v == "":  # (`ckpt=` reads as null)
             raise ValueError("ckpt=PATH is required (a checkpoint written by `massrl pretrain`)")
         return v
 
