@@ -26,6 +26,7 @@ def test_defaults_validate_and_overrides_apply():
     ("data.batch_size=abc", "data.batch_size"),
     ("augment.strategies=[simclr,colour]", "augment.strategies.1"),
     ("augment.randaugment.magnitude=11", "must be < num_magnitude_bins=11"),
+    ("augment.strategies=[simclr,randaugment,simclr]", "lists simclr more than once"),
 ])
 def test_bad_values_name_the_key(override, expected):
     with pytest.raises(ConfigError) as err:
@@ -84,6 +85,31 @@ def test_config_error_names_its_sources_once():
     with pytest.raises(ConfigError) as err:
         build_config(config_file="cifar10/byol", overrides=["seed=1", "optimizer.lrr=1"])
     assert "(cifar10/byol + overrides)" in str(err.value)
+
+
+@pytest.mark.parametrize("overrides, needs", [
+    (["augment.view_mode=crops_x_strategies", "augment.num_crops=1", "augment.pairs=cross_crop"],
+     "num_crops >= 2"),
+    (["augment.strategies=[simclr]", "augment.pairs=cross_strategy"], "at least 2 strategies"),
+    (["augment.view_mode=per_strategy", "augment.pairs=within_strategy"],
+     "views that share a strategy"),
+    (["augment.view_mode=per_strategy", "augment.strategies=[simclr]"],
+     "at least 2 views per image"),
+])
+def test_view_layouts_that_select_no_pair_are_refused(overrides, needs):
+    with pytest.raises(ConfigError, match=needs):
+        build_config(overrides=overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    ["augment.pairs=within_strategy"],  # random mode: some batches, by chance
+    ["augment.view_mode=crops_x_strategies", "augment.pairs=within_strategy"],
+    ["augment.view_mode=crops_x_strategies", "augment.pairs=cross_crop"],
+    ["augment.view_mode=per_strategy", "augment.pairs=cross_crop"],
+    ["augment.strategies=[simclr]", "augment.pairs=within_strategy"],
+])
+def test_view_layouts_with_pairs_are_accepted(overrides):
+    build_config(overrides=overrides)
 
 
 def test_missing_config_file_lists_shipped_ones():

@@ -84,3 +84,14 @@ def test_projection_std_detects_collapse():
     collapsed = projection_std(torch.ones(512, 64) + 1e-4 * torch.randn(512, 64))
     assert abs(healthy.item() - 64 ** -0.5) < 0.02
     assert collapsed.item() < 0.01
+
+
+def test_a_batch_without_selected_pairs_gives_zero_not_nan():
+    """within_strategy pairs in random view mode: a small batch can draw no shared strategy."""
+    p = torch.randn(4, 2, 8, requires_grad=True)
+    z = torch.randn(4, 2, 8, requires_grad=True)
+    none = torch.zeros(4, 2, 2, dtype=torch.bool)
+    for loss in (byol_pair_loss(p, z, none), nt_xent(z, none, 0.2)):
+        assert loss.item() == 0.0
+        loss.backward()  # attached to the graph: the step runs and changes nothing
+    assert not p.grad.any() and not z.grad.any()

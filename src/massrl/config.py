@@ -83,6 +83,37 @@ class AugmentConfig(_Section):
             raise ValueError(f"need 0 < low <= high <= 1, got {list(v)}")
         return v
 
+    @field_validator("strategies")
+    @classmethod
+    def _once_each(cls, v: list[str]) -> list[str]:
+        twice = sorted({s for s in v if v.count(s) > 1})
+        if twice:
+            raise ValueError(f"lists {', '.join(twice)} more than once: name each strategy once "
+                             "(more views of one strategy: view_mode=random with num_views)")
+        return v
+
+    @model_validator(mode="after")
+    def _pairs_possible(self) -> AugmentConfig:
+        """The loss averages over the selected view pairs: a layout that can never select one
+        would train on nothing (a NaN loss at the first step)."""
+        s, c, mode = len(self.strategies), self.num_crops, self.view_mode
+        views = {"random": self.num_views, "per_strategy": s, "crops_x_strategies": s * c}[mode]
+        shared = mode == "random" or (mode == "crops_x_strategies" and c >= 2)
+        needs = {
+            "all": (True, ""),
+            "cross_strategy": (s >= 2, "at least 2 strategies"),
+            "within_strategy": (shared, "views that share a strategy (view_mode=random, or "
+                                "crops_x_strategies with num_crops >= 2)"),
+            "cross_crop": (mode != "crops_x_strategies" or c >= 2, "num_crops >= 2"),
+        }
+        ok, what = needs[self.pairs] if views >= 2 else (False, "at least 2 views per image")
+        if not ok:
+            crops = f", num_crops={c}" if mode == "crops_x_strategies" else ""
+            raise ValueError(f"augment.pairs={self.pairs} selects no view pair with view_mode="
+                             f"{mode}, {s} strateg{'y' if s == 1 else 'ies'}{crops}: it needs "
+                             f"{what}")
+        return self
+
 
 class DataConfig(_Section):
     name: Literal[DATASETS] = "fashion_mnist"  # type: ignore[valid-type]

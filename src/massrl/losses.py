@@ -20,9 +20,19 @@ def byol_per_pair(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return 2 - 2 * torch.einsum("bid,bjd->bij", p, z)
 
 
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values[mask]. When the mask selects nothing (in random view mode a batch whose
+    views happen to form no within_strategy pair), 0 with a zero gradient: the step trains
+    nothing instead of turning the loss into NaN."""
+    selected = values[mask]
+    if selected.numel():
+        return selected.mean()
+    return values.masked_fill(~mask, 0.0).sum()  # (masked_fill: values may hold -inf)
+
+
 def byol_pair_loss(p: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of byol_per_pair over the pairs selected by mask ([B, V, V] bool, True = used)."""
-    return byol_per_pair(p, z)[mask].mean()
+    return masked_mean(byol_per_pair(p, z), mask)
 
 
 def pair_losses_by_kind(per_pair: torch.Tensor, mask: torch.Tensor, strategy: torch.Tensor
@@ -65,7 +75,7 @@ def nt_xent(
     cols = (img[:, None, None] * v + torch.arange(v, device=z.device)[None, None, :])  # [B,1,V]
     cols = cols.expand(b, v, v).reshape(b * v, v)
     pos_log_prob = log_prob.gather(1, cols).reshape(b, v, v)
-    return -pos_log_prob[mask].mean()
+    return -masked_mean(pos_log_prob, mask)
 
 
 def projection_std(z: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from massrl.losses import byol_per_pair, projection_std
+from massrl.losses import byol_per_pair, masked_mean, projection_std
 from massrl.methods.base import SSLMethod, views_last
 from massrl.models import mlp
 from massrl.optim import cosine_tau
@@ -39,7 +39,7 @@ class BYOL(SSLMethod):
         v = len(views)
         per_pair = byol_per_pair(views_last(p, v), views_last(tz, v))
         mask = self.pair_mask(batch)
-        loss = per_pair[mask].mean()
+        loss = masked_mean(per_pair, mask)
         return {"loss": loss, "feats": feats[: views[0].shape[0]], "z_std": projection_std(z),
                 "tau": torch.tensor(self.tau), **self.extra_logs(per_pair, mask, batch)}
 
