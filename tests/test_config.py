@@ -27,6 +27,7 @@ def test_defaults_validate_and_overrides_apply():
     ("augment.strategies=[simclr,colour]", "augment.strategies.1"),
     ("augment.randaugment.magnitude=11", "must be < num_magnitude_bins=11"),
     ("augment.strategies=[simclr,randaugment,simclr]", "lists simclr more than once"),
+    ("trainer.precision=fp8", "trainer.precision: Input should be 'auto', '32-true'"),
 ])
 def test_bad_values_name_the_key(override, expected):
     with pytest.raises(ConfigError) as err:
@@ -85,6 +86,11 @@ def test_config_error_names_its_sources_once():
     with pytest.raises(ConfigError) as err:
         build_config(config_file="cifar10/byol", overrides=["seed=1", "optimizer.lrr=1"])
     assert "(cifar10/byol + overrides)" in str(err.value)
+
+
+def test_precision_short_forms_read_as_lightning_names():
+    assert build_config(overrides=["trainer.precision=32"]).trainer.precision == "32-true"
+    assert build_config(overrides=["trainer.precision=bf16"]).trainer.precision == "bf16-mixed"
 
 
 @pytest.mark.parametrize("overrides, needs", [

@@ -180,7 +180,9 @@ class TrainerConfig(_Section):
     devices: int | str | list[int] = "auto"
     num_nodes: int = Field(1, gt=0)
     strategy: str = "auto"
-    precision: str = Field("auto", description="auto = bf16-mixed where supported, else 32")
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true",
+                       "64-true"] = Field(
+        "auto", description="auto = bf16-mixed where supported, else 32-true")
     accumulate_grad_batches: int = Field(1, gt=0)
     sync_batchnorm: bool = False
     channels_last: bool = Field(True, description="off on the CPU for models with strided 1x1 "
@@ -198,6 +200,13 @@ class TrainerConfig(_Section):
     retain_freed_memory: bool = Field(
         True, description="glibc keeps freed blocks up to 32 MiB for reuse: fewer page faults, "
                           "~10 % more images/s on a 2-core CPU (massrl/memory.py)")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_names(cls, v: object) -> object:
+        # Lightning's short forms (precision: 32 in YAML is an int) to the full names
+        short = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
+        return short.get(str(v), v) if isinstance(v, int | str) else v
 
 
 class EvalConfig(_Section):
