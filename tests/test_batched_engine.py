@@ -547,3 +547,45 @@ def test_crop_pixels_match_torchvision_resized_crop(size):
             assert torch.equal(mine, ref)
         else:
             assert diff.max() <= 1 and diff.float().mean() < 0.05, (diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("grey", r"uint8 \[B, 3, S, S\] \(RGB; repeat a grey channel 3 times\), got torch.uint8 "
+             r"\[4, 1, 8, 8\]"),
+    ("rgba", r"got torch.uint8 \[4, 4, 8, 8\]"),
+    ("float", r"got torch.float32"),
+    ("one tensor", "views must be a list"),
+    ("batch sizes", "every view batch must have one shape"),
+    ("strategy rows", r"strategy must be \[B, V\] for batches of B = 4"),
+    ("strategy ids", r"strategy ids must be in 0..1 .*got 0..2"),
+])
+def test_wrong_inputs_are_refused_before_any_kernel(bad, message):
+    """The numba kernels index 3 channels and the strategy ids unchecked: a grey batch wrote out
+    of bounds (IndexError, segfaults, heap corruption), other strategies got no augmentation."""
+    aug = BatchedAugmenter(AugmentConfig(strategies=["simclr", "randaugment"]), MEAN, STD)
+    views = [torch.zeros(4, 3, 8, 8, dtype=torch.uint8) for _ in range(2)]
+    strategy = torch.zeros(4, 2, dtype=torch.long)
+    if bad == "grey":
+        views = [v[:, :1].contiguous() for v in views]
+    elif bad == "rgba":
+        views = [torch.cat([v, v[:, :1]], 1) for v in views]
+    elif bad == "float":
+        views = [v.float() for v in views]
+    elif bad == "one tensor":
+        views = torch.stack(views)
+    elif bad == "batch sizes":
+        views[1] = views[1][:3]
+    elif bad == "strategy rows":
+        strategy = strategy[:3]
+    else:
+        strategy[1, 1] = 2
+    with pytest.raises(ValueError, match=message):
+        aug(views, strategy, seeds=torch.zeros_like(strategy))
+
+
+def test_an_empty_batch_gives_empty_views():
+    aug = BatchedAugmenter(AugmentConfig(strategies=["simclr", "randaugment"]), MEAN, STD)
+    empty = [torch.zeros(0, 3, 8, 8, dtype=torch.uint8)] * 2
+    out = aug(empty, torch.zeros(0, 2, dtype=torch.long))
+    assert [tuple(v.shape) for v in out] == [(0, 3, 8, 8)] * 2
+    assert all(v.dtype == torch.float32 for v in out)

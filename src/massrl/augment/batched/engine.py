@@ -34,6 +34,7 @@ from . import ops
 from .buffers import BufferPool
 from .families import FamilyFn, OpFamilies, use_cpu_kernels
 from .flips import flip_after, flip_first, load_flipped
+from .inputs import check_call, check_strategy_ids
 from .plan import Grouping, Plan, consecutive_runs, family_lut, group_by_family
 from .policies import PolicySampler, Program, on_device
 
@@ -93,14 +94,12 @@ class BatchedAugmenter:
         `plan`, the programs drawn from the same seeds and their grouping, runs grouped mode
         without a synchronising read; without it, `counts` (how many views of each strategy
         `strategy` holds) lets full mode run each strategy's views apart in random view mode."""
-        if strategy.dim() != 2:
-            raise ValueError(f"strategy must be [B, V], got {list(strategy.shape)}")
-        if seeds is not None and seeds.shape != strategy.shape:
-            raise ValueError(f"seeds must be [B, V] like strategy {list(strategy.shape)}, "
-                             f"got {list(seeds.shape)}")
+        check_call(views, strategy, seeds, self.cfg.strategies, read_values=plan is None)
         views = self.expand(views, strategy.shape[1])
         if not views:
             return []
+        if views[0].shape[0] == 0:  # an empty batch
+            return [torch.empty(v.shape, dtype=torch.float32, device=v.device) for v in views]
         grouped = self.grouped if self.grouped is not None else views[0].device.type == "cpu"
         with torch.autocast(views[0].device.type, enabled=False):  # keep the maths in float32
             if plan is not None and not grouped and not self.cfg.compile:
@@ -114,6 +113,7 @@ class BatchedAugmenter:
         """On the host: the programs of views with these strategies and seeds, [B, V] each, and
         their grouping for the device's grouped mode (the families with translations in the
         warp, as full mode)."""
+        check_strategy_ids(strategy, self.cfg.strategies)
         prog = self._sample(strategy, size, None, seeds)
         families = self._families[False]
         return Plan(prog, group_by_family(prog, family_lut(families), len(families)))
@@ -233,7 +233,8 @@ class BatchedAugmenter:
         all), which bounds the op families of full mode."""
         parts = [u8] if isinstance(u8, Tensor) else list(u8)
         for p in parts:
-            if p.dtype != torch.uint8 or p.dim() != 4 or p.shape[1:] != parts[0].shape[1:]:
+            if p.dtype != torch.uint8 or p.dim() != 4 or p.shape[1] != 3 or (
+                    p.shape[1:] != parts[0].shape[1:]):
                 raise ValueError(f"views must be uint8 [B, 3, S, S], got {p.dtype} {list(p.shape)}")
         first = parts[0]
         total = sum(p.shape[0] for p in parts)

@@ -1,0 +1,44 @@
+"""What the batched engine accepts, checked up front with messages that say how to fix it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def check_call(views: Sequence[Tensor], strategy: Tensor, seeds: Tensor | None,
+               strategies: Sequence[str], read_values: bool = True) -> None:
+    """The arguments of BatchedAugmenter(views, strategy, seeds=...), checked before any kernel
+    runs: the numba kernels index 3 channels and the strategy ids without bounds checks (a grey
+    batch wrote out of bounds), and the output is split by the first view's batch size.
+    `read_values=False` (a host plan, which checked the ids) reads no tensor value."""
+    if isinstance(views, Tensor) or not all(isinstance(v, Tensor) for v in views):
+        raise ValueError("views must be a list of uint8 [B, 3, S, S] batches, one per view "
+                         "(one per crop in crops_x_strategies mode)")
+    for v in views:
+        if v.dtype != torch.uint8 or v.dim() != 4 or v.shape[1] != 3:
+            raise ValueError(f"views must be uint8 [B, 3, S, S] (RGB; repeat a grey channel "
+                             f"3 times), got {v.dtype} {list(v.shape)}")
+        if v.shape != views[0].shape:
+            raise ValueError(f"every view batch must have one shape, got {list(v.shape)} "
+                             f"and {list(views[0].shape)}")
+    if strategy.dim() != 2 or (views and strategy.shape[0] != views[0].shape[0]):
+        raise ValueError(f"strategy must be [B, V] for batches of B = "
+                         f"{views[0].shape[0] if views else '?'}, got {list(strategy.shape)}")
+    if seeds is not None and seeds.shape != strategy.shape:
+        raise ValueError(f"seeds must be [B, V] like strategy {list(strategy.shape)}, "
+                         f"got {list(seeds.shape)}")
+    if read_values and strategy.device.type == "cpu":  # (reading is free here)
+        check_strategy_ids(strategy, strategies)
+
+
+def check_strategy_ids(strategy: Tensor, strategies: Sequence[str]) -> None:
+    """Ids index `strategies`: others would draw no op at all (a host read of the tensor)."""
+    n = len(strategies)
+    if strategy.numel():
+        low, high = int(strategy.min()), int(strategy.max())
+        if low < 0 or high >= n:
+            raise ValueError(f"strategy ids must be in 0..{n - 1} (indices into "
+                             f"{list(strategies)}), got {low}..{high}")
