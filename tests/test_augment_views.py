@@ -120,6 +120,26 @@ def test_grey_small_inputs_and_flip_labels():
     assert 0.35 < np.mean(flips) < 0.65
 
 
+@pytest.mark.parametrize("mode", ["I;16", "F", "1x1"])
+def test_deep_and_tiny_pil_images_keep_their_picture(mode, recwarn):
+    """Given straight to the transforms (the Python API), 16-bit and float images are scaled
+    as the data loader scales them: PIL's convert("RGB") clipped them to white or black."""
+    ramp = np.tile(np.linspace(0, 1, 32, dtype=np.float32), (32, 1))
+    if mode == "I;16":
+        img = Image.fromarray((ramp * 65535).astype(np.uint16))
+    elif mode == "F":
+        img = Image.fromarray(ramp, mode="F")
+    else:
+        img = Image.new("RGB", (1, 1), (10, 200, 30))
+    for t in (_mvt(strategies=["randaugment"]),
+              EvalTransform(32, (0.5,) * 3, (0.25,) * 3)):
+        out = t(img)
+        x = out["views"][0] if isinstance(out, dict) else out
+        levels = torch.unique(x).numel()
+        assert levels > (1 if mode == "1x1" else 20), (type(t).__name__, levels)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
+
+
 def test_asymmetric_simclr_alternates_over_views_and_crops():
     torch.manual_seed(0)
     t = _mvt(strategies=["simclr"], view_mode="random", num_views=2)

@@ -19,6 +19,7 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from massrl.config import AugmentConfig
+from massrl.data.images import to_rgb
 
 from .crops import build_crop
 from .strategies import Strategy, build_strategy
@@ -39,7 +40,9 @@ class View:
 def pil_to_chw(img: Image.Image) -> torch.Tensor:
     """RGB PIL picture -> uint8 [3, H, W]. The HWC -> CHW copy is numpy's: half the time of
     torch's uint8 permute-and-copy (pil_to_tensor) at 224 px."""
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1)))
+    # (np.array copies always: for a 1-pixel image the transposed view is already contiguous,
+    # and torch warns on numpy's read-only PIL buffer)
+    return torch.from_numpy(np.array(np.asarray(img).transpose(2, 0, 1), order="C"))
 
 
 def _to_normalised(img: Image.Image, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -58,8 +61,9 @@ def _affine(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _rgb(img: Image.Image) -> Image.Image:
-    # grey datasets (Fashion-MNIST, digits) repeat to 3 channels; strategies assume RGB
-    return img if img.mode == "RGB" else img.convert("RGB")
+    # grey datasets (Fashion-MNIST, digits) repeat to 3 channels; strategies assume RGB. Other
+    # modes as the loader converts them: PIL's convert clips 16-bit and float images to white
+    return img if img.mode == "RGB" else to_rgb(img)
 
 
 class MultiViewTransform:
