@@ -80,7 +80,7 @@ class AugmentConfig(_Section):
     @classmethod
     def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not (0 < v[0] <= v[1] <= 1):
-            raise ValueError(f"need 0 < low <= high <= 1, got {list(v)}")
+            raise ValueError("need 0 < low <= high <= 1")
         return v
 
     @field_validator("strategies")

@@ -111,8 +111,8 @@ def check_finite(loss: torch.Tensor, step: int, epoch: int, skip: bool) -> bool:
     if skip:
         return False
     raise NonFiniteLossError(
-        f"the loss became {loss.item()} at optimizer step {step} (epoch {epoch}). The run stopped; "
-        "its last good checkpoint is kept. Usual fixes: a lower optimizer.lr, "
+        f"the loss became {loss.item()} at optimizer step {step} (epoch {epoch}). The run stopped "
+        "(checkpoints saved before this step are kept). Usual fixes: a lower optimizer.lr, "
         "trainer.precision=32-true, trainer.gradient_clip_val=1.0, a longer "
         "optimizer.warmup_epochs; or trainer.skip_nonfinite=true to skip such steps."
     )
