@@ -589,3 +589,23 @@ def test_an_empty_batch_gives_empty_views():
     out = aug(empty, torch.zeros(0, 2, dtype=torch.long))
     assert [tuple(v.shape) for v in out] == [(0, 3, 8, 8)] * 2
     assert all(v.dtype == torch.float32 for v in out)
+
+
+def test_batched_preview_draws_the_engines_views_of_one_image(tmp_path):
+    from massrl.augment.batched.preview import BatchedPreview
+    from massrl.cli import main
+
+    cfg = AugmentConfig(strategies=ALL[:4], view_mode="crops_x_strategies")
+    torch.manual_seed(0)
+    views = BatchedPreview(cfg, 24, MEAN, STD).sample(_picture())
+    assert [(v.strategy_name, v.crop) for v in views] == [
+        (name, c) for c in range(2) for name in ALL[:4]]
+    assert all(v.image.size == (24, 24) and v.tensor.shape == (3, 24, 24) for v in views)
+    # the picture is the view itself, de-normalised
+    first = torch.tensor(list(views[0].image.getdata()), dtype=torch.float32).T.reshape(3, 24, 24)
+    back = views[0].tensor * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
+    assert (first / 255 - back.clamp(0, 1)).abs().max() < 1 / 255
+    out = tmp_path / "batched.png"
+    assert main(["augviz", "data.name=digits", "augment.backend=batched", "--images", "2",
+                 "--out", str(out)]) == 0
+    assert Image.open(out).width > 400

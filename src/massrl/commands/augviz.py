@@ -36,9 +36,17 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         splits = load_dataset(cfg.data, seed=cfg.seed)
-        transform = MultiViewTransform(cfg.augment, cfg.data.image_size, splits.mean, splits.std)
-        augmentation_grid(splits.train, transform, out, num_images=args.images,
-                          title=f"{cfg.augment.view_mode} views of {cfg.data.name}", seed=cfg.seed)
+        title = f"{cfg.augment.view_mode} views of {cfg.data.name}"
+        if cfg.augment.backend == "batched":  # the engine's own views, as training makes them
+            from massrl.augment.batched.preview import BatchedPreview
+
+            transform = BatchedPreview(cfg.augment, cfg.data.image_size, splits.mean, splits.std)
+            title += " (batched engine)"
+        else:
+            transform = MultiViewTransform(cfg.augment, cfg.data.image_size, splits.mean,
+                                           splits.std)
+        augmentation_grid(splits.train, transform, out, num_images=args.images, title=title,
+                          seed=cfg.seed)
     except (DatasetNotFoundError, UnusableDataError, BadImageError) as exc:
         print(f"massrl augviz: {data_error_message(exc)}", file=sys.stderr)
         return 2
