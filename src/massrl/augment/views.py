@@ -49,7 +49,7 @@ def _to_normalised(img: Image.Image, scale: torch.Tensor, shift: torch.Tensor) -
     """PIL picture -> float [3, H, W] = level * scale + shift (scale = 1 / (255 std), shift =
     -mean / std): one copy to float and two in-place passes, a third of the time of pil_to_tensor,
     to_dtype and (x - mean) / std at 224 px, which allocate a float copy per step."""
-    chw = pil_to_chw(_rgb(img))
+    chw = pil_to_chw(as_rgb(img))
     return torch.empty(chw.shape, dtype=torch.float32).copy_(chw).mul_(scale).add_(shift)
 
 
@@ -60,7 +60,7 @@ def _affine(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     return 1 / (255 * s), -m / s
 
 
-def _rgb(img: Image.Image) -> Image.Image:
+def as_rgb(img: Image.Image) -> Image.Image:
     # grey datasets (Fashion-MNIST, digits) repeat to 3 channels; strategies assume RGB. Other
     # modes as the loader converts them: PIL's convert clips 16-bit and float images to white
     return img if img.mode == "RGB" else to_rgb(img)
@@ -98,7 +98,7 @@ class MultiViewTransform:
 
     def sample(self, img: Image.Image) -> list[View]:
         """All views of one image, with their labels and pictures."""
-        img = _rgb(img)
+        img = as_rgb(img)
         S, mode = len(self.strategy_names), self.cfg.view_mode
         if mode == "random":
             return [
@@ -159,7 +159,7 @@ class EvalTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = F.resize(
-            _rgb(img), [self.image_size], interpolation=InterpolationMode.BILINEAR, antialias=True
+            as_rgb(img), [self.image_size], interpolation=InterpolationMode.BILINEAR, antialias=True
         )
         img = F.center_crop(img, [self.image_size, self.image_size])
         return _to_normalised(img, self._scale, self._shift)

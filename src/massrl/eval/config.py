@@ -59,13 +59,13 @@ class KnnEvalConfig(_DataEval):
     k: list[int] = Field(default_factory=lambda: [20, 200], min_length=1,
                          description="neighbours; one result per k (k=200 or k=[20,200])")
     temperature: float = Field(0.07, gt=0, description="vote weight exp(sim / temperature)")
+    distance: Literal["cosine", "euclidean"] = "cosine"
+    normalize: bool = Field(True, description="L2-normalise features (cosine always does)")
 
     @field_validator("k", mode="before")
     @classmethod
     def _one_k(cls, v: object) -> object:
         return [v] if isinstance(v, int) else v
-    distance: Literal["cosine", "euclidean"] = "cosine"
-    normalize: bool = Field(True, description="L2-normalise features (cosine always does)")
 
     @field_validator("k")
     @classmethod

@@ -13,7 +13,7 @@ sizes already known.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -39,6 +39,10 @@ class Grouping:
     aux: Tensor
     sizes: list[list[int]]
 
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Grouping:
+        """fn applied to every tensor (the sizes stay host ints)."""
+        return Grouping(*(fn(t) for t in (self.order, self.op, self.mag, self.aux)), self.sizes)
+
 
 @dataclass
 class Plan:
@@ -47,12 +51,14 @@ class Plan:
     prog: Program
     grouping: Grouping
 
+    def map(self, fn: Callable[[Tensor], Tensor]) -> Plan:
+        """fn applied to every tensor of the programs and the grouping."""
+        return Plan(self.prog.map(fn), self.grouping.map(fn))
+
     def to(self, device: torch.device) -> Plan:
         """The plan on `device`, copied without waiting (the group sizes stay host ints). The
         training loop's transfer does this itself; a loop of one's own calls it."""
-        g = self.grouping
-        moved = (t.to(device, non_blocking=True) for t in (g.order, g.op, g.mag, g.aux))
-        return Plan(self.prog.to(device), Grouping(*moved, g.sizes))
+        return self.map(lambda t: t.to(device, non_blocking=True))
 
 
 def family_lut(families: Sequence[tuple[set[int], FamilyFn]]) -> Tensor:
@@ -112,16 +118,10 @@ def plan_batch(batch: dict, augmenter: BatchedAugmenter, device: torch.device | 
     size = batch["views"][0].shape[-1]
     plan = augmenter.plan(batch["strategy"], batch["seed"], size)
     if torch.cuda.is_available():
-        plan = _pinned(plan)
+        plan = plan.map(Tensor.pin_memory)
     return {**batch, "plan": plan}
 
 
 def _crops_on_host(batch: dict) -> bool:
     views = batch.get("views") if isinstance(batch, dict) else None
     return bool(views) and views[0].dtype == torch.uint8 and batch["strategy"].device.type == "cpu"
-
-
-def _pinned(plan: Plan) -> Plan:
-    g = plan.grouping
-    grouping = Grouping(*(t.pin_memory() for t in (g.order, g.op, g.mag, g.aux)), g.sizes)
-    return Plan(plan.prog.map(Tensor.pin_memory), grouping)

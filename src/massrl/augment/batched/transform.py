@@ -17,9 +17,8 @@ from PIL import Image
 
 from massrl.augment.batched.draws import new_seeds
 from massrl.augment.crops import UniformCrop, build_crop
-from massrl.augment.views import pil_to_chw
+from massrl.augment.views import as_rgb, pil_to_chw
 from massrl.config import AugmentConfig
-from massrl.data.images import to_rgb
 
 RATIO = (3 / 4, 4 / 3)
 TENSOR_RESIZE_FROM = 64  # view side (px) from which crops are resized by torch, not PIL
@@ -94,7 +93,7 @@ class CropOnlyTransform:
         return pil_to_chw(box.resize((size, size), Image.Resampling.BILINEAR))
 
     def __call__(self, img: Image.Image) -> dict:
-        img = img if img.mode == "RGB" else to_rgb(img)  # (grey repeats to 3 channels)
+        img = as_rgb(img)
         n, mode = self.num_strategies, self.cfg.view_mode
         if mode == "random":
             views = [self._crop(img) for _ in range(self.num_views)]
