@@ -232,3 +232,25 @@ def test_pair_mask_crops_x_strategies_and_per_strategy():
 def test_pair_mask_rejects_unknown_setting():
     with pytest.raises(ValueError, match="unknown pairs"):
         pair_mask(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long), "x")
+
+
+@pytest.mark.parametrize("pairs, strategies, kept", [
+    ("within_strategy", ALL[:4], 0.25), ("cross_strategy", ALL[:2], 0.5),
+])
+def test_sparse_pairs_note_states_the_fraction_random_views_keep(pairs, strategies, kept):
+    from massrl.augment.views import sparse_pairs_note
+
+    cfg = AugmentConfig(strategies=strategies, pairs=pairs)
+    note = sparse_pairs_note(cfg)
+    assert f"keeps about {kept:.0%} of the view pairs" in note
+    # the fraction the note states is what the transform's strategy draws give the loss
+    t = _mvt(strategies=strategies, pairs=pairs, size=8)
+    torch.manual_seed(0)
+    draws = [t(_textured(12)) for _ in range(400)]
+    mask = pair_mask(torch.stack([d["strategy"] for d in draws]),
+                     torch.stack([d["crop"] for d in draws]), pairs)
+    assert mask.sum() / (len(draws) * 2) == pytest.approx(kept, abs=0.06)
+    # no note where every pair can count
+    for fine in (dict(pairs="all"), dict(pairs=pairs, view_mode="crops_x_strategies"),
+                 dict(pairs="cross_strategy", strategies=ALL[:4])):
+        assert sparse_pairs_note(AugmentConfig(**{"strategies": strategies, **fine})) is None

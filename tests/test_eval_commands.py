@@ -160,6 +160,11 @@ def test_clear_errors(tmp_path, ckpt, capsys):
     folder = ["data.name=folder", f"data.root={tmp_path}"]
     assert _run(tmp_path, "knn", f"ckpt={ckpt}", *folder)[0] == 2
     assert "has no labels" in capsys.readouterr().err
+    # A command that fails after its checks leaves no empty output folder behind.
+    for command in ("knn", "umap", "linear"):
+        deep = tmp_path / "out" / command / "run"
+        code = main([command, f"ckpt={ckpt}", *folder, f"output_dir={deep}", "device=cpu"])
+        assert code == 2 and not (tmp_path / "out").exists()
 
 
 def test_eval_config_forms_and_rules(ckpt, capsys):

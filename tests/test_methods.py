@@ -129,3 +129,24 @@ def test_cpu_runs_leave_a_core_per_worker(monkeypatch):
         assert torch.get_num_threads() == 2  # no workers: left as it was
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_datamodule_gets_no_warning_about_the_modules_transfer_hooks():
+    """The hooks are the module's on purpose; Lightning would warn about each with a datamodule."""
+    import warnings
+
+    from lightning.pytorch.trainer.connectors import data_connector
+
+    model = build_method(_cfg())
+    data_connector.warning_cache.clear()  # Lightning warns once per process
+    with warnings.catch_warnings(record=True) as caught:
+        selector = data_connector._DataHookSelector(model, L.LightningDataModule())
+        for hook in ("on_before_batch_transfer", "on_after_batch_transfer"):
+            assert selector.get_instance(hook) is model
+    assert [str(w.message) for w in caught if "batch_transfer" in str(w.message)] == []
+    # without massrl's filter the same call warns: the check above is not vacuous
+    data_connector.warning_cache.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        selector.get_instance("on_before_batch_transfer")
+    assert any("on_before_batch_transfer" in str(w.message) for w in caught)

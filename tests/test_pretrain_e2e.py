@@ -17,7 +17,9 @@ def _run_dir(args: list[str]) -> Path:
 
 @pytest.mark.parametrize("method", ["massrl", "byol", "simclr"])
 def test_pretrain_writes_a_complete_run_directory(method, tiny, capsys):
-    args = tiny(method)
+    # fp16 AMP does not exist on the CPU: Lightning runs bf16, and the summary says so
+    precision = "16-mixed" if method == "simclr" else "32-true"
+    args = tiny(method, **{"trainer.precision": precision})
     assert main(["pretrain", "-c", f"fashion_mnist/{method}", *args]) == 0
     out = capsys.readouterr().out
     run_dir = _run_dir(args)
@@ -33,6 +35,11 @@ def test_pretrain_writes_a_complete_run_directory(method, tiny, capsys):
     assert summary["epochs"] == 1
     assert summary["images_seen"] == 128  # subset of 128, batch 32, drop_last
     assert summary["images_per_s"] > 0
+    assert summary["runtime"] == {
+        "device": "cpu", "world_size": 1, "num_workers": 0, "augment_backend": "per_image",
+        "precision": "bf16-mixed" if method == "simclr" else "32-true",
+        "channels_last": False,  # turned off for a width-8 ResNet on the CPU (devices.py)
+        "cpu_threads": torch.get_num_threads(), "torch_version": torch.__version__}
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["method"] == method and saved["data"]["subset"] == 128
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)

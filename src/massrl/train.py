@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from massrl.augment.views import sparse_pairs_note
 from massrl.config import ConfigError, RunConfig, to_yaml
 from massrl.devices import run_num_workers, trains_on_cpu, usable_cores, use_channels_last
 from massrl.memory import retain_freed_memory
@@ -33,7 +34,6 @@ KNN_METRIC = "val/knn_top1"
 QUIET = (
     ".*does not have many workers.*",  # the config decides the worker count
     ".*Experiment logs directory .* exists and is not empty.*",  # config.yaml is written first
-    ".*overridden `on_(before|after)_batch_transfer`.*",  # on purpose: the batched backend
     ".*is smaller than the logging interval.*",  # tiny runs
     ".*LeafSpec.*",  # a deprecation inside Lightning
 )
@@ -136,7 +136,19 @@ class RunSummary(Callback):
             "run_dir": str(self.run_dir),
             "last_checkpoint": str(self.run_dir / "checkpoints" / "last.ckpt"),
             "best_checkpoint": (ckpt.best_model_path or None) if ckpt is not None else None,
+            "runtime": runtime(trainer, module),
         }
+
+
+def runtime(trainer: L.Trainer, module: SSLMethod) -> dict[str, Any]:
+    """What the run's device-dependent settings became (config.yaml keeps them as written):
+    the figures of two runs compare only when these match."""
+    device = trainer.strategy.root_device.type
+    return {"device": device, "world_size": trainer.world_size, "precision": trainer.precision,
+            "num_workers": run_num_workers(module.cfg), "channels_last": module.channels_last,
+            "augment_backend": module.cfg.augment.backend,
+            "cpu_threads": torch.get_num_threads() if device == "cpu" else None,
+            "torch_version": torch.__version__}
 
 
 def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Trainer, dict]:
@@ -252,6 +264,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
     elif cfg.resume == "auto":
         print(f"resume=auto: no checkpoint in {run_dir} yet, starting the run")
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if note := sparse_pairs_note(cfg.augment):
+        print(note)
     dm = build_datamodule(cfg)
     save_augmentation_picture(cfg, run_dir / "augmentations.png", dm.splits)
     method = build_method(cfg, num_classes=dm.num_classes,

@@ -150,6 +150,21 @@ def pair_mask(strategy: torch.Tensor, crop: torch.Tensor, pairs: str = "all") ->
     return keep & off_diag
 
 
+def sparse_pairs_note(cfg: AugmentConfig) -> str | None:
+    """A note when view_mode=random leaves most view pairs out of the loss: a strategy drawn
+    uniformly per view makes two views share it with probability 1/S."""
+    S = len(cfg.strategies)
+    kept = {"within_strategy": 1 / S, "cross_strategy": 1 - 1 / S}.get(cfg.pairs, 1.0)
+    if cfg.view_mode != "random" or kept > 0.5:
+        return None
+    better = ("view_mode=crops_x_strategies (num_crops >= 2) pairs every strategy with itself"
+              if cfg.pairs == "within_strategy" else
+              "view_mode=per_strategy gives every view pair distinct strategies")
+    return (f"note: augment.pairs={cfg.pairs} with view_mode=random and {S} strategies keeps "
+            f"about {kept:.0%} of the view pairs (views draw their strategy independently); "
+            f"the rest cost augmentation and encoder time without entering the loss. {better}.")
+
+
 class EvalTransform:
     """Resize the shorter side to image_size, centre-crop, to float, normalise (kNN / probes)."""
 

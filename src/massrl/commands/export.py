@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from massrl.eval import session
@@ -46,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     if r is None:
         return 0
     mean, std = _normalisation(r)
-    out = session.output_file(Path(r.cfg.out) if r.cfg.out else r.output_dir, "backbone.pt")
+    out = session.output_file(r.cfg.out, r, "backbone.pt")
     pre = r.pre
     info = export_backbone(
         pre.backbone, pre.spec, out, image_size=pre.config.data.image_size, mean=mean, std=std,

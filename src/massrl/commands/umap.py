@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from massrl.eval import session
 from massrl.eval.config import UmapEvalConfig
@@ -27,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     if r is None:
         return 0
     cfg = r.cfg
-    out = session.output_file(Path(cfg.out) if cfg.out else r.output_dir, "umap.png")
+    out = session.output_file(cfg.out, r, "umap.png")
     session.open_data(r)
     feats, labels = session.features(r, cfg.split)
     title = (f"{r.pre.config.method} - {r.pre.path.name} ({cfg.data.name} {cfg.split}, "

@@ -4,6 +4,7 @@ features, and the result file that records the protocol next to the numbers."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -84,25 +85,39 @@ def start(command: str, schema: type, args: argparse.Namespace) -> EvalRun | Non
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(command)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out / "result.json")  # made by `finish`, once there is a result
     return EvalRun(command, cfg, pre, out, device, requested)
 
 
-def output_file(path: Path, default_name: str) -> Path:
-    """Where an --out file goes (inside `path` when it is a folder), with its folder made and
-    checked writable now, before the work: an OSError naming the path, not one after it."""
+def output_file(out: str | None, run: EvalRun, default_name: str) -> Path:
+    """Where an output file goes: `out` (inside it when it is a folder), else the run's output
+    directory; checked writable now, before the work: an OSError naming the path, not one
+    after it."""
+    path = Path(out) if out else run.output_dir / default_name
     if path.is_dir():
         path = path / default_name
+    check_writable(path)
+    return path
+
+
+def check_writable(path: Path) -> None:
+    """Raise the OSError that writing `path` would raise, leaving nothing behind: the folders
+    made for the check are removed again, so a run that fails later leaves no empty folder."""
+    missing = [d for d in [path.parent, *path.parent.parents] if not d.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except FileExistsError as exc:  # a file where a folder of the path should be
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), exc.filename) from None
-    existed = path.exists()
-    with open(path, "ab"):
-        pass
-    if not existed:
-        path.unlink()
-    return path
+    try:
+        existed = path.exists()
+        with open(path, "ab"):
+            pass
+        if not existed:
+            path.unlink()
+    finally:
+        for folder in missing:  # deepest first; one another process has filled stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def open_data(run: EvalRun, needs_labels: bool = True) -> None:
@@ -202,6 +217,7 @@ def protocol(run: EvalRun) -> dict[str, Any]:
 def finish(run: EvalRun, title: str, results: dict[str, Any], rows: list[tuple[str, str]]) -> Path:
     """Write <output_dir>/result.json and print the result table."""
     path = run.output_dir / "result.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results,
                "protocol": protocol(run), "warnings": run.warnings}
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")

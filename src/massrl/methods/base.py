@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,15 @@ from massrl.config import RunConfig
 from massrl.models import build_backbone
 from massrl.optim import build_optimizer, scaled_lr, warmup_cosine
 from massrl.resilience import check_finite, rng_state, set_rng_state
+
+
+def quiet_hook_notice() -> None:
+    """The batch-transfer hooks live on the module on purpose (the batched augmenter and the
+    channels-last layout belong to the model's device), also when a datamodule feeds it: keep
+    Lightning from warning about each. (Adding the same filter again replaces it.)"""
+    warnings.filterwarnings(
+        "ignore", r".*overridden `on_(before|after)_batch_transfer` in `LightningModule` but "
+        r"have passed in a `LightningDataModule`")
 
 
 def views_last(x: torch.Tensor, num_views: int) -> torch.Tensor:
@@ -45,6 +55,7 @@ class SSLMethod(L.LightningModule):
     def __init__(self, config: dict | RunConfig, num_classes: int | None = None,
                  strategy_names: list[str] | None = None) -> None:
         super().__init__()
+        quiet_hook_notice()
         cfg = config if isinstance(config, RunConfig) else RunConfig.model_validate(config)
         self.save_hyperparameters({"config": cfg.model_dump(mode="json"),
                                    "num_classes": num_classes,
