@@ -206,13 +206,13 @@ class Evaluator:
     def __init__(self, setup: Setup, n: int) -> None:
         from massrl.config import build_config
         from massrl.data import load_dataset
-        from massrl.eval.features import eval_transform
+        from massrl.data.eval_transform import EvalTransform
 
         self.cfg = build_config(config_file="fashion_mnist/byol", overrides=[
             f"model.width={setup.width}", f"data.eval_subset={n}", "seed=0"])
         self.splits = load_dataset(self.cfg.data, self.cfg.seed)
-        self.transform = eval_transform(self.cfg.data.image_size, self.splits.mean,
-                                        self.splits.std)
+        self.transform = EvalTransform(self.cfg.data.image_size, self.splits.mean,
+                                       self.splits.std)
         self.linear_epochs = setup.linear_epochs
 
     def features(self, ds: Any, net: Any) -> tuple[Any, Any]:

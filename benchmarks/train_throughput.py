@@ -114,11 +114,12 @@ def frozen_knn_top1(backbone: Any, cfg: Any) -> float:
     """The online monitor's protocol offline: weighted kNN (cfg.eval k and temperature) of frozen
     features, bank = labeled train split, queries = test split, both cut to data.eval_subset."""
     from massrl.data import load_dataset
-    from massrl.eval.features import Transformed, eval_transform, extract_features, make_loader
+    from massrl.data.eval_transform import EvalTransform
+    from massrl.eval.features import Transformed, extract_features, make_loader
     from massrl.eval.knn import weighted_knn
 
     splits = load_dataset(cfg.data, 0)  # the same bank and test images for every run
-    t = eval_transform(cfg.data.image_size, splits.mean, splits.std)
+    t = EvalTransform(cfg.data.image_size, splits.mean, splits.std)
     bank, test = (extract_features(backbone, make_loader(Transformed(ds, t), 256))
                   for ds in (splits.train_labeled, splits.test))
     top1 = weighted_knn(*bank, *test, cfg.eval.knn_k, cfg.eval.knn_temperature,

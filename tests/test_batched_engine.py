@@ -228,6 +228,11 @@ def test_planned_grouped_mode_matches_grouped_mode(view_mode, size):
     half = [v[:6] for v in batch["views"]]
     with pytest.raises(ValueError, match=r"the plan is for (\d+) views, the batch has \d+"):
         device_like(half, batch["strategy"][:6], plan=planned["plan"])
+    small = [v[..., :8, :8] for v in batch["views"]]
+    with pytest.raises(ValueError, match=rf"drawn for {size} px views, these are 8 px"):
+        device_like(small, batch["strategy"], plan=planned["plan"])
+    with pytest.raises(ValueError, match="a plan needs the views' seeds"):
+        device_like.plan(batch["strategy"], None, size)
 
 
 def test_planned_mode_reads_nothing_on_the_host(monkeypatch):
@@ -558,6 +563,7 @@ def test_crop_pixels_match_torchvision_resized_crop(size):
     ("batch sizes", "every view batch must have one shape"),
     ("strategy rows", r"strategy must be \[B, V\] for batches of B = 4"),
     ("strategy ids", r"strategy ids must be in 0..1 .*got 0..2"),
+    ("float ids", r"strategy ids must be an integer tensor, got torch.float32"),
 ])
 def test_wrong_inputs_are_refused_before_any_kernel(bad, message):
     """The numba kernels index 3 channels and the strategy ids unchecked: a grey batch wrote out
@@ -577,10 +583,26 @@ def test_wrong_inputs_are_refused_before_any_kernel(bad, message):
         views[1] = views[1][:3]
     elif bad == "strategy rows":
         strategy = strategy[:3]
+    elif bad == "float ids":  # 0.7 would truncate to no strategy: an un-augmented view
+        strategy = strategy.float() + 0.7
     else:
         strategy[1, 1] = 2
     with pytest.raises(ValueError, match=message):
         aug(views, strategy, seeds=torch.zeros_like(strategy))
+
+
+def test_normalisation_statistics_are_checked_and_one_value_serves_three_channels():
+    cfg = AugmentConfig(strategies=["simclr"])
+    u8 = [torch.full((2, 3, 4, 4), 51, dtype=torch.uint8)] * 2
+    ids = torch.zeros(2, 2, dtype=torch.long)
+    grey = BatchedAugmenter(cfg, [0.5], [0.25])(u8, ids, seeds=torch.zeros_like(ids))
+    rgb = BatchedAugmenter(cfg, [0.5] * 3, [0.25] * 3)(u8, ids, seeds=torch.zeros_like(ids))
+    for x, y in zip(grey, rgb, strict=True):
+        torch.testing.assert_close(x, y)
+    for mean, std, message in (([0.5] * 3, [0.2, 0.0, 0.2], "std must be positive"),
+                               ([0.5] * 4, [0.2] * 3, "mean needs 1 or 3 values")):
+        with pytest.raises(ValueError, match=message):
+            BatchedAugmenter(cfg, mean, std)
 
 
 def test_an_empty_batch_gives_empty_views():

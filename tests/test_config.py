@@ -28,6 +28,14 @@ def test_defaults_validate_and_overrides_apply():
     ("augment.randaugment.magnitude=11", "must be < num_magnitude_bins=11"),
     ("augment.strategies=[simclr,randaugment,simclr]", "lists simclr more than once"),
     ("trainer.precision=fp8", "trainer.precision: Input should be 'auto', '32-true'"),
+    # lax pydantic would read true as 1 (lr 1.0, batch size 1)
+    ("optimizer.lr=true", "optimizer.lr: is not a true/false setting"),
+    ("data.batch_size=false", "data.batch_size: is not a true/false setting"),
+    ("trainer.limit_train_batches=-1", "a number of batches (>= 1) or a fraction in (0, 1]"),
+    ("trainer.limit_train_batches=1.5", "a number of batches (>= 1) or a fraction in (0, 1]"),
+    ("seed=-1", "seed: Input should be greater than or equal to 0"),
+    ("seed=4294967296", "seed: Input should be less than 4294967296"),  # numpy's seed range
+    ("data.std=[0.2,0,0.2]", "every channel's std must be positive"),
 ])
 def test_bad_values_name_the_key(override, expected):
     with pytest.raises(ConfigError) as err:
@@ -38,6 +46,20 @@ def test_bad_values_name_the_key(override, expected):
 def test_override_without_equals_is_explained():
     with pytest.raises(ConfigError, match="is not KEY=VALUE"):
         build_config(overrides=["optimizer.lr"])
+    with pytest.raises(ConfigError, match=r"a list of KEY=VALUE strings, e.g. \['data.subset=9'\]"):
+        build_config(overrides="data.subset=9")
+
+
+def test_python_forms_of_overrides_and_base():
+    """From Python: a mapping of dotted keys, and a base with dotted or nested keys (the
+    caller's dict is left as it was)."""
+    assert build_config(overrides={"data.subset": 9, "optimizer.lr": 0.5}).data.subset == 9
+    base = {"data": {"subset": 7}, "optimizer.lr": 0.25}
+    cfg = build_config(base=base, overrides=["data.batch_size=3"])
+    assert (cfg.data.subset, cfg.data.batch_size, cfg.optimizer.lr) == (7, 3, 0.25)
+    assert base == {"data": {"subset": 7}, "optimizer.lr": 0.25}
+    trainer = build_config(overrides=["trainer.limit_train_batches=0.5"]).trainer
+    assert trainer.limit_train_batches == 0.5
 
 
 def test_unknown_key_in_yaml_file(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from massrl.data import BadImageError, load_image
+from massrl.data.images import as_rgb, to_rgb
 
 
 def _save(img: Image.Image, path, **kwargs):
@@ -72,6 +73,10 @@ def test_grey_alpha_and_palette_transparency(tmp_path):
     la = Image.fromarray(np.array([[[0, 0], [50, 255]]], dtype=np.uint8), "LA")
     out = np.asarray(load_image(_save(la, tmp_path / "la.png")))
     assert out[0, 0].tolist() == [255, 255, 255] and out[0, 1].tolist() == [50, 50, 50]
+    # the premultiplied form, which PIL converts to LA only, the same
+    assert np.asarray(to_rgb(la.convert("La"))).tolist() == out.tolist()
+    with pytest.raises(TypeError, match="to_pil_image"):
+        as_rgb(np.asarray(la))
 
     pal = Image.new("P", (2, 1))
     pal.putpalette([255, 0, 0, 0, 0, 0] + [0] * 762)

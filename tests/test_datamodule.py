@@ -98,8 +98,45 @@ def test_val_loaders():
         assert b["image"].shape == (8, 3, SIZE, SIZE) and b["skipped"] == 0
         assert b["label"].dtype == torch.long
         assert b["image"].mean().abs() < 3  # normalised, not 0..255
-    with pytest.raises(ValueError, match="train_transform"):
-        dm.train_dataloader()
+
+
+@pytest.mark.parametrize("backend, dtype", [("per_image", torch.float32), ("batched", torch.uint8)])
+def test_default_train_transform_follows_the_backend(backend, dtype):
+    cfg = RunConfig.model_validate({"data": {"name": "digits", "batch_size": 8, "num_workers": 0,
+                                             "image_size": SIZE, "subset": 32},
+                                    "augment": {"backend": backend}})
+    batch = next(iter(SSLDataModule(cfg).train_dataloader()))
+    assert len(batch["views"]) == 2 and batch["views"][0].dtype == dtype
+    assert batch["views"][0].shape == (8, 3, SIZE, SIZE)
+
+
+class _GreyImages(torch.utils.data.Dataset):
+    """A dataset of one's own that yields grey PIL images, as torchvision's FashionMNIST does."""
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(np.full((12, 12), 10 * i, np.uint8), "L"), i % 3
+
+
+def test_splits_of_ones_own_with_grey_images():
+    from massrl.data import DatasetSplits
+
+    ds = _GreyImages()
+    splits = DatasetSplits(train=ds, train_labeled=ds, test=ds, num_classes=3,
+                           classes=["a", "b", "c"], mean=(0.5,) * 3, std=(0.25,) * 3,
+                           native_size=12)
+    dm = SSLDataModule(_cfg(), splits=splits)
+    assert dm.splits is splits and dm.num_classes == 3
+    train = next(iter(dm.train_dataloader()))
+    assert train["views"][0].shape == (8, 3, SIZE, SIZE)
+    for loader in dm.val_dataloader():
+        image = next(iter(loader))["image"]
+        assert image.shape == (8, 3, SIZE, SIZE)
+        # grey is repeated to three equal channels, normalised with the splits' statistics
+        assert torch.equal(image[:, 0], image[:, 2])
+        assert image[1, 0, 0, 0].item() == pytest.approx((10 / 255 - 0.5) / 0.25, abs=1e-5)
 
 
 def _unlabeled_folder(root: Path, n: int = 10) -> Path:

@@ -119,6 +119,9 @@ def test_out_paths_folders_suffixes_and_unwritable_places(tmp_path, ckpt, capsys
     assert sorted(p.name for p in into.iterdir()) == ["backbone.json", "backbone.pt"]
     assert _run(tmp_path, "export", f"ckpt={ckpt}", flags=["--out", str(into / "b.pth")])[0] == 0
     assert (into / "b.pth").is_file() and (into / "b.json").is_file()
+    # a folder named with a trailing slash is made, and the file goes inside it
+    assert _run(tmp_path, "export", f"ckpt={ckpt}", flags=["--out", f"{into / 'new'}/"])[0] == 0
+    assert sorted(p.name for p in (into / "new").iterdir()) == ["backbone.json", "backbone.pt"]
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")

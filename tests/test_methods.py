@@ -150,3 +150,13 @@ def test_a_datamodule_gets_no_warning_about_the_modules_transfer_hooks():
         warnings.resetwarnings()
         selector.get_instance("on_before_batch_transfer")
     assert any("on_before_batch_transfer" in str(w.message) for w in caught)
+
+
+def test_uint8_crops_without_an_augmenter_say_how_to_fix():
+    """augment.backend=batched's crops reach a model that was given no augmenter."""
+    model = build_method(_cfg(**{"augment.backend": "batched"}))
+    model.trainer = L.Trainer(logger=False)  # (the hook asks the trainer whether it trains)
+    batch = {"views": [torch.zeros(2, 3, 8, 8, dtype=torch.uint8)] * 2,
+             "strategy": torch.zeros(2, 2, dtype=torch.long)}
+    with pytest.raises(RuntimeError, match=r"no augmenter: .*model.use_data\(splits\)"):
+        model.on_after_batch_transfer(batch, 0)

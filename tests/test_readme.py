@@ -4,6 +4,7 @@ test command is the one CI runs."""
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from massrl.augment.batched import BatchedAugmenter
@@ -12,10 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def test_python_api_example_runs(tmp_path, monkeypatch):
+@pytest.mark.parametrize("backend", ["per_image", "batched"])
+def test_python_api_example_runs(backend, tmp_path, monkeypatch):
     code = README.split("## Python API")[1].split("```python\n")[1].split("```")[0]
     tiny = ('["data.name=digits", "data.image_size=16", "data.batch_size=32", "data.subset=128", '
-            '"data.num_workers=0", "model.width=8", "trainer.max_epochs=1"]')
+            f'"data.num_workers=0", "model.width=8", "trainer.max_epochs=1", '
+            f'"augment.backend={backend}"]')
     code, n = re.subn(r'\["data\.subset=2000", "trainer\.max_epochs=1"\]', tiny, code)
     assert n == 1, "the README example changed: update this test"
     monkeypatch.chdir(tmp_path)
@@ -23,6 +26,10 @@ def test_python_api_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["features"].shape == (8, scope["model"].feat_dim)
     assert torch.isfinite(scope["features"]).all()
+    model, dm = scope["model"], scope["dm"]
+    # the model took the data's normalisation (checkpoints keep it) and, batched, an augmenter
+    assert model.normalization["mean"] == list(dm.splits.mean)
+    assert (model.augmenter is not None) == (backend == "batched")
     assert list(tmp_path.iterdir()) == []  # nothing left in the working directory
 
 

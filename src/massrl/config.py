@@ -6,14 +6,24 @@ the key (and, for a misspelling, the closest valid key), so a typo can never be 
 
 from __future__ import annotations
 
+import copy
 import difflib
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 STRATEGIES = ("simclr", "randaugment", "autoaugment", "fastautoaugment", "trivialaugment")
 DATASETS = (
@@ -26,11 +36,29 @@ class ConfigError(ValueError):
     """A configuration problem, phrased for the user (which key, what is wrong, how to fix)."""
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A block of config keys: unknown keys are errors, and so is a boolean for a number."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1: optimizer.lr=true would train at lr 1.0
+        if isinstance(v, bool) and not _accepts_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("is not a true/false setting (YAML reads true/false as a boolean)")
+        return v
 
-class RandAugmentConfig(_Section):
+
+def _accepts_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(a, bool) for a in get_args(annotation))
+    return any(_accepts_bool(a) for a in get_args(annotation))
+
+
+class RandAugmentConfig(Section):
     num_ops: int = Field(2, ge=0, description="RandAugment N: ops applied per image")
     magnitude: int = Field(9, ge=0, description="RandAugment M, 0..num_magnitude_bins-1")
     # The paper's M=9 is on a 0..10 scale (11 bins); torchvision's default 31 bins would make
@@ -46,7 +74,7 @@ class RandAugmentConfig(_Section):
         return self
 
 
-class AugmentConfig(_Section):
+class AugmentConfig(Section):
     strategies: list[Literal[STRATEGIES]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["simclr", "randaugment", "autoaugment", "fastautoaugment"],
         min_length=1,
@@ -115,7 +143,7 @@ class AugmentConfig(_Section):
         return self
 
 
-class DataConfig(_Section):
+class DataConfig(Section):
     name: Literal[DATASETS] = "fashion_mnist"  # type: ignore[valid-type]
     root: str | None = Field(None, description="where the dataset lives (default: per dataset)")
     download: bool = Field(False, description="let torchvision download when a network exists")
@@ -132,6 +160,13 @@ class DataConfig(_Section):
     mean: tuple[float, float, float] | None = Field(None, description="default: the dataset's")
     std: tuple[float, float, float] | None = Field(None, description="default: the dataset's")
 
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, v: tuple[float, float, float] | None) -> Any:
+        if v is not None and min(v) <= 0:
+            raise ValueError("every channel's std must be positive (inputs are divided by it)")
+        return v
+
     @field_validator("num_workers", mode="before")
     @classmethod
     def _workers(cls, v: Any) -> Any:
@@ -147,7 +182,7 @@ class DataConfig(_Section):
         return n
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     backbone: str = Field("resnet18", description="timm model name")
     cifar_stem: bool = Field(True, description="3x3 stride-1 first conv, no max-pool")
     width: int = Field(64, gt=0, description="channels of the first stage (64 = standard ResNet)")
@@ -156,13 +191,13 @@ class ModelConfig(_Section):
     pred_hidden_dim: int = Field(4096, gt=0)
 
 
-class LossConfig(_Section):
+class LossConfig(Section):
     tau_base: float = Field(0.99, ge=0, le=1, description="EMA momentum at the first step")
     tau_final: float = Field(1.0, ge=0, le=1, description="EMA momentum at the last step")
     temperature: float = Field(0.2, gt=0, description="SimCLR NT-Xent temperature")
 
 
-class OptimizerConfig(_Section):
+class OptimizerConfig(Section):
     name: Literal["lars", "sgd", "adamw"] = "lars"
     lr: float = Field(1.0, gt=0, description="base lr for batch 256 (scaled by global batch/256)")
     scale_lr: bool = Field(True, description="multiply lr by global batch / 256")
@@ -174,7 +209,7 @@ class OptimizerConfig(_Section):
     exclude_bias_norm: bool = Field(True, description="biases and norms: no decay, no LARS")
 
 
-class TrainerConfig(_Section):
+class TrainerConfig(Section):
     max_epochs: int = Field(100, gt=0)
     accelerator: str = "auto"
     devices: int | str | list[int] = "auto"
@@ -190,7 +225,8 @@ class TrainerConfig(_Section):
     compile: bool = False
     gradient_clip_val: float | None = None
     log_every_n_steps: int = Field(10, gt=0)
-    limit_train_batches: int | float | None = None
+    limit_train_batches: int | float | None = Field(
+        None, description="batches per epoch: a number, or a fraction in (0, 1] of the split")
     progress_bar: bool = True
     checkpoint_every_n_steps: int = Field(
         500, ge=0, description="also save last.ckpt every N optimizer steps (0 = epoch ends only)")
@@ -201,6 +237,13 @@ class TrainerConfig(_Section):
         True, description="glibc keeps freed blocks up to 32 MiB for reuse: fewer page faults, "
                           "~10 % more images/s on a 2-core CPU (massrl/memory.py)")
 
+    @field_validator("limit_train_batches")
+    @classmethod
+    def _batches_or_fraction(cls, v: int | float | None) -> int | float | None:
+        if v is None or (isinstance(v, int) and v >= 1) or (isinstance(v, float) and 0 < v <= 1):
+            return v
+        raise ValueError("must be a number of batches (>= 1) or a fraction in (0, 1]")
+
     @field_validator("precision", mode="before")
     @classmethod
     def _precision_names(cls, v: object) -> object:
@@ -209,7 +252,7 @@ class TrainerConfig(_Section):
         return short.get(str(v), v) if isinstance(v, int | str) else v
 
 
-class EvalConfig(_Section):
+class EvalConfig(Section):
     knn_every: int = Field(1, ge=0, description="online kNN monitor every N epochs (0 = off)")
     knn_k: int = Field(200, gt=0)
     knn_temperature: float = Field(0.07, gt=0)
@@ -218,10 +261,10 @@ class EvalConfig(_Section):
     umap_every: int | None = Field(None, gt=0, description="UMAP picture every N epochs")
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     name: str | None = Field(None, description="run name (default: <method>_<dataset>)")
     method: Literal["massrl", "byol", "simclr"] = "massrl"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="seeds torch, numpy, python and every view")
     output_dir: str | None = Field(None, description="everything of the run goes here")
     resume: str | None = Field(None, description="'auto' or a checkpoint path")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -351,13 +394,22 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 def build_config(
     schema: type[BaseModel] = RunConfig,
     config_file: str | Path | None = None,
-    overrides: list[str] | None = None,
+    overrides: list[str] | Mapping[str, Any] | None = None,
     base: dict | None = None,
 ) -> Any:
-    """Resolve base dict <- YAML file <- dotted overrides, then validate against the schema."""
-    tree: dict = dict(base or {})
+    """Resolve base dict <- YAML file <- dotted overrides, then validate against the schema.
+
+    overrides: "KEY=VALUE" strings as on the command line (values read as YAML), or a mapping
+    of dotted keys to values; base: a nested dict (dotted keys are expanded)."""
+    tree: dict = {}
+    for key, value in (base or {}).items():
+        set_dotted(tree, key, copy.deepcopy(value))  # (the caller's dicts stay unchanged)
     source = "defaults"
-    parsed = parse_overrides(overrides or [])
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides must be a list of KEY=VALUE strings, e.g. "
+                          f"[{overrides!r}], not one string")
+    parsed = (list(overrides.items()) if isinstance(overrides, Mapping)
+              else parse_overrides(overrides or []))
     if config_file is not None:
         tree = _deep_merge(tree, _for_other_dataset(load_yaml(config_file), parsed, config_file))
         source = str(config_file)

@@ -201,20 +201,12 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Tr
 
 
 def build_datamodule(cfg: RunConfig):
-    """The datamodule with the view-making transform for the configured backend: the whole
-    per-image pipeline in the workers, or (backend=batched) only crops there."""
-    from massrl.augment import MultiViewTransform
-    from massrl.augment.batched import CropOnlyTransform
+    """The datamodule, set up, with the view-making transform of the configured backend."""
     from massrl.data import SSLDataModule
 
     dm = SSLDataModule(cfg)
     dm.setup("fit")
-    splits = dm.splits
-    if cfg.augment.backend == "batched":
-        dm.train_transform = CropOnlyTransform(cfg.augment, cfg.data.image_size)
-    else:
-        dm.train_transform = MultiViewTransform(cfg.augment, cfg.data.image_size, splits.mean,
-                                                splits.std)
+    dm.train_transform = dm.default_train_transform()
     return dm
 
 
@@ -270,12 +262,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
     save_augmentation_picture(cfg, run_dir / "augmentations.png", dm.splits)
     method = build_method(cfg, num_classes=dm.num_classes,
                           strategy_names=list(cfg.augment.strategies))
-    method.normalization = {"mean": list(dm.splits.mean), "std": list(dm.splits.std),
-                            "image_size": cfg.data.image_size, "classes": dm.splits.classes}
-    if cfg.augment.backend == "batched":
-        from massrl.augment.batched import BatchedAugmenter
-
-        method.augmenter = BatchedAugmenter(cfg.augment, dm.splits.mean, dm.splits.std)
+    method.use_data(dm.splits)
     method.channels_last = use_channels_last(cfg.trainer.channels_last, cfg.trainer.accelerator,
                                              method)
     if method.channels_last:

@@ -1,9 +1,11 @@
 """Per-image augmentation: strategies, crops, multi-view making and pair masks."""
 
+from massrl.data.eval_transform import EvalTransform  # (the test-time transform, shared)
+
 from .crops import UniformCrop, build_crop
 from .fast_autoaugment import FastAutoAugment
 from .strategies import build_strategy
-from .views import EvalTransform, MultiViewTransform, View, pair_mask
+from .views import MultiViewTransform, View, pair_mask
 
 __all__ = [
     "EvalTransform",

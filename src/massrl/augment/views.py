@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image
-from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from massrl.config import AugmentConfig
-from massrl.data.images import to_rgb
+from massrl.data.eval_transform import channel_stats
+from massrl.data.images import as_rgb
 
 from .crops import build_crop
 from .strategies import Strategy, build_strategy
@@ -55,15 +55,10 @@ def _to_normalised(img: Image.Image, scale: torch.Tensor, shift: torch.Tensor) -
 
 def _affine(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) of _to_normalised for these per-channel statistics."""
+    mean, std = channel_stats(mean, std)
     m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
     return 1 / (255 * s), -m / s
-
-
-def as_rgb(img: Image.Image) -> Image.Image:
-    # grey datasets (Fashion-MNIST, digits) repeat to 3 channels; strategies assume RGB. Other
-    # modes as the loader converts them: PIL's convert clips 16-bit and float images to white
-    return img if img.mode == "RGB" else to_rgb(img)
 
 
 class MultiViewTransform:
@@ -163,21 +158,3 @@ def sparse_pairs_note(cfg: AugmentConfig) -> str | None:
     return (f"note: augment.pairs={cfg.pairs} with view_mode=random and {S} strategies keeps "
             f"about {kept:.0%} of the view pairs (views draw their strategy independently); "
             f"the rest cost augmentation and encoder time without entering the loss. {better}.")
-
-
-class EvalTransform:
-    """Resize the shorter side to image_size, centre-crop, to float, normalise (kNN / probes)."""
-
-    def __init__(self, image_size: int, mean: tuple, std: tuple) -> None:
-        self.image_size = image_size
-        self._scale, self._shift = _affine(mean, std)
-
-    def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = F.resize(
-            as_rgb(img), [self.image_size], interpolation=InterpolationMode.BILINEAR, antialias=True
-        )
-        img = F.center_crop(img, [self.image_size, self.image_size])
-        return _to_normalised(img, self._scale, self._shift)
-
-    def __repr__(self) -> str:
-        return f"EvalTransform(image_size={self.image_size})"

@@ -11,12 +11,12 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from massrl.config import ConfigError
+from massrl.data.eval_transform import EvalTransform
 from massrl.eval import session
 from massrl.eval.config import LinearEvalConfig
 from massrl.eval.features import (
     Transformed,
     cached_features,
-    eval_transform,
     make_loader,
     train_transform,
 )
@@ -74,7 +74,7 @@ def _cached_mode(r: session.EvalRun, train: Dataset, subset: dict[str, Any],
                "subset_sha256": subset["subset_sha256"], "seed": cfg.seed,
                "dataset": cfg.data.name, "root": cfg.data.root, "version": session.FEATURES_VERSION,
                **session.test_transform_info(r)}
-        transform = eval_transform(r.image_size, r.splits.mean, r.splits.std, cfg.test_crop_ratio)
+        transform = EvalTransform(r.image_size, r.splits.mean, r.splits.std, cfg.test_crop_ratio)
         train_x, train_y = cached_features(
             r.pre.backbone, Transformed(train, transform), key, cache_dir=cfg.cache_dir,
             use_cache=cfg.cache, device=r.device, batch_size=cfg.data.batch_size,
@@ -94,8 +94,8 @@ def _image_mode(r: session.EvalRun, train: Dataset, recipe: SGDRecipe) -> Linear
                          drop_last=drop_last)
     common = dict(finetune=cfg.finetune, seed=cfg.seed, device=r.device)
     if cfg.finetune:
-        test = Transformed(s.test, eval_transform(r.image_size, s.mean, s.std,
-                                                  cfg.test_crop_ratio))
+        test = Transformed(s.test, EvalTransform(r.image_size, s.mean, s.std,
+                                                 cfg.test_crop_ratio))
         common["test_loader"] = make_loader(test, cfg.data.batch_size, device=r.device,
                                             num_workers=session.loader_workers(r))
     else:

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
-from torchvision import transforms as T
 
 from massrl.config import RunConfig
 from massrl.data.datasets import DatasetSplits, load_dataset
+from massrl.data.eval_transform import EvalTransform
 from massrl.data.sampler import ResumableLoader, ResumableSampler
 from massrl.devices import run_num_workers
 
@@ -59,16 +59,6 @@ def worker_init_fn(worker_id: int) -> None:
     random.seed(seed)
     # hashed, so numpy's stream is not a shifted copy of a neighbouring worker's
     np.random.seed(np.random.SeedSequence(seed).generate_state(4))
-
-
-def _eval_transform(size: int, mean: tuple, std: tuple) -> Callable[[Image.Image], torch.Tensor]:
-    """Resize the shorter side to ``size``, centre crop, to a normalised float tensor."""
-    return T.Compose([
-        T.Resize(size, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-        T.CenterCrop(size),
-        T.ToTensor(),
-        T.Normalize(mean, std),
-    ])
 
 
 class _Mapped(Dataset):
@@ -119,17 +109,20 @@ class SSLDataModule(L.LightningDataModule):
     "index": [B], "skipped": int}``; validation loaders ``[bank, test]`` of ``{"image", "label",
     "index", "skipped"}`` (index = position in the split).
 
-    ``train_transform`` maps a PIL image to ``{"views", "strategy", "crop"}`` (e.g.
-    ``massrl.augment.MultiViewTransform``). It may be None when only evaluation loaders are needed.
+    ``train_transform`` maps a PIL image to ``{"views", "strategy", "crop"}``; by default the
+    one of ``cfg.augment.backend`` (`default_train_transform`). ``splits``: datasets of one's
+    own (``DatasetSplits`` of datasets yielding ``(PIL image, label)``) instead of
+    ``cfg.data``'s.
     """
 
     def __init__(
-        self, cfg: RunConfig, train_transform: Callable[[Image.Image], dict] | None = None
+        self, cfg: RunConfig, train_transform: Callable[[Image.Image], dict] | None = None,
+        splits: DatasetSplits | None = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.train_transform = train_transform
-        self._splits: DatasetSplits | None = None
+        self._splits = splits
 
     # ------------------------------------------------------------ setup
 
@@ -160,12 +153,20 @@ class SSLDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------ loaders
 
+    def default_train_transform(self) -> Callable[[Image.Image], dict]:
+        """The views of cfg.augment: the whole per-image pipeline, or (backend=batched) only the
+        crops, which the model's BatchedAugmenter then augments on its device."""
+        from massrl.augment import MultiViewTransform
+        from massrl.augment.batched import CropOnlyTransform
+
+        aug, size = self.cfg.augment, self.cfg.data.image_size
+        if aug.backend == "batched":
+            return CropOnlyTransform(aug, size)
+        return MultiViewTransform(aug, size, self.splits.mean, self.splits.std)
+
     def train_dataloader(self) -> DataLoader:
         if self.train_transform is None:
-            raise ValueError(
-                "SSLDataModule.train_dataloader needs a train_transform that makes the views, "
-                "e.g. massrl.augment.MultiViewTransform"
-            )
+            self.train_transform = self.default_train_transform()
         dataset = _Mapped(self.splits.train, _TrainItem(self.train_transform))
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
@@ -187,7 +188,7 @@ class SSLDataModule(L.LightningDataModule):
         if not self.has_labels:
             return []
         splits = self.splits
-        item = _EvalItem(_eval_transform(self.cfg.data.image_size, splits.mean, splits.std))
+        item = _EvalItem(EvalTransform(self.cfg.data.image_size, splits.mean, splits.std))
         return [
             self._loader(_Mapped(splits.train_labeled, item), shuffle=False, drop_last=False),
             self._loader(_Mapped(splits.test, item), shuffle=False, drop_last=False),

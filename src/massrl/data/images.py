@@ -78,6 +78,15 @@ def _load_fully(img: Image.Image) -> None:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
+def as_rgb(img: Image.Image) -> Image.Image:
+    """`img` if it is RGB already, else to_rgb's conversion; a clear error for what is not a PIL
+    image (a tensor or an array: torchvision's to_pil_image converts them)."""
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"expected a PIL image, got {type(img).__name__}: "
+                        "torchvision.transforms.functional.to_pil_image converts a tensor or array")
+    return img if img.mode == "RGB" else to_rgb(img)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert an already loaded image of any PIL mode to 8-bit RGB."""
     mode = img.mode
@@ -95,6 +104,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _composite_on_white(img: Image.Image) -> Image.Image:
+    if img.mode == "La":  # (premultiplied grey: PIL converts it to LA only)
+        img = img.convert("LA")
     rgba = img.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(background, rgba).convert("RGB")

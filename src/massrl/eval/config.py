@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from massrl.config import (
     ConfigError,
     DataConfig,
     RunConfig,
+    Section,
     build_config,
     load_yaml,
     parse_overrides,
@@ -28,13 +29,11 @@ DATASET_INDEPENDENT = ("download", "batch_size", "num_workers", "pin_memory",
                        "persistent_workers", "strict")
 
 
-class _Base(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class _Base(Section):
     ckpt: str = Field("", validate_default=True,
                       description="(required) massrl pre-training checkpoint")
     output_dir: str | None = Field(None, description="default: runs/eval/<command>/<timestamp>")
-    seed: int | None = Field(None, description="default: the checkpoint's seed")
+    seed: int | None = Field(None, ge=0, lt=2**32, description="default: the checkpoint's seed")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     @field_validator("ckpt", mode="before")

@@ -1,4 +1,5 @@
-"""Frozen backbone features: the evaluation transforms, extraction in eval mode, and a disk cache.
+"""Frozen backbone features: extraction in eval mode and a disk cache, and the linear probe's
+train transform.
 
 The cache key holds everything that changes the features (checkpoint hash, dataset, split, subset,
 transform), so a cached file can never be reused for a different setting.
@@ -19,6 +20,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from massrl.data.eval_transform import channel_stats
+from massrl.data.images import as_rgb
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
@@ -28,30 +32,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def test_resize(image_size: int, crop_ratio: float | None) -> tuple[int, float]:
-    """(resize side, ratio): small images are evaluated whole, large ones with the 0.875 crop."""
-    ratio = crop_ratio if crop_ratio is not None else (1.0 if image_size <= 64 else 0.875)
-    return round(image_size / ratio), ratio
-
-
-def eval_transform(
-    image_size: int, mean: Sequence[float], std: Sequence[float], crop_ratio: float | None = None
-) -> T.Compose:
-    resize, _ = test_resize(image_size, crop_ratio)
-    # Bicubic resize + centre crop, as the online monitors of pre-training do, so that the
-    # offline and online numbers agree on the same checkpoint and split.
-    return T.Compose([
-        T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-        T.CenterCrop(image_size), T.ToTensor(), T.Normalize(mean, std),
-    ])
-
-
 def train_transform(
     image_size: int, mean: Sequence[float], std: Sequence[float],
     crop_scale: tuple[float, float] = (0.08, 1.0),
 ) -> T.Compose:
+    mean, std = channel_stats(mean, std)
     return T.Compose([
-        T.RandomResizedCrop(image_size, scale=crop_scale), T.RandomHorizontalFlip(),
+        as_rgb, T.RandomResizedCrop(image_size, scale=crop_scale), T.RandomHorizontalFlip(),
         T.ToTensor(), T.Normalize(mean, std),
     ])
 

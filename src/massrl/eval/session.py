@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 import massrl
 from massrl.config import ConfigError, to_yaml
+from massrl.data.eval_transform import EvalTransform, test_resize
 from massrl.data.folder import files_fingerprint
 from massrl.devices import resolve_num_workers
 from massrl.eval.checkpoint import Pretrained, load
@@ -27,9 +28,7 @@ from massrl.eval.config import build_eval_config, default_output_dir, raw_tree
 from massrl.eval.features import (
     Transformed,
     cached_features,
-    eval_transform,
     resolve_device,
-    test_resize,
 )
 
 Split = Literal["train", "test"]
@@ -62,7 +61,8 @@ def configure(parser: argparse.ArgumentParser, schema: type) -> None:
     add_config_args(parser, schema,
                     config_help="YAML file of this command's keys (e.g. saved from "
                     "--print-config); pre-training configs do not apply here",
-                    example="ckpt=runs/RUN/checkpoints/last.ckpt data.eval_subset=null")
+                    example="ckpt=runs/RUN/checkpoints/last.ckpt"
+                    + (" data.eval_subset=null" if "data" in schema.model_fields else ""))
     note = ("data.* and seed default to the checkpoint's own pre-training values (the table "
             "below shows the plain defaults); naming another data.name evaluates transfer.")
     if "data" not in schema.model_fields:
@@ -94,7 +94,7 @@ def output_file(out: str | None, run: EvalRun, default_name: str) -> Path:
     directory; checked writable now, before the work: an OSError naming the path, not one
     after it."""
     path = Path(out) if out else run.output_dir / default_name
-    if path.is_dir():
+    if path.is_dir() or (out and out.endswith(("/", os.sep))):  # "new_folder/" is a folder too
         path = path / default_name
     check_writable(path)
     return path
@@ -184,7 +184,7 @@ def features(run: EvalRun, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
            "root": cfg.data.root, "subset": cfg.data.subset, "eval_subset": cfg.data.eval_subset,
            "seed": cfg.seed, "num_samples": len(ds), "files": files_fingerprint(ds),
            "version": FEATURES_VERSION, **test_transform_info(run)}
-    transform = eval_transform(run.image_size, run.splits.mean, run.splits.std,
+    transform = EvalTransform(run.image_size, run.splits.mean, run.splits.std,
                                cfg.test_crop_ratio)
     return cached_features(
         run.pre.backbone, Transformed(ds, transform), key, cache_dir=cfg.cache_dir,

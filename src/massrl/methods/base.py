@@ -97,6 +97,23 @@ class SSLMethod(L.LightningModule):
     def pair_mask(self, batch: dict) -> torch.Tensor:
         return pair_mask(batch["strategy"], batch["crop"], self.cfg.augment.pairs)
 
+    def use_data(self, splits: Any) -> None:
+        """Train on these splits (massrl.data.DatasetSplits): record their normalisation, which
+        checkpoints keep for evaluation and export, and for augment.backend=batched make the
+        augmenter that normalises with it."""
+        self.normalization = {"mean": list(splits.mean), "std": list(splits.std),
+                              "image_size": self.cfg.data.image_size, "classes": splits.classes}
+        if self.cfg.augment.backend == "batched" and self.augmenter is None:
+            from massrl.augment.batched import BatchedAugmenter
+
+            self.augmenter = BatchedAugmenter(self.cfg.augment, splits.mean, splits.std)
+
+    def setup(self, stage: str) -> None:
+        # fitted from Python with a massrl datamodule: take its data, as `massrl pretrain` does
+        dm = getattr(self.trainer, "datamodule", None)
+        if not self.normalization and dm is not None and hasattr(dm, "splits"):
+            self.use_data(dm.splits)
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.augmenter is not None and self.trainer.training:
             from massrl.augment.batched import plan_batch
@@ -106,6 +123,11 @@ class SSLMethod(L.LightningModule):
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        views = batch.get("views") if isinstance(batch, dict) else None
+        if views and views[0].dtype == torch.uint8 and self.augmenter is None:
+            raise RuntimeError(
+                "the batch holds uint8 crops (augment.backend=batched) but the model has no "
+                "augmenter: fit it with massrl's SSLDataModule, or call model.use_data(splits)")
         if self.augmenter is not None and self.trainer.training:
             from massrl.augment.batched import augment_batch
 

@@ -29,12 +29,13 @@ import torch
 from torch import Tensor
 
 from massrl.config import AugmentConfig
+from massrl.data.eval_transform import channel_stats
 
 from . import ops
 from .buffers import BufferPool
 from .families import FamilyFn, OpFamilies, use_cpu_kernels
 from .flips import flip_after, flip_first, load_flipped
-from .inputs import check_call, check_strategy_ids
+from .inputs import check_call, check_plan_inputs, check_strategy_ids
 from .plan import Grouping, Plan, consecutive_runs, family_lut, group_by_family
 from .policies import PolicySampler, Program, on_device
 
@@ -59,7 +60,7 @@ class BatchedAugmenter:
     ) -> None:
         self.cfg = cfg
         self.sampler = PolicySampler(cfg)
-        self._mean_std = ([float(m) for m in mean], [float(s) for s in std])
+        self._mean_std = channel_stats(mean, std)  # checked; one value serves 3 channels
         self.grouped = grouped
         self.chunk_bytes = chunk_bytes
         self.families = OpFamilies(use_cpu_kernels(cfg.cpu_kernels), interpolation)
@@ -101,6 +102,10 @@ class BatchedAugmenter:
         if views[0].shape[0] == 0:  # an empty batch
             return [torch.empty(v.shape, dtype=torch.float32, device=v.device) for v in views]
         grouped = self.grouped if self.grouped is not None else views[0].device.type == "cpu"
+        if plan is not None and plan.size != views[0].shape[-1]:
+            raise ValueError(f"the plan was drawn for {plan.size} px views, these are "
+                             f"{views[0].shape[-1]} px: draw it with aug.plan(strategy, seeds, "
+                             f"{views[0].shape[-1]})")
         with torch.autocast(views[0].device.type, enabled=False):  # keep the maths in float32
             if plan is not None and not grouped and not self.cfg.compile:
                 return self._apply_planned(views, plan)
@@ -112,11 +117,16 @@ class BatchedAugmenter:
     def plan(self, strategy: Tensor, seeds: Tensor, size: int) -> Plan:
         """On the host: the programs of views with these strategies and seeds, [B, V] each, and
         their grouping for the device's grouped mode (the families with translations in the
-        warp, as full mode)."""
+        warp, as full mode). Pass the call the same strategy ids and seeds; the CPU's grouped
+        mode plans for itself and ignores a plan."""
+        if seeds is None:
+            raise ValueError("a plan needs the views' seeds [B, V]: the call that uses it must "
+                             "pass the same seeds")
+        check_plan_inputs(strategy, seeds)
         check_strategy_ids(strategy, self.cfg.strategies)
         prog = self._sample(strategy, size, None, seeds)
         families = self._families[False]
-        return Plan(prog, group_by_family(prog, family_lut(families), len(families)))
+        return Plan(prog, group_by_family(prog, family_lut(families), len(families)), size)
 
     def _sample(self, strategy: Tensor, size: int, generator: torch.Generator | None,
                 seeds: Tensor | None) -> Program:

@@ -24,14 +24,26 @@ def check_call(views: Sequence[Tensor], strategy: Tensor, seeds: Tensor | None,
         if v.shape != views[0].shape:
             raise ValueError(f"every view batch must have one shape, got {list(v.shape)} "
                              f"and {list(views[0].shape)}")
-    if strategy.dim() != 2 or (views and strategy.shape[0] != views[0].shape[0]):
+    check_plan_inputs(strategy, seeds)
+    if views and strategy.shape[0] != views[0].shape[0]:
         raise ValueError(f"strategy must be [B, V] for batches of B = "
                          f"{views[0].shape[0] if views else '?'}, got {list(strategy.shape)}")
+    if read_values and strategy.device.type == "cpu":  # (reading is free here)
+        check_strategy_ids(strategy, strategies)
+
+
+def check_plan_inputs(strategy: Tensor, seeds: Tensor | None) -> None:
+    """strategy and seeds as [B, V] integer tensors (a float id would be truncated to no
+    strategy at all: the view would come out un-augmented)."""
+    if strategy.dim() != 2:
+        raise ValueError(f"strategy must be [B, V] (each view's strategy id), got "
+                         f"{list(strategy.shape)}")
+    dtype = strategy.dtype
+    if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        raise ValueError(f"strategy ids must be an integer tensor, got {strategy.dtype}")
     if seeds is not None and seeds.shape != strategy.shape:
         raise ValueError(f"seeds must be [B, V] like strategy {list(strategy.shape)}, "
                          f"got {list(seeds.shape)}")
-    if read_values and strategy.device.type == "cpu":  # (reading is free here)
-        check_strategy_ids(strategy, strategies)
 
 
 def check_strategy_ids(strategy: Tensor, strategies: Sequence[str]) -> None:

@@ -46,14 +46,16 @@ class Grouping:
 
 @dataclass
 class Plan:
-    """A batch's programs, drawn on the host from its views' seeds, and their grouping."""
+    """A batch's programs, drawn on the host from its views' seeds for views of `size` px, and
+    their grouping. It is valid only for the strategy ids and seeds it was drawn from."""
 
     prog: Program
     grouping: Grouping
+    size: int
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> Plan:
         """fn applied to every tensor of the programs and the grouping."""
-        return Plan(self.prog.map(fn), self.grouping.map(fn))
+        return Plan(self.prog.map(fn), self.grouping.map(fn), self.size)
 
     def to(self, device: torch.device) -> Plan:
         """The plan on `device`, copied without waiting (the group sizes stay host ints). The

@@ -17,8 +17,9 @@ from PIL import Image
 
 from massrl.augment.batched.draws import new_seeds
 from massrl.augment.crops import UniformCrop, build_crop
-from massrl.augment.views import as_rgb, pil_to_chw
+from massrl.augment.views import pil_to_chw
 from massrl.config import AugmentConfig
+from massrl.data.images import as_rgb
 
 RATIO = (3 / 4, 4 / 3)
 TENSOR_RESIZE_FROM = 64  # view side (px) from which crops are resized by torch, not PIL

@@ -1,0 +1,61 @@
+"""The one test-time transform: online monitors during pre-training, `massrl knn`, `massrl linear`
+and `massrl umap` all see a test image the same way, so their numbers agree on one checkpoint.
+
+Also the check of the normalisation statistics every transform and the batched engine take.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+from massrl.data.images import as_rgb
+
+SMALL_IMAGE = 64  # up to this size a test image is seen whole; larger ones with the 0.875 crop
+
+
+def channel_stats(mean: Sequence[float] | float, std: Sequence[float] | float
+                  ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Per-channel (mean, std) of RGB inputs: one value (a grey dataset's) serves all three
+    channels; std must be positive (the inputs are divided by it)."""
+    out = []
+    for name, value in (("mean", mean), ("std", std)):
+        values = [value] if isinstance(value, int | float) else list(value)
+        if len(values) == 1:
+            values *= 3
+        if len(values) != 3:
+            raise ValueError(f"{name} needs 1 or 3 values (the inputs are RGB), got {len(values)}")
+        out.append(tuple(float(v) for v in values))
+    if min(out[1]) <= 0:
+        raise ValueError(f"std must be positive in every channel, got {list(out[1])}")
+    return out[0], out[1]
+
+
+def test_resize(image_size: int, crop_ratio: float | None = None) -> tuple[int, float]:
+    """(resize side, ratio): small images are evaluated whole, large ones with the 0.875 crop."""
+    ratio = crop_ratio if crop_ratio is not None else (1.0 if image_size <= SMALL_IMAGE else 0.875)
+    return round(image_size / ratio), ratio
+
+
+class EvalTransform:
+    """PIL image of any mode -> float [3, S, S]: the shorter side resized (bicubic) to S / ratio,
+    a centre S x S crop, normalised (see `test_resize` for the ratio)."""
+
+    def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
+                 crop_ratio: float | None = None) -> None:
+        self.image_size = image_size
+        self.resize, self.crop_ratio = test_resize(image_size, crop_ratio)
+        self.mean, self.std = channel_stats(mean, std)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = F.resize(as_rgb(img), [self.resize], InterpolationMode.BICUBIC, antialias=True)
+        img = F.center_crop(img, [self.image_size, self.image_size])
+        return F.normalize(F.to_tensor(img), self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return (f"EvalTransform(image_size={self.image_size}, resize={self.resize}, "
+                f"crop_ratio={self.crop_ratio})")
