@@ -162,6 +162,11 @@ def test_help_lists_options_with_defaults():
     out = subprocess.run([sys.executable, "-m", "massrl", "pretrain", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "augment.view_mode" in out and "default random" in out
+    # what a plain `massrl pretrain` runs (its shipped config) where it differs from the schema
+    width = next(line for line in out.splitlines() if line.strip().startswith("model.width "))
+    assert "default 64 (without -c: 16)" in width
+    view_mode = next(line for line in out.splitlines() if "augment.view_mode " in line)
+    assert "without -c" not in view_mode  # the same in both
     top = subprocess.run([sys.executable, "-m", "massrl", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "pretrain" in top and "augviz" in top

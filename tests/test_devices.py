@@ -52,3 +52,12 @@ def test_bad_worker_counts_get_one_clear_message(bad: str) -> None:
     text = str(err.value)
     assert "data.num_workers" in text and "whole number >= 0 or 'auto'" in text
     assert "literal" not in text  # not one line per branch of the union
+
+
+def test_sync_batchnorm_is_off_on_the_cpu_with_a_notice(capsys) -> None:
+    from massrl.devices import use_sync_batchnorm
+
+    assert use_sync_batchnorm(True, "cpu") is False
+    assert "off on the CPU" in capsys.readouterr().out
+    assert use_sync_batchnorm(False, "cpu") is False and capsys.readouterr().out == ""
+    assert use_sync_batchnorm(True, "gpu") is True

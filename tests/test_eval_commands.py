@@ -140,6 +140,7 @@ def test_transfer_uses_the_eval_dataset_size_and_warns(tmp_path):
     code, res = _run(tmp_path, "knn", f"ckpt={ckpt}", "data.name=digits", "k=[5]")
     assert code == 0
     assert res["protocol"]["dataset"]["transfer"] and res["protocol"]["dataset"]["image_size"] == 8
+    assert res["protocol"]["config"]["data"]["image_size"] == 8  # what ran, not the checkpoint's
     assert res["protocol"]["config"]["data"]["root"] is None
     assert any("pre-trained at 32 px" in w for w in res["warnings"])
 

@@ -158,3 +158,22 @@ def test_summary_table_formats_by_kind(capsys):
                    "images_per_s": 7.1, "train_seconds": 9.01, "epochs": 1, "run_dir": "r"})
     out = capsys.readouterr().out
     assert "0.5123" in out and "7.1 " in out and "9.0 " in out and "7.1000" not in out
+
+
+def test_default_run_directories_and_processes_started_apart(tmp_path, monkeypatch):
+    from massrl.config import ConfigError, build_config
+    from massrl.train import RUN_DIR_ENV, make_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    cfg = build_config(overrides=["data.name=digits"])
+    for n in range(2):
+        monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+        assert make_run_dir(cfg) == Path("runs/massrl_digits") / f"version_{n}"
+    # ranks started by torchrun or srun would each pick their own: output_dir is required
+    for variable in ("WORLD_SIZE", "SLURM_NTASKS"):
+        monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+        monkeypatch.setenv(variable, "2")
+        with pytest.raises(ConfigError, match="needs output_dir=DIR"):
+            make_run_dir(cfg)
+        monkeypatch.setenv(variable, "1")
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)

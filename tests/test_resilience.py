@@ -126,6 +126,12 @@ def test_resume_with_a_changed_backbone_is_refused(tiny, capsys):
     assert main(["pretrain", *args, "resume=auto", "model.width=16"]) == 2
     err = capsys.readouterr().err
     assert "model.width: 8 in the checkpoint, 16 now" in err
+    # another method is named; SimCLR's lack of a predictor is not listed as a change
+    assert main(["pretrain", *args, "resume=auto", "method=simclr",
+                 "model.pred_hidden_dim=64"]) == 2
+    err = capsys.readouterr().err
+    assert "method: 'byol' in the checkpoint, 'simclr' now" in err
+    assert "pred_hidden_dim" not in err
 
 
 def test_resuming_a_finished_run_trains_nothing_and_keeps_its_summary(tiny, capsys):

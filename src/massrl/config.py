@@ -80,23 +80,31 @@ class AugmentConfig(Section):
         min_length=1,
         description="augmentation strategies views are drawn from",
     )
-    view_mode: Literal["random", "per_strategy", "crops_x_strategies"] = "random"
+    view_mode: Literal["random", "per_strategy", "crops_x_strategies"] = Field(
+        "random", description="random: num_views views, a strategy drawn per view; per_strategy: "
+        "a view per strategy; crops_x_strategies: num_crops crops x every strategy")
     num_views: int = Field(2, ge=2, description="views per image in view_mode=random")
     num_crops: int = Field(2, ge=1, description="shared crops in view_mode=crops_x_strategies")
     pairs: Literal["all", "cross_strategy", "within_strategy", "cross_crop"] = Field(
         "all", description="which ordered view pairs enter the loss"
     )
-    crop: Literal["rrc", "uniform"] = "rrc"
+    crop: Literal["rrc", "uniform"] = Field(
+        "rrc", description="rrc: RandomResizedCrop (crop_scale); uniform: the paper's square crop "
+        "(uniform_crop_range)")
     crop_scale: tuple[float, float] = Field((0.08, 1.0), description="rrc area scale range")
     uniform_crop_range: tuple[float, float] = Field(
         (0.5, 1.0), description="uniform crop side as a fraction of the shorter side"
     )
     randaugment: RandAugmentConfig = Field(default_factory=RandAugmentConfig)
-    autoaugment_policy: Literal["imagenet", "cifar10", "svhn"] = "imagenet"
-    fastautoaugment_policy: Literal["imagenet", "cifar10", "svhn"] = "imagenet"
+    autoaugment_policy: Literal["imagenet", "cifar10", "svhn"] = Field(
+        "imagenet", description="AutoAugment's searched policy")
+    fastautoaugment_policy: Literal["imagenet", "cifar10", "svhn"] = Field(
+        "imagenet", description="Fast AutoAugment's searched policy")
     # BYOL's asymmetric simclr pipeline: view 1 blur p=1 / solarize 0, view 2 blur 0.1 / sol. 0.2
     asymmetric: bool = Field(True, description="BYOL's asymmetric blur/solarize on simclr views")
-    backend: Literal["per_image", "batched"] = "per_image"
+    backend: Literal["per_image", "batched"] = Field(
+        "per_image", description="per_image: the pipeline in DataLoader workers; batched: workers "
+        "crop, the strategies run on the whole batch on the training device")
     cpu_kernels: Literal["auto", "numba", "torch"] = Field(
         "auto", description="batched backend on the CPU: each op as a fused numba kernel (auto: "
         "when numba is installed; numba: required) or as torch ops")
@@ -144,7 +152,8 @@ class AugmentConfig(Section):
 
 
 class DataConfig(Section):
-    name: Literal[DATASETS] = "fashion_mnist"  # type: ignore[valid-type]
+    name: Literal[DATASETS] = Field(  # type: ignore[valid-type]
+        "fashion_mnist", description="dataset; folder: data.root, with or without class folders")
     root: str | None = Field(None, description="where the dataset lives (default: per dataset)")
     download: bool = Field(False, description="let torchvision download when a network exists")
     subset: int | None = Field(None, gt=0, description="seeded class-balanced subset of N images")
@@ -152,10 +161,10 @@ class DataConfig(Section):
     image_size: int = Field(32, gt=0, description="crop size of every view")
     batch_size: int = Field(256, gt=0, description="per-device batch size")
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
-        "auto", description="DataLoader workers; auto: 0 on a CPU with <= 4 cores, cores/4 "
-        "on more, cores - 1 per GPU up to 8")
-    pin_memory: bool = True
-    persistent_workers: bool = True
+        "auto", description="DataLoader workers of each process; auto: 0 on a CPU with <= 4 "
+        "cores, cores/4 on more; on GPUs cores/devices - 1 per GPU process, at most 8")
+    pin_memory: bool = Field(True, description="page-locked batches (with a GPU only)")
+    persistent_workers: bool = Field(True, description="keep workers between epochs")
     strict: bool = Field(False, description="fail on an undecodable image instead of skipping it")
     mean: tuple[float, float, float] | None = Field(None, description="default: the dataset's")
     std: tuple[float, float, float] | None = Field(None, description="default: the dataset's")
@@ -186,9 +195,10 @@ class ModelConfig(Section):
     backbone: str = Field("resnet18", description="timm model name")
     cifar_stem: bool = Field(True, description="3x3 stride-1 first conv, no max-pool")
     width: int = Field(64, gt=0, description="channels of the first stage (64 = standard ResNet)")
-    proj_hidden_dim: int = Field(4096, gt=0)
-    proj_output_dim: int = Field(256, gt=0)
-    pred_hidden_dim: int = Field(4096, gt=0)
+    proj_hidden_dim: int = Field(4096, gt=0, description="projector MLP hidden width")
+    proj_output_dim: int = Field(256, gt=0, description="projection (embedding) size")
+    pred_hidden_dim: int = Field(4096, gt=0, description="predictor MLP hidden width (BYOL, "
+                                 "MASSRL)")
 
 
 class LossConfig(Section):
@@ -198,28 +208,31 @@ class LossConfig(Section):
 
 
 class OptimizerConfig(Section):
-    name: Literal["lars", "sgd", "adamw"] = "lars"
+    name: Literal["lars", "sgd", "adamw"] = Field("lars", description="the optimizer")
     lr: float = Field(1.0, gt=0, description="base lr for batch 256 (scaled by global batch/256)")
     scale_lr: bool = Field(True, description="multiply lr by global batch / 256")
-    weight_decay: float = Field(1e-6, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-6, ge=0, description="not on biases and norm parameters")
+    momentum: float = Field(0.9, ge=0, lt=1, description="lars / sgd momentum")
     trust_coefficient: float = Field(0.001, gt=0, description="LARS trust coefficient")
-    warmup_epochs: float = Field(10, ge=0)
+    warmup_epochs: float = Field(10, ge=0, description="linear warm-up, then cosine; "
+                                 "fractions of an epoch allowed")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr / peak lr of the cosine")
     exclude_bias_norm: bool = Field(True, description="biases and norms: no decay, no LARS")
 
 
 class TrainerConfig(Section):
     max_epochs: int = Field(100, gt=0)
-    accelerator: str = "auto"
-    devices: int | str | list[int] = "auto"
+    accelerator: str = Field("auto", description="Lightning's: auto, cpu, gpu, ...")
+    devices: int | str | list[int] = Field(
+        "auto", description="Lightning's: a count, auto, or a list of device ids")
     num_nodes: int = Field(1, gt=0)
-    strategy: str = "auto"
+    strategy: str = Field("auto", description="Lightning's: auto, ddp, ...")
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true",
                        "64-true"] = Field(
         "auto", description="auto = bf16-mixed where supported, else 32-true")
     accumulate_grad_batches: int = Field(1, gt=0)
-    sync_batchnorm: bool = False
+    sync_batchnorm: bool = Field(False, description="BatchNorm statistics over every rank's "
+                                 "batch (GPUs only)")
     channels_last: bool = Field(True, description="off on the CPU for models with strided 1x1 "
                                 "convs of < 16 input channels (oneDNN bug; devices.py)")
     compile: bool = False
@@ -254,16 +267,16 @@ class TrainerConfig(Section):
 
 class EvalConfig(Section):
     knn_every: int = Field(1, ge=0, description="online kNN monitor every N epochs (0 = off)")
-    knn_k: int = Field(200, gt=0)
-    knn_temperature: float = Field(0.07, gt=0)
+    knn_k: int = Field(200, gt=0, description="online kNN neighbours")
+    knn_temperature: float = Field(0.07, gt=0, description="online kNN vote temperature")
     probe: bool = Field(True, description="online linear probe on detached features")
-    probe_lr: float = Field(0.1, gt=0)
+    probe_lr: float = Field(0.1, gt=0, description="online linear probe's lr")
     umap_every: int | None = Field(None, gt=0, description="UMAP picture every N epochs")
 
 
 class RunConfig(Section):
     name: str | None = Field(None, description="run name (default: <method>_<dataset>)")
-    method: Literal["massrl", "byol", "simclr"] = "massrl"
+    method: Literal["massrl", "byol", "simclr"] = Field("massrl", description="the objective")
     seed: int = Field(0, ge=0, lt=2**32, description="seeds torch, numpy, python and every view")
     output_dir: str | None = Field(None, description="everything of the run goes here")
     resume: str | None = Field(None, description="'auto' or a checkpoint path")
@@ -458,22 +471,32 @@ def to_yaml(cfg: BaseModel) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def describe_options(schema: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
-    """One line per key: name, default and description, for --help."""
+def describe_options(schema: type[BaseModel] = RunConfig, prefix: str = "",
+                     without_c: dict | None = None) -> list[str]:
+    """One line per key: name, default and description, for --help; `without_c`: the tree of the
+    config a command loads when given no -c, whose values are shown where they differ."""
     lines = []
     for name, field in schema.model_fields.items():
         ann = field.annotation
+        given = (without_c or {}).get(name)
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            lines.extend(describe_options(ann, prefix + name + "."))
+            lines.extend(describe_options(ann, prefix + name + ".",
+                                          given if isinstance(given, dict) else None))
             continue
         default = _jsonable(field.get_default(call_default_factory=True))
-        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+        shown = _flow(default)
+        if without_c and name in without_c and _jsonable(given) != default:
+            shown += f" (without -c: {_flow(_jsonable(given))})"
         desc = f"  {field.description}" if field.description else ""
         choices = _choices(ann)
         if choices:
             desc += f"  (one of: {', '.join(choices)})"
         lines.append(f"  {prefix + name:<34} default {shown}{desc}")
     return lines
+
+
+def _flow(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _choices(annotation: Any) -> list[str]:

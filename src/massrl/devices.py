@@ -87,6 +87,16 @@ def channels_last_hazards(model: nn.Module) -> list[str]:
             and m.in_channels < ONEDNN_1X1_MIN_CHANNELS]
 
 
+def use_sync_batchnorm(requested: bool, accelerator: str) -> bool:
+    """trainer.sync_batchnorm as it can run: torch's SyncBatchNorm synchronises CUDA tensors only
+    (on CPU ranks it raises), so a CPU run keeps each rank's own statistics, with a notice."""
+    if requested and trains_on_cpu(accelerator):
+        print("trainer.sync_batchnorm: off on the CPU (torch's SyncBatchNorm runs on GPUs only); "
+              "each rank normalises over its own batch")
+        return False
+    return requested
+
+
 def use_channels_last(requested: bool, accelerator: str, model: nn.Module) -> bool:
     """trainer.channels_last as it can run: off on the CPU for models with hazards (a notice
     says so); the config keeps what was asked, as with num_workers=auto."""

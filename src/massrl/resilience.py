@@ -148,8 +148,11 @@ def check_resume_compatible(cfg: RunConfig, ckpt_path: Path) -> dict:
     if saved is None:
         raise ConfigError(f"{ckpt_path} is not a massrl pre-training checkpoint: cannot resume")
     now = cfg.model_dump(mode="json")
+    # SimCLR has no predictor: its width is no change of a model where either side lacks one
+    no_predictor = "simclr" in (saved.get("method"), now["method"])
     changed = [f"{k}: {_get(saved, k)!r} in the checkpoint, {_get(now, k)!r} now"
-               for k in FROZEN_KEYS if _get(saved, k) != _get(now, k)]
+               for k in FROZEN_KEYS if _get(saved, k) != _get(now, k)
+               and not (no_predictor and k == "model.pred_hidden_dim")]
     if changed:
         raise ConfigError(
             f"cannot resume from {ckpt_path}: the config changed what cannot change mid-run:\n  "

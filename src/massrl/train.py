@@ -19,7 +19,13 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from massrl.augment.views import sparse_pairs_note
 from massrl.config import ConfigError, RunConfig, to_yaml
-from massrl.devices import run_num_workers, trains_on_cpu, usable_cores, use_channels_last
+from massrl.devices import (
+    run_num_workers,
+    trains_on_cpu,
+    usable_cores,
+    use_channels_last,
+    use_sync_batchnorm,
+)
 from massrl.memory import retain_freed_memory
 from massrl.methods import SSLMethod, build_method
 from massrl.resilience import (
@@ -79,7 +85,8 @@ def make_run_dir(cfg: RunConfig) -> Path:
         run_dir = Path(cfg.output_dir)
     elif os.environ.get(RUN_DIR_ENV):
         run_dir = Path(os.environ[RUN_DIR_ENV])
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    elif max(int(os.environ.get(v) or 1) for v in ("WORLD_SIZE", "SLURM_NTASKS")) > 1:
+        # processes started apart (torchrun, srun) would each pick a directory of their own
         raise ConfigError("a run launched as several processes (torchrun, srun) needs "
                           "output_dir=DIR, the same on every process")
     else:
@@ -184,7 +191,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Tr
         strategy=t.strategy,
         precision=resolve_precision(t.precision, t.accelerator),
         accumulate_grad_batches=t.accumulate_grad_batches,
-        sync_batchnorm=t.sync_batchnorm,
+        sync_batchnorm=use_sync_batchnorm(t.sync_batchnorm, t.accelerator),
         gradient_clip_val=t.gradient_clip_val,
         log_every_n_steps=t.log_every_n_steps,
         limit_train_batches=t.limit_train_batches,

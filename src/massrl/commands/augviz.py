@@ -14,15 +14,18 @@ HELP = ("Draw a PNG grid: one row per image, the original then each view labelle
         "strategy and ops. Works on any dataset, including data.name=folder data.root=DIR.")
 
 
+DEFAULT_CONFIG = "fashion_mnist/massrl"
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_config_args(parser, RunConfig)
+    add_config_args(parser, RunConfig, default_config=DEFAULT_CONFIG)
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--images", type=int, default=8, help="rows (images) in the grid")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.config is None:
-        args.config = "fashion_mnist/massrl"
+        args.config = DEFAULT_CONFIG
     cfg = resolve(args, RunConfig)
     if cfg is None:
         return 0

@@ -7,21 +7,25 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from massrl.config import build_config, describe_options, to_yaml
+from massrl.config import build_config, describe_options, load_yaml, to_yaml
 
 
 def add_config_args(parser: argparse.ArgumentParser, schema: type[BaseModel],
                     config_help: str = "YAML config file, or a shipped one such as "
                     "fashion_mnist/massrl",
-                    example: str = "optimizer.lr=0.5 data.subset=2000") -> None:
+                    example: str = "optimizer.lr=0.5 data.subset=2000",
+                    default_config: str | None = None) -> None:
     parser.add_argument("-c", "--config", metavar="FILE.yaml", help=config_help)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help=f"dotted overrides, e.g. {example}")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config and exit")
-    parser.epilog = ("config keys and their schema defaults (a -c config file may set others; "
-                     "--print-config shows the resolved values):\n"
-                     + "\n".join(describe_options(schema)))
+    shipped = load_yaml(default_config) if default_config else None
+    note = (f"; '(without -c: X)' is the value of {default_config}, which runs without -c"
+            if default_config else "")
+    parser.epilog = (f"config keys and their schema defaults{note} (a -c config file may set "
+                     "others; --print-config shows the resolved values):\n"
+                     + "\n".join(describe_options(schema, without_c=shipped)))
 
 
 def resolve(args: argparse.Namespace, schema: type[BaseModel]) -> Any:

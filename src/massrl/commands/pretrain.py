@@ -18,7 +18,7 @@ DEFAULT_CONFIG = "fashion_mnist/massrl"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_config_args(parser, RunConfig)
+    add_config_args(parser, RunConfig, default_config=DEFAULT_CONFIG)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -39,7 +39,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise CheckpointError(
             f"checkpoint '{path}' not found. Pass ckpt=PATH to a checkpoint written by "
-            "`massrl pretrain` (e.g. runs/<run>/checkpoints/last.ckpt)."
+            "`massrl pretrain` (e.g. runs/<run>/version_0/checkpoints/last.ckpt)."
         )
     if p.stat().st_size == 0:
         raise CheckpointError(f"checkpoint '{path}' is an empty file (0 bytes).")

@@ -206,6 +206,8 @@ def protocol(run: EvalRun) -> dict[str, Any]:
         "config": run.cfg.model_dump(mode="json"),
     }
     if run.splits is not None:
+        if "data" in info["config"]:  # the size evaluated at (a transfer's own, unless asked)
+            info["config"]["data"]["image_size"] = run.image_size
         info["dataset"] = {
             "name": run.cfg.data.name, "transfer": run.transfer, "image_size": run.image_size,
             "num_classes": run.splits.num_classes, "test_transform": test_transform_info(run),
