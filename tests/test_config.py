@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from massrl.cli import main
+from massrl.cli import COMMANDS, main
 from massrl.config import PACKAGE_CONFIGS, ConfigError, RunConfig, build_config
 
 
@@ -170,6 +170,17 @@ def test_help_lists_options_with_defaults():
     top = subprocess.run([sys.executable, "-m", "massrl", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "pretrain" in top and "augviz" in top
+
+
+def test_help_loads_no_torch():
+    """--help answers at once: no command imports torch or Lightning for its options."""
+    for argv in ([], ["--help"], *([c, "--help"] for c in COMMANDS)):
+        code = "\n".join(["import sys", "from massrl.cli import main", "try:",
+                          f"    main({argv!r})", "except SystemExit:", "    pass",
+                          "print(sorted({'torch', 'lightning'} & set(sys.modules)))"])
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True).stdout
+        assert out.strip().splitlines()[-1] == "[]", argv
 
 
 def test_configs_symlink_points_at_package():

@@ -6,18 +6,31 @@ import argparse
 import errno
 import importlib
 import sys
+from collections.abc import Collection
 
 from massrl.config import ConfigError
 
-# Each module defines NAME, HELP, configure(parser) and run(args) -> int.
-COMMANDS = ("pretrain", "augviz", "knn", "linear", "umap", "export")
+# Each module defines NAME, HELP (its --help description), configure(parser) and run(args) -> int.
+# Only the invoked command's module is imported (the evaluation commands import torch and
+# Lightning): `massrl --help` lists the commands with these summaries without loading any.
+COMMANDS = {
+    "pretrain": "pre-train a backbone (MASSRL, BYOL, SimCLR)",
+    "augviz": "draw what the augmentation strategies do to some images",
+    "knn": "weighted kNN accuracy of a checkpoint's frozen features",
+    "linear": "linear evaluation, or semi-supervised fine-tuning, of a checkpoint",
+    "umap": "a UMAP picture of a checkpoint's features",
+    "export": "export a checkpoint's backbone for timm / torchvision",
+}
 
 
 def _load(name: str):
     return importlib.import_module(f"massrl.commands.{name}")
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+def build_parser(configure: Collection[str] = tuple(COMMANDS)
+                 ) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The `massrl` parser, with the sub-parsers of the commands in `configure` given their
+    options (the others list the command only)."""
     parser = argparse.ArgumentParser(
         prog="massrl",
         description="Self-supervised pre-training with multiple augmentation strategies "
@@ -27,15 +40,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parsers = {}
-    for name in COMMANDS:
-        module = _load(name)
-        p = sub.add_parser(
-            module.NAME, help=module.HELP, description=module.HELP,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.configure(p)
-        p.set_defaults(_run=module.run, command=module.NAME)
-        parsers[module.NAME] = p
+    for name, summary in COMMANDS.items():
+        p = sub.add_parser(name, help=summary, description=summary,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        if name in configure:
+            module = _load(name)
+            p.description = module.HELP
+            module.configure(p)
+            p.set_defaults(_run=module.run, command=name)
+        parsers[name] = p
     return parser, parsers
 
 
@@ -50,13 +63,14 @@ def os_error_message(exc: OSError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser, parsers = build_parser()
-    if argv and argv[0] in parsers:
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    parser, parsers = build_parser([command] if command else [])
+    if command is not None:
         # intermixed: options may stand between KEY=VALUE overrides (`ckpt=X --out f.png k=20`)
         args = parsers[argv[0]].parse_intermixed_args(argv[1:])
-    else:
+    else:  # no command, or options first: nothing to run but help or a usage error
         args = parser.parse_args(argv)
-    if args.command is None:
+    if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0
     try:

@@ -28,6 +28,21 @@ def add_config_args(parser: argparse.ArgumentParser, schema: type[BaseModel],
                      + "\n".join(describe_options(schema, without_c=shipped)))
 
 
+def add_eval_args(parser: argparse.ArgumentParser, schema: type) -> None:
+    """An evaluation command's -c/overrides/--print-config arguments, with a note on the
+    checkpoint's defaults (here, not in massrl.eval.session: --help loads no torch)."""
+    add_config_args(parser, schema,
+                    config_help="YAML file of this command's keys (e.g. saved from "
+                    "--print-config); pre-training configs do not apply here",
+                    example="ckpt=runs/RUN/checkpoints/last.ckpt"
+                    + (" data.eval_subset=null" if "data" in schema.model_fields else ""))
+    note = ("data.* and seed default to the checkpoint's own pre-training values (the table "
+            "below shows the plain defaults); naming another data.name evaluates transfer.")
+    if "data" not in schema.model_fields:
+        note = "Input size and normalisation are taken from the checkpoint's run config."
+    parser.epilog = note + "\n\n" + (parser.epilog or "")
+
+
 def resolve(args: argparse.Namespace, schema: type[BaseModel]) -> Any:
     """The validated config; prints it and returns None when --print-config was given."""
     cfg = build_config(schema, args.config, args.overrides)

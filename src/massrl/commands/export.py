@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from massrl.eval import session
+from massrl.commands.common import add_eval_args
 from massrl.eval.config import ExportConfig
-from massrl.eval.export import export_backbone
+
+if TYPE_CHECKING:
+    from massrl.eval.session import EvalRun
 
 NAME = "export"
 HELP = ("Export the pre-trained backbone as a state_dict + JSON manifest that load with "
@@ -15,11 +17,11 @@ HELP = ("Export the pre-trained backbone as a state_dict + JSON manifest that lo
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    session.configure(parser, ExportConfig)
+    add_eval_args(parser, ExportConfig)
     parser.add_argument("--out", metavar="FILE.pt", help="same as out=FILE.pt")
 
 
-def _normalisation(r: session.EvalRun) -> tuple[Any, Any]:
+def _normalisation(r: EvalRun) -> tuple[Any, Any]:
     """The mean/std pre-training used: its config, the checkpoint's record, or the dataset's."""
     data = r.pre.config.data
     if data.mean is not None and data.std is not None:
@@ -39,6 +41,9 @@ def _normalisation(r: session.EvalRun) -> tuple[Any, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from massrl.eval import session
+    from massrl.eval.export import export_backbone
+
     if args.out:
         args.overrides = [*args.overrides, f"out={args.out}"]
     r = session.start(NAME, ExportConfig, args)

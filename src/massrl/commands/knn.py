@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch.nn.functional as F
-
-from massrl.eval import session
+from massrl.commands.common import add_eval_args
 from massrl.eval.config import KnnEvalConfig
-from massrl.eval.knn import weighted_knn
 
 NAME = "knn"
 HELP = ("Weighted kNN (cosine, k=20 and 200, temperature 0.07) on frozen, L2-normalised backbone "
@@ -16,10 +13,15 @@ HELP = ("Weighted kNN (cosine, k=20 and 200, temperature 0.07) on frozen, L2-nor
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    session.configure(parser, KnnEvalConfig)
+    add_eval_args(parser, KnnEvalConfig)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch.nn.functional as F
+
+    from massrl.eval import session
+    from massrl.eval.knn import weighted_knn
+
     r = session.start(NAME, KnnEvalConfig, args)
     if r is None:
         return 0

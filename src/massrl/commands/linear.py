@@ -3,31 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
-from typing import Any
 
-import torch
-from torch.utils.data import Dataset, Subset
-
-from massrl.config import ConfigError
-from massrl.data.eval_transform import EvalTransform
-from massrl.eval import session
+from massrl.commands.common import add_eval_args
 from massrl.eval.config import LinearEvalConfig
-from massrl.eval.features import (
-    Transformed,
-    cached_features,
-    make_loader,
-    train_transform,
-)
-from massrl.eval.linear import (
-    LinearResult,
-    SGDRecipe,
-    label_subset,
-    train_linear_on_features,
-    train_on_images,
-)
-from massrl.models.backbones import feature_dim
 
 NAME = "linear"
 HELP = ("Offline linear evaluation on the frozen backbone (SGD + cosine, random crop + flip, "
@@ -36,93 +14,10 @@ HELP = ("Offline linear evaluation on the frozen backbone (SGD + cosine, random 
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    session.configure(parser, LinearEvalConfig)
-
-
-def _targets(ds: Dataset) -> list[int]:
-    targets = getattr(ds, "targets", None)
-    if targets is None:  # no label list: read the items (slow, decodes every image once)
-        targets = [ds[i][1] for i in range(len(ds))]  # type: ignore[arg-type]
-    return [int(t) for t in targets]
-
-
-def _train_set(r: session.EvalRun) -> tuple[Dataset, dict[str, Any]]:
-    """The labeled training images, restricted to the label fraction when one is asked for."""
-    cfg, ds = r.cfg, r.splits.train_labeled
-    if cfg.label_fraction is None and cfg.subset_file is None:
-        return ds, {"label_fraction": None, "num_train": len(ds)}
-    try:
-        indices, path, fraction = label_subset(
-            _targets(ds), cfg.label_fraction, cfg.seed, dataset=cfg.data.name,
-            subset_file=cfg.subset_file, save_dir=r.output_dir,
-        )
-    except (ValueError, OSError) as exc:
-        raise ConfigError(str(exc)) from None
-    digest = hashlib.sha256(json.dumps(indices).encode()).hexdigest()
-    info = {"label_fraction": fraction, "num_train": len(indices),
-            "subset_file": str(path) if path else None, "subset_sha256": digest}
-    return Subset(ds, indices), info
-
-
-def _cached_mode(r: session.EvalRun, train: Dataset, subset: dict[str, Any],
-                 recipe: SGDRecipe) -> LinearResult:
-    cfg = r.cfg
-    if subset["label_fraction"] is None and cfg.subset_file is None:
-        train_x, train_y = session.features(r, "train")
-    else:  # features of exactly the chosen images (bad images may be skipped, so no indexing)
-        key = {"ckpt_sha256": r.pre.sha256, "split": "train-subset",
-               "subset_sha256": subset["subset_sha256"], "seed": cfg.seed,
-               "dataset": cfg.data.name, "root": cfg.data.root, "version": session.FEATURES_VERSION,
-               **session.test_transform_info(r)}
-        transform = EvalTransform(r.image_size, r.splits.mean, r.splits.std, cfg.test_crop_ratio)
-        train_x, train_y = cached_features(
-            r.pre.backbone, Transformed(train, transform), key, cache_dir=cfg.cache_dir,
-            use_cache=cfg.cache, device=r.device, batch_size=cfg.data.batch_size,
-            num_workers=session.loader_workers(r))
-    test_x, test_y = session.features(r, "test")
-    return train_linear_on_features(train_x, train_y, test_x, test_y, r.splits.num_classes,
-                                    recipe, cfg.seed, r.device)
-
-
-def _image_mode(r: session.EvalRun, train: Dataset, recipe: SGDRecipe) -> LinearResult:
-    cfg, s = r.cfg, r.splits
-    aug = train_transform(r.image_size, s.mean, s.std, tuple(cfg.crop_scale))
-    # Fine-tuning trains batch-norm: a last batch of one image would break it.
-    drop_last = cfg.finetune and len(train) > cfg.batch_size
-    loader = make_loader(Transformed(train, aug), cfg.batch_size, shuffle=True, seed=cfg.seed,
-                         num_workers=session.loader_workers(r), device=r.device,
-                         drop_last=drop_last)
-    common = dict(finetune=cfg.finetune, seed=cfg.seed, device=r.device)
-    if cfg.finetune:
-        test = Transformed(s.test, EvalTransform(r.image_size, s.mean, s.std,
-                                                 cfg.test_crop_ratio))
-        common["test_loader"] = make_loader(test, cfg.data.batch_size, device=r.device,
-                                            num_workers=session.loader_workers(r))
-    else:
-        common["test_features"] = session.features(r, "test")
-    return train_on_images(r.pre.backbone, s.num_classes, feature_dim(r.pre.backbone), loader,
-                           recipe, **common)
+    add_eval_args(parser, LinearEvalConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    r = session.start(NAME, LinearEvalConfig, args)
-    if r is None:
-        return 0
-    session.open_data(r)
-    cfg = r.cfg
-    torch.manual_seed(cfg.seed)
-    train, subset = _train_set(r)
-    recipe = SGDRecipe(cfg.epochs, cfg.lr, cfg.batch_size, cfg.momentum, cfg.weight_decay,
-                       cfg.nesterov, cfg.backbone_lr)
-    mode = "finetune" if cfg.finetune else "cached" if cfg.features_cached else "augmented"
-    result = (_cached_mode(r, train, subset, recipe) if mode == "cached"
-              else _image_mode(r, train, recipe))
-    results = {"mode": mode, **subset, "num_test": len(r.splits.test), **result.to_dict()}
-    rows = [("mode", mode), ("training images", str(subset["num_train"])),
-            ("top-1 (last epoch)", session.pct(result.top1)),
-            ("top-5 (last epoch)", session.pct(result.top5)),
-            (f"best top-1 (epoch {result.best_epoch})", session.pct(result.best_top1))]
-    frac = f", {cfg.label_fraction:g} of labels" if cfg.label_fraction else ""
-    title = f"{mode} - {r.pre.config.method} {r.pre.path.name} on {cfg.data.name}{frac}"
-    session.finish(r, title, results, rows)
-    return 0
+    from massrl.commands import linear_run
+
+    return linear_run.run(args)

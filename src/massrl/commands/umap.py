@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from massrl.eval import session
+from massrl.commands.common import add_eval_args
 from massrl.eval.config import UmapEvalConfig
 
 NAME = "umap"
@@ -13,11 +13,12 @@ HELP = ("UMAP of frozen backbone features of a labeled split, one colour per cla
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    session.configure(parser, UmapEvalConfig)
+    add_eval_args(parser, UmapEvalConfig)
     parser.add_argument("--out", metavar="FILE.png", help="same as out=FILE.png")
 
 
 def run(args: argparse.Namespace) -> int:
+    from massrl.eval import session
     from massrl.eval.umap_plot import save_umap
 
     if args.out:

@@ -54,22 +54,6 @@ class EvalRun:
         Console(stderr=True).print(f"[yellow]warning:[/] {message}", highlight=False)
 
 
-def configure(parser: argparse.ArgumentParser, schema: type) -> None:
-    """The shared -c/overrides/--print-config arguments, with a note on checkpoint defaults."""
-    from massrl.commands.common import add_config_args
-
-    add_config_args(parser, schema,
-                    config_help="YAML file of this command's keys (e.g. saved from "
-                    "--print-config); pre-training configs do not apply here",
-                    example="ckpt=runs/RUN/checkpoints/last.ckpt"
-                    + (" data.eval_subset=null" if "data" in schema.model_fields else ""))
-    note = ("data.* and seed default to the checkpoint's own pre-training values (the table "
-            "below shows the plain defaults); naming another data.name evaluates transfer.")
-    if "data" not in schema.model_fields:
-        note = "Input size and normalisation are taken from the checkpoint's run config."
-    parser.epilog = note + "\n\n" + (parser.epilog or "")
-
-
 def start(command: str, schema: type, args: argparse.Namespace) -> EvalRun | None:
     """Load the checkpoint and resolve the config; None (after printing) for --print-config."""
     requested = raw_tree(args.config, args.overrides)
