@@ -274,6 +274,14 @@ class EvalConfig(Section):
     umap_every: int | None = Field(None, gt=0, description="UMAP picture every N epochs")
 
 
+class WandbConfig(Section):
+    enabled: bool = Field(False, description="also log to Weights & Biases (pip install wandb; "
+                          "WANDB_MODE=offline logs without a network)")
+    project: str = Field("massrl", description="W&B project")
+    entity: str | None = Field(None, description="W&B team or user (default: your default)")
+    tags: list[str] = Field(default_factory=list, description="W&B run tags")
+
+
 class RunConfig(Section):
     name: str | None = Field(None, description="run name (default: <method>_<dataset>)")
     method: Literal["massrl", "byol", "simclr"] = Field("massrl", description="the objective")
@@ -287,6 +295,7 @@ class RunConfig(Section):
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     @property
     def run_name(self) -> str:

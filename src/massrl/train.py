@@ -15,7 +15,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from massrl.augment.views import sparse_pairs_note
 from massrl.config import ConfigError, RunConfig, to_yaml
@@ -26,6 +25,7 @@ from massrl.devices import (
     use_channels_last,
     use_sync_batchnorm,
 )
+from massrl.loggers import build_loggers, finish_loggers
 from massrl.memory import retain_freed_memory
 from massrl.methods import SSLMethod, build_method
 from massrl.resilience import (
@@ -180,8 +180,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Tr
     callbacks.append(summary)
     if t.progress_bar:
         callbacks.append(RichProgressBar())
-    loggers = [CSVLogger(run_dir, name="", version=""),
-               TensorBoardLogger(run_dir, name="tensorboard", version="")]
+    loggers = build_loggers(cfg, run_dir)
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_epochs=t.max_epochs,
@@ -290,6 +289,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
     summary = parts["summary"].summary(trainer, method, parts["best"])
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    finish_loggers(trainer.loggers, summary)
     return summary
 
 

@@ -1,0 +1,54 @@
+"""Weights & Biases logging (wandb.enabled=true), offline: the run's metrics reach it, a resumed
+run continues the same W&B run, and a missing wandb package is explained."""
+
+import json
+from pathlib import Path
+
+from lightning.pytorch.loggers import WandbLogger
+
+from massrl.cli import main
+
+
+def _out(args: list[str]) -> Path:
+    return Path(next(a for a in args if a.startswith("output_dir=")).split("=", 1)[1])
+
+
+def test_wandb_gets_the_metrics_and_a_resume_continues_its_run(tiny, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # (no network; `wandb sync` uploads later)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    logged: list[tuple[str, dict]] = []
+    log_metrics = WandbLogger.log_metrics
+
+    def spy(self, metrics, step=None):
+        logged.append((self.experiment.id, dict(metrics)))
+        return log_metrics(self, metrics, step)
+
+    monkeypatch.setattr(WandbLogger, "log_metrics", spy)
+    args = tiny("byol", **{"wandb.enabled": "true", "wandb.tags": "[ci]",
+                           "trainer.log_every_n_steps": "1"})
+    assert main(["pretrain", *args]) == 0
+    out = _out(args)
+    run_id = (out / "wandb_run_id").read_text().strip()
+    assert {i for i, _ in logged} == {run_id}
+    names = set().union(*(m for _, m in logged))
+    assert {"train/loss_step", "val/knn_top1"} <= names
+    assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 1
+    # the run directory is still what the command prints last
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"run directory: {out}"
+
+    logged.clear()
+    assert main(["pretrain", *args, "resume=auto", "trainer.max_epochs=2"]) == 0
+    assert logged and {i for i, _ in logged} == {run_id}  # the same W&B run, continued
+    assert len(list((out / "wandb").glob(f"offline-run-*-{run_id}"))) == 2
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+
+
+def test_wandb_missing_is_explained(tiny, monkeypatch, capsys):
+    import massrl.loggers
+
+    real = massrl.loggers.importlib.util.find_spec
+    monkeypatch.setattr(massrl.loggers.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    assert main(["pretrain", *tiny("byol", **{"wandb.enabled": "true"})]) == 2
+    assert "wandb.enabled=true needs the wandb package: pip install wandb" in \
+        capsys.readouterr().err
