@@ -113,6 +113,10 @@ def test_config_error_names_its_sources_once():
 def test_precision_short_forms_read_as_lightning_names():
     assert build_config(overrides=["trainer.precision=32"]).trainer.precision == "32-true"
     assert build_config(overrides=["trainer.precision=bf16"]).trainer.precision == "bf16-mixed"
+    # whole-model low or double precision: refused before the run, not a dtype error at step 1
+    for value in ("64", "64-true", "bf16-true", "16-true"):
+        with pytest.raises(ConfigError, match="is not supported: massrl trains in 32-true or"):
+            build_config(overrides=[f"trainer.precision={value}"])
 
 
 @pytest.mark.parametrize("overrides, needs", [

@@ -95,3 +95,16 @@ def test_a_batch_without_selected_pairs_gives_zero_not_nan():
         assert loss.item() == 0.0
         loss.backward()  # attached to the graph: the step runs and changes nothing
     assert not p.grad.any() and not z.grad.any()
+
+
+def test_losses_stay_float32_under_bf16_autocast():
+    """The training step runs under bf16 autocast; the losses' einsum / matmul must not."""
+    g = torch.Generator().manual_seed(0)
+    p, z = torch.randn(8, 3, 32, generator=g), torch.randn(8, 3, 32, generator=g)
+    mask = pair_mask(torch.zeros(8, 3, dtype=torch.long), torch.arange(3).expand(8, 3))
+    plain = (byol_pair_loss(p, z, mask), nt_xent(z, mask, 0.2), projection_std(z))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = (byol_pair_loss(p, z, mask), nt_xent(z, mask, 0.2), projection_std(z))
+    for a, b in zip(plain, mixed, strict=True):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)

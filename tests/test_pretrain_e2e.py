@@ -32,7 +32,7 @@ def test_pretrain_writes_a_complete_run_directory(method, tiny, capsys):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["method"] == method and summary["dataset"] == "digits"
     assert 0.0 <= summary["knn_top1"] <= 1.0
-    assert summary["epochs"] == 1
+    assert summary["epochs"] == summary["knn_after_epochs"] == 1
     assert summary["images_seen"] == 128  # subset of 128, batch 32, drop_last
     assert summary["images_per_s"] > 0
     assert summary["runtime"] == {
@@ -59,6 +59,11 @@ def test_pretrain_missing_dataset_is_a_clear_error(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "cifar10" in err.lower() and "data.download=true" in err
+
+
+def test_simclr_without_negatives_is_refused(tiny, capsys):
+    assert main(["pretrain", "method=simclr", *tiny("simclr", **{"data.batch_size": "1"})]) == 2
+    assert "method=simclr needs at least 2 images in the global batch" in capsys.readouterr().err
 
 
 def test_pretrain_on_a_folder_with_bad_files(tmp_path, tiny):

@@ -28,9 +28,20 @@ KILLER = textwrap.dedent("""
     import massrl.train as train
 
     class Kill(Callback):
+        # KILL_AT: after optimizer step N; KILL_BATCH: after training batch N (of the run);
+        # KILL_IN_VAL: at the first validation batch of epoch N
+        def kill(self):
+            os.kill(os.getpid(), getattr(signal, os.environ["KILL_SIGNAL"]))
+
         def on_train_batch_end(self, trainer, *args):
-            if trainer.global_step == int(os.environ["KILL_AT"]):
-                os.kill(os.getpid(), getattr(signal, os.environ["KILL_SIGNAL"]))
+            if trainer.global_step == int(os.environ.get("KILL_AT", -1)):
+                self.kill()
+            if trainer.fit_loop.total_batch_idx + 1 == int(os.environ.get("KILL_BATCH", -1)):
+                self.kill()
+
+        def on_validation_batch_end(self, trainer, *args):
+            if trainer.current_epoch == int(os.environ.get("KILL_IN_VAL", -1)):
+                self.kill()
 
     build = train.build_trainer
     def patched(*a, **k):
@@ -43,9 +54,10 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def _interrupted(args: list[str], at: int, sig: str, **env_extra: str
+def _interrupted(args: list[str], at: int | None, sig: str, **env_extra: str
                  ) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KILL_AT": str(at), "KILL_SIGNAL": sig, **env_extra}
+    env = {**os.environ, "KILL_AT": str(at if at is not None else -1), "KILL_SIGNAL": sig,
+           **env_extra}
     return subprocess.run([sys.executable, "-c", KILLER, "pretrain", *args], env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -118,6 +130,35 @@ def test_sigterm_saves_a_checkpoint_requeues_on_slurm_and_the_run_continues(tiny
     assert main(["pretrain", *args, "resume=auto"]) == 0
     summary = json.loads((_out(args) / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["images_seen"] == 512
+
+
+def test_sigterm_in_validation_or_an_accumulation_window_keeps_the_last_checkpoint(tiny):
+    """A checkpoint there would not continue the run exactly (Lightning does not rerun the
+    validation; a window's gradients are in no checkpoint): the last one is kept, and the
+    resumed run repeats the steps since it, to the uninterrupted run's result."""
+    run = {**RUN, "trainer.accumulate_grad_batches": "2"}  # 4 optimizer steps per epoch
+    reference = _byol(tiny, **run)
+    assert main(["pretrain", *reference]) == 0
+    ref_dir = _out(reference)
+    ref_summary = json.loads((ref_dir / "summary.json").read_text())
+    # batch 11: epoch 1, inside the window of batches 11-12; in epoch 1's validation
+    for name, env, why, step in (("window", {"KILL_BATCH": "11"}, "inside a window", 4),
+                                 ("val", {"KILL_IN_VAL": "1"}, "during validation", 6)):
+        args = _byol(tiny, **run, output_dir=str(ref_dir.parent / name))
+        result = _interrupted(args, None, "SIGTERM", **env)
+        assert result.returncode == 143, result.stderr[-2000:]
+        assert f"SIGTERM {why} of" in result.stdout or f"SIGTERM {why}:" in result.stdout
+        kept = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
+        assert kept["global_step"] == step  # the epoch-0 end / the every-3-steps save
+        assert main(["pretrain", *args, "resume=auto"]) == 0
+        summary = json.loads((_out(args) / "summary.json").read_text())
+        assert summary["images_seen"] == ref_summary["images_seen"] == 512
+        assert summary["knn_top1"] == pytest.approx(ref_summary["knn_top1"], abs=1e-6)
+        assert Path(summary["best_checkpoint"]).name == Path(ref_summary["best_checkpoint"]).name
+        ref, res = _backbone(ref_dir), _backbone(_out(args))
+        for k in ref:
+            if ref[k].dtype.is_floating_point:
+                assert torch.allclose(ref[k], res[k], atol=1e-6), (name, k)
 
 
 def test_resume_with_a_changed_backbone_is_refused(tiny, capsys):

@@ -227,8 +227,7 @@ class TrainerConfig(Section):
         "auto", description="Lightning's: a count, auto, or a list of device ids")
     num_nodes: int = Field(1, gt=0)
     strategy: str = Field("auto", description="Lightning's: auto, ddp, ...")
-    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true",
-                       "64-true"] = Field(
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
         "auto", description="auto = bf16-mixed where supported, else 32-true")
     accumulate_grad_batches: int = Field(1, gt=0)
     sync_batchnorm: bool = Field(False, description="BatchNorm statistics over every rank's "
@@ -262,7 +261,11 @@ class TrainerConfig(Section):
     def _precision_names(cls, v: object) -> object:
         # Lightning's short forms (precision: 32 in YAML is an int) to the full names
         short = {"32": "32-true", "16": "16-mixed", "bf16": "bf16-mixed", "64": "64-true"}
-        return short.get(str(v), v) if isinstance(v, int | str) else v
+        v = short.get(str(v), v) if isinstance(v, int | str) else v
+        if v in ("64-true", "bf16-true", "16-true"):  # (the probe, kNN and engine run float32)
+            raise ValueError(f"{v} is not supported: massrl trains in 32-true or with mixed "
+                             "precision (bf16-mixed, 16-mixed)")
+        return v
 
 
 class EvalConfig(Section):

@@ -6,10 +6,31 @@ learning rate does not depend on how many views the view mode makes.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 
+_Fn = TypeVar("_Fn", bound=Callable[..., torch.Tensor])
 
+
+def in_float32(fn: _Fn) -> _Fn:
+    """Run a loss with autocast off, so that its float32 inputs stay float32: under bf16
+    autocast its einsum / matmul would round cosine similarities to ~0.004 (bf16's 8-bit
+    mantissa), as large as BYOL's whole loss near convergence."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@in_float32
 def byol_per_pair(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """2 - 2 cos(p_i, z_j) for every ordered view pair: [B, V, D] x [B, V, D] -> [B, V, V].
 
@@ -46,6 +67,7 @@ def pair_losses_by_kind(per_pair: torch.Tensor, mask: torch.Tensor, strategy: to
     return out
 
 
+@in_float32
 def nt_xent(
     z: torch.Tensor,
     mask: torch.Tensor,
@@ -78,6 +100,7 @@ def nt_xent(
     return -masked_mean(pos_log_prob, mask)
 
 
+@in_float32
 def projection_std(z: torch.Tensor) -> torch.Tensor:
     """Mean per-dimension std of L2-normalised projections: about 1/sqrt(D) when healthy,
     falling towards 0 when the representation collapses."""

@@ -20,7 +20,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from massrl.config import ConfigError, RunConfig
@@ -83,9 +83,28 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class EpochEndCheckpoint(Checkpoint):
+    """last.ckpt at every epoch end, after the epoch's validation and, as a Checkpoint callback,
+    after the module's own epoch-end hook, as ModelCheckpoint saves. (Lightning 2.6's
+    ModelCheckpoint(save_last=True, save_top_k=0) writes `last` only in a step with a top-k
+    save, so at no epoch end: a crash could lose up to checkpoint_every_n_steps steps.)"""
+
+    def __init__(self, last_path: Path) -> None:
+        self.last_path = last_path
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            trainer.save_checkpoint(self.last_path)
+
+
 class Preemption(Callback):
     """On SIGTERM (Lightning turns it into SIGTERMException between steps): save last.ckpt so the
-    run continues with resume=auto, and on SLURM ask for the job to be requeued."""
+    run continues with resume=auto, and on SLURM ask for the job to be requeued.
+
+    Where a checkpoint would not resume the run exactly, the last one is kept instead (the
+    resumed run repeats the steps since it, seeded the same): during the epoch's validation
+    (Lightning would not run it again) and inside a gradient-accumulation window (its gradients
+    are in no checkpoint)."""
 
     def __init__(self, last_path: Path) -> None:
         self.last_path = last_path
@@ -95,13 +114,30 @@ class Preemption(Callback):
                      exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        trainer.save_checkpoint(self.last_path)
-        self.saved = True
+        why = _not_resumable_here(trainer)
+        if why is None:
+            trainer.save_checkpoint(self.last_path)
+            self.saved = True
+        if trainer.is_global_zero:
+            print(f"SIGTERM: last.ckpt saved at optimizer step {trainer.global_step}" if why is None
+                  else f"SIGTERM {why}: last.ckpt is kept as it was; the resumed run repeats the "
+                  "steps since it was saved")
         job = os.environ.get("SLURM_JOB_ID")
         if job and trainer.is_global_zero:
             result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
             print(f"requeued SLURM job {job}" if result.returncode == 0 else
                   f"could not requeue SLURM job {job}: {result.stderr.strip()}")
+
+
+def _not_resumable_here(trainer: L.Trainer) -> str | None:
+    """Why a checkpoint written now would not continue the run exactly (None: it would)."""
+    if trainer.validating:
+        return "during validation"
+    ready, window = trainer.fit_loop.epoch_loop.batch_progress.current.ready, \
+        trainer.accumulate_grad_batches
+    if ready % window:
+        return f"inside a window of trainer.accumulate_grad_batches={window}"
+    return None
 
 
 def check_finite(loss: torch.Tensor, step: int, epoch: int, skip: bool) -> bool:

@@ -30,6 +30,7 @@ from massrl.memory import retain_freed_memory
 from massrl.methods import SSLMethod, build_method
 from massrl.resilience import (
     AtomicCheckpointIO,
+    EpochEndCheckpoint,
     Preemption,
     check_resume_compatible,
     epochs_done,
@@ -109,6 +110,7 @@ class RunSummary(Callback):
         self.train_seconds = 0.0
         self._epoch_t0 = 0.0
         self._images_at_start = 0
+        self.knn_after_epochs: int | None = None  # when the final kNN figure was measured
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after a checkpoint was restored: a run resumed mid-epoch starts its clock here (no
@@ -118,6 +120,10 @@ class RunSummary(Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch_t0 = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # (eval.knn_every > 1: the last epochs may end without a kNN measure)
+        self.knn_after_epochs = trainer.current_epoch + 1
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.train_seconds += time.perf_counter() - self._epoch_t0
@@ -130,6 +136,7 @@ class RunSummary(Callback):
             "method": module.cfg.method,
             "dataset": module.cfg.data.name,
             "knn_top1": m.get(KNN_METRIC),
+            "knn_after_epochs": self.knn_after_epochs if KNN_METRIC in m else None,
             "best_knn_top1": float(best) if best is not None else m.get(KNN_METRIC),
             "probe_top1": m.get("val/probe_top1"),
             "final_loss": m.get("train/loss_epoch"),
@@ -162,11 +169,9 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Tr
     t = cfg.trainer
     ckpt_dir = run_dir / "checkpoints"
     # last.ckpt at every epoch end and every N optimizer steps (written atomically), by two
-    # callbacks writing the same file: with the version counter each would keep its own
-    # (last.ckpt, last-v1.ckpt), and resume=auto would read whichever came first
-    last = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                           enable_version_counter=False)
-    callbacks: list[Callback] = [last, Preemption(ckpt_dir / "last.ckpt")]
+    # callbacks writing the same file: with the version counter a ModelCheckpoint would keep
+    # its own (last-v1.ckpt), and resume=auto would read whichever came first
+    callbacks: list[Callback] = [Preemption(ckpt_dir / "last.ckpt")]
     if t.checkpoint_every_n_steps:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                          every_n_train_steps=t.checkpoint_every_n_steps,
@@ -176,6 +181,9 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Tr
         best = ModelCheckpoint(dirpath=ckpt_dir, monitor=KNN_METRIC, mode="max", save_top_k=1,
                                filename="best-knn-{epoch}", auto_insert_metric_name=False)
         callbacks.append(best)
+    # after `best` (checkpoint callbacks run in this order at the epoch end): the epoch's
+    # last.ckpt then holds the best score so far, which a resumed run must beat
+    callbacks.append(EpochEndCheckpoint(ckpt_dir / "last.ckpt"))
     summary = RunSummary(run_dir)
     callbacks.append(summary)
     if t.progress_bar:
@@ -218,7 +226,11 @@ def build_datamodule(cfg: RunConfig):
 
 def check_one_batch(dm, cfg: RunConfig, world_size: int) -> None:
     """Stop before training when the split cannot fill one batch per device: Lightning would
-    train nothing and finish as if all went well."""
+    train nothing and finish as if all went well. Also SimCLR without negatives: with one
+    image in the global batch its loss is 0 and it trains nothing."""
+    if cfg.method == "simclr" and cfg.data.batch_size * world_size < 2:
+        raise ConfigError("method=simclr needs at least 2 images in the global batch (the other "
+                          "images are its negatives): set data.batch_size=2 or more")
     if dm.train_batches_per_epoch(world_size) > 0:
         return
     from massrl.data import UnusableDataError

@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except SIGTERMException:
         where = cfg.output_dir or "the run directory"
-        print(f"massrl pretrain: stopped by SIGTERM; last.ckpt saved. Continue with "
-              f"resume=auto output_dir={where}", file=sys.stderr)
+        print(f"massrl pretrain: stopped by SIGTERM. Continue with resume=auto "
+              f"output_dir={where}", file=sys.stderr)
         return 143
     print_summary(summary)
     return 0

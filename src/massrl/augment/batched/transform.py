@@ -1,9 +1,11 @@
 """Worker-side half of the batched backend: decode, crop and resize only, hand over uint8.
 
-`CropOnlyTransform` makes the same views as massrl.augment.MultiViewTransform (same crops, same
-view modes, same strategy and crop ids) but stops before the strategies, which then run on the
-whole batch on the training device (engine.BatchedAugmenter). From 64 px the crops are resized by
-torch's uint8 kernel instead of PIL's (levels within 1 of PIL's, 2.4x faster at 224 px).
+`CropOnlyTransform` makes views as massrl.augment.MultiViewTransform does (the same crop kinds,
+view modes and layout of strategy and crop ids, from its own random draws: not the same pixels
+or, in random view mode, the same strategies for a seed) but stops before the strategies, which
+then run on the whole batch on the training device (engine.BatchedAugmenter). From 64 px the
+crops are resized by torch's uint8 kernel instead of PIL's (levels within 1 of PIL's, 2.4x
+faster at 224 px).
 """
 
 from __future__ import annotations
