@@ -94,7 +94,7 @@ class EpochEndCheckpoint(Checkpoint):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
-            trainer.save_checkpoint(self.last_path)
+            trainer.save_checkpoint(self.last_path, weights_only=False)
 
 
 class Preemption(Callback):
@@ -116,7 +116,7 @@ class Preemption(Callback):
             return
         why = _not_resumable_here(trainer)
         if why is None:
-            trainer.save_checkpoint(self.last_path)
+            trainer.save_checkpoint(self.last_path, weights_only=False)
             self.saved = True
         if trainer.is_global_zero:
             print(f"SIGTERM: last.ckpt saved at optimizer step {trainer.global_step}" if why is None
