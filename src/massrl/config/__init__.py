@@ -1,0 +1,43 @@
+"""Typed run configuration: YAML files plus dotted command-line overrides.
+
+Every key is declared in `schema`. Unknown keys, wrong types and impossible values are errors
+that name the key (and, for a misspelling, the closest valid key), so a typo can never be
+silently ignored.
+"""
+
+from massrl.config.files import (
+    DATASET_KEYS,
+    PACKAGE_CONFIGS,
+    build_config,
+    load_yaml,
+    parse_overrides,
+    parse_value,
+    resolve_config_path,
+    set_dotted,
+    to_yaml,
+)
+from massrl.config.schema import (
+    DATASETS,
+    STRATEGIES,
+    AugmentConfig,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    LossConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RandAugmentConfig,
+    RunConfig,
+    Section,
+    TrainerConfig,
+    WandbConfig,
+)
+from massrl.config.text import describe_options
+
+__all__ = [
+    "DATASETS", "DATASET_KEYS", "PACKAGE_CONFIGS", "STRATEGIES", "AugmentConfig", "ConfigError",
+    "DataConfig", "EvalConfig", "LossConfig", "ModelConfig", "OptimizerConfig",
+    "RandAugmentConfig", "RunConfig", "Section", "TrainerConfig", "WandbConfig", "build_config",
+    "describe_options", "load_yaml", "parse_overrides", "parse_value", "resolve_config_path",
+    "set_dotted", "to_yaml",
+]

@@ -1,0 +1,146 @@
+"""Config files and overrides: YAML files (a path or a shipped name), dotted KEY=VALUE
+overrides, merged in that order over the defaults and validated against a schema."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from massrl.config.schema import ConfigError, RunConfig
+from massrl.config.text import _format_error
+
+PACKAGE_CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML reads it: 0.5 -> float, true -> bool, [a,b] -> list."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {}
+            node[p] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """A config file, or a name of a shipped one such as `cifar10/byol`."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    shipped = PACKAGE_CONFIGS / (str(path).removesuffix(".yaml") + ".yaml")
+    if shipped.is_file():
+        return shipped
+    names = sorted(str(f.relative_to(PACKAGE_CONFIGS))[:-5]
+                   for f in PACKAGE_CONFIGS.rglob("*.yaml"))
+    raise ConfigError(
+        f"config file '{path}' not found. Give a path to a YAML file or one of the shipped "
+        f"configs: {', '.join(names)}"
+    )
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = resolve_config_path(path)
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p} must hold a mapping of keys, not {type(tree).__name__}")
+    return tree
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(
+                f"argument '{item}' is not KEY=VALUE (e.g. optimizer.lr=0.5 data.subset=2000)"
+            )
+        key, value = item.split("=", 1)
+        out.append((key.strip(), parse_value(value)))
+    return out
+
+
+def build_config(
+    schema: type[BaseModel] = RunConfig,
+    config_file: str | Path | None = None,
+    overrides: list[str] | Mapping[str, Any] | None = None,
+    base: dict | None = None,
+) -> Any:
+    """Resolve base dict <- YAML file <- dotted overrides, then validate against the schema.
+
+    overrides: "KEY=VALUE" strings as on the command line (values read as YAML), or a mapping
+    of dotted keys to values; base: a nested dict (dotted keys are expanded)."""
+    tree: dict = {}
+    for key, value in (base or {}).items():
+        set_dotted(tree, key, copy.deepcopy(value))  # (the caller's dicts stay unchanged)
+    source = "defaults"
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides must be a list of KEY=VALUE strings, e.g. "
+                          f"[{overrides!r}], not one string")
+    parsed = (list(overrides.items()) if isinstance(overrides, Mapping)
+              else parse_overrides(overrides or []))
+    if config_file is not None:
+        tree = _deep_merge(tree, _for_other_dataset(load_yaml(config_file), parsed, config_file))
+        source = str(config_file)
+    for key, value in parsed:
+        set_dotted(tree, key, value)
+    if parsed:
+        source += " + overrides"
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, source, schema)) from None
+
+
+# set for one dataset, meaningless for another: a config file's values of these are dropped when
+# an override names another data.name (fashion_mnist's 20,000-image subset must not cut a folder)
+DATASET_KEYS = ("root", "subset", "eval_subset", "mean", "std")
+
+
+def _for_other_dataset(file_tree: dict, overrides: list[tuple[str, Any]],
+                       config_file: str | Path) -> dict:
+    data = file_tree.get("data")
+    names = [v for k, v in overrides if k == "data.name"]
+    if not isinstance(data, dict) or not names or names[-1] == data.get("name"):
+        return file_tree
+    given = {k for k, _ in overrides}
+    dropped = {k: data[k] for k in DATASET_KEYS if k in data and f"data.{k}" not in given}
+    if not dropped:
+        return file_tree
+    settings = ", ".join(f"data.{k}={v}" for k, v in dropped.items())
+    verb, them = ("is", "it") if len(dropped) == 1 else ("are", "them")
+    print(f"note: data.name={names[-1]} replaces {config_file}'s {data.get('name')}: its "
+          f"{settings} {verb} not applied (give {them} again to keep {them})", file=sys.stderr)
+    kept = {k: v for k, v in data.items() if k not in dropped}
+    return {**file_tree, "data": kept}
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        both_dicts = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = _deep_merge(out[k], v) if both_dicts else v
+    return out
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+

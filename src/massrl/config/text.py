@@ -1,0 +1,109 @@
+"""What the config says to people: error messages that name the key (and the closest valid
+one for a misspelling), and the --help lines of every key."""
+
+from __future__ import annotations
+
+import difflib
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from massrl.config.schema import RunConfig
+
+
+def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_valid_keys(ann, prefix + name + "."))
+    return keys
+
+
+# names users bring from other frameworks, mapped to ours
+ALIASES = {
+    "learning_rate": "optimizer.lr", "epochs": "trainer.max_epochs",
+    "max_epochs": "trainer.max_epochs", "batch_size": "data.batch_size", "dataset": "data.name",
+    "backbone": "model.backbone", "arch": "model.backbone", "precision": "trainer.precision",
+    "devices": "trainer.devices", "gpus": "trainer.devices", "num_workers": "data.num_workers",
+    "temperature": "loss.temperature", "weight_decay": "optimizer.weight_decay",
+}
+
+
+def _closest(key: str, schema: type[BaseModel] = RunConfig) -> str:
+    keys = _valid_keys(schema)
+    alias = ALIASES.get(key.rsplit(".", 1)[-1])
+    if alias in keys:
+        return f" Did you mean '{alias}'?"
+    match = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not match:  # a misspelt leaf under the right section: compare leaf names only
+        leaves = {k.rsplit(".", 1)[-1]: k for k in keys}
+        leaf = difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaves), n=1, cutoff=0.7)
+        match = [leaves[leaf[0]]] if leaf else []
+    return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def _format_error(err: ValidationError, source: str, schema: type[BaseModel]) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{key}'.{_closest(key, schema)}")
+        elif not key:  # a rule across keys (model_validator): its message names them
+            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
+        else:
+            got = e.get("input")
+            got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}{got_text}")
+    lines.append("  `massrl <command> --help` lists every key and its default.")
+    return "\n".join(lines)
+
+
+def describe_options(schema: type[BaseModel] = RunConfig, prefix: str = "",
+                     without_c: dict | None = None) -> list[str]:
+    """One line per key: name, default and description, for --help; `without_c`: the tree of the
+    config a command loads when given no -c, whose values are shown where they differ."""
+    lines = []
+    for name, field in schema.model_fields.items():
+        ann = field.annotation
+        given = (without_c or {}).get(name)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.extend(describe_options(ann, prefix + name + ".",
+                                          given if isinstance(given, dict) else None))
+            continue
+        default = _jsonable(field.get_default(call_default_factory=True))
+        shown = _flow(default)
+        if without_c and name in without_c and _jsonable(given) != default:
+            shown += f" (without -c: {_flow(_jsonable(given))})"
+        desc = f"  {field.description}" if field.description else ""
+        choices = _choices(ann)
+        if choices:
+            desc += f"  (one of: {', '.join(choices)})"
+        lines.append(f"  {prefix + name:<34} default {shown}{desc}")
+    return lines
+
+
+def _flow(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def _choices(annotation: Any) -> list[str]:
+    """The allowed values of a Literal field (also inside list[...] / Optional[...])."""
+    if get_origin(annotation) is Literal:
+        return [str(a) for a in get_args(annotation)]
+    args = get_args(annotation)
+    if get_origin(annotation) in (Union, UnionType) and any(
+            a is not type(None) and get_origin(a) is not Literal for a in args):
+        return []  # e.g. int | "auto": the literal is one choice among many
+    for arg in args:
+        found = _choices(arg)
+        if found:
+            return found
+    return []
+
+
+def _jsonable(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
