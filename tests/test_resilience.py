@@ -161,6 +161,23 @@ def test_sigterm_in_validation_or_an_accumulation_window_keeps_the_last_checkpoi
                 assert torch.allclose(ref[k], res[k], atol=1e-6), (name, k)
 
 
+def test_a_resumed_session_without_validation_reports_the_last_one(tiny):
+    """eval.knn_every=2, 3 epochs: the last kNN is the epoch-2 one, also when the session that
+    ends the run (epoch 3) ran no validation of its own."""
+    run = {"eval.knn_every": "2", "trainer.max_epochs": "3"}
+    reference = _byol(tiny, **run)
+    assert main(["pretrain", *reference]) == 0
+    ref = json.loads((_out(reference) / "summary.json").read_text())
+    args = _byol(tiny, **run, output_dir=str(_out(reference).parent / "resumed"))
+    killed = _interrupted(args, at=9, sig="SIGKILL")  # 4 steps per epoch: early in epoch 3
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert main(["pretrain", *args, "resume=auto"]) == 0
+    summary = json.loads((_out(args) / "summary.json").read_text())
+    assert ref["knn_after_epochs"] == summary["knn_after_epochs"] == 2
+    assert summary["knn_top1"] == pytest.approx(ref["knn_top1"], abs=1e-6)
+    assert summary["probe_top1"] == pytest.approx(ref["probe_top1"], abs=1e-6)
+
+
 def test_resume_with_a_changed_backbone_is_refused(tiny, capsys):
     args = _byol(tiny, **{"trainer.max_epochs": "1"})
     assert main(["pretrain", *args]) == 0

@@ -38,6 +38,7 @@ from massrl.resilience import (
 )
 
 KNN_METRIC = "val/knn_top1"
+VAL_FIGURES = (KNN_METRIC, "val/probe_top1")  # the summary's validation figures
 QUIET = (
     ".*does not have many workers.*",  # the config decides the worker count
     ".*Experiment logs directory .* exists and is not empty.*",  # config.yaml is written first
@@ -110,7 +111,9 @@ class RunSummary(Callback):
         self.train_seconds = 0.0
         self._epoch_t0 = 0.0
         self._images_at_start = 0
-        self.knn_after_epochs: int | None = None  # when the final kNN figure was measured
+        # the last validation's figures and after how many epochs: kept in checkpoints, since a
+        # resumed session may end without a validation of its own (eval.knn_every > 1)
+        self.last_val: dict[str, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after a checkpoint was restored: a run resumed mid-epoch starts its clock here (no
@@ -122,8 +125,16 @@ class RunSummary(Callback):
         self._epoch_t0 = time.perf_counter()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # (eval.knn_every > 1: the last epochs may end without a kNN measure)
-        self.knn_after_epochs = trainer.current_epoch + 1
+        metrics = trainer.callback_metrics
+        self.last_val = {name: float(metrics[name]) for name in VAL_FIGURES if name in metrics}
+        if self.last_val:
+            self.last_val["after_epochs"] = trainer.current_epoch + 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_val": dict(self.last_val)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_val = dict(state_dict.get("last_val", {}))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.train_seconds += time.perf_counter() - self._epoch_t0
@@ -135,10 +146,10 @@ class RunSummary(Callback):
         return {
             "method": module.cfg.method,
             "dataset": module.cfg.data.name,
-            "knn_top1": m.get(KNN_METRIC),
-            "knn_after_epochs": self.knn_after_epochs if KNN_METRIC in m else None,
-            "best_knn_top1": float(best) if best is not None else m.get(KNN_METRIC),
-            "probe_top1": m.get("val/probe_top1"),
+            "knn_top1": self.last_val.get(KNN_METRIC),
+            "knn_after_epochs": self.last_val.get("after_epochs"),
+            "best_knn_top1": float(best) if best is not None else self.last_val.get(KNN_METRIC),
+            "probe_top1": self.last_val.get("val/probe_top1"),
             "final_loss": m.get("train/loss_epoch"),
             "epochs": trainer.current_epoch,
             "images_seen": module.images_seen,
