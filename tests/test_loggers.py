@@ -52,3 +52,30 @@ def test_wandb_missing_is_explained(tiny, monkeypatch, capsys):
     assert main(["pretrain", *tiny("byol", **{"wandb.enabled": "true"})]) == 2
     assert "wandb.enabled=true needs the wandb package: pip install wandb" in \
         capsys.readouterr().err
+
+
+def test_lightning_advert_is_dropped_and_other_notices_stay():
+    import logging
+
+    import lightning as L
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+    from massrl.loggers import hide_lightning_adverts
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    log.addHandler(handler)
+    try:
+        hide_lightning_adverts()
+        hide_lightning_adverts()  # idempotent
+        L.Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                  accelerator="cpu")
+        rank_zero_info("a notice about the run")
+    finally:
+        log.removeHandler(handler)
+    assert not any("litlogger" in m for m in seen)
+    assert "a notice about the run" in seen
+    assert any("GPU available" in m for m in seen)
+    assert sum(type(f).__name__ == "_NoAdverts" for f in log.filters) == 1

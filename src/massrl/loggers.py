@@ -6,6 +6,7 @@ A resumed run logs to the same W&B run: its id is kept in the run directory (`wa
 from __future__ import annotations
 
 import importlib.util
+import logging
 import secrets
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,21 @@ from lightning.pytorch.utilities import rank_zero_only
 from massrl.config import ConfigError, RunConfig
 
 WANDB_ID_FILE = "wandb_run_id"
+
+
+class _NoAdverts(logging.Filter):
+    """Lightning advertises a hosted logging service at every Trainer it builds ("💡 Tip: ...
+    litlogger"): a line that says nothing about the run, dropped from massrl's output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def hide_lightning_adverts() -> None:
+    """Drop Lightning's advertisement lines (idempotent; other Lightning messages stay)."""
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _NoAdverts) for f in log.filters):
+        log.addFilter(_NoAdverts())
 
 
 def build_loggers(cfg: RunConfig, run_dir: Path) -> list[Logger]:

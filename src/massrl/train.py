@@ -25,7 +25,7 @@ from massrl.devices import (
     use_channels_last,
     use_sync_batchnorm,
 )
-from massrl.loggers import build_loggers, finish_loggers
+from massrl.loggers import build_loggers, finish_loggers, hide_lightning_adverts
 from massrl.memory import retain_freed_memory
 from massrl.methods import SSLMethod, build_method
 from massrl.resilience import (
@@ -200,6 +200,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Tr
     if t.progress_bar:
         callbacks.append(RichProgressBar())
     loggers = build_loggers(cfg, run_dir)
+    hide_lightning_adverts()
     trainer = L.Trainer(
         default_root_dir=run_dir,
         max_epochs=t.max_epochs,
@@ -214,7 +215,8 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Tr
         log_every_n_steps=t.log_every_n_steps,
         limit_train_batches=t.limit_train_batches,
         check_val_every_n_epoch=cfg.eval.knn_every or 1,
-        limit_val_batches=1.0 if has_labels and cfg.eval.knn_every else 0,
+        # None = all batches (Lightning announces an explicit 1.0 with a line of its own)
+        limit_val_batches=None if has_labels and cfg.eval.knn_every else 0,
         num_sanity_val_steps=0,
         enable_progress_bar=t.progress_bar,
         callbacks=callbacks,
