@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import RandomResizedCrop
 
 from massrl.augment import EvalTransform, MultiViewTransform, UniformCrop, build_crop, pair_mask
 from massrl.config import AugmentConfig
@@ -188,6 +189,32 @@ def test_uniform_crop_side_distribution():
     lefts = np.array([left for _, left, _ in params])
     assert lefts.max() > 60  # positions spread over the long side too
     assert {UniformCrop(32, (1.0, 1.0)).params(60, 100, g)[2] for _ in range(10)} == {60}
+
+
+@pytest.mark.parametrize("cfg", [AugmentConfig(), AugmentConfig(crop_scale=(0.3, 1.0)),
+                                 AugmentConfig(crop="uniform", uniform_crop_range=(0.4, 1.0))])
+@pytest.mark.parametrize("size", [32, 96])
+def test_source_side_keeps_the_smallest_crop_at_full_detail(cfg, size):
+    """An image whose shorter side is the transform's source_side (what a large JPEG is decoded
+    down to) still gives every crop at least `size` source pixels: never an upscale."""
+    from massrl.augment.batched import CropOnlyTransform
+    from massrl.augment.crops import crop_source_side
+
+    side = crop_source_side(cfg, size)
+    assert MultiViewTransform(cfg, size, (0.5,), (0.5,)).source_side == side
+    assert CropOnlyTransform(cfg, size).source_side == side
+    torch.manual_seed(0)
+    smallest = []
+    for height, width in [(side, side), (side, 2 * side), (2 * side, side)]:
+        for _ in range(3000):
+            if cfg.crop == "rrc":
+                _, _, h, w = RandomResizedCrop.get_params(
+                    torch.empty(1, height, width), list(cfg.crop_scale), [3 / 4, 4 / 3])
+            else:
+                h = w = UniformCrop(size, cfg.uniform_crop_range).params(height, width)[2]
+            smallest.append(min(h, w))
+    assert min(smallest) >= size - 1  # (crop sides are rounded to pixels)
+    assert min(smallest) <= size * 1.15  # and the bound is close: the smallest crops reach it
 
 
 # ----------------------------------------------------------------------------- pair masks

@@ -171,3 +171,19 @@ def test_engine_profile_accounts_for_the_engine_call(tmp_path, kernels):
     # the numba kernels skip identity images, so every family runs on whole chunks; the torch
     # ops gather the images that drew a family when they are few
     assert (res["gathered_runs"] == 0) == (kernels == "numba")
+
+
+def test_jpeg_decode_compares_full_and_reduced_decoding(tmp_path):
+    out = tmp_path / "jpeg.json"
+    r = _load("jpeg_decode").main(["--photos", "640x480", "--sizes", "32", "--seconds", "0.1",
+                                    "--out", str(out)])
+    assert json.loads(out.read_text()) == r
+    rows = {row["pipeline"]: row for row in r["rows"]}
+    assert rows.keys() == {"per_image massrl (2 views)", "batched crops (2 views)", "eval"}
+    # crops need ceil(32 / sqrt(0.08 x 3/4)) = 131 px: 480 // 131 = 3 -> the 1/2 scale
+    assert rows["batched crops (2 views)"]["source_side"] == 131
+    assert rows["batched crops (2 views)"]["decoded"] == [320, 240]
+    # the test resize of 32 px is 32: 480 // 32 = 15 -> the 1/8 scale
+    assert rows["eval"]["decoded"] == [80, 60]
+    assert all(row["full_items_per_s"] > 0 and row["reduced_items_per_s"] > 0
+               for row in rows.values())

@@ -139,3 +139,47 @@ def test_missing_file_is_bad_image(tmp_path):
 def test_error_pickles_for_worker_processes(tmp_path):
     err = pickle.loads(pickle.dumps(BadImageError(tmp_path / "x.png", "broken")))
     assert err.path.endswith("x.png") and err.reason == "broken" and "broken" in str(err)
+
+
+def _photo(path, size=(800, 600), **kwargs):
+    rng = np.random.default_rng(0)
+    small = Image.fromarray(rng.integers(0, 256, (size[1] // 50, size[0] // 50, 3), np.uint8))
+    small.resize(size, Image.Resampling.BICUBIC).save(path, **kwargs)
+    return path
+
+
+def test_jpeg_decoded_down_to_the_side_asked_for(tmp_path):
+    from massrl.data.images import decode_at_least
+
+    jpg = _photo(tmp_path / "p.jpg")
+    png = _photo(tmp_path / "p.png")
+    assert load_image(jpg).size == (800, 600)  # full size outside the block
+    with decode_at_least(70):  # 600 // 70 = 8: the 1/8 scale keeps 75 >= 70
+        assert load_image(jpg).size == (100, 75)
+        assert load_image(png).size == (800, 600)  # only JPEGs have a cheap reduced decode
+    with decode_at_least(160):  # 1/4 would leave 150 < 160: 1/2
+        assert load_image(jpg).size == (400, 300)
+    with decode_at_least(700):  # not even 1/2 keeps 700: full size
+        assert load_image(jpg).size == (800, 600)
+    with decode_at_least(None):
+        assert load_image(jpg).size == (800, 600)
+    # the reduced picture is the full one, smaller: close to a good downscale of it
+    with decode_at_least(150):
+        small = np.asarray(load_image(jpg), dtype=float)
+    full = load_image(jpg).resize((200, 150), Image.Resampling.BOX)
+    assert np.abs(small - np.asarray(full, dtype=float)).mean() < 4
+
+
+def test_reduced_decode_keeps_exif_orientation_and_mode(tmp_path):
+    from massrl.data.images import decode_at_least
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90: the stored 800x600 is shown 600x800
+    jpg = _photo(tmp_path / "r.jpg", exif=exif.tobytes())
+    grey = tmp_path / "g.jpg"
+    Image.open(_photo(tmp_path / "c.png")).convert("L").save(grey)
+    with decode_at_least(150):
+        rotated = load_image(jpg)
+        g = load_image(grey)
+    assert rotated.size == (150, 200) and rotated.mode == "RGB"
+    assert g.size == (200, 150) and g.mode == "RGB"

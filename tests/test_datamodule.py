@@ -182,3 +182,56 @@ def test_batched_backend_view_seeds_follow_the_image():
             for index, seeds in zip(batch["index"].tolist(), batch["seed"].tolist(), strict=True):
                 assert seen.setdefault(index, seeds) == seeds
     assert len(seen) == 8 and len({s for v in seen.values() for s in v}) == 16
+
+
+class SizeRecorder(StandInViews):
+    """StandInViews that declares the source side it needs and records the sizes it is given."""
+
+    source_side = 100
+
+    def __call__(self, image: Image.Image) -> dict:
+        return {**super().__call__(image), "source": torch.tensor(image.size)}
+
+
+def test_large_jpegs_are_decoded_down_to_what_the_transforms_need(tmp_path):
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i in range(4):
+            Image.new("RGB", (800, 600), (40 * i, 90, 0)).save(tmp_path / cls / f"{i}.jpg")
+    cfg = _cfg(name="folder", root=str(tmp_path), batch_size=4, image_size=SIZE)
+    dm = SSLDataModule(cfg, SizeRecorder())
+    batch = next(iter(dm.train_dataloader()))
+    # 600 // 100 = 6 -> the 1/4 scale (150 >= 100), not 1/8 (75)
+    assert batch["source"].tolist() == [[200, 150]] * 4
+
+    seen = []
+    bank = dm.val_dataloader()[0].dataset  # EvalTransform: resize side 16 -> 1/8 scale
+    bank.fn.transform = lambda image: seen.append(image.size) or torch.zeros(3, SIZE, SIZE)
+    bank[0]
+    assert seen == [(100, 75)]
+
+    own = SSLDataModule(cfg, StandInViews())  # no source_side declared: full size
+    own.train_transform = lambda image: {**StandInViews()(image),
+                                         "source": torch.tensor(image.size)}
+    assert next(iter(own.train_dataloader()))["source"].tolist() == [[800, 600]] * 4
+
+
+def test_evaluation_items_decode_jpegs_down_to_the_test_resize(tmp_path):
+    from massrl.data.eval_transform import EvalTransform
+    from massrl.data.folder import FileImageDataset
+    from massrl.eval.features import Transformed
+
+    Image.new("RGB", (800, 600), (200, 90, 0)).save(tmp_path / "p.jpg")
+    files = FileImageDataset([tmp_path / "p.jpg"], [0])
+    seen = []
+
+    def record(transform):
+        return lambda image: seen.append(image.size) or transform(image)
+
+    for size in (64, 224):  # test resize 64 (1/8 -> 100x75) and 256 (1/2 -> 400x300)
+        transform = EvalTransform(size, (0.5,), (0.5,))
+        item = Transformed(files, record(transform), transform.source_side)[0]
+        assert item["image"].shape == (3, size, size)
+    assert seen == [(100, 75), (400, 300)]
+    Transformed(files, record(transform))[0]  # no side: full size
+    assert seen[-1] == (800, 600)

@@ -6,6 +6,7 @@ Both crop at the source resolution and then resize to `size`, so tiny inputs (8x
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -56,3 +57,17 @@ def build_crop(cfg: AugmentConfig, size: int) -> Crop:
     if cfg.crop == "uniform":
         return UniformCrop(size, tuple(cfg.uniform_crop_range))
     raise ValueError(f"unknown crop '{cfg.crop}'; choose rrc or uniform")
+
+
+def rrc_source_side(size: int, scale: tuple[float, float]) -> int:
+    """Shorter image side beyond which RandomResizedCrop(size, scale, ratio 3/4..4/3) gains no
+    detail: its crop's shorter side is at least sqrt(scale_min x 3/4) of the image's, so at this
+    side even the smallest crop still spans `size` pixels (decoding larger only costs time)."""
+    return math.ceil(size / math.sqrt(scale[0] * 3 / 4))
+
+
+def crop_source_side(cfg: AugmentConfig, size: int) -> int:
+    """`rrc_source_side` of cfg's crop (uniform crop: size / its smallest side fraction)."""
+    if cfg.crop == "uniform":
+        return math.ceil(size / cfg.uniform_crop_range[0])
+    return rrc_source_side(size, tuple(cfg.crop_scale))

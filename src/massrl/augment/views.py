@@ -21,7 +21,7 @@ from massrl.config import AugmentConfig
 from massrl.data.eval_transform import channel_stats
 from massrl.data.images import as_rgb
 
-from .crops import build_crop
+from .crops import build_crop, crop_source_side
 from .strategies import Strategy, build_strategy
 
 PAIRS = ("all", "cross_strategy", "within_strategy", "cross_crop")
@@ -62,7 +62,10 @@ def _affine(mean: tuple, std: tuple) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class MultiViewTransform:
-    """PIL image -> {"views": [V x float[3,S,S]], "strategy": Long[V], "crop": Long[V]}."""
+    """PIL image -> {"views": [V x float[3,S,S]], "strategy": Long[V], "crop": Long[V]}.
+
+    ``source_side``: the shorter side beyond which a source image adds no detail to any view
+    (datasets may decode large JPEGs down to it)."""
 
     def __init__(
         self, cfg: AugmentConfig, image_size: int, mean: tuple, std: tuple
@@ -72,6 +75,7 @@ class MultiViewTransform:
         self.strategy_names: tuple[str, ...] = tuple(cfg.strategies)
         self._scale, self._shift = _affine(mean, std)
         self.crop = build_crop(cfg, image_size)
+        self.source_side = crop_source_side(cfg, image_size)
         S = len(self.strategy_names)
         self.num_views = {
             "random": cfg.num_views, "per_strategy": S, "crops_x_strategies": cfg.num_crops * S,

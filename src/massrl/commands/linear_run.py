@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
+from massrl.augment.crops import rrc_source_side
 from massrl.config import ConfigError
 from massrl.data.eval_transform import EvalTransform
 from massrl.eval import session
@@ -80,7 +81,8 @@ def _image_mode(r: session.EvalRun, train: Dataset, recipe: SGDRecipe) -> Linear
     aug = train_transform(r.image_size, s.mean, s.std, tuple(cfg.crop_scale))
     # Fine-tuning trains batch-norm: a last batch of one image would break it.
     drop_last = cfg.finetune and len(train) > cfg.batch_size
-    loader = make_loader(Transformed(train, aug), cfg.batch_size, shuffle=True, seed=cfg.seed,
+    side = rrc_source_side(r.image_size, tuple(cfg.crop_scale))
+    loader = make_loader(Transformed(train, aug, side), cfg.batch_size, shuffle=True, seed=cfg.seed,
                          num_workers=session.loader_workers(r), device=r.device,
                          drop_last=drop_last)
     common = dict(finetune=cfg.finetune, seed=cfg.seed, device=r.device)

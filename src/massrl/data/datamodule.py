@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from massrl.config import RunConfig
 from massrl.data.datasets import DatasetSplits, load_dataset
 from massrl.data.eval_transform import EvalTransform
+from massrl.data.images import decode_at_least
 from massrl.data.sampler import ResumableLoader, ResumableSampler
 from massrl.devices import run_num_workers
 
@@ -62,10 +63,12 @@ def worker_init_fn(worker_id: int) -> None:
 
 
 class _Mapped(Dataset):
-    """Applies ``fn(image, label) -> dict`` to each item; a bad (None) item becomes a BadItem."""
+    """Applies ``fn(image, label) -> dict`` to each item; a bad (None) item becomes a BadItem.
+    ``decode_side``: the transform's ``source_side`` (large JPEGs are decoded down to it)."""
 
-    def __init__(self, base: Dataset, fn: Callable[[Image.Image, int], dict]) -> None:
-        self.base, self.fn = base, fn
+    def __init__(self, base: Dataset, fn: Callable[[Image.Image, int], dict],
+                 decode_side: int | None = None) -> None:
+        self.base, self.fn, self.decode_side = base, fn, decode_side
 
     def __len__(self) -> int:
         return len(self.base)
@@ -76,7 +79,8 @@ class _Mapped(Dataset):
             torch.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed % 2**32)
-        item = self.base[index]
+        with decode_at_least(self.decode_side):
+            item = self.base[index]
         if item is None:
             return BadItem(index)
         # the dataset index travels with the sample: gathered evaluation features drop the
@@ -167,7 +171,9 @@ class SSLDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_transform is None:
             self.train_transform = self.default_train_transform()
-        dataset = _Mapped(self.splits.train, _TrainItem(self.train_transform))
+        # a transform of one's own without a source_side gets full-size images
+        dataset = _Mapped(self.splits.train, _TrainItem(self.train_transform),
+                          getattr(self.train_transform, "source_side", None))
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         sampler = ResumableSampler(len(dataset), self.cfg.seed, self.cfg.data.batch_size,
@@ -188,10 +194,12 @@ class SSLDataModule(L.LightningDataModule):
         if not self.has_labels:
             return []
         splits = self.splits
-        item = _EvalItem(EvalTransform(self.cfg.data.image_size, splits.mean, splits.std))
+        transform = EvalTransform(self.cfg.data.image_size, splits.mean, splits.std)
+        item, side = _EvalItem(transform), transform.source_side
         return [
-            self._loader(_Mapped(splits.train_labeled, item), shuffle=False, drop_last=False),
-            self._loader(_Mapped(splits.test, item), shuffle=False, drop_last=False),
+            self._loader(_Mapped(splits.train_labeled, item, side), shuffle=False,
+                         drop_last=False),
+            self._loader(_Mapped(splits.test, item, side), shuffle=False, drop_last=False),
         ]
 
     def _loader(self, dataset: Dataset, cls: type[DataLoader] = DataLoader,

@@ -43,12 +43,14 @@ def test_resize(image_size: int, crop_ratio: float | None = None) -> tuple[int, 
 
 class EvalTransform:
     """PIL image of any mode -> float [3, S, S]: the shorter side resized (bicubic) to S / ratio,
-    a centre S x S crop, normalised (see `test_resize` for the ratio)."""
+    a centre S x S crop, normalised (see `test_resize` for the ratio). ``source_side``: the
+    shorter side beyond which a source image adds no detail (the resize side)."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
                  crop_ratio: float | None = None) -> None:
         self.image_size = image_size
         self.resize, self.crop_ratio = test_resize(image_size, crop_ratio)
+        self.source_side = self.resize
         self.mean, self.std = channel_stats(mean, std)
 
     def __call__(self, img: Image.Image) -> torch.Tensor:

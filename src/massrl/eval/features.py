@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
 from massrl.data.eval_transform import channel_stats
-from massrl.data.images import as_rgb
+from massrl.data.images import as_rgb, decode_at_least
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -45,16 +45,20 @@ def train_transform(
 
 class Transformed(Dataset):
     """{"image", "label"} items of a (PIL image, label) dataset; undecodable (None) items stay None
-    so that `massrl.data.collate_skip_bad` drops them."""
+    so that `massrl.data.collate_skip_bad` drops them. Large JPEGs are decoded down to
+    ``decode_side`` (default: the transform's ``source_side``, if it has one)."""
 
-    def __init__(self, base: Dataset, transform: Callable[[Any], torch.Tensor]) -> None:
+    def __init__(self, base: Dataset, transform: Callable[[Any], torch.Tensor],
+                 decode_side: int | None = None) -> None:
         self.base, self.transform = base, transform
+        self.decode_side = decode_side or getattr(transform, "source_side", None)
 
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
-        item = self.base[i]
+        with decode_at_least(self.decode_side):
+            item = self.base[i]
         if item is None:
             return None
         image, label = item

@@ -32,7 +32,7 @@ from massrl.eval.features import (
 )
 
 Split = Literal["train", "test"]
-FEATURES_VERSION = 1  # bump when extraction changes, so old cache files are not reused
+FEATURES_VERSION = 2  # bump when extraction changes, so old cache files are not reused
 SIZE_WARN_RATIO = 2.0
 
 

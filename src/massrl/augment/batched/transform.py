@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from massrl.augment.batched.draws import new_seeds
-from massrl.augment.crops import UniformCrop, build_crop
+from massrl.augment.crops import UniformCrop, build_crop, crop_source_side
 from massrl.augment.views import pil_to_chw
 from massrl.config import AugmentConfig
 from massrl.data.images import as_rgb
@@ -73,6 +73,7 @@ class CropOnlyTransform:
         self.cfg = cfg
         self.image_size = image_size
         self.crop = build_crop(cfg, image_size)
+        self.source_side = crop_source_side(cfg, image_size)  # see MultiViewTransform
         self.num_strategies = len(cfg.strategies)
         self.num_views = num_views(cfg)
 
