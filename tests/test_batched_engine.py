@@ -233,6 +233,14 @@ def test_planned_grouped_mode_matches_grouped_mode(view_mode, size):
         device_like(small, batch["strategy"], plan=planned["plan"])
     with pytest.raises(ValueError, match="a plan needs the views' seeds"):
         device_like.plan(batch["strategy"], None, size)
+    # with the seeds it was drawn from the call agrees; with others it is refused (on the CPU)
+    same = device_like(batch["views"], batch["strategy"], seeds=batch["seed"],
+                       plan=planned["plan"])
+    assert all(torch.equal(x, y) for x, y in zip(same, out, strict=True))
+    for strategy, seeds in ((batch["strategy"], batch["seed"] + 1),
+                            ((batch["strategy"] + 1) % len(ALL), batch["seed"])):
+        with pytest.raises(ValueError, match="drawn from other strategy ids or seeds"):
+            device_like(batch["views"], strategy, seeds=seeds, plan=planned["plan"])
 
 
 def test_planned_mode_reads_nothing_on_the_host(monkeypatch):
@@ -564,6 +572,9 @@ def test_crop_pixels_match_torchvision_resized_crop(size):
     ("strategy rows", r"strategy must be \[B, V\] for batches of B = 4"),
     ("strategy ids", r"strategy ids must be in 0..1 .*got 0..2"),
     ("float ids", r"strategy ids must be an integer tensor, got torch.float32"),
+    ("not square", r"views must be square .* got 8x6: crop them square"),
+    ("int32 seeds", r"seeds must be int64 \[B, V\] like strategy \[4, 2\], got torch.int32 "
+                    r"\[4, 2\]"),
 ])
 def test_wrong_inputs_are_refused_before_any_kernel(bad, message):
     """The numba kernels index 3 channels and the strategy ids unchecked: a grey batch wrote out
@@ -585,10 +596,13 @@ def test_wrong_inputs_are_refused_before_any_kernel(bad, message):
         strategy = strategy[:3]
     elif bad == "float ids":  # 0.7 would truncate to no strategy: an un-augmented view
         strategy = strategy.float() + 0.7
-    else:
+    elif bad == "not square":  # the magnitudes and cutouts follow one side S
+        views = [v[..., :6] for v in views]
+    elif bad != "int32 seeds":
         strategy[1, 1] = 2
+    seeds = torch.zeros(strategy.shape, dtype=torch.int32 if bad == "int32 seeds" else torch.long)
     with pytest.raises(ValueError, match=message):
-        aug(views, strategy, seeds=torch.zeros_like(strategy))
+        aug(views, strategy, seeds=seeds)
 
 
 def test_normalisation_statistics_are_checked_and_one_value_serves_three_channels():
@@ -627,6 +641,9 @@ def test_batched_preview_draws_the_engines_views_of_one_image(tmp_path):
     first = torch.tensor(list(views[0].image.getdata()), dtype=torch.float32).T.reshape(3, 24, 24)
     back = views[0].tensor * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
     assert (first / 255 - back.clamp(0, 1)).abs().max() < 1 / 255
+    grey = BatchedPreview(cfg, 24, (0.5,), (0.25,)).sample(_picture())[0]  # one-value stats
+    level = torch.tensor(list(grey.image.getdata()), dtype=torch.float32).T.reshape(3, 24, 24)
+    assert (level / 255 - (grey.tensor * 0.25 + 0.5).clamp(0, 1)).abs().max() < 1 / 255
     out = tmp_path / "batched.png"
     assert main(["augviz", "data.name=digits", "augment.backend=batched", "--images", "2",
                  "--out", str(out)]) == 0

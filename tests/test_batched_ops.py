@@ -130,6 +130,22 @@ def test_equalize_exact(u8, impl):
 
 
 @pytest.mark.parametrize("impl", FUSED)
+def test_equalize_of_an_image_does_not_depend_on_its_batch(impl):
+    """Non-integer levels (as after a colour blend) equalise alike alone and deep in a big batch,
+    and a call over more than 65,536 channel rows (21,846 RGB images) works."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2000, 3, 16, 16), generator=g).float().div_(255).mul_(0.93)
+    x = x.add_(0.01).clamp_(0, 1)
+    on = torch.ones(len(x), dtype=torch.bool)
+    together = impl.equalize_(x.clone(), on)
+    alone = torch.cat([impl.equalize_(x[i:i + 1].clone(), on[:1]) for i in range(len(x))])
+    assert torch.equal(together, alone)
+    many = torch.randint(0, 256, (22000, 3, 17, 17), dtype=torch.uint8, generator=g)
+    out = impl.equalize_(_f(many), torch.ones(len(many), dtype=torch.bool))
+    assert torch.equal((out * 255).round().byte(), TF.equalize(many))
+
+
+@pytest.mark.parametrize("impl", FUSED)
 def test_blur(u8, impl):
     sigma = torch.linspace(0.1, 2.0, N)
     k = 13

@@ -35,7 +35,7 @@ from . import ops
 from .buffers import BufferPool
 from .families import FamilyFn, OpFamilies, use_cpu_kernels
 from .flips import flip_after, flip_first, load_flipped
-from .inputs import check_call, check_plan_inputs, check_strategy_ids
+from .inputs import check_call, check_plan, check_plan_inputs, check_strategy_ids
 from .plan import Grouping, Plan, consecutive_runs, family_lut, group_by_family
 from .policies import PolicySampler, Program, on_device
 
@@ -102,10 +102,8 @@ class BatchedAugmenter:
         if views[0].shape[0] == 0:  # an empty batch
             return [torch.empty(v.shape, dtype=torch.float32, device=v.device) for v in views]
         grouped = self.grouped if self.grouped is not None else views[0].device.type == "cpu"
-        if plan is not None and plan.size != views[0].shape[-1]:
-            raise ValueError(f"the plan was drawn for {plan.size} px views, these are "
-                             f"{views[0].shape[-1]} px: draw it with aug.plan(strategy, seeds, "
-                             f"{views[0].shape[-1]})")
+        if plan is not None:
+            check_plan(plan, views[0].shape[-1], strategy, seeds)
         with torch.autocast(views[0].device.type, enabled=False):  # keep the maths in float32
             if plan is not None and not grouped and not self.cfg.compile:
                 return self._apply_planned(views, plan)
@@ -126,7 +124,8 @@ class BatchedAugmenter:
         check_strategy_ids(strategy, self.cfg.strategies)
         prog = self._sample(strategy, size, None, seeds)
         families = self._families[False]
-        return Plan(prog, group_by_family(prog, family_lut(families), len(families)), size)
+        return Plan(prog, group_by_family(prog, family_lut(families), len(families)), size,
+                    (strategy, seeds))
 
     def _sample(self, strategy: Tensor, size: int, generator: torch.Generator | None,
                 seeds: Tensor | None) -> Program:

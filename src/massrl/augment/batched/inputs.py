@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .plan import Plan
 
 
 def check_call(views: Sequence[Tensor], strategy: Tensor, seeds: Tensor | None,
@@ -21,6 +25,10 @@ def check_call(views: Sequence[Tensor], strategy: Tensor, seeds: Tensor | None,
         if v.dtype != torch.uint8 or v.dim() != 4 or v.shape[1] != 3:
             raise ValueError(f"views must be uint8 [B, 3, S, S] (RGB; repeat a grey channel "
                              f"3 times), got {v.dtype} {list(v.shape)}")
+        if v.shape[2] != v.shape[3]:
+            raise ValueError(f"views must be square (the policies' magnitudes and cutout "
+                             f"positions follow the side S), got {v.shape[2]}x{v.shape[3]}: "
+                             f"crop them square")
         if v.shape != views[0].shape:
             raise ValueError(f"every view batch must have one shape, got {list(v.shape)} "
                              f"and {list(views[0].shape)}")
@@ -41,9 +49,26 @@ def check_plan_inputs(strategy: Tensor, seeds: Tensor | None) -> None:
     dtype = strategy.dtype
     if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
         raise ValueError(f"strategy ids must be an integer tensor, got {strategy.dtype}")
-    if seeds is not None and seeds.shape != strategy.shape:
-        raise ValueError(f"seeds must be [B, V] like strategy {list(strategy.shape)}, "
-                         f"got {list(seeds.shape)}")
+    if seeds is not None and (seeds.shape != strategy.shape or seeds.dtype != torch.int64):
+        raise ValueError(f"seeds must be int64 [B, V] like strategy {list(strategy.shape)}, "
+                         f"got {seeds.dtype} {list(seeds.shape)}")
+
+
+def check_plan(plan: Plan, size: int, strategy: Tensor, seeds: Tensor | None) -> None:
+    """A plan serves only the views it was drawn for: their size, and (checked where reading
+    the tensors is free, on the CPU) their strategy ids and seeds."""
+    if plan.size != size:
+        raise ValueError(f"the plan was drawn for {plan.size} px views, these are {size} px: "
+                         f"draw it with aug.plan(strategy, seeds, {size})")
+    drawn = plan.drawn_from
+    given = (strategy, seeds)
+    if seeds is None or any(t.device.type != "cpu" for t in (*drawn, *given)):
+        return
+    if not all(a.shape == b.shape and torch.equal(a.to(b.dtype), b)
+               for a, b in zip(drawn, given, strict=True)):
+        raise ValueError("the plan was drawn from other strategy ids or seeds than this call's: "
+                         "pass the ones it was drawn from, or draw it again with "
+                         "aug.plan(strategy, seeds, size)")
 
 
 def check_strategy_ids(strategy: Tensor, strategies: Sequence[str]) -> None:

@@ -217,9 +217,11 @@ def equalize_(x: Tensor, enabled: Tensor) -> Tensor:
     are in [0, 1] (every op clamps), so the index needs no clamp."""
     n, c, h, w = x.shape
     rows = n * c
-    # level + 0.5 + offset, truncated: round-half-up of x * 255 (levels k / 255 never tie)
-    offset = torch.arange(rows, device=x.device, dtype=x.dtype).mul_(256).add_(0.5)
-    flat = torch.add(offset.view(n, c, 1, 1), x, alpha=255).to(torch.int32).view(-1)
+    # round-half-up of x * 255 (levels k / 255 never tie), then the row offset, in int32: added
+    # in float32 the offset would eat the level's fraction (from ~1,500 rows a level near .5
+    # rounds by its row; from 65,536 rows every odd level slips into the next bin)
+    offset = torch.arange(rows, device=x.device, dtype=torch.int32).mul_(256)
+    flat = x.mul(255).add_(0.5).to(torch.int32).add_(offset.view(n, c, 1, 1)).view(-1)
     if torch.compiler.is_compiling():  # bincount's output size depends on the values
         hist = flat.new_zeros(rows * 256, dtype=torch.int64)
         hist = hist.scatter_add_(0, flat.long(), hist.new_ones(1).expand(flat.numel()))

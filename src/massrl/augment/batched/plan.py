@@ -47,15 +47,18 @@ class Grouping:
 @dataclass
 class Plan:
     """A batch's programs, drawn on the host from its views' seeds for views of `size` px, and
-    their grouping. It is valid only for the strategy ids and seeds it was drawn from."""
+    their grouping. It is valid only for the strategy ids and seeds it was drawn from (kept in
+    `drawn_from`, so that a call on the CPU can check them)."""
 
     prog: Program
     grouping: Grouping
     size: int
+    drawn_from: tuple[Tensor, Tensor]  # (strategy, seeds), [B, V] each
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> Plan:
-        """fn applied to every tensor of the programs and the grouping."""
-        return Plan(self.prog.map(fn), self.grouping.map(fn), self.size)
+        """fn applied to every tensor of the programs, the grouping and `drawn_from`."""
+        strategy, seeds = self.drawn_from
+        return Plan(self.prog.map(fn), self.grouping.map(fn), self.size, (fn(strategy), fn(seeds)))
 
     def to(self, device: torch.device) -> Plan:
         """The plan on `device`, copied without waiting (the group sizes stay host ints). The

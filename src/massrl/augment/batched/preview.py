@@ -9,6 +9,7 @@ from PIL import Image
 
 from massrl.augment.views import View
 from massrl.config import AugmentConfig
+from massrl.data.eval_transform import channel_stats
 
 from .engine import BatchedAugmenter
 from .transform import CropOnlyTransform
@@ -24,6 +25,7 @@ class BatchedPreview:
         self.crops = CropOnlyTransform(cfg, image_size)
         self.engine = BatchedAugmenter(cfg, mean, std)
         self.names = list(cfg.strategies)
+        mean, std = channel_stats(mean, std)  # (one value serves the 3 channels)
         self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
 
