@@ -17,10 +17,14 @@ def make_checkpoint(path, **overrides):
     tree = {"data": {"name": "digits", "image_size": 16, "num_workers": 0},
             "model": {"backbone": "resnet18", "cifar_stem": True, "width": 8}}
     for section, values in overrides.items():
-        tree[section].update(values)
+        if isinstance(values, dict):
+            tree.setdefault(section, {}).update(values)
+        else:
+            tree[section] = values
     cfg = RunConfig.model_validate(tree)
     torch.manual_seed(0)
-    backbone, _ = build_backbone(cfg.model.backbone, cfg.model.cifar_stem, cfg.model.width)
+    backbone, _ = build_backbone(cfg.model.backbone, cfg.model.cifar_stem, cfg.model.width,
+                                 cfg.data.image_size, cfg.model.kwargs)
     state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
     state["projector.0.weight"] = torch.zeros(2, 2)
     torch.save({"state_dict": state, "hyper_parameters": {"config": cfg.model_dump(mode="json")},
@@ -89,6 +93,11 @@ def test_umap_and_export(tmp_path, ckpt):
     meta = json.loads((tmp_path / "bb.json").read_text())
     assert meta["cifar_stem"] and meta["input_size"] == 16 and meta["mean"] is not None
     assert set(torch.load(tmp_path / "bb.pt")) == set(load_pretrained(ckpt)[0].state_dict())
+    # a path without a suffix: the PNG written is the one recorded; 3 points are enough
+    code, res = _run(tmp_path, "umap", f"ckpt={ckpt}", "n_epochs=10", "max_points=3",
+                     flags=["--out", str(tmp_path / "noext")])
+    assert code == 0 and res["results"]["png"] == str(tmp_path / "noext.png")
+    assert (tmp_path / "noext.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_cached_features_follow_the_files_of_a_folder(tmp_path, ckpt):
@@ -183,8 +192,71 @@ def test_eval_config_forms_and_rules(ckpt, capsys):
 
 
 def test_backbone_size_mismatch_is_an_error(tmp_path, capsys):
+    # a ViT built for its 32 px only (massrl's are built with dynamic_img_size unless told)
     ckpt = make_checkpoint(tmp_path / "vit.ckpt", data={"image_size": 32},
                            model={"backbone": "vit_tiny_patch16_224", "cifar_stem": False,
-                                  "width": 64})
-    assert _run(tmp_path, "knn", f"ckpt={ckpt}")[0] == 2
-    assert "cannot take 32 px images" in capsys.readouterr().err
+                                  "width": 64, "kwargs": {"dynamic_img_size": False,
+                                                          "depth": 1}})
+    assert _run(tmp_path, "knn", f"ckpt={ckpt}", "data.image_size=48")[0] == 2
+    err = capsys.readouterr().err
+    assert "cannot take 48 px images" in err and "Set data.image_size=32." in err
+
+
+def test_pretraining_data_is_split_as_in_pretraining_however_named(tmp_path, monkeypatch):
+    """The checkpoint's folder, spelled relative and with a trailing slash, is the pre-training
+    data (not a transfer); another seed draws other heads, never another held-out split (that
+    would put pre-training images in the test split)."""
+    root = tmp_path / "pics"
+    for c, name in enumerate(("a", "b", "c")):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (20, 20), (20 * i, 90 * c, 90)).save(root / name / f"{i}.png")
+    ckpt = make_checkpoint(tmp_path / "f.ckpt", data={"name": "folder", "root": str(root),
+                                                      "image_size": 16}, seed=3)
+    runs = []
+    for extra in ([], [f"data.root={root}/"], ["seed=7"]):
+        code, res = _run(tmp_path / str(len(runs)), "knn", f"ckpt={ckpt}", "k=[3]", *extra)
+        assert code == 0
+        runs.append(res)
+    monkeypatch.chdir(tmp_path)
+    code, res = _run(tmp_path / "rel", "knn", f"ckpt={ckpt}", "k=[3]", "data.root=pics")
+    runs.append(res)
+    for res in runs:
+        dataset = res["protocol"]["dataset"]
+        assert not dataset["transfer"] and dataset["image_size"] == 16
+        assert dataset["split_seed"] == 3
+    assert len({json.dumps(r["results"]) for r in runs}) == 1
+
+
+def test_a_damaged_or_unwritable_feature_cache_is_only_a_miss(tmp_path, ckpt, capsys):
+    code, first = _run(tmp_path, "knn", f"ckpt={ckpt}", "k=[5]")
+    entries = sorted((tmp_path / "cache").iterdir())
+    assert code == 0 and len(entries) == 2
+    entries[0].write_bytes(entries[0].read_bytes()[:100])  # truncated
+    capsys.readouterr()
+    code, again = _run(tmp_path, "knn", f"ckpt={ckpt}", "k=[5]")
+    err = capsys.readouterr().err
+    assert code == 0 and "ignoring the unreadable cached features" in err
+    assert again["results"] == first["results"]
+    assert (tmp_path / "cache" / entries[0].name).stat().st_size > 100  # written anew
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    code = main(["knn", f"ckpt={ckpt}", "k=[5]", f"output_dir={tmp_path / 'k2'}", "device=cpu",
+                 f"cache_dir={blocker}"])
+    err = capsys.readouterr().err
+    assert code == 0 and f"could not cache the features in {blocker}" in err
+    assert json.loads((tmp_path / "k2" / "result.json").read_text())["results"] == \
+        first["results"]
+
+
+def test_a_held_out_folder_may_hold_one_class(tmp_path, ckpt):
+    for split, classes in (("train", ("a", "b", "c")), ("val", ("b",))):
+        for c, name in enumerate(classes):
+            (tmp_path / "pics" / split / name).mkdir(parents=True)
+            for i in range(6):
+                Image.new("RGB", (16, 16), (30 * i, 80 * c, 90)).save(
+                    tmp_path / "pics" / split / name / f"{i}.png")
+    code, res = _run(tmp_path, "knn", f"ckpt={ckpt}", "data.name=folder",
+                     f"data.root={tmp_path / 'pics'}", "k=[3]")
+    assert code == 0
+    assert res["protocol"]["dataset"]["sizes"] == {"train": 18, "test": 6}

@@ -28,6 +28,22 @@ def test_linearly_separable_features_reach_high_accuracy():
     assert res.top5 == 1.0  # 4 classes: the top-5 always holds the label
 
 
+def test_a_short_run_on_small_scale_features_is_scored_with_their_statistics():
+    """Features of a narrow, briefly trained backbone: a std of ~0.03 around an offset. After
+    one epoch of 5 steps the head is scored with the features' own statistics (BatchNorm's
+    (0, 1) start at momentum 0.1 scored such a run near chance)."""
+    (tx, ty), (vx, vy) = _separable(320, 0), _separable(400, 1)
+    tx, vx = tx * 0.03 + 0.5, vx * 0.03 + 0.5
+    res = train_linear_on_features(tx, ty, vx, vy, 4, SGDRecipe(epochs=1, lr=0.5, batch_size=64))
+    assert res.top1 > 0.6  # (0.77 here; 0.31 with the stale statistics)
+
+
+def test_a_last_batch_of_one_image_is_left_out():
+    (tx, ty), (vx, vy) = _separable(65, 0), _separable(40, 1)  # batches of 64 and 1
+    res = train_linear_on_features(tx, ty, vx, vy, 4, SGDRecipe(epochs=2, batch_size=64))
+    assert len(res.history) == 2 and res.history[0]["loss"] > 0
+
+
 def test_shuffled_labels_stay_near_chance():
     (tx, ty), (vx, vy) = _separable(800, 0), _separable(400, 1)
     shuffled = ty[torch.randperm(len(ty), generator=torch.Generator().manual_seed(3))]

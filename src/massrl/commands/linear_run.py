@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, Subset
 from massrl.augment.crops import rrc_source_side
 from massrl.config import ConfigError
 from massrl.data.eval_transform import EvalTransform
+from massrl.data.folder import files_fingerprint
 from massrl.eval import session
 from massrl.eval.config import LinearEvalConfig
 from massrl.eval.features import (
@@ -64,8 +65,10 @@ def _cached_mode(r: session.EvalRun, train: Dataset, subset: dict[str, Any],
     else:  # features of exactly the chosen images (bad images may be skipped, so no indexing)
         key = {"ckpt_sha256": r.pre.sha256, "split": "train-subset",
                "subset_sha256": subset["subset_sha256"], "seed": cfg.seed,
-               "dataset": cfg.data.name, "root": cfg.data.root, "version": session.FEATURES_VERSION,
-               **session.test_transform_info(r)}
+               "split_seed": r.split_seed, "dataset": cfg.data.name, "root": cfg.data.root,
+               "subset": cfg.data.subset, "eval_subset": cfg.data.eval_subset,
+               "num_samples": len(train), "files": files_fingerprint(train),
+               "version": session.FEATURES_VERSION, **session.test_transform_info(r)}
         transform = EvalTransform(r.image_size, r.splits.mean, r.splits.std, cfg.test_crop_ratio)
         train_x, train_y = cached_features(
             r.pre.backbone, Transformed(train, transform), key, cache_dir=cfg.cache_dir,

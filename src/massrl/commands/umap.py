@@ -28,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cfg = r.cfg
     out = session.output_file(cfg.out, r, "umap.png")
+    if not out.suffix:  # (matplotlib would add .png to the file it writes, not to our record)
+        out = out.with_name(out.name + ".png")
     session.open_data(r)
     feats, labels = session.features(r, cfg.split)
     title = (f"{r.pre.config.method} - {r.pre.path.name} ({cfg.data.name} {cfg.split}, "

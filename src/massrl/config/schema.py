@@ -186,6 +186,9 @@ class ModelConfig(Section):
     proj_output_dim: int = Field(256, gt=0, description="projection (embedding) size")
     pred_hidden_dim: int = Field(4096, gt=0, description="predictor MLP hidden width (BYOL, "
                                  "MASSRL)")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="more keyword arguments for timm.create_model, e.g. "
+        "model.kwargs.patch_size=4 for a ViT on 32 px images")
 
 
 class LossConfig(Section):

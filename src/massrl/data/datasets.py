@@ -306,7 +306,7 @@ def _imagenet(cfg: DataConfig, seed: int, name: str) -> DatasetSplits:
            "must be obtained from image-net.org; torchvision cannot download it)"]
     if not (root / "train").is_dir() or not (root / "val").is_dir():
         raise _not_found(name, looked, how)
-    if not is_class_folder_layout(root / "val"):
+    if not is_class_folder_layout(root / "val", min_classes=1):
         raise DatasetNotFoundError(
             f"{root / 'val'} has no class sub-folders; sort the validation images into one "
             "folder per class (as in train/)"
@@ -320,7 +320,7 @@ def _labeled_splits(
     train = labeled_folder(train_dir, cfg.strict)
     classes = train.classes
     if test_dir is not None:
-        if not is_class_folder_layout(test_dir):
+        if not is_class_folder_layout(test_dir, min_classes=1):
             raise ValueError(
                 f"{train_dir} has class sub-folders but {test_dir} does not; sort the held-out "
                 "images into the same class folders (or remove the folder to split train 80/20)"

@@ -66,17 +66,18 @@ def _has_direct_images(folder: Path) -> bool:
     return any(p.is_file() and is_image_file(p.name) for p in folder.iterdir())
 
 
-def is_class_folder_layout(root: Path) -> bool:
-    """True when ``root`` looks like an ImageFolder: no images directly in it, and at least two
-    sub-folders with images, each holding images directly.
+def is_class_folder_layout(root: Path, min_classes: int = 2) -> bool:
+    """True when ``root`` looks like an ImageFolder: no images directly in it, and at least
+    ``min_classes`` sub-folders with images, each holding images directly.
 
     The last rule tells class folders (``cat/1.jpg``) from nested unlabeled collections
-    (``2021/05/1.jpg``); one sub-folder is treated as unlabeled, as one class cannot be evaluated.
+    (``2021/05/1.jpg``); one sub-folder is treated as unlabeled, as one class cannot be evaluated
+    (a held-out folder may hold one class of the training folder's: ``min_classes=1``).
     """
     if _has_direct_images(root):
         return False
     with_images = [d for d in _subdirs(root) if _any_image(d)]
-    return len(with_images) >= 2 and all(_has_direct_images(d) for d in with_images)
+    return len(with_images) >= min_classes and all(_has_direct_images(d) for d in with_images)
 
 
 def why_unlabeled(folder: Path) -> str:

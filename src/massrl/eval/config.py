@@ -119,7 +119,7 @@ class LinearEvalConfig(_DataEval):
 class UmapEvalConfig(_DataEval):
     out: str | None = Field(None, description="PNG path (default: <output_dir>/umap.png)")
     split: Literal["train", "test"] = Field("train", description="labeled split to embed")
-    max_points: int | None = Field(5000, gt=0, description="seeded subsample for speed")
+    max_points: int | None = Field(5000, ge=3, description="seeded subsample for speed")
     n_neighbors: int = Field(15, gt=1)
     min_dist: float = Field(0.1, ge=0)
     n_epochs: int | None = Field(None, gt=0, description="default: umap-learn's")
@@ -129,10 +129,19 @@ class ExportConfig(_Base):
     out: str | None = Field(None, description="weights path (default: <output_dir>/backbone.pt)")
 
 
+def same_data(name: str, root: str | None, pretrain: DataConfig) -> bool:
+    """Whether an evaluation reads the pre-training data: the same dataset and the same root,
+    however spelled (relative, with ~ or a trailing slash)."""
+    def resolved(r: str | None) -> Path | None:
+        return None if r is None else Path(r).expanduser().resolve()
+    return name == pretrain.name and resolved(root) == resolved(pretrain.root)
+
+
 def inherited_data(pretrain: RunConfig, requested: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint's data section, trimmed to loader settings if another dataset is asked for."""
+    """The checkpoint's data section, trimmed to loader settings if other data is asked for."""
     data = pretrain.data.model_dump(mode="json")
-    if requested.get("name", pretrain.data.name) != pretrain.data.name:
+    pre = pretrain.data
+    if not same_data(requested.get("name", pre.name), requested.get("root", pre.root), pre):
         data = {k: data[k] for k in DATASET_INDEPENDENT}
     return data
 

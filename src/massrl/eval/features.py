@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -143,13 +144,26 @@ def cached_features(
     """Features of `dataset` (Transformed items), read from / written to the cache by `key`."""
     path = cache_path(cache_dir, key)
     if use_cache and path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        return saved["features"], saved["labels"]
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            return saved["features"], saved["labels"]
+        except Exception as exc:  # noqa: BLE001 - a damaged cache entry is only a miss
+            _cache_warning(f"ignoring the unreadable cached features {path} "
+                           f"({type(exc).__name__}); computing them again")
     loader = make_loader(dataset, batch_size, num_workers=num_workers, device=device)
     feats, labels = extract_features(backbone, loader, device, f"features ({key.get('split')})")
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"features": feats, "labels": labels, "key": json.dumps(key, default=str)}, tmp)
-        tmp.replace(path)  # atomic: a crash never leaves a truncated cache file behind
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            torch.save({"features": feats, "labels": labels,
+                        "key": json.dumps(key, default=str)}, tmp)
+            tmp.replace(path)  # atomic: a crash never leaves a truncated cache file behind
+        except OSError as exc:  # the evaluation goes on without its cache
+            _cache_warning(f"could not cache the features in {path.parent}: {exc.strerror or exc}"
+                           " (cache_dir=DIR chooses another place, cache=false none)")
     return feats, labels
+
+
+def _cache_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)

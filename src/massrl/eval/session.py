@@ -24,7 +24,7 @@ from massrl.data.eval_transform import EvalTransform, test_resize
 from massrl.data.folder import files_fingerprint
 from massrl.devices import resolve_num_workers
 from massrl.eval.checkpoint import Pretrained, load
-from massrl.eval.config import build_eval_config, default_output_dir, raw_tree
+from massrl.eval.config import build_eval_config, default_output_dir, raw_tree, same_data
 from massrl.eval.features import (
     Transformed,
     cached_features,
@@ -48,6 +48,7 @@ class EvalRun:
     splits: Any = None  # massrl.data.DatasetSplits once open_data ran
     image_size: int = 0
     transfer: bool = False
+    split_seed: int = 0  # the seed of the held-out split and subsets
 
     def warn(self, message: str) -> None:
         self.warnings.append(message)
@@ -109,8 +110,12 @@ def open_data(run: EvalRun, needs_labels: bool = True) -> None:
     from massrl.data import DatasetNotFoundError, load_dataset
 
     data, pre_data = run.cfg.data, run.pre.config.data
+    run.transfer = not same_data(data.name, data.root, pre_data)
+    # the pre-training data is split (and subset) as pre-training split it, whatever the
+    # evaluation's seed: another split would put pre-training images in the test split
+    run.split_seed = run.cfg.seed if run.transfer else run.pre.config.seed
     try:
-        run.splits = splits = load_dataset(data, run.cfg.seed)
+        run.splits = splits = load_dataset(data, run.split_seed)
     except (DatasetNotFoundError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     if needs_labels and (splits.train_labeled is None or splits.test is None
@@ -120,7 +125,6 @@ def open_data(run: EvalRun, needs_labels: bool = True) -> None:
             "needs labeled train and test images. Use a labeled dataset, e.g. a folder with one "
             "sub-folder per class, or data.name=cifar10."
         )
-    run.transfer = data.name != pre_data.name or (data.root or pre_data.root) != pre_data.root
     asked_size = "image_size" in (run.requested.get("data") or {})
     # Transfer: the evaluation dataset's own size unless the user chose one.
     run.image_size = splits.native_size if run.transfer and not asked_size else data.image_size
@@ -135,7 +139,7 @@ def check_input_size(run: EvalRun) -> None:
     except (RuntimeError, AssertionError, ValueError) as exc:  # timm asserts fixed input sizes
         raise ConfigError(
             f"the backbone ({name}, pre-trained on {pre_size} px images) cannot take {size} px "
-            f"images: {str(exc).splitlines()[0]}. Set data.image_size={pre_size}."
+            f"images: {str(exc).splitlines()[0].rstrip('.')}. Set data.image_size={pre_size}."
         ) from None
     if max(size, pre_size) / min(size, pre_size) >= SIZE_WARN_RATIO:
         run.warn(
@@ -194,7 +198,8 @@ def protocol(run: EvalRun) -> dict[str, Any]:
             info["config"]["data"]["image_size"] = run.image_size
         info["dataset"] = {
             "name": run.cfg.data.name, "transfer": run.transfer, "image_size": run.image_size,
-            "num_classes": run.splits.num_classes, "test_transform": test_transform_info(run),
+            "num_classes": run.splits.num_classes, "split_seed": run.split_seed,
+            "test_transform": test_transform_info(run),
             "sizes": {"train": len(run.splits.train_labeled), "test": len(run.splits.test)},
         }
     return info

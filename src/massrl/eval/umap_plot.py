@@ -39,6 +39,8 @@ def embed(
     reducer = _umap_module().UMAP(
         n_components=2, n_neighbors=min(n_neighbors, len(x) - 1), min_dist=min_dist,
         n_epochs=n_epochs, random_state=seed, n_jobs=1,  # seeded UMAP runs single-threaded
+        # the spectral start needs more points than eigenvectors (a handful of points failed)
+        init="spectral" if len(x) > 10 else "random",
     )
     return reducer.fit_transform(x)
 
@@ -65,13 +67,13 @@ def save_umap(
     """
     labels_np = np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64)
     feats = torch.as_tensor(features).cpu()
-    if len(labels_np) < 3:
-        raise ValueError("a UMAP picture needs at least 3 points")
     if max_points is not None and len(labels_np) > max_points:
         from massrl.data import balanced_subset
 
         keep = balanced_subset(labels_np.tolist(), max_points, seed)
         feats, labels_np = feats[keep], labels_np[keep]
+    if len(labels_np) < 3:
+        raise ValueError(f"a UMAP picture needs at least 3 points, got {len(labels_np)}")
     xy = embed(feats, seed=seed, n_neighbors=n_neighbors, min_dist=min_dist, n_epochs=n_epochs)
     present = np.unique(labels_np)
     num = int(present.max()) + 1

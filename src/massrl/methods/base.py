@@ -64,7 +64,8 @@ class SSLMethod(L.LightningModule):
         self.num_classes = num_classes
         self.strategy_names = strategy_names or list(cfg.augment.strategies)
         self.backbone, self.backbone_spec = build_backbone(
-            cfg.model.backbone, cfg.model.cifar_stem, cfg.model.width)
+            cfg.model.backbone, cfg.model.cifar_stem, cfg.model.width, cfg.data.image_size,
+            cfg.model.kwargs)
         self.feat_dim = int(self.backbone.num_features)
         self.probe = (nn.Linear(self.feat_dim, num_classes)
                       if cfg.eval.probe and num_classes else None)

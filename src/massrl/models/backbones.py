@@ -8,6 +8,8 @@ from typing import Any
 import timm
 from torch import nn
 
+from massrl.config import ConfigError
+
 
 @dataclass
 class BackboneSpec:
@@ -22,15 +24,37 @@ class BackboneSpec:
         return asdict(self)
 
 
-def _timm_kwargs(name: str, width: int) -> dict[str, Any]:
+def _width_kwargs(name: str, width: int, cifar_stem: bool) -> dict[str, Any]:
     if width == 64:
         return {}
     if not name.startswith("resnet"):
-        raise ValueError(
-            f"model.width={width} is only supported for timm ResNets, not '{name}'; "
-            "leave model.width=64 for other backbones."
-        )
+        stem = " model.cifar_stem=false" if cifar_stem else ""
+        raise ConfigError(f"model.width={width} applies to timm ResNets only, not '{name}': "
+                          f"add model.width=64{stem} for other backbones")
     return {"channels": tuple(width * m for m in (1, 2, 4, 8)), "stem_width": width}
+
+
+def _create(name: str, options: dict[str, Any], image_size: int | None
+            ) -> tuple[nn.Module, dict[str, Any]]:
+    """The timm model and the keyword arguments it took. An architecture built for one input
+    size (a ViT's position embeddings) is built for `image_size`, and with dynamic_img_size so
+    that other sizes still evaluate; the others do not take img_size (a TypeError naming it)."""
+    tries = [options]
+    if image_size is not None and "img_size" not in options:
+        sized = {"img_size": image_size, **options}
+        tries = [{**sized, "dynamic_img_size": sized.get("dynamic_img_size", True)}, sized,
+                 options]
+    for kwargs in tries:
+        try:
+            return timm.create_model(name, pretrained=False, num_classes=0, **kwargs), kwargs
+        except TypeError as exc:
+            if kwargs is tries[-1] or "img_size" not in str(exc):
+                raise ConfigError(f"model.backbone={name} refused its keyword arguments: "
+                                  f"{exc} (check model.kwargs)") from None
+        except RuntimeError as exc:  # timm raises RuntimeError for unknown names
+            raise ConfigError(f"unknown model.backbone '{name}': {exc}. Any timm model name "
+                              "works, e.g. resnet18, resnet50, vit_small_patch16_224.") from None
+    raise AssertionError("unreachable")
 
 
 def apply_cifar_stem(model: nn.Module) -> nn.Module:
@@ -44,20 +68,20 @@ def apply_cifar_stem(model: nn.Module) -> nn.Module:
 
 
 def build_backbone(
-    name: str = "resnet18", cifar_stem: bool = False, width: int = 64
+    name: str = "resnet18", cifar_stem: bool = False, width: int = 64,
+    image_size: int | None = None, kwargs: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, BackboneSpec]:
     """A timm backbone with no classifier (forward returns pooled features) and its spec.
 
-    `backbone.num_features` is the feature dimension.
+    `kwargs` go to timm.create_model; `image_size` sizes the architectures built for one input
+    size (ViTs). `backbone.num_features` is the feature dimension.
     """
-    kwargs = _timm_kwargs(name, width)
-    try:
-        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-    except RuntimeError as exc:  # timm raises RuntimeError for unknown names
-        raise ValueError(
-            f"unknown backbone '{name}': {exc}. Any timm model name works, e.g. resnet18, resnet50."
-        ) from None
+    model, kwargs = _create(name, {**_width_kwargs(name, width, cifar_stem), **(kwargs or {})},
+                            image_size)
     if cifar_stem:
+        if not (hasattr(model, "conv1") and hasattr(model, "maxpool")):
+            raise ConfigError(f"model.cifar_stem=true needs a ResNet-style backbone (conv1 + "
+                              f"maxpool), not '{name}': add model.cifar_stem=false")
         apply_cifar_stem(model)
     spec = BackboneSpec(name=name, cifar_stem=cifar_stem, width=width,
                         timm_kwargs={k: list(v) if isinstance(v, tuple) else v

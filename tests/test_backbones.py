@@ -1,0 +1,93 @@
+"""Backbones beyond ResNets: a ViT pre-trains at the run's image size, evaluates at another and
+exports into plain timm; backbone options that cannot apply are clear configuration errors."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from massrl.cli import main
+from massrl.config import ConfigError
+from massrl.models import build_backbone
+
+# a 2-block ViT with 4 px patches: small enough for the CPU, the architecture of any timm ViT
+VIT = ["model.backbone=vit_tiny_patch16_224", "model.width=64", "model.cifar_stem=false",
+       "model.kwargs={patch_size: 4, depth: 2, embed_dim: 48, num_heads: 3}"]
+
+
+def test_vit_pretrains_evaluates_at_another_size_and_exports(tmp_path):
+    run = tmp_path / "vit"
+    assert main(["pretrain", *VIT, "data.name=digits", "data.image_size=16",
+                 "data.batch_size=32", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+                 "model.proj_hidden_dim=64", "model.pred_hidden_dim=64",
+                 "trainer.progress_bar=false", f"output_dir={run}"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["knn_top1"] is not None and summary["images_seen"] == 3 * 32
+    ckpt = run / "checkpoints" / "last.ckpt"
+    # another size: the position embeddings are resampled (dynamic_img_size)
+    assert main(["knn", f"ckpt={ckpt}", "data.image_size=24", f"output_dir={tmp_path / 'k'}"]) == 0
+    result = json.loads(next((tmp_path / "k").rglob("result.json")).read_text())
+    assert result["protocol"]["dataset"]["image_size"] == 24
+    assert result["results"]["k=20"]["top1"] > 0.1  # (10 classes)
+    assert main(["export", f"ckpt={ckpt}", f"--out={tmp_path / 'exp'}/"]) == 0
+    manifest = json.loads(next((tmp_path / "exp").glob("*.json")).read_text())
+    assert manifest["timm_kwargs"] == {"img_size": 16, "dynamic_img_size": True, "patch_size": 4,
+                                       "depth": 2, "embed_dim": 48, "num_heads": 3}
+    # plain timm, without massrl, gives the features massrl's backbone gives
+    from massrl.eval.checkpoint import load_pretrained
+
+    backbone = load_pretrained(ckpt)[0]
+    x = torch.randn(2, 3, 16, 16)
+    torch.save(x, tmp_path / "x.pt")
+    loader = textwrap.dedent("""
+        import json, os, sys
+        sys.modules["massrl"] = None
+        import timm, torch
+        os.chdir(os.path.dirname(sys.argv[1]))
+        scope = {}
+        exec(json.load(open(sys.argv[1]))["load_timm"], scope)
+        with torch.no_grad():
+            torch.save(scope["model"](torch.load(sys.argv[2])), sys.argv[3])
+    """)
+    manifest_path = next((tmp_path / "exp").glob("*.json"))
+    subprocess.run([sys.executable, "-c", loader, str(manifest_path), str(tmp_path / "x.pt"),
+                    str(tmp_path / "y.pt")], check=True, timeout=120)
+    with torch.no_grad():
+        expected = backbone(x)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.backbone=vit_tiny_patch16_224"],  # the default config's width 16 and CIFAR stem
+     "model.width=16 applies to timm ResNets only, not 'vit_tiny_patch16_224': add "
+     "model.width=64 model.cifar_stem=false"),
+    (["model.backbone=vit_tiny_patch16_224", "model.width=64"],
+     "model.cifar_stem=true needs a ResNet-style backbone"),
+    (["model.backbone=resnet1", "model.width=64"], "unknown model.backbone 'resnet1'"),
+    ([*VIT[:3], "model.kwargs.colour=3"],
+     "refused its keyword arguments: .*unexpected keyword argument 'colour'.*model.kwargs"),
+])
+def test_backbone_options_that_cannot_apply_are_explained(overrides, message, capsys):
+    assert main(["pretrain", "data.name=digits", *overrides,
+                 f"output_dir={Path('unused')}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert any(re.search(message, line) for line in err.splitlines()), err
+
+
+def test_resnets_keep_their_plain_timm_arguments():
+    """Only architectures with a fixed input size are built for the image size: a ResNet's
+    recorded arguments (and so its exports and checkpoints) stay as they were."""
+    _, spec = build_backbone("resnet18", cifar_stem=True, width=16, image_size=32)
+    assert spec.timm_kwargs == {"channels": [16, 32, 64, 128], "stem_width": 16}
+    _, spec = build_backbone("resnet18", image_size=32)
+    assert spec.timm_kwargs == {}
+    with pytest.raises(ConfigError, match="unknown model.backbone"):
+        build_backbone("no_such_net")
