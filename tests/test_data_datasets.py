@@ -40,6 +40,20 @@ def _class_folder(root: Path, classes=("cat", "dog", "eel"), per_class: int = 4)
 # ---------------------------------------------------------------- folders
 
 
+def test_a_class_of_one_image_keeps_the_others_stratified(tmp_path):
+    root = tmp_path / "data"
+    for ci, (name, n) in enumerate((("big", 20), ("small", 5), ("one", 1))):
+        for i in range(n):
+            _img(root / name / f"{i}.png", value=40 * ci + i)
+    for seed in range(3):
+        with pytest.warns(UserWarning, match=r"single image have no test image: \['one'\]"):
+            splits = load_dataset(DataConfig(name="folder", root=str(root)), seed)
+        assert splits.classes == ["big", "one", "small"]
+        # 20 % of each class of 2 images or more; the class of one in training
+        assert sorted(splits.test.targets) == [0] * 4 + [2]
+        assert splits.train.targets.count(1) == 1
+
+
 def test_class_folders_are_labeled(tmp_path):
     root = _class_folder(tmp_path / "data")
     _img(root / "dog" / "UPPER.JPG")  # extensions are case-insensitive

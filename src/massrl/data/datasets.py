@@ -5,6 +5,7 @@ and returns its splits as datasets of ``(PIL RGB image, label)`` items, label -1
 from __future__ import annotations
 
 import gzip
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -338,11 +339,22 @@ def _stratified_split(
 ) -> tuple[FileImageDataset, FileImageDataset]:
     from sklearn.model_selection import train_test_split
 
-    idx = np.arange(len(ds))
-    counts = np.bincount(ds.targets)
-    stratify = ds.targets if counts.min() >= 2 else None  # sklearn needs 2 per class
-    tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=stratify)
-    return _select(ds, np.sort(tr)), _select(ds, np.sort(te))
+    targets = np.asarray(ds.targets)
+    counts = np.bincount(targets)
+    # sklearn stratifies classes of 2 images or more: a class of one goes to the training split
+    # whole (dropping the stratification for every class left whole classes out of the test)
+    single = np.flatnonzero(counts[targets] < 2)
+    idx = np.flatnonzero(counts[targets] >= 2)
+    try:
+        tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed,
+                                  stratify=targets[idx])
+    except ValueError:  # fewer test images than classes: a plain split of what there is
+        tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed)
+    if len(single):
+        names = [ds.classes[c] if ds.classes else str(c) for c in np.flatnonzero(counts == 1)]
+        warnings.warn(f"classes with a single image have no test image: {names[:10]}; the "
+                      "held-out split scores the other classes only", stacklevel=2)
+    return _select(ds, np.sort(np.concatenate([tr, single]))), _select(ds, np.sort(te))
 
 
 def _select(ds: FileImageDataset, indices: Sequence[int]) -> FileImageDataset:
