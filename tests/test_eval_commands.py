@@ -180,9 +180,17 @@ def test_clear_errors(tmp_path, ckpt, capsys):
         assert code == 2 and not (tmp_path / "out").exists()
 
 
-def test_eval_config_forms_and_rules(ckpt, capsys):
+def test_eval_config_forms_and_rules(ckpt, capsys, tmp_path):
     assert main(["knn", f"ckpt={ckpt}", "k=5", "--print-config"]) == 0
     assert "k:\n- 5\n" in capsys.readouterr().out  # one k needs no list
+    for form in ("k=20,200", "k=[20,200,20]"):  # a comma list; each k once
+        assert main(["knn", f"ckpt={ckpt}", form, "--print-config"]) == 0
+        assert "k:\n- 20\n- 200\n" in capsys.readouterr().out
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(ckpt.read_bytes())
+    assert main(["knn", f"ckpt={last.parent}"]) == 2  # the checkpoints folder itself
+    assert f"Did you mean {last}?" in capsys.readouterr().err
     assert main(["linear", f"ckpt={ckpt}", "backbone_lr=0.1"]) == 2
     assert "backbone_lr applies to finetune=true only" in capsys.readouterr().err
     assert main(["linear", f"ckpt={ckpt}", "finetune=true", "features_cached=true"]) == 2

@@ -90,6 +90,11 @@ def test_augviz_writes_a_png(tmp_path, capsys):
     img = Image.open(out)
     assert img.format == "PNG" and img.width > 400 and img.height > 300
     assert str(out) in capsys.readouterr().out
+    # a name without a suffix: the PNG matplotlib writes is the file reported
+    assert main(["augviz", "data.name=digits", "--images", "1", "--out",
+                 str(tmp_path / "noext")]) == 0
+    assert f"wrote {tmp_path / 'noext.png'}" in capsys.readouterr().out
+    assert Image.open(tmp_path / "noext.png").format == "PNG"
 
 
 def test_augviz_on_a_folder_of_user_images(tmp_path):

@@ -132,6 +132,21 @@ def test_sigterm_saves_a_checkpoint_requeues_on_slurm_and_the_run_continues(tiny
     assert summary["epochs"] == 2 and summary["images_seen"] == 512
 
 
+def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_says_how_to_continue(tiny):
+    """Lightning exits at once on Ctrl-C, with nothing saved and no hint: massrl stops at the
+    next step boundary as on SIGTERM, and names the run directory."""
+    args = _byol(tiny, **{**RUN, "trainer.checkpoint_every_n_steps": "0"})
+    result = _interrupted(args, at=5, sig="SIGINT")
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert "Ctrl-C: stopping after this step" in result.stderr
+    assert f"stopped by Ctrl-C. Continue with resume=auto output_dir={_out(args)}" in \
+        result.stderr
+    ckpt = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] in (5, 6)  # the step after the Ctrl-C's, at the latest
+    assert main(["pretrain", *args, "resume=auto"]) == 0
+    assert json.loads((_out(args) / "summary.json").read_text())["images_seen"] == 512
+
+
 def test_sigterm_in_validation_or_an_accumulation_window_keeps_the_last_checkpoint(tiny):
     """A checkpoint there would not continue the run exactly (Lightning does not rerun the
     validation; a window's gradients are in no checkpoint): the last one is kept, and the
@@ -161,9 +176,10 @@ def test_sigterm_in_validation_or_an_accumulation_window_keeps_the_last_checkpoi
                 assert torch.allclose(ref[k], res[k], atol=1e-6), (name, k)
 
 
-def test_a_resumed_session_without_validation_reports_the_last_one(tiny):
-    """eval.knn_every=2, 3 epochs: the last kNN is the epoch-2 one, also when the session that
-    ends the run (epoch 3) ran no validation of its own."""
+def test_the_summary_measures_the_final_model_when_knn_every_skips_the_last_epoch(tiny):
+    """eval.knn_every=2, 3 epochs: after training one more validation measures the final model
+    (the summary had the epoch-2 figures, or none when knn_every > max_epochs), also when the
+    session that ends the run was resumed."""
     run = {"eval.knn_every": "2", "trainer.max_epochs": "3"}
     reference = _byol(tiny, **run)
     assert main(["pretrain", *reference]) == 0
@@ -173,7 +189,13 @@ def test_a_resumed_session_without_validation_reports_the_last_one(tiny):
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert main(["pretrain", *args, "resume=auto"]) == 0
     summary = json.loads((_out(args) / "summary.json").read_text())
-    assert ref["knn_after_epochs"] == summary["knn_after_epochs"] == 2
+    assert ref["knn_after_epochs"] == summary["knn_after_epochs"] == 3
+    assert ref["best_knn_top1"] >= ref["knn_top1"]
+    never = _byol(tiny, **{"eval.knn_every": "5"}, output_dir=str(_out(reference).parent / "n"))
+    assert main(["pretrain", *never]) == 0
+    once = json.loads((_out(never) / "summary.json").read_text())
+    assert once["knn_after_epochs"] == 1 and once["knn_top1"] is not None
+    assert once["probe_top1"] is not None
     assert summary["knn_top1"] == pytest.approx(ref["knn_top1"], abs=1e-6)
     assert summary["probe_top1"] == pytest.approx(ref["probe_top1"], abs=1e-6)
 
@@ -192,8 +214,13 @@ def test_resume_with_a_changed_backbone_is_refused(tiny, capsys):
     assert "pred_hidden_dim" not in err
 
 
-def test_resuming_a_finished_run_trains_nothing_and_keeps_its_summary(tiny, capsys):
-    args = _byol(tiny, **{"trainer.max_epochs": "1"})
+@pytest.mark.parametrize("epochs, every", [("1", "3"), ("2", "0")])
+def test_resuming_a_finished_run_trains_nothing_and_keeps_its_summary(tiny, capsys, epochs,
+                                                                      every):
+    # (every=0: the last save is the epoch-end one, made before Lightning counts the epoch
+    # as completed; the run was resumed as 1 of 2 epochs done and its summary overwritten)
+    args = _byol(tiny, **{"trainer.max_epochs": epochs,
+                          "trainer.checkpoint_every_n_steps": every})
     assert main(["pretrain", *args]) == 0
     summary = (_out(args) / "summary.json").read_bytes()
     capsys.readouterr()
@@ -274,3 +301,16 @@ def test_atomic_checkpoint_keeps_the_previous_file_on_a_full_disk(tmp_path, monk
     monkeypatch.undo()
     assert torch.load(path) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_a_new_run_into_a_run_directory_is_refused(tiny, capsys):
+    """A second run into an output_dir that holds one would overwrite its checkpoints, metrics
+    and summary: it is refused, pointing at resume=auto."""
+    args = _byol(tiny)
+    assert main(["pretrain", *args]) == 0
+    summary = (_out(args) / "summary.json").read_bytes()
+    capsys.readouterr()
+    assert main(["pretrain", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"output_dir {_out(args)} already holds a run" in err and "resume=auto" in err
+    assert (_out(args) / "summary.json").read_bytes() == summary

@@ -57,6 +57,8 @@ def augmentation_grid(dataset: Dataset, transform, path: str | Path, num_images:
     if title:
         fig.suptitle(title, fontsize=10)
     path = Path(path)
+    if not path.suffix:  # what matplotlib writes for a name without one
+        path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)

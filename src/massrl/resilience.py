@@ -5,6 +5,7 @@
 - `resume=auto` continues the run in `output_dir` from its last checkpoint, exactly: model, EMA
   target, optimizer, scheduler, tau, the sampler's position in the epoch and the RNG states.
 - SIGTERM (preemption) saves a checkpoint before the process exits; on SLURM the job is requeued.
+  A first Ctrl-C in a single-process run does the same (a second one stops at once).
 - A non-finite loss stops the run with a message naming the step (unless skip_nonfinite).
 """
 
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +114,29 @@ class Preemption(Callback):
     def __init__(self, last_path: Path) -> None:
         self.last_path = last_path
         self.saved = False
+        self.by_ctrl_c = False
+        self._sigint: Any = None  # the SIGINT handler to put back
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning answers Ctrl-C by exiting mid-step with nothing saved: in one process (in
+        # DDP every rank gets the Ctrl-C at its own point) the first one becomes the SIGTERM
+        # that stops the run at the next step boundary, with last.ckpt saved
+        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
+            self._sigint = signal.signal(signal.SIGINT, self._on_ctrl_c)
+
+    def _on_ctrl_c(self, signum: int, frame: Any) -> None:
+        if self.by_ctrl_c:  # the second one: stop at once
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.by_ctrl_c = True
+        print("\nCtrl-C: stopping after this step, with last.ckpt saved (Ctrl-C again stops at "
+              "once, without saving)", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: stop at the next step
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._sigint is not None:
+            signal.signal(signal.SIGINT, self._sigint)
+            self._sigint = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
@@ -119,9 +146,10 @@ class Preemption(Callback):
         if why is None:
             trainer.save_checkpoint(self.last_path, weights_only=False)
             self.saved = True
+        name = "Ctrl-C" if self.by_ctrl_c else "SIGTERM"
         if trainer.is_global_zero:
-            print(f"SIGTERM: last.ckpt saved at optimizer step {trainer.global_step}" if why is None
-                  else f"SIGTERM {why}: last.ckpt is kept as it was; the resumed run repeats the "
+            print(f"{name}: last.ckpt saved at optimizer step {trainer.global_step}" if why is None
+                  else f"{name} {why}: last.ckpt is kept as it was; the resumed run repeats the "
                   "steps since it was saved")
         job = os.environ.get("SLURM_JOB_ID")
         if job and trainer.is_global_zero:
@@ -200,6 +228,8 @@ def check_resume_compatible(cfg: RunConfig, ckpt_path: Path) -> dict:
 
 
 def epochs_done(ckpt: dict) -> int:
-    """The epochs a checkpoint's run had completed when it was saved."""
+    """The epochs a checkpoint's run had trained through when it was saved: "processed", as an
+    epoch-end save (EpochEndCheckpoint, in on_train_epoch_end) comes before Lightning counts
+    the epoch "completed", and Lightning resumes such a checkpoint after that epoch."""
     progress = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
-    return int(progress.get("current", {}).get("completed", 0))
+    return int(progress.get("current", {}).get("processed", 0))

@@ -15,6 +15,8 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from massrl.augment.views import sparse_pairs_note
 from massrl.config import ConfigError, RunConfig, to_yaml
@@ -44,6 +46,8 @@ QUIET = (
     ".*Experiment logs directory .* exists and is not empty.*",  # config.yaml is written first
     ".*is smaller than the logging interval.*",  # tiny runs
     ".*LeafSpec.*",  # a deprecation inside Lightning
+    # a resumed run's own checkpoints (a new run into a run directory is refused)
+    ".*Checkpoint directory .* exists and is not empty.*",
 )
 
 
@@ -127,8 +131,9 @@ class RunSummary(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics
         self.last_val = {name: float(metrics[name]) for name in VAL_FIGURES if name in metrics}
-        if self.last_val:
-            self.last_val["after_epochs"] = trainer.current_epoch + 1
+        if self.last_val:  # (a validation after fit counts the epochs already trained)
+            after_fit = trainer.state.fn == TrainerFn.VALIDATING
+            self.last_val["after_epochs"] = trainer.current_epoch + (0 if after_fit else 1)
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_val": dict(self.last_val)}
@@ -142,27 +147,34 @@ class RunSummary(Callback):
     def summary(self, trainer: L.Trainer, module: SSLMethod, ckpt: ModelCheckpoint | None
                 ) -> dict[str, Any]:
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        best = ckpt.best_model_score if ckpt is not None else None
         return {
             "method": module.cfg.method,
             "dataset": module.cfg.data.name,
-            "knn_top1": self.last_val.get(KNN_METRIC),
-            "knn_after_epochs": self.last_val.get("after_epochs"),
-            "best_knn_top1": float(best) if best is not None else self.last_val.get(KNN_METRIC),
-            "probe_top1": self.last_val.get("val/probe_top1"),
+            **self.val_figures(ckpt),
             "final_loss": m.get("train/loss_epoch"),
             "epochs": trainer.current_epoch,
             "images_seen": module.images_seen,
             "skipped_files": module.skipped_files,
             "train_seconds": round(self.train_seconds, 2),
             "wall_seconds": round(time.perf_counter() - self.start, 2),
-            "images_per_s": round((module.images_seen - self._images_at_start)
-                                  / max(self.train_seconds, 1e-9), 1),
+            # (None for a session that trained no step)
+            "images_per_s": (round((module.images_seen - self._images_at_start)
+                                   / self.train_seconds, 1) if self.train_seconds else None),
             "run_dir": str(self.run_dir),
             "last_checkpoint": str(self.run_dir / "checkpoints" / "last.ckpt"),
             "best_checkpoint": (ckpt.best_model_path or None) if ckpt is not None else None,
             "runtime": runtime(trainer, module),
         }
+
+
+    def val_figures(self, ckpt: ModelCheckpoint | None) -> dict[str, Any]:
+        """The summary's kNN and probe figures: the last validation's, and the best kNN."""
+        knn = self.last_val.get(KNN_METRIC)
+        best = ckpt.best_model_score if ckpt is not None else None
+        scores = [v for v in (knn, None if best is None else float(best)) if v is not None]
+        return {"knn_top1": knn, "knn_after_epochs": self.last_val.get("after_epochs"),
+                "best_knn_top1": max(scores) if scores else None,
+                "probe_top1": self.last_val.get("val/probe_top1")}
 
 
 def runtime(trainer: L.Trainer, module: SSLMethod) -> dict[str, Any]:
@@ -224,7 +236,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Tr
         enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],
     )
-    return trainer, {"summary": summary, "best": best}
+    return trainer, {"summary": summary, "best": best, "preemption": callbacks[0]}
 
 
 def build_datamodule(cfg: RunConfig):
@@ -278,6 +290,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
         raise ConfigError("resume=auto needs output_dir=DIR: the run directory to continue")
     run_dir = run_dir or make_run_dir(cfg)
     resume_from = find_resume_checkpoint(cfg, run_dir)
+    if cfg.resume is None and (run_dir / "checkpoints" / "last.ckpt").is_file():
+        raise ConfigError(f"output_dir {run_dir} already holds a run (checkpoints/last.ckpt): "
+                          "continue it with resume=auto, or choose another output_dir")
     if resume_from is not None:
         done = epochs_done(check_resume_compatible(cfg, resume_from))
         if done >= cfg.trainer.max_epochs:
@@ -310,8 +325,20 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
         # notices that are expected in a massrl run and only bury the useful output
         for message in QUIET:
             warnings.filterwarnings("ignore", message)
-        trainer.fit(method, datamodule=dm, ckpt_path=resume_from)
+        try:
+            trainer.fit(method, datamodule=dm, ckpt_path=resume_from)
+        except SIGTERMException as exc:  # the command says where and how to continue
+            exc.run_dir, exc.by_ctrl_c = run_dir, parts["preemption"].by_ctrl_c
+            raise
     summary = parts["summary"].summary(trainer, method, parts["best"])
+    if dm.has_labels and cfg.eval.knn_every and \
+            parts["summary"].last_val.get("after_epochs") != trainer.current_epoch:
+        # eval.knn_every left the last epochs unmeasured: the summary is the final model's
+        with warnings.catch_warnings():
+            for message in QUIET:
+                warnings.filterwarnings("ignore", message)
+            trainer.validate(method, datamodule=dm, verbose=False)
+        summary.update(parts["summary"].val_figures(parts["best"]))
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     finish_loggers(trainer.loggers, summary)

@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             transform = MultiViewTransform(cfg.augment, cfg.data.image_size, splits.mean,
                                            splits.std)
-        augmentation_grid(splits.train, transform, out, num_images=args.images, title=title,
-                          seed=cfg.seed)
+        out = augmentation_grid(splits.train, transform, out, num_images=args.images,
+                                title=title, seed=cfg.seed)
     except (DatasetNotFoundError, UnusableDataError, BadImageError) as exc:
         print(f"massrl augviz: {data_error_message(exc)}", file=sys.stderr)
         return 2

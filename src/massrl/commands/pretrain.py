@@ -41,12 +41,16 @@ def run(args: argparse.Namespace) -> int:
     except (NonFiniteLossError, CheckpointWriteError) as exc:
         print(f"massrl pretrain: {exc}", file=sys.stderr)
         return 1
-    except SIGTERMException:
-        where = cfg.output_dir or "the run directory"
-        print(f"massrl pretrain: stopped by SIGTERM. Continue with resume=auto "
-              f"output_dir={where}", file=sys.stderr)
-        return 143
-    print_summary(summary)
+    except SIGTERMException as exc:
+        where = getattr(exc, "run_dir", None) or cfg.output_dir or "the run directory"
+        by_ctrl_c = getattr(exc, "by_ctrl_c", False)
+        print(f"massrl pretrain: stopped by {'Ctrl-C' if by_ctrl_c else 'SIGTERM'}. Continue "
+              f"with resume=auto output_dir={where}", file=sys.stderr)
+        return 130 if by_ctrl_c else 143
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:  # (every DDP process returns; one table is the run's)
+        print_summary(summary)
     return 0
 
 

@@ -33,8 +33,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw checkpoint dict, after checking that it is a massrl pre-training checkpoint."""
     p = Path(path)
     if p.is_dir():
-        inside = p / "checkpoints" / "last.ckpt"
-        hint = f" Did you mean {inside}?" if inside.is_file() else ""
+        inside = next((c for c in (p / "checkpoints" / "last.ckpt", p / "last.ckpt")
+                       if c.is_file()), None)
+        hint = f" Did you mean {inside}?" if inside else ""
         raise CheckpointError(f"checkpoint '{path}' is a directory, not a checkpoint file.{hint}")
     if not p.is_file():
         raise CheckpointError(

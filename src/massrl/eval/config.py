@@ -64,6 +64,8 @@ class KnnEvalConfig(_DataEval):
     @field_validator("k", mode="before")
     @classmethod
     def _one_k(cls, v: object) -> object:
+        if isinstance(v, str) and "," in v:  # k=20,200 as well as k=[20,200]
+            v = [part.strip() for part in v.split(",")]
         return [v] if isinstance(v, int) else v
 
     @field_validator("k")
@@ -71,7 +73,7 @@ class KnnEvalConfig(_DataEval):
     def _positive(cls, v: list[int]) -> list[int]:
         if any(k < 1 for k in v):
             raise ValueError("every k must be >= 1")
-        return v
+        return list(dict.fromkeys(v))  # each k once, in the order given
 
 
 class LinearEvalConfig(_DataEval):
