@@ -212,6 +212,11 @@ def test_resume_with_a_changed_backbone_is_refused(tiny, capsys):
     err = capsys.readouterr().err
     assert "method: 'byol' in the checkpoint, 'simclr' now" in err
     assert "pred_hidden_dim" not in err
+    # other images (the sampler's position would point elsewhere) or another size
+    assert main(["pretrain", *args, "resume=auto", "data.subset=64", "data.image_size=24"]) == 2
+    err = capsys.readouterr().err
+    assert "data.subset: 128 in the checkpoint, 64 now" in err
+    assert "data.image_size: 16 in the checkpoint, 24 now" in err
 
 
 @pytest.mark.parametrize("epochs, every", [("1", "3"), ("2", "0")])
@@ -314,3 +319,10 @@ def test_a_new_run_into_a_run_directory_is_refused(tiny, capsys):
     err = capsys.readouterr().err
     assert f"output_dir {_out(args)} already holds a run" in err and "resume=auto" in err
     assert (_out(args) / "summary.json").read_bytes() == summary
+
+
+def test_an_output_dir_that_is_a_file_is_explained(tiny, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["pretrain", *_byol(tiny, output_dir=str(blocker))]) == 2
+    assert f"output_dir {blocker} is a file: name a folder" in capsys.readouterr().err

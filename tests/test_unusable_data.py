@@ -97,3 +97,17 @@ def test_augviz_on_a_folder_of_only_broken_files(tmp_path, capsys):
     line = _last_error_line(capsys)
     assert line.startswith("massrl augviz: none of the") and "could be decoded" in line
     assert not (tmp_path / "x.png").exists()
+
+
+def test_skipped_images_are_one_line_warnings_on_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    root = _folder(tmp_path / "imgs", good=6, bad=1)
+    out = subprocess.run([sys.executable, "-m", "massrl", "augviz", "data.name=folder",
+                          f"data.root={root}", "--images", "7", "--out", str(tmp_path / "a.png")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if "broken0.png" in line]
+    assert lines and all(line.startswith("warning: skipping image ") for line in lines)
+    assert "BadImageWarning" not in out.stderr and "item = " not in out.stderr

@@ -5,10 +5,15 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sys
+import warnings
 from collections.abc import Collection
 
 from massrl.config import ConfigError
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_python_format_warning = warnings.formatwarning
 
 # Each module defines NAME, HELP (its --help description), configure(parser) and run(args) -> int.
 # Only the invoked command's module is imported (the evaluation commands import torch and
@@ -61,6 +66,15 @@ def os_error_message(exc: OSError) -> str:
     return text
 
 
+def _format_warning(message: Warning | str, category: type[Warning], filename: str,
+                    lineno: int, line: str | None = None) -> str:
+    """massrl's own warnings (a skipped image, ...) as one line each, without the source line
+    Python's format adds; other libraries' as Python formats them."""
+    if category.__module__.startswith("massrl") or filename.startswith(_PACKAGE_DIR):
+        return f"warning: {message}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv and argv[0] in COMMANDS else None
@@ -74,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args._run(args) or 0)
+        previous, warnings.formatwarning = warnings.formatwarning, _format_warning
+        try:
+            return int(args._run(args) or 0)
+        finally:
+            warnings.formatwarning = previous
     except ConfigError as exc:
         text = str(exc).replace("massrl <command>", f"massrl {args.command}")
         print(f"massrl {args.command}: {text}", file=sys.stderr)

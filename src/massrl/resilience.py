@@ -31,9 +31,9 @@ from massrl.config import ConfigError, RunConfig
 
 # what cannot change when a run is resumed: the checkpoint's tensors would not fit, or the run
 # would silently become another experiment
-FROZEN_KEYS = ("method", "data.name", "model.backbone", "model.cifar_stem", "model.width",
-               "model.kwargs", "model.proj_hidden_dim", "model.proj_output_dim",
-               "model.pred_hidden_dim")
+FROZEN_KEYS = ("method", "data.name", "data.root", "data.subset", "data.image_size",
+               "model.backbone", "model.cifar_stem", "model.width", "model.kwargs",
+               "model.proj_hidden_dim", "model.proj_output_dim", "model.pred_hidden_dim")
 
 
 class CheckpointWriteError(OSError):

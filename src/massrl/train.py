@@ -89,6 +89,8 @@ def make_run_dir(cfg: RunConfig) -> Path:
     """
     if cfg.output_dir:
         run_dir = Path(cfg.output_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"output_dir {run_dir} is a file: name a folder for the run")
     elif os.environ.get(RUN_DIR_ENV):
         run_dir = Path(os.environ[RUN_DIR_ENV])
     elif max(int(os.environ.get(v) or 1) for v in ("WORLD_SIZE", "SLURM_NTASKS")) > 1:
