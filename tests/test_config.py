@@ -71,6 +71,29 @@ def test_unknown_key_in_yaml_file(tmp_path):
     assert "unknown key 'optimizer.learning_rate'. Did you mean 'optimizer.lr'?" in str(err.value)
 
 
+def test_a_key_written_twice_an_empty_file_and_two_config_files(tmp_path, capsys):
+    """Nothing in a config is ignored without a word: a YAML key written twice (PyYAML keeps
+    the last), an empty file (the schema defaults, not the default run), a second -c."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("method: byol\noptimizer:\n  lr: 0.5\nmethod: simclr\n")
+    with pytest.raises(ConfigError, match=r"key 'method' is written twice \(keep one\)"):
+        build_config(config_file=twice)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("optimizer:\n  lr: 0.5\n  lr: 0.4\n")
+    with pytest.raises(ConfigError, match=r"nested.yaml.*\n.*line 3") as err:
+        build_config(config_file=nested)
+    assert "key 'lr' is written twice" in str(err.value)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing yet\n")
+    assert build_config(config_file=empty) == RunConfig()
+    assert "empty.yaml sets no key: the schema defaults apply" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["pretrain", "-c", "fashion_mnist/byol", "-c", "fashion_mnist/simclr",
+              "--print-config"])
+    assert exit_.value.code == 2
+    assert "-c given twice: one config file per run" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("path", sorted(PACKAGE_CONFIGS.rglob("*.yaml")), ids=str)
 def test_every_shipped_config_is_valid(path):
     cfg = build_config(config_file=path)

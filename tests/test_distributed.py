@@ -396,3 +396,26 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank(ranks):
 def test_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(ranks):
     for result in ranks:
         assert result["nonfinite"][True] == ("trained", True), result["nonfinite"]
+
+
+def test_the_command_line_on_two_cpu_processes_speaks_once(tmp_path):
+    """`massrl pretrain trainer.devices=2` (Lightning starts the second process): one run
+    directory, one summary table and each notice once (every rank printed its own)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "massrl", "pretrain", "-c", "fashion_mnist/byol",
+           "data.name=digits", "data.image_size=16", "data.subset=128", "data.eval_subset=64",
+           "data.batch_size=16", "model.width=8", "model.proj_hidden_dim=32",
+           "model.pred_hidden_dim=32", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+           "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+           "trainer.progress_bar=false", "trainer.precision=32-true", f"output_dir={out}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run directory:") == 1
+    assert result.stdout.count("data.num_workers=auto") == 1
+    assert result.stdout.count("byol on digits") == 1
+    import json
+
+    assert json.loads((out / "summary.json").read_text())["runtime"]["world_size"] == 2

@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -268,3 +269,21 @@ def test_a_held_out_folder_may_hold_one_class(tmp_path, ckpt):
                      f"data.root={tmp_path / 'pics'}", "k=[3]")
     assert code == 0
     assert res["protocol"]["dataset"]["sizes"] == {"train": 18, "test": 6}
+
+
+def test_default_output_places(tmp_path, ckpt, monkeypatch):
+    """export --out writes its result.json beside the weights (nothing under ./runs); two
+    evaluations in one second get two folders."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", f"ckpt={ckpt}", "--out", str(tmp_path / "exp" / "bb.pt")]) == 0
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == [
+        "bb.json", "bb.pt", "result.json"]
+    assert not (tmp_path / "runs").exists()
+    from massrl.eval import config as eval_config
+
+    monkeypatch.setattr(eval_config.time, "strftime", lambda fmt: "20261129-010203")
+    first = eval_config.default_output_dir("knn")
+    assert first == Path("runs/eval/knn/20261129-010203")
+    first.mkdir(parents=True)
+    second = eval_config.default_output_dir("knn")
+    assert second == Path("runs/eval/knn/20261129-010203-2")

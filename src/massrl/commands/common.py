@@ -10,12 +10,23 @@ from pydantic import BaseModel
 from massrl.config import build_config, describe_options, load_yaml, to_yaml
 
 
+class _Once(argparse.Action):
+    """An option given once: with two config files the first would be ignored silently."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice: one config file per run (put the "
+                         "other's keys in it, or give them as KEY=VALUE)")
+        setattr(namespace, self.dest, values)
+
+
 def add_config_args(parser: argparse.ArgumentParser, schema: type[BaseModel],
                     config_help: str = "YAML config file, or a shipped one such as "
                     "fashion_mnist/massrl",
                     example: str = "optimizer.lr=0.5 data.subset=2000",
                     default_config: str | None = None) -> None:
-    parser.add_argument("-c", "--config", metavar="FILE.yaml", help=config_help)
+    parser.add_argument("-c", "--config", metavar="FILE.yaml", help=config_help, action=_Once)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help=f"dotted overrides, e.g. {example}")
     parser.add_argument("--print-config", action="store_true",

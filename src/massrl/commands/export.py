@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     mean, std = _normalisation(r)
     out = session.output_file(r.cfg.out, r, "backbone.pt")
+    if r.cfg.out and not r.cfg.output_dir:  # result.json beside the export, not in ./runs
+        r.output_dir = out.parent
     pre = r.pre
     info = export_backbone(
         pre.backbone, pre.spec, out, image_size=pre.config.data.image_size, mean=mean, std=std,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rich.console import Console
@@ -27,7 +28,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve(args, RunConfig)
     if cfg is None:
         return 0
+    from lightning.pytorch.utilities import rank_zero_only
     from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if rank_zero_only.rank != 0:  # a DDP process of rank > 0: rank 0 speaks for the run
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
 
     from massrl.data import BadImageError, DatasetNotFoundError, UnusableDataError
     from massrl.resilience import CheckpointWriteError, NonFiniteLossError
@@ -47,10 +52,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"massrl pretrain: stopped by {'Ctrl-C' if by_ctrl_c else 'SIGTERM'}. Continue "
               f"with resume=auto output_dir={where}", file=sys.stderr)
         return 130 if by_ctrl_c else 143
-    from lightning.pytorch.utilities import rank_zero_only
-
-    if rank_zero_only.rank == 0:  # (every DDP process returns; one table is the run's)
-        print_summary(summary)
+    print_summary(summary)
     return 0
 
 

@@ -54,12 +54,31 @@ def resolve_config_path(path: str | Path) -> Path:
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last
+    silently: the first value would be ignored without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is written twice (keep one)", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict:
     p = resolve_config_path(path)
     try:
-        tree = yaml.safe_load(p.read_text()) or {}
+        with open(p) as f:  # (from the file: YAML's messages name it)
+            tree = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+    if tree is None:
+        print(f"note: {p} sets no key: the schema defaults apply", file=sys.stderr)
+        return {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{p} must hold a mapping of keys, not {type(tree).__name__}")
     return tree

@@ -175,4 +175,10 @@ def build_eval_config(
 
 
 def default_output_dir(command: str) -> Path:
-    return Path("runs") / "eval" / command / time.strftime("%Y%m%d-%H%M%S")
+    """runs/eval/<command>/<date-time>, with -2, -3, ... for a second run in the same second."""
+    base = Path("runs") / "eval" / command / time.strftime("%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
