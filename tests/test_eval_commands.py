@@ -287,3 +287,21 @@ def test_default_output_places(tmp_path, ckpt, monkeypatch):
     first.mkdir(parents=True)
     second = eval_config.default_output_dir("knn")
     assert second == Path("runs/eval/knn/20261129-010203-2")
+
+
+def test_images_left_out_are_recorded_in_the_result(tmp_path, ckpt):
+    root = tmp_path / "pics"
+    for c, name in enumerate(("a", "b")):
+        (root / name).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (16, 16), (20 * i, 200 * c, 90)).save(root / name / f"{i}.png")
+        (root / name / "broken.png").write_bytes(b"not an image")
+    code, res = _run(tmp_path, "knn", f"ckpt={ckpt}", "data.name=folder", f"data.root={root}",
+                     "data.image_size=16", "k=[3]")
+    assert code == 0
+    sizes = res["protocol"]["dataset"]["sizes"]
+    assert sizes["train"] + sizes["test"] == 22
+    left_out = [w for w in res["warnings"] if "could not be decoded and were left out" in w]
+    assert len(left_out) == 2 - (res["results"]["num_train"] == sizes["train"]) - \
+        (res["results"]["num_test"] == sizes["test"])
+    assert res["results"]["num_train"] + res["results"]["num_test"] == 20

@@ -174,11 +174,15 @@ def features(run: EvalRun, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
            "version": FEATURES_VERSION, **test_transform_info(run)}
     transform = EvalTransform(run.image_size, run.splits.mean, run.splits.std,
                                cfg.test_crop_ratio)
-    return cached_features(
+    feats, labels = cached_features(
         run.pre.backbone, Transformed(ds, transform), key, cache_dir=cfg.cache_dir,
         use_cache=cfg.cache, device=run.device, batch_size=cfg.data.batch_size,
         num_workers=loader_workers(run),
     )
+    if len(labels) < len(ds):  # (recorded in result.json; the split sizes count the files)
+        run.warn(f"{len(ds) - len(labels)} of the {len(ds)} images of the {split} split could "
+                 "not be decoded and were left out")
+    return feats, labels
 
 
 def protocol(run: EvalRun) -> dict[str, Any]:
