@@ -125,6 +125,9 @@ def test_a_config_files_dataset_settings_stay_with_its_dataset(capsys):
 
     imagenet = build_config(config_file="imagenet/byol", overrides=["data.name=imagenet100"])
     assert imagenet.data.root is None and "data.root=/data/imagenet" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="data.name: Input should be"):  # an invalid name
+        build_config(config_file="fashion_mnist/massrl", overrides=["data.name=mnist"])
+    assert capsys.readouterr().err == ""  # gets its error alone, not the note first
 
 
 def test_config_error_names_its_sources_once():

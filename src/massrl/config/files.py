@@ -115,17 +115,22 @@ def build_config(
                           f"[{overrides!r}], not one string")
     parsed = (list(overrides.items()) if isinstance(overrides, Mapping)
               else parse_overrides(overrides or []))
+    note = None
     if config_file is not None:
-        tree = _deep_merge(tree, _for_other_dataset(load_yaml(config_file), parsed, config_file))
+        file_tree, note = _for_other_dataset(load_yaml(config_file), parsed, config_file)
+        tree = _deep_merge(tree, file_tree)
         source = str(config_file)
     for key, value in parsed:
         set_dotted(tree, key, value)
     if parsed:
         source += " + overrides"
     try:
-        return schema.model_validate(tree)
+        cfg = schema.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_error(err, source, schema)) from None
+    if note:  # (after the validation: an invalid data.name gets its error alone)
+        print(note, file=sys.stderr)
+    return cfg
 
 
 # set for one dataset, meaningless for another: a config file's values of these are dropped when
@@ -134,21 +139,23 @@ DATASET_KEYS = ("root", "subset", "eval_subset", "mean", "std")
 
 
 def _for_other_dataset(file_tree: dict, overrides: list[tuple[str, Any]],
-                       config_file: str | Path) -> dict:
+                       config_file: str | Path) -> tuple[dict, str | None]:
+    """The file's tree without its dataset keys when another data.name is asked for, and the
+    note that says which were dropped."""
     data = file_tree.get("data")
     names = [v for k, v in overrides if k == "data.name"]
     if not isinstance(data, dict) or not names or names[-1] == data.get("name"):
-        return file_tree
+        return file_tree, None
     given = {k for k, _ in overrides}
     dropped = {k: data[k] for k in DATASET_KEYS if k in data and f"data.{k}" not in given}
     if not dropped:
-        return file_tree
+        return file_tree, None
     settings = ", ".join(f"data.{k}={v}" for k, v in dropped.items())
     verb, them = ("is", "it") if len(dropped) == 1 else ("are", "them")
-    print(f"note: data.name={names[-1]} replaces {config_file}'s {data.get('name')}: its "
-          f"{settings} {verb} not applied (give {them} again to keep {them})", file=sys.stderr)
+    note = (f"note: data.name={names[-1]} replaces {config_file}'s {data.get('name')}: its "
+            f"{settings} {verb} not applied (give {them} again to keep {them})")
     kept = {k: v for k, v in data.items() if k not in dropped}
-    return {**file_tree, "data": kept}
+    return {**file_tree, "data": kept}, note
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
