@@ -373,10 +373,13 @@ def save_augmentation_picture(cfg: RunConfig, path: Path, splits) -> None:
     strategies on the device)."""
     from massrl.augment import MultiViewTransform
     from massrl.augviz import augmentation_grid
+    from massrl.data import BadImageError
 
     transform = MultiViewTransform(cfg.augment, cfg.data.image_size, splits.mean, splits.std)
     try:
         augmentation_grid(splits.train, transform, path, num_images=6,
                           title=f"{cfg.method} views on {cfg.data.name}", seed=cfg.seed)
     except Exception as exc:  # a picture must never stop a training run
+        if cfg.data.strict and isinstance(exc, BadImageError):
+            raise  # (unless the run is to stop at the first bad file: here is one)
         warnings.warn(f"could not draw the augmentation picture: {exc}", stacklevel=2)
