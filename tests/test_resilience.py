@@ -31,7 +31,11 @@ KILLER = textwrap.dedent("""
         # KILL_AT: after optimizer step N; KILL_BATCH: after training batch N (of the run);
         # KILL_IN_VAL: at the first validation batch of epoch N
         def kill(self):
-            os.kill(os.getpid(), getattr(signal, os.environ["KILL_SIGNAL"]))
+            sig = getattr(signal, os.environ["KILL_SIGNAL"])
+            if os.environ.get("KILL_GROUP"):  # as a terminal's Ctrl-C: the workers get it too
+                os.killpg(os.getpgid(0), sig)
+            else:
+                os.kill(os.getpid(), sig)
 
         def on_train_batch_end(self, trainer, *args):
             if trainer.global_step == int(os.environ.get("KILL_AT", -1)):
@@ -59,7 +63,7 @@ def _interrupted(args: list[str], at: int | None, sig: str, **env_extra: str
     env = {**os.environ, "KILL_AT": str(at if at is not None else -1), "KILL_SIGNAL": sig,
            **env_extra}
     return subprocess.run([sys.executable, "-c", KILLER, "pretrain", *args], env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, start_new_session=True)
 
 
 def _byol(tiny, **extra: str) -> list[str]:
@@ -132,11 +136,15 @@ def test_sigterm_saves_a_checkpoint_requeues_on_slurm_and_the_run_continues(tiny
     assert summary["epochs"] == 2 and summary["images_seen"] == 512
 
 
-def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_says_how_to_continue(tiny):
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_says_how_to_continue(tiny,
+                                                                                 workers):
     """Lightning exits at once on Ctrl-C, with nothing saved and no hint: massrl stops at the
-    next step boundary as on SIGTERM, and names the run directory."""
-    args = _byol(tiny, **{**RUN, "trainer.checkpoint_every_n_steps": "0"})
-    result = _interrupted(args, at=5, sig="SIGINT")
+    next step boundary as on SIGTERM, and names the run directory. The Ctrl-C goes to the
+    whole process group, as a terminal sends it: DataLoader workers must live on."""
+    args = _byol(tiny, **{**RUN, "trainer.checkpoint_every_n_steps": "0",
+                          "data.num_workers": workers})
+    result = _interrupted(args, at=5, sig="SIGINT", KILL_GROUP="1")
     assert result.returncode == 130, result.stderr[-2000:]
     assert "Ctrl-C: stopping after this step" in result.stderr
     assert f"stopped by Ctrl-C. Continue with resume=auto output_dir={_out(args)}" in \

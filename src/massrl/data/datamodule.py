@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -54,7 +55,10 @@ def collate_skip_bad(batch: list[Any]) -> dict[str, Any]:
 def worker_init_fn(worker_id: int) -> None:
     """One torch thread per worker (per-sample augmentation is parallel across workers, and
     threads inside each would oversubscribe the cores), and python/numpy seeded from torch's
-    per-worker seed so random augmentations differ between workers yet repeat across runs."""
+    per-worker seed so random augmentations differ between workers yet repeat across runs.
+    Ctrl-C is the main process's (which stops at the next step with a checkpoint): a worker
+    that died of it would fail that step first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     seed = torch.initial_seed() % 2**32  # base_seed + worker_id, drawn from the loader generator
     random.seed(seed)
