@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -73,10 +72,13 @@ def test_vit_pretrains_evaluates_at_another_size_and_exports(tmp_path):
     (["model.backbone=resnet1", "model.width=64"], "unknown model.backbone 'resnet1'"),
     ([*VIT[:3], "model.kwargs.colour=3"],
      "refused its keyword arguments: .*unexpected keyword argument 'colour'.*model.kwargs"),
+    ([*VIT[:3], "data.image_size=18"],  # 16 px patches: checked before training
+     "cannot take data.image_size=18 images: .*divisible by patch size"),
 ])
-def test_backbone_options_that_cannot_apply_are_explained(overrides, message, capsys):
+def test_backbone_options_that_cannot_apply_are_explained(overrides, message, capsys,
+                                                          tmp_path):
     assert main(["pretrain", "data.name=digits", *overrides,
-                 f"output_dir={Path('unused')}"]) == 2
+                 f"output_dir={tmp_path / 'run'}"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     assert any(re.search(message, line) for line in err.splitlines()), err

@@ -83,6 +83,20 @@ def test_a_key_written_twice_an_empty_file_and_two_config_files(tmp_path, capsys
     with pytest.raises(ConfigError, match=r"nested.yaml.*\n.*line 3") as err:
         build_config(config_file=nested)
     assert "key 'lr' is written twice" in str(err.value)
+    # YAML's merge keys may be overridden; an unhashable key is a config error
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("data: &d {batch_size: 8, name: digits}\n"
+                      "eval: {knn_every: 2}\n")
+    assert build_config(config_file=merged).data.batch_size == 8
+    from massrl.config import load_yaml
+
+    anchors = tmp_path / "anchors.yaml"
+    anchors.write_text("base: &b {batch_size: 8}\ndata: {<<: *b, batch_size: 16}\n")
+    assert load_yaml(anchors)["data"] == {"batch_size": 16}
+    unhashable = tmp_path / "unhashable.yaml"
+    unhashable.write_text("[a]: 1\n")
+    with pytest.raises(ConfigError, match="found unhashable key"):
+        load_yaml(unhashable)
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing yet\n")
     assert build_config(config_file=empty) == RunConfig()

@@ -1,5 +1,6 @@
 """End to end: `massrl knn|linear|umap|export` on a tiny fake checkpoint with the digits dataset."""
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -275,9 +276,15 @@ def test_default_output_places(tmp_path, ckpt, monkeypatch):
     """export --out writes its result.json beside the weights (nothing under ./runs); two
     evaluations in one second get two folders."""
     monkeypatch.chdir(tmp_path)
-    assert main(["export", f"ckpt={ckpt}", "--out", str(tmp_path / "exp" / "bb.pt")]) == 0
+    for name in ("bb", "cc"):  # two exports into one folder keep their records apart
+        assert main(["export", f"ckpt={ckpt}", "--out", str(tmp_path / "exp" / f"{name}.pt")]) == 0
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == [
-        "bb.json", "bb.pt", "result.json"]
+        "bb.json", "bb.pt", "bb.result.json", "cc.json", "cc.pt", "cc.result.json"]
+    if importlib.util.find_spec("umap") is not None:
+        assert main(["umap", f"ckpt={ckpt}", "n_epochs=5", "max_points=20",
+                     "--out", str(tmp_path / "pics" / "u.png")]) == 0
+        assert sorted(p.name for p in (tmp_path / "pics").iterdir()) == ["u.png",
+                                                                        "u.result.json"]
     assert not (tmp_path / "runs").exists()
     from massrl.eval import config as eval_config
 

@@ -122,9 +122,12 @@ class Preemption(Callback):
         # DDP every rank gets the Ctrl-C at its own point) the first one becomes the SIGTERM
         # that stops the run at the next step boundary, with last.ckpt saved
         if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
+            self._pid = os.getpid()
             self._sigint = signal.signal(signal.SIGINT, self._on_ctrl_c)
 
     def _on_ctrl_c(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker forked with this handler
+            return
         if self.by_ctrl_c:  # the second one: stop at once
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
@@ -183,6 +186,14 @@ def check_finite(loss: torch.Tensor, step: int, epoch: int, skip: bool) -> bool:
     )
 
 
+def _comparable(key: str, value: Any) -> Any:
+    """A folder however spelled (relative, ~, a trailing slash) is the same folder (resolved
+    from here: resume from where the run started, or give the root absolute)."""
+    if key == "data.root" and isinstance(value, str):
+        return Path(value).expanduser().resolve()
+    return value
+
+
 def _get(tree: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         tree = tree.get(part, {}) if isinstance(tree, dict) else {}
@@ -216,7 +227,8 @@ def check_resume_compatible(cfg: RunConfig, ckpt_path: Path) -> dict:
     # SimCLR has no predictor: its width is no change of a model where either side lacks one
     no_predictor = "simclr" in (saved.get("method"), now["method"])
     changed = [f"{k}: {_get(saved, k)!r} in the checkpoint, {_get(now, k)!r} now"
-               for k in FROZEN_KEYS if _get(saved, k) != _get(now, k)
+               for k in FROZEN_KEYS
+               if _comparable(k, _get(saved, k)) != _comparable(k, _get(now, k))
                and not (no_predictor and k == "model.pred_hidden_dim")]
     if changed:
         raise ConfigError(

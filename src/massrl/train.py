@@ -30,6 +30,7 @@ from massrl.devices import (
 from massrl.loggers import build_loggers, finish_loggers, hide_lightning_adverts
 from massrl.memory import retain_freed_memory
 from massrl.methods import SSLMethod, build_method
+from massrl.models.backbones import check_input_size
 from massrl.resilience import (
     AtomicCheckpointIO,
     EpochEndCheckpoint,
@@ -141,6 +142,7 @@ class RunSummary(Callback):
         if self.last_val:  # (a validation after fit counts the epochs already trained)
             after_fit = trainer.state.fn == TrainerFn.VALIDATING
             self.last_val["after_epochs"] = trainer.current_epoch + (0 if after_fit else 1)
+            self.last_val["after_fit"] = after_fit
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_val": dict(self.last_val)}
@@ -175,12 +177,14 @@ class RunSummary(Callback):
 
 
     def val_figures(self, ckpt: ModelCheckpoint | None) -> dict[str, Any]:
-        """The summary's kNN and probe figures: the last validation's, and the best kNN."""
+        """The summary's kNN and probe figures: the last validation's, and the best kNN, that
+        of best_checkpoint (a validation after training saves no checkpoint: not counted)."""
         knn = self.last_val.get(KNN_METRIC)
         best = ckpt.best_model_score if ckpt is not None else None
-        scores = [v for v in (knn, None if best is None else float(best)) if v is not None]
+        if best is None and not self.last_val.get("after_fit"):
+            best = knn
         return {"knn_top1": knn, "knn_after_epochs": self.last_val.get("after_epochs"),
-                "best_knn_top1": max(scores) if scores else None,
+                "best_knn_top1": None if best is None else float(best),
                 "probe_top1": self.last_val.get("val/probe_top1")}
 
 
@@ -316,6 +320,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
     method = build_method(cfg, num_classes=dm.num_classes,
                           strategy_names=list(cfg.augment.strategies))
     method.use_data(dm.splits)
+    check_input_size(method.backbone, cfg.model.backbone, cfg.data.image_size)
     method.channels_last = use_channels_last(cfg.trainer.channels_last, cfg.trainer.accelerator,
                                              method)
     if method.channels_last:
@@ -337,6 +342,10 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
         except SIGTERMException as exc:  # the command says where and how to continue
             exc.run_dir, exc.by_ctrl_c = run_dir, parts["preemption"].by_ctrl_c
             raise
+        except SystemExit:  # Lightning's exit after a second Ctrl-C, nothing saved since
+            if not parts["preemption"].by_ctrl_c:
+                raise
+            raise StoppedAtOnce(run_dir) from None
     summary = parts["summary"].summary(trainer, method, parts["best"])
     if dm.has_labels and cfg.eval.knn_every and \
             parts["summary"].last_val.get("after_epochs") != trainer.current_epoch:
@@ -350,6 +359,14 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     finish_loggers(trainer.loggers, summary)
     return summary
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C: the run stopped mid-step; its last checkpoint is the one before."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
 
 
 def _finished_already(cfg: RunConfig, run_dir: Path, ckpt: Path, done: int) -> dict[str, Any]:

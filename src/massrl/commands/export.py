@@ -51,8 +51,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     mean, std = _normalisation(r)
     out = session.output_file(r.cfg.out, r, "backbone.pt")
-    if r.cfg.out and not r.cfg.output_dir:  # result.json beside the export, not in ./runs
-        r.output_dir = out.parent
+    name = "result.json"
+    if r.cfg.out and not r.cfg.output_dir:  # the record beside the export, not in ./runs
+        r.output_dir, name = out.parent, f"{out.with_suffix('').name}.result.json"
     pre = r.pre
     info = export_backbone(
         pre.backbone, pre.spec, out, image_size=pre.config.data.image_size, mean=mean, std=std,
@@ -63,5 +64,5 @@ def run(args: argparse.Namespace) -> int:
             ("timm", f"{info['architecture']} {info['timm_kwargs'] or ''}".strip()),
             ("torchvision", info["torchvision"] or "- (not a width-64 torchvision ResNet)"),
             ("cifar stem", str(info["cifar_stem"])), ("feature dim", str(info["feature_dim"]))]
-    session.finish(r, f"export - {pre.path.name}", info, rows)
+    session.finish(r, f"export - {pre.path.name}", info, rows, name)
     return 0

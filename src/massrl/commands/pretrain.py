@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from massrl.data import BadImageError, DatasetNotFoundError, UnusableDataError
     from massrl.resilience import CheckpointWriteError, NonFiniteLossError
-    from massrl.train import pretrain
+    from massrl.train import StoppedAtOnce, pretrain
 
     try:
         summary = pretrain(cfg)
@@ -46,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
     except (NonFiniteLossError, CheckpointWriteError) as exc:
         print(f"massrl pretrain: {exc}", file=sys.stderr)
         return 1
+    except StoppedAtOnce as exc:
+        print(f"massrl pretrain: stopped at once by a second Ctrl-C. Continue from the last "
+              f"checkpoint with resume=auto output_dir={exc.run_dir}", file=sys.stderr)
+        return 130
     except SIGTERMException as exc:
         where = getattr(exc, "run_dir", None) or cfg.output_dir or "the run directory"
         by_ctrl_c = getattr(exc, "by_ctrl_c", False)

@@ -30,6 +30,9 @@ def run(args: argparse.Namespace) -> int:
     out = session.output_file(cfg.out, r, "umap.png")
     if not out.suffix:  # (matplotlib would add .png to the file it writes, not to our record)
         out = out.with_name(out.name + ".png")
+    name = "result.json"
+    if cfg.out and not cfg.output_dir:  # the record beside the picture, not in ./runs
+        r.output_dir, name = out.parent, f"{out.stem}.result.json"
     session.open_data(r)
     feats, labels = session.features(r, cfg.split)
     title = (f"{r.pre.config.method} - {r.pre.path.name} ({cfg.data.name} {cfg.split}, "
@@ -39,5 +42,5 @@ def run(args: argparse.Namespace) -> int:
               max_points=cfg.max_points)
     results = {"png": str(out), "num_points": min(len(labels), cfg.max_points or len(labels))}
     session.finish(r, f"UMAP - {r.pre.path.name}", results,
-                   [("picture", str(out)), ("points", str(results["num_points"]))])
+                   [("picture", str(out)), ("points", str(results["num_points"]))], name)
     return 0

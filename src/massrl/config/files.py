@@ -56,15 +56,19 @@ def resolve_config_path(path: str | Path) -> Path:
 
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last
-    silently: the first value would be ignored without a word)."""
+    silently: the first value would be ignored without a word). Merge keys (<<) may still be
+    overridden, as YAML intends."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen = set()
         for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue  # (the safe loader reports unhashable keys itself)
+            key = (key_node.tag, key_node.value)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key '{key}' is written twice (keep one)", key_node.start_mark)
+                    None, None, f"key '{key_node.value}' is written twice (keep one)",
+                    key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 

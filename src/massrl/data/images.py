@@ -72,7 +72,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             raise BadImageError(path, "empty file (0 bytes)")
         with Image.open(path) as img:
             side = _DECODE_SIDE.get()
-            if side and img.format == "JPEG":
+            if side and img.format in ("JPEG", "MPO"):  # (MPO: a camera's multi-picture JPEG)
                 img.draft(None, (side, side))  # largest 1/2^k scale with both sides >= side
             _load_fully(img)
             img = ImageOps.exif_transpose(img) or img

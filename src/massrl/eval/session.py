@@ -209,9 +209,10 @@ def protocol(run: EvalRun) -> dict[str, Any]:
     return info
 
 
-def finish(run: EvalRun, title: str, results: dict[str, Any], rows: list[tuple[str, str]]) -> Path:
-    """Write <output_dir>/result.json and print the result table."""
-    path = run.output_dir / "result.json"
+def finish(run: EvalRun, title: str, results: dict[str, Any], rows: list[tuple[str, str]],
+           name: str = "result.json") -> Path:
+    """Write <output_dir>/<name> (result.json) and print the result table."""
+    path = run.output_dir / name
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results,
                "protocol": protocol(run), "warnings": run.warnings}

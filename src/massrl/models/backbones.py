@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import timm
+import torch
 from torch import nn
 
 from massrl.config import ConfigError
@@ -87,6 +88,21 @@ def build_backbone(
                         timm_kwargs={k: list(v) if isinstance(v, tuple) else v
                                      for k, v in kwargs.items()})
     return model, spec
+
+
+def check_input_size(model: nn.Module, name: str, size: int) -> None:
+    """A ConfigError when the backbone cannot take size x size images (a ViT's patch size or
+    fixed img_size), before any training: not a traceback at the first step."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, size, size))
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        raise ConfigError(f"model.backbone={name} cannot take data.image_size={size} images: "
+                          f"{str(exc).splitlines()[0].rstrip('.')}. Change data.image_size or "
+                          "model.kwargs") from None
+    finally:
+        model.train(was_training)
 
 
 def feature_dim(model: nn.Module) -> int:
