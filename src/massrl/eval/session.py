@@ -30,6 +30,7 @@ from massrl.eval.features import (
     cached_features,
     resolve_device,
 )
+from massrl.models.backbones import input_size_error
 
 Split = Literal["train", "test"]
 FEATURES_VERSION = 2  # bump when extraction changes, so old cache files are not reused
@@ -133,14 +134,9 @@ def open_data(run: EvalRun, needs_labels: bool = True) -> None:
 
 def check_input_size(run: EvalRun) -> None:
     size, pre_size, name = run.image_size, run.pre.config.data.image_size, run.pre.spec.name
-    try:
-        with torch.no_grad():
-            run.pre.backbone.eval()(torch.zeros(1, 3, size, size))
-    except (RuntimeError, AssertionError, ValueError) as exc:  # timm asserts fixed input sizes
-        raise ConfigError(
-            f"the backbone ({name}, pre-trained on {pre_size} px images) cannot take {size} px "
-            f"images: {str(exc).splitlines()[0].rstrip('.')}. Set data.image_size={pre_size}."
-        ) from None
+    if why := input_size_error(run.pre.backbone, size):
+        raise ConfigError(f"the backbone ({name}, pre-trained on {pre_size} px images) cannot "
+                          f"take {size} px images: {why}. Set data.image_size={pre_size}.")
     if max(size, pre_size) / min(size, pre_size) >= SIZE_WARN_RATIO:
         run.warn(
             f"evaluating at {size} px a backbone pre-trained at {pre_size} px"

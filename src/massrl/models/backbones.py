@@ -90,19 +90,25 @@ def build_backbone(
     return model, spec
 
 
-def check_input_size(model: nn.Module, name: str, size: int) -> None:
-    """A ConfigError when the backbone cannot take size x size images (a ViT's patch size or
-    fixed img_size), before any training: not a traceback at the first step."""
+def input_size_error(model: nn.Module, size: int) -> str | None:
+    """Why the backbone cannot take size x size images (a ViT's patch size or fixed img_size:
+    timm asserts them at the first forward), or None when it can."""
     was_training = model.training
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, size, size))
     except (RuntimeError, AssertionError, ValueError) as exc:
-        raise ConfigError(f"model.backbone={name} cannot take data.image_size={size} images: "
-                          f"{str(exc).splitlines()[0].rstrip('.')}. Change data.image_size or "
-                          "model.kwargs") from None
+        return str(exc).splitlines()[0].rstrip(".")
     finally:
         model.train(was_training)
+    return None
+
+
+def check_input_size(model: nn.Module, name: str, size: int) -> None:
+    """A ConfigError before any training, not a traceback at the first step."""
+    if why := input_size_error(model, size):
+        raise ConfigError(f"model.backbone={name} cannot take data.image_size={size} images: "
+                          f"{why}. Change data.image_size or model.kwargs")
 
 
 def feature_dim(model: nn.Module) -> int:
