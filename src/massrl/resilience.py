@@ -27,7 +27,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from massrl.config import ConfigError, RunConfig
+from massrl.config import ConfigError, RunConfig, root_path
 
 # what cannot change when a run is resumed: the checkpoint's tensors would not fit, or the run
 # would silently become another experiment
@@ -187,11 +187,9 @@ def check_finite(loss: torch.Tensor, step: int, epoch: int, skip: bool) -> bool:
 
 
 def _comparable(key: str, value: Any) -> Any:
-    """A folder however spelled (relative, ~, a trailing slash) is the same folder (resolved
-    from here: resume from where the run started, or give the root absolute)."""
-    if key == "data.root" and isinstance(value, str):
-        return Path(value).expanduser().resolve()
-    return value
+    """data.root as the folder it names (resolved from here: resume from where the run
+    started, or give the root absolute)."""
+    return root_path(value) if key == "data.root" and isinstance(value, str) else value
 
 
 def _get(tree: dict, dotted: str) -> Any:

@@ -4,11 +4,13 @@ augmentation picture and summary.json)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -333,10 +335,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
         for name in ("backbone", "target_backbone"):
             if hasattr(method, name):
                 getattr(method, name).compile()
-    with warnings.catch_warnings():
-        # notices that are expected in a massrl run and only bury the useful output
-        for message in QUIET:
-            warnings.filterwarnings("ignore", message)
+    with _quiet():
         try:
             trainer.fit(method, datamodule=dm, ckpt_path=resume_from)
         except SIGTERMException as exc:  # the command says where and how to continue
@@ -350,15 +349,22 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
     if dm.has_labels and cfg.eval.knn_every and \
             parts["summary"].last_val.get("after_epochs") != trainer.current_epoch:
         # eval.knn_every left the last epochs unmeasured: the summary is the final model's
-        with warnings.catch_warnings():
-            for message in QUIET:
-                warnings.filterwarnings("ignore", message)
+        with _quiet():
             trainer.validate(method, datamodule=dm, verbose=False)
         summary.update(parts["summary"].val_figures(parts["best"]))
     if trainer.is_global_zero:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     finish_loggers(trainer.loggers, summary)
     return summary
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Without the notices that are expected in a massrl run and only bury the useful output."""
+    with warnings.catch_warnings():
+        for message in QUIET:
+            warnings.filterwarnings("ignore", message)
+        yield
 
 
 class StoppedAtOnce(KeyboardInterrupt):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (
@@ -136,6 +137,12 @@ class AugmentConfig(Section):
                              f"{mode}, {s} strateg{'y' if s == 1 else 'ies'}{crops}: it needs "
                              f"{what}")
         return self
+
+
+def root_path(root: str | None) -> Path | None:
+    """A data.root as the folder it names, however spelled (relative, with ~, a trailing
+    slash): two spellings of one folder compare equal."""
+    return None if root is None else Path(root).expanduser().resolve()
 
 
 class DataConfig(Section):

@@ -21,6 +21,7 @@ from massrl.config import (
     build_config,
     load_yaml,
     parse_overrides,
+    root_path,
     set_dotted,
 )
 
@@ -134,9 +135,7 @@ class ExportConfig(_Base):
 def same_data(name: str, root: str | None, pretrain: DataConfig) -> bool:
     """Whether an evaluation reads the pre-training data: the same dataset and the same root,
     however spelled (relative, with ~ or a trailing slash)."""
-    def resolved(r: str | None) -> Path | None:
-        return None if r is None else Path(r).expanduser().resolve()
-    return name == pretrain.name and resolved(root) == resolved(pretrain.root)
+    return name == pretrain.name and root_path(root) == root_path(pretrain.root)
 
 
 def inherited_data(pretrain: RunConfig, requested: dict[str, Any]) -> dict[str, Any]:
