@@ -188,6 +188,8 @@ def test_eval_config_forms_and_rules(ckpt, capsys, tmp_path):
     for form in ("k=20,200", "k=[20,200,20]"):  # a comma list; each k once
         assert main(["knn", f"ckpt={ckpt}", form, "--print-config"]) == 0
         assert "k:\n- 20\n- 200\n" in capsys.readouterr().out
+    assert main(["knn", f"ckpt={ckpt}", "k=5.5"]) == 2  # one k that is no integer
+    assert "k.0: Input should be a valid integer" in capsys.readouterr().err
     last = tmp_path / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
     last.write_bytes(ckpt.read_bytes())

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -102,6 +103,14 @@ class EpochEndCheckpoint(Checkpoint):
             trainer.save_checkpoint(self.last_path, weights_only=False)
 
 
+# Lightning logs each SIGTERM it receives; the one a Ctrl-C sends itself is no news to the user
+_SIGNAL_LOG = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
+
+
+def _not_the_sigterm_line(record: logging.LogRecord) -> bool:
+    return "Received SIGTERM" not in record.getMessage()
+
+
 class Preemption(Callback):
     """On SIGTERM (Lightning turns it into SIGTERMException between steps): save last.ckpt so the
     run continues with resume=auto, and on SLURM ask for the job to be requeued.
@@ -132,6 +141,7 @@ class Preemption(Callback):
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self.by_ctrl_c = True
+        _SIGNAL_LOG.addFilter(_not_the_sigterm_line)
         print("\nCtrl-C: stopping after this step, with last.ckpt saved (Ctrl-C again stops at "
               "once, without saving)", file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: stop at the next step
@@ -140,6 +150,7 @@ class Preemption(Callback):
         if self._sigint is not None:
             signal.signal(signal.SIGINT, self._sigint)
             self._sigint = None
+        _SIGNAL_LOG.removeFilter(_not_the_sigterm_line)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:

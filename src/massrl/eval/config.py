@@ -67,7 +67,7 @@ class KnnEvalConfig(_DataEval):
     def _one_k(cls, v: object) -> object:
         if isinstance(v, str) and "," in v:  # k=20,200 as well as k=[20,200]
             v = [part.strip() for part in v.split(",")]
-        return [v] if isinstance(v, int) else v
+        return v if isinstance(v, (list, tuple)) else [v]  # one k, whatever its type
 
     @field_validator("k")
     @classmethod
