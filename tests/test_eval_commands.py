@@ -314,3 +314,16 @@ def test_images_left_out_are_recorded_in_the_result(tmp_path, ckpt):
     assert len(left_out) == 2 - (res["results"]["num_train"] == sizes["train"]) - \
         (res["results"]["num_test"] == sizes["test"])
     assert res["results"]["num_train"] + res["results"]["num_test"] == 20
+
+
+def test_a_dataset_default_folder_given_explicitly_is_the_same_data():
+    """data.root spelled out as the dataset's default folder reads the pre-training data."""
+    from massrl.config import DataConfig, root_path
+    from massrl.eval.config import same_data
+
+    pre = DataConfig(name="fashion_mnist")
+    assert same_data("fashion_mnist", "~/.cache/massrl/", pre)
+    assert not same_data("fashion_mnist", "/elsewhere", pre)
+    assert not same_data("digits", None, pre)
+    assert root_path(None, "imagenet") == Path("~/.cache/massrl/imagenet").expanduser().resolve()
+    assert root_path(None, "folder") is None and root_path(None) is None

@@ -197,10 +197,12 @@ def check_finite(loss: torch.Tensor, step: int, epoch: int, skip: bool) -> bool:
     )
 
 
-def _comparable(key: str, value: Any) -> Any:
-    """data.root as the folder it names (resolved from here: resume from where the run
-    started, or give the root absolute)."""
-    return root_path(value) if key == "data.root" and isinstance(value, str) else value
+def _comparable(key: str, value: Any, tree: dict) -> Any:
+    """data.root as the folder it names, the dataset's default for none (resolved from here:
+    resume from where the run started, or give the root absolute)."""
+    if key != "data.root" or not (value is None or isinstance(value, str)):
+        return value
+    return root_path(value, _get(tree, "data.name"))
 
 
 def _get(tree: dict, dotted: str) -> Any:
@@ -237,7 +239,7 @@ def check_resume_compatible(cfg: RunConfig, ckpt_path: Path) -> dict:
     no_predictor = "simclr" in (saved.get("method"), now["method"])
     changed = [f"{k}: {_get(saved, k)!r} in the checkpoint, {_get(now, k)!r} now"
                for k in FROZEN_KEYS
-               if _comparable(k, _get(saved, k)) != _comparable(k, _get(now, k))
+               if _comparable(k, _get(saved, k), saved) != _comparable(k, _get(now, k), now)
                and not (no_predictor and k == "model.pred_hidden_dim")]
     if changed:
         raise ConfigError(

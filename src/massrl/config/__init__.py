@@ -31,6 +31,7 @@ from massrl.config.schema import (
     Section,
     TrainerConfig,
     WandbConfig,
+    default_root,
     root_path,
 )
 from massrl.config.text import describe_options
@@ -40,5 +41,5 @@ __all__ = [
     "DataConfig", "EvalConfig", "LossConfig", "ModelConfig", "OptimizerConfig",
     "RandAugmentConfig", "RunConfig", "Section", "TrainerConfig", "WandbConfig", "build_config",
     "describe_options", "load_yaml", "parse_overrides", "parse_value", "resolve_config_path",
-    "root_path", "set_dotted", "to_yaml",
+    "default_root", "root_path", "set_dotted", "to_yaml",
 ]

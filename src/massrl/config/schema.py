@@ -139,10 +139,26 @@ class AugmentConfig(Section):
         return self
 
 
-def root_path(root: str | None) -> Path | None:
+DATA_CACHE = Path("~/.cache/massrl")  # where datasets without a data.root live (and download)
+
+
+def default_root(name: str) -> Path | None:
+    """The folder a dataset is read from when data.root is not set (None: it needs one, or
+    has no folder)."""
+    if name in ("folder", "digits"):
+        return None
+    return DATA_CACHE.expanduser() / name if name.startswith("imagenet") else \
+        DATA_CACHE.expanduser()
+
+
+def root_path(root: str | None, name: str | None = None) -> Path | None:
     """A data.root as the folder it names, however spelled (relative, with ~, a trailing
-    slash): two spellings of one folder compare equal."""
-    return None if root is None else Path(root).expanduser().resolve()
+    slash), and, given the dataset's name, the default folder for no root: two spellings of one
+    folder compare equal."""
+    if root is None:
+        folder = default_root(name) if name is not None else None
+        return None if folder is None else folder.resolve()
+    return Path(root).expanduser().resolve()
 
 
 class DataConfig(Section):

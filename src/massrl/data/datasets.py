@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from massrl.config import DataConfig
+from massrl.config import DataConfig, default_root
 from massrl.data.folder import (
     FileImageDataset,
     is_class_folder_layout,
@@ -25,7 +25,6 @@ from massrl.data.folder import (
 )
 from massrl.data.subset import balanced_subset
 
-CACHE_ROOT = Path("~/.cache/massrl").expanduser()
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -176,7 +175,7 @@ def _idx_file(folder: Path, stem: str) -> Path | None:
 
 
 def _fashion_mnist(cfg: DataConfig, seed: int) -> DatasetSplits:
-    base = Path(cfg.root).expanduser() if cfg.root else CACHE_ROOT
+    base = Path(cfg.root).expanduser() if cfg.root else default_root(cfg.name)
     # the root itself, torchvision's layout below it, then the Debian package
     folders = [base, base / "FashionMNIST" / "raw", base / "fashion-mnist", DEBIAN_FASHION_MNIST]
     folder = _find_idx_folder(folders)
@@ -239,7 +238,7 @@ def _cifar(cfg: DataConfig, seed: int, hundred: bool) -> DatasetSplits:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls, name = (CIFAR100, "cifar100") if hundred else (CIFAR10, "cifar10")
-    root = Path(cfg.root).expanduser() if cfg.root else CACHE_ROOT
+    root = Path(cfg.root).expanduser() if cfg.root else default_root(cfg.name)
     looked = [root / cls.base_folder]
 
     def make(train: bool) -> TorchvisionDataset:
@@ -257,7 +256,7 @@ def _cifar(cfg: DataConfig, seed: int, hundred: bool) -> DatasetSplits:
 def _stl10(cfg: DataConfig, seed: int) -> DatasetSplits:
     from torchvision.datasets import STL10
 
-    root = Path(cfg.root).expanduser() if cfg.root else CACHE_ROOT
+    root = Path(cfg.root).expanduser() if cfg.root else default_root(cfg.name)
     looked = [root / STL10.base_folder]
 
     def make(split: str) -> TorchvisionDataset:
@@ -301,7 +300,7 @@ def _folder(cfg: DataConfig, seed: int) -> DatasetSplits:
 
 
 def _imagenet(cfg: DataConfig, seed: int, name: str) -> DatasetSplits:
-    root = Path(cfg.root).expanduser() if cfg.root else CACHE_ROOT / name
+    root = Path(cfg.root).expanduser() if cfg.root else default_root(name)
     looked = [root / "train", root / "val"]
     how = [f"data.root=DIR where DIR/train and DIR/val hold one sub-folder per class ({name} "
            "must be obtained from image-net.org; torchvision cannot download it)"]

@@ -134,8 +134,8 @@ class ExportConfig(_Base):
 
 def same_data(name: str, root: str | None, pretrain: DataConfig) -> bool:
     """Whether an evaluation reads the pre-training data: the same dataset and the same root,
-    however spelled (relative, with ~ or a trailing slash)."""
-    return name == pretrain.name and root_path(root) == root_path(pretrain.root)
+    however spelled (relative, with ~ or a trailing slash), or the dataset's default folder."""
+    return name == pretrain.name and root_path(root, name) == root_path(pretrain.root, name)
 
 
 def inherited_data(pretrain: RunConfig, requested: dict[str, Any]) -> dict[str, Any]:
