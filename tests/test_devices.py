@@ -61,3 +61,27 @@ def test_sync_batchnorm_is_off_on_the_cpu_with_a_notice(capsys) -> None:
     assert "off on the CPU" in capsys.readouterr().out
     assert use_sync_batchnorm(False, "cpu") is False and capsys.readouterr().out == ""
     assert use_sync_batchnorm(True, "gpu") is True
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (["trainer.accelerator=gpu"], "trainer.accelerator=gpu, but torch sees no CUDA GPU here"),
+    (["trainer.accelerator=cpu", "trainer.devices=[0]"],
+     "Lightning cannot run trainer.accelerator=cpu trainer.devices=[0]"),
+])
+def test_trainer_settings_this_machine_cannot_run_are_one_line_errors(tiny, tmp_path, capsys,
+                                                                      monkeypatch, settings,
+                                                                      message) -> None:
+    """A GPU asked for on a machine without one, or device ids on the CPU: the reason and the
+    fix in one line, and no run directory left behind."""
+    import torch
+
+    from massrl.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (also on a GPU machine)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    out = tmp_path / "run"
+    args = [a for a in tiny("byol") if not a.startswith("output_dir=")]
+    assert main(["pretrain", *args, *settings, f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("massrl pretrain: ") and message in err and "Traceback" not in err
+    assert not out.exists()

@@ -327,3 +327,24 @@ def test_a_dataset_default_folder_given_explicitly_is_the_same_data():
     assert not same_data("digits", None, pre)
     assert root_path(None, "imagenet") == Path("~/.cache/massrl/imagenet").expanduser().resolve()
     assert root_path(None, "folder") is None and root_path(None) is None
+
+
+@pytest.mark.parametrize("mode", [["features_cached=true"], ["features_cached=false"],
+                                  ["finetune=true"]])
+def test_linear_counts_and_reports_the_images_it_left_out(tmp_path, ckpt, mode):
+    """Undecodable files are left out of training and testing; whichever path met them (the
+    feature extraction or an image loader), result.json counts what was used and says why."""
+    root = tmp_path / "pics"
+    for split in ("train", "val"):
+        for c, name in enumerate(("a", "b")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(8):
+                Image.new("RGB", (16, 16), (20 * i, 200 * c, 90)).save(root / split / name /
+                                                                        f"{i}.png")
+            (root / split / name / "broken.png").write_bytes(b"not an image")
+    code, res = _run(tmp_path, "linear", f"ckpt={ckpt}", "data.name=folder",
+                     f"data.root={root}", "data.image_size=16", "epochs=1", "batch_size=6", *mode)
+    assert code == 0
+    assert res["results"]["num_train"] == res["results"]["num_test"] == 16
+    left_out = [w for w in res["warnings"] if "could not be decoded and were left out" in w]
+    assert len(left_out) == 2 and all(w.startswith("2 of the 18 ") for w in left_out), left_out

@@ -45,6 +45,27 @@ def test_lars_leaves_excluded_params_as_plain_sgd_and_adapts_weights():
     assert math.isclose(w_step.item(), expected.item(), rel_tol=1e-3)
 
 
+def test_trust_clip_caps_a_layer_step_at_the_lr():
+    """optimizer.trust_clip (solo-learn's clip_lr): a layer whose trust ratio exceeds the lr
+    steps at the lr, as plain SGD would."""
+    torch.manual_seed(0)
+    steps = {}
+    for clip in (False, True):
+        net = _net().double()  # (steps far below the weights: float64 keeps them exact)
+        before = net[0].weight.detach().clone()
+        opt = build_optimizer(OptimizerConfig(name="lars", weight_decay=0.0, momentum=0.0,
+                                              trust_coefficient=0.02, trust_clip=clip),
+                              net.named_parameters(), lr=0.1)
+        # small gradients: ||w||/||g|| large, the trust ratio far above the lr
+        (net(torch.randn(16, 4, dtype=torch.float64)).sum() * 1e-4).backward()
+        grad = net[0].weight.grad.clone()
+        opt.step()
+        steps[clip] = (before - net[0].weight.detach(), grad)
+    step, grad = steps[True]
+    assert torch.allclose(step, 0.1 * grad, rtol=1e-6, atol=1e-12)  # capped: lr x gradient
+    assert steps[False][0].norm() > 10 * step.norm()  # unclipped: far larger
+
+
 def test_exclusion_can_be_turned_off():
     groups = split_decay_groups(_net().named_parameters(), 0.1, exclude_bias_norm=False)
     assert len(groups) == 1 and len(groups[0]["params"]) == 6

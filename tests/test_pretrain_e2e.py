@@ -172,7 +172,7 @@ def test_summary_table_formats_by_kind(capsys):
 
 def test_default_run_directories_and_processes_started_apart(tmp_path, monkeypatch):
     from massrl.config import ConfigError, build_config
-    from massrl.train import RUN_DIR_ENV, make_run_dir
+    from massrl.run_dir import RUN_DIR_ENV, make_run_dir
 
     monkeypatch.chdir(tmp_path)
     cfg = build_config(overrides=["data.name=digits"])
@@ -187,3 +187,37 @@ def test_default_run_directories_and_processes_started_apart(tmp_path, monkeypat
             make_run_dir(cfg)
         monkeypatch.setenv(variable, "1")
     monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+
+
+def test_a_run_that_cannot_start_leaves_no_folder_of_its_own(tmp_path, monkeypatch, capsys):
+    """A missing dataset (or any other stop before training) does not leave a run directory
+    holding only config.yaml, which the next try would step past to version_1; a folder the
+    user made stays."""
+    from massrl.run_dir import RUN_DIR_ENV
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    missing = ["data.name=cifar10", f"data.root={tmp_path / 'nothing'}"]
+    assert main(["pretrain", *missing]) == 2
+    assert "cifar10" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+    assert main(["pretrain", *missing, f"output_dir={tmp_path / 'new' / 'run'}"]) == 2
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    assert main(["pretrain", *missing, f"output_dir={tmp_path / 'mine'}"]) == 2
+    assert (tmp_path / "mine").is_dir()
+    assert main(["pretrain", "data.name=digits", "resume=/nonexistent/last.ckpt"]) == 2
+    assert not (tmp_path / "runs").exists()  # (a resume refused: as early a stop)
+
+
+def test_removing_a_new_run_directory_keeps_what_others_put_beside_it(tmp_path):
+    from massrl.run_dir import remove_new_run_dir
+
+    run = tmp_path / "new" / "a" / "run"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("")
+    (tmp_path / "new" / "b").mkdir()  # another run, started beside it in the meantime
+    remove_new_run_dir(run, tmp_path / "new")
+    assert not (tmp_path / "new" / "a").exists() and (tmp_path / "new" / "b").is_dir()
+    remove_new_run_dir(tmp_path / "new" / "b", None)  # a folder it did not make: kept
+    assert (tmp_path / "new" / "b").is_dir()

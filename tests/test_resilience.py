@@ -239,6 +239,34 @@ def test_resume_with_a_changed_backbone_is_refused(tiny, capsys):
     err = capsys.readouterr().err
     assert "data.subset: 128 in the checkpoint, 64 now" in err
     assert "data.image_size: 16 in the checkpoint, 24 now" in err
+    # another global batch: the lr schedule and the sampler's position would not match
+    assert main(["pretrain", *args, "resume=auto", "data.batch_size=16",
+                 "trainer.accumulate_grad_batches=2"]) == 2
+    err = capsys.readouterr().err
+    assert "data.batch_size: 32 in the checkpoint, 16 now" in err
+    assert "trainer.accumulate_grad_batches: 1 in the checkpoint, 2 now" in err
+    assert main(["pretrain", *args, "resume=auto", "seed=1", "optimizer.name=adamw"]) == 2
+    err = capsys.readouterr().err
+    assert "seed: 0 in the checkpoint, 1 now" in err
+    assert "optimizer.name: 'lars' in the checkpoint, 'adamw' now" in err
+
+
+def test_resume_with_another_number_of_processes_is_refused(tiny, capsys):
+    """A checkpoint records how many processes trained it; resuming with another count is
+    refused before anything in the run directory changes."""
+    args = _byol(tiny, **{"trainer.max_epochs": "1"})
+    assert main(["pretrain", *args]) == 0
+    last = _out(args) / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    assert ckpt["massrl"]["world_size"] == 1
+    ckpt["massrl"]["world_size"] = 2  # as if written by a 2-process run
+    torch.save(ckpt, last)
+    before = {p.name: p.read_bytes() for p in _out(args).iterdir() if p.is_file()}
+    assert main(["pretrain", *args, "resume=auto", "trainer.max_epochs=2"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot resume from {last}: it was trained by 2 process(es), and this run has 1" \
+        in err and "resume with 2 process(es)" in err
+    assert {p.name: p.read_bytes() for p in _out(args).iterdir() if p.is_file()} == before
 
 
 @pytest.mark.parametrize("epochs, every", [("1", "3"), ("2", "0")])
@@ -259,7 +287,7 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_its_summary(tiny, caps
     assert "nothing to train" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "directory"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "directory", "last"])
 def test_resume_from_a_damaged_checkpoint_is_explained(tiny, capsys, tmp_path, damage):
     args = _byol(tiny, **{"trainer.max_epochs": "1"})
     assert main(["pretrain", *args]) == 0
@@ -269,13 +297,18 @@ def test_resume_from_a_damaged_checkpoint_is_explained(tiny, capsys, tmp_path, d
         bad.write_bytes(last.read_bytes()[:5000])
     elif damage == "empty":
         bad.write_bytes(b"")
+    elif damage == "last":  # the run's own last.ckpt, damaged outside massrl: the others offered
+        last.write_bytes(last.read_bytes()[:5000])
+        bad = "auto"
     else:
         bad = _out(args)
     capsys.readouterr()
-    assert main(["pretrain", *args, f"resume={bad}"]) == 2
+    assert main(["pretrain", *args, f"resume={bad}", "trainer.max_epochs=2"]) == 2
     err = capsys.readouterr().err
     expected = {"truncated": "is truncated or not a PyTorch checkpoint",
-                "empty": "is an empty file", "directory": f"Did you mean {last}?"}[damage]
+                "empty": "is an empty file", "directory": f"Did you mean {last}?",
+                "last": "Continue from another checkpoint of the run with resume=PATH "
+                        f"(best-knn-0.ckpt in {last.parent})"}[damage]
     assert expected in err and "Traceback" not in err
 
 
@@ -380,3 +413,31 @@ def test_resume_accepts_the_same_folder_spelled_another_way(tiny, tmp_path, monk
     assert main(["pretrain", *args[:-1], f"data.root={tmp_path / 'other'}",
                  "resume=auto"]) == 2  # another folder is refused
     assert "data.root: 'pics' in the checkpoint" in capsys.readouterr().err
+
+
+def test_a_second_run_into_a_directory_in_use_is_refused(tiny, capsys):
+    """While a run holds its directory, another one into it (started by mistake, or a requeued
+    job) stops at once instead of interleaving its metrics and checkpoints."""
+    import fcntl
+
+    args = _byol(tiny)
+    out = _out(args)
+    out.mkdir(parents=True)
+    with open(out / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the first run holds it
+        assert main(["pretrain", *args]) == 2
+        assert f"another massrl run is writing into {out}" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    assert main(["pretrain", *args]) == 0  # once it is free
+
+
+def test_resuming_a_finished_run_whose_summary_is_unreadable(tiny, capsys):
+    """summary.json left empty (a full disk when it was written): the finished run says how to
+    measure the model instead of crashing on the file."""
+    args = _byol(tiny)
+    assert main(["pretrain", *args]) == 0
+    (_out(args) / "summary.json").write_text("")
+    capsys.readouterr()
+    assert main(["pretrain", *args, "resume=auto"]) == 0
+    out = capsys.readouterr().out
+    assert "summary.json is missing or unreadable: `massrl knn ckpt=" in out

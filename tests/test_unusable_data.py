@@ -2,6 +2,7 @@
 instead of a traceback or a run that trains nothing and exits 0."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,45 @@ def test_skipped_images_are_one_line_warnings_on_the_command_line(tmp_path):
     lines = [line for line in out.stderr.splitlines() if "broken0.png" in line]
     assert lines and all(line.startswith("warning: skipping image ") for line in lines)
     assert "BadImageWarning" not in out.stderr and "item = " not in out.stderr
+
+
+@pytest.mark.parametrize("command", ["pretrain", "augviz"])
+def test_train_and_val_folders_that_do_not_match_are_one_line_errors(tmp_path, tiny, capsys,
+                                                                      command):
+    """val/ with a class that train/ lacks, or with only empty class folders: a message naming
+    the folders, not a traceback."""
+    extra, empty = tmp_path / "extra", tmp_path / "empty"
+    for root in (extra, empty):
+        for split, name in (("train", "a"), ("train", "b"), ("val", "a"), ("val", "b")):
+            (root / split / name).mkdir(parents=True)
+            if root is extra or split == "train":
+                Image.new("RGB", (20, 20), (9, 99, 199)).save(root / split / name / "0.png")
+    (extra / "val" / "z").mkdir()
+    Image.new("RGB", (20, 20)).save(extra / "val" / "z" / "0.png")
+    expected = {extra: "class folders that the training split lacks: ['z']",
+                empty: "has no class sub-folder holding images"}
+    for root, message in expected.items():
+        args = tiny("byol", **{"data.name": "folder", "data.root": str(root),
+                               "data.subset": "null"})
+        if command == "augviz":
+            args = [a for a in args if a.startswith("data.")] + ["--out", str(tmp_path / "v.png")]
+        assert main([command, *args]) == 2
+        line = _last_error_line(capsys)
+        assert line.startswith(f"massrl {command}: ") and message in line
+
+
+def test_a_file_name_that_is_not_utf8_is_fingerprinted(tmp_path):
+    """Linux file names are bytes: the feature cache's fingerprint must take any of them."""
+    from massrl.data.folder import files_fingerprint, labeled_folder
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / name / "0.png")
+    odd = os.fsencode(tmp_path / "a") + b"/\xfe_1.png"
+    with open(odd, "wb") as f:
+        Image.new("RGB", (8, 8), (200, 0, 0)).save(f, format="PNG")
+    ds = labeled_folder(tmp_path, strict=False)
+    assert len(ds) == 3
+    before = files_fingerprint(ds)
+    os.utime(odd, ns=(1, 1))
+    assert files_fingerprint(ds) != before

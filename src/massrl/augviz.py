@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import textwrap
+import warnings
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -12,7 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
+from massrl.config import RunConfig  # noqa: E402
 from massrl.data.datasets import UnusableDataError  # noqa: E402
+from massrl.files import save_figure  # noqa: E402
 
 
 def _pick_images(dataset: Dataset, num_images: int, seed: int) -> list:
@@ -60,6 +64,22 @@ def augmentation_grid(dataset: Dataset, transform, path: str | Path, num_images:
     if not path.suffix:  # what matplotlib writes for a name without one
         path = path.with_name(path.name + ".png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_augmentation_picture(cfg: RunConfig, path: Path, splits: Any) -> None:
+    """A pre-training run's views, drawn with the per-image pipeline (the batched backend
+    applies the same strategies on the device)."""
+    from massrl.augment import MultiViewTransform
+    from massrl.data import BadImageError
+
+    transform = MultiViewTransform(cfg.augment, cfg.data.image_size, splits.mean, splits.std)
+    try:
+        augmentation_grid(splits.train, transform, path, num_images=6,
+                          title=f"{cfg.method} views on {cfg.data.name}", seed=cfg.seed)
+    except Exception as exc:  # a picture must never stop a training run
+        if cfg.data.strict and isinstance(exc, BadImageError):
+            raise  # (unless the run is to stop at the first bad file: here is one)
+        warnings.warn(f"could not draw the augmentation picture: {exc}", stacklevel=2)

@@ -31,6 +31,19 @@ def trains_on_cpu(accelerator: str) -> bool:
     return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
 
 
+def check_accelerator(accelerator: str) -> None:
+    """A GPU asked for where torch sees none: say so, before anything is sized for one."""
+    from massrl.config import ConfigError
+
+    apple_gpu = accelerator == "gpu" and torch.backends.mps.is_available()  # (Lightning's "gpu")
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() and not apple_gpu:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}, but torch sees no CUDA GPU here "
+            "(torch.cuda.is_available() is False: no GPU, no driver, or a CPU-only torch "
+            "build). Use trainer.accelerator=auto (the GPU where there is one, else the CPU) "
+            "or trainer.accelerator=cpu.")
+
+
 def devices_per_node(devices: Any) -> int:
     """Accelerators one node drives for trainer.devices (int, list of ids, '0,1', 'auto', -1)."""
     if isinstance(devices, list):

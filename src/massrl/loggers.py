@@ -5,9 +5,12 @@ A resumed run logs to the same W&B run: its id is kept in the run directory (`wa
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import secrets
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.utilities import rank_zero_only
 
 from massrl.config import ConfigError, RunConfig
+from massrl.files import write_text
 
 WANDB_ID_FILE = "wandb_run_id"
 
@@ -51,7 +55,7 @@ def wandb_logger(cfg: RunConfig, run_dir: Path) -> WandbLogger:
     if run_id is None:
         run_id = secrets.token_hex(4)  # W&B's run id: lowercase letters and digits
         if rank_zero_only.rank == 0:  # (the only rank that logs: the others' id is unused)
-            id_file.write_text(run_id + "\n")
+            write_text(id_file, run_id + "\n")
     return WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, tags=cfg.wandb.tags,
                        name=run_dir.name if cfg.output_dir else cfg.run_name, id=run_id,
                        resume="allow", save_dir=str(run_dir),
@@ -66,3 +70,31 @@ def finish_loggers(loggers: list[Logger], summary: dict[str, Any]) -> None:
             run = logger.experiment
             run.summary.update({k: v for k, v in summary.items() if not isinstance(v, dict)})
             run.finish()
+
+
+# Lightning's notices that are expected in a massrl run and only bury the useful output
+QUIET = (
+    ".*does not have many workers.*",  # the config decides the worker count
+    ".*Experiment logs directory .* exists and is not empty.*",  # config.yaml is written first
+    ".*is smaller than the logging interval.*",  # tiny runs
+    ".*LeafSpec.*",  # a deprecation inside Lightning
+    # a resumed run's own checkpoints (a new run into a run directory is refused)
+    ".*Checkpoint directory .* exists and is not empty.*",
+    # a resume with another trainer.checkpoint_every_n_steps: the periodic save's callback is
+    # keyed by its cadence, and its state (no top-k) holds nothing the resumed run needs
+    ".*callbacks used to create the checkpoint need to be provided.*",
+    # training metrics are rank 0's share of the batch by design (docs/distributed.md)
+    ".*when logging on epoch level in distributed setting.*",
+    # inside Lightning's all_gather(sync_grads=True) (SimCLR's negatives from every rank); the
+    # replacement torch names is private
+    ".*torch.distributed.nn.functional.all_gather is deprecated.*",
+)
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Without the notices that are expected in a massrl run and only bury the useful output."""
+    with warnings.catch_warnings():
+        for message in QUIET:
+            warnings.filterwarnings("ignore", message)
+        yield

@@ -40,7 +40,8 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     groups = split_decay_groups(named_params, cfg.weight_decay, cfg.exclude_bias_norm)
     if cfg.name == "lars":
-        return Lars(groups, lr=lr, momentum=cfg.momentum, trust_coeff=cfg.trust_coefficient)
+        return Lars(groups, lr=lr, momentum=cfg.momentum, trust_coeff=cfg.trust_coefficient,
+                    trust_clip=cfg.trust_clip)
     for g in groups:  # 'always_adapt' is LARS-only
         g.pop("always_adapt", None)
     if cfg.name == "sgd":

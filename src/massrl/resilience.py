@@ -29,10 +29,14 @@ from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from massrl.config import ConfigError, RunConfig, root_path
+from massrl.files import atomic_write
 
-# what cannot change when a run is resumed: the checkpoint's tensors would not fit, or the run
-# would silently become another experiment
-FROZEN_KEYS = ("method", "data.name", "data.root", "data.subset", "data.image_size",
+# what cannot change when a run is resumed: the checkpoint's tensors would not fit, the run
+# would silently become another experiment (the seed draws the subset and the views), the
+# optimizer's state would not fit, or (the global batch) the lr schedule and each process's
+# place in the epoch would no longer match (the process count is checked apart)
+FROZEN_KEYS = ("method", "seed", "data.name", "data.root", "data.subset", "data.image_size",
+               "data.batch_size", "trainer.accumulate_grad_batches", "optimizer.name",
                "model.backbone", "model.cifar_stem", "model.width", "model.kwargs",
                "model.proj_hidden_dim", "model.proj_output_dim", "model.pred_hidden_dim")
 
@@ -46,21 +50,16 @@ class NonFiniteLossError(RuntimeError):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """torch.save to `<path>.tmp`, fsync, then an atomic rename over `<path>`."""
+    """torch.save through `files.atomic_write`: a temporary file, fsync, then a rename."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any,
                         storage_options: Any | None = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            with open(tmp, "wb") as f:
+            with atomic_write(path) as f:
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             kept = "The previous checkpoint there is intact. " if path.exists() else ""
             raise CheckpointWriteError(
                 f"could not write the checkpoint {path}: {exc.strerror or exc}. {kept}"
@@ -162,9 +161,11 @@ class Preemption(Callback):
             self.saved = True
         name = "Ctrl-C" if self.by_ctrl_c else "SIGTERM"
         if trainer.is_global_zero:
+            kept = ("last.ckpt is kept as it was; the resumed run repeats the steps since it "
+                    "was saved") if self.last_path.is_file() else \
+                "no checkpoint yet: the resumed run starts again from the beginning"
             print(f"{name}: last.ckpt saved at optimizer step {trainer.global_step}" if why is None
-                  else f"{name} {why}: last.ckpt is kept as it was; the resumed run repeats the "
-                  "steps since it was saved")
+                  else f"{name} {why}: {kept}")
         job = os.environ.get("SLURM_JOB_ID")
         if job and trainer.is_global_zero:
             result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
@@ -211,6 +212,17 @@ def _get(tree: dict, dotted: str) -> Any:
     return tree
 
 
+def check_same_world_size(ckpt_path: Path, saved: int, now: int) -> None:
+    """Refuse to resume with another number of processes: the global batch, the lr it scales
+    and each process's place in the epoch would all change mid-run."""
+    if saved != now:
+        raise ConfigError(
+            f"cannot resume from {ckpt_path}: it was trained by {saved} process(es), and this "
+            f"run has {now} (trainer.devices x trainer.num_nodes, or the torchrun / srun process "
+            "count). The global batch, its learning rate and each process's place in the epoch "
+            f"would change mid-run: resume with {saved} process(es).")
+
+
 def find_resume_checkpoint(cfg: RunConfig, run_dir: Path) -> Path | None:
     """The checkpoint to continue from: None for a fresh run."""
     if cfg.resume is None:
@@ -230,7 +242,14 @@ def check_resume_compatible(cfg: RunConfig, ckpt_path: Path) -> dict:
     changed what cannot change mid-run. Returns the checkpoint."""
     from massrl.eval.checkpoint import read_checkpoint
 
-    ckpt = read_checkpoint(ckpt_path)
+    try:
+        ckpt = read_checkpoint(ckpt_path)
+    except ConfigError as exc:  # (a truncated last.ckpt: a copy, or a crash outside massrl)
+        others = sorted(p.name for p in Path(ckpt_path).parent.glob("*.ckpt")
+                        if p.name != Path(ckpt_path).name)
+        hint = (f" Continue from another checkpoint of the run with resume=PATH ("
+                f"{', '.join(others)} in {Path(ckpt_path).parent})." if others else "")
+        raise ConfigError(f"cannot resume: {exc}{hint}") from None
     saved = (ckpt.get("hyper_parameters") or {}).get("config")
     if saved is None:
         raise ConfigError(f"{ckpt_path} is not a massrl pre-training checkpoint: cannot resume")

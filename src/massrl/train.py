@@ -9,27 +9,34 @@ import json
 import math
 import os
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from massrl.augment.views import sparse_pairs_note
 from massrl.config import ConfigError, RunConfig, to_yaml
 from massrl.devices import (
+    check_accelerator,
     run_num_workers,
     trains_on_cpu,
     usable_cores,
     use_channels_last,
     use_sync_batchnorm,
 )
-from massrl.loggers import build_loggers, finish_loggers, hide_lightning_adverts
+from massrl.files import write_text
+from massrl.loggers import (
+    build_loggers,
+    finish_loggers,
+    hide_lightning_adverts,
+    quiet_lightning,
+)
 from massrl.memory import retain_freed_memory
 from massrl.methods import SSLMethod, build_method
 from massrl.models.backbones import check_input_size
@@ -38,25 +45,24 @@ from massrl.resilience import (
     EpochEndCheckpoint,
     Preemption,
     check_resume_compatible,
+    check_same_world_size,
     epochs_done,
     find_resume_checkpoint,
+)
+from massrl.run_dir import (
+    RUN_DIR_ENV,
+    choose_run_dir,
+    finished_already,
+    keep_previous_metrics,
+    launched_apart,
+    make_run_dir,
+    outermost_missing,
+    remove_new_run_dir,
+    run_lock,
 )
 
 KNN_METRIC = "val/knn_top1"
 VAL_FIGURES = (KNN_METRIC, "val/probe_top1")  # the summary's validation figures
-QUIET = (
-    ".*does not have many workers.*",  # the config decides the worker count
-    ".*Experiment logs directory .* exists and is not empty.*",  # config.yaml is written first
-    ".*is smaller than the logging interval.*",  # tiny runs
-    ".*LeafSpec.*",  # a deprecation inside Lightning
-    # a resumed run's own checkpoints (a new run into a run directory is refused)
-    ".*Checkpoint directory .* exists and is not empty.*",
-    # a resume with another trainer.checkpoint_every_n_steps: the periodic save's callback is
-    # keyed by its cadence, and its state (no top-k) holds nothing the resumed run needs
-    ".*callbacks used to create the checkpoint need to be provided.*",
-    # training metrics are rank 0's share of the batch by design (docs/distributed.md)
-    ".*when logging on epoch level in distributed setting.*",
-)
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -67,9 +73,6 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
-
-
-RUN_DIR_ENV = "MASSRL_RUN_DIR"
 
 
 def set_cpu_threads(cfg: RunConfig) -> None:
@@ -87,33 +90,6 @@ def set_cpu_threads(cfg: RunConfig) -> None:
         torch.set_num_threads(cfg.trainer.cpu_threads)
     elif workers > 0:
         torch.set_num_threads(max(1, usable_cores() - workers))
-
-
-def make_run_dir(cfg: RunConfig) -> Path:
-    """output_dir if given, else the next free runs/<name>/version_N.
-
-    The chosen directory is put in the environment, so the processes Lightning starts for DDP
-    (which re-run the command) use the same one instead of taking the next free version.
-    """
-    if cfg.output_dir:
-        run_dir = Path(cfg.output_dir)
-        if run_dir.exists() and not run_dir.is_dir():
-            raise ConfigError(f"output_dir {run_dir} is a file: name a folder for the run")
-    elif os.environ.get(RUN_DIR_ENV):
-        run_dir = Path(os.environ[RUN_DIR_ENV])
-    elif max(int(os.environ.get(v) or 1) for v in ("WORLD_SIZE", "SLURM_NTASKS")) > 1:
-        # processes started apart (torchrun, srun) would each pick a directory of their own
-        raise ConfigError("a run launched as several processes (torchrun, srun) needs "
-                          "output_dir=DIR, the same on every process")
-    else:
-        base = Path("runs") / cfg.run_name
-        n = 0
-        while (base / f"version_{n}").exists():
-            n += 1
-        run_dir = base / f"version_{n}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    os.environ[RUN_DIR_ENV] = str(run_dir)
-    return run_dir
 
 
 class RunSummary(Callback):
@@ -226,7 +202,19 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Tr
         callbacks.append(RichProgressBar())
     loggers = build_loggers(cfg, run_dir)
     hide_lightning_adverts()
-    trainer = L.Trainer(
+    try:
+        trainer = _trainer(cfg, run_dir, has_labels, callbacks, loggers)
+    except (MisconfigurationException, TypeError, ValueError) as exc:  # settings Lightning refuses
+        raise ConfigError(f"Lightning cannot run trainer.accelerator={t.accelerator} "
+                          f"trainer.devices={t.devices} trainer.strategy={t.strategy} "
+                          f"trainer.num_nodes={t.num_nodes} here: {exc}") from None
+    return trainer, {"summary": summary, "best": best, "preemption": callbacks[0]}
+
+
+def _trainer(cfg: RunConfig, run_dir: Path, has_labels: bool, callbacks: list,
+             loggers: list) -> L.Trainer:
+    t = cfg.trainer
+    return L.Trainer(
         default_root_dir=run_dir,
         max_epochs=t.max_epochs,
         accelerator=t.accelerator,
@@ -249,7 +237,6 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Tr
         enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],
     )
-    return trainer, {"summary": summary, "best": best, "preemption": callbacks[0]}
 
 
 def build_datamodule(cfg: RunConfig):
@@ -286,13 +273,16 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
     """Run one pre-training job and return its summary (also written to summary.json)."""
     inherited = RUN_DIR_ENV in os.environ
     try:
-        return _pretrain(cfg, run_dir)
+        with contextlib.ExitStack() as held:  # (the run directory's lock, once it is known)
+            return _pretrain(cfg, run_dir, held)
     finally:
         if not inherited:  # the next run in this process picks its own directory
             os.environ.pop(RUN_DIR_ENV, None)
 
 
-def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
+def _pretrain(cfg: RunConfig, run_dir: Path | None,
+              held: contextlib.ExitStack) -> dict[str, Any]:
+    check_accelerator(cfg.trainer.accelerator)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     set_cpu_threads(cfg)
     if cfg.trainer.retain_freed_memory:
@@ -301,24 +291,86 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
         print(f"data.num_workers=auto: {run_num_workers(cfg)} DataLoader workers on this machine")
     if cfg.resume == "auto" and not cfg.output_dir and run_dir is None:
         raise ConfigError("resume=auto needs output_dir=DIR: the run directory to continue")
-    run_dir = run_dir or make_run_dir(cfg)
+    new_folder = None
+    if run_dir is None:
+        run_dir = choose_run_dir(cfg)
+        # a run that stops before training leaves no folder of its own behind (one process: in
+        # DDP the other ranks may be using it)
+        new_folder = None if launched_apart() else outermost_missing(run_dir)
+        make_run_dir(cfg, run_dir)
+    # (refused: the directory is another running run's, and stays as it is)
+    held.enter_context(run_lock(run_dir, rank_zero_only.rank))
+    try:
+        started = _start(cfg, run_dir)
+    except BaseException:
+        remove_new_run_dir(run_dir, new_folder)
+        raise
+    if isinstance(started, dict):  # a finished run: nothing to train
+        return started
+    resume_from, dm, method, trainer, parts = started
+    if rank_zero_only.rank == 0:  # (once the run is sure to train)
+        write_text(run_dir / "config.yaml", to_yaml(cfg))
+        if resume_from is not None:
+            keep_previous_metrics(run_dir)
+    with quiet_lightning():
+        try:
+            trainer.fit(method, datamodule=dm, ckpt_path=resume_from)
+        except SIGTERMException as exc:  # the command says where and how to continue
+            exc.run_dir, exc.by_ctrl_c = run_dir, parts["preemption"].by_ctrl_c
+            raise
+        except SystemExit:  # Lightning's exit after a second Ctrl-C, nothing saved since
+            if not parts["preemption"].by_ctrl_c:
+                raise
+            raise StoppedAtOnce(run_dir) from None
+    summary = parts["summary"].summary(trainer, method, parts["best"])
+    if dm.has_labels and cfg.eval.knn_every and \
+            parts["summary"].last_val.get("after_epochs") != trainer.current_epoch:
+        # eval.knn_every left the last epochs unmeasured: the summary is the final model's
+        with quiet_lightning():
+            trainer.validate(method, datamodule=dm, verbose=False)
+        summary.update(parts["summary"].val_figures(parts["best"]))
+    if trainer.is_global_zero:
+        write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    finish_loggers(trainer.loggers, summary)
+    return summary
+
+
+def _start(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | tuple:
+    """The checkpoint to resume from and what `_prepare` builds, or the summary of a run that
+    has nothing left to train."""
     resume_from = find_resume_checkpoint(cfg, run_dir)
     if cfg.resume is None and (run_dir / "checkpoints" / "last.ckpt").is_file():
         raise ConfigError(f"output_dir {run_dir} already holds a run (checkpoints/last.ckpt): "
                           "continue it with resume=auto, or choose another output_dir")
+    saved_world = None
     if resume_from is not None:
-        done = epochs_done(check_resume_compatible(cfg, resume_from))
+        ckpt = check_resume_compatible(cfg, resume_from)
+        done, saved_world = epochs_done(ckpt), ckpt.get("massrl", {}).get("world_size")
         if done >= cfg.trainer.max_epochs:
-            return _finished_already(cfg, run_dir, resume_from, done)
-        _keep_previous_metrics(run_dir)
+            return finished_already(cfg, run_dir, resume_from, done)
+        del ckpt  # (a large model's tensors: not held through training)
         print(f"resuming from {resume_from} ({done} of {cfg.trainer.max_epochs} epochs done)")
     elif cfg.resume == "auto":
         print(f"resume=auto: no checkpoint in {run_dir} yet, starting the run")
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    dm, method, trainer, parts = _prepare(cfg, run_dir)
+    if saved_world is not None:
+        check_same_world_size(resume_from, saved_world, trainer.world_size)
+    return resume_from, dm, method, trainer, parts
+
+
+def _prepare(cfg: RunConfig, run_dir: Path) -> tuple[Any, SSLMethod, L.Trainer, dict]:
+    """Everything before training: data, method, Trainer, and the checks that stop a run
+    which could not train."""
     if note := sparse_pairs_note(cfg.augment):
         print(note)
+    if cfg.augment.compile and cfg.augment.backend == "per_image":
+        print("augment.compile applies to augment.backend=batched: the per-image pipeline "
+              "runs uncompiled")
     dm = build_datamodule(cfg)
-    save_augmentation_picture(cfg, run_dir / "augmentations.png", dm.splits)
+    if rank_zero_only.rank == 0:
+        from massrl.augviz import save_augmentation_picture
+
+        save_augmentation_picture(cfg, run_dir / "augmentations.png", dm.splits)
     method = build_method(cfg, num_classes=dm.num_classes,
                           strategy_names=list(cfg.augment.strategies))
     method.use_data(dm.splits)
@@ -335,36 +387,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None) -> dict[str, Any]:
         for name in ("backbone", "target_backbone"):
             if hasattr(method, name):
                 getattr(method, name).compile()
-    with _quiet():
-        try:
-            trainer.fit(method, datamodule=dm, ckpt_path=resume_from)
-        except SIGTERMException as exc:  # the command says where and how to continue
-            exc.run_dir, exc.by_ctrl_c = run_dir, parts["preemption"].by_ctrl_c
-            raise
-        except SystemExit:  # Lightning's exit after a second Ctrl-C, nothing saved since
-            if not parts["preemption"].by_ctrl_c:
-                raise
-            raise StoppedAtOnce(run_dir) from None
-    summary = parts["summary"].summary(trainer, method, parts["best"])
-    if dm.has_labels and cfg.eval.knn_every and \
-            parts["summary"].last_val.get("after_epochs") != trainer.current_epoch:
-        # eval.knn_every left the last epochs unmeasured: the summary is the final model's
-        with _quiet():
-            trainer.validate(method, datamodule=dm, verbose=False)
-        summary.update(parts["summary"].val_figures(parts["best"]))
-    if trainer.is_global_zero:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    finish_loggers(trainer.loggers, summary)
-    return summary
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Without the notices that are expected in a massrl run and only bury the useful output."""
-    with warnings.catch_warnings():
-        for message in QUIET:
-            warnings.filterwarnings("ignore", message)
-        yield
+    return dm, method, trainer, parts
 
 
 class StoppedAtOnce(KeyboardInterrupt):
@@ -373,41 +396,3 @@ class StoppedAtOnce(KeyboardInterrupt):
     def __init__(self, run_dir: Path) -> None:
         super().__init__(str(run_dir))
         self.run_dir = run_dir
-
-
-def _finished_already(cfg: RunConfig, run_dir: Path, ckpt: Path, done: int) -> dict[str, Any]:
-    """Resuming a run that has trained all its epochs: nothing to do, and its summary stays."""
-    print(f"nothing to train: {ckpt} has completed {done} epochs, trainer.max_epochs="
-          f"{cfg.trainer.max_epochs}. Raise trainer.max_epochs to train longer.")
-    summary = run_dir / "summary.json"
-    if summary.is_file():
-        return json.loads(summary.read_text())
-    return {"method": cfg.method, "dataset": cfg.data.name, "epochs": done,
-            "run_dir": str(run_dir), "last_checkpoint": str(ckpt)}
-
-
-def _keep_previous_metrics(run_dir: Path) -> None:
-    """Lightning's CSV logger rewrites metrics.csv: keep the interrupted part beside it."""
-    metrics = run_dir / "metrics.csv"
-    if metrics.is_file():
-        n = 1
-        while (run_dir / f"metrics.before_resume_{n}.csv").exists():
-            n += 1
-        metrics.rename(run_dir / f"metrics.before_resume_{n}.csv")
-
-
-def save_augmentation_picture(cfg: RunConfig, path: Path, splits) -> None:
-    """The run's views, drawn with the per-image pipeline (the batched backend applies the same
-    strategies on the device)."""
-    from massrl.augment import MultiViewTransform
-    from massrl.augviz import augmentation_grid
-    from massrl.data import BadImageError
-
-    transform = MultiViewTransform(cfg.augment, cfg.data.image_size, splits.mean, splits.std)
-    try:
-        augmentation_grid(splits.train, transform, path, num_images=6,
-                          title=f"{cfg.method} views on {cfg.data.name}", seed=cfg.seed)
-    except Exception as exc:  # a picture must never stop a training run
-        if cfg.data.strict and isinstance(exc, BadImageError):
-            raise  # (unless the run is to stop at the first bad file: here is one)
-        warnings.warn(f"could not draw the augmentation picture: {exc}", stacklevel=2)

@@ -74,6 +74,7 @@ def _cached_mode(r: session.EvalRun, train: Dataset, subset: dict[str, Any],
             r.pre.backbone, Transformed(train, transform), key, cache_dir=cfg.cache_dir,
             use_cache=cfg.cache, device=r.device, batch_size=cfg.data.batch_size,
             num_workers=session.loader_workers(r))
+    subset["num_train"] = len(train_y)  # (features of the images that decoded)
     test_x, test_y = session.features(r, "test")
     return train_linear_on_features(train_x, train_y, test_x, test_y, r.splits.num_classes,
                                     recipe, cfg.seed, r.device)
@@ -113,8 +114,15 @@ def run(args: argparse.Namespace) -> int:
     mode = "finetune" if cfg.finetune else "cached" if cfg.features_cached else "augmented"
     result = (_cached_mode(r, train, subset, recipe) if mode == "cached"
               else _image_mode(r, train, recipe))
-    results = {"mode": mode, **subset, "num_test": len(r.splits.test), **result.to_dict()}
-    rows = [("mode", mode), ("training images", str(subset["num_train"])),
+    results = {"mode": mode, **subset, **result.to_dict()}
+    # (features are of the images that decoded, and have been warned about already)
+    results["num_train"] -= results.pop("train_left_out")
+    for split, bad, listed in (("training", result.train_left_out, subset["num_train"]),
+                               ("test", results.pop("test_left_out"), len(r.splits.test))):
+        if bad:
+            r.warn(f"{bad} of the {listed} {split} images could not be decoded and were left "
+                   "out")
+    rows = [("mode", mode), ("training images", str(results["num_train"])),
             ("top-1 (last epoch)", session.pct(result.top1)),
             ("top-5 (last epoch)", session.pct(result.top5)),
             (f"best top-1 (epoch {result.best_epoch})", session.pct(result.best_top1))]

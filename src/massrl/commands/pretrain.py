@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from massrl.commands.common import add_config_args, data_error_message, resolve
-from massrl.config import RunConfig
+from massrl.config import ConfigError, RunConfig
 
 NAME = "pretrain"
 HELP = ("Pre-train a backbone. Without -c it runs MASSRL on Fashion-MNIST with a narrow "
@@ -53,9 +53,14 @@ def run(args: argparse.Namespace) -> int:
     except SIGTERMException as exc:
         where = getattr(exc, "run_dir", None) or cfg.output_dir or "the run directory"
         by_ctrl_c = getattr(exc, "by_ctrl_c", False)
-        print(f"massrl pretrain: stopped by {'Ctrl-C' if by_ctrl_c else 'SIGTERM'}. Continue "
-              f"with resume=auto output_dir={where}", file=sys.stderr)
+        if rank_zero_only.rank == 0:  # (every rank got the signal: one says it)
+            print(f"massrl pretrain: stopped by {'Ctrl-C' if by_ctrl_c else 'SIGTERM'}. "
+                  f"Continue with resume=auto output_dir={where}", file=sys.stderr)
         return 130 if by_ctrl_c else 143
+    except ConfigError:
+        if rank_zero_only.rank == 0:  # the same config on every rank: one says what is wrong
+            raise
+        return 2
     print_summary(summary)
     return 0
 

@@ -227,6 +227,8 @@ class OptimizerConfig(Section):
     weight_decay: float = Field(1e-6, ge=0, description="not on biases and norm parameters")
     momentum: float = Field(0.9, ge=0, lt=1, description="lars / sgd momentum")
     trust_coefficient: float = Field(0.001, gt=0, description="LARS trust coefficient")
+    trust_clip: bool = Field(False, description="LARS: no layer steps faster than the lr "
+                             "(solo-learn's clip_lr)")
     warmup_epochs: float = Field(10, ge=0, description="linear warm-up, then cosine; "
                                  "fractions of an epoch allowed")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr / peak lr of the cosine")

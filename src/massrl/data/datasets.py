@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from massrl.config import DataConfig, default_root
 from massrl.data.folder import (
     FileImageDataset,
+    UnusableDataError,
     is_class_folder_layout,
     labeled_folder,
     typical_size,
@@ -36,11 +37,6 @@ Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
 
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset is not where massrl looked; the message lists the places and how to get it."""
-
-
-class UnusableDataError(ValueError):
-    """The dataset is there but cannot be trained on (no image decodes, fewer images than one
-    batch); the message says what to change."""
 
 
 @dataclass
@@ -321,9 +317,10 @@ def _labeled_splits(
     classes = train.classes
     if test_dir is not None:
         if not is_class_folder_layout(test_dir, min_classes=1):
-            raise ValueError(
-                f"{train_dir} has class sub-folders but {test_dir} does not; sort the held-out "
-                "images into the same class folders (or remove the folder to split train 80/20)"
+            raise UnusableDataError(
+                f"{train_dir} has class sub-folders but {test_dir} has no class sub-folder "
+                "holding images; sort the held-out images into the same class folders (or "
+                "remove the folder to split train 80/20)"
             )
         test = labeled_folder(test_dir, cfg.strict, classes)
     else:  # no held-out folder: a seeded, stratified 80/20 split, as for digits

@@ -16,6 +16,11 @@ from torch.utils.data import Dataset
 
 from massrl.data.images import BadImageError, load_image
 
+
+class UnusableDataError(ValueError):
+    """The dataset is there but cannot be trained on (no image decodes, fewer images than one
+    batch, split folders that do not match); the message says what to change."""
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 STRICT_HINT = "set data.strict=false to skip undecodable images with a warning"
 
@@ -141,9 +146,10 @@ def files_fingerprint(dataset: Dataset) -> str | None:
     for path, target in zip(dataset.paths, dataset.targets, strict=True):
         try:
             st = os.stat(path)
-            h.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\t{target}\n".encode())
+            tail = f"\t{st.st_size}\t{st.st_mtime_ns}\t{target}\n"
         except OSError:
-            h.update(f"{path}\tmissing\t{target}\n".encode())
+            tail = f"\tmissing\t{target}\n"
+        h.update(os.fsencode(path) + tail.encode())  # (a name need not be valid UTF-8)
     return h.hexdigest()
 
 
@@ -161,7 +167,7 @@ def labeled_folder(
         classes = found
     unknown = sorted(set(found) - set(classes))
     if unknown:
-        raise ValueError(
+        raise UnusableDataError(
             f"{root} has class folders that the training split lacks: {unknown[:10]}; "
             "train/ and val/ must use the same class folder names"
         )

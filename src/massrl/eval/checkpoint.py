@@ -118,7 +118,14 @@ def _load(ckpt: dict[str, Any], path: str | Path) -> tuple[nn.Module, RunConfig,
     except RuntimeError as exc:
         raise CheckpointError(
             f"the backbone weights in '{path}' do not match model.backbone={m.backbone} "
-            f"cifar_stem={m.cifar_stem} width={m.width}: {str(exc).splitlines()[0]}"
+            f"cifar_stem={m.cifar_stem} width={m.width}: {_first_problem(exc)}"
         ) from None
     backbone.eval()
     return backbone, cfg, spec, file_sha256(path)
+
+
+def _first_problem(exc: RuntimeError) -> str:
+    """The first line of load_state_dict's report that names a key (its first line is only
+    'Error(s) in loading state_dict for ...:')."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return next((line for line in lines[1:]), lines[0] if lines else type(exc).__name__)

@@ -17,6 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
+from massrl.files import atomic_write, write_text
 from massrl.models import BackboneSpec
 from massrl.models.backbones import apply_cifar_stem, feature_dim
 
@@ -65,7 +66,7 @@ def export_backbone(
         out = out.with_name(out.name + ".pt")
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    with open(out, "wb") as f:  # (an unwritable path: an OSError naming it, not torch's)
+    with atomic_write(out) as f:  # (a full disk keeps an earlier export whole)
         torch.save(state, f)
     manifest_path = out.with_suffix(".json")
     tv = torchvision_name(spec, state)
@@ -89,5 +90,5 @@ def export_backbone(
     if tv is not None:
         build = f"model = torchvision.models.{tv}()\nmodel.fc = torch.nn.Identity()"
         manifest["load_torchvision"] = _snippet(out.name, manifest_path.name, build)
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return {**manifest, "weights_path": str(out), "manifest_path": str(manifest_path)}

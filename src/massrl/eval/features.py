@@ -21,8 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from massrl.data.datamodule import BadItem
 from massrl.data.eval_transform import channel_stats
 from massrl.data.images import as_rgb, decode_at_least
+from massrl.files import atomic_write
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -45,9 +47,9 @@ def train_transform(
 
 
 class Transformed(Dataset):
-    """{"image", "label"} items of a (PIL image, label) dataset; undecodable (None) items stay None
-    so that `massrl.data.collate_skip_bad` drops them. Large JPEGs are decoded down to
-    ``decode_side`` (default: the transform's ``source_side``, if it has one)."""
+    """{"image", "label"} items of a (PIL image, label) dataset; an undecodable (None) item is a
+    `BadItem` (its index), which `massrl.data.collate_skip_bad` drops and counts. Large JPEGs
+    are decoded down to ``decode_side`` (default: the transform's ``source_side``, if any)."""
 
     def __init__(self, base: Dataset, transform: Callable[[Any], torch.Tensor],
                  decode_side: int | None = None) -> None:
@@ -57,11 +59,11 @@ class Transformed(Dataset):
     def __len__(self) -> int:
         return len(self.base)  # type: ignore[arg-type]
 
-    def __getitem__(self, i: int) -> dict[str, Any] | None:
+    def __getitem__(self, i: int) -> dict[str, Any] | BadItem:
         with decode_at_least(self.decode_side):
             item = self.base[i]
         if item is None:
-            return None
+            return BadItem(i)
         image, label = item
         return {"image": self.transform(image), "label": int(label)}
 
@@ -155,10 +157,9 @@ def cached_features(
     if use_cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            torch.save({"features": feats, "labels": labels,
-                        "key": json.dumps(key, default=str)}, tmp)
-            tmp.replace(path)  # atomic: a crash never leaves a truncated cache file behind
+            with atomic_write(path) as f:  # a crash never leaves a truncated cache file behind
+                torch.save({"features": feats, "labels": labels,
+                            "key": json.dumps(key, default=str)}, f)
         except OSError as exc:  # the evaluation goes on without its cache
             _cache_warning(f"could not cache the features in {path.parent}: {exc.strerror or exc}"
                            " (cache_dir=DIR chooses another place, cache=false none)")

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from massrl.eval.features import progress, unpack
 from massrl.eval.knn import topk_accuracy
+from massrl.files import write_text
 
 
 @dataclass
@@ -44,6 +45,10 @@ class LinearResult:
     best_top5: float
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
+    # undecodable images met (training: in any epoch) and left out; test images scored
+    train_left_out: int = 0
+    test_left_out: int = 0
+    num_test: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,14 +79,14 @@ class Classifier(nn.Module):
 
 def _fit(
     model: nn.Module, param_groups: list[dict[str, Any]], loader: DataLoader,
-    evaluate: Callable[[], tuple[float, float]], recipe: SGDRecipe, device: torch.device | str,
-    desc: str,
+    evaluate: Callable[[], Scores], recipe: SGDRecipe, device: torch.device | str, desc: str,
 ) -> LinearResult:
     opt = torch.optim.SGD(param_groups, lr=recipe.lr, momentum=recipe.momentum,
                           weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
     steps = max(1, recipe.epochs * len(loader))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)  # stepped per batch
     history: list[dict[str, float]] = []
+    left_out: set[int] = set()  # (by index: each bad image once, whichever epochs met it)
     with progress() as bar:
         task = bar.add_task(desc, total=steps)
         for epoch in range(1, recipe.epochs + 1):
@@ -89,6 +94,7 @@ def _fit(
             total, count = 0.0, 0
             for batch in loader:
                 bar.advance(task)
+                left_out.update(batch.get("skipped_index", ()) if isinstance(batch, dict) else ())
                 if (xy := unpack(batch)) is None or len(xy[1]) < 2:
                     continue  # (batch-norm cannot train on a batch of one: a last, odd image)
                 x, y = xy[0].to(device, non_blocking=True), xy[1].to(device)
@@ -98,28 +104,38 @@ def _fit(
                 opt.step()
                 sched.step()
                 total, count = total + loss.item() * len(y), count + len(y)
-            top1, top5 = evaluate()
+            scores = evaluate()
             history.append({"epoch": epoch, "loss": total / max(count, 1),
-                            "top1": top1, "top5": top5})
+                            "top1": scores.top1, "top5": scores.top5})
     best = max(history, key=lambda h: h["top1"])  # the first epoch reaching the maximum
     last = history[-1]
     return LinearResult(last["top1"], last["top5"], best["top1"], best["top5"],
-                        int(best["epoch"]), history)
+                        int(best["epoch"]), history, len(left_out), scores.left_out,
+                        scores.scored)
+
+
+@dataclass
+class Scores:
+    top1: float
+    top5: float
+    scored: int  # test images scored
+    left_out: int  # and those that could not be decoded
 
 
 @torch.no_grad()
 def _accuracy(
     predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[Any],
     device: torch.device | str,
-) -> tuple[float, float]:
-    scores, labels = [], []
+) -> Scores:
+    scores, labels, left_out = [], [], 0
     for batch in batches:
+        left_out += len(batch.get("skipped_index", ())) if isinstance(batch, dict) else 0
         if (xy := unpack(batch)) is None:
             continue
         scores.append(predict(xy[0].to(device)).float().cpu())
         labels.append(xy[1])
     top1, top5 = topk_accuracy(torch.cat(scores), torch.cat(labels), (1, 5))
-    return top1, top5
+    return Scores(top1, top5, sum(len(y) for y in labels), left_out)
 
 
 class FeatureStandardiser(nn.BatchNorm1d):
@@ -160,7 +176,7 @@ def train_linear_on_features(
                         shuffle=True, generator=torch.Generator().manual_seed(seed))
     test = DataLoader(TensorDataset(test_x, test_y), batch_size=4096)
 
-    def evaluate() -> tuple[float, float]:
+    def evaluate() -> Scores:
         head.eval()
         return _accuracy(head, test, device)
 
@@ -186,7 +202,7 @@ def train_on_images(
     if finetune:
         groups.append({"params": backbone.parameters(), "lr": recipe.backbone_lr or recipe.lr})
 
-    def evaluate() -> tuple[float, float]:
+    def evaluate() -> Scores:
         model.eval()
         if test_features is not None and not finetune:
             feats = DataLoader(TensorDataset(*test_features), batch_size=4096)
@@ -234,7 +250,7 @@ def label_subset(
     if save_dir is not None:
         path = Path(save_dir) / f"label_subset_{dataset}_{fraction:g}_seed{seed}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({
+        write_text(path, json.dumps({
             "dataset": dataset, "split": "train_labeled", "num_samples": len(labels),
             "label_fraction": fraction, "seed": seed, "indices": indices,
         }))

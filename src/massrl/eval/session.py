@@ -30,6 +30,7 @@ from massrl.eval.features import (
     cached_features,
     resolve_device,
 )
+from massrl.files import write_text
 from massrl.models.backbones import input_size_error
 
 Split = Literal["train", "test"]
@@ -212,7 +213,7 @@ def finish(run: EvalRun, title: str, results: dict[str, Any], rows: list[tuple[s
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results,
                "protocol": protocol(run), "warnings": run.warnings}
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")

@@ -10,6 +10,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from massrl.files import save_figure
+
 
 def _umap_module():
     import os
@@ -94,5 +96,5 @@ def save_umap(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     return path

@@ -146,6 +146,7 @@ class SSLMethod(L.LightningModule):
         checkpoint["massrl"] = {"version": __version__, "backbone": self.backbone_spec.to_dict(),
                                 "data": dict(self.normalization),
                                 "images_seen": self.images_seen,
+                                "world_size": self.trainer.world_size,
                                 "skipped_files": self.skipped_files,
                                 "bad_images": sorted(self._bad_images),
                                 "rng": rng_state()}

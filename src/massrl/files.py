@@ -1,0 +1,70 @@
+"""Files written whole or not at all.
+
+Each output is written to a temporary file beside it, synced, then renamed over it: a full
+disk, a crash or a kill mid-write leaves the previous file (or none), never a truncated one. A
+failure is an OSError that names the file, whatever the writer raised (torch.save reports a
+full disk as a RuntimeError without a path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path) -> Iterator[IO[bytes]]:
+    """A binary file to write `path` through; it replaces `path` only once all is written."""
+    path = Path(path)
+    # a name of its own: processes writing one file at once each rename a whole one over it
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    recorder = None
+    try:
+        with open(tmp, "xb") as f:
+            recorder = _Recorder(f)
+            yield recorder  # type: ignore[misc]
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        cause = recorder.error if recorder is not None and recorder.error else exc
+        if isinstance(cause, OSError):
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from exc
+        raise
+
+
+class _Recorder:
+    """The file, keeping the first OSError its writes raised (torch.save turns it into a
+    RuntimeError that says neither the reason nor the file)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """`path` holds `text` (UTF-8), or keeps what it held."""
+    with atomic_write(path) as f:
+        f.write(text.encode())
+
+
+def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> None:
+    """A matplotlib figure saved to `path` in the format its suffix names."""
+    with atomic_write(path) as f:
+        fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png", **kwargs)
+

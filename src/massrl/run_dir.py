@@ -1,0 +1,126 @@
+"""The run directory: which folder a pre-training run writes into, made once for all its
+processes, and what a resumed run keeps of the interrupted one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from massrl.config import ConfigError, RunConfig
+
+try:
+    import fcntl
+except ImportError:  # not on a POSIX system: runs go unguarded
+    fcntl = None  # type: ignore[assignment]
+
+# the run directory of the command, for the processes Lightning starts for DDP
+RUN_DIR_ENV = "MASSRL_RUN_DIR"
+
+
+def make_run_dir(cfg: RunConfig, run_dir: Path | None = None) -> Path:
+    """Make the run directory (`run_dir`, or the one `choose_run_dir` names) and put it in the
+    environment, so the processes Lightning starts for DDP (which re-run the command) use the
+    same one instead of taking the next free version."""
+    run_dir = run_dir or choose_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    return run_dir
+
+
+def choose_run_dir(cfg: RunConfig) -> Path:
+    """output_dir if given, else the directory of the run that started this process, else the
+    next free runs/<name>/version_N."""
+    if cfg.output_dir:
+        run_dir = Path(cfg.output_dir)
+        if run_dir.exists() and not run_dir.is_dir():
+            raise ConfigError(f"output_dir {run_dir} is a file: name a folder for the run")
+        return run_dir
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    if launched_apart():
+        # processes started apart (torchrun, srun) would each pick a directory of their own
+        raise ConfigError("a run launched as several processes (torchrun, srun) needs "
+                          "output_dir=DIR, the same on every process")
+    base = Path("runs") / cfg.run_name
+    n = 0
+    while (base / f"version_{n}").exists():
+        n += 1
+    return base / f"version_{n}"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, rank: int) -> Iterator[None]:
+    """Hold `<run_dir>/.lock` while the run lasts (rank 0 only: the others are the same run), so
+    that a second run into the directory, started by mistake or requeued while the first still
+    runs, is refused instead of interleaving its files with the first one's."""
+    if rank != 0 or fcntl is None:
+        yield
+        return
+    lock = run_dir / ".lock"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another massrl run is writing into {run_dir} (it holds {lock}): "
+                              "let it finish, or choose another output_dir") from None
+        except OSError:  # a filesystem without locks: the run goes unguarded
+            pass
+        yield
+
+
+def launched_apart() -> bool:
+    """Whether this process is one of several started apart (torchrun, srun)."""
+    return max(int(os.environ.get(v) or 1) for v in ("WORLD_SIZE", "SLURM_NTASKS")) > 1
+
+
+def outermost_missing(path: Path) -> Path | None:
+    """The outermost folder on the way to `path` that does not exist yet (None: it exists)."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def remove_new_run_dir(run_dir: Path, new_folder: Path | None) -> None:
+    """Remove the run directory a run made (`new_folder`: the outermost folder it had to make
+    for it, None when it made none), and those of its parents it made that are empty."""
+    if new_folder is None:
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    folder = run_dir.parent
+    while folder == new_folder or new_folder in folder.parents:
+        try:
+            folder.rmdir()  # (only when empty: another run may have started beside this one)
+        except OSError:
+            break
+        folder = folder.parent
+
+
+def keep_previous_metrics(run_dir: Path) -> None:
+    """Lightning's CSV logger rewrites metrics.csv: keep the interrupted part beside it."""
+    metrics = run_dir / "metrics.csv"
+    if metrics.is_file():
+        n = 1
+        while (run_dir / f"metrics.before_resume_{n}.csv").exists():
+            n += 1
+        metrics.rename(run_dir / f"metrics.before_resume_{n}.csv")
+
+
+def finished_already(cfg: RunConfig, run_dir: Path, ckpt: Path, done: int) -> dict[str, Any]:
+    """Resuming a run that has trained all its epochs: nothing to do, and its summary stays."""
+    print(f"nothing to train: {ckpt} has completed {done} epochs, trainer.max_epochs="
+          f"{cfg.trainer.max_epochs}. Raise trainer.max_epochs to train longer.")
+    with contextlib.suppress(OSError, ValueError):  # (none, or an unreadable one)
+        return json.loads((run_dir / "summary.json").read_text())
+    print(f"{run_dir / 'summary.json'} is missing or unreadable: `massrl knn ckpt={ckpt}` "
+          "measures the final model")
+    return {"method": cfg.method, "dataset": cfg.data.name, "epochs": done,
+            "run_dir": str(run_dir), "last_checkpoint": str(ckpt)}
