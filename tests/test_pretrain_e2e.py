@@ -37,6 +37,7 @@ def test_pretrain_writes_a_complete_run_directory(method, tiny, capsys):
     assert summary["images_per_s"] > 0
     assert summary["runtime"] == {
         "device": "cpu", "world_size": 1, "num_workers": 0, "augment_backend": "per_image",
+        "compile": False,
         "precision": "bf16-mixed" if method == "simclr" else "32-true",
         "channels_last": False,  # turned off for a width-8 ResNet on the CPU (devices.py)
         "cpu_threads": torch.get_num_threads(), "torch_version": torch.__version__}

@@ -172,7 +172,7 @@ def runtime(trainer: L.Trainer, module: SSLMethod) -> dict[str, Any]:
     device = trainer.strategy.root_device.type
     return {"device": device, "world_size": trainer.world_size, "precision": trainer.precision,
             "num_workers": run_num_workers(module.cfg), "channels_last": module.channels_last,
-            "augment_backend": module.cfg.augment.backend,
+            "augment_backend": module.cfg.augment.backend, "compile": module.cfg.trainer.compile,
             "cpu_threads": torch.get_num_threads() if device == "cpu" else None,
             "torch_version": torch.__version__}
 
