@@ -155,3 +155,16 @@ def test_a_file_name_that_is_not_utf8_is_fingerprinted(tmp_path):
     before = files_fingerprint(ds)
     os.utime(odd, ns=(1, 1))
     assert files_fingerprint(ds) != before
+
+
+def test_pil_warnings_about_a_file_are_one_line_too():
+    from PIL import Image as PILImage
+
+    from massrl.cli import _format_warning
+
+    pil_file = PILImage.__file__
+    for category in (UserWarning, PILImage.DecompressionBombWarning):
+        text = _format_warning("Corrupt EXIF data.", category, pil_file, 1, None)
+        assert text == "warning: Corrupt EXIF data.\n"
+    other = _format_warning("deprecated", FutureWarning, pytest.__file__, 1, None)
+    assert "FutureWarning" in other  # other libraries' warnings: as Python formats them

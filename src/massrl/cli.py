@@ -10,9 +10,13 @@ import sys
 import warnings
 from collections.abc import Collection
 
+import PIL
+
 from massrl.config import ConfigError
 
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# where a warning comes from massrl (a skipped image) or PIL (an odd file): one line each
+_ONE_LINE_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep
+                       for f in (__file__, PIL.__file__))
 _python_format_warning = warnings.formatwarning
 
 # Each module defines NAME, HELP (its --help description), configure(parser) and run(args) -> int.
@@ -68,9 +72,9 @@ def os_error_message(exc: OSError) -> str:
 
 def _format_warning(message: Warning | str, category: type[Warning], filename: str,
                     lineno: int, line: str | None = None) -> str:
-    """massrl's own warnings (a skipped image, ...) as one line each, without the source line
-    Python's format adds; other libraries' as Python formats them."""
-    if category.__module__.startswith("massrl") or filename.startswith(_PACKAGE_DIR):
+    """massrl's own warnings (a skipped image, ...) and PIL's (an odd file) as one line each,
+    without the source line Python's format adds; other libraries' as Python formats them."""
+    if category.__module__.startswith(("massrl", "PIL")) or filename.startswith(_ONE_LINE_DIRS):
         return f"warning: {message}\n"
     return _python_format_warning(message, category, filename, lineno, line)
 

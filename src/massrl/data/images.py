@@ -82,7 +82,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except UnidentifiedImageError:
         raise BadImageError(path, "not an image file PIL can identify") from None
     except Image.DecompressionBombError as exc:
-        raise BadImageError(path, f"refused as a decompression bomb: {exc}") from None
+        raise BadImageError(path, f"refused as a decompression bomb: {exc} (a genuine image "
+                            "this large must be downscaled first)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # PIL signals truncated and corrupt data with OSError, SyntaxError or ValueError.
         raise BadImageError(path, f"{type(exc).__name__}: {exc}") from None
