@@ -330,7 +330,8 @@ def test_a_dataset_default_folder_given_explicitly_is_the_same_data():
 
 
 @pytest.mark.parametrize("mode", [["features_cached=true"], ["features_cached=false"],
-                                  ["finetune=true"]])
+                                  ["finetune=true"],
+                                  ["features_cached=true", "label_fraction=1.0"]])
 def test_linear_counts_and_reports_the_images_it_left_out(tmp_path, ckpt, mode):
     """Undecodable files are left out of training and testing; whichever path met them (the
     feature extraction or an image loader), result.json counts what was used and says why."""
@@ -347,4 +348,5 @@ def test_linear_counts_and_reports_the_images_it_left_out(tmp_path, ckpt, mode):
     assert code == 0
     assert res["results"]["num_train"] == res["results"]["num_test"] == 16
     left_out = [w for w in res["warnings"] if "could not be decoded and were left out" in w]
-    assert len(left_out) == 2 and all(w.startswith("2 of the 18 ") for w in left_out), left_out
+    assert len(left_out) == 2 and all(w.startswith("2 of the 18 images of the ")
+                                      for w in left_out), left_out

@@ -81,3 +81,18 @@ def test_an_error_that_is_not_the_disk_passes_through(tmp_path):
     with pytest.raises(KeyError), atomic_write(tmp_path / "x.pt"):
         raise KeyError("a bug, not a full disk")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_replaced_file_keeps_its_permissions_and_a_link_stays_a_link(tmp_path):
+    import os
+
+    private = tmp_path / "config.yaml"
+    private.write_text("old")
+    private.chmod(0o600)
+    write_text(private, "new")
+    assert private.read_text() == "new" and (private.stat().st_mode & 0o777) == 0o600
+    target, link = tmp_path / "weights.json", tmp_path / "latest.json"
+    target.write_text("old")
+    os.symlink(target, link)
+    write_text(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"

@@ -79,3 +79,14 @@ def test_lightning_advert_is_dropped_and_other_notices_stay():
     assert "a notice about the run" in seen
     assert any("GPU available" in m for m in seen)
     assert sum(type(f).__name__ == "_NoAdverts" for f in log.filters) == 1
+
+
+def test_progress_written_to_a_file_is_one_line_per_epoch(tiny, capsys):
+    """A batch job's log (stdout not a terminal) gets a line per epoch, not a live bar that
+    shows nothing until the end."""
+    args = tiny("byol", **{"trainer.progress_bar": "true", "trainer.max_epochs": "2"})
+    assert main(["pretrain", "-c", "fashion_mnist/byol", *args]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
+    assert all("train/loss " in line and " images/s" in line for line in lines)
+    assert all("val/knn_top1 " in line and "val/probe_top1 " in line for line in lines)

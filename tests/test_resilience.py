@@ -253,7 +253,8 @@ def test_resume_with_a_changed_backbone_is_refused(tiny, capsys):
 
 def test_resume_with_another_number_of_processes_is_refused(tiny, capsys):
     """A checkpoint records how many processes trained it; resuming with another count is
-    refused before anything in the run directory changes."""
+    refused before training, and the run's files stay as they were (the picture is drawn
+    again, the same)."""
     args = _byol(tiny, **{"trainer.max_epochs": "1"})
     assert main(["pretrain", *args]) == 0
     last = _out(args) / "checkpoints" / "last.ckpt"
@@ -441,3 +442,16 @@ def test_resuming_a_finished_run_whose_summary_is_unreadable(tiny, capsys):
     assert main(["pretrain", *args, "resume=auto"]) == 0
     out = capsys.readouterr().out
     assert "summary.json is missing or unreadable: `massrl knn ckpt=" in out
+
+
+def test_a_refused_resume_through_a_path_with_dotdot_keeps_the_run(tiny, capsys):
+    """`missing/../run` names the existing run: a refused resume must not take it for a folder
+    the failed start made (and remove it)."""
+    args = _byol(tiny)
+    assert main(["pretrain", *args]) == 0
+    out = _out(args)
+    others = [a for a in args if not a.startswith("output_dir=")]
+    odd = out.parent / "missing" / ".." / out.name
+    assert main(["pretrain", *others, f"output_dir={odd}", "resume=auto", "seed=1"]) == 2
+    assert "seed: 0 in the checkpoint, 1 now" in capsys.readouterr().err
+    assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "summary.json").is_file()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -20,15 +20,20 @@ from typing import IO, Any
 def atomic_write(path: str | Path) -> Iterator[IO[bytes]]:
     """A binary file to write `path` through; it replaces `path` only once all is written."""
     path = Path(path)
-    # a name of its own: processes writing one file at once each rename a whole one over it
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    if path.is_symlink():  # (write where the link points: the link stays a link)
+        path = path.resolve()
+    # one name per file (each file has one writer): a save killed midway leaves one stale
+    # temporary file at most, which the next save replaces
+    tmp = path.with_name(path.name + ".tmp")
     recorder = None
     try:
-        with open(tmp, "xb") as f:
+        with open(tmp, "wb") as f:
             recorder = _Recorder(f)
             yield recorder  # type: ignore[misc]
             f.flush()
             os.fsync(f.fileno())
+        with contextlib.suppress(OSError):  # a file replaced keeps its permissions
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):

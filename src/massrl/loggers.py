@@ -9,11 +9,15 @@ import contextlib
 import importlib.util
 import logging
 import secrets
+import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -98,3 +102,36 @@ def quiet_lightning() -> Iterator[None]:
         for message in QUIET:
             warnings.filterwarnings("ignore", message)
         yield
+
+
+def progress_callbacks(show: bool) -> list[Callback]:
+    """trainer.progress_bar: rich's live bar in a terminal; written to a file (a batch job's
+    log), where a live bar shows nothing until the end, one line per epoch."""
+    if not show:
+        return []
+    return [RichProgressBar()] if sys.stdout.isatty() else [EpochLines()]
+
+
+class EpochLines(Callback):
+    """After each training epoch: `epoch E/N  loss ...  val/knn_top1 ...  images/s  seconds`."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start, self._seen = time.perf_counter(), getattr(pl_module, "images_seen", 0)
+        self._validated = False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._validated = not trainer.sanity_checking
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        seconds = time.perf_counter() - self._start
+        metrics = trainer.callback_metrics
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
+        names = ["train/loss_epoch"] + (["val/knn_top1", "val/probe_top1"] if self._validated
+                                        else [])
+        parts += [f"{name.removesuffix('_epoch')} {float(metrics[name]):.4f}"
+                  for name in names if name in metrics]
+        images = getattr(pl_module, "images_seen", 0) - self._seen
+        parts += [f"{images / max(seconds, 1e-9):.1f} images/s", f"{seconds:.0f} s"]
+        print("  ".join(parts), flush=True)

@@ -35,6 +35,7 @@ from massrl.loggers import (
     build_loggers,
     finish_loggers,
     hide_lightning_adverts,
+    progress_callbacks,
     quiet_lightning,
 )
 from massrl.memory import retain_freed_memory
@@ -198,13 +199,15 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Tr
     callbacks.append(EpochEndCheckpoint(ckpt_dir / "last.ckpt"))
     summary = RunSummary(run_dir)
     callbacks.append(summary)
-    if t.progress_bar:
-        callbacks.append(RichProgressBar())
+    callbacks += progress_callbacks(t.progress_bar)
     loggers = build_loggers(cfg, run_dir)
     hide_lightning_adverts()
     try:
         trainer = _trainer(cfg, run_dir, has_labels, callbacks, loggers)
-    except (MisconfigurationException, TypeError, ValueError) as exc:  # settings Lightning refuses
+    except (MisconfigurationException, TypeError, ValueError) as exc:
+        if not isinstance(exc, MisconfigurationException) and not any(
+                key in str(exc) for key in ("accelerator", "devices", "strategy", "num_nodes")):
+            raise  # (not the settings Lightning refuses: a bug to see whole)
         raise ConfigError(f"Lightning cannot run trainer.accelerator={t.accelerator} "
                           f"trainer.devices={t.devices} trainer.strategy={t.strategy} "
                           f"trainer.num_nodes={t.num_nodes} here: {exc}") from None
@@ -231,7 +234,7 @@ def _trainer(cfg: RunConfig, run_dir: Path, has_labels: bool, callbacks: list,
         # None = all batches (Lightning announces an explicit 1.0 with a line of its own)
         limit_val_batches=None if has_labels and cfg.eval.knn_every else 0,
         num_sanity_val_steps=0,
-        enable_progress_bar=t.progress_bar,
+        enable_progress_bar=any(isinstance(c, RichProgressBar) for c in callbacks),
         callbacks=callbacks,
         logger=loggers,
         enable_model_summary=False,
@@ -296,14 +299,14 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None,
         run_dir = choose_run_dir(cfg)
         # a run that stops before training leaves no folder of its own behind (one process: in
         # DDP the other ranks may be using it)
-        new_folder = None if launched_apart() else outermost_missing(run_dir)
+        new_folder = None if launched_apart() else outermost_missing(run_dir.resolve())
         make_run_dir(cfg, run_dir)
     # (refused: the directory is another running run's, and stays as it is)
     held.enter_context(run_lock(run_dir, rank_zero_only.rank))
     try:
         started = _start(cfg, run_dir)
     except BaseException:
-        remove_new_run_dir(run_dir, new_folder)
+        remove_new_run_dir(run_dir.resolve(), new_folder)
         raise
     if isinstance(started, dict):  # a finished run: nothing to train
         return started

@@ -74,6 +74,7 @@ def _cached_mode(r: session.EvalRun, train: Dataset, subset: dict[str, Any],
             r.pre.backbone, Transformed(train, transform), key, cache_dir=cfg.cache_dir,
             use_cache=cfg.cache, device=r.device, batch_size=cfg.data.batch_size,
             num_workers=session.loader_workers(r))
+        session.warn_left_out(r, len(train) - len(train_y), len(train), "train")
     subset["num_train"] = len(train_y)  # (features of the images that decoded)
     test_x, test_y = session.features(r, "test")
     return train_linear_on_features(train_x, train_y, test_x, test_y, r.splits.num_classes,
@@ -117,11 +118,8 @@ def run(args: argparse.Namespace) -> int:
     results = {"mode": mode, **subset, **result.to_dict()}
     # (features are of the images that decoded, and have been warned about already)
     results["num_train"] -= results.pop("train_left_out")
-    for split, bad, listed in (("training", result.train_left_out, subset["num_train"]),
-                               ("test", results.pop("test_left_out"), len(r.splits.test))):
-        if bad:
-            r.warn(f"{bad} of the {listed} {split} images could not be decoded and were left "
-                   "out")
+    session.warn_left_out(r, result.train_left_out, subset["num_train"], "train")
+    session.warn_left_out(r, results.pop("test_left_out"), len(r.splits.test), "test")
     rows = [("mode", mode), ("training images", str(results["num_train"])),
             ("top-1 (last epoch)", session.pct(result.top1)),
             ("top-5 (last epoch)", session.pct(result.top5)),

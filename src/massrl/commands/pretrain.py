@@ -57,9 +57,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"massrl pretrain: stopped by {'Ctrl-C' if by_ctrl_c else 'SIGTERM'}. "
                   f"Continue with resume=auto output_dir={where}", file=sys.stderr)
         return 130 if by_ctrl_c else 143
-    except ConfigError:
-        if rank_zero_only.rank == 0:  # the same config on every rank: one says what is wrong
+    except ConfigError as exc:
+        if rank_zero_only.rank == 0:
             raise
+        # (a machine-dependent refusal may be this rank's alone: said, and marked as its own)
+        print(f"massrl pretrain (rank {rank_zero_only.rank}): {exc}", file=sys.stderr)
         return 2
     print_summary(summary)
     return 0

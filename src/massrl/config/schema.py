@@ -284,7 +284,8 @@ class TrainerConfig(Section):
 
 
 class EvalConfig(Section):
-    knn_every: int = Field(1, ge=0, description="online kNN monitor every N epochs (0 = off)")
+    knn_every: int = Field(1, ge=0, description="online kNN monitor (and the probe's "
+                           "validation) every N epochs (0 = off)")
     knn_k: int = Field(200, gt=0, description="online kNN neighbours")
     knn_temperature: float = Field(0.07, gt=0, description="online kNN vote temperature")
     probe: bool = Field(True, description="online linear probe on detached features")

@@ -170,8 +170,13 @@ def _idx_file(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _root(cfg: DataConfig) -> Path:
+    """data.root, or the dataset's default folder."""
+    return Path(cfg.root).expanduser() if cfg.root else default_root(cfg.name)
+
+
 def _fashion_mnist(cfg: DataConfig, seed: int) -> DatasetSplits:
-    base = Path(cfg.root).expanduser() if cfg.root else default_root(cfg.name)
+    base = _root(cfg)
     # the root itself, torchvision's layout below it, then the Debian package
     folders = [base, base / "FashionMNIST" / "raw", base / "fashion-mnist", DEBIAN_FASHION_MNIST]
     folder = _find_idx_folder(folders)
@@ -234,7 +239,7 @@ def _cifar(cfg: DataConfig, seed: int, hundred: bool) -> DatasetSplits:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls, name = (CIFAR100, "cifar100") if hundred else (CIFAR10, "cifar10")
-    root = Path(cfg.root).expanduser() if cfg.root else default_root(cfg.name)
+    root = _root(cfg)
     looked = [root / cls.base_folder]
 
     def make(train: bool) -> TorchvisionDataset:
@@ -252,7 +257,7 @@ def _cifar(cfg: DataConfig, seed: int, hundred: bool) -> DatasetSplits:
 def _stl10(cfg: DataConfig, seed: int) -> DatasetSplits:
     from torchvision.datasets import STL10
 
-    root = Path(cfg.root).expanduser() if cfg.root else default_root(cfg.name)
+    root = _root(cfg)
     looked = [root / STL10.base_folder]
 
     def make(split: str) -> TorchvisionDataset:
@@ -296,7 +301,7 @@ def _folder(cfg: DataConfig, seed: int) -> DatasetSplits:
 
 
 def _imagenet(cfg: DataConfig, seed: int, name: str) -> DatasetSplits:
-    root = Path(cfg.root).expanduser() if cfg.root else default_root(name)
+    root = _root(cfg)
     looked = [root / "train", root / "val"]
     how = [f"data.root=DIR where DIR/train and DIR/val hold one sub-folder per class ({name} "
            "must be obtained from image-net.org; torchvision cannot download it)"]

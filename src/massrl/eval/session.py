@@ -176,10 +176,16 @@ def features(run: EvalRun, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         use_cache=cfg.cache, device=run.device, batch_size=cfg.data.batch_size,
         num_workers=loader_workers(run),
     )
-    if len(labels) < len(ds):  # (recorded in result.json; the split sizes count the files)
-        run.warn(f"{len(ds) - len(labels)} of the {len(ds)} images of the {split} split could "
-                 "not be decoded and were left out")
+    warn_left_out(run, len(ds) - len(labels), len(ds), split)
     return feats, labels
+
+
+def warn_left_out(run: EvalRun, bad: int, total: int, split: str) -> None:
+    """Images that could not be decoded, recorded in result.json (the split sizes there count
+    the files)."""
+    if bad:
+        run.warn(f"{bad} of the {total} images of the {split} split could not be decoded and "
+                 "were left out")
 
 
 def protocol(run: EvalRun) -> dict[str, Any]:
