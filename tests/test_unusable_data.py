@@ -168,3 +168,21 @@ def test_pil_warnings_about_a_file_are_one_line_too():
         assert text == "warning: Corrupt EXIF data.\n"
     other = _format_warning("deprecated", FutureWarning, pytest.__file__, 1, None)
     assert "FutureWarning" in other  # other libraries' warnings: as Python formats them
+
+
+def test_data_that_goes_away_mid_run_stops_the_run_but_one_deleted_file_is_skipped(tmp_path):
+    """A folder that disappears (an unmounted disk) is not a run of bad files to skip."""
+    from massrl.data import UnusableDataError
+    from massrl.data.folder import labeled_folder
+
+    root = tmp_path / "pics"
+    root.mkdir()
+    for name in ("a", "b"):
+        _folder(root / name, good=2, bad=0)
+    ds = labeled_folder(root, strict=False)
+    Path(ds.paths[0]).unlink()  # one file deleted: skipped with a warning
+    with pytest.warns(UserWarning, match="skipping image"):
+        assert ds[0] is None
+    root.rename(tmp_path / "elsewhere")
+    with pytest.raises(UnusableDataError, match=r"that held .* is gone .* resume=auto"):
+        ds[1]

@@ -127,6 +127,12 @@ class FileImageDataset(Dataset):
         try:
             image = load_image(path)
         except BadImageError as err:
+            folder = os.path.dirname(path)
+            if not os.path.isdir(folder):  # not one bad file: the data went away mid-run
+                raise UnusableDataError(
+                    f"the folder {folder} that held {path} is gone (unmounted, moved or "
+                    "deleted while the run read it): restore it, then continue with "
+                    "resume=auto") from None
             if self.strict:
                 raise BadImageError(path, f"{err.reason} ({STRICT_HINT})") from None
             warnings.warn(f"skipping image {path}: {err.reason}", BadImageWarning, stacklevel=2)
