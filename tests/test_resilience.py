@@ -167,8 +167,10 @@ def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_says_how_to_continu
 def test_sigterm_in_validation_or_an_accumulation_window_keeps_the_last_checkpoint(tiny):
     """A checkpoint there would not continue the run exactly (Lightning does not rerun the
     validation; a window's gradients are in no checkpoint): the last one is kept, and the
-    resumed run repeats the steps since it, to the uninterrupted run's result."""
-    run = {**RUN, "trainer.accumulate_grad_batches": "2"}  # 4 optimizer steps per epoch
+    resumed run repeats the steps since it, to the uninterrupted run's result; their rows are
+    logged once."""
+    run = {**RUN, "trainer.accumulate_grad_batches": "2",  # 4 optimizer steps per epoch
+           "trainer.log_every_n_steps": "1"}
     reference = _byol(tiny, **run)
     assert main(["pretrain", *reference]) == 0
     ref_dir = _out(reference)
@@ -183,6 +185,9 @@ def test_sigterm_in_validation_or_an_accumulation_window_keeps_the_last_checkpoi
         kept = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
         assert kept["global_step"] == step  # the epoch-0 end / the every-3-steps save
         assert main(["pretrain", *args, "resume=auto"]) == 0
+        before, after = (list(csv.DictReader(open(_out(args) / f))) for f in (
+            "metrics.before_resume_1.csv", "metrics.csv"))
+        assert max(int(r["step"]) for r in before) < step <= min(int(r["step"]) for r in after)
         summary = json.loads((_out(args) / "summary.json").read_text())
         assert summary["images_seen"] == ref_summary["images_seen"] == 512
         assert summary["knn_top1"] == pytest.approx(ref_summary["knn_top1"], abs=1e-6)

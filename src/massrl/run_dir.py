@@ -4,6 +4,8 @@ processes, and what a resumed run keeps of the interrupted one."""
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import shutil
@@ -12,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from massrl.config import ConfigError, RunConfig
+from massrl.files import write_text
 
 try:
     import fcntl
@@ -104,14 +107,25 @@ def remove_new_run_dir(run_dir: Path, new_folder: Path | None) -> None:
         folder = folder.parent
 
 
-def keep_previous_metrics(run_dir: Path) -> None:
-    """Lightning's CSV logger rewrites metrics.csv: keep the interrupted part beside it."""
+def keep_previous_metrics(run_dir: Path, resumed_step: int) -> None:
+    """Lightning's CSV logger rewrites metrics.csv: keep the interrupted part beside it, up to
+    the checkpoint the run resumes from (the rows of later steps, which the resumed run repeats,
+    would be there twice)."""
     metrics = run_dir / "metrics.csv"
-    if metrics.is_file():
-        n = 1
-        while (run_dir / f"metrics.before_resume_{n}.csv").exists():
-            n += 1
-        metrics.rename(run_dir / f"metrics.before_resume_{n}.csv")
+    if not metrics.is_file():
+        return
+    n = 1
+    while (run_dir / f"metrics.before_resume_{n}.csv").exists():
+        n += 1
+    with open(metrics, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [row for row in reader if not row.get("step") or int(row["step"]) < resumed_step]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=reader.fieldnames or [], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(run_dir / f"metrics.before_resume_{n}.csv", text.getvalue())
+    metrics.unlink()
 
 
 def finished_already(cfg: RunConfig, run_dir: Path, ckpt: Path, done: int) -> dict[str, Any]:

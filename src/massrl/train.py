@@ -310,11 +310,11 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None,
         raise
     if isinstance(started, dict):  # a finished run: nothing to train
         return started
-    resume_from, dm, method, trainer, parts = started
+    resume_from, resumed_step, dm, method, trainer, parts = started
     if rank_zero_only.rank == 0:  # (once the run is sure to train)
         write_text(run_dir / "config.yaml", to_yaml(cfg))
         if resume_from is not None:
-            keep_previous_metrics(run_dir)
+            keep_previous_metrics(run_dir, resumed_step)
     with quiet_lightning():
         try:
             trainer.fit(method, datamodule=dm, ckpt_path=resume_from)
@@ -345,10 +345,11 @@ def _start(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | tuple:
     if cfg.resume is None and (run_dir / "checkpoints" / "last.ckpt").is_file():
         raise ConfigError(f"output_dir {run_dir} already holds a run (checkpoints/last.ckpt): "
                           "continue it with resume=auto, or choose another output_dir")
-    saved_world = None
+    saved_world = resumed_step = None
     if resume_from is not None:
         ckpt = check_resume_compatible(cfg, resume_from)
         done, saved_world = epochs_done(ckpt), ckpt.get("massrl", {}).get("world_size")
+        resumed_step = ckpt.get("global_step", 0)
         if done >= cfg.trainer.max_epochs:
             return finished_already(cfg, run_dir, resume_from, done)
         del ckpt  # (a large model's tensors: not held through training)
@@ -358,7 +359,7 @@ def _start(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | tuple:
     dm, method, trainer, parts = _prepare(cfg, run_dir)
     if saved_world is not None:
         check_same_world_size(resume_from, saved_world, trainer.world_size)
-    return resume_from, dm, method, trainer, parts
+    return resume_from, resumed_step, dm, method, trainer, parts
 
 
 def _prepare(cfg: RunConfig, run_dir: Path) -> tuple[Any, SSLMethod, L.Trainer, dict]:
