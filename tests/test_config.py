@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import massrl
 from massrl.cli import COMMANDS, main
 from massrl.config import PACKAGE_CONFIGS, ConfigError, RunConfig, build_config
 
@@ -214,6 +215,9 @@ def test_help_lists_options_with_defaults():
     top = subprocess.run([sys.executable, "-m", "massrl", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "pretrain" in top and "augviz" in top
+    version = subprocess.run([sys.executable, "-m", "massrl", "--version"],
+                             capture_output=True, text=True, check=True).stdout
+    assert version.strip() == f"massrl {massrl.__version__}"
 
 
 def test_help_loads_no_torch():

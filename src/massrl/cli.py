@@ -12,6 +12,7 @@ from collections.abc import Collection
 
 import PIL
 
+from massrl import __version__
 from massrl.config import ConfigError
 
 # where a warning comes from massrl (a skipped image) or PIL (an odd file): one line each
@@ -47,6 +48,7 @@ def build_parser(configure: Collection[str] = tuple(COMMANDS)
         epilog="Every command takes -c FILE.yaml and KEY=VALUE overrides; "
         "`massrl COMMAND --help` lists its keys and defaults.",
     )
+    parser.add_argument("--version", action="version", version=f"massrl {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     parsers = {}
     for name, summary in COMMANDS.items():
