@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from massrl.augment.views import sparse_pairs_note
 from massrl.config import ConfigError, RunConfig, to_yaml
+from massrl.data.folder import check_headers
 from massrl.devices import (
     check_accelerator,
     run_num_workers,
@@ -371,6 +372,8 @@ def _prepare(cfg: RunConfig, run_dir: Path) -> tuple[Any, SSLMethod, L.Trainer, 
         print("augment.compile applies to augment.backend=batched: the per-image pipeline "
               "runs uncompiled")
     dm = build_datamodule(cfg)
+    if cfg.data.strict and dm.has_labels and cfg.eval.knn_every:
+        check_headers(dm.splits.test)  # (else found by the first validation, an epoch later)
     if rank_zero_only.rank == 0:
         from massrl.augviz import save_augmentation_picture
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from PIL import Image
 from torch.utils.data import Dataset
 
-from massrl.data.images import BadImageError, load_image
+from massrl.data.images import BadImageError, check_image_header, load_image
 
 
 class UnusableDataError(ValueError):
@@ -140,16 +140,36 @@ class FileImageDataset(Dataset):
         return image, self.targets[index]
 
 
-def files_fingerprint(dataset: Dataset) -> str | None:
-    """A hash of the files behind a (possibly wrapped) FileImageDataset: their paths, sizes,
-    modification times and labels; None for datasets not read from files. Cached features keyed
-    with it are recomputed when a file is added, replaced, removed or moved to another class."""
+def check_headers(dataset: Dataset) -> None:
+    """data.strict: the header of every file behind a (possibly wrapped) FileImageDataset, read
+    before training (about a millisecond each), so that a held-out file the first validation
+    would stop at stops the run before an epoch of training is spent. Raises BadImageError."""
+    files = _files_of(dataset)
+    for path in files.paths if files is not None else ():
+        try:
+            check_image_header(path)
+        except BadImageError as err:
+            raise BadImageError(path, f"{err.reason} ({STRICT_HINT})") from None
+
+
+def _files_of(dataset: Dataset) -> FileImageDataset | None:
+    """The FileImageDataset a dataset wraps (Subset, ...); None for one not read from files."""
     while not isinstance(dataset, FileImageDataset):
         dataset = getattr(dataset, "dataset", None)
         if dataset is None:
             return None
+    return dataset
+
+
+def files_fingerprint(dataset: Dataset) -> str | None:
+    """A hash of the files behind a (possibly wrapped) FileImageDataset: their paths, sizes,
+    modification times and labels; None for datasets not read from files. Cached features keyed
+    with it are recomputed when a file is added, replaced, removed or moved to another class."""
+    files = _files_of(dataset)
+    if files is None:
+        return None
     h = hashlib.sha256()
-    for path, target in zip(dataset.paths, dataset.targets, strict=True):
+    for path, target in zip(files.paths, files.targets, strict=True):
         try:
             st = os.stat(path)
             tail = f"\t{st.st_size}\t{st.st_mtime_ns}\t{target}\n"

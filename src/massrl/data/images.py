@@ -66,11 +66,24 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 
     Raises BadImageError for an empty, truncated, corrupt or non-image file.
     """
-    path = Path(path)
+    image = _read(Path(path), decode=True)
+    assert image is not None
+    return image
+
+
+def check_image_header(path: str | os.PathLike) -> None:
+    """Raise BadImageError for an empty file, one that is not an image, or one too large to
+    decode, reading its header only (corrupt pixel data is found when it is decoded)."""
+    _read(Path(path), decode=False)
+
+
+def _read(path: Path, decode: bool) -> Image.Image | None:
     try:
         if path.stat().st_size == 0:
             raise BadImageError(path, "empty file (0 bytes)")
         with Image.open(path) as img:
+            if not decode:
+                return None
             side = _DECODE_SIDE.get()
             if side and img.format in ("JPEG", "MPO"):  # (MPO: a camera's multi-picture JPEG)
                 img.draft(None, (side, side))  # largest 1/2^k scale with both sides >= side
