@@ -91,6 +91,15 @@ def test_folder_reading_says_what_it_found_and_why(tmp_path, capsys):
     load_dataset(DataConfig(name="folder", root=str(single)))
     assert "one sub-folder, cat: a single class cannot be evaluated" in capsys.readouterr().out
 
+    # images loose in train/ beside a labeled val/: train/ is unlabeled, and val/ unused
+    split = tmp_path / "split"
+    _class_folder(split / "val", classes=("cat", "dog"), per_class=2)
+    for i in range(3):
+        _img(split / "train" / f"{i}.png")
+    load_dataset(DataConfig(name="folder", root=str(split)))
+    out = capsys.readouterr().out
+    assert "3 unlabeled images" in out and f"; {split / 'val'} is not used" in out
+
 
 def test_folder_skips_hidden_files_and_symlink_loops(tmp_path):
     root = _class_folder(tmp_path / "data", classes=("cat", "dog"), per_class=3)

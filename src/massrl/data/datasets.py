@@ -289,7 +289,9 @@ def _folder(cfg: DataConfig, seed: int) -> DatasetSplits:
         if not train.paths:
             how = [f"put image files ({_EXTS}) under {train_dir}"]
             raise _not_found("folder", [train_dir], how)
-        print(f"data: {train_dir}: {len(train)} unlabeled images{why_unlabeled(train_dir)}")
+        ignored = f"; {test_dir} is not used" if test_dir is not None else ""
+        print(f"data: {train_dir}: {len(train)} unlabeled images{why_unlabeled(train_dir)}"
+              f"{ignored}")
         mean, std = IMAGENET_STATS
         return DatasetSplits(train, None, None, None, None, mean, std, typical_size(train.paths))
     splits = _labeled_splits("folder", train_dir, test_dir, cfg, seed)
