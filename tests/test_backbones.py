@@ -74,6 +74,10 @@ def test_vit_pretrains_evaluates_at_another_size_and_exports(tmp_path):
      "refused its keyword arguments: .*unexpected keyword argument 'colour'.*model.kwargs"),
     ([*VIT[:3], "data.image_size=18"],  # 16 px patches: checked before training
      "cannot take data.image_size=18 images: .*divisible by patch size"),
+    (["model.backbone=resnet50d"],  # a deep (three-conv) stem
+     "model.cifar_stem=true needs a ResNet-style backbone with a single-conv stem"),
+    ([*VIT[:3], "model.kwargs.patch_size=0"], "cannot be built with .*ZeroDivisionError"),
+    (["model.backbone=resnetv2_50"], "model.width=16 applies to timm ResNets only"),
 ])
 def test_backbone_options_that_cannot_apply_are_explained(overrides, message, capsys,
                                                           tmp_path):
@@ -93,3 +97,16 @@ def test_resnets_keep_their_plain_timm_arguments():
     assert spec.timm_kwargs == {}
     with pytest.raises(ConfigError, match="unknown model.backbone"):
         build_backbone("no_such_net")
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("mobilenetv3_small_100", {}),  # a conv_head after the pooling: 1024 wide, not 576
+    ("resnext50_32x4d", {"width": 16, "cifar_stem": True}),  # timm's ResNet family: width
+])
+def test_the_feature_width_is_what_the_backbone_returns(name, kwargs):
+    from massrl.models.backbones import feature_dim
+
+    backbone, _ = build_backbone(name, **kwargs, image_size=32)
+    with torch.no_grad():
+        out = backbone.eval()(torch.zeros(2, 3, 32, 32))
+    assert out.shape == (2, feature_dim(backbone))

@@ -22,6 +22,7 @@ from massrl import __version__
 from massrl.augment import pair_mask
 from massrl.config import RunConfig
 from massrl.models import build_backbone
+from massrl.models.backbones import feature_dim
 from massrl.optim import build_optimizer, scaled_lr, warmup_cosine
 from massrl.resilience import check_finite, rng_state, set_rng_state
 
@@ -66,7 +67,7 @@ class SSLMethod(L.LightningModule):
         self.backbone, self.backbone_spec = build_backbone(
             cfg.model.backbone, cfg.model.cifar_stem, cfg.model.width, cfg.data.image_size,
             cfg.model.kwargs)
-        self.feat_dim = int(self.backbone.num_features)
+        self.feat_dim = feature_dim(self.backbone)
         self.probe = (nn.Linear(self.feat_dim, num_classes)
                       if cfg.eval.probe and num_classes else None)
         self._val_outputs: dict[int, list[tuple[torch.Tensor, ...]]] = {}

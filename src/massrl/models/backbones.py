@@ -7,6 +7,7 @@ from typing import Any
 
 import timm
 import torch
+from timm.models import is_model_in_modules
 from torch import nn
 
 from massrl.config import ConfigError
@@ -28,7 +29,8 @@ class BackboneSpec:
 def _width_kwargs(name: str, width: int, cifar_stem: bool) -> dict[str, Any]:
     if width == 64:
         return {}
-    if not name.startswith("resnet"):
+    # timm's ResNet family (ResNeXt, Wide-ResNet, SE-ResNet, the -d/-t deep stems); not ResNetV2
+    if not is_model_in_modules(name, ["resnet"]):
         stem = " model.cifar_stem=false" if cifar_stem else ""
         raise ConfigError(f"model.width={width} applies to timm ResNets only, not '{name}': "
                           f"add model.width=64{stem} for other backbones")
@@ -55,6 +57,10 @@ def _create(name: str, options: dict[str, Any], image_size: int | None
         except RuntimeError as exc:  # timm raises RuntimeError for unknown names
             raise ConfigError(f"unknown model.backbone '{name}': {exc}. Any timm model name "
                               "works, e.g. resnet18, resnet50, vit_small_patch16_224.") from None
+        except (ValueError, ZeroDivisionError, AssertionError) as exc:  # a value it cannot take
+            raise ConfigError(f"model.backbone={name} cannot be built with {kwargs}: "
+                              f"{type(exc).__name__}: {exc} (check model.kwargs and "
+                              "model.width)") from None
     raise AssertionError("unreachable")
 
 
@@ -75,14 +81,16 @@ def build_backbone(
     """A timm backbone with no classifier (forward returns pooled features) and its spec.
 
     `kwargs` go to timm.create_model; `image_size` sizes the architectures built for one input
-    size (ViTs). `backbone.num_features` is the feature dimension.
+    size (ViTs). `feature_dim(backbone)` is the feature dimension.
     """
     model, kwargs = _create(name, {**_width_kwargs(name, width, cifar_stem), **(kwargs or {})},
                             image_size)
     if cifar_stem:
-        if not (hasattr(model, "conv1") and hasattr(model, "maxpool")):
-            raise ConfigError(f"model.cifar_stem=true needs a ResNet-style backbone (conv1 + "
-                              f"maxpool), not '{name}': add model.cifar_stem=false")
+        if not (isinstance(getattr(model, "conv1", None), nn.Conv2d)
+                and hasattr(model, "maxpool")):
+            raise ConfigError(f"model.cifar_stem=true needs a ResNet-style backbone with a "
+                              f"single-conv stem (conv1 + maxpool), not '{name}': add "
+                              "model.cifar_stem=false")
         apply_cifar_stem(model)
     spec = BackboneSpec(name=name, cifar_stem=cifar_stem, width=width,
                         timm_kwargs={k: list(v) if isinstance(v, tuple) else v
@@ -112,8 +120,10 @@ def check_input_size(model: nn.Module, name: str, size: int) -> None:
 
 
 def feature_dim(model: nn.Module) -> int:
-    dim = getattr(model, "num_features", None)
+    """The width of what the backbone's forward returns: timm's head_hidden_size where a
+    pre-logits layer follows the features (MobileNetV3's conv_head), else num_features."""
+    dim = getattr(model, "head_hidden_size", None) or getattr(model, "num_features", None)
     if dim is None:
-        raise ValueError("backbone has no num_features attribute")
+        raise ValueError("backbone has neither head_hidden_size nor num_features")
     return int(dim)
 
