@@ -66,3 +66,20 @@ def test_exported_backbone_loads_in_timm_and_torchvision_without_massrl(tmp_path
     assert set(got) == {(64, "timm"), (64, "torchvision"), (16, "timm")}
     for (width, _lib), feats in got.items():
         torch.testing.assert_close(feats, expected[width], atol=1e-5, rtol=1e-5)
+
+
+def test_a_resnext_export_loads_in_torchvision_with_the_same_features(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model, spec = build_backbone("resnext50_32x4d", cifar_stem=False, width=64)
+    model = _trained_stats(model)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    info = export_backbone(model, spec, tmp_path / "backbone", image_size=32,
+                           mean=(0.5,) * 3, std=(0.25,) * 3)
+    assert info["torchvision"] == "resnext50_32x4d"
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(info["load_torchvision"], scope)
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model"](x), expected, atol=1e-4, rtol=1e-4)

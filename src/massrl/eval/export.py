@@ -22,7 +22,10 @@ from massrl.models import BackboneSpec
 from massrl.models.backbones import apply_cifar_stem, feature_dim
 
 FORMAT = "massrl-backbone/1"
-TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# timm names whose weights torchvision's constructor of the same name takes (checked key by key)
+TORCHVISION_RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+                       "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+                       "wide_resnet50_2", "wide_resnet101_2")
 
 _STEM = (
     "if meta['cifar_stem']:  # 3x3 stride-1 first conv, no max-pool (small images)\n"
