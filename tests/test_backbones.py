@@ -110,3 +110,12 @@ def test_the_feature_width_is_what_the_backbone_returns(name, kwargs):
     with torch.no_grad():
         out = backbone.eval()(torch.zeros(2, 3, 32, 32))
     assert out.shape == (2, feature_dim(backbone))
+
+
+def test_a_vit_given_its_own_img_size_still_takes_other_sizes():
+    from massrl.models.backbones import input_size_error
+
+    backbone, spec = build_backbone("vit_tiny_patch16_224", image_size=32,
+                                    kwargs={"img_size": 32, "patch_size": 4, "depth": 1})
+    assert spec.timm_kwargs["dynamic_img_size"] is True
+    assert input_size_error(backbone, 48) is None

@@ -47,6 +47,8 @@ def _create(name: str, options: dict[str, Any], image_size: int | None
         sized = {"img_size": image_size, **options}
         tries = [{**sized, "dynamic_img_size": sized.get("dynamic_img_size", True)}, sized,
                  options]
+    elif "img_size" in options and "dynamic_img_size" not in options:  # the user's own size
+        tries = [{**options, "dynamic_img_size": True}, options]
     for kwargs in tries:
         try:
             return timm.create_model(name, pretrained=False, num_classes=0, **kwargs), kwargs
