@@ -25,3 +25,24 @@ def tiny_overrides(tmp_path, method: str = "massrl", **extra: str) -> list[str]:
 @pytest.fixture
 def tiny(tmp_path):
     return lambda method="massrl", **extra: tiny_overrides(tmp_path, method, **extra)
+
+
+@pytest.fixture
+def split_folders(tmp_path):
+    """Makes `<tmp>/<name>/{train,val}/{a,b}/` holding `per_class` small PNGs each, and with
+    `broken` one file per class folder that is no image."""
+    from PIL import Image
+
+    def make(name: str = "pics", per_class: int = 8, size: int = 16, broken: bool = False):
+        root = tmp_path / name
+        for split in ("train", "val"):
+            for c, cls in enumerate(("a", "b")):
+                folder = root / split / cls
+                folder.mkdir(parents=True)
+                for i in range(per_class):
+                    Image.new("RGB", (size, size), (20 * i, 200 * c, 90)).save(folder / f"{i}.png")
+                if broken:
+                    (folder / "broken.png").write_bytes(b"not an image")
+        return root
+
+    return make

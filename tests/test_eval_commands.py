@@ -332,17 +332,10 @@ def test_a_dataset_default_folder_given_explicitly_is_the_same_data():
 @pytest.mark.parametrize("mode", [["features_cached=true"], ["features_cached=false"],
                                   ["finetune=true"],
                                   ["features_cached=true", "label_fraction=1.0"]])
-def test_linear_counts_and_reports_the_images_it_left_out(tmp_path, ckpt, mode):
+def test_linear_counts_and_reports_the_images_it_left_out(tmp_path, ckpt, mode, split_folders):
     """Undecodable files are left out of training and testing; whichever path met them (the
     feature extraction or an image loader), result.json counts what was used and says why."""
-    root = tmp_path / "pics"
-    for split in ("train", "val"):
-        for c, name in enumerate(("a", "b")):
-            (root / split / name).mkdir(parents=True)
-            for i in range(8):
-                Image.new("RGB", (16, 16), (20 * i, 200 * c, 90)).save(root / split / name /
-                                                                        f"{i}.png")
-            (root / split / name / "broken.png").write_bytes(b"not an image")
+    root = split_folders(broken=True)
     code, res = _run(tmp_path, "linear", f"ckpt={ckpt}", "data.name=folder",
                      f"data.root={root}", "data.image_size=16", "epochs=1", "batch_size=6", *mode)
     assert code == 0

@@ -188,16 +188,10 @@ def test_data_that_goes_away_mid_run_stops_the_run_but_one_deleted_file_is_skipp
         ds[1]
 
 
-def test_strict_mode_checks_the_held_out_files_before_training(tmp_path, tiny, capsys):
+def test_strict_mode_checks_the_held_out_files_before_training(tiny, capsys, split_folders):
     """A held-out file that is no image stops a strict run before training, not after the
     first epoch (at the first validation), which had lost that epoch."""
-    root = tmp_path / "tv"
-    for split in ("train", "val"):
-        for c, name in enumerate(("a", "b")):
-            (root / split / name).mkdir(parents=True)
-            for i in range(8):
-                Image.new("RGB", (20, 20), (30 * i, 120 * c, 60)).save(root / split / name /
-                                                                        f"{i}.png")
+    root = split_folders("tv", size=20)
     (root / "val" / "b" / "empty.png").write_bytes(b"")
     args = tiny("byol", **{"data.name": "folder", "data.root": str(root), "data.subset": "null",
                            "data.batch_size": "8", "data.strict": "true"})
