@@ -76,6 +76,15 @@ def _backbone(run_dir: Path) -> dict:
     return {k: v for k, v in sd.items() if k.startswith(("backbone.", "target_backbone."))}
 
 
+def _tensorboard_steps(run_dir: Path, tag: str) -> list[int]:
+    """The steps of a scalar as TensorBoard shows it, over all of the run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
 def _out(args: list[str]) -> Path:
     return Path(next(a for a in args if a.startswith("output_dir=")).split("=", 1)[1])
 
@@ -188,6 +197,8 @@ def test_sigterm_in_validation_or_an_accumulation_window_keeps_the_last_checkpoi
         before, after = (list(csv.DictReader(open(_out(args) / f))) for f in (
             "metrics.before_resume_1.csv", "metrics.csv"))
         assert max(int(r["step"]) for r in before) < step <= min(int(r["step"]) for r in after)
+        logged = _tensorboard_steps(_out(args), "lr")  # TensorBoard shows each step once too
+        assert logged == sorted(set(logged)) and len(logged) == ref_summary["epochs"] * 4
         summary = json.loads((_out(args) / "summary.json").read_text())
         assert summary["images_seen"] == ref_summary["images_seen"] == 512
         assert summary["knn_top1"] == pytest.approx(ref_summary["knn_top1"], abs=1e-6)

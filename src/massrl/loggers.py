@@ -42,9 +42,14 @@ def hide_lightning_adverts() -> None:
         log.addFilter(_NoAdverts())
 
 
-def build_loggers(cfg: RunConfig, run_dir: Path) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(run_dir, name="", version=""),
-                             TensorBoardLogger(run_dir, name="tensorboard", version="")]
+def build_loggers(cfg: RunConfig, run_dir: Path, resumed_step: int | None = None
+                  ) -> list[Logger]:
+    """`resumed_step`: the optimizer step of the checkpoint a resumed run continues from. The
+    steps after it, which the resumed run repeats, are hidden from the interrupted session's
+    TensorBoard events (TensorBoard's purge_step), so that each step shows once."""
+    tensorboard = TensorBoardLogger(run_dir, name="tensorboard", version="",
+                                    purge_step=resumed_step)
+    loggers: list[Logger] = [CSVLogger(run_dir, name="", version=""), tensorboard]
     if cfg.wandb.enabled:
         loggers.append(wandb_logger(cfg, run_dir))
     return loggers

@@ -179,7 +179,8 @@ def runtime(trainer: L.Trainer, module: SSLMethod) -> dict[str, Any]:
             "torch_version": torch.__version__}
 
 
-def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Trainer, dict]:
+def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool,
+                  resumed_step: int | None = None) -> tuple[L.Trainer, dict]:
     t = cfg.trainer
     ckpt_dir = run_dir / "checkpoints"
     # last.ckpt at every epoch end and every N optimizer steps (written atomically), by two
@@ -201,7 +202,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool) -> tuple[L.Tr
     summary = RunSummary(run_dir)
     callbacks.append(summary)
     callbacks += progress_callbacks(t.progress_bar)
-    loggers = build_loggers(cfg, run_dir)
+    loggers = build_loggers(cfg, run_dir, resumed_step)
     hide_lightning_adverts()
     try:
         trainer = _trainer(cfg, run_dir, has_labels, callbacks, loggers)
@@ -357,13 +358,14 @@ def _start(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | tuple:
         print(f"resuming from {resume_from} ({done} of {cfg.trainer.max_epochs} epochs done)")
     elif cfg.resume == "auto":
         print(f"resume=auto: no checkpoint in {run_dir} yet, starting the run")
-    dm, method, trainer, parts = _prepare(cfg, run_dir)
+    dm, method, trainer, parts = _prepare(cfg, run_dir, resumed_step)
     if saved_world is not None:
         check_same_world_size(resume_from, saved_world, trainer.world_size)
     return resume_from, resumed_step, dm, method, trainer, parts
 
 
-def _prepare(cfg: RunConfig, run_dir: Path) -> tuple[Any, SSLMethod, L.Trainer, dict]:
+def _prepare(cfg: RunConfig, run_dir: Path, resumed_step: int | None
+             ) -> tuple[Any, SSLMethod, L.Trainer, dict]:
     """Everything before training: data, method, Trainer, and the checks that stop a run
     which could not train."""
     if note := sparse_pairs_note(cfg.augment):
@@ -386,7 +388,7 @@ def _prepare(cfg: RunConfig, run_dir: Path) -> tuple[Any, SSLMethod, L.Trainer, 
                                              method)
     if method.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    trainer, parts = build_trainer(cfg, run_dir, has_labels=dm.has_labels)
+    trainer, parts = build_trainer(cfg, run_dir, dm.has_labels, resumed_step)
     check_one_batch(dm, cfg, trainer.world_size)
     if cfg.trainer.compile:
         # the encoders carry the compute; compiling them in place keeps checkpoint keys plain and
