@@ -23,7 +23,8 @@ def in_float32(fn: _Fn) -> _Fn:
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
-        device = next(a.device.type for a in args if isinstance(a, torch.Tensor))
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        device = tensors[0].device.type if tensors else "cpu"
         with torch.autocast(device, enabled=False):
             return fn(*args, **kwargs)
 
@@ -45,6 +46,11 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of values[mask]. When the mask selects nothing (in random view mode a batch whose
     views happen to form no within_strategy pair), 0 with a zero gradient: the step trains
     nothing instead of turning the loss into NaN."""
+    if mask.dtype != torch.bool or mask.shape != values.shape:
+        # (an integer mask would index values by its 0s and 1s)
+        raise ValueError(f"the pair mask must be a bool tensor of shape {list(values.shape)} "
+                         f"([B, V, V], True = pair used): got {mask.dtype} "
+                         f"{list(mask.shape)}")
     selected = values[mask]
     if selected.numel():
         return selected.mean()
@@ -82,6 +88,8 @@ def nt_xent(
     negatives are every view of every other image in the global batch. For each selected pair
     (i, j) the loss is -log(exp(s_ij/t) / sum_{k != i} exp(s_ik/t)); the mean is over pairs.
     """
+    if not temperature > 0:
+        raise ValueError(f"nt_xent's temperature must be > 0: got {temperature}")
     if z_all is None:
         z_all = z
     b, v, _ = z.shape

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -244,11 +243,12 @@ def _trainer(cfg: RunConfig, run_dir: Path, has_labels: bool, callbacks: list,
     )
 
 
-def build_datamodule(cfg: RunConfig):
-    """The datamodule, set up, with the view-making transform of the configured backend."""
+def build_datamodule(cfg: RunConfig, splits: Any = None):
+    """The datamodule (of `splits`, datasets of one's own, when given), set up, with the
+    view-making transform of the configured backend."""
     from massrl.data import SSLDataModule
 
-    dm = SSLDataModule(cfg)
+    dm = SSLDataModule(cfg, splits=splits)
     dm.setup("fit")
     dm.train_transform = dm.default_train_transform()
     return dm
@@ -261,32 +261,26 @@ def check_one_batch(dm, cfg: RunConfig, world_size: int) -> None:
     if cfg.method == "simclr" and cfg.data.batch_size * world_size < 2:
         raise ConfigError("method=simclr needs at least 2 images in the global batch (the other "
                           "images are its negatives): set data.batch_size=2 or more")
-    if dm.train_batches_per_epoch(world_size) > 0:
-        return
-    from massrl.data import UnusableDataError
-
-    n = len(dm.splits.train)
-    per_device = math.ceil(n / world_size)
-    where = f" ({per_device} per device on {world_size})" if world_size > 1 else ""
-    raise UnusableDataError(
-        f"the training split has {n} images{where}, fewer than one batch of data.batch_size="
-        f"{cfg.data.batch_size} (each epoch drops its last partial batch): set data.batch_size="
-        f"{per_device} or less, or add images")
+    dm.check_fills_a_batch(world_size)
 
 
-def pretrain(cfg: RunConfig, run_dir: Path | None = None) -> dict[str, Any]:
-    """Run one pre-training job and return its summary (also written to summary.json)."""
+def pretrain(cfg: RunConfig, run_dir: Path | None = None, *, splits: Any = None
+             ) -> dict[str, Any]:
+    """Run one pre-training job and return its summary (also written to summary.json).
+
+    `splits`: datasets of one's own (massrl.data.DatasetSplits), used as given instead of the
+    ones `cfg.data` names (the run's name and directory still follow `cfg`)."""
     inherited = RUN_DIR_ENV in os.environ
     try:
         with contextlib.ExitStack() as held:  # (the run directory's lock, once it is known)
-            return _pretrain(cfg, run_dir, held)
+            return _pretrain(cfg, run_dir, held, splits)
     finally:
         if not inherited:  # the next run in this process picks its own directory
             os.environ.pop(RUN_DIR_ENV, None)
 
 
-def _pretrain(cfg: RunConfig, run_dir: Path | None,
-              held: contextlib.ExitStack) -> dict[str, Any]:
+def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
+              splits: Any) -> dict[str, Any]:
     check_accelerator(cfg.trainer.accelerator)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     set_cpu_threads(cfg)
@@ -306,7 +300,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None,
     # (refused: the directory is another running run's, and stays as it is)
     held.enter_context(run_lock(run_dir, rank_zero_only.rank))
     try:
-        started = _start(cfg, run_dir)
+        started = _start(cfg, run_dir, splits)
     except BaseException:
         remove_new_run_dir(run_dir.resolve(), new_folder)
         raise
@@ -340,7 +334,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None,
     return summary
 
 
-def _start(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | tuple:
+def _start(cfg: RunConfig, run_dir: Path, splits: Any) -> dict[str, Any] | tuple:
     """The checkpoint to resume from and what `_prepare` builds, or the summary of a run that
     has nothing left to train."""
     resume_from = find_resume_checkpoint(cfg, run_dir)
@@ -358,13 +352,13 @@ def _start(cfg: RunConfig, run_dir: Path) -> dict[str, Any] | tuple:
         print(f"resuming from {resume_from} ({done} of {cfg.trainer.max_epochs} epochs done)")
     elif cfg.resume == "auto":
         print(f"resume=auto: no checkpoint in {run_dir} yet, starting the run")
-    dm, method, trainer, parts = _prepare(cfg, run_dir, resumed_step)
+    dm, method, trainer, parts = _prepare(cfg, run_dir, resumed_step, splits)
     if saved_world is not None:
         check_same_world_size(resume_from, saved_world, trainer.world_size)
     return resume_from, resumed_step, dm, method, trainer, parts
 
 
-def _prepare(cfg: RunConfig, run_dir: Path, resumed_step: int | None
+def _prepare(cfg: RunConfig, run_dir: Path, resumed_step: int | None, splits: Any
              ) -> tuple[Any, SSLMethod, L.Trainer, dict]:
     """Everything before training: data, method, Trainer, and the checks that stop a run
     which could not train."""
@@ -373,7 +367,7 @@ def _prepare(cfg: RunConfig, run_dir: Path, resumed_step: int | None
     if cfg.augment.compile and cfg.augment.backend == "per_image":
         print("augment.compile applies to augment.backend=batched: the per-image pipeline "
               "runs uncompiled")
-    dm = build_datamodule(cfg)
+    dm = build_datamodule(cfg, splits)
     if cfg.data.strict and dm.has_labels and cfg.eval.knn_every:
         check_headers(dm.splits.test)  # (else found by the first validation, an epoch later)
     if rank_zero_only.rank == 0:

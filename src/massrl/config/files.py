@@ -38,6 +38,14 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def dotted_items(key: str, value: Any) -> list[tuple[str, Any]]:
+    """An override whose value is a mapping, as dotted keys: `optimizer={lr: 0.5}` sets
+    optimizer.lr and keeps the section's other keys (an empty mapping stays one value)."""
+    if isinstance(value, Mapping) and value:
+        return [item for k, v in value.items() for item in dotted_items(f"{key}.{k}", v)]
+    return [(key, value)]
+
+
 def resolve_config_path(path: str | Path) -> Path:
     """A config file, or a name of a shipped one such as `cifar10/byol`."""
     p = Path(path)
@@ -109,7 +117,12 @@ def build_config(
     """Resolve base dict <- YAML file <- dotted overrides, then validate against the schema.
 
     overrides: "KEY=VALUE" strings as on the command line (values read as YAML), or a mapping
-    of dotted keys to values; base: a nested dict (dotted keys are expanded)."""
+    of dotted keys to values; a mapping value sets the keys it names and keeps the others
+    (`{"optimizer": {"lr": 0.5}}` is `{"optimizer.lr": 0.5}`); base: a nested dict (dotted keys
+    are expanded). Raises ConfigError (a ValueError) naming a key that is unknown or invalid."""
+    if isinstance(schema, str | Path):
+        raise ConfigError(f"build_config's first argument is the config schema: give the file "
+                          f"as build_config(config_file={str(schema)!r})")
     tree: dict = {}
     for key, value in (base or {}).items():
         set_dotted(tree, key, copy.deepcopy(value))  # (the caller's dicts stay unchanged)
@@ -117,8 +130,9 @@ def build_config(
     if isinstance(overrides, str):
         raise ConfigError(f"overrides must be a list of KEY=VALUE strings, e.g. "
                           f"[{overrides!r}], not one string")
-    parsed = (list(overrides.items()) if isinstance(overrides, Mapping)
-              else parse_overrides(overrides or []))
+    parsed = [item for key, value in (list(overrides.items()) if isinstance(overrides, Mapping)
+                                      else parse_overrides(overrides or []))
+              for item in dotted_items(key, value)]
     note = None
     if config_file is not None:
         file_tree, note = _for_other_dataset(load_yaml(config_file), parsed, config_file)

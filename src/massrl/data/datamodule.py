@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from massrl.config import RunConfig
 from massrl.data.datasets import DatasetSplits, load_dataset
 from massrl.data.eval_transform import EvalTransform
+from massrl.data.folder import UnusableDataError
 from massrl.data.images import decode_at_least
 from massrl.data.sampler import ResumableLoader, ResumableSampler
 from massrl.devices import run_num_workers
@@ -87,6 +88,9 @@ class _Mapped(Dataset):
             item = self.base[index]
         if item is None:
             return BadItem(index)
+        if not (isinstance(item, tuple | list) and len(item) == 2):
+            raise TypeError(f"item {index} of the dataset is a {type(item).__name__}: massrl's "
+                            "datasets yield (PIL image, label) pairs, label -1 when unlabeled")
         # the dataset index travels with the sample: gathered evaluation features drop the
         # repeats a DistributedSampler pads an uneven split with (SSLMethod._gather)
         return {**self.fn(*item), "index": index}
@@ -180,6 +184,7 @@ class SSLDataModule(L.LightningDataModule):
                           getattr(self.train_transform, "source_side", None))
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        self.check_fills_a_batch(world)
         sampler = ResumableSampler(len(dataset), self.cfg.seed, self.cfg.data.batch_size,
                                    rank=rank, world_size=world)
         loader = self._loader(dataset, sampler=sampler, drop_last=True, cls=ResumableLoader)
@@ -193,6 +198,19 @@ class SSLDataModule(L.LightningDataModule):
         partial batch dropped)."""
         per_rank = math.ceil(len(self.splits.train) / world_size)
         return per_rank // self.cfg.data.batch_size
+
+    def check_fills_a_batch(self, world_size: int = 1) -> None:
+        """Refuse a training split that cannot fill one batch per rank: Lightning would train
+        nothing and finish as if all went well."""
+        if self.train_batches_per_epoch(world_size) > 0:
+            return
+        n = len(self.splits.train)
+        per_rank = math.ceil(n / world_size)
+        where = f" ({per_rank} per device on {world_size})" if world_size > 1 else ""
+        raise UnusableDataError(
+            f"the training split has {n} images{where}, fewer than one batch of data.batch_size="
+            f"{self.cfg.data.batch_size} (each epoch drops its last partial batch): set "
+            f"data.batch_size={per_rank} or less, or add images")
 
     def val_dataloader(self) -> list[DataLoader]:
         if not self.has_labels:

@@ -41,14 +41,41 @@ class DatasetNotFoundError(FileNotFoundError):
 
 @dataclass
 class DatasetSplits:
+    """The datasets of a run; each item is ``(PIL image, label)``, label -1 when unlabeled.
+
+    Datasets of one's own go to ``SSLDataModule(cfg, splits=DatasetSplits(train=...))`` and are
+    used as given: the config's data selection (``data.name``, ``root``, ``subset``,
+    ``eval_subset``, ``mean``, ``std``) applies to the datasets massrl loads, not to these.
+    Only ``train`` is needed; the online kNN monitor and probe run when ``train_labeled`` and
+    ``test`` are given, with ``num_classes`` (or ``classes``, which gives it).
+    """
+
     train: Dataset  # pre-training images
-    train_labeled: Dataset | None  # kNN bank / linear-probe training; may be `train` itself
-    test: Dataset | None
-    num_classes: int | None
-    classes: list[str] | None
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    native_size: int
+    train_labeled: Dataset | None = None  # kNN bank / linear-probe training; may be `train`
+    test: Dataset | None = None
+    num_classes: int | None = None
+    classes: list[str] | None = None
+    mean: tuple[float, float, float] = IMAGENET_STATS[0]  # the input normalisation
+    std: tuple[float, float, float] = IMAGENET_STATS[1]
+    native_size: int | None = None  # the images' typical side (evaluation transfer uses it)
+
+    def __post_init__(self) -> None:
+        if self.num_classes is None and self.classes is not None:
+            self.num_classes = len(self.classes)
+        labeled = self.train_labeled is not None and self.test is not None
+        if labeled and self.num_classes is None:
+            raise ValueError("DatasetSplits with train_labeled and test needs num_classes (or "
+                             "classes) for the kNN monitor and probe; leave train_labeled=None "
+                             "to pre-train without them")
+        for name in ("mean", "std"):
+            values = tuple(float(v) for v in getattr(self, name))
+            if len(values) != 3 or (name == "std" and min(values) <= 0):
+                raise ValueError(f"DatasetSplits.{name} must be 3 channel values"
+                                 + (", all > 0" if name == "std" else "") + f": got {values}")
+            if max(abs(v) for v in values) > 1:  # images are scaled to [0, 1] before
+                raise ValueError(f"DatasetSplits.{name}={values} looks like 0-255 values: "
+                                 "give them on the [0, 1] scale (divide by 255)")
+            setattr(self, name, values)
 
 
 class ArrayImageDataset(Dataset):

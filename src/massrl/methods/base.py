@@ -21,6 +21,7 @@ from torch import nn
 from massrl import __version__
 from massrl.augment import pair_mask
 from massrl.config import RunConfig
+from massrl.devices import use_channels_last
 from massrl.models import build_backbone
 from massrl.models.backbones import feature_dim
 from massrl.optim import build_optimizer, scaled_lr, warmup_cosine
@@ -115,6 +116,10 @@ class SSLMethod(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if not self.normalization and dm is not None and hasattr(dm, "splits"):
             self.use_data(dm.splits)
+        if self.channels_last and self.trainer.strategy.root_device.type == "cpu":
+            # (massrl pretrain has decided already; a Trainer of the user's own has not, and
+            # channels-last batches would crash oneDNN on a narrow ResNet: devices.py)
+            self.channels_last = use_channels_last(True, "cpu", self)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if self.augmenter is not None and self.trainer.training:
@@ -156,7 +161,10 @@ class SSLMethod(L.LightningModule):
         state = checkpoint.get("massrl", {})
         self.images_seen = state.get("images_seen", 0)
         self._bad_images = set(state.get("bad_images", ()))
-        if "rng" in state:
+        self.normalization = dict(state.get("data", {})) or self.normalization
+        # the random streams continue a resumed fit only: `load_from_checkpoint` (no trainer)
+        # leaves the caller's process as it was seeded
+        if "rng" in state and self._trainer is not None:
             set_rng_state(state["rng"])
 
     # ------------------------------------------------------------------ training

@@ -1,0 +1,153 @@
+"""massrl used from Python rather than through its command: a Trainer of one's own, datasets of
+one's own, checkpoints loaded back, configs and losses built by hand."""
+
+import json
+import random
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from massrl.config import ConfigError, build_config
+from massrl.data import DatasetSplits, SSLDataModule, UnusableDataError
+from massrl.losses import byol_pair_loss, nt_xent
+from massrl.methods import MASSRL, build_method
+
+TINY = ["data.batch_size=8", "data.num_workers=0", "model.width=8",
+        "model.proj_hidden_dim=32", "model.proj_output_dim=16", "model.pred_hidden_dim=32",
+        "trainer.max_epochs=1", "trainer.precision=32-true", "optimizer.warmup_epochs=0"]
+
+
+class Squares(Dataset):
+    """Grey images of a bright square whose place is the label."""
+
+    def __init__(self, n: int = 32, size: int = 16) -> None:
+        self.n, self.size = n, size
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[Image.Image, int]:
+        label = i % 2
+        pixels = np.full((self.size, self.size), 30 + i, np.uint8)
+        half = self.size // 2
+        pixels[:half, label * half:(label + 1) * half] = 220
+        return Image.fromarray(pixels, "L"), label
+
+
+def _splits(n: int = 32, size: int = 16) -> DatasetSplits:
+    data = Squares(n, size)
+    return DatasetSplits(train=data, train_labeled=data, test=data, classes=["left", "right"],
+                         mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+def _fit(cfg, splits: DatasetSplits, **trainer: object) -> tuple[MASSRL, L.Trainer]:
+    dm = SSLDataModule(cfg, splits=splits)
+    model = build_method(cfg, num_classes=dm.num_classes)
+    fit = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, **trainer)
+    fit.fit(model, datamodule=dm)
+    return model, fit
+
+
+def test_a_trainer_of_ones_own_gets_the_channels_last_guard(capsys):
+    """A width-8 ResNet's channels-last backward crashes oneDNN at 64 px (devices.py): the
+    model itself turns channels-last off on the CPU, not only `massrl pretrain`."""
+    cfg = build_config(overrides=[*TINY, "data.image_size=64"])
+    assert cfg.trainer.channels_last
+    model, fit = _fit(cfg, _splits(16, 64), limit_train_batches=1, limit_val_batches=1)
+    assert fit.global_step == 1 and model.channels_last is False
+    assert "trainer.channels_last: off" in capsys.readouterr().out
+
+
+def test_a_trainer_of_ones_own_refuses_data_smaller_than_a_batch():
+    cfg = build_config(overrides=[*TINY, "data.batch_size=64", "data.image_size=16"])
+    with pytest.raises(UnusableDataError, match="32 images, fewer than one batch of "
+                                                "data.batch_size=64"):
+        _fit(cfg, _splits(32))
+
+
+def test_a_loaded_checkpoint_keeps_its_normalisation_and_the_callers_random_state(tmp_path):
+    cfg = build_config(overrides=[*TINY, "data.image_size=16"])
+    model, fit = _fit(cfg, _splits(16), limit_train_batches=1, limit_val_batches=1)
+    fit.save_checkpoint(tmp_path / "m.ckpt")
+
+    def draws(seed: int, load: bool) -> list:
+        torch.manual_seed(seed), random.seed(seed), np.random.seed(seed)
+        loaded = MASSRL.load_from_checkpoint(tmp_path / "m.ckpt") if load else None
+        return [torch.rand(3).tolist(), random.random(), float(np.random.rand()), loaded]
+
+    # (building the model draws its initial weights from torch's stream: python's and numpy's
+    # streams stay as seeded, and torch's still follows the caller's seed, not the checkpoint's)
+    *seeded, _ = draws(7, load=False)
+    *after_load, loaded = draws(7, load=True)
+    *other_seed, _ = draws(8, load=True)
+    assert after_load[1:] == seeded[1:] and other_seed[0] != after_load[0]
+    assert loaded.normalization == model.normalization
+    assert loaded.normalization["mean"] == [0.5] * 3 and loaded.normalization["image_size"] == 16
+
+
+def test_dataset_splits_need_only_the_training_set_and_check_what_they_are_given():
+    data = Squares(8)
+    plain = DatasetSplits(train=data)
+    assert plain.train_labeled is None and plain.num_classes is None
+    assert plain.mean == (0.485, 0.456, 0.406)
+    assert DatasetSplits(train=data, classes=["a", "b"]).num_classes == 2
+    with pytest.raises(ValueError, match="needs num_classes"):
+        DatasetSplits(train=data, train_labeled=data, test=data)
+    with pytest.raises(ValueError, match="0-255 values: give them on the \\[0, 1\\] scale"):
+        DatasetSplits(train=data, mean=(125.3, 123.0, 113.9))
+    with pytest.raises(ValueError, match="std must be 3 channel values, all > 0"):
+        DatasetSplits(train=data, std=(0.2, 0.0, 0.2))
+
+
+def test_a_dataset_that_does_not_yield_pairs_is_explained():
+    class ImagesOnly(Squares):
+        def __getitem__(self, i):
+            return super().__getitem__(i)[0]
+
+    cfg = build_config(overrides=[*TINY, "data.image_size=16"])
+    dm = SSLDataModule(cfg, splits=DatasetSplits(train=ImagesOnly(16)))
+    with pytest.raises(TypeError, match="item 0 of the dataset is a Image: massrl's datasets "
+                                        "yield \\(PIL image, label\\) pairs"):
+        dm.train_dataloader().dataset[0]
+
+
+def test_pretrain_takes_datasets_of_ones_own(tmp_path):
+    from massrl.train import pretrain
+
+    cfg = build_config(overrides=[*TINY, "data.image_size=16", "trainer.progress_bar=false",
+                                  f"output_dir={tmp_path / 'run'}"])
+    summary = pretrain(cfg, splits=_splits(32))
+    assert summary["images_seen"] == 32 and summary["knn_top1"] is not None
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["images_seen"] == 32
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_config_overrides_given_as_a_mapping_keep_the_sections_other_keys():
+    file_only = build_config(config_file="fashion_mnist/massrl")
+    nested = build_config(config_file="fashion_mnist/massrl", overrides={"optimizer": {"lr": 0.5}})
+    as_text = build_config(config_file="fashion_mnist/massrl", overrides=["optimizer={lr: 0.5}"])
+    expected = file_only.optimizer.model_copy(update={"lr": 0.5})
+    assert nested.optimizer == as_text.optimizer == expected
+    assert build_config(overrides={"model": {"kwargs": {}}}).model.kwargs == {}
+    with pytest.raises(ConfigError, match="unknown key 'optimizer.lrr'"):
+        build_config(overrides={"optimizer": {"lrr": 0.5}})
+    with pytest.raises(ConfigError, match="config_file='fashion_mnist/massrl'"):
+        build_config("fashion_mnist/massrl")
+
+
+def test_loss_functions_check_their_mask_and_take_keyword_arguments():
+    p, z = torch.randn(4, 2, 8), torch.randn(4, 2, 8)
+    mask = ~torch.eye(2, dtype=torch.bool).expand(4, 2, 2)
+    with pytest.raises(ValueError, match="bool tensor of shape \\[4, 2, 2\\].*torch.int64"):
+        byol_pair_loss(p, z, mask.long())
+    with pytest.raises(ValueError, match="shape \\[4, 2, 2\\].*\\[2, 2\\]"):
+        byol_pair_loss(p, z, mask[0])
+    assert nt_xent(z=z, mask=mask, temperature=0.2) == nt_xent(z, mask, 0.2)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        nt_xent(z, mask, 0.0)
+
