@@ -5,6 +5,7 @@ import csv
 import errno
 import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -76,6 +77,12 @@ def _backbone(run_dir: Path) -> dict:
     return {k: v for k, v in sd.items() if k.startswith(("backbone.", "target_backbone."))}
 
 
+def _continue_command(stderr: str, said: str) -> list[str]:
+    """The arguments of the `massrl pretrain ...` command a stopped run printed after `said`."""
+    line = next(line for line in stderr.splitlines() if said in line)
+    return shlex.split(line.split(said, 1)[1].removeprefix("massrl pretrain "))
+
+
 def _tensorboard_steps(run_dir: Path, tag: str) -> list[int]:
     """The steps of a scalar as TensorBoard shows it, over all of the run's event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -126,7 +133,8 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny):
     assert list(_out(args).glob("metrics.before_resume_1.csv"))
 
 
-def test_sigterm_saves_a_checkpoint_requeues_on_slurm_and_the_run_continues(tiny, tmp_path):
+def test_sigterm_saves_a_checkpoint_requeues_on_slurm_and_the_run_continues(tiny, tmp_path,
+                                                                            capsys):
     # a stand-in `scontrol` that records how it was called
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -141,7 +149,12 @@ def test_sigterm_saves_a_checkpoint_requeues_on_slurm_and_the_run_continues(tiny
     assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
     ckpt = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 5  # saved on SIGTERM, not at an epoch end
-    assert main(["pretrain", *args, "resume=auto"]) == 0
+    capsys.readouterr()
+    # with its output in a file, as a requeued job's: the progress is a line per epoch, the
+    # first one of the epoch resumed in its middle (3 steps of 32 images)
+    assert main(["pretrain", *args, "resume=auto", "trainer.progress_bar=true"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in lines] == ["1/2", "2/2"], lines
     summary = json.loads((_out(args) / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["images_seen"] == 512
 
@@ -158,8 +171,9 @@ def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_says_how_to_continu
     assert result.returncode == 130, result.stderr[-2000:]
     assert "Ctrl-C: stopping after this step" in result.stderr
     assert "Received SIGTERM" not in result.stdout + result.stderr  # Lightning's, for our own
-    assert f"stopped by Ctrl-C. Continue with resume=auto output_dir={_out(args)}" in \
-        result.stderr
+    command = _continue_command(result.stderr, "stopped by Ctrl-C. Continue with: ")
+    assert command == ["-c", str(_out(args) / "config.yaml"), "resume=auto",
+                       f"output_dir={_out(args)}"]
     ckpt = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] in (5, 6)  # the step after the Ctrl-C's, at the latest
     # resumed with another checkpoint cadence: Lightning's notice on the periodic save's
@@ -168,7 +182,8 @@ def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_says_how_to_continu
 
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        assert main(["pretrain", *args, "resume=auto", "trainer.checkpoint_every_n_steps=0"]) == 0
+        # the printed command continues the run: the run's own config holds its settings
+        assert main(["pretrain", *command, "trainer.checkpoint_every_n_steps=0"]) == 0
     assert not [w for w in seen if "callbacks used to create" in str(w.message)]
     assert json.loads((_out(args) / "summary.json").read_text())["images_seen"] == 512
 
@@ -244,6 +259,8 @@ def test_resume_with_a_changed_backbone_is_refused(tiny, capsys):
     assert main(["pretrain", *args, "resume=auto", "model.width=16"]) == 2
     err = capsys.readouterr().err
     assert "model.width: 8 in the checkpoint, 16 now" in err
+    own = _out(args) / "config.yaml"
+    assert f"or restore these values (-c {own} restores them all)" in " ".join(err.split())
     # another method is named; SimCLR's lack of a predictor is not listed as a change
     assert main(["pretrain", *args, "resume=auto", "method=simclr",
                  "model.pred_hidden_dim=64"]) == 2
@@ -404,8 +421,8 @@ def test_a_second_ctrl_c_stops_at_once_and_says_how_to_continue(tiny):
     args = _byol(tiny, **{**RUN, "trainer.checkpoint_every_n_steps": "4"})
     result = _interrupted(args, at=5, sig="SIGINT", KILL_TWICE="1")
     assert result.returncode == 130, result.stderr[-2000:]
-    assert ("stopped at once by a second Ctrl-C. Continue from the last checkpoint with "
-            f"resume=auto output_dir={_out(args)}") in result.stderr
+    assert _continue_command(result.stderr, "stopped at once by a second Ctrl-C. Continue "
+                             "from the last checkpoint with: ")[-1] == f"output_dir={_out(args)}"
     ckpt = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4  # the periodic save before the Ctrl-Cs; none since
     assert main(["pretrain", *args, "resume=auto"]) == 0

@@ -120,6 +120,10 @@ def progress_callbacks(show: bool) -> list[Callback]:
 class EpochLines(Callback):
     """After each training epoch: `epoch E/N  loss ...  val/knn_top1 ...  images/s  seconds`."""
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # a run resumed mid-epoch has no epoch start: its first line counts from here
+        self.on_train_epoch_start(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start, self._seen = time.perf_counter(), getattr(pl_module, "images_seen", 0)
         self._validated = False

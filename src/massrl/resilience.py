@@ -141,8 +141,8 @@ class Preemption(Callback):
             raise KeyboardInterrupt
         self.by_ctrl_c = True
         _SIGNAL_LOG.addFilter(_not_the_sigterm_line)
-        print("\nCtrl-C: stopping after this step, with last.ckpt saved (Ctrl-C again stops at "
-              "once, without saving)", file=sys.stderr, flush=True)
+        print("\nCtrl-C: stopping after this step (Ctrl-C again stops at once, without saving)",
+              file=sys.stderr, flush=True)
         os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: stop at the next step
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -264,9 +264,17 @@ def check_resume_compatible(cfg: RunConfig, ckpt_path: Path) -> dict:
         raise ConfigError(
             f"cannot resume from {ckpt_path}: the config changed what cannot change mid-run:\n  "
             + "\n  ".join(changed)
-            + "\nStart a new run (another output_dir) or restore these values."
+            + "\nStart a new run (another output_dir) or restore these values"
+            + _own_config_hint(Path(ckpt_path)) + "."
         )
     return ckpt
+
+
+def _own_config_hint(ckpt_path: Path) -> str:
+    """The run's own config, which restores every value, when the checkpoint is in a run
+    directory that has one."""
+    own = ckpt_path.parent.parent / "config.yaml"
+    return f" (-c {own} restores them all)" if own.is_file() else ""
 
 
 def epochs_done(ckpt: dict) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -48,14 +49,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except StoppedAtOnce as exc:
         print(f"massrl pretrain: stopped at once by a second Ctrl-C. Continue from the last "
-              f"checkpoint with resume=auto output_dir={exc.run_dir}", file=sys.stderr)
+              f"checkpoint with: {continue_command(exc.run_dir)}", file=sys.stderr)
         return 130
     except SIGTERMException as exc:
-        where = getattr(exc, "run_dir", None) or cfg.output_dir or "the run directory"
+        where = getattr(exc, "run_dir", None) or cfg.output_dir
         by_ctrl_c = getattr(exc, "by_ctrl_c", False)
         if rank_zero_only.rank == 0:  # (every rank got the signal: one says it)
             print(f"massrl pretrain: stopped by {'Ctrl-C' if by_ctrl_c else 'SIGTERM'}. "
-                  f"Continue with resume=auto output_dir={where}", file=sys.stderr)
+                  f"Continue with: {continue_command(where)}", file=sys.stderr)
         return 130 if by_ctrl_c else 143
     except ConfigError as exc:
         if rank_zero_only.rank == 0:
@@ -65,6 +66,15 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print_summary(summary)
     return 0
+
+
+def continue_command(run_dir: object) -> str:
+    """The command that continues an interrupted run: its own config.yaml holds every setting
+    it ran with (the command it was started with, plus resume=auto, does the same)."""
+    if run_dir is None:
+        return "the same command with resume=auto output_dir=<the run directory>"
+    own = Path(str(run_dir)) / "config.yaml"
+    return f"massrl pretrain -c {own} resume=auto output_dir={run_dir}"
 
 
 def _fmt(key: str, v: object) -> str:
