@@ -56,3 +56,26 @@ def test_k_larger_than_bank_and_top5_with_few_classes():
 def test_topk_accuracy():
     scores = torch.tensor([[0.1, 0.5, 0.4], [0.9, 0.05, 0.05]])
     assert topk_accuracy(scores, torch.tensor([2, 0]), (1, 2)) == (0.5, 1.0)
+
+
+def test_top5_counts_only_classes_that_got_votes():
+    """With k=1 a query votes for one class: the 9 others are no guesses, and top-5 equals
+    top-1 instead of depending on the order a sort leaves the unvoted classes in."""
+    g = torch.Generator().manual_seed(0)
+    bank, bank_labels = torch.randn(50, 8, generator=g), torch.arange(50) % 10
+    queries, labels = torch.randn(200, 8, generator=g), torch.randint(10, (200,), generator=g)
+    top1, top5 = weighted_knn(bank, bank_labels, queries, labels, k=1, temperature=0.07,
+                              num_classes=10)
+    assert top5 == top1 < 0.5
+    # with k=50 every class has votes: top-5 counts five of them
+    top1, top5 = weighted_knn(bank, bank_labels, queries, labels, k=50, temperature=0.07,
+                              num_classes=10)
+    assert top5 > top1
+
+
+def test_labels_outside_the_classes_are_explained():
+    x, y = _clusters()
+    with pytest.raises(ValueError, match="train labels must lie in 0..1 \\(num_classes=2\\)"):
+        weighted_knn(x, y, x, y, k=5, temperature=0.07, num_classes=2)
+    with pytest.raises(ValueError, match="test labels must lie in 0..2 .*got -1..2"):
+        weighted_knn(x, y, x, y - (y == 0).long(), k=5, temperature=0.07, num_classes=3)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -73,8 +74,9 @@ def continue_command(run_dir: object) -> str:
     it ran with (the command it was started with, plus resume=auto, does the same)."""
     if run_dir is None:
         return "the same command with resume=auto output_dir=<the run directory>"
-    own = Path(str(run_dir)) / "config.yaml"
-    return f"massrl pretrain -c {own} resume=auto output_dir={run_dir}"
+    own = Path(str(run_dir)) / "config.yaml"  # (quoted for a shell: a path may hold spaces)
+    return (f"massrl pretrain -c {shlex.quote(str(own))} resume=auto "
+            f"{shlex.quote(f'output_dir={run_dir}')}")
 
 
 def _fmt(key: str, v: object) -> str:

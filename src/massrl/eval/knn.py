@@ -63,12 +63,13 @@ def knn_scores(
 def topk_accuracy(
     scores: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)
 ) -> tuple[float, ...]:
-    """Fraction of samples whose label is among the top-k scores, for each k (k capped at C)."""
+    """Fraction of samples whose label is among the top-k scores, for each k (k capped at C).
+    A class scored -inf (a kNN class without a vote) never counts, whatever its place."""
     if scores.shape[0] == 0:
         return tuple(0.0 for _ in ks)
     labels = labels.to(scores.device)
-    ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices
-    hits = ranked == labels[:, None]
+    top, ranked = scores.topk(min(max(ks), scores.shape[1]), dim=1)
+    hits = (ranked == labels[:, None]) & (top > float("-inf"))
     return tuple(hits[:, :k].any(dim=1).float().mean().item() for k in ks)
 
 
@@ -83,9 +84,17 @@ def weighted_knn(
     distance: Distance = "cosine",
     chunk_size: int = 256,
 ) -> tuple[float, float]:
-    """(top-1, top-5) accuracy as fractions in [0, 1] of the weighted kNN classifier."""
+    """(top-1, top-5) accuracy as fractions in [0, 1] of the weighted kNN classifier. Top-5
+    counts only classes that got votes: with fewer than 5 voted classes (small k), the others
+    are no guesses, whatever order a sort leaves them in."""
+    for name, labels in (("train", train_labels), ("test", test_labels)):
+        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
+            raise ValueError(f"weighted_knn: the {name} labels must lie in 0..{num_classes - 1} "
+                             f"(num_classes={num_classes}): got {int(labels.min())}.."
+                             f"{int(labels.max())}")
     scores = knn_scores(
         train_feats, train_labels, test_feats, k, temperature, num_classes, distance, chunk_size
     )
+    scores = scores.masked_fill(scores == 0, float("-inf"))  # (every vote weighs exp(.) > 0)
     top1, top5 = topk_accuracy(scores, test_labels, (1, 5))
     return top1, top5
