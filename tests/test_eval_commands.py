@@ -291,11 +291,20 @@ def test_default_output_places(tmp_path, ckpt, monkeypatch):
     from massrl.eval import config as eval_config
 
     monkeypatch.setattr(eval_config.time, "strftime", lambda fmt: "20261129-010203")
+    # each run in the same second claims its folder at once (runs started together each get
+    # their own), and one that stays empty goes again with the folders made for it
     first = eval_config.default_output_dir("knn")
-    assert first == Path("runs/eval/knn/20261129-010203")
-    first.mkdir(parents=True)
     second = eval_config.default_output_dir("knn")
-    assert second == Path("runs/eval/knn/20261129-010203-2")
+    assert (first, second) == (Path("runs/eval/knn/20261129-010203"),
+                               Path("runs/eval/knn/20261129-010203-2"))
+    assert first.is_dir() and second.is_dir()
+    (first / "result.json").write_text("{}")
+    eval_config.release_output_dirs()
+    assert [p.name for p in (tmp_path / "runs" / "eval" / "knn").iterdir()] == [first.name]
+    (first / "result.json").unlink()
+    eval_config.default_output_dir("knn")
+    eval_config.release_output_dirs()
+    assert (tmp_path / "runs").is_dir()  # (made by the first claim: not this one's to remove)
 
 
 def test_images_left_out_are_recorded_in_the_result(tmp_path, ckpt):

@@ -14,6 +14,7 @@ import PIL
 
 from massrl import __version__
 from massrl.config import ConfigError
+from massrl.eval.config import release_output_dirs
 
 # where a warning comes from massrl (a skipped image) or PIL (an odd file): one line each
 _ONE_LINE_DIRS = tuple(os.path.dirname(os.path.abspath(f)) + os.sep
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(args._run(args) or 0)
         finally:
             warnings.formatwarning = previous
+            release_output_dirs()  # an evaluation's default folder that stayed empty
     except ConfigError as exc:
         text = str(exc).replace("massrl <command>", f"massrl {args.command}")
         print(f"massrl {args.command}: {text}", file=sys.stderr)

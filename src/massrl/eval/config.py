@@ -173,11 +173,40 @@ def build_eval_config(
     return build_config(schema, config_file, overrides, base=base)
 
 
+# the default output folders this process has claimed, with the outermost folder made for each
+_RESERVED: list[tuple[Path, Path | None]] = []
+
+
 def default_output_dir(command: str) -> Path:
-    """runs/eval/<command>/<date-time>, with -2, -3, ... for a second run in the same second."""
+    """runs/eval/<command>/<date-time>, with -2, -3, ... for another run in the same second;
+    made at once (an atomic mkdir), so that runs started together each get their own.
+    `release_output_dirs` removes it again if nothing was written into it."""
+    from massrl.run_dir import outermost_missing
+
     base = Path("runs") / "eval" / command / time.strftime("%Y%m%d-%H%M%S")
+    made = outermost_missing(base.parent.resolve())
+    base.parent.mkdir(parents=True, exist_ok=True)
     path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
+    while True:
+        try:
+            path.mkdir()
+            break
+        except FileExistsError:
+            n += 1
+            path = base.with_name(f"{base.name}-{n}")
+    _RESERVED.append((path.resolve(), made))
     return path
+
+
+def release_output_dirs() -> None:
+    """Remove the default output folders of this process that stayed empty (a failed run, or
+    one whose files went elsewhere), and the parents made for them that are empty too."""
+    while _RESERVED:
+        path, made = _RESERVED.pop()
+        made_here = [] if made is None else [
+            folder for folder in path.parents if folder == made or made in folder.parents]
+        for folder in (path, *made_here):  # deepest first
+            try:
+                folder.rmdir()  # (only when empty: another run may have written beside it)
+            except OSError:
+                break
