@@ -133,8 +133,11 @@ def _cpu_sync_bn_forward(self: torch.nn.SyncBatchNorm, x: torch.Tensor) -> torch
         self.running_var.lerp_(var * n / (n - 1), self.momentum)
         self.num_batches_tracked.add_(1)
     shape = [1, c] + [1] * (x.dim() - 2)
-    scale = self.weight * torch.rsqrt(var + self.eps)
-    return (x - mean.view(shape)) * scale.view(shape) + self.bias.view(shape)
+    scale = torch.rsqrt(var + self.eps)
+    if self.affine:  # (the online probe's standardiser has no affine parameters)
+        scale = self.weight * scale
+    out = (x - mean.view(shape)) * scale.view(shape)
+    return out + self.bias.view(shape) if self.affine else out
 
 
 # ---------------------------------------------------------------- the 2-rank worker

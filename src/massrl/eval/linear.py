@@ -154,6 +154,12 @@ class FeatureStandardiser(nn.BatchNorm1d):
             self.momentum = max(0.1, 1 / self.steps)
         return super().forward(x)
 
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        # the count of batches seen, which a resumed run continues (BatchNorm keeps it as a
+        # tensor; reading that every step would wait for the device)
+        self.steps = int(self.num_batches_tracked)
+
 
 def linear_head(feature_dim: int, num_classes: int) -> nn.Sequential:
     """A linear classifier behind a parameter-free BatchNorm (as in MAE's linear probing).

@@ -16,12 +16,12 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from massrl import __version__
 from massrl.augment import pair_mask
 from massrl.config import RunConfig
 from massrl.devices import use_channels_last
+from massrl.eval.linear import linear_head
 from massrl.models import build_backbone
 from massrl.models.backbones import feature_dim
 from massrl.optim import build_optimizer, scaled_lr, warmup_cosine
@@ -69,7 +69,10 @@ class SSLMethod(L.LightningModule):
             cfg.model.backbone, cfg.model.cifar_stem, cfg.model.width, cfg.data.image_size,
             cfg.model.kwargs)
         self.feat_dim = feature_dim(self.backbone)
-        self.probe = (nn.Linear(self.feat_dim, num_classes)
+        # standardised features, as the offline linear head's: a narrow or young backbone's
+        # features have a std of a few hundredths, on which a plain linear layer at the probe's
+        # lr stayed near chance for epochs
+        self.probe = (linear_head(self.feat_dim, num_classes)
                       if cfg.eval.probe and num_classes else None)
         self._val_outputs: dict[int, list[tuple[torch.Tensor, ...]]] = {}
         self._epoch_start = 0.0
@@ -158,6 +161,14 @@ class SSLMethod(L.LightningModule):
                                 "rng": rng_state()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        weights = checkpoint.get("state_dict", {})
+        if self.probe is not None and "probe.weight" in weights:
+            # a checkpoint from before the probe had its standardiser: the linear layer's
+            # weights move to their new place; the standardiser starts afresh
+            for name in ("weight", "bias"):
+                weights[f"probe.1.{name}"] = weights.pop(f"probe.{name}")
+            for name, value in self.probe[0].state_dict().items():
+                weights.setdefault(f"probe.0.{name}", value)
         state = checkpoint.get("massrl", {})
         self.images_seen = state.get("images_seen", 0)
         self._bad_images = set(state.get("bad_images", ()))
@@ -242,7 +253,7 @@ class SSLMethod(L.LightningModule):
     def _probe_step(self, feats: torch.Tensor, labels: torch.Tensor
                     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         known = labels >= 0
-        if not bool(known.any()):
+        if int(known.sum()) < 2:  # (its batch-norm cannot standardise a batch of one)
             return None, None
         logits = self.probe(feats[known].float())
         loss = F.cross_entropy(logits, labels[known])
