@@ -233,6 +233,10 @@ def test_planned_grouped_mode_matches_grouped_mode(view_mode, size):
         device_like(small, batch["strategy"], plan=planned["plan"])
     with pytest.raises(ValueError, match="a plan needs the views' seeds"):
         device_like.plan(batch["strategy"], None, size)
+    # a plan given without its seeds brings them: the CPU's grouped mode, which draws the
+    # programs again, gives the same views
+    again = grouped(batch["views"], batch["strategy"], plan=planned["plan"])
+    assert all(torch.equal(x, y) for x, y in zip(again, ref, strict=True))
     # with the seeds it was drawn from the call agrees; with others it is refused (on the CPU)
     same = device_like(batch["views"], batch["strategy"], seeds=batch["seed"],
                        plan=planned["plan"])

@@ -220,6 +220,20 @@ def test_help_lists_options_with_defaults():
     assert version.strip() == f"massrl {massrl.__version__}"
 
 
+def test_each_command_describes_its_own_keys(capsys):
+    """augviz lists the keys it reads; an evaluation's data keys say what they do there."""
+    for command in ("augviz", "knn"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        if command == "augviz":
+            assert "augment.view_mode" in out and "data.image_size" in out
+            assert "optimizer." not in out and "trainer." not in out and "resume" not in out
+        else:
+            assert "data.batch_size default 256 images per feature-extraction batch" in out
+            assert "per-device batch size" not in out and "(monitors)" not in out
+
+
 def test_help_loads_no_torch():
     """--help answers at once: no command imports torch or Lightning for its options."""
     for argv in ([], ["--help"], *([c, "--help"] for c in COMMANDS)):

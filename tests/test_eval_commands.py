@@ -84,6 +84,21 @@ def test_linear_cached_augmented_and_semi_supervised(tmp_path, ckpt):
     assert code == 0 and again["results"]["subset_sha256"] == res["results"]["subset_sha256"]
 
 
+def test_an_inherited_eval_subset_is_said_to_apply(tmp_path, capsys):
+    """The checkpoint's data.eval_subset (set for its monitors) is the evaluation's default: it
+    says so, and how to take the whole splits, which it does when asked."""
+    small = make_checkpoint(tmp_path / "small.ckpt", data={"eval_subset": 40})
+    code, res = _run(tmp_path, "knn", f"ckpt={small}", "k=5")
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0 and res["results"]["num_test"] == 40
+    assert ("data.eval_subset=40 (the checkpoint's, for its monitors): evaluating on a "
+            "class-balanced 40 of the test images and 40 labeled training images; "
+            "data.eval_subset=null takes the whole splits") in out
+    code, res = _run(tmp_path, "knn", f"ckpt={small}", "k=5", "data.eval_subset=null")
+    assert code == 0 and res["results"]["num_test"] > 40
+    assert "data.eval_subset=" not in capsys.readouterr().out
+
+
 def test_umap_and_export(tmp_path, ckpt):
     pytest.importorskip("umap")
     png = tmp_path / "pic.png"

@@ -78,3 +78,14 @@ def test_label_subset_is_balanced_reproducible_and_reusable(tmp_path):
         label_subset(labels, 0.5, seed=9, dataset="toy", subset_file=path)
     with pytest.raises(ValueError, match="was made for"):
         label_subset(labels[:500], 0.1, seed=1, dataset="toy", subset_file=path)
+    # indices into a split drawn another way (another eval_subset, split seed or files) would
+    # name other images: refused, naming what differs
+    source = {"subset": None, "eval_subset": 1000, "split_seed": 0, "files": None}
+    _, made, _ = label_subset(labels, 0.1, seed=1, dataset="toy", save_dir=tmp_path / "s",
+                              source=source)
+    assert label_subset(labels, None, seed=1, dataset="toy", subset_file=made,
+                        source=source)[0] == a
+    with pytest.raises(ValueError, match="indexes another labeled split.*split_seed: 0 then, "
+                                         "7 now"):
+        label_subset(labels, None, seed=1, dataset="toy", subset_file=made,
+                     source={**source, "split_seed": 7})

@@ -370,7 +370,7 @@ def test_nonfinite_loss_stops_with_the_step_or_is_skipped(tiny, monkeypatch, cap
     args = _byol(tiny, **{"trainer.checkpoint_every_n_steps": "1"})
     assert main(["pretrain", *args]) == 1
     out = capsys.readouterr().err
-    assert "at optimizer step 2" in out and "optimizer.lr" in out
+    assert "at optimizer step 2 (epoch 1)" in out and "optimizer.lr" in out
     ckpt = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 2  # the last good checkpoint is kept
 

@@ -185,7 +185,8 @@ def _not_resumable_here(trainer: L.Trainer) -> str | None:
 
 
 def check_finite(loss: torch.Tensor, step: int, epoch: int, skip: bool) -> bool:
-    """True when the loss may be used; raises NonFiniteLossError unless `skip`."""
+    """True when the loss may be used; raises NonFiniteLossError unless `skip`. `epoch`:
+    counted from 1, as the progress lines count them."""
     if bool(torch.isfinite(loss)):
         return True
     if skip:

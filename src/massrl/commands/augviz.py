@@ -18,7 +18,8 @@ DEFAULT_CONFIG = "fashion_mnist/massrl"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    add_config_args(parser, RunConfig, default_config=DEFAULT_CONFIG)
+    add_config_args(parser, RunConfig, example="augment.view_mode=per_strategy data.name=digits",
+                    default_config=DEFAULT_CONFIG, only=("seed", "data", "augment"))
     parser.add_argument("--out", required=True, help="PNG file to write")
     parser.add_argument("--images", type=int, default=8, help="rows (images) in the grid")
 

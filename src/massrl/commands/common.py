@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Collection
 from typing import Any
 
 from pydantic import BaseModel
@@ -25,7 +26,8 @@ def add_config_args(parser: argparse.ArgumentParser, schema: type[BaseModel],
                     config_help: str = "YAML config file, or a shipped one such as "
                     "fashion_mnist/massrl",
                     example: str = "optimizer.lr=0.5 data.subset=2000",
-                    default_config: str | None = None) -> None:
+                    default_config: str | None = None,
+                    only: Collection[str] | None = None) -> None:
     parser.add_argument("-c", "--config", metavar="FILE.yaml", help=config_help, action=_Once)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help=f"dotted overrides, e.g. {example}")
@@ -34,9 +36,11 @@ def add_config_args(parser: argparse.ArgumentParser, schema: type[BaseModel],
     shipped = load_yaml(default_config) if default_config else None
     note = (f"; '(without -c: X)' is the value of {default_config}, which runs without -c"
             if default_config else "")
-    parser.epilog = (f"config keys and their schema defaults{note} (a -c config file may set "
+    which = "config keys" if only is None else f"the keys it reads ({', '.join(only)}; " \
+        "it accepts a pre-training config's others)"
+    parser.epilog = (f"{which} and their schema defaults{note} (a -c config file may set "
                      "others; --print-config shows the resolved values):\n"
-                     + "\n".join(describe_options(schema, without_c=shipped)))
+                     + "\n".join(describe_options(schema, without_c=shipped, only=only)))
 
 
 def add_eval_args(parser: argparse.ArgumentParser, schema: type) -> None:

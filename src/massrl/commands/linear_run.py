@@ -45,9 +45,11 @@ def _train_set(r: session.EvalRun) -> tuple[Dataset, dict[str, Any]]:
     if cfg.label_fraction is None and cfg.subset_file is None:
         return ds, {"label_fraction": None, "num_train": len(ds)}
     try:
+        source = {"subset": cfg.data.subset, "eval_subset": cfg.data.eval_subset,
+                  "split_seed": r.split_seed, "files": files_fingerprint(ds)}
         indices, path, fraction = label_subset(
             _targets(ds), cfg.label_fraction, cfg.seed, dataset=cfg.data.name,
-            subset_file=cfg.subset_file, save_dir=r.output_dir,
+            subset_file=cfg.subset_file, save_dir=r.output_dir, source=source,
         )
     except (ValueError, OSError) as exc:
         raise ConfigError(str(exc)) from None

@@ -294,8 +294,8 @@ class EvalConfig(Section):
 
 
 class WandbConfig(Section):
-    enabled: bool = Field(False, description="also log to Weights & Biases (pip install wandb; "
-                          "WANDB_MODE=offline logs without a network)")
+    enabled: bool = Field(False, description="also log to Weights & Biases (pip install "
+                          "'massrl[wandb]'; WANDB_MODE=offline logs without a network)")
     project: str = Field("massrl", description="W&B project")
     entity: str | None = Field(None, description="W&B team or user (default: your default)")
     tags: list[str] = Field(default_factory=list, description="W&B run tags")

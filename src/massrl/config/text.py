@@ -4,6 +4,7 @@ one for a misspelling), and the --help lines of every key."""
 from __future__ import annotations
 
 import difflib
+from collections.abc import Collection
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -63,11 +64,15 @@ def _format_error(err: ValidationError, source: str, schema: type[BaseModel]) ->
 
 
 def describe_options(schema: type[BaseModel] = RunConfig, prefix: str = "",
-                     without_c: dict | None = None) -> list[str]:
+                     without_c: dict | None = None, only: Collection[str] | None = None
+                     ) -> list[str]:
     """One line per key: name, default and description, for --help; `without_c`: the tree of the
-    config a command loads when given no -c, whose values are shown where they differ."""
+    config a command loads when given no -c, whose values are shown where they differ; `only`:
+    the top-level keys to list (default: all)."""
     lines = []
     for name, field in schema.model_fields.items():
+        if only is not None and name not in only:
+            continue
         ann = field.annotation
         given = (without_c or {}).get(name)
         if isinstance(ann, type) and issubclass(ann, BaseModel):

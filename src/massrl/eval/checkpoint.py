@@ -22,6 +22,7 @@ class CheckpointError(ConfigError):
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The file's sha256 (hex), read in chunks: result.json names the checkpoint by it."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -63,6 +64,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def checkpoint_config(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> RunConfig:
+    """The run config a checkpoint was pre-trained with (CheckpointError when it has none, or
+    one this massrl version cannot read)."""
     raw = (ckpt.get("hyper_parameters") or {}).get("config")
     if isinstance(raw, BaseModel):
         raw = raw.model_dump(mode="json")
@@ -80,12 +83,16 @@ def checkpoint_config(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> 
 
 
 def backbone_state_dict(ckpt: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The online backbone's weights, with their `backbone.` prefix removed (the EMA target's
+    and the heads' are left out)."""
     state = ckpt.get("state_dict") or {}
     return {k[len(BACKBONE_PREFIX):]: v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
 
 
 @dataclass
 class Pretrained:
+    """A pre-trained backbone with what evaluation needs to know about it."""
+
     backbone: nn.Module
     config: RunConfig
     spec: BackboneSpec
@@ -95,6 +102,9 @@ class Pretrained:
 
 
 def load(path: str | Path) -> Pretrained:
+    """The online backbone of a `massrl pretrain` checkpoint, in eval mode on the CPU, with its
+    run config: `load(p).backbone(images)` gives features ([N, feature_dim]) of images
+    normalised as `load(p).meta["data"]` (mean, std, image_size) says."""
     ckpt = read_checkpoint(path)
     meta = ckpt["massrl"] if isinstance(ckpt["massrl"], dict) else {}
     return Pretrained(*_load(ckpt, path), Path(path), dict(meta))

@@ -45,8 +45,19 @@ class _Base(Section):
         return v
 
 
+class EvalDataConfig(DataConfig):
+    """The data keys as an evaluation reads them (the same keys, other words in --help)."""
+
+    eval_subset: int | None = Field(
+        None, gt=0, description="seeded class-balanced subset of the labeled train and test "
+        "splits (default: the checkpoint's; null: whole splits)")
+    image_size: int = Field(32, gt=0, description="evaluation image size (default: the "
+                            "checkpoint's; another dataset: its own)")
+    batch_size: int = Field(256, gt=0, description="images per feature-extraction batch")
+
+
 class _DataEval(_Base):
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: EvalDataConfig = Field(default_factory=EvalDataConfig)
     test_crop_ratio: float | None = Field(
         None, gt=0, le=1,
         description="test: resize to size/ratio, centre crop (default 1 up to 64 px, else 0.875)",

@@ -227,12 +227,16 @@ def train_on_images(
 def label_subset(
     labels: Sequence[int], fraction: float | None, seed: int, *, dataset: str,
     subset_file: str | Path | None = None, save_dir: str | Path | None = None,
+    source: dict[str, Any] | None = None,
 ) -> tuple[list[int], Path | None, float]:
     """Indices of a seeded class-balanced label fraction, the JSON file that records them, and
     the fraction.
 
-    With `subset_file` the indices of an earlier run are reused (checked against this dataset);
-    `fraction` may then be None (the file's), and must otherwise be the file's.
+    The indices point into the labeled split as the run sees it; `source` says what makes that
+    split (data.subset, eval_subset, the split seed, the files) and is recorded with them. With
+    `subset_file` the indices of an earlier run are reused, checked against this dataset and
+    source (the same indices of another split would be other images); `fraction` may then be
+    None (the file's), and must otherwise be the file's.
     """
     from massrl.data import fraction_subset
 
@@ -243,6 +247,14 @@ def label_subset(
                 f"subset_file {subset_file} was made for {saved.get('dataset')} with "
                 f"{saved.get('num_samples')} training images, not {dataset} with {len(labels)}"
             )
+        was = saved.get("source") or {}
+        changed = [f"{k}: {was[k]!r} then, {v!r} now" for k, v in (source or {}).items()
+                   if k in was and was[k] != v]
+        if changed:
+            raise ValueError(
+                f"subset_file {subset_file} indexes another labeled split than this run's (its "
+                f"indices would name other images): {'; '.join(changed)}. Evaluate with the "
+                "same data settings and checkpoint seed, or draw a new subset (label_fraction)")
         if fraction is not None and fraction != saved.get("label_fraction"):
             raise ValueError(
                 f"subset_file {subset_file} holds a label_fraction of "
@@ -258,6 +270,6 @@ def label_subset(
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(path, json.dumps({
             "dataset": dataset, "split": "train_labeled", "num_samples": len(labels),
-            "label_fraction": fraction, "seed": seed, "indices": indices,
+            "label_fraction": fraction, "seed": seed, "source": source or {}, "indices": indices,
         }))
     return indices, path, fraction

@@ -110,6 +110,7 @@ def check_writable(path: Path) -> None:
 def open_data(run: EvalRun, needs_labels: bool = True) -> None:
     """Load the evaluation dataset, check its labels and that the backbone takes its image size."""
     from massrl.data import DatasetNotFoundError, load_dataset
+    from massrl.data.datasets import SubsetDataset
 
     data, pre_data = run.cfg.data, run.pre.config.data
     run.transfer = not same_data(data.name, data.root, pre_data)
@@ -127,7 +128,14 @@ def open_data(run: EvalRun, needs_labels: bool = True) -> None:
             "needs labeled train and test images. Use a labeled dataset, e.g. a folder with one "
             "sub-folder per class, or data.name=cifar10."
         )
-    asked_size = "image_size" in (run.requested.get("data") or {})
+    asked = run.requested.get("data") or {}
+    reduced = any(isinstance(ds, SubsetDataset) for ds in (splits.test, splits.train_labeled))
+    if data.eval_subset is not None and "eval_subset" not in asked and reduced:
+        print(f"data.eval_subset={data.eval_subset} (the checkpoint's, for its monitors): "
+              f"evaluating on a class-balanced {len(splits.test)} of the test images and "
+              f"{len(splits.train_labeled or ())} labeled training images; "
+              "data.eval_subset=null takes the whole splits")
+    asked_size = "image_size" in asked
     # Transfer: the evaluation dataset's own size unless the user chose one.
     run.image_size = splits.native_size if run.transfer and not asked_size else data.image_size
     check_input_size(run)

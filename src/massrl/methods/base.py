@@ -190,7 +190,7 @@ class SSLMethod(L.LightningModule):
         loss = out.pop("loss")
         if not self._on_every_rank(bool(torch.isfinite(loss))):  # stop or skip on all ranks
             loss = loss.detach() * float("nan")
-        if not check_finite(loss, self.global_step, self.current_epoch,
+        if not check_finite(loss, self.global_step, self.current_epoch + 1,
                             self.cfg.trainer.skip_nonfinite):
             self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", on_epoch=True,
                      on_step=False)

@@ -104,6 +104,7 @@ class BatchedAugmenter:
         grouped = self.grouped if self.grouped is not None else views[0].device.type == "cpu"
         if plan is not None:
             check_plan(plan, views[0].shape[-1], strategy, seeds)
+            seeds = plan.drawn_from[1] if seeds is None else seeds  # (modes that redraw)
         with torch.autocast(views[0].device.type, enabled=False):  # keep the maths in float32
             if plan is not None and not grouped and not self.cfg.compile:
                 return self._apply_planned(views, plan)
