@@ -129,12 +129,16 @@ def open_data(run: EvalRun, needs_labels: bool = True) -> None:
             "sub-folder per class, or data.name=cifar10."
         )
     asked = run.requested.get("data") or {}
-    reduced = any(isinstance(ds, SubsetDataset) for ds in (splits.test, splits.train_labeled))
-    if data.eval_subset is not None and "eval_subset" not in asked and reduced:
+    shares = {name: ds for name, ds in (("labeled training", splits.train_labeled),
+                                         ("test", splits.test)) if ds is not None}
+    if data.eval_subset is not None and "eval_subset" not in asked and any(
+            isinstance(ds, SubsetDataset) for ds in shares.values()):
+        used = [f"{len(ds)} of {len(ds.base)}" if isinstance(ds, SubsetDataset)
+                else f"all {len(ds)}" for ds in shares.values()]
         print(f"data.eval_subset={data.eval_subset} (the checkpoint's, for its monitors): "
-              f"evaluating on a class-balanced {len(splits.test)} of the test images and "
-              f"{len(splits.train_labeled or ())} labeled training images; "
-              "data.eval_subset=null takes the whole splits")
+              "evaluating with " + " and ".join(
+                  f"{n} {name} images" for n, name in zip(used, shares, strict=True))
+              + " (class-balanced); data.eval_subset=null takes the whole splits")
     asked_size = "image_size" in asked
     # Transfer: the evaluation dataset's own size unless the user chose one.
     run.image_size = splits.native_size if run.transfer and not asked_size else data.image_size
