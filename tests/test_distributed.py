@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from massrl.config import build_config
 from massrl.data.datamodule import SSLDataModule, _EvalItem, _Mapped, collate_skip_bad
+from massrl.eval.linear import FeatureStandardiser
 from massrl.methods import build_method
 
 WORLD = 2
@@ -305,6 +306,8 @@ def _reference_step(method: str, sync_bn: bool, order: list[int], monkeypatch
     DistributedSampler shuffles training data)."""
     if not sync_bn:
         monkeypatch.setattr(_BatchNorm, "forward", _ghost_bn(_BatchNorm.forward))
+    # the online probe's standardiser takes each rank's statistics, synced batch-norm or not
+    monkeypatch.setattr(FeatureStandardiser, "forward", _ghost_bn(FeatureStandardiser.forward))
     model = _model(method)
     _trainer(1).fit(model, DataLoader(_Views(), batch_size=WORLD * B, sampler=order))
     monkeypatch.undo()

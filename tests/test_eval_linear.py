@@ -89,3 +89,22 @@ def test_label_subset_is_balanced_reproducible_and_reusable(tmp_path):
                                          "7 now"):
         label_subset(labels, None, seed=1, dataset="toy", subset_file=made,
                      source={**source, "split_seed": 7})
+
+
+def test_a_labeled_split_is_identified_by_its_images_not_by_where_they_are(tmp_path):
+    """subset_file checks this identity: the same images (a copied folder, a split drawn with
+    another checkpoint's seed) pass, other images or labels do not."""
+    from massrl.commands.linear_run import split_identity
+    from massrl.data.datasets import SubsetDataset
+    from massrl.data.folder import FileImageDataset
+
+    names = [f"{c}/{i}.png" for c in "ab" for i in range(3)]
+    here, copy = (FileImageDataset([tmp_path / r / n for n in names], [0, 0, 0, 1, 1, 1])
+                  for r in ("data", "scratch/copy"))
+    assert split_identity(here) == split_identity(copy)
+    assert split_identity(SubsetDataset(here, [0, 4])) == split_identity(
+        SubsetDataset(SubsetDataset(copy, [4, 0, 1]), [1, 0]))
+    assert split_identity(SubsetDataset(here, [0, 4])) != split_identity(
+        SubsetDataset(here, [0, 5]))
+    relabeled = FileImageDataset(here.paths, [0, 0, 1, 1, 1, 1])
+    assert split_identity(relabeled) != split_identity(here)

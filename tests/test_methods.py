@@ -97,11 +97,18 @@ def test_probe_ignores_unlabeled_images():
     model = build_method(_cfg("byol"), num_classes=3)
     feats = torch.randn(4, model.feat_dim)
     loss, acc = model._probe_step(feats, torch.full((4,), -1))
-    assert loss is None and acc is None
+    # no labeled image: a zero loss that still reaches every probe parameter (under DDP each
+    # rank's parameters must take part in the step), and no accuracy
+    assert float(loss) == 0 and acc is None
+    loss.backward()
+    assert all(p.grad is not None and not p.grad.any() for p in model.probe.parameters())
     loss, acc = model._probe_step(feats, torch.tensor([0, -1, 2, -1]))
-    assert loss is not None and 0 <= float(acc) <= 1
-    # one labeled image: nothing its standardiser could learn from (batch-norm refuses it)
-    assert model._probe_step(feats, torch.tensor([-1, 1, -1, -1])) == (None, None)
+    assert float(loss) > 0 and 0 <= float(acc) <= 1
+    # one labeled image (a batch of one): standardised by the running statistics, and learnt from
+    before = model.probe[0].running_mean.clone()
+    loss, acc = model._probe_step(feats, torch.tensor([-1, 1, -1, -1]))
+    assert torch.isfinite(loss) and float(loss) > 0 and float(acc) in (0.0, 1.0)
+    assert torch.equal(model.probe[0].running_mean, before)
 
 
 def test_probe_learns_on_features_of_a_small_scale():
@@ -121,6 +128,25 @@ def test_probe_learns_on_features_of_a_small_scale():
         opt.step()
     model.eval()
     assert float((model.probe(feats).argmax(1) == labels).float().mean()) > 0.9
+
+
+def test_a_resumed_fit_keeps_the_normalisation_of_its_data():
+    """A resume may change data.mean/std: the model keeps the data it trains on now, which
+    its next checkpoints record; a model loaded outside a fit takes the checkpoint's."""
+    model = build_method(_cfg("byol"), num_classes=3)
+    now = {"mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 16, "classes": None}
+    model.normalization = dict(now)
+    model.on_load_checkpoint({"massrl": {"data": {"mean": [0.3] * 3, "std": [0.4] * 3}}})
+    assert model.normalization == now
+
+
+def test_the_probe_standardiser_is_left_alone_by_sync_batchnorm():
+    """Converted to SyncBatchNorm it would lose its warm start and wait in a collective for a
+    rank whose batch held no labeled image."""
+    model = build_method(_cfg("byol"), num_classes=3)
+    converted = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert type(converted.probe[0]).__name__ == "FeatureStandardiser"
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.backbone.modules())
 
 
 def test_a_checkpoint_from_before_the_probe_standardiser_loads(tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -275,7 +276,7 @@ def _own_config_hint(ckpt_path: Path) -> str:
     """The run's own config, which restores every value, when the checkpoint is in a run
     directory that has one."""
     own = ckpt_path.parent.parent / "config.yaml"
-    return f" (-c {own} restores them all)" if own.is_file() else ""
+    return f" (-c {shlex.quote(str(own))} restores them all)" if own.is_file() else ""
 
 
 def epochs_done(ckpt: dict) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 from typing import Any
 
 import torch
@@ -12,8 +13,9 @@ from torch.utils.data import Dataset, Subset
 
 from massrl.augment.crops import rrc_source_side
 from massrl.config import ConfigError
+from massrl.data.datasets import SubsetDataset
 from massrl.data.eval_transform import EvalTransform
-from massrl.data.folder import files_fingerprint
+from massrl.data.folder import FileImageDataset, files_fingerprint
 from massrl.eval import session
 from massrl.eval.config import LinearEvalConfig
 from massrl.eval.features import (
@@ -39,14 +41,31 @@ def _targets(ds: Dataset) -> list[int]:
     return [int(t) for t in targets]
 
 
+def split_identity(ds: Dataset) -> str:
+    """A hash of which images a labeled split holds, in order, with their labels: by position
+    in the dataset, or for files by name relative to their folder, so that the same images
+    have the same identity wherever they are stored (a copy on a node's scratch disk) and
+    however the split was drawn (another checkpoint's seed), and other images another."""
+    indices = list(range(len(ds)))
+    while isinstance(ds, SubsetDataset | Subset):
+        indices = [ds.indices[i] for i in indices]
+        ds = ds.base if isinstance(ds, SubsetDataset) else ds.dataset
+    names: list[Any] = indices
+    if isinstance(ds, FileImageDataset) and ds.paths:
+        root = os.path.commonpath([os.fsdecode(p) for p in ds.paths])
+        names = [os.path.relpath(os.fsdecode(ds.paths[i]), root) for i in indices]
+    targets = getattr(ds, "targets", None)
+    labels = [int(targets[i]) for i in indices] if targets is not None else None
+    return hashlib.sha256(json.dumps([names, labels]).encode()).hexdigest()[:16]
+
+
 def _train_set(r: session.EvalRun) -> tuple[Dataset, dict[str, Any]]:
     """The labeled training images, restricted to the label fraction when one is asked for."""
     cfg, ds = r.cfg, r.splits.train_labeled
     if cfg.label_fraction is None and cfg.subset_file is None:
         return ds, {"label_fraction": None, "num_train": len(ds)}
     try:
-        source = {"subset": cfg.data.subset, "eval_subset": cfg.data.eval_subset,
-                  "split_seed": r.split_seed, "files": files_fingerprint(ds)}
+        source = {"images": split_identity(ds)}
         indices, path, fraction = label_subset(
             _targets(ds), cfg.label_fraction, cfg.seed, dataset=cfg.data.name,
             subset_file=cfg.subset_file, save_dir=r.output_dir, source=source,

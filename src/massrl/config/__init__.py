@@ -9,6 +9,7 @@ from massrl.config.files import (
     DATASET_KEYS,
     PACKAGE_CONFIGS,
     build_config,
+    dotted_items,
     load_yaml,
     parse_overrides,
     parse_value,
@@ -41,5 +42,6 @@ __all__ = [
     "DataConfig", "EvalConfig", "LossConfig", "ModelConfig", "OptimizerConfig",
     "RandAugmentConfig", "RunConfig", "Section", "TrainerConfig", "WandbConfig", "build_config",
     "describe_options", "load_yaml", "parse_overrides", "parse_value", "resolve_config_path",
-    "default_root", "root_path", "set_dotted", "to_yaml",
+    "default_root", "root_path", "dotted_items",
+    "set_dotted", "to_yaml",
 ]

@@ -19,6 +19,7 @@ from massrl.config import (
     RunConfig,
     Section,
     build_config,
+    dotted_items,
     load_yaml,
     parse_overrides,
     root_path,
@@ -162,7 +163,8 @@ def raw_tree(config_file: str | Path | None, overrides: list[str] | None) -> dic
     """YAML file + overrides before validation (to find ckpt and data.name first)."""
     tree = load_yaml(config_file) if config_file is not None else {}
     for key, value in parse_overrides(overrides or []):
-        set_dotted(tree, key, value)
+        for dotted, item in dotted_items(key, value):  # (as build_config reads them)
+            set_dotted(tree, dotted, item)
     return tree
 
 

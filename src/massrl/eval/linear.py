@@ -138,33 +138,42 @@ def _accuracy(
     return Scores(top1, top5, sum(len(y) for y in labels), left_out)
 
 
-class FeatureStandardiser(nn.BatchNorm1d):
-    """A parameter-free BatchNorm1d whose running statistics start as the plain average of the
-    first batches (momentum 1/t, then 0.1): from BatchNorm's (0, 1) at 0.1 per step they took
-    50-70 steps to reach features whose variance is ~1e-3, and a short run (few labels, few
-    epochs) was evaluated with the stale ones, near chance."""
+class FeatureStandardiser(nn.Module):
+    """Standardises each feature, without affine parameters: by the batch's statistics in
+    training and the running ones in evaluation, as a BatchNorm1d(affine=False) does. Its
+    running statistics start as the plain average of the first batches (momentum 1/t, then
+    0.1): from BatchNorm's (0, 1) at 0.1 per step they took 50-70 steps to reach features whose
+    variance is ~1e-3, and a short run (few labels, few epochs) was evaluated with the stale
+    ones, near chance. A batch of fewer than two is standardised by the running statistics and
+    updates nothing. Not a BatchNorm subclass, so that trainer.sync_batchnorm leaves the online
+    probe's alone: converted, it lost that start, and a rank whose batch held no labeled image
+    would have left the others waiting in its collective."""
 
-    def __init__(self, num_features: int) -> None:
-        super().__init__(num_features, affine=False)
-        self.steps = 0
+    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.steps = 0  # (num_batches_tracked on the host: reading the buffer would wait)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
+        learn = self.training and x.shape[0] > 1
+        if learn:
             self.steps += 1
-            self.momentum = max(0.1, 1 / self.steps)
-        return super().forward(x)
+            self.num_batches_tracked.add_(1)
+        return F.batch_norm(x, self.running_mean, self.running_var, training=learn,
+                            momentum=max(0.1, 1 / max(self.steps, 1)), eps=self.eps)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args)
-        # the count of batches seen, which a resumed run continues (BatchNorm keeps it as a
-        # tensor; reading that every step would wait for the device)
-        self.steps = int(self.num_batches_tracked)
+        self.steps = int(self.num_batches_tracked)  # (a resumed run continues the count)
 
 
 def linear_head(feature_dim: int, num_classes: int) -> nn.Sequential:
-    """A linear classifier behind a parameter-free BatchNorm (as in MAE's linear probing).
+    """A linear classifier behind a parameter-free batch-norm (as in MAE's linear probing).
 
-    The BN only standardises each feature (it is still a linear classifier), which makes one lr
+    It only standardises each feature (it is still a linear classifier), which makes one lr
     work whatever the backbone's feature scale: narrow or briefly trained backbones have features
     with a std of a few hundredths, on which a plain linear head barely moves at lr 0.1.
     """

@@ -172,7 +172,8 @@ class SSLMethod(L.LightningModule):
         state = checkpoint.get("massrl", {})
         self.images_seen = state.get("images_seen", 0)
         self._bad_images = set(state.get("bad_images", ()))
-        self.normalization = dict(state.get("data", {})) or self.normalization
+        if not self.normalization:  # (a resumed fit has its data's already: setup)
+            self.normalization = dict(state.get("data", {}))
         # the random streams continue a resumed fit only: `load_from_checkpoint` (no trainer)
         # leaves the caller's process as it was seeded
         if "rng" in state and self._trainer is not None:
@@ -201,8 +202,8 @@ class SSLMethod(L.LightningModule):
         log["train/loss"] = loss.detach()
         if self.probe is not None:
             probe_loss, probe_acc = self._probe_step(feats.detach(), batch["label"])
-            if probe_loss is not None:
-                loss = loss + probe_loss
+            loss = loss + probe_loss
+            if probe_acc is not None:
                 log["train/probe_loss"] = probe_loss.detach()
                 log["train/probe_acc"] = probe_acc
         self.log_dict(log, on_step=True, on_epoch=True, prog_bar=False, batch_size=b,
@@ -251,11 +252,13 @@ class SSLMethod(L.LightningModule):
         return bool(self.all_gather(torch.tensor([int(ok)], device=self.device)).min())
 
     def _probe_step(self, feats: torch.Tensor, labels: torch.Tensor
-                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         known = labels >= 0
-        if int(known.sum()) < 2:  # (its batch-norm cannot standardise a batch of one)
-            return None, None
         logits = self.probe(feats[known].float())
+        if not bool(known.any()):
+            # a zero loss through the probe all the same: under DDP every rank's parameters
+            # must take part in the step, also on a rank whose batch held no labeled image
+            return logits.sum() * 0.0, None
         loss = F.cross_entropy(logits, labels[known])
         acc = (logits.argmax(1) == labels[known]).float().mean()
         return loss, acc
