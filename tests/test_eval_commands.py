@@ -54,6 +54,7 @@ def _run(tmp_path, command, *args, flags=()):
 def test_knn_records_protocol_and_reuses_cached_features(tmp_path, ckpt):
     code, res = _run(tmp_path, "knn", f"ckpt={ckpt}")
     assert code == 0
+    assert res["protocol"]["features"] == {"precision": "float32", "backbone_mode": "eval"}
     assert set(res["results"]) >= {"k=20", "k=200"}
     proto = res["protocol"]
     assert proto["checkpoint"]["sha256"] == load_pretrained(ckpt)[3]

@@ -3,6 +3,8 @@ one's own, checkpoints loaded back, configs and losses built by hand."""
 
 import json
 import random
+import subprocess
+import sys
 
 import lightning as L
 import numpy as np
@@ -151,3 +153,13 @@ def test_loss_functions_check_their_mask_and_take_keyword_arguments():
     with pytest.raises(ValueError, match="temperature must be > 0"):
         nt_xent(z, mask, 0.0)
 
+
+
+def test_a_plain_import_reaches_the_subpackages_and_stays_light():
+    code = ("import sys, massrl\n"
+            "light = not {'torch', 'lightning'} & set(sys.modules)\n"
+            "cfg = massrl.config.build_config(overrides={'method': 'byol'})\n"
+            "print(light, cfg.method, callable(massrl.train.pretrain))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.stdout.split() == ["True", "byol", "True"], out.stderr[-2000:]

@@ -211,6 +211,8 @@ def protocol(run: EvalRun) -> dict[str, Any]:
                        "backbone": pre.spec.to_dict(), "pretrain_dataset": pre.config.data.name,
                        "pretrain_image_size": pre.config.data.image_size},
         "config": run.cfg.model_dump(mode="json"),
+        # (the online monitors' features are the training precision's: docs/evaluation.md)
+        "features": {"precision": "float32", "backbone_mode": "eval"},
     }
     if run.splits is not None:
         if "data" in info["config"]:  # the size evaluated at (a transfer's own, unless asked)
