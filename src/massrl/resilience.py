@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import shlex
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from massrl.config import ConfigError, RunConfig, root_path
 from massrl.files import atomic_write
+from massrl.run_dir import own_config_option
 
 # what cannot change when a run is resumed: the checkpoint's tensors would not fit, the run
 # would silently become another experiment (the seed draws the subset and the views), the
@@ -275,8 +275,9 @@ def check_resume_compatible(cfg: RunConfig, ckpt_path: Path) -> dict:
 def _own_config_hint(ckpt_path: Path) -> str:
     """The run's own config, which restores every value, when the checkpoint is in a run
     directory that has one."""
-    own = ckpt_path.parent.parent / "config.yaml"
-    return f" (-c {shlex.quote(str(own))} restores them all)" if own.is_file() else ""
+    run_dir = ckpt_path.parent.parent
+    has_own = (run_dir / "config.yaml").is_file()
+    return f" ({own_config_option(run_dir)} restores them all)" if has_own else ""
 
 
 def epochs_done(ckpt: dict) -> int:

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,13 +99,24 @@ def remove_new_run_dir(run_dir: Path, new_folder: Path | None) -> None:
     if new_folder is None:
         return
     shutil.rmtree(run_dir, ignore_errors=True)
-    folder = run_dir.parent
-    while folder == new_folder or new_folder in folder.parents:
+    remove_empty_folders(run_dir.parent, new_folder)
+
+
+def remove_empty_folders(folder: Path, made: Path | None) -> None:
+    """Remove `folder` and its parents up to `made` (the outermost folder a run made for it;
+    None: it made none) while they are empty: another run may have written beside it."""
+    while made is not None and (folder == made or made in folder.parents):
         try:
-            folder.rmdir()  # (only when empty: another run may have started beside this one)
+            folder.rmdir()
         except OSError:
             break
         folder = folder.parent
+
+
+def own_config_option(run_dir: Path | str) -> str:
+    """`-c <run_dir>/config.yaml`, quoted for a shell: the option that repeats every setting a
+    run ran with."""
+    return f"-c {shlex.quote(str(Path(run_dir) / 'config.yaml'))}"
 
 
 def keep_previous_metrics(run_dir: Path, resumed_step: int) -> None:

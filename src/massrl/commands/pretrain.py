@@ -6,7 +6,6 @@ import argparse
 import os
 import shlex
 import sys
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -74,8 +73,9 @@ def continue_command(run_dir: object) -> str:
     it ran with (the command it was started with, plus resume=auto, does the same)."""
     if run_dir is None:
         return "the same command with resume=auto output_dir=<the run directory>"
-    own = Path(str(run_dir)) / "config.yaml"  # (quoted for a shell: a path may hold spaces)
-    return (f"massrl pretrain -c {shlex.quote(str(own))} resume=auto "
+    from massrl.run_dir import own_config_option
+
+    return (f"massrl pretrain {own_config_option(str(run_dir))} resume=auto "
             f"{shlex.quote(f'output_dir={run_dir}')}")
 
 

@@ -214,12 +214,12 @@ def default_output_dir(command: str) -> Path:
 def release_output_dirs() -> None:
     """Remove the default output folders of this process that stayed empty (a failed run, or
     one whose files went elsewhere), and the parents made for them that are empty too."""
+    from massrl.run_dir import remove_empty_folders
+
     while _RESERVED:
         path, made = _RESERVED.pop()
-        made_here = [] if made is None else [
-            folder for folder in path.parents if folder == made or made in folder.parents]
-        for folder in (path, *made_here):  # deepest first
-            try:
-                folder.rmdir()  # (only when empty: another run may have written beside it)
-            except OSError:
-                break
+        try:
+            path.rmdir()  # (only when empty)
+        except OSError:
+            continue
+        remove_empty_folders(path.parent, made)

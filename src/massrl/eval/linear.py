@@ -241,8 +241,9 @@ def label_subset(
     """Indices of a seeded class-balanced label fraction, the JSON file that records them, and
     the fraction.
 
-    The indices point into the labeled split as the run sees it; `source` says what makes that
-    split (data.subset, eval_subset, the split seed, the files) and is recorded with them. With
+    The indices point into the labeled split as the run sees it; `source` identifies that
+    split (which images it holds: commands.linear_run.split_identity) and is recorded with
+    them. With
     `subset_file` the indices of an earlier run are reused, checked against this dataset and
     source (the same indices of another split would be other images); `fraction` may then be
     None (the file's), and must otherwise be the file's.
@@ -262,8 +263,8 @@ def label_subset(
         if changed:
             raise ValueError(
                 f"subset_file {subset_file} indexes another labeled split than this run's (its "
-                f"indices would name other images): {'; '.join(changed)}. Evaluate with the "
-                "same data settings and checkpoint seed, or draw a new subset (label_fraction)")
+                f"indices would name other images): {'; '.join(changed)}. Evaluate on the "
+                "images the file was made for, or draw a new subset (label_fraction)")
         if fraction is not None and fraction != saved.get("label_fraction"):
             raise ValueError(
                 f"subset_file {subset_file} holds a label_fraction of "
