@@ -51,9 +51,13 @@ def _run(tmp_path, command, *args, flags=()):
     return code, (json.loads(result.read_text()) if result.is_file() else None)
 
 
-def test_knn_records_protocol_and_reuses_cached_features(tmp_path, ckpt):
+def test_knn_records_protocol_and_reuses_cached_features(tmp_path, ckpt, capsys):
     code, res = _run(tmp_path, "knn", f"ckpt={ckpt}")
     assert code == 0
+    # stdout is not a terminal here (a batch job's log): each feature pass says it ran
+    out = capsys.readouterr().out
+    assert re.search(r"^features \(train\): 1437 images  \d+ s$", out, re.M), out
+    assert re.search(r"^features \(test\): 360 images  \d+ s$", out, re.M), out
     assert res["protocol"]["features"] == {"precision": "float32", "backbone_mode": "eval"}
     assert set(res["results"]) >= {"k=20", "k=200"}
     proto = res["protocol"]

@@ -44,6 +44,16 @@ def test_a_last_batch_of_one_image_is_left_out():
     assert len(res.history) == 2 and res.history[0]["loss"] > 0
 
 
+def test_output_written_to_a_file_gets_a_line_per_epoch(capsys):
+    """A batch job's log (stdout not a terminal) shows no live bar: each epoch prints its line."""
+    (tx, ty), (vx, vy) = _separable(200, 0), _separable(100, 1)
+    res = train_linear_on_features(tx, ty, vx, vy, 4, SGDRecipe(epochs=3, batch_size=64))
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if " epoch " in ln]
+    assert [ln.split("  ")[0] for ln in lines] == [
+        f"linear (cached features) epoch {e}/3" for e in (1, 2, 3)]
+    assert f"top1 {res.history[-1]['top1']:.4f}" in lines[-1]
+
+
 def test_shuffled_labels_stay_near_chance():
     (tx, ty), (vx, vy) = _separable(800, 0), _separable(400, 1)
     shuffled = ty[torch.randperm(len(ty), generator=torch.Generator().manual_seed(3))]

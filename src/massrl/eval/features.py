@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,6 +103,13 @@ def progress() -> Progress:
     )
 
 
+def progress_line(*parts: str) -> None:
+    """One line of progress where the live bar shows nothing: output written to a file (a batch
+    job's log), which would otherwise stay empty until the command ends."""
+    if not sys.stdout.isatty():
+        print("  ".join(parts), flush=True)
+
+
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
@@ -111,6 +119,7 @@ def extract_features(
     was_training = backbone.training
     backbone.eval().to(device)
     feats, labels = [], []
+    start = time.perf_counter()
     try:
         with progress() as bar:
             task = bar.add_task(desc, total=len(loader))
@@ -124,6 +133,8 @@ def extract_features(
         backbone.train(was_training)
     if not feats:
         raise ValueError(f"no images to compute {desc} from (empty dataset)")
+    progress_line(f"{desc}: {sum(len(y) for y in labels)} images",
+                  f"{time.perf_counter() - start:.0f} s")
     return torch.cat(feats), torch.cat(labels)
 
 

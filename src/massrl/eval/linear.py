@@ -9,6 +9,7 @@ images. Fine-tuning: the whole network trained on a seeded class-balanced fracti
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from massrl.eval.features import progress, unpack
+from massrl.eval.features import progress, progress_line, unpack
 from massrl.eval.knn import topk_accuracy
 from massrl.files import write_text
 
@@ -90,6 +91,7 @@ def _fit(
     with progress() as bar:
         task = bar.add_task(desc, total=steps)
         for epoch in range(1, recipe.epochs + 1):
+            start = time.perf_counter()
             model.train()
             total, count = 0.0, 0
             for batch in loader:
@@ -107,6 +109,9 @@ def _fit(
             scores = evaluate()
             history.append({"epoch": epoch, "loss": total / max(count, 1),
                             "top1": scores.top1, "top5": scores.top5})
+            progress_line(f"{desc} epoch {epoch}/{recipe.epochs}",
+                          f"loss {history[-1]['loss']:.4f}", f"top1 {scores.top1:.4f}",
+                          f"top5 {scores.top5:.4f}", f"{time.perf_counter() - start:.0f} s")
     best = max(history, key=lambda h: h["top1"])  # the first epoch reaching the maximum
     last = history[-1]
     return LinearResult(last["top1"], last["top5"], best["top1"], best["top5"],
