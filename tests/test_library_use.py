@@ -122,8 +122,14 @@ def test_pretrain_takes_datasets_of_ones_own(tmp_path):
     from massrl.train import pretrain
 
     cfg = build_config(overrides=[*TINY, "data.image_size=16", "trainer.progress_bar=false",
-                                  f"output_dir={tmp_path / 'run'}"])
-    summary = pretrain(cfg, splits=_splits(32))
+                                  "trainer.cpu_threads=1", f"output_dir={tmp_path / 'run'}"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        summary = pretrain(cfg, splits=_splits(32))
+        assert torch.get_num_threads() == 3  # the run's thread count was its own
+    finally:
+        torch.set_num_threads(threads)
     assert summary["images_seen"] == 32 and summary["knn_top1"] is not None
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["images_seen"] == 32
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

@@ -271,12 +271,14 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, *, splits: Any = None
     `splits`: datasets of one's own (massrl.data.DatasetSplits), used as given instead of the
     ones `cfg.data` names (the run's name and directory still follow `cfg`)."""
     inherited = RUN_DIR_ENV in os.environ
+    threads = torch.get_num_threads()
     try:
         with contextlib.ExitStack() as held:  # (the run directory's lock, once it is known)
             return _pretrain(cfg, run_dir, held, splits)
     finally:
         if not inherited:  # the next run in this process picks its own directory
             os.environ.pop(RUN_DIR_ENV, None)
+        torch.set_num_threads(threads)  # the caller's, whatever the run's workers needed
 
 
 def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
