@@ -90,6 +90,26 @@ def test_linear_cached_augmented_and_semi_supervised(tmp_path, ckpt):
     assert code == 0 and again["results"]["subset_sha256"] == res["results"]["subset_sha256"]
 
 
+def test_fine_tuning_trains_on_every_labeled_image_each_epoch(tmp_path, ckpt, monkeypatch):
+    """A last partial batch is trained on, not dropped (at 1 % of CIFAR-10 and batch 256 that
+    was 244 of 500 images each epoch)."""
+    import massrl.commands.linear_run as linear_run
+    from massrl.eval.features import unpack
+    from massrl.eval.linear import LinearResult
+
+    seen = []
+
+    def count_images(backbone, num_classes, feature_dim, loader, recipe, **kwargs):
+        seen.append(sum(len(xy[1]) for batch in loader if (xy := unpack(batch)) is not None))
+        return LinearResult(0.0, 0.0, 0.0, 0.0, 1)
+
+    monkeypatch.setattr(linear_run, "train_on_images", count_images)
+    code, res = _run(tmp_path, "linear", f"ckpt={ckpt}", "epochs=1", "finetune=true",
+                     "label_fraction=0.1", "batch_size=32")
+    assert code == 0 and res["results"]["num_train"] % 32  # (a last, partial batch)
+    assert seen == [res["results"]["num_train"]]
+
+
 def test_an_inherited_eval_subset_is_said_to_apply(tmp_path, capsys):
     """The checkpoint's data.eval_subset (set for its monitors) is the evaluation's default: it
     says so, and how to take the whole splits, which it does when asked."""
@@ -97,12 +117,22 @@ def test_an_inherited_eval_subset_is_said_to_apply(tmp_path, capsys):
     code, res = _run(tmp_path, "knn", f"ckpt={small}", "k=5")
     out = " ".join(capsys.readouterr().out.split())
     assert code == 0 and res["results"]["num_test"] == 40
-    assert re.search(r"data.eval_subset=40 \(the checkpoint's, for its monitors\): evaluating "
-                     r"with 40 of \d+ labeled training images and 40 of \d+ test images "
-                     r"\(class-balanced\); data.eval_subset=null takes the whole splits", out)
+    assert re.search(r"data.eval_subset=40 \(the checkpoint's, for pre-training and its "
+                     r"monitors\): evaluating with 40 of 1437 labeled training images and 40 "
+                     r"of 360 test images \(class-balanced\); data.eval_subset=null takes the "
+                     r"whole splits", out)
     code, res = _run(tmp_path, "knn", f"ckpt={small}", "k=5", "data.eval_subset=null")
     assert code == 0 and res["results"]["num_test"] > 40
     assert "data.eval_subset=" not in capsys.readouterr().out
+    # a pre-training subset is the labeled split's too (digits pre-trains on its labeled split)
+    both = make_checkpoint(tmp_path / "both.ckpt", data={"subset": 500, "eval_subset": 40})
+    code, res = _run(tmp_path, "knn", f"ckpt={both}", "k=5")
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0 and res["protocol"]["dataset"]["sizes"]["train"] == 40
+    assert re.search(r"data.subset=500 data.eval_subset=40 \(the checkpoint's, for pre-training "
+                     r"and its monitors\): evaluating with 40 of 1437 labeled training images "
+                     r"and 40 of 360 test images \(class-balanced\); data.subset=null "
+                     r"data.eval_subset=null takes the whole splits", out)
 
 
 def test_umap_and_export(tmp_path, ckpt):

@@ -6,8 +6,15 @@ from collections import Counter
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
-from massrl.eval.linear import Classifier, SGDRecipe, label_subset, train_linear_on_features
+from massrl.eval.linear import (
+    Classifier,
+    SGDRecipe,
+    label_subset,
+    train_linear_on_features,
+    train_on_images,
+)
 
 
 def _separable(n: int, seed: int):
@@ -70,6 +77,25 @@ def test_frozen_classifier_keeps_backbone_in_eval_mode_and_unchanged():
     loss.backward()
     assert all(torch.equal(before[k], v) for k, v in backbone.state_dict().items())
     assert all(p.grad is None for p in backbone.parameters())
+
+
+def test_fine_tuning_starts_from_a_zero_head_that_leaves_the_backbone_alone_at_first():
+    """As SimCLR fine-tunes: the first step trains only the head (a random one would push
+    large, meaningless gradients into the pre-trained backbone); later steps train both."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Linear(16, 8), nn.ReLU())
+    start = [p.detach().clone() for p in backbone.parameters()]
+    (x, y), (vx, vy) = _separable(64, 0), _separable(32, 1)
+    test = DataLoader(TensorDataset(vx, vy), batch_size=32)
+
+    def tune(n: int) -> list[torch.Tensor]:
+        train = DataLoader(TensorDataset(x[:n], y[:n]), batch_size=32)
+        train_on_images(backbone, 4, 8, train, SGDRecipe(epochs=1, lr=0.5), finetune=True,
+                        test_loader=test)
+        return [(p - s).abs().max() for p, s in zip(backbone.parameters(), start, strict=True)]
+
+    assert all(change == 0 for change in tune(32))  # one step: the head only
+    assert all(change > 0 for change in tune(64))  # the next step reaches the backbone
 
 
 def test_label_subset_is_balanced_reproducible_and_reusable(tmp_path):

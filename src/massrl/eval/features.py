@@ -82,14 +82,14 @@ def unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def make_loader(
     dataset: Dataset, batch_size: int, *, shuffle: bool = False, num_workers: int = 0,
-    seed: int = 0, device: torch.device | str = "cpu", drop_last: bool = False,
+    seed: int = 0, device: torch.device | str = "cpu",
 ) -> DataLoader:
     """A loader over Transformed items that skips undecodable images; shuffling is seeded."""
     from massrl.data import collate_skip_bad, worker_init_fn
 
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-        collate_fn=collate_skip_bad, drop_last=drop_last,
+        collate_fn=collate_skip_bad,
         generator=torch.Generator().manual_seed(seed) if shuffle else None,
         pin_memory=torch.device(device).type == "cuda",
         worker_init_fn=worker_init_fn if num_workers > 0 else None,

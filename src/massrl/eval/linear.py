@@ -217,6 +217,9 @@ def train_on_images(
     """
     torch.manual_seed(seed)
     head = linear_head(feature_dim, num_classes)
+    if finetune:  # (as SimCLR fine-tunes): a random head's first steps would send the
+        nn.init.zeros_(head[-1].weight)  # pre-trained backbone large, meaningless gradients;
+        nn.init.zeros_(head[-1].bias)  # a zero one gives it none until the head has learned
     model = Classifier(backbone, head, finetune).to(device)
     groups: list[dict[str, Any]] = [{"params": head.parameters()}]
     if finetune:

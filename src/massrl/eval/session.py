@@ -110,7 +110,6 @@ def check_writable(path: Path) -> None:
 def open_data(run: EvalRun, needs_labels: bool = True) -> None:
     """Load the evaluation dataset, check its labels and that the backbone takes its image size."""
     from massrl.data import DatasetNotFoundError, load_dataset
-    from massrl.data.datasets import SubsetDataset
 
     data, pre_data = run.cfg.data, run.pre.config.data
     run.transfer = not same_data(data.name, data.root, pre_data)
@@ -129,20 +128,45 @@ def open_data(run: EvalRun, needs_labels: bool = True) -> None:
             "sub-folder per class, or data.name=cifar10."
         )
     asked = run.requested.get("data") or {}
-    shares = {name: ds for name, ds in (("labeled training", splits.train_labeled),
-                                         ("test", splits.test)) if ds is not None}
-    if data.eval_subset is not None and "eval_subset" not in asked and any(
-            isinstance(ds, SubsetDataset) for ds in shares.values()):
-        used = [f"{len(ds)} of {len(ds.base)}" if isinstance(ds, SubsetDataset)
-                else f"all {len(ds)}" for ds in shares.values()]
-        print(f"data.eval_subset={data.eval_subset} (the checkpoint's, for its monitors): "
-              "evaluating with " + " and ".join(
-                  f"{n} {name} images" for n, name in zip(used, shares, strict=True))
-              + " (class-balanced); data.eval_subset=null takes the whole splits")
+    note_inherited_subsets(data, asked, splits)
     asked_size = "image_size" in asked
     # Transfer: the evaluation dataset's own size unless the user chose one.
     run.image_size = splits.native_size if run.transfer and not asked_size else data.image_size
     check_input_size(run)
+
+
+def note_inherited_subsets(data: Any, asked: dict, splits: Any) -> None:
+    """Say when the checkpoint's data.subset / eval_subset (set for pre-training and its
+    monitors) shrink the evaluation's splits, and how to take them whole."""
+    from massrl.data.datasets import SubsetDataset
+
+    labeled = splits.train_labeled
+    # (data.subset reaches the labeled split where pre-training trains on that split)
+    subset_applies = isinstance(splits.train, SubsetDataset) and labeled is not None and (
+        labeled is splits.train or getattr(labeled, "base", None) is splits.train)
+    inherited = [f"data.{key}" for key, applies in (("subset", subset_applies),
+                                                    ("eval_subset", True))
+                 if applies and getattr(data, key) is not None and key not in asked]
+    shares = {name: ds for name, ds in (("labeled training", splits.train_labeled),
+                                         ("test", splits.test)) if ds is not None}
+    if not inherited or not any(isinstance(ds, SubsetDataset) for ds in shares.values()):
+        return
+    used = [f"{len(ds)} of {whole_size(ds)}" if isinstance(ds, SubsetDataset)
+            else f"all {len(ds)}" for ds in shares.values()]
+    print(" ".join(f"{key}={getattr(data, key.removeprefix('data.'))}" for key in inherited)
+          + " (the checkpoint's, for pre-training and its monitors): evaluating with "
+          + " and ".join(f"{n} {name} images" for n, name in zip(used, shares, strict=True))
+          + " (class-balanced); " + " ".join(f"{key}=null" for key in inherited)
+          + " takes the whole splits")
+
+
+def whole_size(ds: Any) -> int:
+    """The size of the split a (nested) subset was drawn from."""
+    from massrl.data.datasets import SubsetDataset
+
+    while isinstance(ds, SubsetDataset):
+        ds = ds.base
+    return len(ds)
 
 
 def check_input_size(run: EvalRun) -> None:
