@@ -99,6 +99,24 @@ def test_eval_transform_resize_centre_crop_normalise():
     assert torch.allclose(middle, torch.ones(3, 32, 32))
 
 
+def test_a_test_image_is_seen_whole_at_its_own_size_and_cropped_when_larger():
+    """STL-10 at 96 px (its own size) is evaluated whole, as solo-learn does; ImageNet-like
+    images at 224 px (larger originals) get the 0.875 centre crop; small images always whole."""
+    stl = EvalTransform(96, MEAN, STD, native_size=96)
+    imagenet = EvalTransform(224, MEAN, STD, native_size=400)
+    unknown = EvalTransform(96, MEAN, STD)
+    assert (stl.resize, stl.crop_ratio) == (96, 1.0)
+    assert (imagenet.resize, imagenet.crop_ratio) == (256, 0.875)
+    assert (unknown.resize, unknown.crop_ratio) == (110, 0.875)
+    assert EvalTransform(32, MEAN, STD, native_size=8).crop_ratio == 1.0
+    assert EvalTransform(96, MEAN, STD, 0.5, native_size=96).crop_ratio == 0.5  # asked for
+    # whole: a 96 px picture with a bright 2-pixel border keeps it
+    arr = np.zeros((96, 96), np.uint8)
+    arr[:2] = 255
+    assert EvalTransform(96, (0.0,) * 3, (1.0,) * 3, native_size=96)(Image.fromarray(arr))[
+        :, 0].mean() > 0.9
+
+
 def test_normalisation_keeps_every_pixel_and_channel_in_place():
     """A textured picture at the eval size is only normalised: pixel for pixel, per channel."""
     rng = np.random.default_rng(1)

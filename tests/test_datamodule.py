@@ -235,3 +235,19 @@ def test_evaluation_items_decode_jpegs_down_to_the_test_resize(tmp_path):
     assert seen == [(100, 75), (400, 300)]
     Transformed(files, record(transform))[0]  # no side: full size
     assert seen[-1] == (800, 600)
+
+
+def test_the_monitors_see_a_test_image_whole_at_the_datasets_own_size():
+    """STL-10-like data evaluated at its own 96 px: the online kNN's test images are not
+    centre-cropped (a bright border row survives), as the offline evaluation sees them."""
+    from massrl.data import DatasetSplits
+
+    arr = np.zeros((96, 96), np.uint8)
+    arr[:2] = 255
+    images = [(Image.fromarray(arr), i % 2) for i in range(8)]
+    splits = DatasetSplits(train=images, train_labeled=images, test=images, classes=["a", "b"],
+                           mean=(0.0,) * 3, std=(1.0,) * 3, native_size=96)
+    dm = SSLDataModule(_cfg(image_size=96), StandInViews(), splits=splits)
+    dm.setup("fit")
+    test = next(iter(dm.val_dataloader()[1]))["image"]
+    assert test.shape == (8, 3, 96, 96) and test[:, :, 0].mean() > 0.9

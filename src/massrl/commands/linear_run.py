@@ -14,7 +14,6 @@ from torch.utils.data import Dataset, Subset
 from massrl.augment.crops import rrc_source_side
 from massrl.config import ConfigError
 from massrl.data.datasets import SubsetDataset
-from massrl.data.eval_transform import EvalTransform
 from massrl.data.folder import FileImageDataset, files_fingerprint
 from massrl.eval import session
 from massrl.eval.config import LinearEvalConfig
@@ -90,11 +89,10 @@ def _cached_mode(r: session.EvalRun, train: Dataset, subset: dict[str, Any],
                "subset": cfg.data.subset, "eval_subset": cfg.data.eval_subset,
                "num_samples": len(train), "files": files_fingerprint(train),
                "version": session.FEATURES_VERSION, **session.test_transform_info(r)}
-        transform = EvalTransform(r.image_size, r.splits.mean, r.splits.std, cfg.test_crop_ratio)
         train_x, train_y = cached_features(
-            r.pre.backbone, Transformed(train, transform), key, cache_dir=cfg.cache_dir,
-            use_cache=cfg.cache, device=r.device, batch_size=cfg.data.batch_size,
-            num_workers=session.loader_workers(r))
+            r.pre.backbone, Transformed(train, session.test_transform(r)), key,
+            cache_dir=cfg.cache_dir, use_cache=cfg.cache, device=r.device,
+            batch_size=cfg.data.batch_size, num_workers=session.loader_workers(r))
         session.warn_left_out(r, len(train) - len(train_y), len(train), "train")
     subset["num_train"] = len(train_y)  # (features of the images that decoded)
     test_x, test_y = session.features(r, "test")
@@ -113,8 +111,7 @@ def _image_mode(r: session.EvalRun, train: Dataset, recipe: SGDRecipe) -> Linear
                          num_workers=session.loader_workers(r), device=r.device)
     common = dict(finetune=cfg.finetune, seed=cfg.seed, device=r.device)
     if cfg.finetune:
-        test = Transformed(s.test, EvalTransform(r.image_size, s.mean, s.std,
-                                                 cfg.test_crop_ratio))
+        test = Transformed(s.test, session.test_transform(r))
         common["test_loader"] = make_loader(test, cfg.data.batch_size, device=r.device,
                                             num_workers=session.loader_workers(r))
     else:

@@ -216,7 +216,8 @@ class SSLDataModule(L.LightningDataModule):
         if not self.has_labels:
             return []
         splits = self.splits
-        transform = EvalTransform(self.cfg.data.image_size, splits.mean, splits.std)
+        transform = EvalTransform(self.cfg.data.image_size, splits.mean, splits.std,
+                                  native_size=splits.native_size)
         item, side = _EvalItem(transform), transform.source_side
         return [
             self._loader(_Mapped(splits.train_labeled, item, side), shuffle=False,

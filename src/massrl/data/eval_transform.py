@@ -15,7 +15,7 @@ from torchvision.transforms import functional as F
 
 from massrl.data.images import as_rgb
 
-SMALL_IMAGE = 64  # up to this size a test image is seen whole; larger ones with the 0.875 crop
+SMALL_IMAGE = 64  # up to this size a test image is seen whole (see test_resize)
 
 
 def channel_stats(mean: Sequence[float] | float, std: Sequence[float] | float
@@ -35,10 +35,15 @@ def channel_stats(mean: Sequence[float] | float, std: Sequence[float] | float
     return out[0], out[1]
 
 
-def test_resize(image_size: int, crop_ratio: float | None = None) -> tuple[int, float]:
-    """(resize side, ratio): small images are evaluated whole, large ones with the 0.875 crop."""
-    ratio = crop_ratio if crop_ratio is not None else (1.0 if image_size <= SMALL_IMAGE else 0.875)
-    return round(image_size / ratio), ratio
+def test_resize(image_size: int, crop_ratio: float | None = None,
+                native_size: int | None = None) -> tuple[int, float]:
+    """(resize side, ratio): an image seen at no more than its own size (``native_size``, the
+    dataset's typical side: STL-10 at 96 px) or a small one is evaluated whole, as solo-learn
+    evaluates CIFAR and STL-10; a larger one (ImageNet at 224 px) with the 0.875 centre crop."""
+    if crop_ratio is None:
+        whole = image_size <= SMALL_IMAGE or (native_size is not None and image_size >= native_size)
+        crop_ratio = 1.0 if whole else 0.875
+    return round(image_size / crop_ratio), crop_ratio
 
 
 class EvalTransform:
@@ -47,9 +52,9 @@ class EvalTransform:
     shorter side beyond which a source image adds no detail (the resize side)."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float],
-                 crop_ratio: float | None = None) -> None:
+                 crop_ratio: float | None = None, native_size: int | None = None) -> None:
         self.image_size = image_size
-        self.resize, self.crop_ratio = test_resize(image_size, crop_ratio)
+        self.resize, self.crop_ratio = test_resize(image_size, crop_ratio, native_size)
         self.source_side = self.resize
         self.mean, self.std = channel_stats(mean, std)
 

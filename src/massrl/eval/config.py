@@ -61,7 +61,8 @@ class _DataEval(_Base):
     data: EvalDataConfig = Field(default_factory=EvalDataConfig)
     test_crop_ratio: float | None = Field(
         None, gt=0, le=1,
-        description="test: resize to size/ratio, centre crop (default 1 up to 64 px, else 0.875)",
+        description="test: resize to size/ratio, centre crop (default: 1 up to 64 px or the "
+                    "dataset's own image size, else 0.875)",
     )
     cache: bool = Field(True, description="cache features per checkpoint, split and transform")
     cache_dir: str | None = Field(None, description="default: ~/.cache/massrl/features")

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 import massrl
 from massrl.config import ConfigError, to_yaml
-from massrl.data.eval_transform import EvalTransform, test_resize
+from massrl.data.eval_transform import EvalTransform
 from massrl.data.folder import files_fingerprint
 from massrl.devices import resolve_num_workers
 from massrl.eval.checkpoint import Pretrained, load
@@ -186,9 +186,15 @@ def split_dataset(run: EvalRun, split: Split) -> Dataset:
     return run.splits.train_labeled if split == "train" else run.splits.test
 
 
+def test_transform(run: EvalRun) -> EvalTransform:
+    """The test-time transform of every evaluation (and of the pre-training monitors)."""
+    return EvalTransform(run.image_size, run.splits.mean, run.splits.std,
+                         run.cfg.test_crop_ratio, run.splits.native_size)
+
+
 def test_transform_info(run: EvalRun) -> dict[str, Any]:
-    resize, ratio = test_resize(run.image_size, run.cfg.test_crop_ratio)
-    return {"resize": resize, "center_crop": run.image_size, "crop_ratio": ratio,
+    t = test_transform(run)
+    return {"resize": t.resize, "center_crop": t.image_size, "crop_ratio": t.crop_ratio,
             "interpolation": "bicubic", "mean": list(run.splits.mean),
             "std": list(run.splits.std)}
 
@@ -205,10 +211,8 @@ def features(run: EvalRun, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
            "root": cfg.data.root, "subset": cfg.data.subset, "eval_subset": cfg.data.eval_subset,
            "seed": cfg.seed, "num_samples": len(ds), "files": files_fingerprint(ds),
            "version": FEATURES_VERSION, **test_transform_info(run)}
-    transform = EvalTransform(run.image_size, run.splits.mean, run.splits.std,
-                               cfg.test_crop_ratio)
     feats, labels = cached_features(
-        run.pre.backbone, Transformed(ds, transform), key, cache_dir=cfg.cache_dir,
+        run.pre.backbone, Transformed(ds, test_transform(run)), key, cache_dir=cfg.cache_dir,
         use_cache=cfg.cache, device=run.device, batch_size=cfg.data.batch_size,
         num_workers=loader_workers(run),
     )
