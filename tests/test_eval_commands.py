@@ -403,3 +403,47 @@ def test_linear_counts_and_reports_the_images_it_left_out(tmp_path, ckpt, mode, 
     left_out = [w for w in res["warnings"] if "could not be decoded and were left out" in w]
     assert len(left_out) == 2 and all(w.startswith("2 of the 18 images of the ")
                                       for w in left_out), left_out
+
+
+def test_a_list_of_file_names_picks_the_labeled_images(tmp_path, ckpt, capsys):
+    """SimCLR's 1 % / 10 % ImageNet lists name files (`n01440764_10026.JPEG`): such a list
+    selects exactly those images of the training folder; names it cannot find, a bare name two
+    classes share, or a label_fraction beside it are refused with what to do."""
+    root = tmp_path / "pics"
+    for split in ("train", "val"):
+        for c, name in enumerate(("cat", "dog")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(6):
+                Image.new("RGB", (16, 16), (20 * i, 200 * c, 90)).save(
+                    root / split / name / f"{name}_{i}.png")
+    folder = ["data.name=folder", f"data.root={root}", "data.image_size=16",
+              "features_cached=true", "epochs=1"]
+    names = tmp_path / "1percent.txt"
+    names.write_text("cat_1.png\n\ndog_4.png\ndog_5.png\n")
+    code, res = _run(tmp_path, "linear", f"ckpt={ckpt}", *folder, f"subset_file={names}")
+    assert code == 0 and res["results"]["num_train"] == 3
+    assert res["results"]["label_fraction"] == pytest.approx(3 / 12)
+    # the same three as class/name paths: the same images
+    paths = tmp_path / "paths.txt"
+    paths.write_text("cat/cat_1.png\ndog/dog_4.png\ndog/dog_5.png\n")
+    code, again = _run(tmp_path, "linear", f"ckpt={ckpt}", *folder, f"subset_file={paths}")
+    assert code == 0 and again["results"]["subset_sha256"] == res["results"]["subset_sha256"]
+    capsys.readouterr()
+
+    def refused(text: str, *extra: str) -> str:
+        bad = tmp_path / "bad.txt"
+        bad.write_text(text)
+        assert main(["linear", f"ckpt={ckpt}", *folder, f"subset_file={bad}", *extra,
+                     f"output_dir={tmp_path / 'no'}", "device=cpu"]) == 2
+        return " ".join(capsys.readouterr().err.split())
+
+    assert "1 of its 2 names are not images of the labeled split (first: 'lion_1.png')" in \
+        refused("cat_1.png\nlion_1.png\n")
+    assert "lists its images: leave label_fraction out" in \
+        refused("cat_1.png\n", "label_fraction=0.5")
+    assert "not a folder of image files" in refused(  # digits: no files to name
+        "cat_1.png\n", "data.name=digits", "data.root=null")
+    (root / "train" / "dog" / "cat_1.png").write_bytes(
+        (root / "train" / "cat" / "cat_1.png").read_bytes())
+    assert "'cat_1.png' is the name of more than one image of the split: write paths " \
+        "relative to the training folder (class/name)" in refused("cat_1.png\n")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 from typing import Any
 
 import torch
@@ -13,8 +12,7 @@ from torch.utils.data import Dataset, Subset
 
 from massrl.augment.crops import rrc_source_side
 from massrl.config import ConfigError
-from massrl.data.datasets import SubsetDataset
-from massrl.data.folder import FileImageDataset, files_fingerprint
+from massrl.data.folder import files_fingerprint
 from massrl.eval import session
 from massrl.eval.config import LinearEvalConfig
 from massrl.eval.features import (
@@ -22,6 +20,12 @@ from massrl.eval.features import (
     cached_features,
     make_loader,
     train_transform,
+)
+from massrl.eval.label_list import (
+    base_and_indices,
+    file_list_indices,
+    is_file_list,
+    split_file_names,
 )
 from massrl.eval.linear import (
     LinearResult,
@@ -45,15 +49,9 @@ def split_identity(ds: Dataset) -> str:
     in the dataset, or for files by name relative to their folder, so that the same images
     have the same identity wherever they are stored (a copy on a node's scratch disk) and
     however the split was drawn (another checkpoint's seed), and other images another."""
-    indices = list(range(len(ds)))
-    while isinstance(ds, SubsetDataset | Subset):
-        indices = [ds.indices[i] for i in indices]
-        ds = ds.base if isinstance(ds, SubsetDataset) else ds.dataset
-    names: list[Any] = indices
-    if isinstance(ds, FileImageDataset) and ds.paths:
-        root = os.path.commonpath([os.fsdecode(p) for p in ds.paths])
-        names = [os.path.relpath(os.fsdecode(ds.paths[i]), root) for i in indices]
-    targets = getattr(ds, "targets", None)
+    base, indices = base_and_indices(ds)
+    names: list[Any] = split_file_names(ds) or indices
+    targets = getattr(base, "targets", None)
     labels = [int(targets[i]) for i in indices] if targets is not None else None
     return hashlib.sha256(json.dumps([names, labels]).encode()).hexdigest()[:16]
 
@@ -63,6 +61,23 @@ def _train_set(r: session.EvalRun) -> tuple[Dataset, dict[str, Any]]:
     cfg, ds = r.cfg, r.splits.train_labeled
     if cfg.label_fraction is None and cfg.subset_file is None:
         return ds, {"label_fraction": None, "num_train": len(ds)}
+    if cfg.subset_file is not None and is_file_list(cfg.subset_file):
+        try:
+            indices = file_list_indices(ds, cfg.subset_file, cfg.label_fraction)
+        except (ValueError, OSError) as exc:
+            raise ConfigError(str(exc)) from None
+        path, fraction = cfg.subset_file, len(indices) / len(ds)
+    else:
+        indices, path, fraction = _drawn_subset(r, ds)
+    digest = hashlib.sha256(json.dumps(indices).encode()).hexdigest()
+    info = {"label_fraction": fraction, "num_train": len(indices),
+            "subset_file": str(path) if path else None, "subset_sha256": digest}
+    return Subset(ds, indices), info
+
+
+def _drawn_subset(r: session.EvalRun, ds: Dataset) -> tuple[list[int], Any, float | None]:
+    """A seeded class-balanced label fraction, or the one an earlier run saved (subset_file)."""
+    cfg = r.cfg
     try:
         source = {"images": split_identity(ds)}
         indices, path, fraction = label_subset(
@@ -71,10 +86,7 @@ def _train_set(r: session.EvalRun) -> tuple[Dataset, dict[str, Any]]:
         )
     except (ValueError, OSError) as exc:
         raise ConfigError(str(exc)) from None
-    digest = hashlib.sha256(json.dumps(indices).encode()).hexdigest()
-    info = {"label_fraction": fraction, "num_train": len(indices),
-            "subset_file": str(path) if path else None, "subset_sha256": digest}
-    return Subset(ds, indices), info
+    return indices, path, fraction
 
 
 def _cached_mode(r: session.EvalRun, train: Dataset, subset: dict[str, Any],

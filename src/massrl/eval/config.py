@@ -106,7 +106,9 @@ class LinearEvalConfig(_DataEval):
     )
     finetune: bool = Field(False, description="train the whole network, not only the head")
     backbone_lr: float | None = Field(None, gt=0, description="finetune: backbone lr (default lr)")
-    subset_file: str | None = Field(None, description="reuse label-subset indices saved by a run")
+    subset_file: str | None = Field(
+        None, description="reuse the label subset a run saved (JSON), or a text file of image "
+        "file names, one per line (SimCLR's 1 % / 10 % ImageNet lists)")
 
     @field_validator("label_fraction")
     @classmethod
