@@ -119,6 +119,30 @@ def test_train_val_folders_share_class_numbering(tmp_path):
     assert sorted(set(splits.test.targets)) == [1, 2]  # dog, eel as numbered in train/
 
 
+def test_the_files_behind_a_subset_are_fingerprinted_and_checked(tmp_path):
+    """data.subset / eval_subset wrap a folder in a class-balanced subset: its files still key
+    the feature cache (a replaced file is new features) and data.strict still reads every
+    held-out header (both saw no files behind such a subset)."""
+    from massrl.data.folder import check_headers, files_fingerprint
+
+    _class_folder(tmp_path / "train")
+    _class_folder(tmp_path / "val", per_class=4)
+    splits = load_dataset(DataConfig(name="folder", root=str(tmp_path), subset=6,
+                                     eval_subset=3))
+    assert len(splits.train) == 6 and len(splits.train_labeled) == len(splits.test) == 3
+    before = files_fingerprint(splits.test)
+    assert before is not None
+    _img(tmp_path / "val" / "dog" / "1.png", value=250)
+    assert files_fingerprint(splits.test) != before
+    used = [splits.test.dataset.paths[i] for i in splits.test.indices]
+    unused = sorted(set(splits.test.dataset.paths) - set(used))
+    unused[0].write_bytes(b"")  # a file the split does not use is not its problem
+    check_headers(splits.test)
+    used[-1].write_bytes(b"")
+    with pytest.raises(BadImageError, match=used[-1].name):
+        check_headers(splits.test)
+
+
 def test_flat_and_nested_unlabeled(tmp_path):
     flat = tmp_path / "flat"
     for i in range(3):
@@ -214,7 +238,7 @@ def test_digits_and_subsets():
     splits = load_dataset(cfg, seed=3)
     assert len(splits.train) == 100 and splits.mean == (0.5, 0.5, 0.5)
     # eval_subset is drawn from the (already subset) labeled train split, and from test
-    assert len(splits.train_labeled) == 50 and splits.train_labeled.base is splits.train
+    assert len(splits.train_labeled) == 50 and splits.train_labeled.dataset is splits.train
     assert len(splits.test) == 50
     only_subset = load_dataset(DataConfig(name="digits", subset=100), seed=3)
     assert only_subset.train_labeled is only_subset.train

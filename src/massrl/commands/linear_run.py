@@ -13,6 +13,7 @@ from torch.utils.data import Dataset, Subset
 from massrl.augment.crops import rrc_source_side
 from massrl.config import ConfigError
 from massrl.data.folder import files_fingerprint
+from massrl.data.subset import base_and_indices
 from massrl.eval import session
 from massrl.eval.config import LinearEvalConfig
 from massrl.eval.features import (
@@ -22,7 +23,6 @@ from massrl.eval.features import (
     train_transform,
 )
 from massrl.eval.label_list import (
-    base_and_indices,
     file_list_indices,
     is_file_list,
     split_file_names,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from massrl.config import DataConfig, default_root
 from massrl.data.folder import (
@@ -93,19 +93,13 @@ class ArrayImageDataset(Dataset):
         return Image.fromarray(self.images[index]).convert("RGB"), self.targets[index]
 
 
-class SubsetDataset(Dataset):
-    """A view on chosen indices that keeps ``targets`` and ``classes`` (torch's Subset does not)."""
+class SubsetDataset(Subset):
+    """torch's Subset that keeps ``targets`` and ``classes`` (class-balanced subsets need them)."""
 
     def __init__(self, base: Dataset, indices: Sequence[int]) -> None:
-        self.base, self.indices = base, list(indices)
+        super().__init__(base, list(indices))
         self.targets = [base.targets[i] for i in self.indices]
         self.classes = getattr(base, "classes", None)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int):
-        return self.base[self.indices[index]]
 
 
 class TorchvisionDataset(Dataset):

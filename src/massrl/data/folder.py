@@ -15,6 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from massrl.data.images import BadImageError, check_image_header, load_image
+from massrl.data.subset import base_and_indices
 
 
 class UnusableDataError(ValueError):
@@ -144,8 +145,9 @@ def check_headers(dataset: Dataset) -> None:
     """data.strict: the header of every file behind a (possibly wrapped) FileImageDataset, read
     before training (about a millisecond each), so that a held-out file the first validation
     would stop at stops the run before an epoch of training is spent. Raises BadImageError."""
-    files = _files_of(dataset)
-    for path in files.paths if files is not None else ():
+    files, used = base_and_indices(dataset)  # (the files the split uses)
+    paths = [files.paths[i] for i in used] if isinstance(files, FileImageDataset) else []
+    for path in paths:
         try:
             check_image_header(path)
         except BadImageError as err:
@@ -153,12 +155,10 @@ def check_headers(dataset: Dataset) -> None:
 
 
 def _files_of(dataset: Dataset) -> FileImageDataset | None:
-    """The FileImageDataset a dataset wraps (Subset, ...); None for one not read from files."""
-    while not isinstance(dataset, FileImageDataset):
-        dataset = getattr(dataset, "dataset", None)
-        if dataset is None:
-            return None
-    return dataset
+    """The FileImageDataset a dataset wraps (a Subset, a class-balanced SubsetDataset, ...);
+    None for one not read from files."""
+    base, _ = base_and_indices(dataset)
+    return base if isinstance(base, FileImageDataset) else None
 
 
 def files_fingerprint(dataset: Dataset) -> str | None:

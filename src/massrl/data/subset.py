@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from torch.utils.data import Dataset, Subset
 
 
 def balanced_subset(labels: Sequence[int] | None, n: int, seed: int) -> list[int]:
@@ -88,3 +89,12 @@ def _water_fill(sizes: list[int], n: int) -> list[int]:
         quotas[i] = min(sizes[i], remaining // (len(sizes) - rank))
         remaining -= quotas[i]
     return quotas
+
+
+def base_and_indices(ds: Dataset) -> tuple[Dataset, list[int]]:
+    """The dataset a (nested) Subset was drawn from, and the positions there of its items."""
+    indices = list(range(len(ds)))
+    while isinstance(ds, Subset):
+        indices = [ds.indices[i] for i in indices]
+        ds = ds.dataset
+    return ds, indices

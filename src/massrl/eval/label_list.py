@@ -9,25 +9,16 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
-from massrl.data.datasets import SubsetDataset
 from massrl.data.folder import FileImageDataset
+from massrl.data.subset import base_and_indices
 
 
 def is_file_list(path: str | Path) -> bool:
     """A text file of names (not the JSON of indices that a run saves)."""
     with open(path, "rb") as f:
         return not f.read(64).lstrip().startswith(b"{")
-
-
-def base_and_indices(ds: Dataset) -> tuple[Dataset, list[int]]:
-    """The dataset a (nested) subset was drawn from, and the positions there of its items."""
-    indices = list(range(len(ds)))
-    while isinstance(ds, SubsetDataset | Subset):
-        indices = [ds.indices[i] for i in indices]
-        ds = ds.base if isinstance(ds, SubsetDataset) else ds.dataset
-    return ds, indices
 
 
 def split_file_names(ds: Dataset) -> list[str] | None:

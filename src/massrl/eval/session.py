@@ -139,11 +139,12 @@ def note_inherited_subsets(data: Any, asked: dict, splits: Any) -> None:
     """Say when the checkpoint's data.subset / eval_subset (set for pre-training and its
     monitors) shrink the evaluation's splits, and how to take them whole."""
     from massrl.data.datasets import SubsetDataset
+    from massrl.data.subset import base_and_indices
 
     labeled = splits.train_labeled
     # (data.subset reaches the labeled split where pre-training trains on that split)
     subset_applies = isinstance(splits.train, SubsetDataset) and labeled is not None and (
-        labeled is splits.train or getattr(labeled, "base", None) is splits.train)
+        labeled is splits.train or getattr(labeled, "dataset", None) is splits.train)
     inherited = [f"data.{key}" for key, applies in (("subset", subset_applies),
                                                     ("eval_subset", True))
                  if applies and getattr(data, key) is not None and key not in asked]
@@ -151,22 +152,13 @@ def note_inherited_subsets(data: Any, asked: dict, splits: Any) -> None:
                                          ("test", splits.test)) if ds is not None}
     if not inherited or not any(isinstance(ds, SubsetDataset) for ds in shares.values()):
         return
-    used = [f"{len(ds)} of {whole_size(ds)}" if isinstance(ds, SubsetDataset)
+    used = [f"{len(ds)} of {len(base_and_indices(ds)[0])}" if isinstance(ds, SubsetDataset)
             else f"all {len(ds)}" for ds in shares.values()]
     print(" ".join(f"{key}={getattr(data, key.removeprefix('data.'))}" for key in inherited)
           + " (the checkpoint's, for pre-training and its monitors): evaluating with "
           + " and ".join(f"{n} {name} images" for n, name in zip(used, shares, strict=True))
           + " (class-balanced); " + " ".join(f"{key}=null" for key in inherited)
           + " takes the whole splits")
-
-
-def whole_size(ds: Any) -> int:
-    """The size of the split a (nested) subset was drawn from."""
-    from massrl.data.datasets import SubsetDataset
-
-    while isinstance(ds, SubsetDataset):
-        ds = ds.base
-    return len(ds)
 
 
 def check_input_size(run: EvalRun) -> None:
