@@ -119,3 +119,20 @@ def test_a_vit_given_its_own_img_size_still_takes_other_sizes():
                                     kwargs={"img_size": 32, "patch_size": 4, "depth": 1})
     assert spec.timm_kwargs["dynamic_img_size"] is True
     assert input_size_error(backbone, 48) is None
+
+
+def test_a_size_refused_by_a_bare_assert_is_still_explained():
+    """A model whose size check is an `assert` without a message (the first line of an empty
+    message was an IndexError) is reported by the error's type."""
+    from torch import nn
+
+    from massrl.models.backbones import input_size_error
+
+    class FixedSize(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[-1] != 8:
+                raise AssertionError  # (what a bare assert raises outside pytest's rewriting)
+            return x
+
+    assert input_size_error(FixedSize(), 16) == "AssertionError"
+    assert input_size_error(FixedSize(), 8) is None

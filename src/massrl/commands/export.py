@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from massrl.commands.common import add_eval_args
 from massrl.eval.config import ExportConfig
+from massrl.messages import first_line
 
 if TYPE_CHECKING:
     from massrl.eval.session import EvalRun
@@ -35,7 +36,7 @@ def _normalisation(r: EvalRun) -> tuple[Any, Any]:
         splits = load_dataset(data, r.pre.config.seed)
         return splits.mean, splits.std
     except Exception as exc:  # the dataset may not be on this machine: record that instead
-        r.warn(f"mean/std of '{data.name}' unknown ({str(exc).splitlines()[0]}); "
+        r.warn(f"mean/std of '{data.name}' unknown ({first_line(exc)}); "
                "the manifest records null")
         return None, None
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from massrl.config import ConfigError, RunConfig
+from massrl.messages import first_line
 from massrl.models import BackboneSpec, build_backbone
 
 BACKBONE_PREFIX = "backbone."
@@ -49,9 +50,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         # Lightning checkpoints pickle more than tensors (hyper-parameters, loop state).
         ckpt = torch.load(p, map_location="cpu", weights_only=False)
     except Exception as exc:  # any unpickling failure means "not a checkpoint"
-        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CheckpointError(
-            f"'{path}' is truncated or not a PyTorch checkpoint ({why}).") from None
+            f"'{path}' is truncated or not a PyTorch checkpoint ({first_line(exc)}).") from None
     if not isinstance(ckpt, dict) or "massrl" not in ckpt:
         hint = ""
         if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):

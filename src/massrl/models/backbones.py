@@ -11,6 +11,7 @@ from timm.models import is_model_in_modules
 from torch import nn
 
 from massrl.config import ConfigError
+from massrl.messages import first_line
 
 
 @dataclass
@@ -108,7 +109,7 @@ def input_size_error(model: nn.Module, size: int) -> str | None:
         with torch.no_grad():
             model.eval()(torch.zeros(1, 3, size, size))
     except (RuntimeError, AssertionError, ValueError) as exc:
-        return str(exc).splitlines()[0].rstrip(".")
+        return first_line(exc).rstrip(".")
     finally:
         model.train(was_training)
     return None
