@@ -97,17 +97,24 @@ def test_fine_tuning_trains_on_every_labeled_image_each_epoch(tmp_path, ckpt, mo
     from massrl.eval.features import unpack
     from massrl.eval.linear import LinearResult
 
-    seen = []
+    seen, loaders = [], []
 
     def count_images(backbone, num_classes, feature_dim, loader, recipe, **kwargs):
         seen.append(sum(len(xy[1]) for batch in loader if (xy := unpack(batch)) is not None))
+        loaders.extend([loader, kwargs["test_loader"]])
         return LinearResult(0.0, 0.0, 0.0, 0.0, 1)
 
     monkeypatch.setattr(linear_run, "train_on_images", count_images)
     code, res = _run(tmp_path, "linear", f"ckpt={ckpt}", "epochs=1", "finetune=true",
-                     "label_fraction=0.1", "batch_size=32")
+                     "label_fraction=0.1", "batch_size=32", "data.num_workers=1")
     assert code == 0 and res["results"]["num_train"] % 32  # (a last, partial batch)
     assert seen == [res["results"]["num_train"]]
+    # loaders read every epoch keep their workers (data.persistent_workers, on by default)
+    assert [(ld.num_workers, ld.persistent_workers) for ld in loaders] == [(1, True)] * 2
+    loaders.clear()
+    _run(tmp_path, "linear", f"ckpt={ckpt}", "epochs=1", "finetune=true", "label_fraction=0.1",
+         "data.num_workers=1", "data.persistent_workers=false")
+    assert [ld.persistent_workers for ld in loaders] == [False, False]
 
 
 def test_an_inherited_eval_subset_is_said_to_apply(tmp_path, capsys):

@@ -104,7 +104,7 @@ def _cached_mode(r: session.EvalRun, train: Dataset, subset: dict[str, Any],
         train_x, train_y = cached_features(
             r.pre.backbone, Transformed(train, session.test_transform(r)), key,
             cache_dir=cfg.cache_dir, use_cache=cfg.cache, device=r.device,
-            batch_size=cfg.data.batch_size, num_workers=session.loader_workers(r))
+            batch_size=cfg.data.batch_size, **session.loader_options(r))
         session.warn_left_out(r, len(train) - len(train_y), len(train), "train")
     subset["num_train"] = len(train_y)  # (features of the images that decoded)
     test_x, test_y = session.features(r, "test")
@@ -120,12 +120,12 @@ def _image_mode(r: session.EvalRun, train: Dataset, recipe: SGDRecipe) -> Linear
     # label fraction (1 % of CIFAR-10 at batch 256: 244 of 500); a batch of one, which
     # batch-norm cannot train on, is skipped by the training loop
     loader = make_loader(Transformed(train, aug, side), cfg.batch_size, shuffle=True, seed=cfg.seed,
-                         num_workers=session.loader_workers(r), device=r.device)
+                         device=r.device, **session.loader_options(r, every_epoch=True))
     common = dict(finetune=cfg.finetune, seed=cfg.seed, device=r.device)
     if cfg.finetune:
         test = Transformed(s.test, session.test_transform(r))
         common["test_loader"] = make_loader(test, cfg.data.batch_size, device=r.device,
-                                            num_workers=session.loader_workers(r))
+                                            **session.loader_options(r, every_epoch=True))
     else:
         common["test_features"] = session.features(r, "test")
     return train_on_images(r.pre.backbone, s.num_classes, feature_dim(r.pre.backbone), loader,

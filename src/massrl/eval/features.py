@@ -82,16 +82,20 @@ def unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def make_loader(
     dataset: Dataset, batch_size: int, *, shuffle: bool = False, num_workers: int = 0,
-    seed: int = 0, device: torch.device | str = "cpu",
+    seed: int = 0, device: torch.device | str = "cpu", pin_memory: bool = True,
+    persistent_workers: bool = False,
 ) -> DataLoader:
-    """A loader over Transformed items that skips undecodable images; shuffling is seeded."""
+    """A loader over Transformed items that skips undecodable images; shuffling is seeded.
+    `pin_memory` applies on CUDA only; `persistent_workers` (data.persistent_workers) keeps
+    the workers of a loader read every epoch."""
     from massrl.data import collate_skip_bad, worker_init_fn
 
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
         collate_fn=collate_skip_bad,
         generator=torch.Generator().manual_seed(seed) if shuffle else None,
-        pin_memory=torch.device(device).type == "cuda",
+        pin_memory=pin_memory and torch.device(device).type == "cuda",
+        persistent_workers=persistent_workers and num_workers > 0,
         worker_init_fn=worker_init_fn if num_workers > 0 else None,
     )
 
@@ -153,6 +157,7 @@ def cached_features(
     backbone: nn.Module, dataset: Dataset, key: dict[str, Any], *,
     cache_dir: str | Path | None = None, use_cache: bool = True,
     device: torch.device | str = "cpu", batch_size: int = 256, num_workers: int = 0,
+    pin_memory: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of `dataset` (Transformed items), read from / written to the cache by `key`."""
     path = cache_path(cache_dir, key)
@@ -163,7 +168,8 @@ def cached_features(
         except Exception as exc:  # noqa: BLE001 - a damaged cache entry is only a miss
             _cache_warning(f"ignoring the unreadable cached features {path} "
                            f"({type(exc).__name__}); computing them again")
-    loader = make_loader(dataset, batch_size, num_workers=num_workers, device=device)
+    loader = make_loader(dataset, batch_size, num_workers=num_workers, device=device,
+                         pin_memory=pin_memory)
     feats, labels = extract_features(backbone, loader, device, f"features ({key.get('split')})")
     if use_cache:
         try:

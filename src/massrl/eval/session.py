@@ -191,9 +191,13 @@ def test_transform_info(run: EvalRun) -> dict[str, Any]:
             "std": list(run.splits.std)}
 
 
-def loader_workers(run: EvalRun) -> int:
-    """data.num_workers as a number for the device this evaluation runs on."""
-    return resolve_num_workers(run.cfg.data.num_workers, run.device.type == "cpu")
+def loader_options(run: EvalRun, *, every_epoch: bool = False) -> dict[str, Any]:
+    """The data.* loader settings for the device this evaluation runs on; `every_epoch`: a
+    loader read once per epoch, whose workers data.persistent_workers keeps."""
+    data = run.cfg.data
+    return {"num_workers": resolve_num_workers(data.num_workers, run.device.type == "cpu"),
+            "pin_memory": data.pin_memory,
+            **({"persistent_workers": data.persistent_workers} if every_epoch else {})}
 
 
 def features(run: EvalRun, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,7 +210,7 @@ def features(run: EvalRun, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels = cached_features(
         run.pre.backbone, Transformed(ds, test_transform(run)), key, cache_dir=cfg.cache_dir,
         use_cache=cfg.cache, device=run.device, batch_size=cfg.data.batch_size,
-        num_workers=loader_workers(run),
+        **loader_options(run),
     )
     warn_left_out(run, len(ds) - len(labels), len(ds), split)
     return feats, labels
