@@ -5,7 +5,7 @@ from __future__ import annotations
 import textwrap
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -17,6 +17,9 @@ from torch.utils.data import Dataset  # noqa: E402
 from massrl.config import RunConfig  # noqa: E402
 from massrl.data.datasets import UnusableDataError  # noqa: E402
 from massrl.files import save_figure  # noqa: E402
+
+if TYPE_CHECKING:
+    from massrl.data import DatasetSplits
 
 
 def _pick_images(dataset: Dataset, num_images: int, seed: int) -> list:
@@ -69,7 +72,7 @@ def augmentation_grid(dataset: Dataset, transform, path: str | Path, num_images:
     return path
 
 
-def save_augmentation_picture(cfg: RunConfig, path: Path, splits: Any) -> None:
+def save_augmentation_picture(cfg: RunConfig, path: Path, splits: DatasetSplits) -> None:
     """A pre-training run's views, drawn with the per-image pipeline (the batched backend
     applies the same strategies on the device)."""
     from massrl.augment import MultiViewTransform

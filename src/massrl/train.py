@@ -9,7 +9,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -61,6 +61,9 @@ from massrl.run_dir import (
     remove_new_run_dir,
     run_lock,
 )
+
+if TYPE_CHECKING:
+    from massrl.data import DatasetSplits, SSLDataModule
 
 KNN_METRIC = "val/knn_top1"
 VAL_FIGURES = (KNN_METRIC, "val/probe_top1")  # the summary's validation figures
@@ -243,7 +246,7 @@ def _trainer(cfg: RunConfig, run_dir: Path, has_labels: bool, callbacks: list,
     )
 
 
-def build_datamodule(cfg: RunConfig, splits: Any = None):
+def build_datamodule(cfg: RunConfig, splits: DatasetSplits | None = None) -> SSLDataModule:
     """The datamodule (of `splits`, datasets of one's own, when given), set up, with the
     view-making transform of the configured backend."""
     from massrl.data import SSLDataModule
@@ -264,7 +267,7 @@ def check_one_batch(dm, cfg: RunConfig, world_size: int) -> None:
     dm.check_fills_a_batch(world_size)
 
 
-def pretrain(cfg: RunConfig, run_dir: Path | None = None, *, splits: Any = None
+def pretrain(cfg: RunConfig, run_dir: Path | None = None, *, splits: DatasetSplits | None = None
              ) -> dict[str, Any]:
     """Run one pre-training job and return its summary (also written to summary.json).
 
@@ -282,7 +285,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, *, splits: Any = None
 
 
 def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
-              splits: Any) -> dict[str, Any]:
+              splits: DatasetSplits | None) -> dict[str, Any]:
     check_accelerator(cfg.trainer.accelerator)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     set_cpu_threads(cfg)
@@ -336,7 +339,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
     return summary
 
 
-def _start(cfg: RunConfig, run_dir: Path, splits: Any) -> dict[str, Any] | tuple:
+def _start(cfg: RunConfig, run_dir: Path, splits: DatasetSplits | None
+           ) -> dict[str, Any] | tuple:
     """The checkpoint to resume from and what `_prepare` builds, or the summary of a run that
     has nothing left to train."""
     resume_from = find_resume_checkpoint(cfg, run_dir)
@@ -360,7 +364,8 @@ def _start(cfg: RunConfig, run_dir: Path, splits: Any) -> dict[str, Any] | tuple
     return resume_from, resumed_step, dm, method, trainer, parts
 
 
-def _prepare(cfg: RunConfig, run_dir: Path, resumed_step: int | None, splits: Any
+def _prepare(cfg: RunConfig, run_dir: Path, resumed_step: int | None,
+             splits: DatasetSplits | None
              ) -> tuple[Any, SSLMethod, L.Trainer, dict]:
     """Everything before training: data, method, Trainer, and the checks that stop a run
     which could not train."""

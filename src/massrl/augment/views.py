@@ -1,6 +1,6 @@
 """Making the views of one image from several augmentation strategies, and the loss's pair masks.
 
-View modes (DESIGN.md section 1):
+View modes (README, "Multi-augmentation views"):
   random              cfg.num_views views, each its own crop and a strategy drawn per view
   per_strategy        one view per strategy, each its own crop; view k = strategy k
   crops_x_strategies  cfg.num_crops shared crops, every strategy on every crop (V = C * S)

@@ -11,7 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from rich.console import Console
@@ -33,6 +33,10 @@ from massrl.eval.features import (
 from massrl.files import write_text
 from massrl.models.backbones import input_size_error
 
+if TYPE_CHECKING:
+    from massrl.config import DataConfig
+    from massrl.data import DatasetSplits
+
 Split = Literal["train", "test"]
 FEATURES_VERSION = 2  # bump when extraction changes, so old cache files are not reused
 SIZE_WARN_RATIO = 2.0
@@ -47,7 +51,7 @@ class EvalRun:
     device: torch.device
     requested: dict[str, Any]  # the user's own keys (file + overrides), before defaults
     warnings: list[str] = field(default_factory=list)
-    splits: Any = None  # massrl.data.DatasetSplits once open_data ran
+    splits: DatasetSplits | None = None  # once open_data ran
     image_size: int = 0
     transfer: bool = False
     split_seed: int = 0  # the seed of the held-out split and subsets
@@ -135,7 +139,7 @@ def open_data(run: EvalRun, needs_labels: bool = True) -> None:
     check_input_size(run)
 
 
-def note_inherited_subsets(data: Any, asked: dict, splits: Any) -> None:
+def note_inherited_subsets(data: DataConfig, asked: dict, splits: DatasetSplits) -> None:
     """Say when the checkpoint's data.subset / eval_subset (set for pre-training and its
     monitors) shrink the evaluation's splits, and how to take them whole."""
     from massrl.data.datasets import SubsetDataset

@@ -11,7 +11,7 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -26,6 +26,9 @@ from massrl.models import build_backbone
 from massrl.models.backbones import feature_dim
 from massrl.optim import build_optimizer, scaled_lr, warmup_cosine
 from massrl.resilience import check_finite, rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    from massrl.data import DatasetSplits
 
 
 def quiet_hook_notice() -> None:
@@ -80,10 +83,10 @@ class SSLMethod(L.LightningModule):
         self._skipped_this_epoch = 0
         self.images_seen = 0
         self._bad_images: set[int] = set()  # training-split indices of undecodable files
-        # the input normalisation of the data this model is trained on (set by massrl.train);
+        # the input normalisation of the data this model is trained on (set by use_data);
         # recorded in checkpoints so evaluation and export can reproduce it
         self.normalization: dict[str, Any] = {}
-        # augment.backend=batched: the strategies run here on the device (see massrl.train)
+        # augment.backend=batched: the strategies run here on the device (made by use_data)
         self.augmenter: Any = None
         # channels-last batches, as the model (train.py may turn it off: devices.py)
         self.channels_last = cfg.trainer.channels_last
@@ -103,7 +106,7 @@ class SSLMethod(L.LightningModule):
     def pair_mask(self, batch: dict) -> torch.Tensor:
         return pair_mask(batch["strategy"], batch["crop"], self.cfg.augment.pairs)
 
-    def use_data(self, splits: Any) -> None:
+    def use_data(self, splits: DatasetSplits) -> None:
         """Train on these splits (massrl.data.DatasetSplits): record their normalisation, which
         checkpoints keep for evaluation and export, and for augment.backend=batched make the
         augmenter that normalises with it."""
