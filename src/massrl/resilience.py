@@ -200,6 +200,14 @@ def check_finite(loss: torch.Tensor, step: int, epoch: int, skip: bool) -> bool:
     )
 
 
+def _unused_keys(*methods: str | None) -> set[str]:
+    """Keys either method does not read: their change is no change of the model (SimCLR's
+    predictor width)."""
+    from massrl.methods import METHODS
+
+    return {k for m in methods if m in METHODS for k in METHODS[m].UNUSED_KEYS}
+
+
 def _comparable(key: str, value: Any, tree: dict) -> Any:
     """data.root as the folder it names, the dataset's default for none (resolved from here:
     resume from where the run started, or give the root absolute)."""
@@ -256,12 +264,11 @@ def check_resume_compatible(cfg: RunConfig, ckpt_path: Path) -> dict:
     if saved is None:
         raise ConfigError(f"{ckpt_path} is not a massrl pre-training checkpoint: cannot resume")
     now = cfg.model_dump(mode="json")
-    # SimCLR has no predictor: its width is no change of a model where either side lacks one
-    no_predictor = "simclr" in (saved.get("method"), now["method"])
+    unused = _unused_keys(saved.get("method"), now["method"])
     changed = [f"{k}: {_get(saved, k)!r} in the checkpoint, {_get(now, k)!r} now"
                for k in FROZEN_KEYS
                if _comparable(k, _get(saved, k), saved) != _comparable(k, _get(now, k), now)
-               and not (no_predictor and k == "model.pred_hidden_dim")]
+               and k not in unused]
     if changed:
         raise ConfigError(
             f"cannot resume from {ckpt_path}: the config changed what cannot change mid-run:\n  "

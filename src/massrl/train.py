@@ -259,11 +259,11 @@ def build_datamodule(cfg: RunConfig, splits: DatasetSplits | None = None) -> SSL
 
 def check_one_batch(dm, cfg: RunConfig, world_size: int) -> None:
     """Stop before training when the split cannot fill one batch per device: Lightning would
-    train nothing and finish as if all went well. Also SimCLR without negatives: with one
-    image in the global batch its loss is 0 and it trains nothing."""
-    if cfg.method == "simclr" and cfg.data.batch_size * world_size < 2:
-        raise ConfigError("method=simclr needs at least 2 images in the global batch (the other "
-                          "images are its negatives): set data.batch_size=2 or more")
+    train nothing and finish as if all went well; nor a global batch the method cannot train
+    on (SimCLR's needs negatives)."""
+    from massrl.methods import METHODS
+
+    METHODS[cfg.method].check_global_batch(cfg, cfg.data.batch_size * world_size)
     dm.check_fills_a_batch(world_size)
 
 
@@ -394,9 +394,8 @@ def _prepare(cfg: RunConfig, run_dir: Path, resumed_step: int | None,
     if cfg.trainer.compile:
         # the encoders carry the compute; compiling them in place keeps checkpoint keys plain and
         # leaves the data-dependent loss bookkeeping in eager mode
-        for name in ("backbone", "target_backbone"):
-            if hasattr(method, name):
-                getattr(method, name).compile()
+        for name in method.ENCODERS:
+            getattr(method, name).compile()
     return dm, method, trainer, parts
 
 

@@ -95,6 +95,15 @@ class SSLMethod(L.LightningModule):
 
     # ------------------------------------------------------------------ method interface
 
+    # config keys the method does not read (a change of them is no change of its model)
+    UNUSED_KEYS: tuple[str, ...] = ()
+    # the modules that carry the compute, compiled in place by trainer.compile
+    ENCODERS: tuple[str, ...] = ("backbone",)
+
+    @classmethod
+    def check_global_batch(cls, cfg: RunConfig, images: int) -> None:
+        """Raise ConfigError when a global batch of `images` cannot train this method."""
+
     def ssl_step(self, batch: dict) -> dict[str, torch.Tensor]:
         """Return at least {"loss", "feats"}: feats are the backbone features of the first view
         ([B, F]) used by the online probe; other entries are logged under train/."""

@@ -13,6 +13,8 @@ from massrl.optim import cosine_tau
 
 
 class BYOL(SSLMethod):
+    ENCODERS = ("backbone", "target_backbone")
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         m = self.cfg.model

@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import torch
 
+from massrl.config import ConfigError, RunConfig
 from massrl.losses import nt_xent, projection_std
 from massrl.methods.base import SSLMethod, views_last
 from massrl.models import mlp
 
 
 class SimCLR(SSLMethod):
+    UNUSED_KEYS = ("model.pred_hidden_dim",)  # no predictor
+
+    @classmethod
+    def check_global_batch(cls, cfg: RunConfig, images: int) -> None:
+        # with one image in the global batch there are no negatives: the loss is 0, nothing trains
+        if images < 2:
+            raise ConfigError("method=simclr needs at least 2 images in the global batch (the "
+                              "other images are its negatives): set data.batch_size=2 or more")
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         m = self.cfg.model
