@@ -218,3 +218,12 @@ def test_uint8_crops_without_an_augmenter_say_how_to_fix():
              "strategy": torch.zeros(2, 2, dtype=torch.long)}
     with pytest.raises(RuntimeError, match=r"no augmenter: .*model.use_data\(splits\)"):
         model.on_after_batch_transfer(batch, 0)
+
+
+@pytest.mark.parametrize("method", ["byol", "simclr", "massrl"])
+def test_trainer_compile_compiles_every_encoder_the_method_runs(method):
+    """The encoders carry the compute: BYOL/MASSRL's target encoder as well as the online one."""
+    model = build_method(_cfg(method), num_classes=3)
+    encoders = {name for name, module in model.named_children()
+                if "backbone" in name and isinstance(module, torch.nn.Module)}
+    assert set(model.ENCODERS) == encoders
