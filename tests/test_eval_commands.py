@@ -430,11 +430,19 @@ def test_a_list_of_file_names_picks_the_labeled_images(tmp_path, ckpt, capsys):
     code, res = _run(tmp_path, "linear", f"ckpt={ckpt}", *folder, f"subset_file={names}")
     assert code == 0 and res["results"]["num_train"] == 3
     assert res["results"]["label_fraction"] == pytest.approx(3 / 12)
-    # the same three as class/name paths: the same images
+    # the same three as class/name paths, mixed with a bare name, written by a Windows editor
+    # (byte-order mark, CRLF, backslashes): the same images
     paths = tmp_path / "paths.txt"
-    paths.write_text("cat/cat_1.png\ndog/dog_4.png\ndog/dog_5.png\n")
+    paths.write_bytes("\ufeffcat\\cat_1.png\r\ndog/dog_4.png\r\ndog_5.png\r\n".encode())
     code, again = _run(tmp_path, "linear", f"ckpt={ckpt}", *folder, f"subset_file={paths}")
     assert code == 0 and again["results"]["subset_sha256"] == res["results"]["subset_sha256"]
+    # a file name that is not UTF-8 is matched by its bytes
+    odd = os.fsdecode(b"caf\xe9.png")
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(root / "train" / "cat" / odd)
+    (tmp_path / "odd.txt").write_bytes(b"caf\xe9.png\n")
+    code, res = _run(tmp_path, "linear", f"ckpt={ckpt}", *folder,
+                     f"subset_file={tmp_path / 'odd.txt'}")
+    assert code == 0 and res["results"]["num_train"] == 1
     capsys.readouterr()
 
     def refused(text: str, *extra: str) -> str:
@@ -450,6 +458,9 @@ def test_a_list_of_file_names_picks_the_labeled_images(tmp_path, ckpt, capsys):
         refused("cat_1.png\n", "label_fraction=0.5")
     assert "not a folder of image files" in refused(  # digits: no files to name
         "cat_1.png\n", "data.name=digits", "data.root=null")
+    assert main(["linear", f"ckpt={ckpt}", *folder, f"subset_file={tmp_path / 'none.txt'}",
+                 f"output_dir={tmp_path / 'no'}", "device=cpu"]) == 2  # (a config error)
+    assert "none.txt" in capsys.readouterr().err
     (root / "train" / "dog" / "cat_1.png").write_bytes(
         (root / "train" / "cat" / "cat_1.png").read_bytes())
     assert "'cat_1.png' is the name of more than one image of the split: write paths " \

@@ -392,11 +392,15 @@ def _prepare(cfg: RunConfig, run_dir: Path, resumed_step: int | None,
     trainer, parts = build_trainer(cfg, run_dir, dm.has_labels, resumed_step)
     check_one_batch(dm, cfg, trainer.world_size)
     if cfg.trainer.compile:
-        # the encoders carry the compute; compiling them in place keeps checkpoint keys plain and
-        # leaves the data-dependent loss bookkeeping in eager mode
-        for name in method.ENCODERS:
-            getattr(method, name).compile()
+        compile_encoders(method)
     return dm, method, trainer, parts
+
+
+def compile_encoders(method: SSLMethod) -> None:
+    """trainer.compile: the encoders carry the compute; compiling them in place keeps the
+    checkpoint keys plain and leaves the data-dependent loss bookkeeping in eager mode."""
+    for name in method.ENCODERS:
+        getattr(method, name).compile()
 
 
 class StoppedAtOnce(KeyboardInterrupt):

@@ -61,11 +61,13 @@ def _train_set(r: session.EvalRun) -> tuple[Dataset, dict[str, Any]]:
     cfg, ds = r.cfg, r.splits.train_labeled
     if cfg.label_fraction is None and cfg.subset_file is None:
         return ds, {"label_fraction": None, "num_train": len(ds)}
-    if cfg.subset_file is not None and is_file_list(cfg.subset_file):
-        try:
+    try:
+        listed = cfg.subset_file is not None and is_file_list(cfg.subset_file)
+        if listed:
             indices = file_list_indices(ds, cfg.subset_file, cfg.label_fraction)
-        except (ValueError, OSError) as exc:
-            raise ConfigError(str(exc)) from None
+    except (ValueError, OSError) as exc:
+        raise ConfigError(str(exc)) from None
+    if listed:
         path, fraction = cfg.subset_file, len(indices) / len(ds)
     else:
         indices, path, fraction = _drawn_subset(r, ds)

@@ -101,6 +101,11 @@ class SubsetDataset(Subset):
         self.targets = [base.targets[i] for i in self.indices]
         self.classes = getattr(base, "classes", None)
 
+    @property
+    def base(self) -> Dataset:
+        """The dataset drawn from (torch's name for it: `dataset`)."""
+        return self.dataset
+
 
 class TorchvisionDataset(Dataset):
     """A torchvision dataset with RGB images, int labels and a ``targets`` list."""

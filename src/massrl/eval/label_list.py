@@ -36,7 +36,7 @@ def file_list_indices(ds: Dataset, path: str | Path, fraction: float | None = No
                       ) -> list[int]:
     """The positions in the labeled split of the files a list names. A line is a file name
     (`n01440764_10026.JPEG`, unique in the split) or a path relative to the split's folder
-    (`n01440764/n01440764_10026.JPEG`); blank lines are skipped."""
+    (`n01440764/n01440764_10026.JPEG`), each line either; blank lines are skipped."""
     if fraction is not None:
         raise ValueError(f"subset_file {path} lists its images: leave label_fraction out")
     names = split_file_names(ds)
@@ -44,11 +44,13 @@ def file_list_indices(ds: Dataset, path: str | Path, fraction: float | None = No
         raise ValueError(
             f"subset_file {path} lists file names, but this labeled split is not a folder of "
             "image files: a list applies to data.name=imagenet, imagenet100 or folder")
-    wanted = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    wanted = [name for line in Path(path).read_bytes().splitlines()
+              if (name := _name(line))]
     if not wanted:
         raise ValueError(f"subset_file {path} lists no file names")
-    lookup = _lookup(names, by_path=any("/" in w for w in wanted))
-    missing = [w for w in wanted if w not in lookup]
+    by_path, by_name = _lookup(names, by_path=True), _lookup(names, by_path=False)
+    lookup = {w: (by_path if "/" in w else by_name).get(w, -1) for w in wanted}
+    missing = [w for w in wanted if lookup[w] == -1]
     if missing:
         raise ValueError(
             f"subset_file {path}: {len(missing)} of its {len(wanted)} names are not images of "
@@ -61,6 +63,12 @@ def file_list_indices(ds: Dataset, path: str | Path, fraction: float | None = No
             f"subset_file {path}: the name {ambiguous[0]!r} is the name of more than one image "
             "of the split: write paths relative to the training folder (class/name)")
     return sorted({lookup[w] for w in wanted})  # type: ignore[misc]
+
+
+def _name(line: bytes) -> str:
+    """A list's line as a name of the split: decoded as file names are (names that are not
+    UTF-8 match), without a Windows editor's byte-order mark or backslashes."""
+    return os.fsdecode(line).strip().lstrip("\ufeff").strip().replace("\\", "/")
 
 
 def _lookup(names: Sequence[str], *, by_path: bool) -> dict[str, int | None]:
