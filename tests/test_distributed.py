@@ -36,8 +36,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from massrl.config import build_config
 from massrl.data.datamodule import SSLDataModule, _EvalItem, _Mapped, collate_skip_bad
-from massrl.eval.linear import FeatureStandardiser
 from massrl.methods import build_method
+from massrl.models.heads import FeatureStandardiser
 
 WORLD = 2
 B = 4  # per-rank batch of the equivalence runs

@@ -21,9 +21,9 @@ from massrl import __version__
 from massrl.augment import pair_mask
 from massrl.config import RunConfig
 from massrl.devices import use_channels_last
-from massrl.eval.linear import linear_head
 from massrl.models import build_backbone
 from massrl.models.backbones import feature_dim
+from massrl.models.heads import linear_head
 from massrl.optim import build_optimizer, scaled_lr, warmup_cosine
 from massrl.resilience import check_finite, rng_state, set_rng_state
 
