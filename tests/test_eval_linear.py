@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from massrl.eval.label_subsets import label_subset
 from massrl.eval.linear import (
     Classifier,
     SGDRecipe,
-    label_subset,
     train_linear_on_features,
     train_on_images,
 )
@@ -130,9 +130,9 @@ def test_label_subset_is_balanced_reproducible_and_reusable(tmp_path):
 def test_a_labeled_split_is_identified_by_its_images_not_by_where_they_are(tmp_path):
     """subset_file checks this identity: the same images (a copied folder, a split drawn with
     another checkpoint's seed) pass, other images or labels do not."""
-    from massrl.commands.linear_run import split_identity
     from massrl.data.datasets import SubsetDataset
     from massrl.data.folder import FileImageDataset
+    from massrl.eval.label_subsets import split_identity
 
     names = [f"{c}/{i}.png" for c in "ab" for i in range(3)]
     here, copy = (FileImageDataset([tmp_path / r / n for n in names], [0, 0, 0, 1, 1, 1])

@@ -13,7 +13,6 @@ from torch.utils.data import Dataset, Subset
 from massrl.augment.crops import rrc_source_side
 from massrl.config import ConfigError
 from massrl.data.folder import files_fingerprint
-from massrl.data.subset import base_and_indices
 from massrl.eval import session
 from massrl.eval.config import LinearEvalConfig
 from massrl.eval.features import (
@@ -22,15 +21,15 @@ from massrl.eval.features import (
     make_loader,
     train_transform,
 )
-from massrl.eval.label_list import (
+from massrl.eval.label_subsets import (
     file_list_indices,
     is_file_list,
-    split_file_names,
+    label_subset,
+    split_identity,
 )
 from massrl.eval.linear import (
     LinearResult,
     SGDRecipe,
-    label_subset,
     train_linear_on_features,
     train_on_images,
 )
@@ -42,18 +41,6 @@ def _targets(ds: Dataset) -> list[int]:
     if targets is None:  # no label list: read the items (slow, decodes every image once)
         targets = [ds[i][1] for i in range(len(ds))]  # type: ignore[arg-type]
     return [int(t) for t in targets]
-
-
-def split_identity(ds: Dataset) -> str:
-    """A hash of which images a labeled split holds, in order, with their labels: by position
-    in the dataset, or for files by name relative to their folder, so that the same images
-    have the same identity wherever they are stored (a copy on a node's scratch disk) and
-    however the split was drawn (another checkpoint's seed), and other images another."""
-    base, indices = base_and_indices(ds)
-    names: list[Any] = split_file_names(ds) or indices
-    targets = getattr(base, "targets", None)
-    labels = [int(targets[i]) for i in indices] if targets is not None else None
-    return hashlib.sha256(json.dumps([names, labels]).encode()).hexdigest()[:16]
 
 
 def _train_set(r: session.EvalRun) -> tuple[Dataset, dict[str, Any]]:

@@ -8,11 +8,9 @@ images. Fine-tuning: the whole network trained on a seeded class-balanced fracti
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +20,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from massrl.eval.features import progress, progress_line, unpack
 from massrl.eval.knn import topk_accuracy
-from massrl.files import write_text
 from massrl.models.heads import linear_head
 
 
@@ -195,58 +192,3 @@ def train_on_images(
 
     desc = "fine-tune" if finetune else "linear (augmented)"
     return _fit(model, groups, train_loader, evaluate, recipe, device, desc)
-
-
-# ---------------------------------------------------------------- label fractions
-
-
-def label_subset(
-    labels: Sequence[int], fraction: float | None, seed: int, *, dataset: str,
-    subset_file: str | Path | None = None, save_dir: str | Path | None = None,
-    source: dict[str, Any] | None = None,
-) -> tuple[list[int], Path | None, float]:
-    """Indices of a seeded class-balanced label fraction, the JSON file that records them, and
-    the fraction.
-
-    The indices point into the labeled split as the run sees it; `source` identifies that
-    split (which images it holds: commands.linear_run.split_identity) and is recorded with
-    them. With
-    `subset_file` the indices of an earlier run are reused, checked against this dataset and
-    source (the same indices of another split would be other images); `fraction` may then be
-    None (the file's), and must otherwise be the file's.
-    """
-    from massrl.data import fraction_subset
-
-    if subset_file is not None:
-        saved = json.loads(Path(subset_file).read_text())
-        if saved.get("dataset") != dataset or saved.get("num_samples") != len(labels):
-            raise ValueError(
-                f"subset_file {subset_file} was made for {saved.get('dataset')} with "
-                f"{saved.get('num_samples')} training images, not {dataset} with {len(labels)}"
-            )
-        was = saved.get("source") or {}
-        changed = [f"{k}: {was[k]!r} then, {v!r} now" for k, v in (source or {}).items()
-                   if k in was and was[k] != v]
-        if changed:
-            raise ValueError(
-                f"subset_file {subset_file} indexes another labeled split than this run's (its "
-                f"indices would name other images): {'; '.join(changed)}. Evaluate on the "
-                "images the file was made for, or draw a new subset (label_fraction)")
-        if fraction is not None and fraction != saved.get("label_fraction"):
-            raise ValueError(
-                f"subset_file {subset_file} holds a label_fraction of "
-                f"{saved.get('label_fraction')}, not {fraction}: leave label_fraction out (the "
-                "file decides) or drop subset_file")
-        return [int(i) for i in saved["indices"]], Path(subset_file), saved.get("label_fraction")
-    if fraction is None:
-        raise ValueError("label_subset needs a fraction or a subset_file")
-    indices = fraction_subset(labels, fraction, seed)
-    path = None
-    if save_dir is not None:
-        path = Path(save_dir) / f"label_subset_{dataset}_{fraction:g}_seed{seed}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text(path, json.dumps({
-            "dataset": dataset, "split": "train_labeled", "num_samples": len(labels),
-            "label_fraction": fraction, "seed": seed, "source": source or {}, "indices": indices,
-        }))
-    return indices, path, fraction
