@@ -142,7 +142,7 @@ class FileImageDataset(Dataset):
 
 
 def check_headers(dataset: Dataset) -> None:
-    """data.strict: the header of every file behind a (possibly wrapped) FileImageDataset, read
+    """data.strict: the header of every file a (possibly subset) FileImageDataset uses, read
     before training (about a millisecond each), so that a held-out file the first validation
     would stop at stops the run before an epoch of training is spent. Raises BadImageError."""
     files, used = base_and_indices(dataset)  # (the files the split uses)
