@@ -44,38 +44,26 @@ def _targets(ds: Dataset) -> list[int]:
 
 
 def _train_set(r: session.EvalRun) -> tuple[Dataset, dict[str, Any]]:
-    """The labeled training images, restricted to the label fraction when one is asked for."""
+    """The labeled training images, restricted to the label fraction when one is asked for:
+    drawn (seeded, class-balanced), reused from a run's saved file, or named by a file list."""
     cfg, ds = r.cfg, r.splits.train_labeled
     if cfg.label_fraction is None and cfg.subset_file is None:
         return ds, {"label_fraction": None, "num_train": len(ds)}
     try:
-        listed = cfg.subset_file is not None and is_file_list(cfg.subset_file)
-        if listed:
+        if cfg.subset_file is not None and is_file_list(cfg.subset_file):
             indices = file_list_indices(ds, cfg.subset_file, cfg.label_fraction)
+            path, fraction = cfg.subset_file, len(indices) / len(ds)
+        else:
+            indices, path, fraction = label_subset(
+                _targets(ds), cfg.label_fraction, cfg.seed, dataset=cfg.data.name,
+                subset_file=cfg.subset_file, save_dir=r.output_dir,
+                source={"images": split_identity(ds)})
     except (ValueError, OSError) as exc:
         raise ConfigError(str(exc)) from None
-    if listed:
-        path, fraction = cfg.subset_file, len(indices) / len(ds)
-    else:
-        indices, path, fraction = _drawn_subset(r, ds)
     digest = hashlib.sha256(json.dumps(indices).encode()).hexdigest()
     info = {"label_fraction": fraction, "num_train": len(indices),
             "subset_file": str(path) if path else None, "subset_sha256": digest}
     return Subset(ds, indices), info
-
-
-def _drawn_subset(r: session.EvalRun, ds: Dataset) -> tuple[list[int], Any, float | None]:
-    """A seeded class-balanced label fraction, or the one an earlier run saved (subset_file)."""
-    cfg = r.cfg
-    try:
-        source = {"images": split_identity(ds)}
-        indices, path, fraction = label_subset(
-            _targets(ds), cfg.label_fraction, cfg.seed, dataset=cfg.data.name,
-            subset_file=cfg.subset_file, save_dir=r.output_dir, source=source,
-        )
-    except (ValueError, OSError) as exc:
-        raise ConfigError(str(exc)) from None
-    return indices, path, fraction
 
 
 def _cached_mode(r: session.EvalRun, train: Dataset, subset: dict[str, Any],
