@@ -216,9 +216,10 @@ class Evaluator:
         self.linear_epochs = setup.linear_epochs
 
     def features(self, ds: Any, net: Any) -> tuple[Any, Any]:
-        from massrl.eval.features import Transformed, extract_features, make_loader
+        from massrl.data.loading import labeled_images, make_loader
+        from massrl.eval.features import extract_features
 
-        return extract_features(net, make_loader(Transformed(ds, self.transform), 256), "cpu")
+        return extract_features(net, make_loader(labeled_images(ds, self.transform), 256), "cpu")
 
     def __call__(self, net: Any) -> dict[str, float]:
         train = self.features(self.splits.train_labeled, net)

@@ -115,12 +115,13 @@ def frozen_knn_top1(backbone: Any, cfg: Any) -> float:
     features, bank = labeled train split, queries = test split, both cut to data.eval_subset."""
     from massrl.data import load_dataset
     from massrl.data.eval_transform import EvalTransform
-    from massrl.eval.features import Transformed, extract_features, make_loader
+    from massrl.data.loading import labeled_images, make_loader
+    from massrl.eval.features import extract_features
     from massrl.eval.knn import weighted_knn
 
     splits = load_dataset(cfg.data, 0)  # the same bank and test images for every run
     t = EvalTransform(cfg.data.image_size, splits.mean, splits.std)
-    bank, test = (extract_features(backbone, make_loader(Transformed(ds, t), 256))
+    bank, test = (extract_features(backbone, make_loader(labeled_images(ds, t), 256))
                   for ds in (splits.train_labeled, splits.test))
     top1 = weighted_knn(*bank, *test, cfg.eval.knn_k, cfg.eval.knn_temperature,
                         splits.num_classes)[0]

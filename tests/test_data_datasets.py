@@ -193,7 +193,7 @@ def test_collate_skip_bad():
     out = collate_skip_bad(batch)
     assert out["x"].shape == (2, 2) and out["label"].tolist() == [1, 0] and out["skipped"] == 1
     assert collate_skip_bad([None, None]) == {"skipped": 2}
-    from massrl.data.datamodule import BadItem
+    from massrl.data.loading import BadItem
 
     out = collate_skip_bad([BadItem(7), {"x": torch.ones(2)}, BadItem(3)])
     assert out["skipped"] == 2 and out["skipped_index"] == [7, 3] and out["x"].shape == (1, 2)

@@ -219,7 +219,7 @@ def test_large_jpegs_are_decoded_down_to_what_the_transforms_need(tmp_path):
 def test_evaluation_items_decode_jpegs_down_to_the_test_resize(tmp_path):
     from massrl.data.eval_transform import EvalTransform
     from massrl.data.folder import FileImageDataset
-    from massrl.eval.features import Transformed
+    from massrl.data.loading import labeled_images
 
     Image.new("RGB", (800, 600), (200, 90, 0)).save(tmp_path / "p.jpg")
     files = FileImageDataset([tmp_path / "p.jpg"], [0])
@@ -230,10 +230,10 @@ def test_evaluation_items_decode_jpegs_down_to_the_test_resize(tmp_path):
 
     for size in (64, 224):  # test resize 64 (1/8 -> 100x75) and 256 (1/2 -> 400x300)
         transform = EvalTransform(size, (0.5,), (0.5,))
-        item = Transformed(files, record(transform), transform.source_side)[0]
+        item = labeled_images(files, record(transform), transform.source_side)[0]
         assert item["image"].shape == (3, size, size)
     assert seen == [(100, 75), (400, 300)]
-    Transformed(files, record(transform))[0]  # no side: full size
+    labeled_images(files, record(transform))[0]  # no side: full size
     assert seen[-1] == (800, 600)
 
 

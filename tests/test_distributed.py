@@ -35,7 +35,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from massrl.config import build_config
-from massrl.data.datamodule import SSLDataModule, _EvalItem, _Mapped, collate_skip_bad
+from massrl.data.datamodule import SSLDataModule
+from massrl.data.loading import collate_skip_bad, labeled_images
 from massrl.methods import build_method
 from massrl.models.heads import FeatureStandardiser
 
@@ -90,8 +91,7 @@ class _EvalBase(Dataset):
 
 
 def _eval_loaders() -> list[DataLoader]:
-    item = _EvalItem(torch.nn.Identity())
-    return [DataLoader(_Mapped(_EvalBase(n, seed), item), batch_size=4,
+    return [DataLoader(labeled_images(_EvalBase(n, seed), torch.nn.Identity()), batch_size=4,
                        collate_fn=collate_skip_bad) for n, seed in ((BANK_SIZE, 2), (TEST_SIZE, 3))]
 
 

@@ -13,14 +13,10 @@ from torch.utils.data import Dataset, Subset
 from massrl.augment.crops import rrc_source_side
 from massrl.config import ConfigError
 from massrl.data.folder import files_fingerprint
+from massrl.data.loading import labeled_images, make_loader
 from massrl.eval import session
 from massrl.eval.config import LinearEvalConfig
-from massrl.eval.features import (
-    Transformed,
-    cached_features,
-    make_loader,
-    train_transform,
-)
+from massrl.eval.features import cached_features, train_transform
 from massrl.eval.label_subsets import (
     file_list_indices,
     is_file_list,
@@ -79,7 +75,7 @@ def _cached_mode(r: session.EvalRun, train: Dataset, subset: dict[str, Any],
                "num_samples": len(train), "files": files_fingerprint(train),
                "version": session.FEATURES_VERSION, **session.test_transform_info(r)}
         train_x, train_y = cached_features(
-            r.pre.backbone, Transformed(train, session.test_transform(r)), key,
+            r.pre.backbone, labeled_images(train, session.test_transform(r)), key,
             cache_dir=cfg.cache_dir, use_cache=cfg.cache, device=r.device,
             batch_size=cfg.data.batch_size, **session.loader_options(r))
         session.warn_left_out(r, len(train) - len(train_y), len(train), "train")
@@ -96,11 +92,12 @@ def _image_mode(r: session.EvalRun, train: Dataset, recipe: SGDRecipe) -> Linear
     # every image every epoch: dropping the last partial batch left out up to half of a small
     # label fraction (1 % of CIFAR-10 at batch 256: 244 of 500); a batch of one, which
     # batch-norm cannot train on, is skipped by the training loop
-    loader = make_loader(Transformed(train, aug, side), cfg.batch_size, shuffle=True, seed=cfg.seed,
-                         device=r.device, **session.loader_options(r, every_epoch=True))
+    loader = make_loader(labeled_images(train, aug, side), cfg.batch_size, shuffle=True,
+                         seed=cfg.seed, device=r.device,
+                         **session.loader_options(r, every_epoch=True))
     common = dict(finetune=cfg.finetune, seed=cfg.seed, device=r.device)
     if cfg.finetune:
-        test = Transformed(s.test, session.test_transform(r))
+        test = labeled_images(s.test, session.test_transform(r))
         common["test_loader"] = make_loader(test, cfg.data.batch_size, device=r.device,
                                             **session.loader_options(r, every_epoch=True))
     else:

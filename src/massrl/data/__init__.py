@@ -1,6 +1,6 @@
 """Datasets (offline discovery, image folders, subsets) and the Lightning data module."""
 
-from massrl.data.datamodule import SSLDataModule, collate_skip_bad, worker_init_fn
+from massrl.data.datamodule import SSLDataModule
 from massrl.data.datasets import (
     DatasetNotFoundError,
     DatasetSplits,
@@ -9,6 +9,7 @@ from massrl.data.datasets import (
 )
 from massrl.data.folder import BadImageWarning
 from massrl.data.images import BadImageError, load_image
+from massrl.data.loading import collate_skip_bad, labeled_images, make_loader, worker_init_fn
 from massrl.data.subset import balanced_subset, fraction_subset, random_subset
 
 __all__ = [
@@ -21,8 +22,10 @@ __all__ = [
     "balanced_subset",
     "collate_skip_bad",
     "fraction_subset",
+    "labeled_images",
     "load_dataset",
     "load_image",
+    "make_loader",
     "random_subset",
     "worker_init_fn",
 ]

@@ -3,117 +3,26 @@
 from __future__ import annotations
 
 import math
-import random
-import signal
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 
 from massrl.config import RunConfig
 from massrl.data.datasets import DatasetSplits, load_dataset
 from massrl.data.eval_transform import EvalTransform
 from massrl.data.folder import UnusableDataError
-from massrl.data.images import decode_at_least
+from massrl.data.loading import (
+    MappedDataset,
+    ViewsItem,
+    labeled_images,
+    make_loader,
+)
 from massrl.data.sampler import ResumableLoader, ResumableSampler
 from massrl.devices import run_num_workers
-
-
-@dataclass(frozen=True)
-class BadItem:
-    """An undecodable image, by its index in the dataset: lets the training loop count bad
-    files once each, however many epochs meet them."""
-
-    index: int
-
-
-def collate_skip_bad(batch: list[Any]) -> dict[str, Any]:
-    """Drop ``None`` and `BadItem` items (undecodable images), default-collate the rest and add
-    ``"skipped"`` (their number) and, for BadItems, ``"skipped_index"`` (their indices).
-
-    Items are dicts (as the data module makes them); other items are returned under ``"data"``.
-    When every item is bad the result holds only those keys: consumers must check for the
-    data keys (e.g. ``"views" in batch``) and skip such a batch.
-    """
-    good = [item for item in batch if item is not None and not isinstance(item, BadItem)]
-    bad = [item.index for item in batch if isinstance(item, BadItem)]
-    collated: dict[str, Any] = {}
-    if good:
-        collated = default_collate(good)
-        if not isinstance(collated, dict):
-            collated = {"data": collated}
-    collated["skipped"] = len(batch) - len(good)
-    if bad:
-        collated["skipped_index"] = bad
-    return collated
-
-
-def worker_init_fn(worker_id: int) -> None:
-    """One torch thread per worker (per-sample augmentation is parallel across workers, and
-    threads inside each would oversubscribe the cores), and python/numpy seeded from torch's
-    per-worker seed so random augmentations differ between workers yet repeat across runs.
-    Ctrl-C is the main process's (which stops at the next step with a checkpoint): a worker
-    that died of it would fail that step first."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
-    seed = torch.initial_seed() % 2**32  # base_seed + worker_id, drawn from the loader generator
-    random.seed(seed)
-    # hashed, so numpy's stream is not a shifted copy of a neighbouring worker's
-    np.random.seed(np.random.SeedSequence(seed).generate_state(4))
-
-
-class _Mapped(Dataset):
-    """Applies ``fn(image, label) -> dict`` to each item; a bad (None) item becomes a BadItem.
-    ``decode_side``: the transform's ``source_side`` (large JPEGs are decoded down to it)."""
-
-    def __init__(self, base: Dataset, fn: Callable[[Image.Image, int], dict],
-                 decode_side: int | None = None) -> None:
-        self.base, self.fn, self.decode_side = base, fn, decode_side
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int | tuple[int, int]) -> dict | None:
-        if isinstance(index, tuple):  # (index, seed) from ResumableSampler: seed this image's views
-            index, seed = index
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-        with decode_at_least(self.decode_side):
-            item = self.base[index]
-        if item is None:
-            return BadItem(index)
-        if not (isinstance(item, tuple | list) and len(item) == 2):
-            raise TypeError(f"item {index} of the dataset is a {type(item).__name__}: massrl's "
-                            "datasets yield (PIL image, label) pairs, label -1 when unlabeled")
-        # the dataset index travels with the sample: gathered evaluation features drop the
-        # repeats a DistributedSampler pads an uneven split with (SSLMethod._gather)
-        return {**self.fn(*item), "index": index}
-
-
-class _TrainItem:
-    """Picklable (for worker processes): the multi-view dict of the transform plus the label."""
-
-    def __init__(self, transform: Callable[[Image.Image], dict]) -> None:
-        self.transform = transform
-
-    def __call__(self, image: Image.Image, label: int) -> dict:
-        out = dict(self.transform(image))
-        out["label"] = int(label)
-        return out
-
-
-class _EvalItem:
-    def __init__(self, transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.transform = transform
-
-    def __call__(self, image: Image.Image, label: int) -> dict:
-        return {"image": self.transform(image), "label": int(label)}
 
 
 class SSLDataModule(L.LightningDataModule):
@@ -180,8 +89,7 @@ class SSLDataModule(L.LightningDataModule):
         if self.train_transform is None:
             self.train_transform = self.default_train_transform()
         # a transform of one's own without a source_side gets full-size images
-        dataset = _Mapped(self.splits.train, _TrainItem(self.train_transform),
-                          getattr(self.train_transform, "source_side", None))
+        dataset = MappedDataset(self.splits.train, ViewsItem(self.train_transform))
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         self.check_fills_a_batch(world)
@@ -218,25 +126,14 @@ class SSLDataModule(L.LightningDataModule):
         splits = self.splits
         transform = EvalTransform(self.cfg.data.image_size, splits.mean, splits.std,
                                   native_size=splits.native_size)
-        item, side = _EvalItem(transform), transform.source_side
-        return [
-            self._loader(_Mapped(splits.train_labeled, item, side), shuffle=False,
-                         drop_last=False),
-            self._loader(_Mapped(splits.test, item, side), shuffle=False, drop_last=False),
-        ]
+        return [self._loader(labeled_images(split, transform))
+                for split in (splits.train_labeled, splits.test)]
 
-    def _loader(self, dataset: Dataset, cls: type[DataLoader] = DataLoader,
-                **kwargs: Any) -> DataLoader:
-        data = self.cfg.data
-        workers = run_num_workers(self.cfg)
-        return cls(
-            dataset,
-            batch_size=data.batch_size,
-            num_workers=workers,
-            collate_fn=collate_skip_bad,
-            # pinning without a GPU only costs time (and warns)
-            pin_memory=data.pin_memory and torch.cuda.is_available(),
-            persistent_workers=data.persistent_workers and workers > 0,
-            worker_init_fn=worker_init_fn if workers > 0 else None,
-            **kwargs,
-        )
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+        data, trainer = self.cfg.data, self.trainer
+        # pinned memory helps only a copy to a GPU, the one the trainer runs on when attached
+        device = (trainer.strategy.root_device if trainer is not None
+                  else "cuda" if torch.cuda.is_available() else "cpu")
+        return make_loader(dataset, data.batch_size, num_workers=run_num_workers(self.cfg),
+                           device=device, pin_memory=data.pin_memory,
+                           persistent_workers=data.persistent_workers, **kwargs)

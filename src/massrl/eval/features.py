@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from massrl.data.datamodule import BadItem
 from massrl.data.eval_transform import channel_stats
-from massrl.data.images import as_rgb, decode_at_least
+from massrl.data.images import as_rgb
+from massrl.data.loading import make_loader
 from massrl.files import atomic_write
 
 
@@ -47,28 +47,6 @@ def train_transform(
     ])
 
 
-class Transformed(Dataset):
-    """{"image", "label"} items of a (PIL image, label) dataset; an undecodable (None) item is a
-    `BadItem` (its index), which `massrl.data.collate_skip_bad` drops and counts. Large JPEGs
-    are decoded down to ``decode_side`` (default: the transform's ``source_side``, if any)."""
-
-    def __init__(self, base: Dataset, transform: Callable[[Any], torch.Tensor],
-                 decode_side: int | None = None) -> None:
-        self.base, self.transform = base, transform
-        self.decode_side = decode_side or getattr(transform, "source_side", None)
-
-    def __len__(self) -> int:
-        return len(self.base)  # type: ignore[arg-type]
-
-    def __getitem__(self, i: int) -> dict[str, Any] | BadItem:
-        with decode_at_least(self.decode_side):
-            item = self.base[i]
-        if item is None:
-            return BadItem(i)
-        image, label = item
-        return {"image": self.transform(image), "label": int(label)}
-
-
 def unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(images, labels) of a batch from collate_skip_bad or a plain (x, y) loader; None when every
     item of the batch was undecodable."""
@@ -78,26 +56,6 @@ def unpack(batch: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         return batch["image"], torch.as_tensor(batch["label"], dtype=torch.long)
     x, y = batch
     return x, torch.as_tensor(y, dtype=torch.long)
-
-
-def make_loader(
-    dataset: Dataset, batch_size: int, *, shuffle: bool = False, num_workers: int = 0,
-    seed: int = 0, device: torch.device | str = "cpu", pin_memory: bool = True,
-    persistent_workers: bool = False,
-) -> DataLoader:
-    """A loader over Transformed items that skips undecodable images; shuffling is seeded.
-    `pin_memory` applies on CUDA only; `persistent_workers` (data.persistent_workers) keeps
-    the workers of a loader read every epoch."""
-    from massrl.data import collate_skip_bad, worker_init_fn
-
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-        collate_fn=collate_skip_bad,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
-        pin_memory=pin_memory and torch.device(device).type == "cuda",
-        persistent_workers=persistent_workers and num_workers > 0,
-        worker_init_fn=worker_init_fn if num_workers > 0 else None,
-    )
 
 
 def progress() -> Progress:
@@ -159,7 +117,7 @@ def cached_features(
     device: torch.device | str = "cpu", batch_size: int = 256, num_workers: int = 0,
     pin_memory: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of `dataset` (Transformed items), read from / written to the cache by `key`."""
+    """Features of `dataset` (`labeled_images` items), read from / written to the cache by `key`."""
     path = cache_path(cache_dir, key)
     if use_cache and path.is_file():
         try:

@@ -22,11 +22,11 @@ import massrl
 from massrl.config import ConfigError, to_yaml
 from massrl.data.eval_transform import EvalTransform
 from massrl.data.folder import files_fingerprint
+from massrl.data.loading import labeled_images
 from massrl.devices import resolve_num_workers
 from massrl.eval.checkpoint import Pretrained, load
 from massrl.eval.config import build_eval_config, default_output_dir, raw_tree, same_data
 from massrl.eval.features import (
-    Transformed,
     cached_features,
     resolve_device,
 )
@@ -212,7 +212,7 @@ def features(run: EvalRun, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
            "seed": cfg.seed, "num_samples": len(ds), "files": files_fingerprint(ds),
            "version": FEATURES_VERSION, **test_transform_info(run)}
     feats, labels = cached_features(
-        run.pre.backbone, Transformed(ds, test_transform(run)), key, cache_dir=cfg.cache_dir,
+        run.pre.backbone, labeled_images(ds, test_transform(run)), key, cache_dir=cfg.cache_dir,
         use_cache=cfg.cache, device=run.device, batch_size=cfg.data.batch_size,
         **loader_options(run),
     )
