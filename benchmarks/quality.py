@@ -81,6 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="1 seed, small subset, few epochs")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3; quick 1)")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds first-seed, first-seed+1, ...: two processes can split the seeds")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--subset", type=int, default=None, help="pre-training images (class-balanced)")
     p.add_argument("--eval-subset", type=int, default=None,
@@ -115,7 +117,8 @@ def make_setup(a: argparse.Namespace) -> Setup:
         subset=pick(a.subset, 600, 4000), eval_subset=pick(a.eval_subset, 1000, 1000),
         offline_subset=pick(a.offline_subset, 2000, 5000), width=a.width,
         batch_size=a.batch_size, num_workers=a.num_workers,
-        linear_epochs=pick(a.linear_epochs, 20, 30), seeds=list(range(pick(a.seeds, 1, 3))),
+        linear_epochs=pick(a.linear_epochs, 20, 30),
+        seeds=list(range(a.first_seed, a.first_seed + pick(a.seeds, 1, 3))),
         methods=a.methods, runs_dir=a.runs_dir, out_dir=a.out_dir,
         docs=None if str(a.docs) == "none" else a.docs, extra=list(a.override),
     )

@@ -111,8 +111,9 @@ def test_labels_name_the_ops_applied():
                "Color", "Brightness", "Sharpness", "Cutout"} for o in ops)
 
 
-def _simclr_counts(view_index, asymmetric=True, n=300):
-    strategy = build_strategy("simclr", AugmentConfig(asymmetric=asymmetric), view_index)
+def _simclr_counts(view_index, asymmetric=True, n=300, **colour):
+    cfg = AugmentConfig(asymmetric=asymmetric, simclr=colour)
+    strategy = build_strategy("simclr", cfg, view_index)
     g = torch.Generator().manual_seed(view_index)
     img = _textured()
     counts = {"ColorJitter": 0, "Grayscale": 0, "Blur": 0, "Solarize": 0}
@@ -137,6 +138,26 @@ def test_simclr_second_view_is_byol_asymmetric():
     assert 0.04 < p["Blur"] < 0.17 and 0.13 < p["Solarize"] < 0.27
     symmetric = _simclr_counts(1, asymmetric=False)
     assert symmetric["Blur"] == 1.0 and symmetric["Solarize"] == 0.0
+
+
+def test_simclr_colour_settings_reach_each_view():
+    # SimCLR's own recipe: no solarize, blur 0.5, stronger jitter; and a CIFAR recipe's blur off
+    colour = {"blur_p": (0.0, 0.5), "solarize_p": (1.0, 0.0), "jitter_p": 0.0, "grayscale_p": 1.0}
+    first, second = (_simclr_counts(v, **colour) for v in (0, 1))
+    assert first == {"ColorJitter": 0.0, "Grayscale": 1.0, "Blur": 0.0, "Solarize": 1.0}
+    assert 0.4 < second["Blur"] < 0.6 and second["Solarize"] == 0.0
+    assert _simclr_counts(1, asymmetric=False, **colour)["Solarize"] == 1.0  # first view's
+
+
+def test_simclr_jitter_strengths_set_the_factor_ranges():
+    img = Image.new("RGB", (8, 8), (100, 100, 100))
+    cfg = AugmentConfig(simclr={"jitter": (0.9, 0.0, 0.0, 0.0), "jitter_p": 1.0,
+                                "grayscale_p": 0.0, "blur_p": (0.0, 0.0)})
+    strategy, g = build_strategy("simclr", cfg, 0), torch.Generator().manual_seed(0)
+    levels = np.array([np.asarray(strategy(img, g)[0])[0, 0, 0] for _ in range(400)])
+    # brightness factors from [0.1, 1.9]: grey 100 to about 10..190, evenly
+    assert 10 <= levels.min() < 20 and 180 < levels.max() <= 190
+    assert 0.2 < (levels < 70).mean() < 0.45
 
 
 def test_blur_matches_torchvision_kernel_at_small_size():

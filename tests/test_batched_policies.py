@@ -135,6 +135,24 @@ def test_simclr_probabilities(odd, asym, blur_p, sol_p):
     assert abs(prog.flip.float().mean().item() - 0.5) < 0.02
 
 
+def test_simclr_colour_settings():
+    colour = {"jitter": (0.8, 0.8, 0.8, 0.2), "jitter_p": 0.5, "grayscale_p": 0.0,
+              "blur_p": (0.5, 0.0), "solarize_p": (0.0, 1.0)}
+    for odd, blur_p, sol_p in ((False, 0.5, 0.0), (True, 0.0, 1.0)):
+        prog = _draw(["simclr"], odd=odd, simclr=colour)
+        _check_freq(Counter((prog.op[:, 5] == Op.BLUR).tolist()), {1: blur_p, 0: 1 - blur_p}, N)
+        _check_freq(Counter((prog.op[:, 6] == Op.SOLARIZE).tolist()), {1: sol_p, 0: 1 - sol_p}, N)
+        assert not (prog.op[:, 4] == Op.GRAYSCALE).any()
+        fired = (prog.op[:, :4] != Op.IDENTITY).all(1)
+        _check_freq(Counter(fired.tolist()), {1: 0.5, 0: 0.5}, N)
+    hue = prog.mag[:, :4][prog.op[:, :4] == Op.HUE]
+    assert 0.19 < hue.abs().max() <= 0.2
+    bright = prog.mag[:, :4][prog.op[:, :4] == Op.BRIGHTNESS]
+    assert 0.2 <= bright.min() < 0.21 and 1.79 < bright.max() <= 1.8
+    strong = _draw(["simclr"], simclr={"jitter": (1.5, 0.0, 0.0, 0.0), "jitter_p": 1.0})
+    assert strong.mag[:, :4][strong.op[:, :4] == Op.BRIGHTNESS].min() >= 0  # as torchvision
+
+
 def test_mixed_strategies_keep_each_images_own_program():
     cfg = AugmentConfig(strategies=["simclr", "trivialaugment"])
     sid = torch.arange(N) % 2

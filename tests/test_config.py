@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -248,3 +249,14 @@ def test_help_loads_no_torch():
 def test_configs_symlink_points_at_package():
     root = Path(__file__).resolve().parents[1]
     assert (root / "configs" / "fashion_mnist" / "massrl.yaml").is_file()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("augment.simclr.blur_p=[1.2,0.1]", "less than or equal to 1"),
+    ("augment.simclr.jitter=[0.4,0.4,0.2,0.7]", "must be <= 0.5"),
+    ("augment.simclr.jitter=[0.4,-0.4,0.2,0.1]", "must be >= 0"),
+    ("augment.simclr.blur=0", "augment.simclr.blur_p"),
+])
+def test_simclr_colour_settings_are_checked(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_config(overrides=[override])

@@ -177,15 +177,20 @@ def gaussian_blur(img: Image.Image, sigma: float) -> Image.Image:
 
 
 class SimCLRStrategy:
-    """SimCLR/BYOL colour pipeline: jitter p=0.8, grayscale p=0.2, blur, solarize(128)."""
+    """SimCLR/BYOL colour pipeline: colour jitter, grayscale, blur, solarize(128), each with its
+    probability (defaults: BYOL's first view)."""
 
-    def __init__(self, blur_p: float = 1.0, solarize_p: float = 0.0) -> None:
+    def __init__(self, blur_p: float = 1.0, solarize_p: float = 0.0,
+                 jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+                 jitter_p: float = 0.8, grayscale_p: float = 0.2) -> None:
         self.blur_p, self.solarize_p = blur_p, solarize_p
-        self.jitter = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
+        self.jitter = jitter  # brightness, contrast, saturation, hue
+        self.jitter_p, self.grayscale_p = jitter_p, grayscale_p
 
     def _color_jitter(self, img: Image.Image, g: torch.Generator | None) -> Image.Image:
         b, c, s, h = self.jitter
-        factors = [_uniform(1 - b, 1 + b, g), _uniform(1 - c, 1 + c, g), _uniform(1 - s, 1 + s, g)]
+        # torchvision's ColorJitter ranges: a factor never below 0
+        factors = [_uniform(max(0.0, 1 - x), 1 + x, g) for x in (b, c, s)]
         hue = _uniform(-h, h, g)
         fns = [
             lambda im: F.adjust_brightness(im, factors[0]),
@@ -201,10 +206,10 @@ class SimCLRStrategy:
         self, img: Image.Image, generator: torch.Generator | None = None
     ) -> tuple[Image.Image, list[str]]:
         ops = []
-        if _rand(generator) < 0.8:
+        if _rand(generator) < self.jitter_p:
             img = self._color_jitter(img, generator)
             ops.append("ColorJitter")
-        if _rand(generator) < 0.2:
+        if _rand(generator) < self.grayscale_p:
             img = F.rgb_to_grayscale(img, num_output_channels=3)
             ops.append("Grayscale")
         if _rand(generator) < self.blur_p:
@@ -219,10 +224,11 @@ class SimCLRStrategy:
 
 def build_strategy(name: str, cfg: AugmentConfig, view_index: int = 0) -> Strategy:
     """A per-image strategy. `view_index` matters only for simclr with cfg.asymmetric: odd views
-    get BYOL's second-view pipeline (blur p=0.1, solarize p=0.2)."""
+    get the second view's blur and solarize probabilities (cfg.simclr, BYOL's by default)."""
     if name == "simclr":
-        second = cfg.asymmetric and view_index % 2 == 1
-        return SimCLRStrategy(blur_p=0.1, solarize_p=0.2) if second else SimCLRStrategy()
+        sc = cfg.simclr
+        blur_p, solarize_p = sc.first_and_second(cfg.asymmetric and view_index % 2 == 1)
+        return SimCLRStrategy(blur_p, solarize_p, sc.jitter, sc.jitter_p, sc.grayscale_p)
     if name == "randaugment":
         ra = cfg.randaugment
         return RandAugmentStrategy(ra.num_ops, ra.magnitude, ra.num_magnitude_bins)

@@ -62,6 +62,40 @@ class RandAugmentConfig(Section):
         return self
 
 
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+class SimCLRColourConfig(Section):
+    """The simclr strategy's colour pipeline. Defaults: BYOL's (jitter 0.4/0.4/0.2/0.1, blur
+    1.0/0.1, solarize 0.0/0.2); SimCLR's own is jitter 0.8/0.8/0.8/0.2, blur 0.5 on both
+    views, no solarize, and CIFAR-size recipes (solo-learn's, lightly's) switch blur off."""
+
+    jitter: tuple[float, float, float, float] = Field(
+        (0.4, 0.4, 0.2, 0.1), description="ColorJitter brightness, contrast, saturation, hue: "
+        "factors drawn from [1-x, 1+x] (at least 0), hue shift from [-hue, hue]")
+    jitter_p: Probability = Field(0.8, description="probability of the colour jitter")
+    grayscale_p: Probability = Field(0.2, description="probability of grayscale")
+    blur_p: tuple[Probability, Probability] = Field(
+        (1.0, 0.1), description="Gaussian blur (sigma 0.1-2, kernel a tenth of the side) "
+        "probability: first view, second view (odd views with augment.asymmetric; without it "
+        "every view takes the first)")
+    solarize_p: tuple[Probability, Probability] = Field(
+        (0.0, 0.2), description="solarize (threshold 128) probability: first view, second view")
+
+    @field_validator("jitter")
+    @classmethod
+    def _jitter_range(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if min(v) < 0:
+            raise ValueError("jitter strengths must be >= 0 (0 switches one off)")
+        if v[3] > 0.5:
+            raise ValueError(f"hue={v[3]} must be <= 0.5 (a shift of half the colour circle)")
+        return v
+
+    def first_and_second(self, second: bool) -> tuple[float, float]:
+        """(blur p, solarize p) of a first or a second view."""
+        return self.blur_p[int(second)], self.solarize_p[int(second)]
+
+
 class AugmentConfig(Section):
     strategies: list[Literal[STRATEGIES]] = Field(  # type: ignore[valid-type]
         default_factory=lambda: ["simclr", "randaugment", "autoaugment", "fastautoaugment"],
@@ -88,8 +122,10 @@ class AugmentConfig(Section):
         "imagenet", description="AutoAugment's searched policy")
     fastautoaugment_policy: Literal["imagenet", "cifar10", "svhn"] = Field(
         "imagenet", description="Fast AutoAugment's searched policy")
-    # BYOL's asymmetric simclr pipeline: view 1 blur p=1 / solarize 0, view 2 blur 0.1 / sol. 0.2
-    asymmetric: bool = Field(True, description="BYOL's asymmetric blur/solarize on simclr views")
+    simclr: SimCLRColourConfig = Field(default_factory=SimCLRColourConfig)
+    # BYOL's asymmetric simclr pipeline: odd views take simclr.blur_p[1] / solarize_p[1]
+    asymmetric: bool = Field(True, description="simclr views alternate between the first and "
+                             "the second view's blur/solarize probabilities (BYOL's asymmetry)")
     backend: Literal["per_image", "batched"] = Field(
         "per_image", description="per_image: the pipeline in DataLoader workers; batched: workers "
         "crop, the strategies run on the whole batch on the training device")

@@ -61,7 +61,6 @@ TV_OPS = {
 ENHANCE = (Op.BRIGHTNESS, Op.SATURATION, Op.CONTRAST, Op.SHARPNESS)
 CUTOUT_FILL = (125, 123, 114)
 BLUR_SIGMA = (0.1, 2.0)
-JITTER = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue
 
 
 _CONSTANTS: dict[tuple, Tensor] = {}
@@ -266,18 +265,20 @@ class FastAutoAugmentSampler(_Strategy):
 
 
 class SimCLRSampler(_Strategy):
-    """ColorJitter (random order) p=0.8, grayscale p=0.2, blur, solarize(128): 7 slots."""
+    """ColorJitter (random order), grayscale, blur, solarize(128), each with cfg.simclr's
+    probability: 7 slots."""
 
     def __init__(self, cfg: AugmentConfig) -> None:
-        self.asymmetric = cfg.asymmetric
+        self.asymmetric, self.colour = cfg.asymmetric, cfg.simclr
         self.slots = 7
         jitter = {int(Op.BRIGHTNESS), int(Op.CONTRAST), int(Op.SATURATION), int(Op.HUE)}
         self.slot_ops = [jitter] * 4 + [{int(Op.GRAYSCALE)}, {int(Op.BLUR)}, {int(Op.SOLARIZE)}]
 
     def probabilities(self, odd_view: Tensor) -> tuple[Tensor, Tensor]:
-        """Per image (blur p, solarize p): BYOL's second view where asymmetric and odd."""
+        """Per image (blur p, solarize p): the second view's where asymmetric and odd."""
         second = odd_view & self.asymmetric
-        return torch.where(second, 0.1, 1.0), torch.where(second, 0.2, 0.0)
+        (blur1, blur2), (sol1, sol2) = self.colour.blur_p, self.colour.solarize_p
+        return torch.where(second, blur2, blur1), torch.where(second, sol2, sol1)
 
     def sample(self, draws, size, odd_view):
         n, device = draws.n, draws.device
@@ -285,17 +286,17 @@ class SimCLRSampler(_Strategy):
         def uniform(lo: float, hi: float) -> Tensor:
             return lo + (hi - lo) * draws.rand()
 
-        b, c, s, h = JITTER
-        factors = torch.stack([uniform(1 - b, 1 + b), uniform(1 - c, 1 + c),
-                               uniform(1 - s, 1 + s), uniform(-h, h)], 1)
+        b, c, s, h = self.colour.jitter  # factor ranges as torchvision's: never below 0
+        factors = torch.stack([*(uniform(max(0.0, 1 - x), 1 + x) for x in (b, c, s)),
+                               uniform(-h, h)], 1)
         kinds = on_device(("simclr", "kinds"), device, lambda: torch.tensor([
             Op.BRIGHTNESS, Op.CONTRAST, Op.SATURATION, Op.HUE, Op.GRAYSCALE, Op.BLUR, Op.SOLARIZE]))
         order = draws.rand(4).argsort(1)  # a random permutation
-        jitter = (draws.rand(1) < 0.8).expand(n, 4)
+        jitter = (draws.rand(1) < self.colour.jitter_p).expand(n, 4)
         odd = (odd_view.to(device) if isinstance(odd_view, Tensor)
                else torch.full((n,), bool(odd_view), device=device)).expand(n)
         blur_p, sol_p = (p[:, None] for p in self.probabilities(odd))
-        gray = draws.rand(1) < 0.2
+        gray = draws.rand(1) < self.colour.grayscale_p
         blur = draws.rand(1) < blur_p
         sol = draws.rand(1) < sol_p
         fire = torch.cat([jitter, gray, blur, sol], 1)
