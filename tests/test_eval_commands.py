@@ -203,6 +203,19 @@ def test_out_paths_folders_suffixes_and_unwritable_places(tmp_path, ckpt, capsys
     assert not (tmp_path / "cache").exists()  # umap stopped before computing any feature
 
 
+def test_weights_of_another_backbone_are_named_in_one_short_line(tmp_path):
+    ckpt = make_checkpoint(tmp_path / "c.ckpt")
+    saved = torch.load(ckpt, weights_only=False)
+    saved["state_dict"] = {"backbone.stem.weight": torch.zeros(1), "projector.0.weight": 1}
+    torch.save(saved, ckpt)
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(ckpt)
+    message = str(err.value)
+    assert "do not match model.backbone=resnet18" in message and len(message) < 400
+    assert re.search(r'Missing key\(s\) in state_dict: "conv1.weight", "bn1.weight", '
+                     r'"bn1.bias" and \d+ more$', message)
+
+
 def test_transfer_uses_the_eval_dataset_size_and_warns(tmp_path):
     ckpt = make_checkpoint(tmp_path / "fm.ckpt", data={"name": "fashion_mnist", "image_size": 32,
                                                        "root": "/nowhere"})

@@ -488,3 +488,69 @@ def test_a_refused_resume_through_a_path_with_dotdot_keeps_the_run(tiny, capsys)
     assert main(["pretrain", *others, f"output_dir={odd}", "resume=auto", "seed=1"]) == 2
     assert "seed: 0 in the checkpoint, 1 now" in capsys.readouterr().err
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "summary.json").is_file()
+
+
+def _run_files(run: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+
+
+def test_resume_that_would_not_take_the_checkpoints_weights_is_refused_first(tiny, capsys):
+    """eval.probe is no frozen key, but a probe switched on or off changes the model's
+    parameters: refused before config.yaml or metrics.csv change, so the run's own config
+    still continues it."""
+    args = _byol(tiny, **{"trainer.max_epochs": "1", "eval.probe": "false"})
+    assert main(["pretrain", *args]) == 0
+    before = _run_files(_out(args))
+    capsys.readouterr()
+    assert main(["pretrain", *args, "resume=auto", "trainer.max_epochs=2",
+                 "eval.probe=true"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the model's 'probe' parameters differ (the online probe: eval.probe, or the " \
+        "number of classes): not in the checkpoint" in err and "Traceback" not in err
+    assert _run_files(_out(args)) == before
+    assert main(["pretrain", "-c", str(_out(args) / "config.yaml"), "resume=auto",
+                 f"output_dir={_out(args)}", "trainer.max_epochs=2"]) == 0
+
+
+def test_resume_after_a_folders_files_changed_is_refused(tiny, tmp_path, capsys):
+    """A folder without val/ is split into train and held-out from its file list: with files
+    added, the held-out images would include some the checkpoint was trained on."""
+    from PIL import Image
+
+    root = tmp_path / "pics"
+    for c, cls in enumerate(("a", "b")):
+        (root / cls).mkdir(parents=True)
+        for i in range(40):
+            Image.new("RGB", (16, 16), (5 * i, 200 * c, 90)).save(root / cls / f"{i}.png")
+    args = _byol(tiny, **{"trainer.max_epochs": "1", "data.name": "folder",
+                          "data.root": str(root), "data.subset": "null",
+                          "data.eval_subset": "null"})
+    assert main(["pretrain", *args]) == 0
+    Image.new("RGB", (16, 16)).save(root / "a" / "new.png")
+    before = _run_files(_out(args))
+    capsys.readouterr()
+    assert main(["pretrain", *args, "resume=auto", "trainer.max_epochs=2"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "the files of the test split changed since the checkpoint (16 then, 17 now)" in err
+    assert "the files of the train split changed since the checkpoint (64, but not the same " \
+        "ones)" in err
+    # (only the picture of a few training images is drawn again, from the folder as it is)
+    assert _run_files(_out(args)).keys() == before.keys()
+    assert {k: v for k, v in _run_files(_out(args)).items() if k != "augmentations.png"} == \
+        {k: v for k, v in before.items() if k != "augmentations.png"}
+    (root / "a" / "new.png").unlink()  # as it was: the run continues
+    assert main(["pretrain", *args, "resume=auto", "trainer.max_epochs=2"]) == 0
+
+
+def test_resume_from_another_runs_checkpoint_into_a_run_directory_is_refused(tiny, capsys):
+    first = _byol(tiny, **{"trainer.max_epochs": "1"})
+    second = [*first[:-1], f"output_dir={_out(first).parent / 'second'}"]
+    assert main(["pretrain", *first]) == 0 and main(["pretrain", *second]) == 0
+    before = _run_files(_out(second)) | _run_files(_out(second) / "checkpoints")
+    capsys.readouterr()
+    other = _out(first) / "checkpoints" / "last.ckpt"
+    assert main(["pretrain", *second, f"resume={other}", "trainer.max_epochs=2"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"output_dir {_out(second)} already holds a run, and resume={other} is another " \
+        "run's checkpoint" in err
+    assert _run_files(_out(second)) | _run_files(_out(second) / "checkpoints") == before

@@ -279,6 +279,49 @@ def check_resume_compatible(cfg: RunConfig, ckpt_path: Path) -> dict:
     return ckpt
 
 
+def check_resume_fits(ckpt: dict, method: Any, ckpt_path: Path) -> None:
+    """What FROZEN_KEYS cannot see, checked before the run directory changes (Lightning's own
+    load would fail later, with config.yaml rewritten and metrics.csv moved aside): the files a
+    folder's splits are drawn from, and the model's parameters (eval.probe, the number of
+    classes, a plugin method's method_kwargs)."""
+    problems = [*_changed_files(ckpt, method.data_files), *_changed_parameters(ckpt, method)]
+    if problems:
+        raise ConfigError(f"cannot resume from {ckpt_path}:\n  " + "\n  ".join(problems)
+                          + "\nStart a new run (another output_dir) or restore what changed"
+                          + _own_config_hint(Path(ckpt_path)) + ".")
+
+
+def _changed_files(ckpt: dict, now: dict[str, Any]) -> list[str]:
+    saved = (ckpt.get("massrl") or {}).get("files") or {}  # (none in older checkpoints)
+    changed = [(split, then["files"], now[split]["files"]) for split, then in saved.items()
+               if then and now.get(split) and then["sha256"] != now[split]["sha256"]]
+    return [f"the files of the {split} split changed since the checkpoint ("
+            + (f"{a} then, {b} now" if a != b else f"{a}, but not the same ones") + "): the "
+            "run would not continue on the same images (a folder without val/ draws its "
+            "held-out images from the same list, so some would have been trained on)"
+            for split, a, b in changed]
+
+
+def _changed_parameters(ckpt: dict, method: Any) -> list[str]:
+    saved = {k: tuple(v.shape) for k, v in (ckpt.get("state_dict") or {}).items()
+             if hasattr(v, "shape")}
+    now = {k: tuple(v.shape) for k, v in method.state_dict().items()}
+    if "probe.weight" in saved:  # the probe before its standardiser: on_load_checkpoint moves it
+        for name in ("weight", "bias"):
+            saved[f"probe.1.{name}"] = saved.pop(f"probe.{name}")
+        saved.update({k: v for k, v in now.items() if k.startswith("probe.0.")})
+    modules: dict[str, list[str]] = {}
+    for key in sorted(saved.keys() | now.keys()):
+        if saved.get(key) != now.get(key):
+            then, new = saved.get(key), now.get(key)
+            modules.setdefault(key.split(".")[0], []).append(
+                "not in the checkpoint" if then is None else "not in this model" if new is None
+                else f"{key} is {list(then)} in the checkpoint, {list(new)} now")
+    what = {"probe": " (the online probe: eval.probe, or the number of classes)"}
+    return [f"the model's '{name}' parameters differ{what.get(name, '')}: {diffs[0]}"
+            for name, diffs in modules.items()]
+
+
 def _own_config_hint(ckpt_path: Path) -> str:
     """The run's own config, which restores every value, when the checkpoint is in a run
     directory that has one."""

@@ -46,6 +46,7 @@ from massrl.resilience import (
     EpochEndCheckpoint,
     Preemption,
     check_resume_compatible,
+    check_resume_fits,
     check_same_world_size,
     epochs_done,
     find_resume_checkpoint,
@@ -344,21 +345,29 @@ def _start(cfg: RunConfig, run_dir: Path, splits: DatasetSplits | None
     """The checkpoint to resume from and what `_prepare` builds, or the summary of a run that
     has nothing left to train."""
     resume_from = find_resume_checkpoint(cfg, run_dir)
-    if cfg.resume is None and (run_dir / "checkpoints" / "last.ckpt").is_file():
+    holds_a_run = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    if cfg.resume is None and holds_a_run:
         raise ConfigError(f"output_dir {run_dir} already holds a run (checkpoints/last.ckpt): "
                           "continue it with resume=auto, or choose another output_dir")
     saved_world = resumed_step = None
     if resume_from is not None:
         ckpt = check_resume_compatible(cfg, resume_from)
+        if holds_a_run and not Path(resume_from).resolve().is_relative_to(run_dir.resolve()):
+            # (its checkpoints, metrics and summary would be overwritten by another run's)
+            raise ConfigError(f"output_dir {run_dir} already holds a run, and resume="
+                              f"{cfg.resume} is another run's checkpoint: continue that one "
+                              "into a new output_dir, or this one with resume=auto")
         done, saved_world = epochs_done(ckpt), ckpt.get("massrl", {}).get("world_size")
         resumed_step = ckpt.get("global_step", 0)
         if done >= cfg.trainer.max_epochs:
             return finished_already(cfg, run_dir, resume_from, done)
-        del ckpt  # (a large model's tensors: not held through training)
         print(f"resuming from {resume_from} ({done} of {cfg.trainer.max_epochs} epochs done)")
     elif cfg.resume == "auto":
         print(f"resume=auto: no checkpoint in {run_dir} yet, starting the run")
     dm, method, trainer, parts = _prepare(cfg, run_dir, resumed_step, splits)
+    if resume_from is not None:
+        check_resume_fits(ckpt, method, resume_from)
+        del ckpt  # (a large model's tensors: not held through training)
     if saved_world is not None:
         check_same_world_size(resume_from, saved_world, trainer.world_size)
     return resume_from, resumed_step, dm, method, trainer, parts

@@ -26,6 +26,7 @@ from torchvision.transforms.v2 import (
 )
 from torchvision.transforms.v2 import functional as F
 
+from massrl import plugins
 from massrl.config import AugmentConfig
 
 from .fast_autoaugment import ENHANCE_OPS, FastAutoAugment, apply_tv_op, format_op
@@ -238,6 +239,8 @@ def build_strategy(name: str, cfg: AugmentConfig, view_index: int = 0) -> Strate
         return FastAutoAugmentStrategy(cfg.fastautoaugment_policy)
     if name == "trivialaugment":
         return TrivialAugmentStrategy()
+    if name in plugins.STRATEGIES:
+        return plugins.STRATEGIES[name].per_image(cfg, view_index)
     raise ValueError(
         f"unknown strategy '{name}'; choose from simclr, randaugment, autoaugment, "
         "fastautoaugment, trivialaugment"

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-STRATEGIES = ("simclr", "randaugment", "autoaugment", "fastautoaugment", "trivialaugment")
+from massrl import plugins
+from massrl.plugins import BUILTIN_METHODS, BUILTIN_STRATEGIES
+
+STRATEGIES = BUILTIN_STRATEGIES
 DATASETS = (
     "fashion_mnist", "digits", "cifar10", "cifar100", "stl10", "folder", "imagenet", "imagenet100",
 )
@@ -65,6 +71,13 @@ class RandAugmentConfig(Section):
 Probability = Annotated[float, Field(ge=0, le=1)]
 
 
+def _known_strategy(name: str) -> str:
+    return _known(name, plugins.strategy_names(), "strategy")
+
+
+StrategyName = Annotated[str, AfterValidator(_known_strategy)]
+
+
 class SimCLRColourConfig(Section):
     """The simclr strategy's colour pipeline. Defaults: BYOL's (jitter 0.4/0.4/0.2/0.1, blur
     1.0/0.1, solarize 0.0/0.2); SimCLR's own is jitter 0.8/0.8/0.8/0.2, blur 0.5 on both
@@ -97,10 +110,11 @@ class SimCLRColourConfig(Section):
 
 
 class AugmentConfig(Section):
-    strategies: list[Literal[STRATEGIES]] = Field(  # type: ignore[valid-type]
+    strategies: list[StrategyName] = Field(
         default_factory=lambda: ["simclr", "randaugment", "autoaugment", "fastautoaugment"],
         min_length=1,
-        description="augmentation strategies views are drawn from",
+        description="augmentation strategies views are drawn from: "
+        f"{', '.join(BUILTIN_STRATEGIES)}, or a plugin's (plugins)",
     )
     view_mode: Literal["random", "per_strategy", "crops_x_strategies"] = Field(
         "random", description="random: num_views views, a strategy drawn per view; per_strategy: "
@@ -151,6 +165,17 @@ class AugmentConfig(Section):
             raise ValueError(f"lists {', '.join(twice)} more than once: name each strategy once "
                              "(more views of one strategy: view_mode=random with num_views)")
         return v
+
+    @model_validator(mode="after")
+    def _batched_can_run(self) -> AugmentConfig:
+        if self.backend == "batched":
+            missing = [n for n in self.strategies
+                       if n in plugins.STRATEGIES and plugins.STRATEGIES[n].batched is None]
+            if missing:
+                raise ValueError(f"strategy {', '.join(missing)} (a plugin's) has no sampler for "
+                                 "the batched engine: set augment.backend=per_image, or register"
+                                 " one (docs/extending.md)")
+        return self
 
     @model_validator(mode="after")
     def _pairs_possible(self) -> AugmentConfig:
@@ -339,7 +364,15 @@ class WandbConfig(Section):
 
 class RunConfig(Section):
     name: str | None = Field(None, description="run name (default: <method>_<dataset>)")
-    method: Literal["massrl", "byol", "simclr"] = Field("massrl", description="the objective")
+    method: str = Field("massrl", description="the objective: "
+                        f"{', '.join(BUILTIN_METHODS)}, or a plugin's (plugins)")
+    method_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="a plugin method's own settings (which it checks), "
+        "e.g. method_kwargs.lambd=0.005")
+    plugins: list[str] = Field(
+        default_factory=list, description="Python modules or .py files imported before the "
+        "config is checked: they register methods, strategies, timm backbones "
+        "(docs/extending.md)")
     seed: int = Field(0, ge=0, lt=2**32, description="seeds torch, numpy, python and every view")
     output_dir: str | None = Field(None, description="everything of the run goes here")
     resume: str | None = Field(None, description="'auto' or a checkpoint path")
@@ -352,6 +385,45 @@ class RunConfig(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _import_plugins(cls, data: Any) -> Any:
+        """First of all: what the plugins register is what method= and strategies= may name."""
+        if isinstance(data, dict) and isinstance(data.get("plugins"), list):
+            data = {**data, "plugins": plugins.import_plugins([str(p) for p in data["plugins"]])}
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        return _known(v, plugins.method_names(), "method")
+
+    @model_validator(mode="after")
+    def _method_kwargs_fit(self) -> RunConfig:
+        """A plugin method's settings are checked by its KWARGS model; massrl's take none."""
+        kwargs_model = getattr(plugins.METHODS.get(self.method), "KWARGS", None)
+        if kwargs_model is None:
+            if self.method_kwargs:
+                raise ValueError(f"method_kwargs ({', '.join(self.method_kwargs)}) given, but "
+                                 f"method {self.method} takes none")
+            return self
+        try:
+            kwargs_model.model_validate(self.method_kwargs)
+        except ValidationError as err:
+            raise ValueError("; ".join(
+                f"method_kwargs.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                for e in err.errors())) from None
+        return self
+
     @property
     def run_name(self) -> str:
         return self.name or f"{self.method}_{self.data.name}"
+
+
+def _known(name: str, known: tuple[str, ...], kind: str) -> str:
+    if name in known:
+        return name
+    close = get_close_matches(name, known, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ValueError(f"unknown {kind} '{name}': {hint}choose from {', '.join(known)}, or "
+                     "register your own in a plugin (docs/extending.md)")

@@ -10,6 +10,7 @@ import statistics
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from torch.utils.data import Dataset
@@ -177,6 +178,24 @@ def files_fingerprint(dataset: Dataset) -> str | None:
             tail = f"\tmissing\t{target}\n"
         h.update(os.fsencode(path) + tail.encode())  # (a name need not be valid UTF-8)
     return h.hexdigest()
+
+
+def file_list_digest(dataset: Dataset) -> dict[str, Any] | None:
+    """The number and a hash of the files (and labels) a folder dataset draws from, by their
+    paths relative to the folder (a moved folder keeps its digest); None for datasets not read
+    from files. A folder without val/ is split into train and held-out from this list, so a
+    change of it changes the split."""
+    files = _files_of(dataset)
+    if files is None:
+        return None
+    paths = [os.fsencode(p) for p in files.paths]
+    if not paths:
+        return {"files": 0, "sha256": None}
+    top = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+    h = hashlib.sha256()
+    for path, target in zip(paths, files.targets, strict=True):
+        h.update(os.path.relpath(path, top) + f"\t{target}\n".encode())
+    return {"files": len(paths), "sha256": h.hexdigest()}
 
 
 def labeled_folder(

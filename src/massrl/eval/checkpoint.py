@@ -134,8 +134,14 @@ def _load(ckpt: dict[str, Any], path: str | Path) -> tuple[nn.Module, RunConfig,
     return backbone, cfg, spec, file_sha256(path)
 
 
-def _first_problem(exc: RuntimeError) -> str:
+def _first_problem(exc: RuntimeError, keys_shown: int = 3) -> str:
     """The first line of load_state_dict's report that names a key (its first line is only
-    'Error(s) in loading state_dict for ...:')."""
+    'Error(s) in loading state_dict for ...:'), with at most `keys_shown` of the keys it lists
+    (a whole backbone's missing keys make one line of several kilobytes)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return next((line for line in lines[1:]), lines[0] if lines else type(exc).__name__)
+    line = next((line for line in lines[1:]), lines[0] if lines else type(exc).__name__)
+    head, sep, listed = line.partition(": ")
+    keys = listed.rstrip(".").split(", ") if sep and listed.startswith('"') else []
+    if len(keys) <= keys_shown:
+        return line
+    return f"{head}: {', '.join(keys[:keys_shown])} and {len(keys) - keys_shown} more"

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections import ChainMap
+
+from massrl import plugins
 from massrl.config import RunConfig
 from massrl.methods.base import SSLMethod
 from massrl.methods.byol import BYOL
 from massrl.methods.massrl import MASSRL
 from massrl.methods.simclr import SimCLR
 
-METHODS: dict[str, type[SSLMethod]] = {"byol": BYOL, "simclr": SimCLR, "massrl": MASSRL}
+# massrl's own, then those plugins register (massrl.plugins.register_method)
+METHODS: ChainMap[str, type[SSLMethod]] = ChainMap(
+    {"byol": BYOL, "simclr": SimCLR, "massrl": MASSRL}, plugins.METHODS)
 
 
 def build_method(config: RunConfig | dict, num_classes: int | None = None,
@@ -19,4 +24,6 @@ def build_method(config: RunConfig | dict, num_classes: int | None = None,
     return METHODS[cfg.method](cfg, num_classes=num_classes, strategy_names=strategy_names)
 
 
-__all__ = ["BYOL", "MASSRL", "METHODS", "SSLMethod", "SimCLR", "build_method"]
+register_method = plugins.register_method
+
+__all__ = ["BYOL", "MASSRL", "METHODS", "SSLMethod", "SimCLR", "build_method", "register_method"]

@@ -11,15 +11,17 @@ import math
 import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel
 
 from massrl import __version__
 from massrl.augment import pair_mask
 from massrl.config import RunConfig
+from massrl.data.folder import file_list_digest
 from massrl.devices import use_channels_last
 from massrl.models import build_backbone
 from massrl.models.backbones import feature_dim
@@ -86,10 +88,12 @@ class SSLMethod(L.LightningModule):
         # the input normalisation of the data this model is trained on (set by use_data);
         # recorded in checkpoints so evaluation and export can reproduce it
         self.normalization: dict[str, Any] = {}
+        self.data_files: dict[str, Any] = {}  # (set by use_data)
         # augment.backend=batched: the strategies run here on the device (made by use_data)
         self.augmenter: Any = None
         # channels-last batches, as the model (train.py may turn it off: devices.py)
         self.channels_last = cfg.trainer.channels_last
+        self.method_kwargs = self.KWARGS.model_validate(cfg.method_kwargs) if self.KWARGS else None
         self._skipping = False  # the current step is being skipped (see _skip_step)
         self._saved_lrs: list[float] = []
 
@@ -99,6 +103,9 @@ class SSLMethod(L.LightningModule):
     UNUSED_KEYS: tuple[str, ...] = ()
     # the modules that carry the compute, compiled in place by trainer.compile
     ENCODERS: tuple[str, ...] = ("backbone",)
+    # a plugin method's own settings (config method_kwargs): a pydantic model checks them, and
+    # self.method_kwargs is its instance (None for a method without any)
+    KWARGS: ClassVar[type[BaseModel] | None] = None
 
     @classmethod
     def check_global_batch(cls, cfg: RunConfig, images: int) -> None:
@@ -121,6 +128,9 @@ class SSLMethod(L.LightningModule):
         augmenter that normalises with it."""
         self.normalization = {"mean": list(splits.mean), "std": list(splits.std),
                               "image_size": self.cfg.data.image_size, "classes": splits.classes}
+        # a folder's file list, which its train / held-out split is drawn from (resume checks it)
+        self.data_files = {name: file_list_digest(ds) for name, ds in
+                           (("train", splits.train), ("test", splits.test)) if ds is not None}
         if self.cfg.augment.backend == "batched" and self.augmenter is None:
             from massrl.augment.batched import BatchedAugmenter
 
@@ -166,6 +176,7 @@ class SSLMethod(L.LightningModule):
         # marks the file as massrl's, for evaluation / export commands
         checkpoint["massrl"] = {"version": __version__, "backbone": self.backbone_spec.to_dict(),
                                 "data": dict(self.normalization),
+                                "files": self.data_files,
                                 "images_seen": self.images_seen,
                                 "world_size": self.trainer.world_size,
                                 "skipped_files": self.skipped_files,

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms import AutoAugment, AutoAugmentPolicy
 
+from massrl import plugins
 from massrl.augment.batched.draws import ImageDraws, new_seeds
 from massrl.augment.fast_autoaugment import SIGNED_OPS as FAA_SIGNED
 from massrl.augment.fast_autoaugment import load_policy, magnitude
@@ -317,6 +318,12 @@ def build_sampler(name: str, cfg: AugmentConfig) -> _Strategy:
         return AutoAugmentSampler(cfg)
     if name == "fastautoaugment":
         return FastAutoAugmentSampler(cfg)
+    if name in plugins.STRATEGIES:
+        if (batched := plugins.STRATEGIES[name].batched) is None:
+            raise ValueError(f"strategy '{name}' (a plugin's) has no sampler for the batched "
+                             "engine: set augment.backend=per_image, or register one "
+                             "(docs/extending.md)")
+        return batched(cfg)
     raise ValueError(f"unknown strategy '{name}'")
 
 

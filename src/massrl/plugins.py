@@ -1,0 +1,131 @@
+"""Code of one's own in massrl runs: methods and augmentation strategies registered by name,
+and the plugin modules that register them (docs/extending.md).
+
+A run names its plugins in the config (``plugins: [my_module, path/to/file.py]``); they are
+imported before the config is checked, so ``method=`` and ``augment.strategies=`` can name what
+they register, and again by every command that reads the run's checkpoint. Installed packages
+can instead declare a ``massrl.plugins`` entry point (a module), imported the first time a name
+is not one of massrl's own. This module imports no torch: config validation runs without it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, TypeVar
+
+BUILTIN_METHODS = ("massrl", "byol", "simclr")
+BUILTIN_STRATEGIES = ("simclr", "randaugment", "autoaugment", "fastautoaugment",
+                      "trivialaugment")
+ENTRY_POINT_GROUP = "massrl.plugins"
+
+# name -> the method's class (an SSLMethod subclass) / the strategy's builders
+METHODS: dict[str, type] = {}
+STRATEGIES: dict[str, StrategyPlugin] = {}
+
+T = TypeVar("T", bound=type)
+
+
+@dataclass(frozen=True)
+class StrategyPlugin:
+    """An augmentation strategy of one's own.
+
+    ``per_image(cfg, view_index)`` returns a picklable callable ``(PIL RGB image, generator)
+    -> (PIL image, list of op labels)`` that draws with torch's RNG (the generator if given),
+    as massrl's own strategies do (``massrl.augment.strategies``). ``batched(cfg)``, optional,
+    returns a sampler of the batched engine (``massrl.augment.batched.policies``: ``slots``,
+    ``slot_ops``, ``sample``); without one the strategy runs with augment.backend=per_image only.
+    ``cfg`` is the run's ``augment`` section."""
+
+    per_image: Callable[[Any, int], Callable]
+    batched: Callable[[Any], Any] | None = None
+
+
+def register_method(name: str) -> Callable[[T], T]:
+    """Class decorator: ``@register_method("simsiam") class SimSiam(SSLMethod): ...`` makes
+    ``method=simsiam`` train it."""
+    def register(cls: T) -> T:
+        _check_new(name, BUILTIN_METHODS, METHODS.get(name), cls, "method")
+        METHODS[name] = cls
+        return cls
+    return register
+
+
+def register_strategy(name: str, per_image: Callable[[Any, int], Callable],
+                      batched: Callable[[Any], Any] | None = None) -> None:
+    """Make ``augment.strategies=[..., name]`` draw views from a strategy of one's own (see
+    `StrategyPlugin`)."""
+    old = STRATEGIES.get(name)
+    _check_new(name, BUILTIN_STRATEGIES, old and old.per_image, per_image, "strategy")
+    STRATEGIES[name] = StrategyPlugin(per_image, batched)
+
+
+def _origin(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def _check_new(name: str, builtin: tuple[str, ...], old: Any, new: Any, kind: str) -> None:
+    if not name.isidentifier():
+        raise ValueError(f"a {kind} name must be a Python identifier, not {name!r}")
+    if name in builtin:
+        raise ValueError(f"'{name}' is massrl's own {kind}: register yours under another name")
+    # (the same code registering again, e.g. a module reloaded, replaces itself)
+    if old is not None and _origin(old) != _origin(new):
+        raise ValueError(f"{kind} '{name}' is registered twice: by {_origin(old)} and by "
+                         f"{_origin(new)}")
+
+
+def method_names() -> tuple[str, ...]:
+    load_entry_points()
+    return (*BUILTIN_METHODS, *METHODS)
+
+
+def strategy_names() -> tuple[str, ...]:
+    load_entry_points()
+    return (*BUILTIN_STRATEGIES, *STRATEGIES)
+
+
+_entry_points_loaded = False
+
+
+def load_entry_points() -> None:
+    """Import the modules installed packages declare as ``massrl.plugins`` entry points (once)."""
+    global _entry_points_loaded
+    if _entry_points_loaded:
+        return
+    _entry_points_loaded = True
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            ep.load()
+        except Exception as exc:  # noqa: BLE001 - a broken plugin is named, not a traceback
+            raise ValueError(f"the installed massrl plugin '{ep.name}' ({ep.value}) failed to "
+                             f"import: {type(exc).__name__}: {exc}") from exc
+
+
+def import_plugins(names: list[str]) -> list[str]:
+    """Import each plugin: a module name (importable from sys.path) or a ``.py`` file, whose
+    folder is put on sys.path so DataLoader workers started by spawn find it too. Returns the
+    names as recorded in the config (a file's absolute path)."""
+    recorded = []
+    for name in names:
+        if name.endswith(".py"):
+            path = Path(name).expanduser().resolve()
+            if not path.is_file():
+                raise ValueError(f"plugin file {name} does not exist (a path, absolute or "
+                                 "relative to the working directory, or a module name)")
+            if str(path.parent) not in sys.path:
+                sys.path.insert(0, str(path.parent))
+            module, recorded_name = path.stem, str(path)
+        else:
+            module = recorded_name = name
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - any failure of the user's code, named
+            raise ValueError(f"cannot import plugin '{name}': {type(exc).__name__}: {exc} "
+                             "(a module on PYTHONPATH, or a .py file's path)") from exc
+        recorded.append(recorded_name)
+    return recorded

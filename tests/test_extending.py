@@ -1,0 +1,113 @@
+"""docs/extending.md's plugin, run as written: a method, a strategy on both backends and a backbone
+of one's own, trained, evaluated in a fresh process from the checkpoint alone, and checked."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from massrl.config import ConfigError, build_config
+
+DOC = Path(__file__).parents[1] / "docs" / "extending.md"
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory) -> Path:
+    """The doc's plugin file, under a name of its own (a module name is imported once)."""
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    path = tmp_path_factory.mktemp("plugin") / "doc_plugin.py"
+    path.write_text(blocks[0])
+    return path
+
+
+def _massrl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "massrl", *args], cwd=cwd, text=True,
+                          capture_output=True, timeout=600)
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def test_a_plugin_method_strategy_and_backbone_train_and_evaluate(plugin, tiny, tmp_path):
+    run = tmp_path / "run_vicreg"
+    done = _massrl("pretrain", f"plugins=[{plugin}]", "method=vicreg", "method_kwargs.sim_coeff=20",
+                   "augment.strategies=[simclr,geometric]", *tiny("vicreg"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = _summary(run)
+    assert summary["method"] == "vicreg" and summary["epochs"] == 1
+    saved = (run / "config.yaml").read_text()
+    assert f"- {plugin}" in saved and "sim_coeff: 20" in saved
+    # a fresh process reads the method from the checkpoint: the plugin is imported again
+    knn = _massrl("knn", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "k=[5]",
+                  f"output_dir={tmp_path / 'knn'}", cwd=tmp_path)
+    assert knn.returncode == 0, knn.stderr[-2000:]
+    result = json.loads((tmp_path / "knn" / "result.json").read_text())
+    assert result["protocol"]["checkpoint"]["method"] == "vicreg"
+
+    batched = _massrl("pretrain", f"plugins=[{plugin}]", "augment.backend=batched",
+                      "augment.strategies=[geometric,randaugment]",
+                      *tiny("batched"), cwd=tmp_path)
+    assert batched.returncode == 0, batched.stderr[-2000:]
+
+    cnn = _massrl("pretrain", f"plugins=[{plugin}]", "method=byol", "model.backbone=tiny_cnn",
+                  "model.cifar_stem=false", "model.kwargs.channels=8",
+                  *tiny("cnn", **{"model.width": "64"}), cwd=tmp_path)
+    assert cnn.returncode == 0, cnn.stderr[-2000:]
+    assert _summary(tmp_path / "run_cnn")["knn_top1"] is not None
+
+
+def test_the_plugins_strategy_is_seeded_per_image_and_its_sampler_per_image(plugin):
+    import torch
+    from PIL import Image
+
+    from massrl.augment.batched.draws import ImageDraws, new_seeds
+    from massrl.augment.strategies import build_strategy
+
+    cfg = build_config(overrides=[f"plugins=[{plugin}]", "augment.strategies=[geometric]"])
+    strategy = build_strategy("geometric", cfg.augment, 0)
+    image = Image.new("RGB", (16, 16), (200, 10, 10))
+    labels = [strategy(image, torch.Generator().manual_seed(s))[1][0] for s in (0, 0, 1)]
+    assert labels[0] == labels[1] != labels[2]
+    sampler = __import__("doc_plugin").RandomRotationSampler(30.0)
+    op, mag, aux = sampler.sample(ImageDraws(new_seeds((1000,), torch.Generator())), 16, False)
+    assert op.shape == mag.shape == (1000, 1) and aux.shape == (1000, 1, 2)
+    assert mag.abs().max() <= 30 and mag.std() > 10  # each image its own angle
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["method=simsiam"], "unknown method 'simsiam'"),
+    (["method=vicrge", "plugins=[PLUGIN]"], "did you mean 'vicreg'?"),
+    (["method=vicreg", "plugins=[PLUGIN]", "method_kwargs.sim_coef=1"],
+     "method_kwargs.sim_coef: Extra inputs are not permitted"),
+    (["method=vicreg", "plugins=[PLUGIN]", "method_kwargs.std_coeff=-1"],
+     "method_kwargs.std_coeff: Input should be greater than or equal to 0"),
+    (["method=byol", "method_kwargs.sim_coeff=1"], "method byol takes none"),
+    (["augment.strategies=[geometrc]", "plugins=[PLUGIN]"], "did you mean 'geometric'?"),
+    (["plugins=[no_such_module_xyz]"], "cannot import plugin 'no_such_module_xyz'"),
+    (["plugins=[/nowhere/p.py]"], "plugin file /nowhere/p.py does not exist"),
+])
+def test_plugin_mistakes_are_config_errors(plugin, overrides, message):
+    items = [o.replace("PLUGIN", str(plugin)) for o in overrides]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_config(overrides=items)
+
+
+def test_a_strategy_without_a_batched_sampler_is_refused_for_the_batched_backend(plugin):
+    from massrl import plugins
+
+    build_config(overrides=[f"plugins=[{plugin}]"])
+    plugins.register_strategy("rotate_pil_only", per_image=lambda cfg, i: None)
+    try:
+        with pytest.raises(ConfigError, match="has no sampler for the batched engine"):
+            build_config(overrides=["augment.strategies=[rotate_pil_only]",
+                                    "augment.backend=batched"])
+        with pytest.raises(ValueError, match="massrl's own strategy"):
+            plugins.register_strategy("simclr", per_image=lambda cfg, i: None)
+        with pytest.raises(ValueError, match="registered twice"):
+            plugins.register_strategy("rotate_pil_only", per_image=print)
+    finally:
+        plugins.STRATEGIES.pop("rotate_pil_only")
