@@ -90,3 +90,31 @@ def test_progress_written_to_a_file_is_one_line_per_epoch(tiny, capsys):
     assert [line.split()[1] for line in lines] == ["1/2", "2/2"]
     assert all("train/loss " in line and " images/s" in line for line in lines)
     assert all("val/knn_top1 " in line and "val/probe_top1 " in line for line in lines)
+
+
+def test_data_whose_path_is_not_utf8_trains_and_logs_its_hyperparameters(tiny, tmp_path,
+                                                                         capsys):
+    """Linux names are bytes: a data.root named in Latin-1 crashed TensorBoard's
+    hyper-parameter record (protobuf strings must be UTF-8) at the start of training. An
+    output_dir so named, under which TensorBoard cannot even open its file, is refused."""
+    import os
+
+    from PIL import Image
+
+    from massrl.loggers import utf8_safe
+
+    root = tmp_path / os.fsdecode(b"caf\xe9")
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(20):
+            Image.new("RGB", (16, 16), (10 * i, 90, 0)).save(root / c / f"{i}.png")
+    args = [*tiny("byol"), "data.name=folder", f"data.root={root}", "data.subset=null",
+            "data.eval_subset=null"]
+    assert main(["pretrain", *args]) == 0
+    out = Path(next(a for a in args if a.startswith("output_dir=")).split("=", 1)[1])
+    assert list((out / "tensorboard").glob("events.*"))
+    assert utf8_safe({"root": os.fsdecode(b"/d\xff"), "n": [1, "x"]}) == \
+        {"root": "/d\\xff", "n": [1, "x"]}
+    capsys.readouterr()
+    assert main(["pretrain", *tiny("byol"), f"output_dir={root}"]) == 2
+    assert "output_dir: is not valid UTF-8" in capsys.readouterr().err

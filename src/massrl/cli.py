@@ -84,6 +84,11 @@ def _format_warning(message: Warning | str, category: type[Warning], filename: s
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # a file name that is not UTF-8 (Linux names are bytes) is printed with \x escapes, not a
+    # UnicodeEncodeError in the middle of a run
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     command = argv[0] if argv and argv[0] in COMMANDS else None
     parser, parsers = build_parser([command] if command else [])
     if command is not None:

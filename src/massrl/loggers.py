@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import os
 import secrets
 import sys
 import time
@@ -42,12 +43,32 @@ def hide_lightning_adverts() -> None:
         log.addFilter(_NoAdverts())
 
 
+def utf8_safe(value: Any) -> Any:
+    """`value` with every string valid UTF-8: a path of non-UTF-8 bytes, which Python holds as
+    surrogate escapes, gets those bytes as \\x escapes (TensorBoard's protobufs and W&B's JSON
+    refuse surrogates)."""
+    if isinstance(value, str):
+        return os.fsencode(value).decode("utf-8", "backslashreplace")
+    if isinstance(value, dict):
+        return {utf8_safe(k): utf8_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [utf8_safe(v) for v in value]
+    return value
+
+
+class _TensorBoard(TensorBoardLogger):
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(params, dict):
+            params = utf8_safe(params)
+        super().log_hyperparams(params, *args, **kwargs)
+
+
 def build_loggers(cfg: RunConfig, run_dir: Path, resumed_step: int | None = None
                   ) -> list[Logger]:
     """`resumed_step`: the optimizer step of the checkpoint a resumed run continues from. The
     steps after it, which the resumed run repeats, are hidden from the interrupted session's
     TensorBoard events (TensorBoard's purge_step), so that each step shows once."""
-    tensorboard = TensorBoardLogger(run_dir, name="tensorboard", version="",
+    tensorboard = _TensorBoard(run_dir, name="tensorboard", version="",
                                     purge_step=resumed_step)
     loggers: list[Logger] = [CSVLogger(run_dir, name="", version=""), tensorboard]
     if cfg.wandb.enabled:
@@ -68,7 +89,7 @@ def wandb_logger(cfg: RunConfig, run_dir: Path) -> WandbLogger:
     return WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, tags=cfg.wandb.tags,
                        name=run_dir.name if cfg.output_dir else cfg.run_name, id=run_id,
                        resume="allow", save_dir=str(run_dir),
-                       config=cfg.model_dump(mode="json"))
+                       config=utf8_safe(cfg.model_dump(mode="json")))
 
 
 def finish_loggers(loggers: list[Logger], summary: dict[str, Any]) -> None:
