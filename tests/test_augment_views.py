@@ -99,6 +99,28 @@ def test_eval_transform_resize_centre_crop_normalise():
     assert torch.allclose(middle, torch.ones(3, 32, 32))
 
 
+def test_a_banner_is_resized_from_its_centre_band_only():
+    """A 10,000 x 3 px banner was resized whole (256 x 853,333 px at 224); now from its centre
+    band of 3 x its height, which holds all the crop and the resize filter use."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    from massrl.data.eval_transform import centre_band
+
+    rng = np.random.default_rng(0)
+    wide = Image.fromarray(rng.integers(0, 256, (12, 200, 3), np.uint8))
+    assert centre_band(wide).size == (36, 12) and centre_band(wide.rotate(90, expand=True)).size \
+        == (12, 36)
+    square = Image.new("RGB", (30, 12))
+    assert centre_band(square) is square  # up to 3:1 untouched
+    t = EvalTransform(224, (0.0,) * 3, (1.0,) * 3)
+    whole = F.center_crop(F.resize(wide, [256], InterpolationMode.BICUBIC, antialias=True),
+                          [224, 224])
+    assert (t(wide) - F.to_tensor(whole)).abs().max() < 0.02  # the same picture
+    banner = Image.new("RGB", (10000, 3), (0, 128, 255))
+    assert t(banner).shape == (3, 224, 224)
+
+
 def test_a_test_image_is_seen_whole_at_its_own_size_and_cropped_when_larger():
     """STL-10 at 96 px (its own size) is evaluated whole, as solo-learn does; ImageNet-like
     images at 224 px (larger originals) get the 0.875 centre crop; small images always whole."""
