@@ -200,7 +200,20 @@ def test_out_paths_folders_suffixes_and_unwritable_places(tmp_path, ckpt, capsys
         err = capsys.readouterr().err
         assert code == 1 and err.startswith(f"massrl {command}: Not a directory: ")
         assert str(blocker) in err and "Traceback" not in err
+    code, _ = _run(tmp_path, "umap", f"ckpt={ckpt}", flags=["--out", str(tmp_path / "u.xyz")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "cannot write a '.xyz' picture" in err and "name a .png" in err
     assert not (tmp_path / "cache").exists()  # umap stopped before computing any feature
+
+
+def test_augviz_checks_its_picture_name_first_and_writes_into_a_folder(tmp_path, capsys):
+    from massrl.cli import main
+
+    assert main(["augviz", "data.name=digits", "--images", "1", "--out",
+                 str(tmp_path / "v.xyz")]) == 2
+    assert "cannot write a '.xyz' picture" in capsys.readouterr().err
+    assert main(["augviz", "data.name=digits", "--images", "1", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "augmentations.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_weights_of_another_backbone_are_named_in_one_short_line(tmp_path):

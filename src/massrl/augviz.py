@@ -16,7 +16,7 @@ from torch.utils.data import Dataset  # noqa: E402
 
 from massrl.config import RunConfig  # noqa: E402
 from massrl.data.datasets import UnusableDataError  # noqa: E402
-from massrl.files import save_figure  # noqa: E402
+from massrl.files import picture_path, save_figure  # noqa: E402
 
 if TYPE_CHECKING:
     from massrl.data import DatasetSplits
@@ -63,9 +63,7 @@ def augmentation_grid(dataset: Dataset, transform, path: str | Path, num_images:
             ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    path = Path(path)
-    if not path.suffix:  # what matplotlib writes for a name without one
-        path = path.with_name(path.name + ".png")
+    path = picture_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, path, dpi=100)
     plt.close(fig)

@@ -68,6 +68,21 @@ def write_text(path: str | Path, text: str) -> None:
         f.write(text.encode())
 
 
+def picture_path(path: str | Path) -> Path:
+    """`path` as a picture file: ``.png`` added to a name without a suffix; a suffix matplotlib
+    cannot write is a ValueError now, before the work that makes the picture."""
+    path = Path(path)
+    if not path.suffix:
+        return path.with_name(path.name + ".png")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in kinds:
+        raise ValueError(f"cannot write a '{path.suffix}' picture ({path}): name a .png, .jpg, "
+                         ".pdf or .svg file (or any of: " + ", ".join(sorted(kinds)) + ")")
+    return path
+
+
 def save_figure(fig: Any, path: str | Path, **kwargs: Any) -> None:
     """A matplotlib figure saved to `path` in the format its suffix names."""
     with atomic_write(path) as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -36,8 +37,16 @@ def run(args: argparse.Namespace) -> int:
     from massrl.augment import MultiViewTransform
     from massrl.augviz import augmentation_grid
     from massrl.data import BadImageError, DatasetNotFoundError, UnusableDataError, load_dataset
+    from massrl.files import picture_path
 
     out = Path(args.out)
+    if out.is_dir() or args.out.endswith(("/", os.sep)):  # a folder: the picture goes inside
+        out = out / "augmentations.png"
+    try:
+        out = picture_path(out)
+    except ValueError as exc:
+        print(f"massrl augviz: --out {args.out}: {exc}", file=sys.stderr)
+        return 2
     try:
         splits = load_dataset(cfg.data, seed=cfg.seed)
         title = f"{cfg.augment.view_mode} views of {cfg.data.name}"

@@ -18,8 +18,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from massrl.config import ConfigError
     from massrl.eval import session
     from massrl.eval.umap_plot import save_umap
+    from massrl.files import picture_path
 
     if args.out:
         args.overrides = [*args.overrides, f"out={args.out}"]
@@ -27,9 +29,10 @@ def run(args: argparse.Namespace) -> int:
     if r is None:
         return 0
     cfg = r.cfg
-    out = session.output_file(cfg.out, r, "umap.png")
-    if not out.suffix:  # (matplotlib would add .png to the file it writes, not to our record)
-        out = out.with_name(out.name + ".png")
+    try:
+        out = picture_path(session.output_file(cfg.out, r, "umap.png"))
+    except ValueError as exc:
+        raise ConfigError(f"out={cfg.out}: {exc}") from None
     name = "result.json"
     if cfg.out and not cfg.output_dir:  # the record beside the picture, not in ./runs
         r.output_dir, name = out.parent, f"{out.stem}.result.json"
