@@ -36,6 +36,11 @@ def test_defaults_validate_and_overrides_apply():
     ("trainer.limit_train_batches=-1", "a number of batches (>= 1) or a fraction in (0, 1]"),
     ("trainer.limit_train_batches=1.5", "a number of batches (>= 1) or a fraction in (0, 1]"),
     ("seed=-1", "seed: Input should be greater than or equal to 0"),
+    ("optimizer.lr=inf", "optimizer.lr: Input should be a finite number"),
+    ("name=2021-01-01", "YAML read '2021-01-01' as a date: quote it, e.g. name='\"2021-01-01\"'"),
+    ("data.root=/my dir: v1", "YAML read it as a mapping: a colon and a space inside it?"),
+    ("loss.temperature=.nan", "loss.temperature: Input should be a finite number"),
+    ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val: Input should be greater"),
     ("seed=4294967296", "seed: Input should be less than 4294967296"),  # numpy's seed range
     ("data.std=[0.2,0,0.2]", "every channel's std must be positive"),
 ])
@@ -260,3 +265,7 @@ def test_configs_symlink_points_at_package():
 def test_simclr_colour_settings_are_checked(override, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_config(overrides=[override])
+
+
+def test_a_quoted_value_stays_a_string():
+    assert build_config(overrides=['name="2021-01-01"']).name == "2021-01-01"

@@ -32,9 +32,10 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    """A block of config keys: unknown keys are errors, and so is a boolean for a number."""
+    """A block of config keys: unknown keys are errors, and so is a boolean for a number, and
+    an infinite or NaN number (optimizer.lr=inf trained until its first NaN loss)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -312,7 +313,8 @@ class TrainerConfig(Section):
     channels_last: bool = Field(True, description="off on the CPU for models with strided 1x1 "
                                 "convs of < 16 input channels (oneDNN bug; devices.py)")
     compile: bool = False
-    gradient_clip_val: float | None = None
+    gradient_clip_val: float | None = Field(
+        None, ge=0, description="clip the gradient norm to this (null or 0: no clipping)")
     log_every_n_steps: int = Field(10, gt=0)
     limit_train_batches: int | float | None = Field(
         None, description="batches per epoch: a number, or a fraction in (0, 1] of the split")

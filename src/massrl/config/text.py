@@ -47,6 +47,17 @@ def _closest(key: str, schema: type[BaseModel] = RunConfig) -> str:
     return f" Did you mean '{match[0]}'?" if match else ""
 
 
+def _quote_hint(key: str, got: Any) -> str:
+    """What to do about a value YAML read as something other than the string wanted."""
+    kind = {"int": "number", "float": "number", "datetime": "date", "dict": "mapping",
+            "list": "list"}.get(type(got).__name__, type(got).__name__)
+    if isinstance(got, dict | list) or not key.replace("_", "").replace(".", "").isalpha():
+        why = ": a colon and a space inside it?" if kind == "mapping" else ""
+        return (f" (YAML read it as a {kind}{why}; quote the value, in a shell inside single "
+                "quotes: '\"...\"')")
+    return f" (YAML read {str(got)!r} as a {kind}: quote it, e.g. {key}='\"{got}\"')"
+
+
 def _format_error(err: ValidationError, source: str, schema: type[BaseModel]) -> str:
     lines = [f"invalid configuration ({source}):"]
     for e in err.errors():
@@ -58,6 +69,8 @@ def _format_error(err: ValidationError, source: str, schema: type[BaseModel]) ->
         else:
             got = e.get("input")
             got_text = "" if isinstance(got, dict) else f" (got {got!r})"
+            if e["type"] == "string_type" and got is not None:  # YAML read a date, a number..
+                got_text = _quote_hint(key, got)
             lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}{got_text}")
     lines.append("  `massrl <command> --help` lists every key and its default.")
     return "\n".join(lines)
