@@ -554,3 +554,45 @@ def test_resume_from_another_runs_checkpoint_into_a_run_directory_is_refused(tin
     assert f"output_dir {_out(second)} already holds a run, and resume={other} is another " \
         "run's checkpoint" in err
     assert _run_files(_out(second)) | _run_files(_out(second) / "checkpoints") == before
+
+
+def test_a_skipped_step_leaves_weights_and_optimizer_state_as_they_were(tiny, monkeypatch):
+    """trainer.skip_nonfinite: the step with a NaN loss changes nothing; LARS's momentum moved
+    when the step only ran at lr 0 (buffer = 0.9 buffer + weight decay x weights)."""
+    import copy
+
+    import lightning as L
+
+    import massrl.methods.byol as byol
+    from massrl.config import build_config
+    from massrl.data import SSLDataModule
+    from massrl.methods import build_method
+
+    real, calls = byol.byol_per_pair, {"n": 0}
+
+    def nan_on_second(p, z):
+        calls["n"] += 1
+        return real(p, z) * (float("nan") if calls["n"] == 2 else 1.0)
+
+    monkeypatch.setattr(byol, "byol_per_pair", nan_on_second)
+    states = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, module, *args):
+            optimizer = trainer.optimizers[0]
+            weights = dict(module.named_parameters())  # (the forward moves BN statistics)
+            states.append(copy.deepcopy((weights, optimizer.state_dict()["state"])))
+
+    overrides = [*tiny("byol"), "eval.probe=false", "trainer.skip_nonfinite=true",
+                 "optimizer.weight_decay=0.1"]
+    cfg = build_config(config_file="fashion_mnist/byol", overrides=overrides)
+    dm = SSLDataModule(cfg)
+    model = build_method(cfg, num_classes=dm.num_classes)
+    L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Record()]).fit(model, dm)
+    (weights0, opt0), (weights1, opt1), (weights2, _) = states
+    assert all(torch.equal(weights0[k], weights1[k]) for k in weights0)  # the skipped step
+    momentum = [k for k in opt0 if "momentum_buffer" in opt0[k]]
+    assert momentum and all(torch.equal(opt0[k]["momentum_buffer"], opt1[k]["momentum_buffer"])
+                            for k in momentum)
+    assert not all(torch.equal(weights1[k], weights2[k]) for k in weights1)  # then it trains

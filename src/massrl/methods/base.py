@@ -95,7 +95,6 @@ class SSLMethod(L.LightningModule):
         self.channels_last = cfg.trainer.channels_last
         self.method_kwargs = self.KWARGS.model_validate(cfg.method_kwargs) if self.KWARGS else None
         self._skipping = False  # the current step is being skipped (see _skip_step)
-        self._saved_lrs: list[float] = []
 
     # ------------------------------------------------------------------ method interface
 
@@ -244,24 +243,20 @@ class SSLMethod(L.LightningModule):
 
         Returning None would skip the step on one process only, which DDP cannot do (the other
         ranks wait in the gradient all-reduce). Instead every parameter gets a zero gradient and
-        the optimizer runs with lr 0 (see optimizer_step): weights and EMA target stay unchanged.
+        optimizer_step leaves the optimizer out: weights, optimizer state (momentum) and EMA
+        target stay as they were.
         """
         self._skipping = True
         return sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._skipping:
-            self._saved_lrs = [g["lr"] for g in optimizer.param_groups]
-            for g in optimizer.param_groups:
-                g["lr"] = 0.0
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
+                       optimizer_closure: Any = None) -> None:
+        # the closure runs the step's forward and backward, which decide whether it is skipped;
+        # a skipped step does not reach the optimizer (at lr 0, LARS's momentum still moved)
+        loss = optimizer_closure() if optimizer_closure is not None else None
         skipped, self._skipping = self._skipping, False
-        if skipped:
-            optimizer = self.trainer.optimizers[0]
-            for g, lr in zip(optimizer.param_groups, self._saved_lrs, strict=True):
-                g["lr"] = lr
+        if not skipped:
+            optimizer.step(closure=lambda: loss)
         self.after_optimizer_step(skipped)
 
     def after_optimizer_step(self, skipped: bool) -> None:
