@@ -596,3 +596,34 @@ def test_a_skipped_step_leaves_weights_and_optimizer_state_as_they_were(tiny, mo
     assert momentum and all(torch.equal(opt0[k]["momentum_buffer"], opt1[k]["momentum_buffer"])
                             for k in momentum)
     assert not all(torch.equal(weights1[k], weights2[k]) for k in weights1)  # then it trains
+
+
+def test_a_finished_epoch_writes_last_ckpt_once(tiny, monkeypatch):
+    """Lightning's step-checkpoint callback wrote last.ckpt again when training ended, right
+    after the epoch-end save: twice the room on a nearly full disk, where it failed the run."""
+    saved = []
+    real = AtomicCheckpointIO.save_checkpoint
+
+    def record(self, checkpoint, path, *args, **kwargs):
+        saved.append(Path(path).name)
+        return real(self, checkpoint, path, *args, **kwargs)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", record)
+    assert main(["pretrain", *_byol(tiny)]) == 0  # 4 steps, fewer than checkpoint_every_n_steps
+    assert saved == ["best-knn-0.ckpt", "last.ckpt"]
+
+
+def test_resume_auto_without_last_ckpt_names_the_runs_other_checkpoint(tiny, capsys):
+    """A full disk failed last.ckpt after the epoch's best-kNN save: resume=auto started the
+    run over. It now points at the checkpoint there, which continues the run."""
+    args = _byol(tiny, **{"trainer.max_epochs": "1"})
+    assert main(["pretrain", *args]) == 0
+    ckpts = _out(args) / "checkpoints"
+    (ckpts / "last.ckpt").unlink()
+    capsys.readouterr()
+    assert main(["pretrain", *args, "resume=auto", "trainer.max_epochs=2"]) == 2
+    best = ckpts / "best-knn-0.ckpt"
+    assert f"holds no last.ckpt but best-knn-0.ckpt: continue from it with resume={best}" in \
+        " ".join(capsys.readouterr().err.split())
+    assert main(["pretrain", *args, f"resume={best}", "trainer.max_epochs=2"]) == 0
+    assert json.loads((_out(args) / "summary.json").read_text())["epochs"] == 2

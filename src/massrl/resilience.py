@@ -25,7 +25,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import Callback, Checkpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from massrl.config import ConfigError, RunConfig, root_path
@@ -101,6 +101,15 @@ class EpochEndCheckpoint(Checkpoint):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             trainer.save_checkpoint(self.last_path, weights_only=False)
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """last.ckpt every N optimizer steps. Lightning's ModelCheckpoint also writes `last` when
+    training ends, after EpochEndCheckpoint has just written the same state: a second full
+    write (twice the room on a nearly full disk, where it failed the finished run)."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass
 
 
 # Lightning logs each SIGTERM it receives; the one a Ctrl-C sends itself is no news to the user
@@ -239,7 +248,14 @@ def find_resume_checkpoint(cfg: RunConfig, run_dir: Path) -> Path | None:
         return None
     if cfg.resume == "auto":
         last = run_dir / "checkpoints" / "last.ckpt"
-        return last if last.is_file() else None
+        if last.is_file():
+            return last
+        others = sorted(last.parent.glob("*.ckpt"))
+        if others:  # (last.ckpt could not be written: a full disk) the run is not to start over
+            raise ConfigError(
+                f"resume=auto: {last.parent} holds no last.ckpt but {others[-1].name}: continue "
+                f"from it with resume={others[-1]}, or start afresh in another output_dir")
+        return None
     path = Path(cfg.resume)
     if not path.exists():
         raise ConfigError(f"resume={cfg.resume}: no such checkpoint file. Use resume=auto with "

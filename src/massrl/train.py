@@ -45,6 +45,7 @@ from massrl.resilience import (
     AtomicCheckpointIO,
     EpochEndCheckpoint,
     Preemption,
+    StepCheckpoint,
     check_resume_compatible,
     check_resume_fits,
     check_same_world_size,
@@ -191,9 +192,9 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool,
     # its own (last-v1.ckpt), and resume=auto would read whichever came first
     callbacks: list[Callback] = [Preemption(ckpt_dir / "last.ckpt")]
     if t.checkpoint_every_n_steps:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                                         every_n_train_steps=t.checkpoint_every_n_steps,
-                                         enable_version_counter=False))
+        callbacks.append(StepCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                                        every_n_train_steps=t.checkpoint_every_n_steps,
+                                        enable_version_counter=False))
     best = None
     if has_labels and cfg.eval.knn_every:
         best = ModelCheckpoint(dirpath=ckpt_dir, monitor=KNN_METRIC, mode="max", save_top_k=1,
