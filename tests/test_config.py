@@ -37,6 +37,8 @@ def test_defaults_validate_and_overrides_apply():
     ("trainer.limit_train_batches=1.5", "a number of batches (>= 1) or a fraction in (0, 1]"),
     ("seed=-1", "seed: Input should be greater than or equal to 0"),
     ("optimizer.lr=inf", "optimizer.lr: Input should be a finite number"),
+    ("optimizer.scale_lr=cubic", "optimizer.scale_lr: is true (linear: lr x global batch / 256)"
+     ", sqrt or false"),
     ("name=2021-01-01", "YAML read '2021-01-01' as a date: quote it, e.g. name='\"2021-01-01\"'"),
     ("data.root=/my dir: v1", "YAML read it as a mapping: a colon and a space inside it?"),
     ("loss.temperature=.nan", "loss.temperature: Input should be a finite number"),

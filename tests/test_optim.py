@@ -81,6 +81,10 @@ def test_other_optimizers(name, cls):
 def test_lr_scales_with_global_batch():
     assert scaled_lr(OptimizerConfig(lr=0.3), 2048) == pytest.approx(2.4)
     assert scaled_lr(OptimizerConfig(lr=0.3, scale_lr=False), 2048) == 0.3
+    # SimCLR's square-root rule: 0.075 x sqrt(batch) is lr 1.2 at 256
+    assert scaled_lr(OptimizerConfig(lr=1.2, scale_lr="sqrt"), 1024) == pytest.approx(2.4)
+    assert scaled_lr(OptimizerConfig(lr=1.2, scale_lr="sqrt"), 4096) == \
+        pytest.approx(0.075 * 4096 ** 0.5)
 
 
 def test_warmup_then_cosine():

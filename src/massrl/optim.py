@@ -32,6 +32,9 @@ def split_decay_groups(
 
 
 def scaled_lr(cfg: OptimizerConfig, global_batch: int) -> float:
+    """cfg.lr, the lr of a global batch of 256, scaled to `global_batch` by cfg.scale_lr."""
+    if cfg.scale_lr == "sqrt":
+        return cfg.lr * math.sqrt(global_batch / 256)
     return cfg.lr * global_batch / 256 if cfg.scale_lr else cfg.lr
 
 

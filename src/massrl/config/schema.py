@@ -286,7 +286,19 @@ class LossConfig(Section):
 class OptimizerConfig(Section):
     name: Literal["lars", "sgd", "adamw"] = Field("lars", description="the optimizer")
     lr: float = Field(1.0, gt=0, description="base lr for batch 256 (scaled by global batch/256)")
-    scale_lr: bool = Field(True, description="multiply lr by global batch / 256")
+    scale_lr: bool | Literal["sqrt"] = Field(
+        True, description="true: lr x global batch / 256; sqrt: lr x sqrt(global batch / 256) "
+        "(SimCLR's rule for small batches: lr 1.2 gives its 0.075 x sqrt(batch)); false: lr")
+
+    @field_validator("scale_lr", mode="before")
+    @classmethod
+    def _scaling_rule(cls, v: Any) -> Any:
+        named = {"linear": True, "none": False}
+        if isinstance(v, str) and v in named:
+            return named[v]
+        if v is True or v is False or v == "sqrt":
+            return v
+        raise ValueError("is true (linear: lr x global batch / 256), sqrt or false")
     weight_decay: float = Field(1e-6, ge=0, description="not on biases and norm parameters")
     momentum: float = Field(0.9, ge=0, lt=1, description="lars / sgd momentum")
     trust_coefficient: float = Field(0.001, gt=0, description="LARS trust coefficient")
