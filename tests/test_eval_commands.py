@@ -491,3 +491,24 @@ def test_a_list_of_file_names_picks_the_labeled_images(tmp_path, ckpt, capsys):
         (root / "train" / "cat" / "cat_1.png").read_bytes())
     assert "'cat_1.png' is the name of more than one image of the split: write paths " \
         "relative to the training folder (class/name)" in refused("cat_1.png\n")
+
+
+def test_an_evaluation_warns_when_the_pretraining_folder_changed(tmp_path, tiny):
+    from massrl.cli import main
+
+    root = tmp_path / "pics"
+    for c, cls in enumerate(("a", "b")):
+        (root / cls).mkdir(parents=True)
+        for i in range(20):
+            Image.new("RGB", (16, 16), (10 * i, 200 * c, 90)).save(root / cls / f"{i}.png")
+    folder = ["data.name=folder", f"data.root={root}", "data.subset=null",
+              "data.eval_subset=null"]
+    assert main(["pretrain", *tiny("byol"), *folder, "data.batch_size=16"]) == 0
+    ckpt = tmp_path / "run_byol" / "checkpoints" / "last.ckpt"
+    code, res = _run(tmp_path, "knn", f"ckpt={ckpt}", "k=[5]")
+    assert code == 0 and not any("changed since pre-training" in w for w in res["warnings"])
+    Image.new("RGB", (16, 16)).save(root / "b" / "new.png")
+    code, res = _run(tmp_path, "knn", f"ckpt={ckpt}", "k=[5]")
+    assert code == 0
+    assert any("the files of the train split changed since pre-training (32, but not the same "
+               "ones)" in w for w in res["warnings"]), res["warnings"]

@@ -308,14 +308,14 @@ def check_resume_fits(ckpt: dict, method: Any, ckpt_path: Path) -> None:
 
 
 def _changed_files(ckpt: dict, now: dict[str, Any]) -> list[str]:
+    from massrl.data.folder import file_list_change
+
     saved = (ckpt.get("massrl") or {}).get("files") or {}  # (none in older checkpoints)
-    changed = [(split, then["files"], now[split]["files"]) for split, then in saved.items()
-               if then and now.get(split) and then["sha256"] != now[split]["sha256"]]
-    return [f"the files of the {split} split changed since the checkpoint ("
-            + (f"{a} then, {b} now" if a != b else f"{a}, but not the same ones") + "): the "
-            "run would not continue on the same images (a folder without val/ draws its "
-            "held-out images from the same list, so some would have been trained on)"
-            for split, a, b in changed]
+    changes = [(split, file_list_change(then, now.get(split))) for split, then in saved.items()]
+    return [f"the files of the {split} split changed since the checkpoint ({change}): the run "
+            "would not continue on the same images (a folder without val/ draws its held-out "
+            "images from the same list, so some would have been trained on)"
+            for split, change in changes if change]
 
 
 def _changed_parameters(ckpt: dict, method: Any) -> list[str]:

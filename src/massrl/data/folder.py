@@ -198,6 +198,15 @@ def file_list_digest(dataset: Dataset) -> dict[str, Any] | None:
     return {"files": len(paths), "sha256": h.hexdigest()}
 
 
+def file_list_change(then: dict[str, Any] | None, now: dict[str, Any] | None) -> str | None:
+    """How a file list changed between two `file_list_digest`s ("40 then, 41 now"), or None
+    when it did not (or either is unknown)."""
+    if not then or not now or then["sha256"] == now["sha256"]:
+        return None
+    a, b = then["files"], now["files"]
+    return f"{a} then, {b} now" if a != b else f"{a}, but not the same ones"
+
+
 def labeled_folder(
     root: Path, strict: bool, classes: list[str] | None = None
 ) -> FileImageDataset:

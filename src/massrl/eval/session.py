@@ -133,10 +133,27 @@ def open_data(run: EvalRun, needs_labels: bool = True) -> None:
         )
     asked = run.requested.get("data") or {}
     note_inherited_subsets(data, asked, splits)
+    if not run.transfer:
+        warn_changed_files(run, splits)
     asked_size = "image_size" in asked
     # Transfer: the evaluation dataset's own size unless the user chose one.
     run.image_size = splits.native_size if run.transfer and not asked_size else data.image_size
     check_input_size(run)
+
+
+def warn_changed_files(run: EvalRun, splits: DatasetSplits) -> None:
+    """A folder whose files changed since pre-training is split otherwise: its held-out images
+    may include some the model was trained on (checkpoints record the file lists)."""
+    from massrl.data.folder import file_list_change, file_list_digest
+
+    for split, then in (run.pre.meta.get("files") or {}).items():
+        dataset = {"train": splits.train, "test": splits.test}.get(split)
+        change = file_list_change(then, file_list_digest(dataset) if dataset is not None else None)
+        if change:
+            run.warn(f"the files of the {split} split changed since pre-training ({change}): a "
+                     "folder without val/ draws its test images from the same list, so some "
+                     "may be images the model was trained on")
+            return
 
 
 def note_inherited_subsets(data: DataConfig, asked: dict, splits: DatasetSplits) -> None:
