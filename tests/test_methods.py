@@ -232,3 +232,25 @@ def test_trainer_compile_compiles_every_encoder_the_method_runs(method, monkeypa
     backbones = [m for name, m in model.named_children() if "backbone" in name]
     assert len(backbones) == (1 if method == "simclr" else 2)
     assert compiled == backbones
+
+
+def test_bn_per_view_normalises_each_view_by_its_own_statistics():
+    from massrl.methods.base import per_view
+
+    bn = torch.nn.BatchNorm1d(4).train()
+    x = torch.cat([torch.randn(8, 4), torch.randn(8, 4) * 5 + 3])  # two views, view-major
+    separate = per_view(bn, x, 2, separately=True)
+    assert torch.allclose(separate, torch.cat([bn(x[:8]), bn(x[8:])]))
+    for view in separate.chunk(2):  # each view standardised on its own
+        assert torch.allclose(view.mean(0), torch.zeros(4), atol=1e-5)
+    assert not torch.allclose(per_view(bn, x, 2, separately=False), separate)
+
+
+@pytest.mark.parametrize("method", ["byol", "simclr"])
+def test_bn_per_view_runs_every_encoder_view_by_view(method):
+    """model.bn_per_view: each encoder and head sees one view's batch at a time."""
+    model = build_method(_cfg(method, **{"model.bn_per_view": "true"}), num_classes=3)
+    sizes = []
+    model.backbone.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
+    _fit(model, batches=1)
+    assert sizes == [8, 8]  # a batch of 8 images, 2 views: two passes of 8, not one of 16

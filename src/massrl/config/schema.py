@@ -275,6 +275,10 @@ class ModelConfig(Section):
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="more keyword arguments for timm.create_model, e.g. "
         "model.kwargs.patch_size=4 for a ViT on 32 px images")
+    bn_per_view: bool = Field(
+        False, description="each view through the encoders and heads on its own, so batch-norm"
+        " statistics are per view (BYOL's and solo-learn's code); false: one pass over all "
+        "views, their statistics pooled (SimCLR's code; faster)")
 
 
 class LossConfig(Section):

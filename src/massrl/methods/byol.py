@@ -7,7 +7,7 @@ import copy
 import torch
 
 from massrl.losses import byol_per_pair, masked_mean, projection_std
-from massrl.methods.base import SSLMethod, views_last
+from massrl.methods.base import SSLMethod, per_view, views_last
 from massrl.models import mlp
 from massrl.optim import cosine_tau
 
@@ -31,14 +31,17 @@ class BYOL(SSLMethod):
         yield from self.target_projector.parameters()
 
     def ssl_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        views = batch["views"]
-        x = torch.cat(views)  # view-major [V*B, ...]: one pass for all views
-        feats = self.backbone(x)
-        z = self.projector(feats)
-        p = self.predictor(z)
+        views, v = batch["views"], len(batch["views"])
+        x = torch.cat(views)  # view-major [V*B, ...]: one pass for all views, or one per view
+
+        def run(module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+            return per_view(module, inputs, v, self.cfg.model.bn_per_view)
+
+        feats = run(self.backbone, x)
+        z = run(self.projector, feats)
+        p = run(self.predictor, z)
         with torch.no_grad():
-            tz = self.target_projector(self.target_backbone(x))
-        v = len(views)
+            tz = run(self.target_projector, run(self.target_backbone, x))
         per_pair = byol_per_pair(views_last(p, v), views_last(tz, v))
         mask = self.pair_mask(batch)
         loss = masked_mean(per_pair, mask)

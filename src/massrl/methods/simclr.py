@@ -6,7 +6,7 @@ import torch
 
 from massrl.config import ConfigError, RunConfig
 from massrl.losses import nt_xent, projection_std
-from massrl.methods.base import SSLMethod, views_last
+from massrl.methods.base import SSLMethod, per_view, views_last
 from massrl.models import mlp
 
 
@@ -26,9 +26,9 @@ class SimCLR(SSLMethod):
         self.projector = mlp(self.feat_dim, m.proj_hidden_dim, m.proj_output_dim)
 
     def ssl_step(self, batch: dict) -> dict[str, torch.Tensor]:
-        views = batch["views"]
-        feats = self.backbone(torch.cat(views))
-        z = views_last(self.projector(feats), len(views))  # [B, V, D]
+        views, v, separately = batch["views"], len(batch["views"]), self.cfg.model.bn_per_view
+        feats = per_view(self.backbone, torch.cat(views), v, separately)
+        z = views_last(per_view(self.projector, feats, v, separately), v)  # [B, V, D]
         z_all, offset = z, 0
         if self.trainer.world_size > 1:
             z_all, offset = self._gather_projections(z)
