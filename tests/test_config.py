@@ -102,6 +102,10 @@ def test_a_key_written_twice_an_empty_file_and_two_config_files(tmp_path, capsys
     anchors = tmp_path / "anchors.yaml"
     anchors.write_text("base: &b {batch_size: 8}\ndata: {<<: *b, batch_size: 16}\n")
     assert load_yaml(anchors)["data"] == {"batch_size": 16}
+    # an anchored mapping with a merge and an override, merged again elsewhere: no false alarm
+    again = tmp_path / "again.yaml"
+    again.write_text("a:\n  inner: &x\n    <<: {k: 1}\n    k: 2\nb:\n  <<: *x\n")
+    assert load_yaml(again) == {"a": {"inner": {"k": 2}}, "b": {"k": 2}}
     unhashable = tmp_path / "unhashable.yaml"
     unhashable.write_text("[a]: 1\n")
     with pytest.raises(ConfigError, match="found unhashable key"):

@@ -65,20 +65,22 @@ def resolve_config_path(path: str | Path) -> Path:
 class _UniqueKeyLoader(yaml.SafeLoader):
     """YAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the last
     silently: the first value would be ignored without a word). Merge keys (<<) may still be
-    overridden, as YAML intends."""
+    overridden, as YAML intends: the check runs on each mapping as written (composed), before
+    the constructor expands merges into the nodes in place."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+    def compose_mapping_node(self, anchor: str | None) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
         seen = set()
         for key_node, _ in node.value:
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
                 continue  # (the safe loader reports unhashable keys itself)
             key = (key_node.tag, key_node.value)
             if key in seen:
-                raise yaml.constructor.ConstructorError(
+                raise yaml.composer.ComposerError(
                     None, None, f"key '{key_node.value}' is written twice (keep one)",
                     key_node.start_mark)
             seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+        return node
 
 
 def load_yaml(path: str | Path) -> dict:
