@@ -183,3 +183,16 @@ def test_reduced_decode_keeps_exif_orientation_and_mode(tmp_path):
         g = load_image(grey)
     assert rotated.size == (150, 200) and rotated.mode == "RGB"
     assert g.size == (200, 150) and g.mode == "RGB"
+
+
+def test_a_very_large_image_is_named_in_the_warning(tmp_path, monkeypatch):
+    """PIL's decompression-bomb warning names no file; massrl's says which one."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 12 x 12 = 144: large, not refused
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (12, 12)).save(path)
+    with pytest.warns(Image.DecompressionBombWarning, match=r"huge\.png: a very large image "
+                      r"\(12 x 12 px\)"):
+        assert load_image(path).size == (12, 12)
+    Image.new("RGB", (15, 15)).save(path)  # 225 px, over twice the limit: refused, named
+    with pytest.raises(BadImageError, match="huge.png.*decompression bomb"):
+        load_image(path)

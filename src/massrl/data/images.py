@@ -23,6 +23,7 @@ scaling) when its shorter side stays >= side: a transform that needs no more det
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -77,11 +78,27 @@ def check_image_header(path: str | os.PathLike) -> None:
     _read(Path(path), decode=False)
 
 
+def _open_naming_large(path: Path) -> Image.Image:
+    """Image.open, with PIL's warning about a very large image (a possible decompression bomb,
+    which names no file) said again with the file's name."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", Image.DecompressionBombWarning)
+        img = Image.open(path)
+    for w in caught:
+        if issubclass(w.category, Image.DecompressionBombWarning):
+            warnings.warn(f"{path}: a very large image ({img.width} x {img.height} px) takes "
+                          "much memory to decode; downscale it if it is not meant to be this "
+                          "large", Image.DecompressionBombWarning, stacklevel=3)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return img
+
+
 def _read(path: Path, decode: bool) -> Image.Image | None:
     try:
         if path.stat().st_size == 0:
             raise BadImageError(path, "empty file (0 bytes)")
-        with Image.open(path) as img:
+        with _open_naming_large(path) as img:
             if not decode:
                 return None
             side = _DECODE_SIDE.get()
