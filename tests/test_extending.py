@@ -111,3 +111,19 @@ def test_a_strategy_without_a_batched_sampler_is_refused_for_the_batched_backend
             plugins.register_strategy("rotate_pil_only", per_image=print)
     finally:
         plugins.STRATEGIES.pop("rotate_pil_only")
+
+
+def test_a_checkpoint_whose_plugin_is_gone_says_so(plugin, tiny, tmp_path):
+    import shutil
+
+    moved = tmp_path / "gone_plugin.py"
+    shutil.copy(plugin, moved)
+    done = _massrl("pretrain", f"plugins=[{moved}]", "method=vicreg", *tiny("gone"),
+                   cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    moved.unlink()
+    knn = _massrl("knn", f"ckpt={tmp_path / 'run_gone' / 'checkpoints' / 'last.ckpt'}",
+                  cwd=tmp_path)
+    err = " ".join(knn.stderr.split())
+    assert knn.returncode == 2 and f"was pre-trained with plugins ['{moved}'], which this " \
+        f"massrl cannot import: plugin file {moved} does not exist" in err, err[-1500:]

@@ -77,6 +77,10 @@ def checkpoint_config(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> 
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
         )
+        if raw.get("plugins") and "plugin" in problems:  # its own code is not importable here
+            raise CheckpointError(
+                f"'{path}' was pre-trained with plugins {raw['plugins']}, which this massrl "
+                f"cannot import: {problems.removeprefix(': Value error, ')}") from None
         raise CheckpointError(
             f"the run config stored in '{path}' is not valid for this massrl version: {problems}"
         ) from None
