@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +7,19 @@ import torch
 # The suite runs on 2 cores next to DataLoader workers: keep torch to one thread per process.
 torch.set_num_threads(1)
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def class_folder(root: Path, per_class: int = 20, classes: tuple[str, ...] = ("a", "b"),
+                 size: int = 16) -> Path:
+    """`root/<class>/<i>.png`: small distinct images, one sub-folder per class (no val/, so a
+    run splits them into train and held-out)."""
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (size, size), (5 * i, 200 * c, 90)).save(root / name / f"{i}.png")
+    return root
 
 
 def tiny_overrides(tmp_path, method: str = "massrl", **extra: str) -> list[str]:

@@ -494,13 +494,11 @@ def test_a_list_of_file_names_picks_the_labeled_images(tmp_path, ckpt, capsys):
 
 
 def test_an_evaluation_warns_when_the_pretraining_folder_changed(tmp_path, tiny):
+    from conftest import class_folder
+
     from massrl.cli import main
 
-    root = tmp_path / "pics"
-    for c, cls in enumerate(("a", "b")):
-        (root / cls).mkdir(parents=True)
-        for i in range(20):
-            Image.new("RGB", (16, 16), (10 * i, 200 * c, 90)).save(root / cls / f"{i}.png")
+    root = class_folder(tmp_path / "pics")
     folder = ["data.name=folder", f"data.root={root}", "data.subset=null",
               "data.eval_subset=null"]
     assert main(["pretrain", *tiny("byol"), *folder, "data.batch_size=16"]) == 0

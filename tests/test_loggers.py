@@ -99,15 +99,11 @@ def test_data_whose_path_is_not_utf8_trains_and_logs_its_hyperparameters(tiny, t
     output_dir so named, under which TensorBoard cannot even open its file, is refused."""
     import os
 
-    from PIL import Image
+    from conftest import class_folder
 
     from massrl.loggers import utf8_safe
 
-    root = tmp_path / os.fsdecode(b"caf\xe9")
-    for c in ("a", "b"):
-        (root / c).mkdir(parents=True)
-        for i in range(20):
-            Image.new("RGB", (16, 16), (10 * i, 90, 0)).save(root / c / f"{i}.png")
+    root = class_folder(tmp_path / os.fsdecode(b"caf\xe9"))
     args = [*tiny("byol"), "data.name=folder", f"data.root={root}", "data.subset=null",
             "data.eval_subset=null"]
     assert main(["pretrain", *args]) == 0

@@ -515,13 +515,10 @@ def test_resume_that_would_not_take_the_checkpoints_weights_is_refused_first(tin
 def test_resume_after_a_folders_files_changed_is_refused(tiny, tmp_path, capsys):
     """A folder without val/ is split into train and held-out from its file list: with files
     added, the held-out images would include some the checkpoint was trained on."""
+    from conftest import class_folder
     from PIL import Image
 
-    root = tmp_path / "pics"
-    for c, cls in enumerate(("a", "b")):
-        (root / cls).mkdir(parents=True)
-        for i in range(40):
-            Image.new("RGB", (16, 16), (5 * i, 200 * c, 90)).save(root / cls / f"{i}.png")
+    root = class_folder(tmp_path / "pics", per_class=40)
     args = _byol(tiny, **{"trainer.max_epochs": "1", "data.name": "folder",
                           "data.root": str(root), "data.subset": "null",
                           "data.eval_subset": "null"})
