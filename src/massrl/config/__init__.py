@@ -5,6 +5,7 @@ that name the key (and, for a misspelling, the closest valid key), so a typo can
 silently ignored.
 """
 
+from massrl.config.augment import AugmentConfig, RandAugmentConfig, SimCLRColourConfig
 from massrl.config.files import (
     DATASET_KEYS,
     PACKAGE_CONFIGS,
@@ -20,27 +21,25 @@ from massrl.config.files import (
 from massrl.config.schema import (
     DATASETS,
     STRATEGIES,
-    AugmentConfig,
-    ConfigError,
     DataConfig,
     EvalConfig,
     LossConfig,
     ModelConfig,
     OptimizerConfig,
-    RandAugmentConfig,
     RunConfig,
-    Section,
     TrainerConfig,
     WandbConfig,
     default_root,
     root_path,
 )
+from massrl.config.section import ConfigError, Section
 from massrl.config.text import describe_options
 
 __all__ = [
     "DATASETS", "DATASET_KEYS", "PACKAGE_CONFIGS", "STRATEGIES", "AugmentConfig", "ConfigError",
     "DataConfig", "EvalConfig", "LossConfig", "ModelConfig", "OptimizerConfig",
-    "RandAugmentConfig", "RunConfig", "Section", "TrainerConfig", "WandbConfig", "build_config",
+    "RandAugmentConfig", "RunConfig", "Section", "SimCLRColourConfig", "TrainerConfig",
+    "WandbConfig", "build_config",
     "describe_options", "load_yaml", "parse_overrides", "parse_value", "resolve_config_path",
     "default_root", "root_path", "dotted_items",
     "set_dotted", "to_yaml",

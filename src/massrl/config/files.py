@@ -12,7 +12,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from massrl.config.schema import ConfigError, RunConfig
+from massrl.config.schema import RunConfig
+from massrl.config.section import ConfigError
 from massrl.config.text import _format_error
 
 PACKAGE_CONFIGS = Path(__file__).parent.parent / "configs"

@@ -1,0 +1,45 @@
+"""The base of every config section (its strictness), the error users see, and the check of
+a name against what massrl and its plugins know."""
+
+from __future__ import annotations
+
+from difflib import get_close_matches
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user (which key, what is wrong, how to fix)."""
+
+
+class Section(BaseModel):
+    """A block of config keys: unknown keys are errors, and so is a boolean for a number, and
+    an infinite or NaN number (optimizer.lr=inf trained until its first NaN loss)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1: optimizer.lr=true would train at lr 1.0
+        if isinstance(v, bool) and not _accepts_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError("is not a true/false setting (YAML reads true/false as a boolean)")
+        return v
+
+
+def _accepts_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(a, bool) for a in get_args(annotation))
+    return any(_accepts_bool(a) for a in get_args(annotation))
+
+
+def known_name(name: str, known: tuple[str, ...], kind: str) -> str:
+    if name in known:
+        return name
+    close = get_close_matches(name, known, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise ValueError(f"unknown {kind} '{name}': {hint}choose from {', '.join(known)}, or "
+                     "register your own in a plugin (docs/extending.md)")
