@@ -127,3 +127,33 @@ def test_a_checkpoint_whose_plugin_is_gone_says_so(plugin, tiny, tmp_path):
     err = " ".join(knn.stderr.split())
     assert knn.returncode == 2 and f"was pre-trained with plugins ['{moved}'], which this " \
         f"massrl cannot import: plugin file {moved} does not exist" in err, err[-1500:]
+
+
+def test_installed_plugins_load_only_for_a_name_massrl_does_not_know(monkeypatch):
+    from massrl import plugins
+
+    class Broken:
+        name, value = "broken", "broken_pkg.plugin"
+
+        def load(self):
+            raise ImportError("no module named broken_pkg")
+
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [Broken()])
+    monkeypatch.setattr(plugins, "_entry_points_loaded", False)
+    assert build_config(overrides=["method=byol"]).method == "byol"  # not imported
+    with pytest.raises(ConfigError, match="the installed massrl plugin 'broken' "
+                       r"\(broken_pkg.plugin\) failed to import: ImportError"):
+        build_config(overrides=["method=simsiam"])
+
+
+def test_a_plugin_file_named_like_another_module_is_refused(tmp_path):
+    for name in ("json.py", "pytest.py"):  # already imported; importable from elsewhere
+        (tmp_path / name).write_text("raise SystemExit('never imported')\n")
+        with pytest.raises(ConfigError, match=f"its name '{name[:-3]}' is already the module"):
+            build_config(overrides=[f"plugins=[{tmp_path / name}]"])
+    # not imported yet, but the standard library's comes first on sys.path
+    assert "tabnanny" not in sys.modules
+    (tmp_path / "tabnanny.py").write_text("")
+    with pytest.raises(ConfigError, match="the module 'tabnanny' imported from .* instead: "
+                       "rename the file"):
+        build_config(overrides=[f"plugins=[{tmp_path / 'tabnanny.py'}]"])

@@ -79,13 +79,17 @@ def _check_new(name: str, builtin: tuple[str, ...], old: Any, new: Any, kind: st
                          f"{_origin(new)}")
 
 
-def method_names() -> tuple[str, ...]:
-    load_entry_points()
+def method_names(name: str | None = None) -> tuple[str, ...]:
+    """The methods known; installed plugins are imported only for a `name` not known yet."""
+    if name is not None and name not in (*BUILTIN_METHODS, *METHODS):
+        load_entry_points()
     return (*BUILTIN_METHODS, *METHODS)
 
 
-def strategy_names() -> tuple[str, ...]:
-    load_entry_points()
+def strategy_names(name: str | None = None) -> tuple[str, ...]:
+    """The strategies known; installed plugins are imported only for a `name` not known yet."""
+    if name is not None and name not in (*BUILTIN_STRATEGIES, *STRATEGIES):
+        load_entry_points()
     return (*BUILTIN_STRATEGIES, *STRATEGIES)
 
 
@@ -117,15 +121,27 @@ def import_plugins(names: list[str]) -> list[str]:
             if not path.is_file():
                 raise ValueError(f"plugin file {name} does not exist (a path, absolute or "
                                  "relative to the working directory, or a module name)")
+            other = sys.modules.get(path.stem)
+            if other is not None and _file_of(other) != path:
+                raise ValueError(f"plugin file {name}: its name '{path.stem}' is already the "
+                                 f"module {_file_of(other) or path.stem}: rename the file")
             if str(path.parent) not in sys.path:
-                sys.path.insert(0, str(path.parent))
+                sys.path.append(str(path.parent))  # (after the others: it shadows none)
             module, recorded_name = path.stem, str(path)
         else:
             module = recorded_name = name
         try:
-            importlib.import_module(module)
+            imported = importlib.import_module(module)
         except Exception as exc:  # noqa: BLE001 - any failure of the user's code, named
             raise ValueError(f"cannot import plugin '{name}': {type(exc).__name__}: {exc} "
                              "(a module on PYTHONPATH, or a .py file's path)") from exc
+        if name.endswith(".py") and _file_of(imported) != Path(recorded_name):
+            raise ValueError(f"plugin file {name}: the module '{module}' imported from "
+                             f"{_file_of(imported)} instead: rename the file")
         recorded.append(recorded_name)
     return recorded
+
+
+def _file_of(module: Any) -> Path | None:
+    file = getattr(module, "__file__", None)
+    return Path(file).resolve() if file else None

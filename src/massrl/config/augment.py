@@ -31,7 +31,7 @@ Probability = Annotated[float, Field(ge=0, le=1)]
 
 
 def _known_strategy(name: str) -> str:
-    return known_name(name, plugins.strategy_names(), "strategy")
+    return known_name(name, plugins.strategy_names(name), "strategy")
 
 
 StrategyName = Annotated[str, AfterValidator(_known_strategy)]

@@ -248,7 +248,7 @@ class RunConfig(Section):
     @field_validator("method")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        return known_name(v, plugins.method_names(), "method")
+        return known_name(v, plugins.method_names(v), "method")
 
     @model_validator(mode="after")
     def _method_kwargs_fit(self) -> RunConfig:
