@@ -508,5 +508,14 @@ def test_an_evaluation_warns_when_the_pretraining_folder_changed(tmp_path, tiny)
     Image.new("RGB", (16, 16)).save(root / "b" / "new.png")
     code, res = _run(tmp_path, "knn", f"ckpt={ckpt}", "k=[5]")
     assert code == 0
-    assert any("the files of the train split changed since pre-training (32, but not the same "
-               "ones)" in w for w in res["warnings"]), res["warnings"]
+    assert any("the test split's files changed since pre-training (8 then, 9 now)" in w
+               for w in res["warnings"]), res["warnings"]
+    # beside a val/ folder, training images added leak none into the test split: no warning
+    split = tmp_path / "split"
+    class_folder(split / "train"), class_folder(split / "val", per_class=5)
+    assert main(["pretrain", *tiny("val"), "data.name=folder", f"data.root={split}",
+                 "data.subset=null", "data.eval_subset=null", "data.batch_size=16"]) == 0
+    Image.new("RGB", (16, 16)).save(split / "train" / "b" / "new.png")
+    code, res = _run(tmp_path, "knn", f"ckpt={tmp_path / 'run_val/checkpoints/last.ckpt'}",
+                     "k=[5]")
+    assert code == 0 and not any("changed since" in w for w in res["warnings"])

@@ -142,18 +142,17 @@ def open_data(run: EvalRun, needs_labels: bool = True) -> None:
 
 
 def warn_changed_files(run: EvalRun, splits: DatasetSplits) -> None:
-    """A folder whose files changed since pre-training is split otherwise: its held-out images
-    may include some the model was trained on (checkpoints record the file lists)."""
+    """A folder's test images that changed since pre-training (checkpoints record the file
+    lists): without val/ the folder is split otherwise, and the test split may hold images the
+    model was trained on. (A changed train split alone, beside an unchanged val/, leaks none.)"""
     from massrl.data.folder import file_list_change, file_list_digest
 
-    for split, then in (run.pre.meta.get("files") or {}).items():
-        dataset = {"train": splits.train, "test": splits.test}.get(split)
-        change = file_list_change(then, file_list_digest(dataset) if dataset is not None else None)
-        if change:
-            run.warn(f"the files of the {split} split changed since pre-training ({change}): a "
-                     "folder without val/ draws its test images from the same list, so some "
-                     "may be images the model was trained on")
-            return
+    then = (run.pre.meta.get("files") or {}).get("test")
+    if then and splits.test is not None and \
+            (change := file_list_change(then, file_list_digest(splits.test))):
+        run.warn(f"the test split's files changed since pre-training ({change}): its figures "
+                 "are not comparable with the run's, and in a folder without val/, split "
+                 "from one list, it may now hold images the model was trained on")
 
 
 def note_inherited_subsets(data: DataConfig, asked: dict, splits: DatasetSplits) -> None:
