@@ -93,7 +93,7 @@ def test_progress_written_to_a_file_is_one_line_per_epoch(tiny, capsys):
 
 
 def test_data_whose_path_is_not_utf8_trains_and_logs_its_hyperparameters(tiny, tmp_path,
-                                                                         capsys):
+                                                                         capsys, monkeypatch):
     """Linux names are bytes: a data.root named in Latin-1 crashed TensorBoard's
     hyper-parameter record (protobuf strings must be UTF-8) at the start of training. An
     output_dir so named, under which TensorBoard cannot even open its file, is refused."""
@@ -111,6 +111,11 @@ def test_data_whose_path_is_not_utf8_trains_and_logs_its_hyperparameters(tiny, t
     assert list((out / "tensorboard").glob("events.*"))
     assert utf8_safe({"root": os.fsdecode(b"/d\xff"), "n": [1, "x"]}) == \
         {"root": "/d\\xff", "n": [1, "x"]}
-    capsys.readouterr()
-    assert main(["pretrain", *tiny("byol"), f"output_dir={root}"]) == 2
-    assert "output_dir: is not valid UTF-8" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # (runs/<name> without output_dir)
+    for where in (f"output_dir={root}", "name=" + os.fsdecode(b"r\xe9")):
+        capsys.readouterr()
+        args = [a for a in tiny("byol") if not a.startswith("output_dir=")]
+        assert main(["pretrain", *args, where]) == 2
+        assert "is not a UTF-8 name, under which TensorBoard cannot write" in \
+            " ".join(capsys.readouterr().err.split())
+    assert not (tmp_path / "runs").exists()

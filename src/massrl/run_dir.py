@@ -36,6 +36,19 @@ def make_run_dir(cfg: RunConfig, run_dir: Path | None = None) -> Path:
     return run_dir
 
 
+def check_utf8_name(run_dir: Path) -> None:
+    """TensorBoard opens its files by UTF-8 names only: a run folder whose path holds other
+    bytes (a Latin-1 name, from output_dir, name or the working directory) is refused before
+    it is made, not a traceback at the start of training."""
+    path = run_dir.absolute()
+    try:
+        os.fsencode(path).decode("utf-8")
+    except UnicodeDecodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise ConfigError(f"the run folder {shown} is not a UTF-8 name, under which TensorBoard "
+                          "cannot write its logs: choose output_dir (or name) in UTF-8") from None
+
+
 def choose_run_dir(cfg: RunConfig) -> Path:
     """output_dir if given, else the directory of the run that started this process, else the
     next free runs/<name>/version_N."""

@@ -54,6 +54,7 @@ from massrl.resilience import (
 )
 from massrl.run_dir import (
     RUN_DIR_ENV,
+    check_utf8_name,
     choose_run_dir,
     finished_already,
     keep_previous_metrics,
@@ -300,6 +301,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
     new_folder = None
     if run_dir is None:
         run_dir = choose_run_dir(cfg)
+        check_utf8_name(run_dir)
         # a run that stops before training leaves no folder of its own behind (one process: in
         # DDP the other ranks may be using it)
         new_folder = None if launched_apart() else outermost_missing(run_dir.resolve())

@@ -3,7 +3,6 @@ augment.* section in augment.py)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -234,16 +233,6 @@ class RunConfig(Section):
         if isinstance(data, dict) and isinstance(data.get("plugins"), list):
             data = {**data, "plugins": plugins.import_plugins([str(p) for p in data["plugins"]])}
         return data
-
-    @field_validator("output_dir")
-    @classmethod
-    def _utf8_output_dir(cls, v: str | None) -> str | None:
-        try:
-            os.fsencode(v or "").decode("utf-8")
-        except UnicodeDecodeError:
-            raise ValueError("is not valid UTF-8, and TensorBoard cannot write its logs under "
-                             "such a path: choose a UTF-8 name") from None
-        return v
 
     @field_validator("method")
     @classmethod
