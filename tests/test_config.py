@@ -41,6 +41,8 @@ def test_defaults_validate_and_overrides_apply():
      ", sqrt or false"),
     ("name=2021-01-01", "YAML read '2021-01-01' as a date: quote it, e.g. name='\"2021-01-01\"'"),
     ("data.root=/my dir: v1", "YAML read it as a mapping: a colon and a space inside it?"),
+    ("name=yes", "name: was read by YAML as true/false: quote a text value"),
+    ("name=1.10", "name: Input should be a valid string (YAML read it as a number; quote"),
     ("loss.temperature=.nan", "loss.temperature: Input should be a finite number"),
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val: Input should be greater"),
     ("seed=4294967296", "seed: Input should be less than 4294967296"),  # numpy's seed range

@@ -23,9 +23,17 @@ class Section(BaseModel):
     @classmethod
     def _no_bool_for_numbers(cls, v: Any, info: ValidationInfo) -> Any:
         # pydantic's lax mode reads true as 1: optimizer.lr=true would train at lr 1.0
-        if isinstance(v, bool) and not _accepts_bool(cls.model_fields[info.field_name].annotation):
+        annotation = cls.model_fields[info.field_name].annotation
+        if isinstance(v, bool) and not _accepts_bool(annotation):
+            if _accepts_str(annotation):  # name=yes: YAML 1.1 reads yes/no/on/off as booleans
+                raise ValueError("was read by YAML as true/false: quote a text value, in a shell"
+                                 " inside single quotes: '\"...\"'")
             raise ValueError("is not a true/false setting (YAML reads true/false as a boolean)")
         return v
+
+
+def _accepts_str(annotation: Any) -> bool:
+    return annotation is str or any(_accepts_str(a) for a in get_args(annotation))
 
 
 def _accepts_bool(annotation: Any) -> bool:

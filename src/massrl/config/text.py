@@ -51,7 +51,9 @@ def _quote_hint(key: str, got: Any) -> str:
     """What to do about a value YAML read as something other than the string wanted."""
     kind = {"int": "number", "float": "number", "datetime": "date", "dict": "mapping",
             "list": "list"}.get(type(got).__name__, type(got).__name__)
-    if isinstance(got, dict | list) or not key.replace("_", "").replace(".", "").isalpha():
+    # (a number's text is lost: 1.10 was read as 1.1, so no example of it is shown)
+    if isinstance(got, dict | list | int | float) or \
+            not key.replace("_", "").replace(".", "").isalpha():
         why = ": a colon and a space inside it?" if kind == "mapping" else ""
         return (f" (YAML read it as a {kind}{why}; quote the value, in a shell inside single "
                 "quotes: '\"...\"')")
