@@ -111,6 +111,7 @@ def test_a_banner_is_resized_from_its_centre_band_only():
     wide = Image.fromarray(rng.integers(0, 256, (12, 200, 3), np.uint8))
     assert centre_band(wide).size == (36, 12) and centre_band(wide.rotate(90, expand=True)).size \
         == (12, 36)
+    assert centre_band(Image.new("RGB", (40, 1))).size == (9, 1)  # the filter's reach
     square = Image.new("RGB", (30, 12))
     assert centre_band(square) is square  # up to 3:1 untouched
     t = EvalTransform(224, (0.0,) * 3, (1.0,) * 3)
