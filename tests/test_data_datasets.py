@@ -289,3 +289,18 @@ def test_fraction_subset_bounds():
     for bad in (0, -0.5, 1.5, float("nan")):
         with pytest.raises(ValueError, match=r"\(0, 1\]"):
             fraction_subset(labels, bad, seed=0)
+
+
+def test_file_list_digest_follows_names_and_labels_not_the_folders_place():
+    from massrl.data.folder import FileImageDataset, file_list_digest
+
+    paths = [f"/data/pics/{c}/{i}.png" for c in ("a", "b") for i in range(3)]
+    labels = [0, 0, 0, 1, 1, 1]
+    digest = file_list_digest(FileImageDataset(paths, labels))
+    assert digest["files"] == 6
+    moved = [p.replace("/data/pics", "/mnt/disk2/photos") for p in paths]
+    assert file_list_digest(FileImageDataset(moved, labels)) == digest
+    assert file_list_digest(FileImageDataset(paths[:-1], labels[:-1]))["sha256"] != \
+        digest["sha256"]
+    assert file_list_digest(FileImageDataset(paths, [0, 0, 1, 1, 1, 1]))["sha256"] != \
+        digest["sha256"]

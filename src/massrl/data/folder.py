@@ -191,10 +191,13 @@ def file_list_digest(dataset: Dataset) -> dict[str, Any] | None:
     paths = [os.fsencode(p) for p in files.paths]
     if not paths:
         return {"files": 0, "sha256": None}
-    top = os.path.commonpath(paths) if len(paths) > 1 else os.path.dirname(paths[0])
+    # the folder they share: the common prefix of the first and last in sorted order is every
+    # path's, cut back to a separator (os.path.commonpath/relpath took 10 s for ImageNet's 1.28 M)
+    prefix = os.path.commonprefix([min(paths), max(paths)])
+    cut = prefix.rfind(os.sep.encode()) + 1
     h = hashlib.sha256()
     for path, target in zip(paths, files.targets, strict=True):
-        h.update(os.path.relpath(path, top) + f"\t{target}\n".encode())
+        h.update(path[cut:] + f"\t{target}\n".encode())
     return {"files": len(paths), "sha256": h.hexdigest()}
 
 
