@@ -235,7 +235,7 @@ def test_trainer_compile_compiles_every_encoder_the_method_runs(method, monkeypa
 
 
 def test_bn_per_view_normalises_each_view_by_its_own_statistics():
-    from massrl.methods.base import per_view
+    from massrl.methods.views import per_view
 
     bn = torch.nn.BatchNorm1d(4).train()
     x = torch.cat([torch.randn(8, 4), torch.randn(8, 4) * 5 + 3])  # two views, view-major

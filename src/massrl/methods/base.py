@@ -42,20 +42,6 @@ def quiet_hook_notice() -> None:
         r"have passed in a `LightningDataModule`")
 
 
-def per_view(module: torch.nn.Module, x: torch.Tensor, num_views: int,
-             separately: bool) -> torch.Tensor:
-    """`module` on view-major [V*B, ...] inputs: in one pass, or (model.bn_per_view) view by
-    view, so that its batch-norm layers normalise each view by its own statistics."""
-    if not separately or num_views == 1:
-        return module(x)
-    return torch.cat([module(chunk) for chunk in x.chunk(num_views)])
-
-
-def views_last(x: torch.Tensor, num_views: int) -> torch.Tensor:
-    """[V*B, D] (views concatenated along the batch) -> [B, V, D]."""
-    return x.reshape(num_views, -1, x.shape[-1]).transpose(0, 1)
-
-
 def _first_occurrences(index: torch.Tensor) -> torch.Tensor:
     """Positions of the first occurrence of each distinct value of `index`, by ascending value."""
     values, inverse = torch.unique(index, return_inverse=True)

@@ -7,7 +7,8 @@ import copy
 import torch
 
 from massrl.losses import byol_per_pair, masked_mean, projection_std
-from massrl.methods.base import SSLMethod, per_view, views_last
+from massrl.methods.base import SSLMethod
+from massrl.methods.views import per_view, views_last
 from massrl.models import mlp
 from massrl.optim import cosine_tau
 

@@ -6,7 +6,8 @@ import torch
 
 from massrl.config import ConfigError, RunConfig
 from massrl.losses import nt_xent, projection_std
-from massrl.methods.base import SSLMethod, per_view, views_last
+from massrl.methods.base import SSLMethod
+from massrl.methods.views import per_view, views_last
 from massrl.models import mlp
 
 
