@@ -624,3 +624,17 @@ def test_resume_auto_without_last_ckpt_names_the_runs_other_checkpoint(tiny, cap
         " ".join(capsys.readouterr().err.split())
     assert main(["pretrain", *args, f"resume={best}", "trainer.max_epochs=2"]) == 0
     assert json.loads((_out(args) / "summary.json").read_text())["epochs"] == 2
+
+
+def test_a_resume_says_which_other_settings_changed(tiny, capsys):
+    """Settings outside the frozen keys may change on resume, but not unseen: a newer shipped
+    config switching the CIFAR blur off mid-run is named."""
+    args = _byol(tiny, **{"trainer.max_epochs": "1"})
+    assert main(["pretrain", *args]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", *args, "resume=auto", "trainer.max_epochs=2",
+                 "augment.simclr.blur_p=[0.0,0.0]", "loss.tau_base=0.98"]) == 0
+    note = next(line for line in capsys.readouterr().out.splitlines()
+                if line.startswith("note: resuming"))
+    assert note == "note: resuming with settings changed since the checkpoint: " \
+        "augment.simclr.blur_p: [1.0, 0.1] -> [0.0, 0.0]; loss.tau_base: 0.99 -> 0.98"

@@ -292,7 +292,41 @@ def check_resume_compatible(cfg: RunConfig, ckpt_path: Path) -> dict:
             + "\nStart a new run (another output_dir) or restore these values"
             + _own_config_hint(Path(ckpt_path)) + "."
         )
+    if other := _other_changes(saved, now):
+        print("note: resuming with settings changed since the checkpoint: " + "; ".join(other))
     return ckpt
+
+
+# what a resumed run is expected to change: where it runs, how long, how it reports
+_RUN_KEYS = ("resume", "output_dir", "trainer.max_epochs", "trainer.progress_bar",
+             "trainer.cpu_threads", "data.num_workers", "data.pin_memory",
+             "data.persistent_workers")
+
+
+_SAID_ELSEWHERE = tuple(k for key in (*_RUN_KEYS, *FROZEN_KEYS) for k in (key, key + "."))
+
+
+def _other_changes(saved: dict, now: dict) -> list[str]:
+    """The settings outside FROZEN_KEYS a resumed run changes (allowed, but said: resuming
+    with a newer shipped config must not switch an augmentation off unseen). The saved config
+    is read with this version's defaults for keys it did not have yet."""
+    try:
+        saved = RunConfig.model_validate(saved).model_dump(mode="json")
+    except ValueError:
+        pass  # (an older layout: compared as it is)
+    then, new = _flat(saved), _flat(now)
+    return [f"{k}: {then.get(k)!r} -> {new.get(k)!r}" for k in sorted(then.keys() | new.keys())
+            if then.get(k) != new.get(k) and not k.startswith(_SAID_ELSEWHERE)]
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def check_resume_fits(ckpt: dict, method: Any, ckpt_path: Path) -> None:
