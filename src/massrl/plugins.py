@@ -81,16 +81,18 @@ def _check_new(name: str, builtin: tuple[str, ...], old: Any, new: Any, kind: st
 
 def method_names(name: str | None = None) -> tuple[str, ...]:
     """The methods known; installed plugins are imported only for a `name` not known yet."""
-    if name is not None and name not in (*BUILTIN_METHODS, *METHODS):
-        load_entry_points()
-    return (*BUILTIN_METHODS, *METHODS)
+    return _known(BUILTIN_METHODS, METHODS, name)
 
 
 def strategy_names(name: str | None = None) -> tuple[str, ...]:
     """The strategies known; installed plugins are imported only for a `name` not known yet."""
-    if name is not None and name not in (*BUILTIN_STRATEGIES, *STRATEGIES):
+    return _known(BUILTIN_STRATEGIES, STRATEGIES, name)
+
+
+def _known(builtin: tuple[str, ...], registered: dict, name: str | None) -> tuple[str, ...]:
+    if name is not None and name not in builtin and name not in registered:
         load_entry_points()
-    return (*BUILTIN_STRATEGIES, *STRATEGIES)
+    return (*builtin, *registered)
 
 
 _entry_points_loaded = False
