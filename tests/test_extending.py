@@ -47,6 +47,11 @@ def test_a_plugin_method_strategy_and_backbone_train_and_evaluate(plugin, tiny, 
     assert knn.returncode == 0, knn.stderr[-2000:]
     result = json.loads((tmp_path / "knn" / "result.json").read_text())
     assert result["protocol"]["checkpoint"]["method"] == "vicreg"
+    # the run's own config continues it: the plugin comes with it
+    more = _massrl("pretrain", "-c", str(run / "config.yaml"), "resume=auto",
+                   f"output_dir={run}", "trainer.max_epochs=2", cwd=tmp_path)
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert _summary(run)["epochs"] == 2
 
     batched = _massrl("pretrain", f"plugins=[{plugin}]", "augment.backend=batched",
                       "augment.strategies=[geometric,randaugment]",
