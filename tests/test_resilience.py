@@ -555,7 +555,8 @@ def test_resume_from_another_runs_checkpoint_into_a_run_directory_is_refused(tin
 
 def test_a_skipped_step_leaves_weights_and_optimizer_state_as_they_were(tiny, monkeypatch):
     """trainer.skip_nonfinite: the step with a NaN loss changes nothing; LARS's momentum moved
-    when the step only ran at lr 0 (buffer = 0.9 buffer + weight decay x weights)."""
+    when the step only ran at lr 0 (buffer = 0.9 buffer + weight decay x weights), and its
+    forward moved the batch-norm statistics."""
     import copy
 
     import lightning as L
@@ -577,7 +578,7 @@ def test_a_skipped_step_leaves_weights_and_optimizer_state_as_they_were(tiny, mo
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, module, *args):
             optimizer = trainer.optimizers[0]
-            weights = dict(module.named_parameters())  # (the forward moves BN statistics)
+            weights = {**dict(module.named_parameters()), **dict(module.named_buffers())}
             states.append(copy.deepcopy((weights, optimizer.state_dict()["state"])))
 
     overrides = [*tiny("byol"), "eval.probe=false", "trainer.skip_nonfinite=true",
@@ -588,7 +589,8 @@ def test_a_skipped_step_leaves_weights_and_optimizer_state_as_they_were(tiny, mo
     L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
               num_sanity_val_steps=0, limit_val_batches=0, callbacks=[Record()]).fit(model, dm)
     (weights0, opt0), (weights1, opt1), (weights2, _) = states
-    assert all(torch.equal(weights0[k], weights1[k]) for k in weights0)  # the skipped step
+    # the skipped step: weights and batch-norm statistics (a NaN forward would poison them)
+    assert all(torch.equal(weights0[k], weights1[k]) for k in weights0)
     momentum = [k for k in opt0 if "momentum_buffer" in opt0[k]]
     assert momentum and all(torch.equal(opt0[k]["momentum_buffer"], opt1[k]["momentum_buffer"])
                             for k in momentum)

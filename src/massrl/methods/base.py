@@ -204,6 +204,10 @@ class SSLMethod(L.LightningModule):
         # every image of the batch failed to decode (on some rank): skip the step
         if not self._on_every_rank("views" in batch):
             return self._skip_step()
+        # a step that may be skipped must leave the batch-norm statistics as they were too: a
+        # forward through NaN activations makes them NaN, and every later feature with them
+        kept = ([b.clone() for b in self.buffers()] if self.cfg.trainer.skip_nonfinite
+                else None)
         out = self.ssl_step(batch)
         loss = out.pop("loss")
         if not self._on_every_rank(bool(torch.isfinite(loss))):  # stop or skip on all ranks
@@ -212,6 +216,8 @@ class SSLMethod(L.LightningModule):
                             self.cfg.trainer.skip_nonfinite):
             self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", on_epoch=True,
                      on_step=False)
+            with torch.no_grad():
+                torch._foreach_copy_(list(self.buffers()), kept)
             return self._skip_step()
         feats = out.pop("feats")
         b = batch["label"].shape[0]
