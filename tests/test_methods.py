@@ -254,3 +254,13 @@ def test_bn_per_view_runs_every_encoder_view_by_view(method):
     model.backbone.register_forward_pre_hook(lambda m, args: sizes.append(len(args[0])))
     _fit(model, batches=1)
     assert sizes == [8, 8]  # a batch of 8 images, 2 views: two passes of 8, not one of 16
+
+
+def test_bn_per_view_takes_a_batch_of_one_image_in_one_pass():
+    """Batch norm cannot train on one value per channel: a batch shrunk to one image (the
+    others undecodable, or data.batch_size=1) goes through in one pass, as without the flag."""
+    from massrl.methods.views import per_view
+
+    bn = torch.nn.BatchNorm1d(4).train()
+    x = torch.randn(2, 4)  # two views of one image
+    assert torch.allclose(per_view(bn, x, 2, separately=True), bn(x))

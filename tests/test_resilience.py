@@ -640,3 +640,13 @@ def test_a_resume_says_which_other_settings_changed(tiny, capsys):
                 if line.startswith("note: resuming"))
     assert note == "note: resuming with settings changed since the checkpoint: " \
         "augment.simclr.blur_p: [1.0, 0.1] -> [0.0, 0.0]; loss.tau_base: 0.99 -> 0.98"
+
+
+def test_the_resume_note_names_a_plugin_methods_changed_settings():
+    from massrl.config import RunConfig
+    from massrl.resilience import _other_changes
+
+    saved = RunConfig().model_dump(mode="json")
+    now = {**saved, "method_kwargs": {"lambd": 0.5}, "method": saved["method"]}
+    assert _other_changes(saved, now) == ["method_kwargs.lambd: None -> 0.5"]
+    assert _other_changes({**saved, "gone_key": 1}, now) == []  # an older layout: no note

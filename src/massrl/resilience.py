@@ -303,7 +303,11 @@ _RUN_KEYS = ("resume", "output_dir", "trainer.max_epochs", "trainer.progress_bar
              "data.persistent_workers")
 
 
-_SAID_ELSEWHERE = tuple(k for key in (*_RUN_KEYS, *FROZEN_KEYS) for k in (key, key + "."))
+_SAID_ELSEWHERE = (*_RUN_KEYS, *FROZEN_KEYS)
+
+
+def _said_elsewhere(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in _SAID_ELSEWHERE)
 
 
 def _other_changes(saved: dict, now: dict) -> list[str]:
@@ -312,17 +316,17 @@ def _other_changes(saved: dict, now: dict) -> list[str]:
     is read with this version's defaults for keys it did not have yet."""
     try:
         saved = RunConfig.model_validate(saved).model_dump(mode="json")
-    except ValueError:
-        pass  # (an older layout: compared as it is)
+    except ValueError:  # an older layout: every newer key would read as a change
+        return []
     then, new = _flat(saved), _flat(now)
     return [f"{k}: {then.get(k)!r} -> {new.get(k)!r}" for k in sorted(then.keys() | new.keys())
-            if then.get(k) != new.get(k) and not k.startswith(_SAID_ELSEWHERE)]
+            if then.get(k) != new.get(k) and not _said_elsewhere(k)]
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
-        if isinstance(value, dict) and value:
+        if isinstance(value, dict):  # (an empty one adds no key: {} -> {a: 1} is a.: None -> 1)
             out.update(_flat(value, f"{prefix}{key}."))
         else:
             out[prefix + key] = value

@@ -80,17 +80,23 @@ def check_image_header(path: str | os.PathLike) -> None:
 
 def _open_naming_large(path: Path) -> Image.Image:
     """Image.open, with PIL's warning about a very large image (a possible decompression bomb,
-    which names no file) said again with the file's name."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", Image.DecompressionBombWarning)
+    which names no file) said again with the file's name. Other warnings pass as they are."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return Image.open(path)  # (raising, PIL closes the file it opened)
+    except Image.DecompressionBombWarning:
+        pass
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         img = Image.open(path)
-    for w in caught:
-        if issubclass(w.category, Image.DecompressionBombWarning):
-            warnings.warn(f"{path}: a very large image ({img.width} x {img.height} px) takes "
-                          "much memory to decode; downscale it if it is not meant to be this "
-                          "large", Image.DecompressionBombWarning, stacklevel=3)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    try:
+        warnings.warn(f"{path}: a very large image ({img.width} x {img.height} px) takes much "
+                      "memory to decode; downscale it if it is not meant to be this large",
+                      Image.DecompressionBombWarning, stacklevel=3)
+    except BaseException:  # (the warning made an error: the file is not left open)
+        img.close()
+        raise
     return img
 
 

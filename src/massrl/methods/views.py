@@ -10,7 +10,8 @@ def per_view(module: torch.nn.Module, x: torch.Tensor, num_views: int,
              separately: bool) -> torch.Tensor:
     """`module` on view-major [V*B, ...] inputs: in one pass, or (model.bn_per_view) view by
     view, so that its batch-norm layers normalise each view by its own statistics."""
-    if not separately or num_views == 1:
+    # (batch norm cannot train on one image: a view of a batch of one goes with the others)
+    if not separately or num_views == 1 or len(x) < 2 * num_views:
         return module(x)
     return torch.cat([module(chunk) for chunk in x.chunk(num_views)])
 
