@@ -35,7 +35,8 @@ def _summary(run: Path) -> dict:
 def test_a_plugin_method_strategy_and_backbone_train_and_evaluate(plugin, tiny, tmp_path):
     run = tmp_path / "run_vicreg"
     done = _massrl("pretrain", f"plugins=[{plugin}]", "method=vicreg", "method_kwargs.sim_coeff=20",
-                   "augment.strategies=[simclr,geometric]", *tiny("vicreg"), cwd=tmp_path)
+                   "augment.strategies=[simclr,geometric]", "model.bn_per_view=true",
+                   *tiny("vicreg"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     summary = _summary(run)
     assert summary["method"] == "vicreg" and summary["epochs"] == 1
