@@ -28,7 +28,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from massrl.config import ConfigError, RunConfig, root_path
+from massrl.config import ConfigError, RunConfig, dotted_items, root_path
 from massrl.files import atomic_write
 from massrl.run_dir import own_config_option
 
@@ -323,14 +323,10 @@ def _other_changes(saved: dict, now: dict) -> list[str]:
             if then.get(k) != new.get(k) and not _said_elsewhere(k)]
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):  # (an empty one adds no key: {} -> {a: 1} is a.: None -> 1)
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
+def _flat(tree: dict) -> dict[str, Any]:
+    """Dotted keys of a config tree; an empty mapping adds none ({} -> {a: 1} reads as
+    `x.a: None -> 1`)."""
+    return {k: v for top, value in tree.items() for k, v in dotted_items(top, value) if v != {}}
 
 
 def check_resume_fits(ckpt: dict, method: Any, ckpt_path: Path) -> None:
