@@ -132,7 +132,7 @@ def test_every_shipped_config_is_valid(path):
 
 def test_shipped_configs_cover_datasets_and_methods():
     names = {str(p.relative_to(PACKAGE_CONFIGS))[:-5] for p in PACKAGE_CONFIGS.rglob("*.yaml")}
-    for ds in ("fashion_mnist", "cifar10", "stl10", "imagenet"):
+    for ds in ("fashion_mnist", "cifar10", "cifar100", "stl10", "imagenet", "imagenet100"):
         for m in ("massrl", "byol", "simclr"):
             assert f"{ds}/{m}" in names
 
