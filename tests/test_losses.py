@@ -61,6 +61,30 @@ def test_nt_xent_with_gathered_batch_equals_full_batch():
     assert torch.allclose((r0 + r1) / 2, full, atol=1e-5)
 
 
+def test_nt_xent_leaves_unselected_views_of_the_same_image_out():
+    """pairs=within_strategy: another strategy's view of the anchor's own image is neither its
+    positive nor its negative (a negative would push apart what the method should bring
+    together). Checked against a loop over anchors written from the definition."""
+    torch.manual_seed(0)
+    b, v, t = 4, 3, 0.5
+    z = torch.randn(b, v, 8)
+    strategy = torch.tensor([[0, 0, 1]]).expand(b, v)
+    mask = pair_mask(strategy, torch.zeros(b, v, dtype=torch.long), "within_strategy")
+    zn = F.normalize(z, dim=-1)
+    losses = []
+    for i in range(b):
+        for a in range(v):
+            for p in range(v):
+                if not mask[i, a, p]:
+                    continue
+                cands = [(j, c) for j in range(b) for c in range(v)
+                         if (j != i) or (c != a and mask[i, a, c])]
+                sims = torch.stack([zn[i, a] @ zn[j, c] / t for j, c in cands])
+                losses.append(-(zn[i, a] @ zn[i, p] / t - torch.logsumexp(sims, 0)))
+    expected = torch.stack(losses).mean()
+    assert torch.allclose(nt_xent(z, mask, t), expected, atol=1e-5)
+
+
 def test_nt_xent_temperature_matters_and_gradients_flow():
     z = torch.randn(8, 3, 16, requires_grad=True)
     a = nt_xent(z, _all_pairs(8, 3), 0.1)

@@ -42,15 +42,18 @@ def byol_per_pair(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return 2 - 2 * torch.einsum("bid,bjd->bij", p, z)
 
 
+def check_pair_mask(mask: torch.Tensor, shape: torch.Size) -> None:
+    if mask.dtype != torch.bool or mask.shape != shape:
+        # (an integer mask would index values by its 0s and 1s)
+        raise ValueError(f"the pair mask must be a bool tensor of shape {list(shape)} "
+                         f"([B, V, V], True = pair used): got {mask.dtype} {list(mask.shape)}")
+
+
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of values[mask]. When the mask selects nothing (in random view mode a batch whose
     views happen to form no within_strategy pair), 0 with a zero gradient: the step trains
     nothing instead of turning the loss into NaN."""
-    if mask.dtype != torch.bool or mask.shape != values.shape:
-        # (an integer mask would index values by its 0s and 1s)
-        raise ValueError(f"the pair mask must be a bool tensor of shape {list(values.shape)} "
-                         f"([B, V, V], True = pair used): got {mask.dtype} "
-                         f"{list(mask.shape)}")
+    check_pair_mask(mask, values.shape)
     selected = values[mask]
     if selected.numel():
         return selected.mean()
@@ -86,24 +89,30 @@ def nt_xent(
     z: [B, V, D] local projections. z_all: [N, V, D] projections of the global batch (gathered
     from all ranks *with* gradient) whose rows rank_offset..rank_offset+B are this rank's; the
     negatives are every view of every other image in the global batch. For each selected pair
-    (i, j) the loss is -log(exp(s_ij/t) / sum_{k != i} exp(s_ik/t)); the mean is over pairs.
+    (i, j) the loss is -log(exp(s_ij/t) / sum_k exp(s_ik/t)), k over the negatives and the
+    anchor's positives; the mean is over pairs. Views of the anchor's own image that the mask
+    leaves out (augment.pairs=within_strategy: another strategy's view) are neither positives
+    nor negatives: pushing them away would teach the opposite of the invariance sought.
     """
     if not temperature > 0:
         raise ValueError(f"nt_xent's temperature must be > 0: got {temperature}")
     if z_all is None:
         z_all = z
     b, v, _ = z.shape
+    check_pair_mask(mask, torch.Size((b, v, v)))
     anchors = F.normalize(z.float(), dim=-1).reshape(b * v, -1)
     keys = F.normalize(z_all.float(), dim=-1).reshape(z_all.shape[0] * v, -1)
     logits = anchors @ keys.T / temperature  # [B*V, N*V]
     # an anchor never competes with itself
     self_idx = (torch.arange(b * v, device=z.device) + rank_offset * v)
     logits[torch.arange(b * v, device=z.device), self_idx] = float("-inf")
-    log_prob = logits.log_softmax(dim=1)
-    # positives: same image (global row rank_offset + b), selected by the pair mask
+    # the anchor's own image's views (global row rank_offset + b): the pair mask's are its
+    # positives, the others are left out of the softmax
     img = torch.arange(b, device=z.device) + rank_offset
     cols = (img[:, None, None] * v + torch.arange(v, device=z.device)[None, None, :])  # [B,1,V]
     cols = cols.expand(b, v, v).reshape(b * v, v)
+    own = logits.gather(1, cols).masked_fill(~mask.reshape(b * v, v), float("-inf"))
+    log_prob = logits.scatter(1, cols, own).log_softmax(dim=1)
     pos_log_prob = log_prob.gather(1, cols).reshape(b, v, v)
     return -masked_mean(pos_log_prob, mask)
 
