@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from massrl.config import build_config
+from massrl.config import ConfigError, build_config
+from massrl.data import SSLDataModule
 from massrl.methods import BYOL, MASSRL, build_method
 
 
@@ -264,3 +265,60 @@ def test_bn_per_view_takes_a_batch_of_one_image_in_one_pass():
     bn = torch.nn.BatchNorm1d(4).train()
     x = torch.randn(2, 4)  # two views of one image
     assert torch.allclose(per_view(bn, x, 2, separately=True), bn(x))
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False,
+                     limit_val_batches=0, **kwargs)
+
+
+@pytest.mark.parametrize(("limits", "expected"), [
+    ({"max_epochs": -1, "max_steps": 10}, 10),  # max_steps alone: the run's length
+    ({"max_epochs": 5, "max_steps": 6}, 6),     # max_steps ends the run first
+    ({"max_epochs": 2, "max_steps": 100}, 8),   # 2 epochs of 4 steps end it first
+])
+@pytest.mark.parametrize("massrl_data", [True, False], ids=["SSLDataModule", "DataLoader"])
+def test_the_lr_schedule_spans_the_trainers_run(limits, expected, massrl_data):
+    """A Trainer(max_steps=...) in a loop of one's own (README's Python API): the cosine decay
+    reaches its end at the last step, not after the first epoch (with massrl's datamodule it
+    used to, leaving the lr at 0 for the rest of the run)."""
+    cfg = _cfg("byol", **{"data.name": "digits", "data.subset": 32, "data.num_workers": 0,
+                          "data.image_size": 16, "eval.knn_every": 0})
+    model = build_method(cfg, num_classes=10)
+    lrs = []
+    original = model.after_optimizer_step
+    model.after_optimizer_step = lambda skipped: (
+        lrs.append(model.trainer.optimizers[0].param_groups[0]["lr"]), original(skipped))
+    trainer = _trainer(limit_train_batches=4, **limits)
+    if massrl_data:  # 32 images at batch 8: 4 steps an epoch
+        trainer.fit(model, datamodule=SSLDataModule(cfg))
+    else:
+        trainer.fit(model, DataLoader(_Views(), batch_size=8))
+    assert model.total_steps() == expected == len(lrs)
+    assert all(lr > 0 for lr in lrs) and lrs == sorted(lrs, reverse=True)
+    assert model.tau < model.cfg.loss.tau_final
+
+
+def test_an_endless_trainer_is_told_the_schedule_needs_a_length():
+    model = build_method(_cfg("byol"), num_classes=3)
+    with pytest.raises(ConfigError, match="max_epochs or max_steps"):
+        _trainer(max_epochs=-1).fit(model, DataLoader(_Views(), batch_size=8))
+
+
+def test_gradient_clipping_leaves_the_online_probe_out():
+    """The probe is a monitor: with gradient_clip_val set, its gradient must not shrink the
+    backbone's steps (it was in the clipped norm), so training is the same without it."""
+    torch.manual_seed(0)
+    with_probe = build_method(_cfg("byol"), num_classes=3)
+    without = build_method(_cfg("byol", **{"eval.probe": False}), num_classes=3)
+    without.load_state_dict({k: v for k, v in with_probe.state_dict().items()
+                             if not k.startswith("probe.")})
+    start = copy.deepcopy(without.backbone)
+    for model in (with_probe, without):
+        _trainer(max_epochs=1, limit_train_batches=3, gradient_clip_val=0.05).fit(
+            model, DataLoader(_Views(), batch_size=8))
+    assert not torch.equal(start.conv1.weight, without.backbone.conv1.weight)
+    for a, b in zip(with_probe.backbone.parameters(), without.backbone.parameters(),
+                    strict=True):
+        assert torch.equal(a, b)

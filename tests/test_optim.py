@@ -11,6 +11,7 @@ from massrl.optim import (
     scaled_lr,
     split_decay_groups,
     warmup_cosine,
+    warmup_note,
 )
 
 
@@ -102,3 +103,10 @@ def test_tau_schedule_end_points_and_monotone():
     assert cosine_tau(500, 1000, 0.99) == pytest.approx(0.995)
     taus = [cosine_tau(s, 1000, 0.996, 1.0) for s in range(0, 1001, 50)]
     assert all(a <= b for a, b in zip(taus, taus[1:], strict=False))
+
+
+def test_a_warm_up_as_long_as_the_run_gets_a_note():
+    note = warmup_note(10, 4)
+    assert "warmup_epochs=10" in note and "max_epochs=4" in note and "40%" in note
+    assert warmup_note(10, 10) is not None
+    assert warmup_note(0.5, 4) is None and warmup_note(0, 1) is None

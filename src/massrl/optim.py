@@ -61,6 +61,18 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def warmup_note(warmup_epochs: float, max_epochs: int) -> str | None:
+    """A note when the warm-up is not shorter than the run: the lr then only rises, never
+    reaching its peak or decaying (a shipped 10-epoch warm-up in a short trial run)."""
+    if warmup_epochs <= 0 or max_epochs <= 0 or warmup_epochs < max_epochs:
+        return None
+    reached = max_epochs / warmup_epochs
+    return (f"note: optimizer.warmup_epochs={warmup_epochs:g} is not shorter than "
+            f"trainer.max_epochs={max_epochs}: the lr only rises, to {reached:.0%} of its peak "
+            f"at the last epoch, with no cosine decay (a shorter warm-up, e.g. "
+            f"optimizer.warmup_epochs={max(1, max_epochs // 10)}, keeps the recipe's shape)")
+
+
 def cosine_tau(step: int, total_steps: int, tau_base: float, tau_final: float = 1.0) -> float:
     """BYOL's target momentum: tau_base at step 0 rising to tau_final at the last step."""
     progress = min(1.0, step / max(1, total_steps))

@@ -41,6 +41,7 @@ from massrl.loggers import (
 from massrl.memory import retain_freed_memory
 from massrl.methods import SSLMethod, build_method
 from massrl.models.backbones import check_input_size
+from massrl.optim import warmup_note
 from massrl.resilience import (
     AtomicCheckpointIO,
     EpochEndCheckpoint,
@@ -381,8 +382,10 @@ def _prepare(cfg: RunConfig, run_dir: Path, resumed_step: int | None,
              ) -> tuple[Any, SSLMethod, L.Trainer, dict]:
     """Everything before training: data, method, Trainer, and the checks that stop a run
     which could not train."""
-    if note := sparse_pairs_note(cfg.augment):
-        print(note)
+    for note in (sparse_pairs_note(cfg.augment),
+                 warmup_note(cfg.optimizer.warmup_epochs, cfg.trainer.max_epochs)):
+        if note:
+            print(note)
     if cfg.augment.compile and cfg.augment.backend == "per_image":
         print("augment.compile applies to augment.backend=batched: the per-image pipeline "
               "runs uncompiled")

@@ -20,7 +20,7 @@ from pydantic import BaseModel
 
 from massrl import __version__
 from massrl.augment import pair_mask
-from massrl.config import RunConfig
+from massrl.config import ConfigError, RunConfig
 from massrl.data.folder import file_list_digest
 from massrl.devices import use_channels_last
 from massrl.models import build_backbone
@@ -395,10 +395,9 @@ class SSLMethod(L.LightningModule):
         if self.probe is not None:  # the probe learns on its own fixed lr, never decayed
             optimizer.add_param_group({"params": list(self.probe.parameters()),
                                        "lr": self.cfg.eval.probe_lr, "weight_decay": 0.0,
-                                       "always_adapt": False})
+                                       "always_adapt": False, "probe": True})
         total = self.total_steps()
-        steps_per_epoch = total / max(1, self.trainer.max_epochs)
-        warmup = int(ocfg.warmup_epochs * steps_per_epoch)
+        warmup = int(ocfg.warmup_epochs * self.steps_per_epoch())
         n_ssl_groups = len(optimizer.param_groups) - (self.probe is not None)
 
         def factor(step: int) -> float:
@@ -409,21 +408,49 @@ class SSLMethod(L.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def total_steps(self) -> int:
-        """Optimizer steps of the whole run (for the lr and tau schedules).
+    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping, over the pre-training parameters only: the online probe is a
+        monitor, and its gradient in the clipped norm would shrink the backbone's steps."""
+        if not gradient_clip_val:
+            return
+        params = [p for g in optimizer.param_groups if not g.get("probe") for p in g["params"]]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
-        With a massrl datamodule it is computed from the dataset size, not with Lightning's
-        `estimated_stepping_batches`: that builds the train loader before a checkpoint is restored,
-        and the loader would then miss its saved position.
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run (for the lr and tau schedules): max_epochs epochs,
+        or the Trainer's max_steps where that ends the run sooner (or alone gives its length)."""
+        t = self.trainer
+        ends = [t.max_steps] if (t.max_steps or 0) > 0 else []
+        if (t.max_epochs or 0) > 0:
+            ends.append(self.steps_per_epoch() * t.max_epochs)
+        if not ends:
+            raise ConfigError("an endless run (max_epochs=-1 and no max_steps) has no length "
+                              "for the lr schedule: give the Trainer max_epochs or max_steps")
+        return max(1, min(ends))
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch.
+
+        With a massrl datamodule it is computed from the dataset size, not from the train
+        loader: Lightning would build that before a checkpoint is restored, and the loader would
+        then miss its saved position.
         """
         t = self.trainer
         per_epoch_fn = getattr(t.datamodule, "train_batches_per_epoch", None)
-        if per_epoch_fn is None:
-            return max(1, int(t.estimated_stepping_batches))
-        per_epoch = per_epoch_fn(t.world_size)
-        limit = t.limit_train_batches
-        if isinstance(limit, int):
-            per_epoch = min(per_epoch, limit)
-        elif limit is not None:
-            per_epoch = int(per_epoch * limit)
-        return max(1, math.ceil(per_epoch / t.accumulate_grad_batches) * max(1, t.max_epochs))
+        if per_epoch_fn is not None:
+            per_epoch = per_epoch_fn(t.world_size)
+            limit = t.limit_train_batches
+            if isinstance(limit, int):
+                per_epoch = min(per_epoch, limit)
+            elif limit is not None:
+                per_epoch = int(per_epoch * limit)
+        else:
+            t.fit_loop.setup_data()  # (what Lightning's estimated_stepping_batches does)
+            per_epoch = t.num_training_batches
+            if not math.isfinite(per_epoch):  # a loader without a length: max_steps rules
+                return max(1, t.max_steps)
+        return max(1, math.ceil(per_epoch / t.accumulate_grad_batches))
