@@ -7,7 +7,6 @@ weighted-kNN monitor, logging, the optimizer and lr schedule — lives here.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from pathlib import Path
@@ -20,9 +19,10 @@ from pydantic import BaseModel
 
 from massrl import __version__
 from massrl.augment import pair_mask
-from massrl.config import ConfigError, RunConfig
+from massrl.config import RunConfig
 from massrl.data.folder import file_list_digest
 from massrl.devices import use_channels_last
+from massrl.methods.run_length import epoch_steps, run_steps
 from massrl.models import build_backbone
 from massrl.models.backbones import feature_dim
 from massrl.models.heads import linear_head
@@ -421,36 +421,8 @@ class SSLMethod(L.LightningModule):
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def total_steps(self) -> int:
-        """Optimizer steps of the whole run (for the lr and tau schedules): max_epochs epochs,
-        or the Trainer's max_steps where that ends the run sooner (or alone gives its length)."""
-        t = self.trainer
-        ends = [t.max_steps] if (t.max_steps or 0) > 0 else []
-        if (t.max_epochs or 0) > 0:
-            ends.append(self.steps_per_epoch() * t.max_epochs)
-        if not ends:
-            raise ConfigError("an endless run (max_epochs=-1 and no max_steps) has no length "
-                              "for the lr schedule: give the Trainer max_epochs or max_steps")
-        return max(1, min(ends))
+        """Optimizer steps of the whole run (for the lr and tau schedules)."""
+        return run_steps(self.trainer)
 
     def steps_per_epoch(self) -> int:
-        """Optimizer steps per epoch.
-
-        With a massrl datamodule it is computed from the dataset size, not from the train
-        loader: Lightning would build that before a checkpoint is restored, and the loader would
-        then miss its saved position.
-        """
-        t = self.trainer
-        per_epoch_fn = getattr(t.datamodule, "train_batches_per_epoch", None)
-        if per_epoch_fn is not None:
-            per_epoch = per_epoch_fn(t.world_size)
-            limit = t.limit_train_batches
-            if isinstance(limit, int):
-                per_epoch = min(per_epoch, limit)
-            elif limit is not None:
-                per_epoch = int(per_epoch * limit)
-        else:
-            t.fit_loop.setup_data()  # (what Lightning's estimated_stepping_batches does)
-            per_epoch = t.num_training_batches
-            if not math.isfinite(per_epoch):  # a loader without a length: max_steps rules
-                return max(1, t.max_steps)
-        return max(1, math.ceil(per_epoch / t.accumulate_grad_batches))
+        return epoch_steps(self.trainer)
