@@ -65,6 +65,13 @@ def test_knn_records_protocol_and_reuses_cached_features(tmp_path, ckpt, capsys)
     assert proto["config"]["temperature"] == 0.07 and proto["config"]["distance"] == "cosine"
     assert proto["dataset"]["sizes"] == {"train": 1437, "test": 360}
     assert not proto["dataset"]["transfer"]
+    # what the numbers were made with: the resolved worker count, not `auto`; the packages
+    from massrl.devices import resolve_num_workers
+
+    assert proto["runtime"] == {"num_workers": resolve_num_workers("auto", on_cpu=True),
+                                "cpu_threads": torch.get_num_threads()}
+    versions = proto["versions"]
+    assert versions["lightning"] and torch.__version__.startswith(versions["torch"])
     cached = sorted((tmp_path / "cache").iterdir())
     assert len(cached) == 2
     code, again = _run(tmp_path, "knn", f"ckpt={ckpt}", "k=[1]", "distance=euclidean")
@@ -519,3 +526,11 @@ def test_an_evaluation_warns_when_the_pretraining_folder_changed(tmp_path, tiny)
     code, res = _run(tmp_path, "knn", f"ckpt={tmp_path / 'run_val/checkpoints/last.ckpt'}",
                      "k=[5]")
     assert code == 0 and not any("changed since" in w for w in res["warnings"])
+
+
+@pytest.mark.parametrize("command", ["knn", "linear", "umap", "export"])
+def test_an_evaluation_under_torchrun_is_refused(command, monkeypatch, capsys):
+    """Each process would run the whole evaluation and write the same result.json."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main([command, "ckpt=none.ckpt"]) == 2
+    assert f"massrl {command} runs in one process" in capsys.readouterr().err

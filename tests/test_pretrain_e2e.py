@@ -35,12 +35,17 @@ def test_pretrain_writes_a_complete_run_directory(method, tiny, capsys):
     assert summary["epochs"] == summary["knn_after_epochs"] == 1
     assert summary["images_seen"] == 128  # subset of 128, batch 32, drop_last
     assert summary["images_per_s"] > 0
+    from massrl.provenance import package_versions, source_commit
+
     assert summary["runtime"] == {
         "device": "cpu", "world_size": 1, "num_workers": 0, "augment_backend": "per_image",
         "compile": False,
         "precision": "bf16-mixed" if method == "simclr" else "32-true",
         "channels_last": False,  # turned off for a width-8 ResNet on the CPU (devices.py)
-        "cpu_threads": torch.get_num_threads(), "torch_version": torch.__version__}
+        "cpu_threads": torch.get_num_threads(), "cpu_kernels": None,
+        "torch_version": torch.__version__, "versions": package_versions(),
+        "massrl_commit": source_commit()}
+    assert torch.__version__.startswith(summary["runtime"]["versions"]["torch"])
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["method"] == method and saved["data"]["subset"] == 128
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
@@ -187,7 +192,29 @@ def test_default_run_directories_and_processes_started_apart(tmp_path, monkeypat
         with pytest.raises(ConfigError, match="needs output_dir=DIR"):
             make_run_dir(cfg)
         monkeypatch.setenv(variable, "1")
+    # one command per machine, as Lightning's own multi-machine launch has it
     monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    monkeypatch.setenv("NODE_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.1")
+    with pytest.raises(ConfigError, match="needs output_dir=DIR"):
+        make_run_dir(cfg)
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+
+
+def test_the_first_process_of_another_machine_is_not_rank_zero(monkeypatch):
+    """Before the Trainer exists Lightning reads rank 0 on every machine of a NODE_RANK launch;
+    that process would take the run's lock and write its files as rank 0."""
+    from massrl.run_dir import another_machines_first_process
+
+    for name in ("NODE_RANK", "RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    assert not another_machines_first_process()
+    monkeypatch.setenv("NODE_RANK", "0")
+    assert not another_machines_first_process()
+    monkeypatch.setenv("NODE_RANK", "2")
+    assert another_machines_first_process()
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a process Lightning started: its rank is known
+    assert not another_machines_first_process()
 
 
 def test_a_run_that_cannot_start_leaves_no_folder_of_its_own(tmp_path, monkeypatch, capsys):

@@ -131,6 +131,45 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny):
         if ref[k].dtype.is_floating_point:
             assert torch.allclose(ref[k], res[k], atol=1e-6), k
     assert list(_out(args).glob("metrics.before_resume_1.csv"))
+    assert not list(_out(args).glob("config.before_resume_*"))  # the same settings: no copy
+
+
+def test_a_resume_from_an_epochs_end_with_loader_workers_trains_the_next_epoch(tiny):
+    """From a checkpoint saved at an epoch's end, with DataLoader workers: Lightning builds the
+    first iterator before it sets the sampler's epoch, and workers draw their indices at once, so
+    the resumed run replayed epoch 0's order and views (runs are worker-count independent, so
+    the uninterrupted reference may use none)."""
+    epoch_saves = {**RUN, "trainer.checkpoint_every_n_steps": "0"}
+    reference = _byol(tiny, **epoch_saves)
+    assert main(["pretrain", *reference]) == 0
+    args = _byol(tiny, **epoch_saves, **{"data.num_workers": "1"},
+                 output_dir=str(_out(reference).parent / "killed_at_epoch_end"))
+    killed = _interrupted(args, at=9, sig="SIGKILL")  # one step into epoch 1
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    ckpt = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 8
+    assert main(["pretrain", *args, "resume=auto"]) == 0
+    ref, res = _backbone(_out(reference)), _backbone(_out(args))
+    for k in ref:
+        if ref[k].dtype.is_floating_point:
+            assert torch.allclose(ref[k], res[k], atol=1e-6), k
+
+
+def test_sigterm_to_every_process_of_a_ddp_run_saves_and_stops(tiny, tmp_path):
+    """`timeout`, a killed process group or a scheduler signal every rank: Lightning's handler
+    ran a collective inside the signal handler, which met another collective, and the run
+    hung until killed. Now all ranks stop after the same step, with last.ckpt saved there."""
+    script = tmp_path / "killer.py"  # (Lightning starts rank 1 by re-running this file)
+    script.write_text(KILLER)
+    args = _byol(tiny, **RUN, **{"trainer.accelerator": "cpu", "trainer.devices": "2",
+                                 "trainer.strategy": "ddp", "data.batch_size": "16"})
+    env = {**os.environ, "KILL_AT": "5", "KILL_SIGNAL": "SIGTERM", "KILL_GROUP": "1"}
+    result = subprocess.run([sys.executable, str(script), "pretrain", *args], env=env,
+                            capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert result.returncode == 143, result.stderr[-2000:]
+    saved = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 5  # signalled at the end of step 5: every rank stops there
+    assert f"SIGTERM: last.ckpt saved at optimizer step {saved['global_step']}" in result.stdout
 
 
 def test_sigterm_saves_a_checkpoint_requeues_on_slurm_and_the_run_continues(tiny, tmp_path,
@@ -188,30 +227,31 @@ def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_says_how_to_continu
     assert json.loads((_out(args) / "summary.json").read_text())["images_seen"] == 512
 
 
-def test_sigterm_in_validation_or_an_accumulation_window_keeps_the_last_checkpoint(tiny):
+def test_sigterm_in_validation_or_an_accumulation_window_stops_at_the_next_step(tiny):
     """A checkpoint there would not continue the run exactly (Lightning does not rerun the
-    validation; a window's gradients are in no checkpoint): the last one is kept, and the
-    resumed run repeats the steps since it, to the uninterrupted run's result; their rows are
-    logged once."""
+    validation; a window's gradients are in no checkpoint): the run trains on to the end of
+    the next optimizer step and saves there, and the resumed run reaches the uninterrupted
+    run's result; each step is logged once."""
     run = {**RUN, "trainer.accumulate_grad_batches": "2",  # 4 optimizer steps per epoch
            "trainer.log_every_n_steps": "1"}
     reference = _byol(tiny, **run)
     assert main(["pretrain", *reference]) == 0
     ref_dir = _out(reference)
     ref_summary = json.loads((ref_dir / "summary.json").read_text())
-    # batch 11: epoch 1, inside the window of batches 11-12; in epoch 1's validation
-    for name, env, why, step in (("window", {"KILL_BATCH": "11"}, "inside a window", 4),
-                                 ("val", {"KILL_IN_VAL": "1"}, "during validation", 6)):
+    # batch 11: epoch 1, inside the window of batches 11-12 (step 6); in epoch 0's validation,
+    # before epoch 1's first window (batches 9-10, step 5)
+    for name, env, step in (("window", {"KILL_BATCH": "11"}, 6),
+                            ("val", {"KILL_IN_VAL": "0"}, 5)):
         args = _byol(tiny, **run, output_dir=str(ref_dir.parent / name))
         result = _interrupted(args, None, "SIGTERM", **env)
         assert result.returncode == 143, result.stderr[-2000:]
-        assert f"SIGTERM {why} of" in result.stdout or f"SIGTERM {why}:" in result.stdout
+        assert f"SIGTERM: last.ckpt saved at optimizer step {step}" in result.stdout
         kept = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
-        assert kept["global_step"] == step  # the epoch-0 end / the every-3-steps save
+        assert kept["global_step"] == step
         assert main(["pretrain", *args, "resume=auto"]) == 0
         before, after = (list(csv.DictReader(open(_out(args) / f))) for f in (
             "metrics.before_resume_1.csv", "metrics.csv"))
-        assert max(int(r["step"]) for r in before) < step <= min(int(r["step"]) for r in after)
+        assert max(int(r["step"]) for r in before) < min(int(r["step"]) for r in after)
         logged = _tensorboard_steps(_out(args), "lr")  # TensorBoard shows each step once too
         assert logged == sorted(set(logged)) and len(logged) == ref_summary["epochs"] * 4
         summary = json.loads((_out(args) / "summary.json").read_text())
@@ -636,10 +676,21 @@ def test_a_resume_says_which_other_settings_changed(tiny, capsys):
     capsys.readouterr()
     assert main(["pretrain", *args, "resume=auto", "trainer.max_epochs=2",
                  "augment.simclr.blur_p=[0.0,0.0]", "loss.tau_base=0.98"]) == 0
-    note = next(line for line in capsys.readouterr().out.splitlines()
-                if line.startswith("note: resuming"))
-    assert note == "note: resuming with settings changed since the checkpoint: " \
+    out = capsys.readouterr().out.splitlines()
+    note = next(line for line in out if line.startswith("note: resuming"))
+    assert note == "note: resuming with settings changed since the checkpoint (the run's " \
+        "earlier config.yaml is kept as config.before_resume_N.yaml): " \
         "augment.simclr.blur_p: [1.0, 0.1] -> [0.0, 0.0]; loss.tau_base: 0.99 -> 0.98"
+    # training longer is allowed, and said to bend the schedule from here on
+    assert any(line.startswith("note: trainer.max_epochs 1 -> 2: the lr schedule")
+               for line in out)
+    # the run's record keeps what the first session ran with (re-running it from its own
+    # config.yaml gave another model)
+    run = _out(args)
+    first = (run / "config.before_resume_1.yaml").read_text()
+    assert "tau_base: 0.99" in first and "max_epochs: 1" in first
+    assert "tau_base: 0.98" in (run / "config.yaml").read_text()
+    assert (run / "metrics.before_resume_1.csv").is_file()
 
 
 def test_the_resume_note_names_a_plugin_methods_changed_settings():

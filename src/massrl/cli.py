@@ -13,6 +13,7 @@ from collections.abc import Collection
 import PIL
 
 from massrl import __version__
+from massrl.commands.common import refuse_several_processes
 from massrl.config import ConfigError
 from massrl.eval.config import release_output_dirs
 
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         previous, warnings.formatwarning = warnings.formatwarning, _format_warning
         try:
+            refuse_several_processes(args.command)
             return int(args._run(args) or 0)
         finally:
             warnings.formatwarning = previous

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import signal
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from massrl.config import ConfigError, RunConfig, dotted_items, root_path
@@ -112,54 +112,76 @@ class StepCheckpoint(ModelCheckpoint):
         pass
 
 
-# Lightning logs each SIGTERM it receives; the one a Ctrl-C sends itself is no news to the user
-_SIGNAL_LOG = logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector")
-
-
-def _not_the_sigterm_line(record: logging.LogRecord) -> bool:
-    return "Received SIGTERM" not in record.getMessage()
-
-
 class Preemption(Callback):
-    """On SIGTERM (Lightning turns it into SIGTERMException between steps): save last.ckpt so the
-    run continues with resume=auto, and on SLURM ask for the job to be requeued.
+    """On SIGTERM (or SLURM's `--signal=USR1@N`): stop at the next boundary of an optimizer step,
+    save last.ckpt so the run continues with resume=auto, and on SLURM ask for the job to be
+    requeued.
 
-    Where a checkpoint would not resume the run exactly, the last one is kept instead (the
-    resumed run repeats the steps since it, seeded the same): during the epoch's validation
-    (Lightning would not run it again) and inside a gradient-accumulation window (its gradients
-    are in no checkpoint)."""
+    Lightning's own SIGTERM handler runs a collective inside the handler: in DDP, with every
+    process signalled (a job scheduler, `timeout`, a killed process group) it met another
+    collective and the run hung until the wall time. Here a signal only raises a flag; at the end
+    of each optimizer step's last batch the ranks agree (one all-reduce) and all stop at that
+    same step, where a checkpoint continues the run exactly. Where it still would not (the end
+    of an epoch whose batches do not fill the last window), the last checkpoint is kept instead
+    and the resumed run repeats the steps since it, seeded the same."""
 
     def __init__(self, last_path: Path) -> None:
         self.last_path = last_path
         self.saved = False
         self.by_ctrl_c = False
-        self._sigint: Any = None  # the SIGINT handler to put back
+        self.signalled = False
+        self._trainer: L.Trainer | None = None
+        self._handlers: dict[int, Any] = {}  # the handlers to put back
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        self._pid, self._trainer = os.getpid(), trainer
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._handlers[sig] = signal.signal(sig, self._on_signal)
         # Lightning answers Ctrl-C by exiting mid-step with nothing saved: in one process (in
-        # DDP every rank gets the Ctrl-C at its own point) the first one becomes the SIGTERM
-        # that stops the run at the next step boundary, with last.ckpt saved
-        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
-            self._pid = os.getpid()
-            self._sigint = signal.signal(signal.SIGINT, self._on_ctrl_c)
+        # DDP every rank gets the Ctrl-C at its own point) the first one stops the run at the
+        # next step boundary, with last.ckpt saved
+        if trainer.world_size == 1:
+            self._handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_ctrl_c)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker forked with this handler
+            return
+        if not self.signalled and self._trainer is not None:
+            launcher = self._trainer.strategy.launcher  # the processes Lightning started
+            if launcher is not None:
+                launcher.kill(signal.SIGTERM)
+        self.signalled = True
 
     def _on_ctrl_c(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self._pid:  # a DataLoader worker forked with this handler
+        if os.getpid() != self._pid:
             return
         if self.by_ctrl_c:  # the second one: stop at once
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
-        self.by_ctrl_c = True
-        _SIGNAL_LOG.addFilter(_not_the_sigterm_line)
+        self.by_ctrl_c = self.signalled = True
         print("\nCtrl-C: stopping after this step (Ctrl-C again stops at once, without saving)",
               file=sys.stderr, flush=True)
-        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler: stop at the next step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           *args: Any) -> None:
+        progress = trainer.fit_loop.epoch_loop.batch_progress.current
+        if progress.ready % trainer.accumulate_grad_batches:  # inside a window: not yet
+            return
+        stop = self.signalled
+        if trainer.world_size > 1:  # every rank stops at the same step, or none does
+            flag = torch.tensor([float(stop)], device=pl_module.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:  # Lightning raises SIGTERMException once this batch is done
+            trainer._signal_connector.received_sigterm = True
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if self._sigint is not None:
-            signal.signal(signal.SIGINT, self._sigint)
-            self._sigint = None
-        _SIGNAL_LOG.removeFilter(_not_the_sigterm_line)
+        for sig, handler in self._handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+        self._handlers = {}
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
@@ -178,9 +200,14 @@ class Preemption(Callback):
                   else f"{name} {why}: {kept}")
         job = os.environ.get("SLURM_JOB_ID")
         if job and trainer.is_global_zero:
-            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            print(f"requeued SLURM job {job}" if result.returncode == 0 else
-                  f"could not requeue SLURM job {job}: {result.stderr.strip()}")
+            try:
+                result = subprocess.run(["scontrol", "requeue", job], capture_output=True,
+                                        text=True)
+                why = result.stderr.strip() if result.returncode else None
+            except OSError as exc:  # (no scontrol inside a container, for one)
+                why = f"{exc.strerror}: scontrol"
+            print(f"could not requeue SLURM job {job} ({why}): submit it again to continue"
+                  if why else f"requeued SLURM job {job}")
 
 
 def _not_resumable_here(trainer: L.Trainer) -> str | None:
@@ -292,9 +319,25 @@ def check_resume_compatible(cfg: RunConfig, ckpt_path: Path) -> dict:
             + "\nStart a new run (another output_dir) or restore these values"
             + _own_config_hint(Path(ckpt_path)) + "."
         )
-    if other := _other_changes(saved, now):
-        print("note: resuming with settings changed since the checkpoint: " + "; ".join(other))
+    if rank_zero_only.rank == 0:  # (said once, not by every process)
+        if other := _other_changes(saved, now):
+            print("note: resuming with settings changed since the checkpoint (the run's "
+                  "earlier config.yaml is kept as config.before_resume_N.yaml): "
+                  + "; ".join(other))
+        if note := _length_change(saved, cfg):
+            print(note)
     return ckpt
+
+
+def _length_change(saved: dict, cfg: RunConfig) -> str | None:
+    """The note for a resume that changes trainer.max_epochs: allowed (to train longer), but
+    the schedules then follow another curve from here on."""
+    before, after = (saved.get("trainer") or {}).get("max_epochs"), cfg.trainer.max_epochs
+    if before is None or before == after:
+        return None
+    return (f"note: trainer.max_epochs {before} -> {after}: the lr schedule (and BYOL's tau) "
+            f"now spans {after} epochs, so the lr jumps at the resumed step and the run will "
+            f"not equal a {after}-epoch run from the start")
 
 
 # what a resumed run is expected to change: where it runs, how long, how it reports

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from massrl.config import ConfigError, RunConfig
 from massrl.files import write_text
 
@@ -92,8 +94,19 @@ def run_lock(run_dir: Path, rank: int) -> Iterator[None]:
 
 
 def launched_apart() -> bool:
-    """Whether this process is one of several started apart (torchrun, srun)."""
-    return max(int(os.environ.get(v) or 1) for v in ("WORLD_SIZE", "SLURM_NTASKS")) > 1
+    """Whether this process is one of several started apart (torchrun, srun, or one command
+    per machine with Lightning's NODE_RANK and MASTER_ADDR)."""
+    return (max(int(os.environ.get(v) or 1) for v in ("WORLD_SIZE", "SLURM_NTASKS")) > 1
+            or bool(os.environ.get("NODE_RANK") and os.environ.get("MASTER_ADDR")))
+
+
+def another_machines_first_process() -> bool:
+    """A process started by hand on machine NODE_RANK > 0 (Lightning's own multi-machine
+    launch): before the Trainer exists, Lightning's rank reads 0 there, as on the first machine,
+    and it would take the run directory's lock and write the run's files as rank 0."""
+    node = os.environ.get("NODE_RANK") or "0"
+    started_apart = any(os.environ.get(v) for v in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+    return node.isdigit() and int(node) > 0 and not started_apart
 
 
 def outermost_missing(path: Path) -> Path | None:
@@ -132,16 +145,32 @@ def own_config_option(run_dir: Path | str) -> str:
     return f"-c {shlex.quote(str(Path(run_dir) / 'config.yaml'))}"
 
 
-def keep_previous_metrics(run_dir: Path, resumed_step: int) -> None:
+def keep_previous_record(run_dir: Path, resumed_step: int, config_text: str) -> None:
+    """A resumed run rewrites config.yaml and metrics.csv: keep the interrupted sessions' beside
+    them, as `*.before_resume_N.*` (the config only when the resume changed a setting)."""
+    n = 1
+    while any(run_dir.glob(f"*.before_resume_{n}.*")):
+        n += 1
+    config = run_dir / "config.yaml"
+    with contextlib.suppress(OSError, yaml.YAMLError):
+        if _settings(config.read_text()) != _settings(config_text):
+            write_text(run_dir / f"config.before_resume_{n}.yaml", config.read_text())
+    _keep_previous_metrics(run_dir, resumed_step, n)
+
+
+def _settings(config_text: str) -> dict:
+    """A config.yaml's settings, without `resume` (which a resumed run sets)."""
+    tree = yaml.safe_load(config_text)
+    return {k: v for k, v in tree.items() if k != "resume"} if isinstance(tree, dict) else {}
+
+
+def _keep_previous_metrics(run_dir: Path, resumed_step: int, n: int) -> None:
     """Lightning's CSV logger rewrites metrics.csv: keep the interrupted part beside it, up to
     the checkpoint the run resumes from (the rows of later steps, which the resumed run repeats,
     would be there twice)."""
     metrics = run_dir / "metrics.csv"
     if not metrics.is_file():
         return
-    n = 1
-    while (run_dir / f"metrics.before_resume_{n}.csv").exists():
-        n += 1
     with open(metrics, newline="") as f:
         reader = csv.DictReader(f)
         rows = [row for row in reader if not row.get("step") or int(row["step"]) < resumed_step]

@@ -42,6 +42,7 @@ from massrl.memory import retain_freed_memory
 from massrl.methods import SSLMethod, build_method
 from massrl.models.backbones import check_input_size
 from massrl.optim import warmup_note
+from massrl.provenance import runtime
 from massrl.resilience import (
     AtomicCheckpointIO,
     EpochEndCheckpoint,
@@ -58,7 +59,7 @@ from massrl.run_dir import (
     check_utf8_name,
     choose_run_dir,
     finished_already,
-    keep_previous_metrics,
+    keep_previous_record,
     launched_apart,
     make_run_dir,
     outermost_missing,
@@ -174,17 +175,6 @@ class RunSummary(Callback):
                 "probe_top1": self.last_val.get("val/probe_top1")}
 
 
-def runtime(trainer: L.Trainer, module: SSLMethod) -> dict[str, Any]:
-    """What the run's device-dependent settings became (config.yaml keeps them as written):
-    the figures of two runs compare only when these match."""
-    device = trainer.strategy.root_device.type
-    return {"device": device, "world_size": trainer.world_size, "precision": trainer.precision,
-            "num_workers": run_num_workers(module.cfg), "channels_last": module.channels_last,
-            "augment_backend": module.cfg.augment.backend, "compile": module.cfg.trainer.compile,
-            "cpu_threads": torch.get_num_threads() if device == "cpu" else None,
-            "torch_version": torch.__version__}
-
-
 def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool,
                   resumed_step: int | None = None) -> tuple[L.Trainer, dict]:
     t = cfg.trainer
@@ -246,8 +236,17 @@ def _trainer(cfg: RunConfig, run_dir: Path, has_labels: bool, callbacks: list,
         callbacks=callbacks,
         logger=loggers,
         enable_model_summary=False,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *_slurm_without_auto_requeue()],
     )
+
+
+def _slurm_without_auto_requeue() -> list:
+    """Under SLURM, Lightning's own requeue off: its SIGUSR1 handler saved an hpc_ckpt file
+    that a later start restored without massrl's resume checks. Preemption handles SIGUSR1 and
+    SIGTERM alike."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
 def build_datamodule(cfg: RunConfig, splits: DatasetSplits | None = None) -> SSLDataModule:
@@ -318,9 +317,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
         return started
     resume_from, resumed_step, dm, method, trainer, parts = started
     if rank_zero_only.rank == 0:  # (once the run is sure to train)
-        write_text(run_dir / "config.yaml", to_yaml(cfg))
         if resume_from is not None:
-            keep_previous_metrics(run_dir, resumed_step)
+            keep_previous_record(run_dir, resumed_step, to_yaml(cfg))
+        write_text(run_dir / "config.yaml", to_yaml(cfg))
     with quiet_lightning():
         try:
             trainer.fit(method, datamodule=dm, ckpt_path=resume_from)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Collection
 from typing import Any
 
 from pydantic import BaseModel
 
-from massrl.config import build_config, describe_options, load_yaml, to_yaml
+from massrl.config import ConfigError, build_config, describe_options, load_yaml, to_yaml
 
 
 class _Once(argparse.Action):
@@ -56,6 +57,14 @@ def add_eval_args(parser: argparse.ArgumentParser, schema: type) -> None:
     if "data" not in schema.model_fields:
         note = "Input size and normalisation are taken from the checkpoint's run config."
     parser.epilog = note + "\n\n" + (parser.epilog or "")
+
+
+def refuse_several_processes(command: str) -> None:
+    """Only pre-training runs as several processes: each process of an evaluation would run
+    the whole of it and write the same result."""
+    if command != "pretrain" and int(os.environ.get("WORLD_SIZE") or 1) > 1:
+        raise ConfigError("massrl <command> runs in one process: start it without torchrun "
+                          "(or srun with one task); it uses one GPU")
 
 
 def resolve(args: argparse.Namespace, schema: type[BaseModel]) -> Any:

@@ -32,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
     from lightning.pytorch.utilities import rank_zero_only
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from massrl.run_dir import another_machines_first_process
+
+    if another_machines_first_process():  # (the Trainer sets its true rank later)
+        rank_zero_only.rank = int(os.environ["NODE_RANK"])
     if rank_zero_only.rank != 0:  # a DDP process of rank > 0: rank 0 speaks for the run
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
 

@@ -99,6 +99,7 @@ class SSLDataModule(L.LightningDataModule):
         if trainer is not None:
             progress = trainer.fit_loop.epoch_loop.batch_progress
             loader.consumed = lambda: progress.current.ready
+            loader.next_epoch = lambda: trainer.fit_loop.epoch_progress.current.processed
         return loader
 
     def train_batches_per_epoch(self, world_size: int = 1) -> int:

@@ -72,6 +72,17 @@ class ResumableLoader(DataLoader):
     """
 
     consumed: Callable[[], int] | None = None
+    # the epoch the training loop is about to run (from the trainer)
+    next_epoch: Callable[[], int] | None = None
+
+    def __iter__(self) -> Iterator:
+        # Lightning builds a resumed fit's first iterator before it sets the sampler's epoch,
+        # and a loader with workers draws its indices at once: from a checkpoint saved at an
+        # epoch's end (whose loader state Lightning does not restore) it replayed epoch 0
+        sampler: ResumableSampler = self.sampler
+        if self.next_epoch is not None and self.next_epoch() > sampler.epoch:
+            sampler.set_epoch(self.next_epoch())
+        return super().__iter__()
 
     def state_dict(self) -> dict[str, int]:
         sampler: ResumableSampler = self.sampler

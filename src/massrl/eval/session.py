@@ -32,6 +32,7 @@ from massrl.eval.features import (
 )
 from massrl.files import write_text
 from massrl.models.backbones import input_size_error
+from massrl.provenance import package_versions, source_commit
 
 if TYPE_CHECKING:
     from massrl.config import DataConfig
@@ -250,6 +251,11 @@ def protocol(run: EvalRun) -> dict[str, Any]:
     info: dict[str, Any] = {
         "command": run.command, "massrl_version": massrl.__version__,
         "torch_version": torch.__version__, "device": str(run.device),
+        "versions": package_versions(), "massrl_commit": source_commit(),
+        # (linear's augmented epochs draw from each loader worker's stream: the count matters)
+        "runtime": {"cpu_threads": torch.get_num_threads(),
+                    **({"num_workers": loader_options(run)["num_workers"]}
+                       if hasattr(run.cfg, "data") else {})},
         "checkpoint": {"path": str(pre.path.resolve()), "sha256": pre.sha256,
                        "method": pre.config.method, "run_name": pre.config.run_name,
                        "backbone": pre.spec.to_dict(), "pretrain_dataset": pre.config.data.name,

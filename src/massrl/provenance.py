@@ -1,0 +1,76 @@
+"""What a result was made with, beyond its config: the versions of the packages that can change
+its numbers (torch's kernels, Lightning's loops, timm's models, numba's fused augmentation
+kernels) and, in a git checkout of massrl, its commit."""
+
+from __future__ import annotations
+
+import subprocess
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from massrl.devices import run_num_workers
+
+if TYPE_CHECKING:
+    import lightning as L
+
+    from massrl.config import RunConfig
+    from massrl.methods import SSLMethod
+
+PACKAGES = ("massrl", "torch", "torchvision", "lightning", "timm", "numpy", "pillow", "numba",
+            "scikit-learn", "umap-learn")
+
+
+@cache
+def package_versions() -> dict[str, str | None]:
+    """Installed versions (None: not installed)."""
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {name: version(name) for name in PACKAGES}
+
+
+@cache
+def source_commit() -> str | None:
+    """The git commit of the massrl source that runs, with `+changes` when its files differ from
+    it; None outside a git checkout (an installed wheel)."""
+    here = Path(__file__).parent
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(here), *args], capture_output=True,
+                                  text=True, timeout=10, check=True).stdout.strip()
+
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "."))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+changes" if dirty else "")
+
+
+def runtime(trainer: L.Trainer, module: SSLMethod) -> dict[str, Any]:
+    """What the run's device-dependent settings became (config.yaml keeps them as written):
+    the figures of two runs compare only when these match."""
+    device = trainer.strategy.root_device.type
+    return {"device": device, "world_size": trainer.world_size, "precision": trainer.precision,
+            "num_workers": run_num_workers(module.cfg), "channels_last": module.channels_last,
+            "augment_backend": module.cfg.augment.backend, "compile": module.cfg.trainer.compile,
+            "cpu_threads": torch.get_num_threads() if device == "cpu" else None,
+            "cpu_kernels": _cpu_kernels(module.cfg) if device == "cpu" else None,
+            "torch_version": torch.__version__, "versions": package_versions(),
+            "massrl_commit": source_commit()}
+
+
+def _cpu_kernels(cfg: RunConfig) -> str | None:
+    """What the batched engine ran its ops as on the CPU (numba kernels and torch ops agree
+    per op within 2e-6, which training grows into other weights)."""
+    if cfg.augment.backend != "batched":
+        return None
+    from massrl.augment.batched.families import use_cpu_kernels
+
+    return "numba" if use_cpu_kernels(cfg.augment.cpu_kernels) else "torch"
