@@ -304,3 +304,31 @@ def test_file_list_digest_follows_names_and_labels_not_the_folders_place():
         digest["sha256"]
     assert file_list_digest(FileImageDataset(paths, [0, 0, 1, 1, 1, 1]))["sha256"] != \
         digest["sha256"]
+
+
+def test_downloads_into_one_root_take_turns(tmp_path, capsys):
+    """The processes of a torchrun/srun run each load the data before they connect: with
+    data.download=true the second waits for the first's download instead of writing the same
+    archive at the same time."""
+    import fcntl
+    import threading
+
+    from massrl.data.download_lock import one_download_at_a_time
+
+    done = []
+
+    def second() -> None:
+        with one_download_at_a_time(tmp_path / "data"):
+            done.append(True)
+
+    (tmp_path / "data").mkdir()
+    with open(tmp_path / "data" / ".massrl-download.lock", "a") as first:
+        fcntl.flock(first, fcntl.LOCK_EX)  # the first process, downloading
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        waiting.join(timeout=0.5)
+        assert not done  # it waits for the lock
+        fcntl.flock(first, fcntl.LOCK_UN)
+    waiting.join(timeout=10)
+    assert done
+    assert "waiting for another process's download into" in capsys.readouterr().err

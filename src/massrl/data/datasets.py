@@ -4,7 +4,6 @@ and returns its splits as datasets of ``(PIL RGB image, label)`` items, label -1
 
 from __future__ import annotations
 
-import gzip
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 
 from massrl.config import DataConfig, default_root
+from massrl.data.download_lock import one_download_at_a_time
 from massrl.data.folder import (
     FileImageDataset,
     UnusableDataError,
@@ -24,6 +24,7 @@ from massrl.data.folder import (
     unlabeled_folder,
     why_unlabeled,
 )
+from massrl.data.idx import FASHION_STEMS, find_idx_folder, idx_file, read_idx
 from massrl.data.subset import balanced_subset
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -161,41 +162,6 @@ def _not_found(name: str, looked: Sequence[str | Path], how: Sequence[str]) -> D
 # ---------------------------------------------------------------- fashion-mnist and digits
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """An IDX file (the MNIST format: magic, big-endian dimensions, uint8 data), gzipped or not."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
-        raise ValueError(f"{path} is not an uint8 IDX file")
-    ndim = data[3]
-    dims = np.frombuffer(data, dtype=">i4", count=ndim, offset=4)
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if arr.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: {arr.size} values for dimensions {dims.tolist()} (truncated?)")
-    return arr.reshape(dims)
-
-
-def _find_idx_folder(folders: Sequence[Path]) -> Path | None:
-    for folder in folders:
-        if all(_idx_file(folder, stem) for stem in _FASHION_STEMS):
-            return folder
-    return None
-
-
-_FASHION_STEMS = (
-    "train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte",
-)
-
-
-def _idx_file(folder: Path, stem: str) -> Path | None:
-    for name in (stem + ".gz", stem):
-        if (folder / name).is_file():
-            return folder / name
-    return None
-
-
 def _root(cfg: DataConfig) -> Path:
     """data.root, or the dataset's default folder."""
     return Path(cfg.root).expanduser() if cfg.root else default_root(cfg.name)
@@ -205,7 +171,7 @@ def _fashion_mnist(cfg: DataConfig, seed: int) -> DatasetSplits:
     base = _root(cfg)
     # the root itself, torchvision's layout below it, then the Debian package
     folders = [base, base / "FashionMNIST" / "raw", base / "fashion-mnist", DEBIAN_FASHION_MNIST]
-    folder = _find_idx_folder(folders)
+    folder = find_idx_folder(folders)
     if folder is None and cfg.download:
         folder = _download_fashion_mnist(base, folders)
     if folder is None:
@@ -214,9 +180,9 @@ def _fashion_mnist(cfg: DataConfig, seed: int) -> DatasetSplits:
             "data.download=true with a network connection (torchvision downloads into data.root)",
             "data.root=DIR pointing at a folder with the four *-ubyte(.gz) IDX files",
         ])
-    arrays = {stem: _read_idx(_idx_file(folder, stem)) for stem in _FASHION_STEMS}
-    train = ArrayImageDataset(arrays[_FASHION_STEMS[0]], arrays[_FASHION_STEMS[1]], FASHION_CLASSES)
-    test = ArrayImageDataset(arrays[_FASHION_STEMS[2]], arrays[_FASHION_STEMS[3]], FASHION_CLASSES)
+    arrays = {stem: read_idx(idx_file(folder, stem)) for stem in FASHION_STEMS}
+    train = ArrayImageDataset(arrays[FASHION_STEMS[0]], arrays[FASHION_STEMS[1]], FASHION_CLASSES)
+    test = ArrayImageDataset(arrays[FASHION_STEMS[2]], arrays[FASHION_STEMS[3]], FASHION_CLASSES)
     return DatasetSplits(
         train, train, test, 10, list(FASHION_CLASSES), (0.2860,) * 3, (0.3530,) * 3, 28
     )
@@ -225,7 +191,8 @@ def _fashion_mnist(cfg: DataConfig, seed: int) -> DatasetSplits:
 def _download_fashion_mnist(base: Path, looked: Sequence[Path]) -> Path:
     from torchvision.datasets import FashionMNIST
 
-    _torchvision_call("fashion_mnist", looked, lambda: FashionMNIST(str(base), download=True))
+    _torchvision_call("fashion_mnist", looked, lambda: FashionMNIST(str(base), download=True),
+                      download_into=base)
     return base / "FashionMNIST" / "raw"
 
 
@@ -248,11 +215,14 @@ def _digits(cfg: DataConfig, seed: int) -> DatasetSplits:
 # ---------------------------------------------------------------- torchvision datasets
 
 
-def _torchvision_call(name: str, looked: Sequence[str | Path], make: Callable[[], Dataset]):
-    """Run a torchvision constructor; its "not found" and offline download errors become a
-    DatasetNotFoundError that says where massrl looked and how to get the data."""
+def _torchvision_call(name: str, looked: Sequence[str | Path], make: Callable[[], Dataset],
+                      download_into: Path | None = None):
+    """Run a torchvision constructor (downloading into `download_into` when given, one process
+    at a time); its "not found" and offline download errors become a DatasetNotFoundError that
+    says where massrl looked and how to get the data."""
     try:
-        return make()
+        with one_download_at_a_time(download_into):
+            return make()
     except (RuntimeError, OSError) as exc:  # RuntimeError: not found; OSError/URLError: offline
         err = _not_found(name, looked, [
             "data.download=true with a network connection (torchvision downloads into data.root)",
@@ -269,7 +239,8 @@ def _cifar(cfg: DataConfig, seed: int, hundred: bool) -> DatasetSplits:
     looked = [root / cls.base_folder]
 
     def make(train: bool) -> TorchvisionDataset:
-        ds = _torchvision_call(name, looked, lambda: cls(str(root), train, download=cfg.download))
+        ds = _torchvision_call(name, looked, lambda: cls(str(root), train, download=cfg.download),
+                               download_into=root if cfg.download else None)
         return TorchvisionDataset(ds, ds.targets, list(ds.classes))
 
     train, test = make(True), make(False)
@@ -288,8 +259,8 @@ def _stl10(cfg: DataConfig, seed: int) -> DatasetSplits:
 
     def make(split: str) -> TorchvisionDataset:
         ds = _torchvision_call(
-            "stl10", looked, lambda: STL10(str(root), split=split, download=cfg.download)
-        )
+            "stl10", looked, lambda: STL10(str(root), split=split, download=cfg.download),
+            download_into=root if cfg.download else None)
         return TorchvisionDataset(ds, ds.labels, list(ds.classes))
 
     # train+unlabeled for pre-training (torchvision labels the unlabeled part -1)
