@@ -73,6 +73,7 @@ def test_trainer_settings_this_machine_cannot_run_are_one_line_errors(tiny, tmp_
                                                                       message) -> None:
     """A GPU asked for on a machine without one, or device ids on the CPU: the reason and the
     fix in one line, and no run directory left behind."""
+    import lightning  # noqa: F401 - imported unpatched (its first import reaches torch._dynamo)
     import torch
 
     from massrl.cli import main
@@ -85,3 +86,21 @@ def test_trainer_settings_this_machine_cannot_run_are_one_line_errors(tiny, tmp_
     err = capsys.readouterr().err
     assert err.startswith("massrl pretrain: ") and message in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_srun_tasks_with_their_own_cores_do_not_divide_them_again(monkeypatch) -> None:
+    """srun --cpus-per-task=6 on a 24-core node with 4 GPUs: each task's affinity mask holds its
+    own 6 cores, which were divided among the GPUs already (it got 1 worker, not 5); processes
+    that all see every core (torchrun, Lightning's own) still share them."""
+    import massrl.devices as devices
+
+    cfg = build_config(config_file="fashion_mnist/byol", overrides=["trainer.devices=4"])
+    monkeypatch.setattr(devices, "trains_on_cpu", lambda accelerator: False)
+    monkeypatch.setattr(devices.os, "cpu_count", lambda: 24)
+    for name in ("WORLD_SIZE", "SLURM_NTASKS", "NODE_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setattr(devices, "usable_cores", lambda: 6)
+    assert run_num_workers(cfg) == 5
+    monkeypatch.setattr(devices, "usable_cores", lambda: 24)  # every core visible
+    assert run_num_workers(cfg) == 24 // 4 - 1

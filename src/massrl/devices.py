@@ -83,8 +83,17 @@ def run_num_workers(cfg: Any) -> int:
     """data.num_workers of a pre-training RunConfig as a number, for the device it trains on."""
     t = cfg.trainer
     on_cpu = trains_on_cpu(t.accelerator)
-    return resolve_num_workers(cfg.data.num_workers, on_cpu, 1 if on_cpu else
-                               devices_per_node(t.devices))
+    return resolve_num_workers(cfg.data.num_workers, on_cpu, 1 if on_cpu or own_cores_only()
+                               else devices_per_node(t.devices))
+
+
+def own_cores_only() -> bool:
+    """Whether this process's affinity mask already is its own share of the machine: a process
+    srun started with --cpus-per-task (its cores are not the node's, to divide among the GPUs
+    again), as opposed to Lightning's or torchrun's processes, which all see every core."""
+    from massrl.run_dir import launched_apart
+
+    return launched_apart() and usable_cores() < (os.cpu_count() or 1)
 
 
 # oneDNN's channels-last backward of a strided 1x1 convolution with fewer input channels than its
