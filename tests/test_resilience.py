@@ -155,6 +155,24 @@ def test_a_resume_from_an_epochs_end_with_loader_workers_trains_the_next_epoch(t
             assert torch.allclose(ref[k], res[k], atol=1e-6), k
 
 
+def test_stochastic_layers_draw_the_same_with_any_worker_count_and_after_a_resume(tiny):
+    """Drop-path in the backbone: its draws came from the process's global stream, which the
+    data pipeline reseeds per image without workers and a resumed loader advances: runs with
+    0 and 1 worker differed, and so did a resumed one."""
+    run = {**RUN, "model.kwargs.drop_path_rate": "0.2"}
+    none = _byol(tiny, **run)
+    assert main(["pretrain", *none]) == 0
+    one = _byol(tiny, **run, **{"data.num_workers": "1"},
+                output_dir=str(_out(none).parent / "one_worker"))
+    killed = _interrupted(one, at=5, sig="SIGTERM")
+    assert killed.returncode == 143, killed.stderr[-2000:]
+    assert main(["pretrain", *one, "resume=auto"]) == 0
+    ref, res = _backbone(_out(none)), _backbone(_out(one))
+    for k in ref:
+        if ref[k].dtype.is_floating_point:
+            assert torch.allclose(ref[k], res[k], atol=1e-6), k
+
+
 def test_sigterm_to_every_process_of_a_ddp_run_saves_and_stops(tiny, tmp_path):
     """`timeout`, a killed process group or a scheduler signal every rank: Lightning's handler
     ran a collective inside the signal handler, which met another collective, and the run

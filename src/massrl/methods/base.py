@@ -1,15 +1,15 @@
 """The shared LightningModule: backbone, online monitors, optimizer and schedule.
 
 A method subclass implements `ssl_step(batch)` (its loss) and, if it has one, what it does after
-each optimizer step. Everything else — the online linear probe on detached features, the online
-weighted-kNN monitor, logging, the optimizer and lr schedule — lives here.
+each optimizer step. Everything else — the online linear probe on detached features, logging, the
+optimizer and lr schedule — lives here; the validation-time monitors (kNN, probe accuracy, UMAP)
+in monitors.py, the run's length in run_length.py.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning as L
@@ -21,7 +21,9 @@ from massrl import __version__
 from massrl.augment import pair_mask
 from massrl.config import RunConfig
 from massrl.data.folder import file_list_digest
+from massrl.data.sampler import sample_seed
 from massrl.devices import use_channels_last
+from massrl.methods.monitors import OnlineMonitors
 from massrl.methods.run_length import epoch_steps, run_steps
 from massrl.models import build_backbone
 from massrl.models.backbones import feature_dim
@@ -42,15 +44,7 @@ def quiet_hook_notice() -> None:
         r"have passed in a `LightningDataModule`")
 
 
-def _first_occurrences(index: torch.Tensor) -> torch.Tensor:
-    """Positions of the first occurrence of each distinct value of `index`, by ascending value."""
-    values, inverse = torch.unique(index, return_inverse=True)
-    pos = torch.arange(len(index), device=index.device)
-    first = torch.full((len(values),), len(index), dtype=torch.long, device=index.device)
-    return first.scatter_reduce_(0, inverse, pos, "amin")
-
-
-class SSLMethod(L.LightningModule):
+class SSLMethod(OnlineMonitors, L.LightningModule):
     """Base of every method. Batches are dicts: views (list of [B,3,S,S]), strategy [B,V],
     crop [B,V], label [B] (-1 = unlabeled), skipped (bad files dropped from the batch)."""
 
@@ -290,6 +284,13 @@ class SSLMethod(L.LightningModule):
     def on_train_start(self) -> None:
         self._epoch_start = time.perf_counter()  # a run resumed mid-epoch has no epoch start
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # a stochastic layer (dropout, drop-path, a plugin's torch.rand) draws from its batch's
+        # own stream: the same whatever the worker count (without workers, the data pipeline
+        # reseeds this process per image) and after a resume
+        step = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        torch.manual_seed(sample_seed(self.cfg.seed ^ 0x5EED, step, self.global_rank))
+
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
         self._images_this_epoch = self._skipped_this_epoch = 0
@@ -313,73 +314,6 @@ class SSLMethod(L.LightningModule):
         self.log_dict({"throughput/images_per_s": images / seconds,
                        "throughput/epoch_seconds": seconds,
                        "data/skipped_files": float(self.skipped_files)}, sync_dist=False)
-
-    # ------------------------------------------------------------------ online monitors
-
-    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if "image" not in batch:
-            return
-        feats = self.backbone(batch["image"]).float()
-        out = (feats.detach(), batch["label"].detach())
-        if "index" in batch:  # lets _gather drop the sampler's padding repeats
-            out += (batch["index"].detach(),)
-        self._val_outputs.setdefault(dataloader_idx, []).append(out)
-
-    def on_validation_epoch_end(self) -> None:
-        outputs, self._val_outputs = self._val_outputs, {}
-        if self.trainer.sanity_checking or 1 not in outputs:
-            return
-        bank_f, bank_y = self._gather(outputs[0])
-        test_f, test_y = self._gather(outputs[1])
-        metrics = {}
-        if self.cfg.eval.knn_every and self.num_classes:
-            from massrl.eval.knn import weighted_knn
-
-            top1, top5 = weighted_knn(
-                bank_f, bank_y, test_f, test_y,  # cosine: knn normalises the features itself
-                k=self.cfg.eval.knn_k, temperature=self.cfg.eval.knn_temperature,
-                num_classes=self.num_classes)
-            metrics["val/knn_top1"] = float(top1)
-            metrics["val/knn_top5"] = float(top5)
-        if self.probe is not None:
-            pred = self.probe(test_f).argmax(1)
-            metrics["val/probe_top1"] = float((pred == test_y).float().mean())
-        # values are already global (gathered), so every rank logs the same number
-        self.log_dict(metrics, prog_bar=True, sync_dist=False)
-        self._maybe_umap(test_f, test_y)
-
-    def _maybe_umap(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
-        every = self.cfg.eval.umap_every
-        epoch = self.current_epoch + 1
-        if not every or epoch % every or not self.trainer.is_global_zero:
-            return
-        from massrl.eval.umap_plot import save_umap
-
-        path = Path(self.trainer.default_root_dir) / "umap" / f"epoch_{epoch:04d}.png"
-        save_umap(feats, labels, self.normalization.get("classes"),
-                  f"{self.cfg.method} on {self.cfg.data.name}, epoch {epoch}", path,
-                  seed=self.cfg.seed, max_points=5000)
-
-    def _gather(self, outs: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features and labels of the whole split: every rank's shard, gathered, each sample once
-        and in dataset order (as one process would see them)."""
-        parts = [torch.cat(column) for column in zip(*outs, strict=True)]
-        if self.trainer.world_size == 1:
-            return parts[0], parts[1]
-        # shards differ in length when a rank skipped undecodable files
-        sizes = self.all_gather(torch.tensor([len(parts[0])], device=parts[0].device))
-        parts = [self._all_gather_rows(t, sizes.flatten().tolist()) for t in parts]
-        if len(parts) == 2:  # no dataset indices: cannot tell padding repeats apart
-            return parts[0], parts[1]
-        # the DistributedSampler pads an uneven split with repeats: keep each index once
-        keep = _first_occurrences(parts[2])
-        return parts[0][keep], parts[1][keep]
-
-    def _all_gather_rows(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """Concatenate every rank's [sizes[r], ...] tensor (all_gather needs equal shapes: pad)."""
-        pad = t.new_zeros((max(sizes) - len(t), *t.shape[1:]))
-        gathered = self.all_gather(torch.cat([t, pad]))
-        return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])
 
     # ------------------------------------------------------------------ optimisation
 
