@@ -529,8 +529,19 @@ def test_an_evaluation_warns_when_the_pretraining_folder_changed(tmp_path, tiny)
 
 
 @pytest.mark.parametrize("command", ["knn", "linear", "umap", "export"])
-def test_an_evaluation_under_torchrun_is_refused(command, monkeypatch, capsys):
+@pytest.mark.parametrize("launcher", ["WORLD_SIZE", "SLURM_STEP_NUM_TASKS"])
+def test_an_evaluation_under_torchrun_is_refused(command, launcher, monkeypatch, capsys):
     """Each process would run the whole evaluation and write the same result.json."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv(launcher, "2")
     assert main([command, "ckpt=none.ckpt"]) == 2
     assert f"massrl {command} runs in one process" in capsys.readouterr().err
+
+
+def test_cached_features_are_not_reused_across_torch_versions(tmp_path, ckpt, monkeypatch):
+    """Another torch (or device) computes features that differ in their last digits, while
+    result.json names the version and device of the run that reads them."""
+    assert _run(tmp_path, "knn", f"ckpt={ckpt}", "k=[5]")[0] == 0
+    first = sorted((tmp_path / "cache").iterdir())
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")
+    assert _run(tmp_path, "knn", f"ckpt={ckpt}", "k=[5]")[0] == 0
+    assert len(sorted((tmp_path / "cache").iterdir())) == 2 * len(first)

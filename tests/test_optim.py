@@ -108,5 +108,7 @@ def test_tau_schedule_end_points_and_monotone():
 def test_a_warm_up_as_long_as_the_run_gets_a_note():
     note = warmup_note(10, 4)
     assert "warmup_epochs=10" in note and "max_epochs=4" in note and "40%" in note
+    assert "e.g. optimizer.warmup_epochs=0.4" in note
+    assert "e.g. optimizer.warmup_epochs=0.1" in warmup_note(10, 1)  # (1 would get the note)
     assert warmup_note(10, 10) is not None
     assert warmup_note(0.5, 4) is None and warmup_note(0, 1) is None

@@ -249,3 +249,22 @@ def test_removing_a_new_run_directory_keeps_what_others_put_beside_it(tmp_path):
     assert not (tmp_path / "new" / "a").exists() and (tmp_path / "new" / "b").is_dir()
     remove_new_run_dir(tmp_path / "new" / "b", None)  # a folder it did not make: kept
     assert (tmp_path / "new" / "b").is_dir()
+
+
+def test_lightnings_slurm_requeue_is_off_but_torchrun_inside_slurm_keeps_its_ranks(monkeypatch):
+    """Under SLURM, Lightning's own SIGUSR1 requeue (hpc_ckpt files restored without massrl's
+    resume checks) is switched off by giving its SLURM environment; under torchrun inside a
+    SLURM job that environment would override torchrun's, and every rank would read rank 0."""
+    from massrl.train import _slurm_without_auto_requeue
+
+    for name in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE",
+                 "SLURM_JOB_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    assert _slurm_without_auto_requeue() == []
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    [env] = _slurm_without_auto_requeue()
+    assert type(env).__name__ == "SLURMEnvironment" and env.auto_requeue is False
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "42")  # what torchrun sets
+    assert _slurm_without_auto_requeue() == []

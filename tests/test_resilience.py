@@ -173,6 +173,26 @@ def test_stochastic_layers_draw_the_same_with_any_worker_count_and_after_a_resum
             assert torch.allclose(ref[k], res[k], atol=1e-6), k
 
 
+def test_a_finished_run_leaves_the_processs_signal_handlers_as_they_were(tiny):
+    """massrl.train.pretrain in a process of one's own: SIGTERM must stop it again afterwards
+    (the finished trainer's handler stayed, and swallowed it)."""
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    assert main(["pretrain", *_byol(tiny)]) == 0
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_a_signal_to_the_process_group_with_loader_workers_saves_and_stops(tiny, sig):
+    """A scheduler or `timeout` signals the whole group, DataLoader workers included: a worker
+    that died of it failed the run's next batch ("DataLoader worker is killed by signal")."""
+    args = _byol(tiny, **RUN, **{"data.num_workers": "1"})
+    result = _interrupted(args, at=5, sig=sig, KILL_GROUP="1")
+    assert result.returncode == 143, result.stderr[-2000:]
+    assert "SIGTERM: last.ckpt saved at optimizer step 5" in result.stdout
+
+
 def test_sigterm_to_every_process_of_a_ddp_run_saves_and_stops(tiny, tmp_path):
     """`timeout`, a killed process group or a scheduler signal every rank: Lightning's handler
     ran a collective inside the signal handler, which met another collective, and the run
@@ -245,31 +265,35 @@ def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_says_how_to_continu
     assert json.loads((_out(args) / "summary.json").read_text())["images_seen"] == 512
 
 
-def test_sigterm_in_validation_or_an_accumulation_window_stops_at_the_next_step(tiny):
-    """A checkpoint there would not continue the run exactly (Lightning does not rerun the
-    validation; a window's gradients are in no checkpoint): the run trains on to the end of
-    the next optimizer step and saves there, and the resumed run reaches the uninterrupted
-    run's result; each step is logged once."""
+def test_sigterm_in_a_window_at_an_epochs_end_or_in_validation_resumes_exactly(tiny):
+    """Inside a gradient-accumulation window (its gradients are in no checkpoint) the run trains
+    on to the step's end and saves there; at an epoch's last step it saves before Lightning's
+    validation; during validation (which Lightning would not rerun) it stops after the current
+    batch and keeps the last checkpoint, and the resumed run repeats the steps since. Each
+    resumed run reaches the uninterrupted run's result, each step logged once."""
     run = {**RUN, "trainer.accumulate_grad_batches": "2",  # 4 optimizer steps per epoch
            "trainer.log_every_n_steps": "1"}
     reference = _byol(tiny, **run)
     assert main(["pretrain", *reference]) == 0
     ref_dir = _out(reference)
     ref_summary = json.loads((ref_dir / "summary.json").read_text())
-    # batch 11: epoch 1, inside the window of batches 11-12 (step 6); in epoch 0's validation,
-    # before epoch 1's first window (batches 9-10, step 5)
-    for name, env, step in (("window", {"KILL_BATCH": "11"}, 6),
-                            ("val", {"KILL_IN_VAL": "0"}, 5)):
+    # batch 11: epoch 1, inside the window of batches 11-12 (step 6); batch 8: epoch 0's last,
+    # whose validation runs, then epoch 1's first step (5); in epoch 1's validation: the
+    # every-3-steps save of step 6 is kept
+    for name, env, said, step in (
+            ("window", {"KILL_BATCH": "11"}, "SIGTERM: last.ckpt saved at optimizer step 6", 6),
+            ("epoch_end", {"KILL_BATCH": "8"}, "SIGTERM: last.ckpt saved at optimizer step 5", 5),
+            ("val", {"KILL_IN_VAL": "1"}, "SIGTERM during validation: last.ckpt is kept", 6)):
         args = _byol(tiny, **run, output_dir=str(ref_dir.parent / name))
         result = _interrupted(args, None, "SIGTERM", **env)
         assert result.returncode == 143, result.stderr[-2000:]
-        assert f"SIGTERM: last.ckpt saved at optimizer step {step}" in result.stdout
+        assert said in result.stdout, (name, result.stdout[-500:])
         kept = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
         assert kept["global_step"] == step
         assert main(["pretrain", *args, "resume=auto"]) == 0
         before, after = (list(csv.DictReader(open(_out(args) / f))) for f in (
             "metrics.before_resume_1.csv", "metrics.csv"))
-        assert max(int(r["step"]) for r in before) < min(int(r["step"]) for r in after)
+        assert max(int(r["step"]) for r in before) < step <= min(int(r["step"]) for r in after)
         logged = _tensorboard_steps(_out(args), "lr")  # TensorBoard shows each step once too
         assert logged == sorted(set(logged)) and len(logged) == ref_summary["epochs"] * 4
         summary = json.loads((_out(args) / "summary.json").read_text())
@@ -719,3 +743,20 @@ def test_the_resume_note_names_a_plugin_methods_changed_settings():
     now = {**saved, "method_kwargs": {"lambd": 0.5}, "method": saved["method"]}
     assert _other_changes(saved, now) == ["method_kwargs.lambd: None -> 0.5"]
     assert _other_changes({**saved, "gone_key": 1}, now) == []  # an older layout: no note
+
+
+def test_the_earlier_config_is_kept_only_when_a_resume_changed_a_setting(tmp_path):
+    """The printed continue command writes out output_dir and resume=auto: the same run, no
+    copy; another setting: the earlier config.yaml is kept beside the new one."""
+    from massrl.config import RunConfig, to_yaml
+    from massrl.run_dir import keep_previous_record
+
+    first = RunConfig.model_validate({"output_dir": None})
+    (tmp_path / "config.yaml").write_text(to_yaml(first))
+    same = RunConfig.model_validate({"output_dir": str(tmp_path), "resume": "auto"})
+    keep_previous_record(tmp_path, 0, to_yaml(same))
+    assert not list(tmp_path.glob("config.before_resume_*"))
+    other = RunConfig.model_validate({"output_dir": str(tmp_path), "resume": "auto",
+                                      "loss": {"tau_base": 0.9}})
+    keep_previous_record(tmp_path, 0, to_yaml(other))
+    assert (tmp_path / "config.before_resume_1.yaml").read_text() == to_yaml(first)

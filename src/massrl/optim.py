@@ -70,7 +70,7 @@ def warmup_note(warmup_epochs: float, max_epochs: int) -> str | None:
     return (f"note: optimizer.warmup_epochs={warmup_epochs:g} is not shorter than "
             f"trainer.max_epochs={max_epochs}: the lr only rises, to {reached:.0%} of its peak "
             f"at the last epoch, with no cosine decay (a shorter warm-up, e.g. "
-            f"optimizer.warmup_epochs={max(1, max_epochs // 10)}, keeps the recipe's shape)")
+            f"optimizer.warmup_epochs={max(max_epochs / 10, 0.1):g}, keeps the recipe's shape)")
 
 
 def cosine_tau(step: int, total_steps: int, tau_base: float, tau_final: float = 1.0) -> float:

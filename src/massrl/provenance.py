@@ -39,13 +39,16 @@ def package_versions() -> dict[str, str | None]:
 @cache
 def source_commit() -> str | None:
     """The git commit of the massrl source that runs, with `+changes` when its files differ from
-    it; None outside a git checkout (an installed wheel)."""
-    here = Path(__file__).parent
+    it; None where it is not a file of a git checkout (an installed wheel, also one inside some
+    other project's repository)."""
+    here = Path(__file__).resolve()
     try:
         def git(*args: str) -> str:
-            return subprocess.run(["git", "-C", str(here), *args], capture_output=True,
-                                  text=True, timeout=10, check=True).stdout.strip()
+            return subprocess.run(["git", "--no-optional-locks", "-C", str(here.parent), *args],
+                                  capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
 
+        git("ls-files", "--error-unmatch", here.name)  # (fails where this file is not tracked)
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "."))
     except (OSError, subprocess.SubprocessError):

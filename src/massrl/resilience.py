@@ -113,17 +113,18 @@ class StepCheckpoint(ModelCheckpoint):
 
 
 class Preemption(Callback):
-    """On SIGTERM (or SLURM's `--signal=USR1@N`): stop at the next boundary of an optimizer step,
-    save last.ckpt so the run continues with resume=auto, and on SLURM ask for the job to be
-    requeued.
+    """On SIGTERM (or SLURM's `--signal=USR1@N`): stop at the end of the next optimizer step,
+    save last.ckpt there so the run continues exactly with resume=auto, and on SLURM ask for the
+    job to be requeued.
 
     Lightning's own SIGTERM handler runs a collective inside the handler: in DDP, with every
     process signalled (a job scheduler, `timeout`, a killed process group) it met another
     collective and the run hung until the wall time. Here a signal only raises a flag; at the end
-    of each optimizer step's last batch the ranks agree (one all-reduce) and all stop at that
-    same step, where a checkpoint continues the run exactly. Where it still would not (the end
-    of an epoch whose batches do not fill the last window), the last checkpoint is kept instead
-    and the resumed run repeats the steps since it, seeded the same."""
+    of each optimizer step the ranks agree (one all-reduce), all save there and stop. A signal
+    during the epoch's validation stops the run after the current validation batch (promptly,
+    within a scheduler's grace time), keeping the last checkpoint: the resumed run repeats the
+    steps since it, seeded the same. One at an epoch's last step lets its validation run and
+    stops after the next epoch's first step (the run's last step: the run finishes)."""
 
     def __init__(self, last_path: Path) -> None:
         self.last_path = last_path
@@ -148,11 +149,14 @@ class Preemption(Callback):
     def _on_signal(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:  # a DataLoader worker forked with this handler
             return
-        if not self.signalled and self._trainer is not None:
-            launcher = self._trainer.strategy.launcher  # the processes Lightning started
+        trainer = self._trainer
+        if not self.signalled and trainer is not None:
+            launcher = trainer.strategy.launcher  # the processes Lightning started
             if launcher is not None:
                 launcher.kill(signal.SIGTERM)
         self.signalled = True
+        if trainer is not None and trainer.validating:  # Lightning stops after this batch
+            trainer._signal_connector.received_sigterm = True
 
     def _on_ctrl_c(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:
@@ -160,26 +164,33 @@ class Preemption(Callback):
         if self.by_ctrl_c:  # the second one: stop at once
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
-        self.by_ctrl_c = self.signalled = True
+        self.by_ctrl_c = True
         print("\nCtrl-C: stopping after this step (Ctrl-C again stops at once, without saving)",
               file=sys.stderr, flush=True)
+        self._on_signal(signum, frame)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            *args: Any) -> None:
-        progress = trainer.fit_loop.epoch_loop.batch_progress.current
-        if progress.ready % trainer.accumulate_grad_batches:  # inside a window: not yet
+        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        # not inside a window, nor at an epoch's last step: Lightning would run the validation
+        # before it stops, and a resumed run would skip it (the next epoch's first step will do)
+        if ready % trainer.accumulate_grad_batches or ready >= trainer.num_training_batches:
             return
         stop = self.signalled
         if trainer.world_size > 1:  # every rank stops at the same step, or none does
             flag = torch.tensor([float(stop)], device=pl_module.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             stop = bool(flag.item())
-        if stop:  # Lightning raises SIGTERMException once this batch is done
+        if stop:  # saved at the step's end, as a step checkpoint; Lightning then raises
+            trainer.save_checkpoint(self.last_path, weights_only=False)
+            self.saved = True
             trainer._signal_connector.received_sigterm = True
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # (Lightning may have put the process's own handlers back already: those stay)
         for sig, handler in self._handlers.items():
-            if handler is not None:
+            if handler is not None and signal.getsignal(sig) in (self._on_signal,
+                                                                  self._on_ctrl_c):
                 signal.signal(sig, handler)
         self._handlers = {}
 
@@ -187,8 +198,8 @@ class Preemption(Callback):
                      exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        why = _not_resumable_here(trainer)
-        if why is None:
+        why = None if self.saved else _not_resumable_here(trainer)
+        if why is None and not self.saved:
             trainer.save_checkpoint(self.last_path, weights_only=False)
             self.saved = True
         name = "Ctrl-C" if self.by_ctrl_c else "SIGTERM"

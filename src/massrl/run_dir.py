@@ -159,9 +159,12 @@ def keep_previous_record(run_dir: Path, resumed_step: int, config_text: str) -> 
 
 
 def _settings(config_text: str) -> dict:
-    """A config.yaml's settings, without `resume` (which a resumed run sets)."""
+    """A config.yaml's settings, without `resume` and `output_dir` (which a resumed run sets:
+    the directory is the same, written out)."""
     tree = yaml.safe_load(config_text)
-    return {k: v for k, v in tree.items() if k != "resume"} if isinstance(tree, dict) else {}
+    if not isinstance(tree, dict):
+        return {}
+    return {k: v for k, v in tree.items() if k not in ("resume", "output_dir")}
 
 
 def _keep_previous_metrics(run_dir: Path, resumed_step: int, n: int) -> None:

@@ -243,10 +243,13 @@ def _trainer(cfg: RunConfig, run_dir: Path, has_labels: bool, callbacks: list,
 def _slurm_without_auto_requeue() -> list:
     """Under SLURM, Lightning's own requeue off: its SIGUSR1 handler saved an hpc_ckpt file
     that a later start restored without massrl's resume checks. Preemption handles SIGUSR1 and
-    SIGTERM alike."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment
+    SIGTERM alike. Not for torchrun inside a SLURM job, whose environment Lightning picks first
+    (given SLURM's, the ranks would be wrong)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
-    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+    if SLURMEnvironment.detect() and not TorchElasticEnvironment.detect():
+        return [SLURMEnvironment(auto_requeue=False)]
+    return []
 
 
 def build_datamodule(cfg: RunConfig, splits: DatasetSplits | None = None) -> SSLDataModule:

@@ -62,9 +62,10 @@ def add_eval_args(parser: argparse.ArgumentParser, schema: type) -> None:
 def refuse_several_processes(command: str) -> None:
     """Only pre-training runs as several processes: each process of an evaluation would run
     the whole of it and write the same result."""
-    if command != "pretrain" and int(os.environ.get("WORLD_SIZE") or 1) > 1:
-        raise ConfigError("massrl <command> runs in one process: start it without torchrun "
-                          "(or srun with one task); it uses one GPU")
+    several = max(int(os.environ.get(v) or 1) for v in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS"))
+    if command != "pretrain" and several > 1:
+        raise ConfigError("massrl <command> runs in one process: start it without torchrun, "
+                          "or with srun -n 1; it uses one GPU")
 
 
 def resolve(args: argparse.Namespace, schema: type[BaseModel]) -> Any:

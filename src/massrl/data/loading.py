@@ -51,9 +51,11 @@ def worker_init_fn(worker_id: int) -> None:
     """One torch thread per worker (per-sample augmentation is parallel across workers, and
     threads inside each would oversubscribe the cores), and python/numpy seeded from torch's
     per-worker seed so random augmentations differ between workers yet repeat across runs.
-    Ctrl-C is the main process's (which stops at the next step with a checkpoint): a worker
-    that died of it would fail that step first."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    Ctrl-C, SIGTERM and SIGUSR1 are the main process's (which stops at a step boundary with a
+    checkpoint, then ends its workers): a worker that died of one sent to the whole process
+    group (a job scheduler, `timeout`) would fail the run's next batch first."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(1)
     seed = torch.initial_seed() % 2**32  # base_seed + worker_id, drawn from the loader generator
     random.seed(seed)

@@ -227,7 +227,9 @@ def features(run: EvalRun, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     key = {"ckpt_sha256": run.pre.sha256, "split": split, "dataset": cfg.data.name,
            "root": cfg.data.root, "subset": cfg.data.subset, "eval_subset": cfg.data.eval_subset,
            "seed": cfg.seed, "num_samples": len(ds), "files": files_fingerprint(ds),
-           "version": FEATURES_VERSION, **test_transform_info(run)}
+           "version": FEATURES_VERSION, **test_transform_info(run),
+           # (features a GPU computed differ in the last digits: result.json names the device)
+           "device": run.device.type, "torch": torch.__version__}
     feats, labels = cached_features(
         run.pre.backbone, labeled_images(ds, test_transform(run)), key, cache_dir=cfg.cache_dir,
         use_cache=cfg.cache, device=run.device, batch_size=cfg.data.batch_size,

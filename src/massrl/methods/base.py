@@ -329,7 +329,7 @@ class SSLMethod(OnlineMonitors, L.LightningModule):
         if self.probe is not None:  # the probe learns on its own fixed lr, never decayed
             optimizer.add_param_group({"params": list(self.probe.parameters()),
                                        "lr": self.cfg.eval.probe_lr, "weight_decay": 0.0,
-                                       "always_adapt": False, "probe": True})
+                                       "always_adapt": False})
         total = self.total_steps()
         warmup = int(ocfg.warmup_epochs * self.steps_per_epoch())
         n_ssl_groups = len(optimizer.param_groups) - (self.probe is not None)
@@ -348,7 +348,9 @@ class SSLMethod(OnlineMonitors, L.LightningModule):
         monitor, and its gradient in the clipped norm would shrink the backbone's steps."""
         if not gradient_clip_val:
             return
-        params = [p for g in optimizer.param_groups if not g.get("probe") for p in g["params"]]
+        # (by identity: a checkpoint from before the groups were marked restores unmarked ones)
+        probe = {id(p) for p in self.probe.parameters()} if self.probe is not None else set()
+        params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in probe]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
         else:
