@@ -268,3 +268,22 @@ def test_lightnings_slurm_requeue_is_off_but_torchrun_inside_slurm_keeps_its_ran
     assert type(env).__name__ == "SLURMEnvironment" and env.auto_requeue is False
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "42")  # what torchrun sets
     assert _slurm_without_auto_requeue() == []
+
+
+def test_devices_that_do_not_match_the_launch_are_one_line_errors(tiny, tmp_path, monkeypatch,
+                                                                  capsys):
+    """sbatch with one task per node and trainer.devices=2: Lightning refused when training
+    started, with a traceback, leaving the run directory behind."""
+    for name, value in (("SLURM_NTASKS", "1"), ("SLURM_NTASKS_PER_NODE", "1"),
+                        ("SLURM_JOB_NAME", "train"), ("SLURM_NODELIST", "localhost"),
+                        ("SLURM_PROCID", "0"), ("SLURM_LOCALID", "0"), ("SLURM_NODEID", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    out = tmp_path / "mismatch"
+    args = [a for a in tiny("byol") if not a.startswith("output_dir=")]
+    assert main(["pretrain", *args, "trainer.accelerator=cpu", "trainer.devices=2",
+                 "trainer.strategy=ddp", f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "trainer.devices=2 trainer.num_nodes=1 do not match how the processes were started" \
+        in err and "--ntasks-per-node=1" in err and "Traceback" not in err
+    assert not out.exists()

@@ -209,7 +209,21 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool,
         raise ConfigError(f"Lightning cannot run trainer.accelerator={t.accelerator} "
                           f"trainer.devices={t.devices} trainer.strategy={t.strategy} "
                           f"trainer.num_nodes={t.num_nodes} here: {exc}") from None
+    _check_launch(trainer, t.devices, t.num_nodes)
     return trainer, {"summary": summary, "best": best, "preemption": callbacks[0]}
+
+
+def _check_launch(trainer: L.Trainer, devices: Any, num_nodes: int) -> None:
+    """Processes per machine and machines as SLURM or torchrun started them, checked before the
+    run directory is written (Lightning checks when training starts, with a traceback)."""
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if env is None:
+        return
+    try:
+        env.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
+    except ValueError as exc:
+        raise ConfigError(f"trainer.devices={devices} trainer.num_nodes={num_nodes} do not match "
+                          f"how the processes were started: {exc}") from None
 
 
 def _trainer(cfg: RunConfig, run_dir: Path, has_labels: bool, callbacks: list,
