@@ -737,7 +737,7 @@ def test_a_resume_says_which_other_settings_changed(tiny, capsys):
 
 def test_the_resume_note_names_a_plugin_methods_changed_settings():
     from massrl.config import RunConfig
-    from massrl.resilience import _other_changes
+    from massrl.resume import _other_changes
 
     saved = RunConfig().model_dump(mode="json")
     now = {**saved, "method_kwargs": {"lambd": 0.5}, "method": saved["method"]}

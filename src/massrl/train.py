@@ -43,11 +43,8 @@ from massrl.methods import SSLMethod, build_method
 from massrl.models.backbones import check_input_size
 from massrl.optim import warmup_note
 from massrl.provenance import runtime
-from massrl.resilience import (
-    AtomicCheckpointIO,
-    EpochEndCheckpoint,
-    Preemption,
-    StepCheckpoint,
+from massrl.resilience import AtomicCheckpointIO, EpochEndCheckpoint, Preemption, StepCheckpoint
+from massrl.resume import (
     check_resume_compatible,
     check_resume_fits,
     check_same_world_size,
