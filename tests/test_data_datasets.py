@@ -332,3 +332,29 @@ def test_downloads_into_one_root_take_turns(tmp_path, capsys):
     waiting.join(timeout=10)
     assert done
     assert "waiting for another process's download into" in capsys.readouterr().err
+
+
+def test_a_root_where_no_lock_can_be_taken_still_loads(tmp_path, monkeypatch):
+    """A read-only shared dataset folder, or one on a file system without locks: the data is
+    there and no download happens, so the lock is not needed (it failed the run before)."""
+    import fcntl
+
+    from massrl.data import download_lock
+
+    ran = []
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")  # (tests may run as root: simulated)
+
+    monkeypatch.setattr(download_lock, "open", read_only, raising=False)
+    with download_lock.one_download_at_a_time(tmp_path / "readonly"):
+        ran.append("read-only")
+    monkeypatch.undo()
+
+    def no_locks(*args):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with download_lock.one_download_at_a_time(tmp_path / "nolock"):
+        ran.append("no locks")
+    assert ran == ["read-only", "no locks"]

@@ -97,10 +97,16 @@ def test_srun_tasks_with_their_own_cores_do_not_divide_them_again(monkeypatch) -
     cfg = build_config(config_file="fashion_mnist/byol", overrides=["trainer.devices=4"])
     monkeypatch.setattr(devices, "trains_on_cpu", lambda accelerator: False)
     monkeypatch.setattr(devices.os, "cpu_count", lambda: 24)
-    for name in ("WORLD_SIZE", "SLURM_NTASKS", "NODE_RANK", "MASTER_ADDR"):
+    for name in ("WORLD_SIZE", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID",
+                 "TORCHELASTIC_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "1")
     monkeypatch.setattr(devices, "usable_cores", lambda: 6)
     assert run_num_workers(cfg) == 5
     monkeypatch.setattr(devices, "usable_cores", lambda: 24)  # every core visible
     assert run_num_workers(cfg) == 24 // 4 - 1
+    # torchrun inside the job (or a container) limited to 16 cores: its 4 processes share them
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "7")
+    monkeypatch.setattr(devices, "usable_cores", lambda: 16)
+    assert run_num_workers(cfg) == 16 // 4 - 1

@@ -32,6 +32,9 @@ KILLER = textwrap.dedent("""
         # KILL_AT: after optimizer step N; KILL_BATCH: after training batch N (of the run);
         # KILL_IN_VAL: at the first validation batch of epoch N
         def kill(self):
+            rank = os.environ.get("KILL_RANK")  # only this DDP rank is signalled
+            if rank is not None and int(os.environ.get("LOCAL_RANK", 0)) != int(rank):
+                return
             sig = getattr(signal, os.environ["KILL_SIGNAL"])
             for _ in range(2 if os.environ.get("KILL_TWICE") else 1):
                 if os.environ.get("KILL_GROUP"):  # as a terminal's Ctrl-C: workers get it too
@@ -155,6 +158,24 @@ def test_a_resume_from_an_epochs_end_with_loader_workers_trains_the_next_epoch(t
             assert torch.allclose(ref[k], res[k], atol=1e-6), k
 
 
+def test_a_signal_in_an_epoch_of_one_optimizer_step_stops_at_its_end(tiny):
+    """accumulate_grad_batches = the epoch's batches: its only step is its last, where the stop
+    waits for the validation; it stops with the epoch-end checkpoint (it used to wait for a step
+    that never came, and train on to the end)."""
+    run = {**RUN, "trainer.accumulate_grad_batches": "8", "trainer.checkpoint_every_n_steps": "0"}
+    reference = _byol(tiny, **run)
+    assert main(["pretrain", *reference]) == 0
+    args = _byol(tiny, **run, output_dir=str(_out(reference).parent / "one_step_epochs"))
+    result = _interrupted(args, None, "SIGTERM", KILL_BATCH="3")
+    assert result.returncode == 143, result.stderr[-2000:]
+    assert "SIGTERM: last.ckpt saved at optimizer step 1" in result.stdout
+    assert main(["pretrain", *args, "resume=auto"]) == 0
+    ref, res = _backbone(_out(reference)), _backbone(_out(args))
+    for k in ref:
+        if ref[k].dtype.is_floating_point:
+            assert torch.allclose(ref[k], res[k], atol=1e-6), k
+
+
 def test_stochastic_layers_draw_the_same_with_any_worker_count_and_after_a_resume(tiny):
     """Drop-path in the backbone: its draws came from the process's global stream, which the
     data pipeline reseeds per image without workers and a resumed loader advances: runs with
@@ -190,7 +211,7 @@ def test_a_signal_to_the_process_group_with_loader_workers_saves_and_stops(tiny,
     args = _byol(tiny, **RUN, **{"data.num_workers": "1"})
     result = _interrupted(args, at=5, sig=sig, KILL_GROUP="1")
     assert result.returncode == 143, result.stderr[-2000:]
-    assert "SIGTERM: last.ckpt saved at optimizer step 5" in result.stdout
+    assert f"{sig}: last.ckpt saved at optimizer step 5" in result.stdout
 
 
 def test_sigterm_to_every_process_of_a_ddp_run_saves_and_stops(tiny, tmp_path):
@@ -208,6 +229,22 @@ def test_sigterm_to_every_process_of_a_ddp_run_saves_and_stops(tiny, tmp_path):
     saved = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 5  # signalled at the end of step 5: every rank stops there
     assert f"SIGTERM: last.ckpt saved at optimizer step {saved['global_step']}" in result.stdout
+
+
+def test_sigterm_to_one_ddp_process_in_validation_stops_every_process_together(tiny, tmp_path):
+    """Rank 1 alone signalled at its first validation batch: it stopped there while rank 0
+    validated on into the gather of the features, which then failed ("Connection closed by
+    peer"). Now the ranks agree after each validation batch and stop at the same one."""
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER)
+    args = _byol(tiny, **RUN, **{"trainer.accelerator": "cpu", "trainer.devices": "2",
+                                 "trainer.strategy": "ddp", "data.batch_size": "16"})
+    env = {**os.environ, "KILL_IN_VAL": "0", "KILL_SIGNAL": "SIGTERM", "KILL_RANK": "1"}
+    result = subprocess.run([sys.executable, str(script), "pretrain", *args], env=env,
+                            capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert result.returncode == 143, result.stderr[-2000:]
+    assert "SIGTERM during validation" in result.stdout
+    assert "Connection closed" not in result.stderr
 
 
 def test_sigterm_saves_a_checkpoint_requeues_on_slurm_and_the_run_continues(tiny, tmp_path,
@@ -267,10 +304,11 @@ def test_ctrl_c_stops_at_the_next_step_with_a_checkpoint_and_says_how_to_continu
 
 def test_sigterm_in_a_window_at_an_epochs_end_or_in_validation_resumes_exactly(tiny):
     """Inside a gradient-accumulation window (its gradients are in no checkpoint) the run trains
-    on to the step's end and saves there; at an epoch's last step it saves before Lightning's
-    validation; during validation (which Lightning would not rerun) it stops after the current
-    batch and keeps the last checkpoint, and the resumed run repeats the steps since. Each
-    resumed run reaches the uninterrupted run's result, each step logged once."""
+    on to the step's end and saves there; at an epoch's last step it stops after the epoch's
+    validation, with the epoch-end checkpoint; during validation (which Lightning would not
+    rerun) it stops after the current batch and keeps the last checkpoint, and the resumed run
+    repeats the steps since. Each resumed run reaches the uninterrupted run's result, each step
+    logged once."""
     run = {**RUN, "trainer.accumulate_grad_batches": "2",  # 4 optimizer steps per epoch
            "trainer.log_every_n_steps": "1"}
     reference = _byol(tiny, **run)
@@ -278,11 +316,11 @@ def test_sigterm_in_a_window_at_an_epochs_end_or_in_validation_resumes_exactly(t
     ref_dir = _out(reference)
     ref_summary = json.loads((ref_dir / "summary.json").read_text())
     # batch 11: epoch 1, inside the window of batches 11-12 (step 6); batch 8: epoch 0's last,
-    # whose validation runs, then epoch 1's first step (5); in epoch 1's validation: the
+    # whose validation runs, then the epoch-end save (step 4); in epoch 1's validation: the
     # every-3-steps save of step 6 is kept
     for name, env, said, step in (
             ("window", {"KILL_BATCH": "11"}, "SIGTERM: last.ckpt saved at optimizer step 6", 6),
-            ("epoch_end", {"KILL_BATCH": "8"}, "SIGTERM: last.ckpt saved at optimizer step 5", 5),
+            ("epoch_end", {"KILL_BATCH": "8"}, "SIGTERM: last.ckpt saved at optimizer step 4", 4),
             ("val", {"KILL_IN_VAL": "1"}, "SIGTERM during validation: last.ckpt is kept", 6)):
         args = _byol(tiny, **run, output_dir=str(ref_dir.parent / name))
         result = _interrupted(args, None, "SIGTERM", **env)

@@ -88,12 +88,14 @@ def run_num_workers(cfg: Any) -> int:
 
 
 def own_cores_only() -> bool:
-    """Whether this process's affinity mask already is its own share of the machine: a process
+    """Whether this process's affinity mask already is its own share of the machine: a task
     srun started with --cpus-per-task (its cores are not the node's, to divide among the GPUs
-    again), as opposed to Lightning's or torchrun's processes, which all see every core."""
-    from massrl.run_dir import launched_apart
-
-    return launched_apart() and usable_cores() < (os.cpu_count() or 1)
+    again), as opposed to Lightning's or torchrun's processes, which share one set of cores
+    (the machine's, or a job's or container's)."""
+    env = os.environ
+    srun_task = ("SLURM_PROCID" in env and "TORCHELASTIC_RUN_ID" not in env
+                 and int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1) > 1)
+    return srun_task and usable_cores() < (os.cpu_count() or 1)
 
 
 # oneDNN's channels-last backward of a strided 1x1 convolution with fewer input channels than its

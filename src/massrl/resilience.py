@@ -108,18 +108,20 @@ class Preemption(Callback):
 
     Lightning's own SIGTERM handler runs a collective inside the handler: in DDP, with every
     process signalled (a job scheduler, `timeout`, a killed process group) it met another
-    collective and the run hung until the wall time. Here a signal only raises a flag; at the end
-    of each optimizer step the ranks agree (one all-reduce), all save there and stop. A signal
-    during the epoch's validation stops the run after the current validation batch (promptly,
-    within a scheduler's grace time), keeping the last checkpoint: the resumed run repeats the
-    steps since it, seeded the same. One at an epoch's last step lets its validation run and
-    stops after the next epoch's first step (the run's last step: the run finishes)."""
+    collective and the run hung until the wall time. Here a signal only raises a flag, and the
+    ranks agree on it (one all-reduce) at each point where all of them may stop: the end of an
+    optimizer step (they save there and stop); at an epoch's last step, after the epoch's
+    validation, with the epoch-end checkpoint (the run's last step: the run finishes); and after
+    each validation batch (promptly, within a scheduler's grace time: the last checkpoint is
+    kept, and the resumed run repeats the steps since it, seeded the same)."""
 
     def __init__(self, last_path: Path) -> None:
         self.last_path = last_path
         self.saved = False
         self.by_ctrl_c = False
         self.signalled = False
+        self._at_epoch_end = False  # agreed at an epoch's last step: stop once it is saved
+        self.signal_name = "SIGTERM"  # (in DDP, a rank told by the others was not signalled)
         self._trainer: L.Trainer | None = None
         self._handlers: dict[int, Any] = {}  # the handlers to put back
 
@@ -138,14 +140,13 @@ class Preemption(Callback):
     def _on_signal(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:  # a DataLoader worker forked with this handler
             return
-        trainer = self._trainer
-        if not self.signalled and trainer is not None:
-            launcher = trainer.strategy.launcher  # the processes Lightning started
+        if not self.signalled and self._trainer is not None:
+            launcher = self._trainer.strategy.launcher  # the processes Lightning started
             if launcher is not None:
                 launcher.kill(signal.SIGTERM)
+        if not self.signalled:
+            self.signal_name = signal.Signals(signum).name
         self.signalled = True
-        if trainer is not None and trainer.validating:  # Lightning stops after this batch
-            trainer._signal_connector.received_sigterm = True
 
     def _on_ctrl_c(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:
@@ -158,20 +159,40 @@ class Preemption(Callback):
               file=sys.stderr, flush=True)
         self._on_signal(signum, frame)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                           *args: Any) -> None:
-        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        # not inside a window, nor at an epoch's last step: Lightning would run the validation
-        # before it stops, and a resumed run would skip it (the next epoch's first step will do)
-        if ready % trainer.accumulate_grad_batches or ready >= trainer.num_training_batches:
-            return
+    def _agreed(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        """Whether any rank was signalled: every rank stops at the same point, or none does."""
         stop = self.signalled
-        if trainer.world_size > 1:  # every rank stops at the same step, or none does
+        if trainer.world_size > 1:
             flag = torch.tensor([float(stop)], device=pl_module.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             stop = bool(flag.item())
-        if stop:  # saved at the step's end, as a step checkpoint; Lightning then raises
-            trainer.save_checkpoint(self.last_path, weights_only=False)
+        return stop
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           *args: Any) -> None:
+        ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        last_of_epoch = ready >= trainer.num_training_batches
+        if ready % trainer.accumulate_grad_batches and not last_of_epoch:  # inside a window
+            return
+        if not self._agreed(trainer, pl_module):
+            return
+        if last_of_epoch:  # Lightning runs the validation first, which a resume would skip
+            self._at_epoch_end = not _run_ends_here(trainer)
+            return
+        # saved at the step's end, as a step checkpoint; Lightning then raises
+        trainer.save_checkpoint(self.last_path, weights_only=False)
+        self.saved = True
+        trainer._signal_connector.received_sigterm = True
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                *args: Any) -> None:
+        if trainer.state.fn != "fit" or self._at_epoch_end:
+            return
+        if self._agreed(trainer, pl_module):  # Lightning stops after this batch
+            trainer._signal_connector.received_sigterm = True
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._at_epoch_end:  # the epoch-end checkpoint is written now; then Lightning raises
             self.saved = True
             trainer._signal_connector.received_sigterm = True
 
@@ -191,7 +212,7 @@ class Preemption(Callback):
         if why is None and not self.saved:
             trainer.save_checkpoint(self.last_path, weights_only=False)
             self.saved = True
-        name = "Ctrl-C" if self.by_ctrl_c else "SIGTERM"
+        name = "Ctrl-C" if self.by_ctrl_c else self.signal_name
         if trainer.is_global_zero:
             kept = ("last.ckpt is kept as it was; the resumed run repeats the steps since it "
                     "was saved") if self.last_path.is_file() else \
@@ -208,6 +229,13 @@ class Preemption(Callback):
                 why = f"{exc.strerror}: scontrol"
             print(f"could not requeue SLURM job {job} ({why}): submit it again to continue"
                   if why else f"requeued SLURM job {job}")
+
+
+def _run_ends_here(trainer: L.Trainer) -> bool:
+    """Whether the epoch whose last step just ran is the run's last (or max_steps is reached)."""
+    if (trainer.max_steps or 0) > 0 and trainer.global_step >= trainer.max_steps:
+        return True
+    return 0 < (trainer.max_epochs or 0) <= trainer.current_epoch + 1
 
 
 def _not_resumable_here(trainer: L.Trainer) -> str | None:

@@ -339,6 +339,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
             trainer.fit(method, datamodule=dm, ckpt_path=resume_from)
         except SIGTERMException as exc:  # the command says where and how to continue
             exc.run_dir, exc.by_ctrl_c = run_dir, parts["preemption"].by_ctrl_c
+            exc.signal_name = parts["preemption"].signal_name
             raise
         except SystemExit:  # Lightning's exit after a second Ctrl-C, nothing saved since
             if not parts["preemption"].by_ctrl_c:

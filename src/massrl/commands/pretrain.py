@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
         where = getattr(exc, "run_dir", None) or cfg.output_dir
         by_ctrl_c = getattr(exc, "by_ctrl_c", False)
         if rank_zero_only.rank == 0:  # (every rank got the signal: one says it)
-            print(f"massrl pretrain: stopped by {'Ctrl-C' if by_ctrl_c else 'SIGTERM'}. "
+            name = "Ctrl-C" if by_ctrl_c else getattr(exc, "signal_name", "SIGTERM")
+            print(f"massrl pretrain: stopped by {name}. "
                   f"Continue with: {continue_command(where)}", file=sys.stderr)
         return 130 if by_ctrl_c else 143
     except ConfigError as exc:

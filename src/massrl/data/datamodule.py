@@ -20,6 +20,7 @@ from massrl.data.loading import (
     ViewsItem,
     labeled_images,
     make_loader,
+    run_worker_init_fn,
 )
 from massrl.data.sampler import ResumableLoader, ResumableSampler
 from massrl.devices import run_num_workers
@@ -137,4 +138,5 @@ class SSLDataModule(L.LightningDataModule):
                   else "cuda" if torch.cuda.is_available() else "cpu")
         return make_loader(dataset, data.batch_size, num_workers=run_num_workers(self.cfg),
                            device=device, pin_memory=data.pin_memory,
-                           persistent_workers=data.persistent_workers, **kwargs)
+                           persistent_workers=data.persistent_workers,
+                           worker_init=run_worker_init_fn, **kwargs)

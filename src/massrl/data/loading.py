@@ -51,16 +51,25 @@ def worker_init_fn(worker_id: int) -> None:
     """One torch thread per worker (per-sample augmentation is parallel across workers, and
     threads inside each would oversubscribe the cores), and python/numpy seeded from torch's
     per-worker seed so random augmentations differ between workers yet repeat across runs.
-    Ctrl-C, SIGTERM and SIGUSR1 are the main process's (which stops at a step boundary with a
-    checkpoint, then ends its workers): a worker that died of one sent to the whole process
-    group (a job scheduler, `timeout`) would fail the run's next batch first."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, signal.SIG_IGN)
+    Ctrl-C is the main process's (which stops at the next step with a checkpoint): a worker
+    that died of it would fail that step first."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     seed = torch.initial_seed() % 2**32  # base_seed + worker_id, drawn from the loader generator
     random.seed(seed)
     # hashed, so numpy's stream is not a shifted copy of a neighbouring worker's
     np.random.seed(np.random.SeedSequence(seed).generate_state(4))
+
+
+def run_worker_init_fn(worker_id: int) -> None:
+    """worker_init_fn of a pre-training run's loaders: SIGTERM and SIGUSR1 are the main
+    process's too, which stops at a step with a checkpoint and then ends its workers (a worker
+    that died of one sent to the whole process group, by a job scheduler or `timeout`, failed
+    the run's next batch first). Other loaders keep the default: multiprocessing ends a loader's
+    workers left at interpreter exit with SIGTERM."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    worker_init_fn(worker_id)
 
 
 class MappedDataset(Dataset):
@@ -128,7 +137,8 @@ def labeled_images(base: Dataset, transform: Callable[[Image.Image], torch.Tenso
 def make_loader(
     dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0,
     num_workers: int = 0, device: torch.device | str = "cpu", pin_memory: bool = True,
-    persistent_workers: bool = False, cls: type[DataLoader] = DataLoader, **kwargs: Any,
+    persistent_workers: bool = False, cls: type[DataLoader] = DataLoader,
+    worker_init: Callable[[int], None] = worker_init_fn, **kwargs: Any,
 ) -> DataLoader:
     """A loader that skips undecodable images; shuffling is seeded. ``pin_memory`` applies when
     ``device`` is a GPU (pinning for the CPU only costs time, and warns); ``persistent_workers``
@@ -140,6 +150,6 @@ def make_loader(
         generator=torch.Generator().manual_seed(seed) if shuffle else None,
         pin_memory=pin_memory and torch.device(device).type == "cuda",
         persistent_workers=persistent_workers and num_workers > 0,
-        worker_init_fn=worker_init_fn if num_workers > 0 else None,
+        worker_init_fn=worker_init if num_workers > 0 else None,
         **kwargs,
     )
