@@ -80,6 +80,15 @@ def _backbone(run_dir: Path) -> dict:
     return {k: v for k, v in sd.items() if k.startswith(("backbone.", "target_backbone."))}
 
 
+def _assert_same_backbones(reference: Path, run: Path, what: str = "") -> None:
+    """The online and target backbones of two runs' last.ckpt agree (on the CPU with one thread
+    a resumed run is bit-identical; the tolerance allows for other float orders)."""
+    ref, res = _backbone(reference), _backbone(run)
+    for k in ref:
+        if ref[k].dtype.is_floating_point:
+            assert torch.allclose(ref[k], res[k], atol=1e-6), (what, k)
+
+
 def _continue_command(stderr: str, said: str) -> list[str]:
     """The arguments of the `massrl pretrain ...` command a stopped run printed after `said`."""
     line = next(line for line in stderr.splitlines() if said in line)
@@ -129,10 +138,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tiny):
                          if row["throughput/epoch_seconds"]]
     assert epoch_seconds and all(0 < t <= summary["wall_seconds"] for t in epoch_seconds)
     assert summary["knn_top1"] == pytest.approx(ref_summary["knn_top1"], abs=1e-6)
-    ref, res = _backbone(ref_dir), _backbone(_out(args))
-    for k in ref:
-        if ref[k].dtype.is_floating_point:
-            assert torch.allclose(ref[k], res[k], atol=1e-6), k
+    _assert_same_backbones(ref_dir, _out(args))
     assert list(_out(args).glob("metrics.before_resume_1.csv"))
     assert not list(_out(args).glob("config.before_resume_*"))  # the same settings: no copy
 
@@ -152,10 +158,7 @@ def test_a_resume_from_an_epochs_end_with_loader_workers_trains_the_next_epoch(t
     ckpt = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 8
     assert main(["pretrain", *args, "resume=auto"]) == 0
-    ref, res = _backbone(_out(reference)), _backbone(_out(args))
-    for k in ref:
-        if ref[k].dtype.is_floating_point:
-            assert torch.allclose(ref[k], res[k], atol=1e-6), k
+    _assert_same_backbones(_out(reference), _out(args))
 
 
 def test_a_signal_in_an_epoch_of_one_optimizer_step_stops_at_its_end(tiny):
@@ -170,10 +173,7 @@ def test_a_signal_in_an_epoch_of_one_optimizer_step_stops_at_its_end(tiny):
     assert result.returncode == 143, result.stderr[-2000:]
     assert "SIGTERM: last.ckpt saved at optimizer step 1" in result.stdout
     assert main(["pretrain", *args, "resume=auto"]) == 0
-    ref, res = _backbone(_out(reference)), _backbone(_out(args))
-    for k in ref:
-        if ref[k].dtype.is_floating_point:
-            assert torch.allclose(ref[k], res[k], atol=1e-6), k
+    _assert_same_backbones(_out(reference), _out(args))
 
 
 def test_stochastic_layers_draw_the_same_with_any_worker_count_and_after_a_resume(tiny):
@@ -188,10 +188,7 @@ def test_stochastic_layers_draw_the_same_with_any_worker_count_and_after_a_resum
     killed = _interrupted(one, at=5, sig="SIGTERM")
     assert killed.returncode == 143, killed.stderr[-2000:]
     assert main(["pretrain", *one, "resume=auto"]) == 0
-    ref, res = _backbone(_out(none)), _backbone(_out(one))
-    for k in ref:
-        if ref[k].dtype.is_floating_point:
-            assert torch.allclose(ref[k], res[k], atol=1e-6), k
+    _assert_same_backbones(_out(none), _out(one))
 
 
 def test_a_finished_run_leaves_the_processs_signal_handlers_as_they_were(tiny):
@@ -338,10 +335,7 @@ def test_sigterm_in_a_window_at_an_epochs_end_or_in_validation_resumes_exactly(t
         assert summary["images_seen"] == ref_summary["images_seen"] == 512
         assert summary["knn_top1"] == pytest.approx(ref_summary["knn_top1"], abs=1e-6)
         assert Path(summary["best_checkpoint"]).name == Path(ref_summary["best_checkpoint"]).name
-        ref, res = _backbone(ref_dir), _backbone(_out(args))
-        for k in ref:
-            if ref[k].dtype.is_floating_point:
-                assert torch.allclose(ref[k], res[k], atol=1e-6), (name, k)
+        _assert_same_backbones(ref_dir, _out(args), name)
 
 
 def test_the_summary_measures_the_final_model_when_knn_every_skips_the_last_epoch(tiny):
