@@ -289,7 +289,10 @@ class SSLMethod(OnlineMonitors, L.LightningModule):
         # own stream: the same whatever the worker count (without workers, the data pipeline
         # reseeds this process per image) and after a resume
         step = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
-        torch.manual_seed(sample_seed(self.cfg.seed ^ 0x5EED, step, self.global_rank))
+        seed = sample_seed(self.cfg.seed ^ 0x5EED, step, self.global_rank)
+        torch.random.default_generator.manual_seed(seed)
+        if self.device.type == "cuda":  # (this rank's GPU only: host-side, no synchronisation)
+            torch.cuda.manual_seed(seed)
 
     def on_train_epoch_start(self) -> None:
         self._epoch_start = time.perf_counter()
