@@ -176,6 +176,17 @@ def test_a_signal_in_an_epoch_of_one_optimizer_step_stops_at_its_end(tiny):
     _assert_same_backbones(_out(reference), _out(args))
 
 
+@pytest.mark.parametrize("env", [{"KILL_BATCH": "16"}, {"KILL_IN_VAL": "1"}],
+                         ids=["last_step", "last_validation"])
+def test_a_signal_at_the_runs_last_step_or_validation_lets_it_finish(tiny, env):
+    """Training is done: the run writes its summary and exits 0 (it kept an older checkpoint
+    and exited 143, to train the last epoch again after a requeue)."""
+    args = _byol(tiny, **RUN)
+    result = _interrupted(args, None, "SIGTERM", **env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((_out(args) / "summary.json").read_text())["images_seen"] == 512
+
+
 def test_stochastic_layers_draw_the_same_with_any_worker_count_and_after_a_resume(tiny):
     """Drop-path in the backbone: its draws came from the process's global stream, which the
     data pipeline reseeds per image without workers and a resumed loader advances: runs with
@@ -236,11 +247,11 @@ def test_sigterm_to_one_ddp_process_in_validation_stops_every_process_together(t
     script.write_text(KILLER)
     args = _byol(tiny, **RUN, **{"trainer.accelerator": "cpu", "trainer.devices": "2",
                                  "trainer.strategy": "ddp", "data.batch_size": "16"})
-    env = {**os.environ, "KILL_IN_VAL": "0", "KILL_SIGNAL": "SIGTERM", "KILL_RANK": "1"}
+    env = {**os.environ, "KILL_IN_VAL": "0", "KILL_SIGNAL": "SIGUSR1", "KILL_RANK": "1"}
     result = subprocess.run([sys.executable, str(script), "pretrain", *args], env=env,
                             capture_output=True, text=True, timeout=300, start_new_session=True)
     assert result.returncode == 143, result.stderr[-2000:]
-    assert "SIGTERM during validation" in result.stdout
+    assert "SIGUSR1 during validation" in result.stdout  # (said by rank 0, told by rank 1)
     assert "Connection closed" not in result.stderr
 
 
@@ -313,12 +324,12 @@ def test_sigterm_in_a_window_at_an_epochs_end_or_in_validation_resumes_exactly(t
     ref_dir = _out(reference)
     ref_summary = json.loads((ref_dir / "summary.json").read_text())
     # batch 11: epoch 1, inside the window of batches 11-12 (step 6); batch 8: epoch 0's last,
-    # whose validation runs, then the epoch-end save (step 4); in epoch 1's validation: the
-    # every-3-steps save of step 6 is kept
+    # whose validation runs, then the epoch-end save (step 4); in epoch 0's validation: the
+    # every-3-steps save of step 3 is kept (in the last epoch's the run would finish)
     for name, env, said, step in (
             ("window", {"KILL_BATCH": "11"}, "SIGTERM: last.ckpt saved at optimizer step 6", 6),
             ("epoch_end", {"KILL_BATCH": "8"}, "SIGTERM: last.ckpt saved at optimizer step 4", 4),
-            ("val", {"KILL_IN_VAL": "1"}, "SIGTERM during validation: last.ckpt is kept", 6)):
+            ("val", {"KILL_IN_VAL": "0"}, "SIGTERM during validation: last.ckpt is kept", 3)):
         args = _byol(tiny, **run, output_dir=str(ref_dir.parent / name))
         result = _interrupted(args, None, "SIGTERM", **env)
         assert result.returncode == 143, result.stderr[-2000:]

@@ -111,9 +111,10 @@ class Preemption(Callback):
     collective and the run hung until the wall time. Here a signal only raises a flag, and the
     ranks agree on it (one all-reduce) at each point where all of them may stop: the end of an
     optimizer step (they save there and stop); at an epoch's last step, after the epoch's
-    validation, with the epoch-end checkpoint (the run's last step: the run finishes); and after
-    each validation batch (promptly, within a scheduler's grace time: the last checkpoint is
-    kept, and the resumed run repeats the steps since it, seeded the same)."""
+    validation, with the epoch-end checkpoint; and after each validation batch (promptly, within
+    a scheduler's grace time: the last checkpoint is kept, and the resumed run repeats the steps
+    since it, seeded the same). At the run's last step or in its last validation the run
+    finishes: training is done."""
 
     def __init__(self, last_path: Path) -> None:
         self.last_path = last_path
@@ -121,7 +122,8 @@ class Preemption(Callback):
         self.by_ctrl_c = False
         self.signalled = False
         self._at_epoch_end = False  # agreed at an epoch's last step: stop once it is saved
-        self.signal_name = "SIGTERM"  # (in DDP, a rank told by the others was not signalled)
+        self.signal_name = "SIGTERM"
+        self._signum = 0  # the signal this process got (0: none)
         self._trainer: L.Trainer | None = None
         self._handlers: dict[int, Any] = {}  # the handlers to put back
 
@@ -147,6 +149,7 @@ class Preemption(Callback):
         if not self.signalled:
             self.signal_name = signal.Signals(signum).name
         self.signalled = True
+        self._signum = self._signum or int(signum)
 
     def _on_ctrl_c(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:
@@ -160,13 +163,16 @@ class Preemption(Callback):
         self._on_signal(signum, frame)
 
     def _agreed(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
-        """Whether any rank was signalled: every rank stops at the same point, or none does."""
-        stop = self.signalled
+        """Whether any rank was signalled: every rank stops at the same point, or none does (and
+        names the signal a rank got: the one that prints may not have been signalled)."""
+        signum = self._signum
         if trainer.world_size > 1:
-            flag = torch.tensor([float(stop)], device=pl_module.device)
+            flag = torch.tensor([signum], device=pl_module.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop = bool(flag.item())
-        return stop
+            signum = int(flag.item())
+        if signum and not self.by_ctrl_c:
+            self.signal_name = signal.Signals(signum).name
+        return bool(signum)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                            *args: Any) -> None:
@@ -177,7 +183,9 @@ class Preemption(Callback):
         if not self._agreed(trainer, pl_module):
             return
         if last_of_epoch:  # Lightning runs the validation first, which a resume would skip
-            self._at_epoch_end = not _run_ends_here(trainer)
+            self._at_epoch_end = True
+            return
+        if 0 < (trainer.max_steps or 0) <= trainer.global_step:  # the run's last step: finish
             return
         # saved at the step's end, as a step checkpoint; Lightning then raises
         trainer.save_checkpoint(self.last_path, weights_only=False)
@@ -186,15 +194,22 @@ class Preemption(Callback):
 
     def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                 *args: Any) -> None:
-        if trainer.state.fn != "fit" or self._at_epoch_end:
-            return
+        if trainer.state.fn != "fit" or self._at_epoch_end or _run_ends_here(trainer):
+            return  # (the last epoch's validation: training is done, the run finishes)
         if self._agreed(trainer, pl_module):  # Lightning stops after this batch
             trainer._signal_connector.received_sigterm = True
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._at_epoch_end:  # the epoch-end checkpoint is written now; then Lightning raises
-            self.saved = True
-            trainer._signal_connector.received_sigterm = True
+        # agreed at the epoch's last step, or at its validation's last batch (where Lightning
+        # does not stop)
+        if not (self._at_epoch_end or trainer.received_sigterm):
+            return
+        if _run_ends_here(trainer):  # the run's last epoch: it finishes
+            self._at_epoch_end = trainer._signal_connector.received_sigterm = False
+            return
+        # the epoch-end checkpoint is written in this round of hooks; then Lightning raises
+        self.saved = True
+        trainer._signal_connector.received_sigterm = True
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # (Lightning may have put the process's own handlers back already: those stay)
