@@ -222,17 +222,25 @@ def test_a_signal_to_the_process_group_with_loader_workers_saves_and_stops(tiny,
     assert f"{sig}: last.ckpt saved at optimizer step 5" in result.stdout
 
 
-def test_sigterm_to_every_process_of_a_ddp_run_saves_and_stops(tiny, tmp_path):
-    """`timeout`, a killed process group or a scheduler signal every rank: Lightning's handler
-    ran a collective inside the signal handler, which met another collective, and the run
-    hung until killed. Now all ranks stop after the same step, with last.ckpt saved there."""
+def _interrupted_ddp(tiny, tmp_path: Path, **env: str
+                     ) -> tuple[list[str], subprocess.CompletedProcess]:
+    """A 2-process CPU DDP run of KILLER (see _interrupted), its signals set by `env`."""
     script = tmp_path / "killer.py"  # (Lightning starts rank 1 by re-running this file)
     script.write_text(KILLER)
     args = _byol(tiny, **RUN, **{"trainer.accelerator": "cpu", "trainer.devices": "2",
                                  "trainer.strategy": "ddp", "data.batch_size": "16"})
-    env = {**os.environ, "KILL_AT": "5", "KILL_SIGNAL": "SIGTERM", "KILL_GROUP": "1"}
-    result = subprocess.run([sys.executable, str(script), "pretrain", *args], env=env,
-                            capture_output=True, text=True, timeout=300, start_new_session=True)
+    result = subprocess.run([sys.executable, str(script), "pretrain", *args],
+                            env={**os.environ, **env}, capture_output=True, text=True,
+                            timeout=300, start_new_session=True)
+    return args, result
+
+
+def test_sigterm_to_every_process_of_a_ddp_run_saves_and_stops(tiny, tmp_path):
+    """`timeout`, a killed process group or a scheduler signal every rank: Lightning's handler
+    ran a collective inside the signal handler, which met another collective, and the run
+    hung until killed. Now all ranks stop after the same step, with last.ckpt saved there."""
+    args, result = _interrupted_ddp(tiny, tmp_path, KILL_AT="5", KILL_SIGNAL="SIGTERM",
+                                    KILL_GROUP="1")
     assert result.returncode == 143, result.stderr[-2000:]
     saved = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 5  # signalled at the end of step 5: every rank stops there
@@ -243,13 +251,8 @@ def test_sigterm_to_one_ddp_process_in_validation_stops_every_process_together(t
     """Rank 1 alone signalled at its first validation batch: it stopped there while rank 0
     validated on into the gather of the features, which then failed ("Connection closed by
     peer"). Now the ranks agree after each validation batch and stop at the same one."""
-    script = tmp_path / "killer.py"
-    script.write_text(KILLER)
-    args = _byol(tiny, **RUN, **{"trainer.accelerator": "cpu", "trainer.devices": "2",
-                                 "trainer.strategy": "ddp", "data.batch_size": "16"})
-    env = {**os.environ, "KILL_IN_VAL": "0", "KILL_SIGNAL": "SIGUSR1", "KILL_RANK": "1"}
-    result = subprocess.run([sys.executable, str(script), "pretrain", *args], env=env,
-                            capture_output=True, text=True, timeout=300, start_new_session=True)
+    _, result = _interrupted_ddp(tiny, tmp_path, KILL_IN_VAL="0", KILL_SIGNAL="SIGUSR1",
+                                 KILL_RANK="1")
     assert result.returncode == 143, result.stderr[-2000:]
     assert "SIGUSR1 during validation" in result.stdout  # (said by rank 0, told by rank 1)
     assert "Connection closed" not in result.stderr
