@@ -185,7 +185,7 @@ class Preemption(Callback):
         if last_of_epoch:  # Lightning runs the validation first, which a resume would skip
             self._at_epoch_end = True
             return
-        if 0 < (trainer.max_steps or 0) <= trainer.global_step:  # the run's last step: finish
+        if _max_steps_reached(trainer):  # the run's last step: it finishes
             return
         # saved at the step's end, as a step checkpoint; Lightning then raises
         trainer.save_checkpoint(self.last_path, weights_only=False)
@@ -246,11 +246,13 @@ class Preemption(Callback):
                   if why else f"requeued SLURM job {job}")
 
 
+def _max_steps_reached(trainer: L.Trainer) -> bool:
+    return 0 < (trainer.max_steps or 0) <= trainer.global_step
+
+
 def _run_ends_here(trainer: L.Trainer) -> bool:
     """Whether the epoch whose last step just ran is the run's last (or max_steps is reached)."""
-    if (trainer.max_steps or 0) > 0 and trainer.global_step >= trainer.max_steps:
-        return True
-    return 0 < (trainer.max_epochs or 0) <= trainer.current_epoch + 1
+    return _max_steps_reached(trainer) or 0 < (trainer.max_epochs or 0) <= trainer.current_epoch + 1
 
 
 def _not_resumable_here(trainer: L.Trainer) -> str | None:
