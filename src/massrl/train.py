@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +14,6 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -42,7 +40,6 @@ from massrl.memory import retain_freed_memory
 from massrl.methods import SSLMethod, build_method
 from massrl.models.backbones import check_input_size
 from massrl.optim import warmup_note
-from massrl.provenance import runtime
 from massrl.resilience import AtomicCheckpointIO, EpochEndCheckpoint, Preemption, StepCheckpoint
 from massrl.resume import (
     check_resume_compatible,
@@ -63,13 +60,10 @@ from massrl.run_dir import (
     remove_new_run_dir,
     run_lock,
 )
+from massrl.run_summary import KNN_METRIC, RunSummary
 
 if TYPE_CHECKING:
     from massrl.data import DatasetSplits, SSLDataModule
-
-KNN_METRIC = "val/knn_top1"
-VAL_FIGURES = (KNN_METRIC, "val/probe_top1")  # the summary's validation figures
-
 
 def resolve_precision(precision: str, accelerator: str) -> str:
     """'auto' -> bf16 mixed precision where the hardware runs it fast, else fp32 (fp16 on GPUs
@@ -96,80 +90,6 @@ def set_cpu_threads(cfg: RunConfig) -> None:
         torch.set_num_threads(cfg.trainer.cpu_threads)
     elif workers > 0:
         torch.set_num_threads(max(1, usable_cores() - workers))
-
-
-class RunSummary(Callback):
-    """Keeps the wall time and writes summary.json with the run's final figures."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.run_dir = run_dir
-        self.start = time.perf_counter()
-        self.train_seconds = 0.0
-        self._epoch_t0 = 0.0
-        self._images_at_start = 0
-        # the last validation's figures and after how many epochs: kept in checkpoints, since a
-        # resumed session may end without a validation of its own (eval.knn_every > 1)
-        self.last_val: dict[str, Any] = {}
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # after a checkpoint was restored: a run resumed mid-epoch starts its clock here (no
-        # epoch start comes first), and counts its speed from the images seen from here on
-        self._epoch_t0 = time.perf_counter()
-        self._images_at_start = getattr(pl_module, "images_seen", 0)
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._epoch_t0 = time.perf_counter()
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        metrics = trainer.callback_metrics
-        self.last_val = {name: float(metrics[name]) for name in VAL_FIGURES if name in metrics}
-        if self.last_val:  # (a validation after fit counts the epochs already trained)
-            after_fit = trainer.state.fn == TrainerFn.VALIDATING
-            self.last_val["after_epochs"] = trainer.current_epoch + (0 if after_fit else 1)
-            self.last_val["after_fit"] = after_fit
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"last_val": dict(self.last_val)}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.last_val = dict(state_dict.get("last_val", {}))
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.train_seconds += time.perf_counter() - self._epoch_t0
-
-    def summary(self, trainer: L.Trainer, module: SSLMethod, ckpt: ModelCheckpoint | None
-                ) -> dict[str, Any]:
-        m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        return {
-            "method": module.cfg.method,
-            "dataset": module.cfg.data.name,
-            **self.val_figures(ckpt),
-            "final_loss": m.get("train/loss_epoch"),
-            "epochs": trainer.current_epoch,
-            "images_seen": module.images_seen,
-            "skipped_files": module.skipped_files,
-            "train_seconds": round(self.train_seconds, 2),
-            "wall_seconds": round(time.perf_counter() - self.start, 2),
-            # (None for a session that trained no step)
-            "images_per_s": (round((module.images_seen - self._images_at_start)
-                                   / self.train_seconds, 1) if self.train_seconds else None),
-            "run_dir": str(self.run_dir),
-            "last_checkpoint": str(self.run_dir / "checkpoints" / "last.ckpt"),
-            "best_checkpoint": (ckpt.best_model_path or None) if ckpt is not None else None,
-            "runtime": runtime(trainer, module),
-        }
-
-
-    def val_figures(self, ckpt: ModelCheckpoint | None) -> dict[str, Any]:
-        """The summary's kNN and probe figures: the last validation's, and the best kNN, that
-        of best_checkpoint (a validation after training saves no checkpoint: not counted)."""
-        knn = self.last_val.get(KNN_METRIC)
-        best = ckpt.best_model_score if ckpt is not None else None
-        if best is None and not self.last_val.get("after_fit"):
-            best = knn
-        return {"knn_top1": knn, "knn_after_epochs": self.last_val.get("after_epochs"),
-                "best_knn_top1": None if best is None else float(best),
-                "probe_top1": self.last_val.get("val/probe_top1")}
 
 
 def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool,
