@@ -322,3 +322,30 @@ def test_gradient_clipping_leaves_the_online_probe_out():
     for a, b in zip(with_probe.backbone.parameters(), without.backbone.parameters(),
                     strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("init_scale", [2.0**60, 1.0], ids=["overflows", "finite"])
+def test_a_step_the_grad_scaler_skips_leaves_the_ema_target_alone(init_scale):
+    """16-mixed: the GradScaler skips a step whose scaled gradients overflow; BYOL's target must
+    not move towards the (unchanged) online network then. (Lightning turns 16-mixed on a CPU
+    into bf16, so the plugin is given by hand; float16 autocast runs on CPUs too.)"""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    model = build_method(_cfg("byol", **{"loss.tau_base": 0.5, "eval.probe": False}),
+                         num_classes=3)
+    with torch.no_grad():  # a target unlike the online network, so that an EMA step shows
+        for p in model.target_parameters():
+            p.add_(torch.randn_like(p))
+    target = [p.clone() for p in model.target_parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    _trainer(max_epochs=1, limit_train_batches=1,
+             plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)]).fit(
+        model, DataLoader(_Views(), batch_size=8))
+    moved = any(not torch.equal(a, b) for a, b in zip(target, model.target_parameters(),
+                                                       strict=True))
+    if init_scale > 1:
+        assert scaler.get_scale() < init_scale, "the step did not overflow: the test is void"
+        assert not moved
+    else:
+        assert scaler.get_scale() == init_scale and moved

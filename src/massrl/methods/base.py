@@ -251,8 +251,18 @@ class SSLMethod(OnlineMonitors, L.LightningModule):
         loss = optimizer_closure() if optimizer_closure is not None else None
         skipped, self._skipping = self._skipping, False
         if not skipped:
+            scale = self._loss_scale()
             optimizer.step(closure=lambda: loss)
+            # under 16-mixed, the GradScaler skips a step whose gradients overflowed, and says so
+            # only by lowering its scale: the EMA target must not follow that step either
+            skipped = scale is not None and self._loss_scale() < scale
         self.after_optimizer_step(skipped)
+
+    def _loss_scale(self) -> float | None:
+        """The GradScaler's loss scale (16-mixed), None without one. (A host sync, but the
+        scaler syncs every step anyway to decide whether to step.)"""
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        return scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
 
     def after_optimizer_step(self, skipped: bool) -> None:
         """Called after each optimizer step (after the weights changed, before checkpoints)."""
