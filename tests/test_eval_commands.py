@@ -97,6 +97,22 @@ def test_linear_cached_augmented_and_semi_supervised(tmp_path, ckpt):
     assert code == 0 and again["results"]["subset_sha256"] == res["results"]["subset_sha256"]
 
 
+@pytest.mark.parametrize("mode", [[], ["finetune=true"]],
+                         ids=["linear", "finetune"])
+def test_augmented_epochs_do_not_depend_on_the_worker_count(tmp_path, ckpt, mode):
+    """Each image's crop is seeded by (seed, epoch, image), as in pre-training: 0 and 2 workers
+    train the same classifier (each worker drew from its own stream before)."""
+    histories = []
+    for workers in (0, 2):
+        code, res = _run(tmp_path / str(workers), "linear", f"ckpt={ckpt}", "epochs=2",
+                         "batch_size=64", "label_fraction=0.2", f"data.num_workers={workers}",
+                         *mode)
+        assert code == 0 and res["protocol"]["runtime"]["num_workers"] == workers
+        histories.append(res["results"]["history"])
+    assert histories[0] == histories[1]
+    assert histories[0][0]["loss"] != histories[0][1]["loss"]
+
+
 def test_fine_tuning_trains_on_every_labeled_image_each_epoch(tmp_path, ckpt, monkeypatch):
     """A last partial batch is trained on, not dropped (at 1 % of CIFAR-10 and batch 256 that
     was 244 of 500 images each epoch)."""

@@ -14,6 +14,7 @@ from massrl.augment.crops import rrc_source_side
 from massrl.config import ConfigError
 from massrl.data.folder import files_fingerprint
 from massrl.data.loading import labeled_images, make_loader
+from massrl.data.sampler import ResumableSampler
 from massrl.eval import session
 from massrl.eval.config import LinearEvalConfig
 from massrl.eval.features import cached_features, train_transform
@@ -92,8 +93,11 @@ def _image_mode(r: session.EvalRun, train: Dataset, recipe: SGDRecipe) -> Linear
     # every image every epoch: dropping the last partial batch left out up to half of a small
     # label fraction (1 % of CIFAR-10 at batch 256: 244 of 500); a batch of one, which
     # batch-norm cannot train on, is skipped by the training loop
-    loader = make_loader(labeled_images(train, aug, side), cfg.batch_size, shuffle=True,
-                         seed=cfg.seed, device=r.device,
+    # and each image's crop is seeded by (seed, epoch, image), as in pre-training: the figures
+    # do not depend on the number of workers
+    images = labeled_images(train, aug, side)
+    loader = make_loader(images, cfg.batch_size, device=r.device,
+                         sampler=ResumableSampler(len(images), cfg.seed, cfg.batch_size),
                          **session.loader_options(r, every_epoch=True))
     common = dict(finetune=cfg.finetune, seed=cfg.seed, device=r.device)
     if cfg.finetune:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from massrl.data.sampler import sample_seed
 from massrl.eval.features import progress, progress_line, unpack
 from massrl.eval.knn import topk_accuracy
 from massrl.models.heads import linear_head
@@ -79,6 +80,7 @@ class Classifier(nn.Module):
 def _fit(
     model: nn.Module, param_groups: list[dict[str, Any]], loader: DataLoader,
     evaluate: Callable[[], Scores], recipe: SGDRecipe, device: torch.device | str, desc: str,
+    seed: int,
 ) -> LinearResult:
     opt = torch.optim.SGD(param_groups, lr=recipe.lr, momentum=recipe.momentum,
                           weight_decay=recipe.weight_decay, nesterov=recipe.nesterov)
@@ -92,7 +94,12 @@ def _fit(
             start = time.perf_counter()
             model.train()
             total, count = 0.0, 0
-            for batch in loader:
+            if hasattr(loader.sampler, "set_epoch"):  # a per-image seeded sampler
+                loader.sampler.set_epoch(epoch)
+            for step, batch in enumerate(loader):
+                # stochastic layers (dropout, drop-path) draw from a stream seeded per batch:
+                # without workers, the data pipeline reseeds the process's stream per image
+                torch.manual_seed(sample_seed(seed, epoch, step))
                 bar.advance(task)
                 left_out.update(batch.get("skipped_index", ()) if isinstance(batch, dict) else ())
                 if (xy := unpack(batch)) is None or len(xy[1]) < 2:
@@ -157,7 +164,7 @@ def train_linear_on_features(
         return _accuracy(head, test, device)
 
     return _fit(head, [{"params": head.parameters()}], loader, evaluate, recipe, device,
-                "linear (cached features)")
+                "linear (cached features)", seed)
 
 
 def train_on_images(
@@ -191,4 +198,4 @@ def train_on_images(
         return _accuracy(model, test_loader, device)
 
     desc = "fine-tune" if finetune else "linear (augmented)"
-    return _fit(model, groups, train_loader, evaluate, recipe, device, desc)
+    return _fit(model, groups, train_loader, evaluate, recipe, device, desc, seed)

@@ -254,7 +254,8 @@ def protocol(run: EvalRun) -> dict[str, Any]:
         "command": run.command, "massrl_version": massrl.__version__,
         "torch_version": torch.__version__, "device": str(run.device),
         "versions": package_versions(), "massrl_commit": source_commit(),
-        # (linear's augmented epochs draw from each loader worker's stream: the count matters)
+        # (threads change the float rounding; workers no longer change any figure: recorded
+        # for speed, and for results made before linear seeded each image's crops)
         "runtime": {"cpu_threads": torch.get_num_threads(),
                     **({"num_workers": loader_options(run)["num_workers"]}
                        if hasattr(run.cfg, "data") else {})},
