@@ -183,6 +183,18 @@ def test_umap_and_export(tmp_path, ckpt):
     assert (tmp_path / "noext.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_umap_without_umap_learn_says_so_before_computing_features(tmp_path, ckpt, capsys,
+                                                                   monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "umap" else real(name, *a))
+    code, res = _run(tmp_path, "umap", f"ckpt={ckpt}")
+    assert code == 2 and res is None
+    assert "massrl umap needs the umap-learn package: pip install umap-learn (or pip install " \
+        "'massrl[umap]')" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
 def test_cached_features_follow_the_files_of_a_folder(tmp_path, ckpt):
     """The same file names, one file's content replaced: the features are recomputed (the cache
     was keyed by the folder's path and image count only), and reused while nothing changes."""

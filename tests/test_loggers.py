@@ -4,6 +4,7 @@ run continues the same W&B run, and a missing wandb package is explained."""
 import json
 from pathlib import Path
 
+import pytest
 from lightning.pytorch.loggers import WandbLogger
 
 from massrl.cli import main
@@ -43,15 +44,24 @@ def test_wandb_gets_the_metrics_and_a_resume_continues_its_run(tiny, monkeypatch
     assert json.loads((out / "summary.json").read_text())["epochs"] == 2
 
 
-def test_wandb_missing_is_explained(tiny, monkeypatch, capsys):
-    import massrl.loggers
+@pytest.mark.parametrize(("key", "module", "said"), [
+    ("wandb.enabled=true", "wandb", "wandb.enabled=true needs the wandb package: pip install wandb "
+                                    "(or pip install 'massrl[wandb]')"),
+    ("eval.umap_every=1", "umap", "eval.umap_every=1 needs the umap-learn package: pip install "
+                                  "umap-learn (or pip install 'massrl[umap]')"),
+])
+def test_a_missing_extra_is_said_before_the_run_starts(tiny, monkeypatch, capsys, key, module,
+                                                       said):
+    """Not at the first UMAP picture, an epoch into the run (a traceback, nothing saved)."""
+    import importlib.util
 
-    real = massrl.loggers.importlib.util.find_spec
-    monkeypatch.setattr(massrl.loggers.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "wandb" else real(name, *a))
-    assert main(["pretrain", *tiny("byol", **{"wandb.enabled": "true"})]) == 2
-    assert "wandb.enabled=true needs the wandb package: pip install wandb" in \
-        capsys.readouterr().err
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == module else real(name, *a))
+    args = tiny("byol")
+    assert main(["pretrain", *args, key]) == 2
+    assert said in capsys.readouterr().err
+    assert not _out(args).exists()  # no run directory left behind
 
 
 def test_lightning_advert_is_dropped_and_other_notices_stay():

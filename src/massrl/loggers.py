@@ -6,7 +6,6 @@ A resumed run logs to the same W&B run: its id is kept in the run directory (`wa
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import secrets
@@ -22,7 +21,8 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from massrl.config import ConfigError, RunConfig
+from massrl.config import RunConfig
+from massrl.extras import require
 from massrl.files import write_text
 
 WANDB_ID_FILE = "wandb_run_id"
@@ -77,9 +77,7 @@ def build_loggers(cfg: RunConfig, run_dir: Path, resumed_step: int | None = None
 
 
 def wandb_logger(cfg: RunConfig, run_dir: Path) -> WandbLogger:
-    if importlib.util.find_spec("wandb") is None:
-        raise ConfigError("wandb.enabled=true needs the wandb package: pip install wandb "
-                          "(or pip install 'massrl[wandb]')")
+    require("wandb", "wandb.enabled=true")
     id_file = run_dir / WANDB_ID_FILE
     run_id = id_file.read_text().strip() if id_file.is_file() else None
     if run_id is None:

@@ -28,6 +28,7 @@ from massrl.devices import (
     use_channels_last,
     use_sync_batchnorm,
 )
+from massrl.extras import check_run_extras
 from massrl.files import write_text
 from massrl.loggers import (
     build_loggers,
@@ -224,6 +225,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, *, splits: DatasetSpli
 def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
               splits: DatasetSplits | None) -> dict[str, Any]:
     check_accelerator(cfg.trainer.accelerator)
+    check_run_extras(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     set_cpu_threads(cfg)
     if cfg.trainer.retain_freed_memory:

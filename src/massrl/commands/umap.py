@@ -21,10 +21,12 @@ def run(args: argparse.Namespace) -> int:
     from massrl.config import ConfigError
     from massrl.eval import session
     from massrl.eval.umap_plot import save_umap
+    from massrl.extras import require
     from massrl.files import picture_path
 
     if args.out:
         args.overrides = [*args.overrides, f"out={args.out}"]
+    require("umap", "massrl umap")  # (before the features are computed)
     r = session.start(NAME, UmapEvalConfig, args)
     if r is None:
         return 0

@@ -10,24 +10,22 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from massrl.extras import require
 from massrl.files import save_figure
 
 
 def _umap_module():
     import os
 
+    require("umap", "a UMAP picture")
     if "NUMBA_THREADING_LAYER" not in os.environ:
         import numba
 
         # numba's default OpenMP layer leaves spinning threads that slowed later torch work in
         # the same process 10-25x on a 2-core machine; the workqueue layer does not spin.
         numba.config.THREADING_LAYER = "workqueue"
-    try:
-        import umap
-    except ImportError:
-        raise ImportError(
-            "UMAP pictures need umap-learn: pip install 'massrl[umap]' (or pip install umap-learn)"
-        ) from None
+    import umap
+
     return umap
 
 
