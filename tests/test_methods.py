@@ -349,3 +349,26 @@ def test_a_step_the_grad_scaler_skips_leaves_the_ema_target_alone(init_scale):
         assert not moved
     else:
         assert scaler.get_scale() == init_scale and moved
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_finite_loss_with_a_non_finite_gradient_is_not_stepped(skip):
+    """The weights would turn NaN, and the next loss say so only after a checkpoint may have
+    kept them: the step is refused (or skipped, trainer.skip_nonfinite) before the optimizer."""
+    from massrl.resilience import NonFiniteLossError
+
+    torch.manual_seed(0)
+    model = build_method(_cfg("byol", **{"trainer.skip_nonfinite": skip}), num_classes=3)
+    first = next(model.backbone.parameters())
+    first.register_hook(lambda g: g * float("inf"))  # finite loss, inf/NaN gradient
+    before = copy.deepcopy(model.state_dict())
+    trainer = _trainer(max_epochs=1, limit_train_batches=2)
+    if not skip:
+        with pytest.raises(NonFiniteLossError, match="gradient became NaN/inf at optimizer step 0"):
+            trainer.fit(model, DataLoader(_Views(), batch_size=8))
+    else:
+        trainer.fit(model, DataLoader(_Views(), batch_size=8))
+        assert trainer.callback_metrics["train/skipped_nonfinite"] == 2
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before
+               if "running" not in k and "num_batches" not in k)

@@ -271,10 +271,24 @@ def check_finite(loss: torch.Tensor, step: int, epoch: int, skip: bool) -> bool:
     counted from 1, as the progress lines count them."""
     if bool(torch.isfinite(loss)):
         return True
+    return _non_finite(f"the loss became {loss.item()}", step, epoch, skip)
+
+
+def check_finite_gradient(grads: list[torch.Tensor], step: int, epoch: int, skip: bool) -> bool:
+    """As check_finite, for the gradient of a finite loss (the step would make the weights NaN,
+    and the next loss would only say so after a checkpoint may have kept them)."""
+    # (the largest |value| of each tensor: a norm of large finite values could overflow)
+    peaks = torch._foreach_norm(grads, float("inf")) if grads else []
+    if not peaks or bool(torch.stack([p.float() for p in peaks]).isfinite().all()):
+        return True
+    return _non_finite("the loss was finite but its gradient became NaN/inf", step, epoch, skip)
+
+
+def _non_finite(what: str, step: int, epoch: int, skip: bool) -> bool:
     if skip:
         return False
     raise NonFiniteLossError(
-        f"the loss became {loss.item()} at optimizer step {step} (epoch {epoch}). The run stopped "
+        f"{what} at optimizer step {step} (epoch {epoch}). The run stopped "
         "(checkpoints saved before this step are kept). Usual fixes: a lower optimizer.lr, "
         "trainer.precision=32-true, trainer.gradient_clip_val=1.0, a longer "
         "optimizer.warmup_epochs; or trainer.skip_nonfinite=true to skip such steps."

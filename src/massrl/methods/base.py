@@ -29,7 +29,7 @@ from massrl.models import build_backbone
 from massrl.models.backbones import feature_dim
 from massrl.models.heads import linear_head
 from massrl.optim import build_optimizer, scaled_lr, warmup_cosine
-from massrl.resilience import check_finite, rng_state, set_rng_state
+from massrl.resilience import check_finite, check_finite_gradient, rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from massrl.data import DatasetSplits
@@ -250,8 +250,16 @@ class SSLMethod(OnlineMonitors, L.LightningModule):
         # a skipped step does not reach the optimizer (at lr 0, LARS's momentum still moved)
         loss = optimizer_closure() if optimizer_closure is not None else None
         skipped, self._skipping = self._skipping, False
+        scale = self._loss_scale()
+        if not skipped and scale is None:  # (a GradScaler checks the gradient itself)
+            # DDP ranks hold the same all-reduced gradient: they decide alike, without a collective
+            grads = [p.grad for p in self.parameters() if p.grad is not None]
+            skipped = not check_finite_gradient(grads, self.global_step, self.current_epoch + 1,
+                                                self.cfg.trainer.skip_nonfinite)
+            if skipped:
+                self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", on_epoch=True,
+                         on_step=False)
         if not skipped:
-            scale = self._loss_scale()
             optimizer.step(closure=lambda: loss)
             # under 16-mixed, the GradScaler skips a step whose gradients overflowed, and says so
             # only by lowering its scale: the EMA target must not follow that step either
