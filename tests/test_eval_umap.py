@@ -15,3 +15,23 @@ def test_save_umap_writes_png(tmp_path):
     path = save_umap(feats, labels, ["a", "b", "c"], "byol - toy.ckpt", tmp_path / "u" / "x.png",
                      n_epochs=20, n_neighbors=5, max_points=45)
     assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_umap_pictures_are_left_out_of_the_epochs_time_and_speed(tiny, monkeypatch, capsys):
+    """eval.umap_every: the picture (its first one waits for umap-learn's compilation) is for
+    looking at; a run's seconds and images/s count training and the kNN check only."""
+    import json
+    import time
+    from pathlib import Path
+
+    import massrl.eval.umap_plot
+    from massrl.cli import main
+
+    monkeypatch.setattr(massrl.eval.umap_plot, "save_umap", lambda *a, **k: time.sleep(5))
+    args = tiny("byol", **{"eval.umap_every": "1", "trainer.progress_bar": "true"})
+    assert main(["pretrain", *args]) == 0
+    out = Path(next(a for a in args if a.startswith("output_dir=")).split("=", 1)[1])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_seconds"] + 5 <= summary["wall_seconds"]
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 1/1"))
+    assert float(line.split()[-2]) < summary["wall_seconds"] - 5  # the line's seconds

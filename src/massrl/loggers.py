@@ -10,7 +10,6 @@ import logging
 import os
 import secrets
 import sys
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.utilities import rank_zero_only
 
 from massrl.config import RunConfig
+from massrl.epoch_clock import EpochClock
 from massrl.extras import require
 from massrl.files import write_text
 
@@ -139,12 +139,18 @@ def progress_callbacks(show: bool) -> list[Callback]:
 class EpochLines(Callback):
     """After each training epoch: `epoch E/N  loss ...  val/knn_top1 ...  images/s  seconds`."""
 
+    def __init__(self) -> None:
+        self._clock = EpochClock()
+        self._seen = 0
+        self._validated = False
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # a run resumed mid-epoch has no epoch start: its first line counts from here
         self.on_train_epoch_start(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start, self._seen = time.perf_counter(), getattr(pl_module, "images_seen", 0)
+        self._clock.start(pl_module)
+        self._seen = getattr(pl_module, "images_seen", 0)
         self._validated = False
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -153,7 +159,7 @@ class EpochLines(Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        seconds = time.perf_counter() - self._start
+        seconds = self._clock.seconds(pl_module)
         metrics = trainer.callback_metrics
         parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"]
         names = ["train/loss_epoch"] + (["val/knn_top1", "val/probe_top1"] if self._validated

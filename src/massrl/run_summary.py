@@ -10,6 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 
+from massrl.epoch_clock import EpochClock
 from massrl.provenance import runtime
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ class RunSummary(Callback):
         self.run_dir = run_dir
         self.start = time.perf_counter()
         self.train_seconds = 0.0
-        self._epoch_t0 = 0.0
+        self._clock = EpochClock()
         self._images_at_start = 0
         # the last validation's figures and after how many epochs: kept in checkpoints, since a
         # resumed session may end without a validation of its own (eval.knn_every > 1)
@@ -35,11 +36,11 @@ class RunSummary(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after a checkpoint was restored: a run resumed mid-epoch starts its clock here (no
         # epoch start comes first), and counts its speed from the images seen from here on
-        self._epoch_t0 = time.perf_counter()
+        self._clock.start(pl_module)
         self._images_at_start = getattr(pl_module, "images_seen", 0)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._epoch_t0 = time.perf_counter()
+        self._clock.start(pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = trainer.callback_metrics
@@ -56,7 +57,7 @@ class RunSummary(Callback):
         self.last_val = dict(state_dict.get("last_val", {}))
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.train_seconds += time.perf_counter() - self._epoch_t0
+        self.train_seconds += self._clock.seconds(pl_module)
 
     def summary(self, trainer: L.Trainer, module: SSLMethod, ckpt: ModelCheckpoint | None
                 ) -> dict[str, Any]:

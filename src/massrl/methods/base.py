@@ -8,7 +8,6 @@ in monitors.py, the run's length in run_length.py.
 
 from __future__ import annotations
 
-import time
 import warnings
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -23,6 +22,7 @@ from massrl.config import RunConfig
 from massrl.data.folder import file_list_digest
 from massrl.data.sampler import sample_seed
 from massrl.devices import use_channels_last
+from massrl.epoch_clock import EpochClock
 from massrl.methods.monitors import OnlineMonitors
 from massrl.methods.run_length import epoch_steps, run_steps
 from massrl.models import build_backbone
@@ -69,7 +69,8 @@ class SSLMethod(OnlineMonitors, L.LightningModule):
         self.probe = (linear_head(self.feat_dim, num_classes)
                       if cfg.eval.probe and num_classes else None)
         self._val_outputs: dict[int, list[tuple[torch.Tensor, ...]]] = {}
-        self._epoch_start = 0.0
+        self._clock = EpochClock()
+        self.umap_seconds = 0.0  # (left out of the epoch's time: epoch_clock.py)
         self._images_this_epoch = 0
         self._skipped_this_epoch = 0
         self.images_seen = 0
@@ -300,7 +301,7 @@ class SSLMethod(OnlineMonitors, L.LightningModule):
         return len(self._bad_images)
 
     def on_train_start(self) -> None:
-        self._epoch_start = time.perf_counter()  # a run resumed mid-epoch has no epoch start
+        self._clock.start(self)  # a run resumed mid-epoch has no epoch start
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # a stochastic layer (dropout, drop-path, a plugin's torch.rand) draws from its batch's
@@ -313,7 +314,7 @@ class SSLMethod(OnlineMonitors, L.LightningModule):
             torch.cuda.manual_seed(seed)
 
     def on_train_epoch_start(self) -> None:
-        self._epoch_start = time.perf_counter()
+        self._clock.start(self)
         self._images_this_epoch = self._skipped_this_epoch = 0
 
     def on_train_epoch_end(self) -> None:
@@ -330,7 +331,7 @@ class SSLMethod(OnlineMonitors, L.LightningModule):
             gathered: list = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(gathered, sorted(self._bad_images))
             self._bad_images = set().union(*gathered)
-        seconds = max(time.perf_counter() - self._epoch_start, 1e-9)
+        seconds = max(self._clock.seconds(self), 1e-9)
         images = self._images_this_epoch * self.trainer.world_size
         self.log_dict({"throughput/images_per_s": images / seconds,
                        "throughput/epoch_seconds": seconds,

@@ -4,6 +4,7 @@ weighted-kNN accuracy and the online probe's, and every eval.umap_every epochs a
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -63,9 +64,11 @@ class OnlineMonitors:
         from massrl.eval.umap_plot import save_umap
 
         path = Path(self.trainer.default_root_dir) / "umap" / f"epoch_{epoch:04d}.png"
+        start = time.perf_counter()
         save_umap(feats, labels, self.normalization.get("classes"),
-                  f"{self.cfg.method} on {self.cfg.data.name}, epoch {epoch}", path,
+                  f"{self.cfg.method} on {self.cfg.data.name} (test split), epoch {epoch}", path,
                   seed=self.cfg.seed, max_points=5000)
+        self.umap_seconds += time.perf_counter() - start
 
     def _gather(self, outs: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and labels of the whole split: every rank's shard, gathered, each sample once
