@@ -249,6 +249,30 @@ def test_augviz_checks_its_picture_name_first_and_writes_into_a_folder(tmp_path,
     assert "cannot write a '.xyz' picture" in capsys.readouterr().err
     assert main(["augviz", "data.name=digits", "--images", "1", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "augmentations.png").read_bytes()[:4] == b"\x89PNG"
+    # --print-config needs no picture; without it, --out is asked for
+    assert main(["augviz", "data.name=digits", "--print-config"]) == 0
+    assert "name: digits" in capsys.readouterr().out
+    assert main(["augviz", "data.name=digits"]) == 2
+    assert "--out FILE.png is required" in capsys.readouterr().err
+
+
+def test_a_runs_picture_shows_the_views_of_the_backend_it_trains_with(monkeypatch, tmp_path):
+    """The batched engine gives other pixels for the same draws: a batched run's
+    augmentations.png is drawn by the engine, and its title says so."""
+    import massrl.augviz
+    from massrl.config import build_config
+    from massrl.data import load_dataset
+
+    drawn = []
+    monkeypatch.setattr(massrl.augviz, "augmentation_grid", lambda data, transform, path, **kw:
+                        drawn.append((type(transform).__name__, kw["title"])))
+    for backend in ("per_image", "batched"):
+        cfg = build_config(overrides=["data.name=digits", "data.image_size=16",
+                                      f"augment.backend={backend}"])
+        massrl.augviz.save_augmentation_picture(cfg, tmp_path / "a.png",
+                                                load_dataset(cfg.data, seed=0))
+    assert drawn == [("MultiViewTransform", "massrl views on digits"),
+                     ("BatchedPreview", "massrl views on digits (batched engine)")]
 
 
 def test_weights_of_another_backbone_are_named_in_one_short_line(tmp_path):

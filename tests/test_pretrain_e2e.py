@@ -1,6 +1,7 @@
 """`massrl pretrain` and `massrl augviz` end to end, on scikit-learn's digits (seconds each)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,14 @@ def test_summary_table_formats_by_kind(capsys):
                    "images_per_s": 7.1, "train_seconds": 9.01, "epochs": 1, "run_dir": "r"})
     out = capsys.readouterr().out
     assert "0.5123" in out and "7.1 " in out and "9.0 " in out and "7.1000" not in out
+    # the final model's kNN may come from a validation after training and beat the best
+    # checkpoint's: each says what it was measured on
+    print_summary({"method": "byol", "dataset": "digits", "knn_top1": 0.39, "best_knn_top1": 0.33,
+                   "knn_after_epochs": 3, "best_checkpoint": "/r/checkpoints/best-knn-1.ckpt",
+                   "run_dir": "r"})
+    out = capsys.readouterr().out
+    assert re.search(r"knn_top1 +│ 0.3900 │ final model, after 3 epoch\(s\)", out), out
+    assert re.search(r"best_knn_top1 +│ 0.3300 │ checkpoint best-knn-1.ckpt", out), out
 
 
 def test_default_run_directories_and_processes_started_apart(tmp_path, monkeypatch):

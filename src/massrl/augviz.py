@@ -70,16 +70,27 @@ def augmentation_grid(dataset: Dataset, transform, path: str | Path, num_images:
     return path
 
 
-def save_augmentation_picture(cfg: RunConfig, path: Path, splits: DatasetSplits) -> None:
-    """A pre-training run's views, drawn with the per-image pipeline (the batched backend
-    applies the same strategies on the device)."""
+def view_maker(cfg: RunConfig, splits: DatasetSplits) -> tuple:
+    """What draws the views of `cfg.augment.backend`, and the title's note: the batched engine's
+    views as training makes them (the backends give other pixels for the same draws)."""
+    if cfg.augment.backend == "batched":
+        from massrl.augment.batched.preview import BatchedPreview
+
+        return (BatchedPreview(cfg.augment, cfg.data.image_size, splits.mean, splits.std),
+                " (batched engine)")
     from massrl.augment import MultiViewTransform
+
+    return MultiViewTransform(cfg.augment, cfg.data.image_size, splits.mean, splits.std), ""
+
+
+def save_augmentation_picture(cfg: RunConfig, path: Path, splits: DatasetSplits) -> None:
+    """A pre-training run's views, made by the backend it trains with."""
     from massrl.data import BadImageError
 
-    transform = MultiViewTransform(cfg.augment, cfg.data.image_size, splits.mean, splits.std)
     try:
+        transform, note = view_maker(cfg, splits)
         augmentation_grid(splits.train, transform, path, num_images=6,
-                          title=f"{cfg.method} views on {cfg.data.name}", seed=cfg.seed)
+                          title=f"{cfg.method} views on {cfg.data.name}{note}", seed=cfg.seed)
     except Exception as exc:  # a picture must never stop a training run
         if cfg.data.strict and isinstance(exc, BadImageError):
             raise  # (unless the run is to stop at the first bad file: here is one)

@@ -21,8 +21,11 @@ DEFAULT_CONFIG = "fashion_mnist/massrl"
 def configure(parser: argparse.ArgumentParser) -> None:
     add_config_args(parser, RunConfig, example="augment.view_mode=per_strategy data.name=digits",
                     default_config=DEFAULT_CONFIG, only=("seed", "data", "augment"))
-    parser.add_argument("--out", required=True, help="PNG file to write")
-    parser.add_argument("--images", type=int, default=8, help="rows (images) in the grid")
+    # (not required by argparse: --print-config needs no picture)
+    parser.add_argument("--out", metavar="FILE.png", help="PNG file to write (required), or a "
+                        "folder to write augmentations.png into")
+    parser.add_argument("--images", type=int, default=8,
+                        help="rows (images) in the grid (default: 8)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,11 +34,14 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve(args, RunConfig)
     if cfg is None:
         return 0
+    if not args.out:
+        print("massrl augviz: --out FILE.png is required: where to write the picture",
+              file=sys.stderr)
+        return 2
     if args.images <= 0:
         print("massrl augviz: --images must be a positive number of rows", file=sys.stderr)
         return 2
-    from massrl.augment import MultiViewTransform
-    from massrl.augviz import augmentation_grid
+    from massrl.augviz import augmentation_grid, view_maker
     from massrl.data import BadImageError, DatasetNotFoundError, UnusableDataError, load_dataset
     from massrl.files import picture_path
 
@@ -49,17 +55,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         splits = load_dataset(cfg.data, seed=cfg.seed)
-        title = f"{cfg.augment.view_mode} views of {cfg.data.name}"
-        if cfg.augment.backend == "batched":  # the engine's own views, as training makes them
-            from massrl.augment.batched.preview import BatchedPreview
-
-            transform = BatchedPreview(cfg.augment, cfg.data.image_size, splits.mean, splits.std)
-            title += " (batched engine)"
-        else:
-            transform = MultiViewTransform(cfg.augment, cfg.data.image_size, splits.mean,
-                                           splits.std)
+        transform, note = view_maker(cfg, splits)
         out = augmentation_grid(splits.train, transform, out, num_images=args.images,
-                                title=title, seed=cfg.seed)
+                                title=f"{cfg.augment.view_mode} views of {cfg.data.name}{note}",
+                                seed=cfg.seed)
     except (DatasetNotFoundError, UnusableDataError, BadImageError) as exc:
         print(f"massrl augviz: {data_error_message(exc)}", file=sys.stderr)
         return 2

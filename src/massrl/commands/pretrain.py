@@ -6,6 +6,7 @@ import argparse
 import os
 import shlex
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -90,11 +91,23 @@ def _fmt(key: str, v: object) -> str:
     return "-" if v is None else str(v)
 
 
+def _notes(summary: dict) -> dict[str, str]:
+    """What the kNN figures are measured on: the final model's can exceed the best
+    checkpoint's when it came from a validation after training (eval.knn_every > 1)."""
+    notes = {}
+    if summary.get("knn_top1") is not None and summary.get("knn_after_epochs") is not None:
+        notes["knn_top1"] = f"final model, after {summary['knn_after_epochs']} epoch(s)"
+    if summary.get("best_knn_top1") is not None and summary.get("best_checkpoint"):
+        notes["best_knn_top1"] = f"checkpoint {Path(summary['best_checkpoint']).name}"
+    return notes
+
+
 def print_summary(summary: dict) -> None:
     console = Console()
     table = Table(title=f"{summary['method']} on {summary['dataset']}", show_header=False)
+    notes = _notes(summary)
     for key in ("knn_top1", "best_knn_top1", "probe_top1", "final_loss", "epochs",
                 "images_seen", "images_per_s", "train_seconds", "skipped_files"):
-        table.add_row(key, _fmt(key, summary.get(key)))
+        table.add_row(key, _fmt(key, summary.get(key)), notes.get(key, ""))
     console.print(table)
     print(f"run directory: {summary['run_dir']}")
