@@ -129,3 +129,18 @@ def test_data_whose_path_is_not_utf8_trains_and_logs_its_hyperparameters(tiny, t
         assert "is not a UTF-8 name, under which TensorBoard cannot write" in \
             " ".join(capsys.readouterr().err.split())
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_live_bar_counts_epochs_from_one_as_the_other_outputs_do():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from massrl.loggers import EpochBar
+
+    # (the override replaces Lightning's own description: its name must still be Lightning's)
+    assert "_get_train_description" in vars(RichProgressBar)
+    bar = EpochBar()
+    bar._trainer = SimpleNamespace(max_epochs=2)
+    assert bar._get_train_description(0).strip() == "Epoch 1/2"
+    assert bar._get_train_description(1).strip() == "Epoch 2/2"

@@ -133,7 +133,19 @@ def progress_callbacks(show: bool) -> list[Callback]:
     log), where a live bar shows nothing until the end, one line per epoch."""
     if not show:
         return []
-    return [RichProgressBar()] if sys.stdout.isatty() else [EpochLines()]
+    return [EpochBar()] if sys.stdout.isatty() else [EpochLines()]
+
+
+class EpochBar(RichProgressBar):
+    """Rich's live bar, counting epochs from 1 as the epoch lines, the UMAP pictures and the
+    summary do (Lightning's says `Epoch 0/1` for the first of two)."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        text = f"Epoch {current_epoch + 1}"
+        if self.trainer.max_epochs is not None:
+            text += f"/{self.trainer.max_epochs}"
+        # as wide as the validation bar's description: no flicker between the two
+        return f"{text:{len(self.validation_description)}}"
 
 
 class EpochLines(Callback):
