@@ -27,6 +27,8 @@ def test_defaults_validate_and_overrides_apply():
     ("augment.num_views=0", "augment.num_views"),
     ("data.batch_size=abc", "data.batch_size"),
     ("augment.strategies=[simclr,colour]", "augment.strategies.1"),
+    ("augment.strategies=simclr,randaugment",
+     "a list is written in brackets: augment.strategies=[simclr,randaugment]"),
     ("augment.randaugment.magnitude=11", "must be < num_magnitude_bins=11"),
     ("augment.strategies=[simclr,randaugment,simclr]", "lists simclr more than once"),
     ("trainer.precision=fp8", "trainer.precision: Input should be 'auto', '32-true'"),

@@ -312,6 +312,9 @@ def test_clear_errors(tmp_path, ckpt, capsys):
     err = capsys.readouterr().err
     assert "not a massrl pre-training checkpoint" in err and "not found" in err
     assert err.count("ckpt=PATH is required") == 2 and "label_fraction" in err
+    missing = tmp_path / "nope.json"
+    assert _run(tmp_path, "linear", f"ckpt={ckpt}", f"subset_file={missing}")[0] == 2
+    assert f"subset_file={missing}: no such file" in capsys.readouterr().err
     # A folder of images without class sub-folders has no labels.
     for i in range(4):
         Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
@@ -323,6 +326,16 @@ def test_clear_errors(tmp_path, ckpt, capsys):
         deep = tmp_path / "out" / command / "run"
         code = main([command, f"ckpt={ckpt}", *folder, f"output_dir={deep}", "device=cpu"])
         assert code == 2 and not (tmp_path / "out").exists()
+
+
+def test_a_pretraining_config_given_to_an_evaluation_is_one_line(ckpt, capsys):
+    assert main(["knn", "-c", "fashion_mnist/massrl", f"ckpt={ckpt}"]) == 2
+    err = capsys.readouterr().err
+    assert "method, augment, model, loss, optimizer, trainer, eval: keys of `massrl pretrain`, " \
+        "not of this command (a pre-training config?)" in err
+    assert "unknown key" not in err  # (one line per section before)
+    assert main(["knn", f"ckpt={ckpt}", "kk=3"]) == 2
+    assert "unknown key 'kk'. Did you mean 'k'?" in capsys.readouterr().err
 
 
 def test_eval_config_forms_and_rules(ckpt, capsys, tmp_path):

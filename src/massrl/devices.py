@@ -128,8 +128,9 @@ def use_channels_last(requested: bool, accelerator: str, model: nn.Module) -> bo
         return requested
     hazards = channels_last_hazards(model)
     if hazards:
+        named = ", ".join(hazards[:2]) + (", ..." if len(hazards) > 2 else "")
         print(f"trainer.channels_last: off for this model on the CPU: {len(hazards)} strided 1x1 "
-              f"convolution(s) with < {ONEDNN_1X1_MIN_CHANNELS} input channels ({hazards[0]}, "
-              "...) crash oneDNN's channels-last backward (uxlfoundation/oneDNN#6035); "
+              f"convolution(s) with < {ONEDNN_1X1_MIN_CHANNELS} input channels ({named}) "
+              "crash oneDNN's channels-last backward (uxlfoundation/oneDNN#6035); "
               f"model.width >= {ONEDNN_1X1_MIN_CHANNELS} avoids it")
     return not hazards

@@ -60,10 +60,27 @@ def _quote_hint(key: str, got: Any) -> str:
     return f" (YAML read {str(got)!r} as a {kind}: quote it, e.g. {key}='\"{got}\"')"
 
 
+def _pretraining_keys(err: ValidationError, schema: type[BaseModel]) -> list[str]:
+    """The unknown top-level keys of an evaluation's config that are pre-training sections."""
+    if schema is RunConfig:
+        return []
+    own = set(RunConfig.model_fields) - set(schema.model_fields)
+    return [str(e["loc"][0]) for e in err.errors()
+            if e["type"] == "extra_forbidden" and len(e["loc"]) == 1 and e["loc"][0] in own]
+
+
 def _format_error(err: ValidationError, source: str, schema: type[BaseModel]) -> str:
     lines = [f"invalid configuration ({source}):"]
+    pretraining = _pretraining_keys(err, schema)
+    if pretraining:  # one line, not one per section of a whole pre-training config
+        what = "keys" if len(pretraining) > 1 else "a key"
+        lines.append(f"  {', '.join(pretraining)}: {what} of `massrl pretrain`, not of this "
+                     "command (a pre-training config?). An evaluation takes the method, model "
+                     "and augmentations from its checkpoint.")
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
+        if key in pretraining:
+            continue
         if e["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{key}'.{_closest(key, schema)}")
         elif not key:  # a rule across keys (model_validator): its message names them
@@ -73,6 +90,8 @@ def _format_error(err: ValidationError, source: str, schema: type[BaseModel]) ->
             got_text = "" if isinstance(got, dict) else f" (got {got!r})"
             if e["type"] == "string_type" and got is not None:  # YAML read a date, a number..
                 got_text = _quote_hint(key, got)
+            elif e["type"] == "list_type" and isinstance(got, str):
+                got_text += f"; a list is written in brackets: {key}=[{got.strip('[]')}]"
             lines.append(f"  {key}: {e['msg'].removeprefix('Value error, ')}{got_text}")
     lines.append("  `massrl <command> --help` lists every key and its default.")
     return "\n".join(lines)

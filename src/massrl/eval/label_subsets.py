@@ -22,7 +22,11 @@ from massrl.files import write_text
 
 
 def is_file_list(path: str | Path) -> bool:
-    """A text file of names (not the JSON of indices that a run saves)."""
+    """A text file of names (not the JSON of indices that a run saves). The first reader of
+    subset_file: a missing one is a ValueError naming the key."""
+    if not Path(path).is_file():
+        raise ValueError(f"subset_file={path}: no such file (the label_subset_*.json an "
+                         "earlier run wrote, or for a folder a text file of image names)")
     with open(path, "rb") as f:
         return not f.read(64).lstrip().startswith(b"{")
 
