@@ -415,16 +415,21 @@ def plot_curves(groups: dict[str, list[dict]], baselines: dict, path: Path, titl
                     ls="--" if m == "simclr" else "-")
             ax.fill_between(xs, [a - s for a, s in stats], [a + s for a, s in stats],
                             color=COLOURS[m], alpha=0.18)
-        for name, ls in (("random_init", ":"), ("raw_pixels", "-.")):
-            if name in baselines:
+        for name, label, ls in (("random_init", "untrained backbone", ":"),
+                                ("raw_pixels", "raw pixels", "-.")):
+            if name in baselines:  # (the online protocol's bank and test images, as the curves)
                 ax.axhline(100 * baselines[name]["online"]["offline_knn_top1_k200"], color="k",
-                           ls=ls, lw=1, label=name.replace("_", " ") + " (kNN)")
+                           ls=ls, lw=1, label=f"{label} (kNN)")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("online kNN top-1 on test (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
+    axes[0].xaxis.get_major_locator().set_params(integer=True)  # epochs: whole numbers
+    # below the panels: inside, it covered the curves' ends
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=min(len(labels), 4),
+               frameon=False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -476,7 +481,7 @@ def write_report(data: dict, docs: Path) -> None:
     mode = data["meta"]["mode"]
     png = "quality_curves.png" if mode == "full" else f"quality_curves_{mode}.png"
     title = (f"Fashion-MNIST, ResNet-18 w{data['meta']['width']}, online kNN top-1 per epoch "
-             f"(mean ± std over up to {len(data['meta']['seeds'])} seeds)")
+             f"(mean ± std over up to {len(data['meta']['seeds'])} seed(s))")
     plot_curves(by_method(data["runs"]), data["baselines"], docs / png, title)
     replace_section(docs / "benchmarks.md", f"quality-{mode}", report_section(data, png))
 
