@@ -77,6 +77,10 @@ def test_knn_records_protocol_and_reuses_cached_features(tmp_path, ckpt, capsys)
     code, again = _run(tmp_path, "knn", f"ckpt={ckpt}", "k=[1]", "distance=euclidean")
     assert code == 0 and sorted((tmp_path / "cache").iterdir()) == cached
     assert set(again["results"]) == {"k=1", "num_train", "num_test"}
+    # the first evaluation's record in that folder is kept, not overwritten
+    earlier = json.loads((tmp_path / "knn" / "result.1.json").read_text())
+    assert earlier["results"] == res["results"]
+    assert "is kept as result.1.json" in capsys.readouterr().out
 
 
 def test_linear_cached_augmented_and_semi_supervised(tmp_path, ckpt):

@@ -284,6 +284,7 @@ def finish(run: EvalRun, title: str, results: dict[str, Any], rows: list[tuple[s
     """Write <output_dir>/<name> (result.json) and print the result table."""
     path = run.output_dir / name
     path.parent.mkdir(parents=True, exist_ok=True)
+    keep_earlier(path)
     payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results,
                "protocol": protocol(run), "warnings": run.warnings}
     write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
@@ -296,6 +297,18 @@ def finish(run: EvalRun, title: str, results: dict[str, Any], rows: list[tuple[s
     console.print(table)
     console.print(f"result: {path}", highlight=False)
     return path
+
+
+def keep_earlier(path: Path) -> None:
+    """An earlier evaluation's record in the same place is kept as <stem>.N<suffix> (the
+    newest is always `path`), not overwritten."""
+    if not path.exists():
+        return
+    n = 1
+    while (kept := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+        n += 1
+    path.rename(kept)
+    print(f"note: the earlier {path.name} in {path.parent} is kept as {kept.name}")
 
 
 def pct(x: float) -> str:
