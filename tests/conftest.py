@@ -1,12 +1,23 @@
 import os
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
-
-# The suite runs on 2 cores next to DataLoader workers: keep torch to one thread per process.
-torch.set_num_threads(1)
+# The suite runs on 2 cores next to DataLoader workers: one torch thread per process, the
+# `massrl` commands that tests start in processes of their own included (set before torch is
+# imported; with 2 threads on 2 shared cores a tiny pre-training took twice as long)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# evaluations' cached features go to a folder of the session's, not the user's ~/.cache (where
+# a later session would find them and skip the feature pass a test means to run)
+os.environ.setdefault("MASSRL_CACHE", tempfile.mkdtemp(prefix="massrl-tests-cache-"))
+
+import lightning  # noqa: E402,F401  (see below)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# Lightning's logging handlers keep the sys.stderr of the moment it is first imported: imported
+# inside a test that captures output, they write to a closed stream in later tests
+torch.set_num_threads(1)
 
 
 def class_folder(root: Path, per_class: int = 20, classes: tuple[str, ...] = ("a", "b"),

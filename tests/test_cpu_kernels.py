@@ -8,6 +8,8 @@ with augment.cpu_kernels=numba vs torch.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -192,6 +194,10 @@ def test_kernels_keep_torchs_thread_count():
         "cpu_kernels.adjust_hue_(x, torch.tensor([0.1, 0.2]))\n"
         "print(torch.get_num_threads(), numba.get_num_threads())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    # (without the suite's OMP_NUM_THREADS=1, both pools start at the machine's core count)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS",
+                                                             "NUMBA_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "1"]
