@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from massrl.data.images import decode_at_least
+from massrl.data.sampler import seed_torch
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class MappedDataset(Dataset):
     def __getitem__(self, index: int | tuple[int, int]) -> dict | BadItem:
         if isinstance(index, tuple):  # (index, seed) from ResumableSampler: seed this image's views
             index, seed = index
-            torch.manual_seed(seed)
+            seed_torch(seed)  # (the transforms draw on the CPU)
             random.seed(seed)
             np.random.seed(seed % 2**32)
         with decode_at_least(self.decode_side):

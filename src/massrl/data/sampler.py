@@ -27,6 +27,16 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (x ^ (x >> 29)) & 0x7FFFFFFFFFFFFFFF
 
 
+def seed_torch(seed: int, device: torch.device | str = "cpu") -> None:
+    """Seed torch's CPU generator, and `device`'s when it is a GPU (that one only: host-side,
+    no synchronisation). Not torch.manual_seed: it seeds every accelerator type torch knows of,
+    each through a lazy call that formats a stack trace, ~0.5 ms; once per image that was 8-10 %
+    of a CPU pre-training's time."""
+    torch.random.default_generator.manual_seed(seed)
+    if torch.device(device).type == "cuda":
+        torch.cuda.manual_seed(seed)
+
+
 class ResumableSampler(DistributedSampler):
     def __init__(self, size: int, seed: int, batch_size: int, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True) -> None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from massrl.data.sampler import sample_seed
+from massrl.data.sampler import sample_seed, seed_torch
 from massrl.eval.features import progress, progress_line, unpack
 from massrl.eval.knn import topk_accuracy
 from massrl.models.heads import linear_head
@@ -99,7 +99,7 @@ def _fit(
             for step, batch in enumerate(loader):
                 # stochastic layers (dropout, drop-path) draw from a stream seeded per batch:
                 # without workers, the data pipeline reseeds the process's stream per image
-                torch.manual_seed(sample_seed(seed, epoch, step))
+                seed_torch(sample_seed(seed, epoch, step), device)
                 bar.advance(task)
                 left_out.update(batch.get("skipped_index", ()) if isinstance(batch, dict) else ())
                 if (xy := unpack(batch)) is None or len(xy[1]) < 2:

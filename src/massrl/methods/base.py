@@ -20,7 +20,7 @@ from massrl import __version__
 from massrl.augment import pair_mask
 from massrl.config import RunConfig
 from massrl.data.folder import file_list_digest
-from massrl.data.sampler import sample_seed
+from massrl.data.sampler import sample_seed, seed_torch
 from massrl.devices import use_channels_last
 from massrl.epoch_clock import EpochClock
 from massrl.methods.monitors import OnlineMonitors
@@ -309,9 +309,7 @@ class SSLMethod(OnlineMonitors, L.LightningModule):
         # reseeds this process per image) and after a resume
         step = self.trainer.fit_loop.epoch_loop.batch_progress.total.ready
         seed = sample_seed(self.cfg.seed ^ 0x5EED, step, self.global_rank)
-        torch.random.default_generator.manual_seed(seed)
-        if self.device.type == "cuda":  # (this rank's GPU only: host-side, no synchronisation)
-            torch.cuda.manual_seed(seed)
+        seed_torch(seed, self.device)
 
     def on_train_epoch_start(self) -> None:
         self._clock.start(self)
