@@ -1,6 +1,7 @@
 """Datasets (offline discovery, image folders, subsets) and the Lightning data module."""
 
-from massrl.data.datamodule import SSLDataModule
+from typing import Any
+
 from massrl.data.datasets import (
     DatasetNotFoundError,
     DatasetSplits,
@@ -29,3 +30,13 @@ __all__ = [
     "random_subset",
     "worker_init_fn",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # the data module imports Lightning (~2 s, ~110 MB), which the evaluation commands that
+    # use this package's datasets and loaders do not need
+    if name == "SSLDataModule":
+        from massrl.data.datamodule import SSLDataModule
+
+        return SSLDataModule
+    raise AttributeError(f"module 'massrl.data' has no attribute {name!r}")
