@@ -58,7 +58,9 @@ def test_knn_records_protocol_and_reuses_cached_features(tmp_path, ckpt, capsys)
     out = capsys.readouterr().out
     assert re.search(r"^features \(train\): 1437 images  \d+ s$", out, re.M), out
     assert re.search(r"^features \(test\): 360 images  \d+ s$", out, re.M), out
-    assert res["protocol"]["features"] == {"precision": "float32", "backbone_mode": "eval"}
+    # the checkpoint's model is width 8: channels-last turned off on the CPU, as in its run
+    assert res["protocol"]["features"] == {"precision": "float32", "backbone_mode": "eval",
+                                           "channels_last": False}
     assert set(res["results"]) >= {"k=20", "k=200"}
     proto = res["protocol"]
     assert proto["checkpoint"]["sha256"] == load_pretrained(ckpt)[3]
@@ -81,6 +83,19 @@ def test_knn_records_protocol_and_reuses_cached_features(tmp_path, ckpt, capsys)
     earlier = json.loads((tmp_path / "knn" / "result.1.json").read_text())
     assert earlier["results"] == res["results"]
     assert "is kept as result.1.json" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("width", "trained_channels_last", "expected"), [
+    (16, "true", True), (16, "false", False), (8, "true", False)])
+def test_features_are_computed_in_the_layout_the_run_trained_in(tmp_path, width,
+                                                                  trained_channels_last, expected):
+    """Channels-last batches are faster on the CPU, and the features depend on the batches'
+    layout in the last digits: an evaluation takes the run's, so that its kNN is the online
+    monitor's on float32 features (a width-8 ResNet's run turned channels-last off)."""
+    ckpt = make_checkpoint(tmp_path / "c.ckpt", model={"width": width},
+                           trainer={"channels_last": trained_channels_last})
+    code, res = _run(tmp_path, "knn", f"ckpt={ckpt}", "data.eval_subset=64", "k=[5]")
+    assert code == 0 and res["protocol"]["features"]["channels_last"] is expected
 
 
 def test_linear_cached_augmented_and_semi_supervised(tmp_path, ckpt):

@@ -79,3 +79,26 @@ def test_labels_outside_the_classes_are_explained():
         weighted_knn(x, y, x, y, k=5, temperature=0.07, num_classes=2)
     with pytest.raises(ValueError, match="test labels must lie in 0..2 .*got -1..2"):
         weighted_knn(x, y, x, y - (y == 0).long(), k=5, temperature=0.07, num_classes=3)
+
+
+def test_cpu_features_come_in_channels_last_and_match_the_plain_forward():
+    """extract_features(channels_last=True) feeds oneDNN channels-last batches (faster); the
+    features are the plain forward's, and the weights keep their layout (fine-tuning may
+    follow)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from massrl.eval.features import extract_features
+    from massrl.models import build_backbone
+
+    torch.manual_seed(0)
+    backbone, _ = build_backbone("resnet18", True, 8, 16, {})
+    x, y = torch.randn(12, 3, 16, 16), torch.arange(12)
+    seen = []
+    backbone.conv1.register_forward_pre_hook(
+        lambda m, inp: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+    loader = DataLoader(TensorDataset(x, y), batch_size=6)
+    feats, labels = extract_features(backbone, loader, channels_last=True)
+    assert seen == [True, True] and torch.equal(labels, y)
+    with torch.no_grad():
+        assert torch.allclose(feats, backbone.eval()(x).flatten(1), atol=1e-5)
+    assert backbone.conv1.weight.is_contiguous()

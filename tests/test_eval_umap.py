@@ -34,4 +34,4 @@ def test_umap_pictures_are_left_out_of_the_epochs_time_and_speed(tiny, monkeypat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_seconds"] + 5 <= summary["wall_seconds"]
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 1/1"))
-    assert float(line.split()[-2]) < summary["wall_seconds"] - 5  # the line's seconds
+    assert float(line.split()[-2]) <= summary["train_seconds"] + 0.5  # (rounded to 1 s)

@@ -74,11 +74,14 @@ def _cached_mode(r: session.EvalRun, train: Dataset, subset: dict[str, Any],
                "split_seed": r.split_seed, "dataset": cfg.data.name, "root": cfg.data.root,
                "subset": cfg.data.subset, "eval_subset": cfg.data.eval_subset,
                "num_samples": len(train), "files": files_fingerprint(train),
-               "version": session.FEATURES_VERSION, **session.test_transform_info(r)}
+               "version": session.FEATURES_VERSION, **session.test_transform_info(r),
+               "device": r.device.type, "torch": torch.__version__,
+               "channels_last": session.channels_last(r)}
         train_x, train_y = cached_features(
             r.pre.backbone, labeled_images(train, session.test_transform(r)), key,
             cache_dir=cfg.cache_dir, use_cache=cfg.cache, device=r.device,
-            batch_size=cfg.data.batch_size, **session.loader_options(r))
+            batch_size=cfg.data.batch_size, channels_last=key["channels_last"],
+            **session.loader_options(r))
         session.warn_left_out(r, len(train) - len(train_y), len(train), "train")
     subset["num_train"] = len(train_y)  # (features of the images that decoded)
     test_x, test_y = session.features(r, "test")
@@ -99,7 +102,8 @@ def _image_mode(r: session.EvalRun, train: Dataset, recipe: SGDRecipe) -> Linear
     loader = make_loader(images, cfg.batch_size, device=r.device,
                          sampler=ResumableSampler(len(images), cfg.seed, cfg.batch_size),
                          **session.loader_options(r, every_epoch=True))
-    common = dict(finetune=cfg.finetune, seed=cfg.seed, device=r.device)
+    common = dict(finetune=cfg.finetune, seed=cfg.seed, device=r.device,
+                  channels_last=session.channels_last(r))
     if cfg.finetune:
         test = labeled_images(s.test, session.test_transform(r))
         common["test_loader"] = make_loader(test, cfg.data.batch_size, device=r.device,

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from massrl.data.sampler import sample_seed, seed_torch
-from massrl.eval.features import progress, progress_line, unpack
+from massrl.eval.features import on_device, progress, progress_line, unpack
 from massrl.eval.knn import topk_accuracy
 from massrl.models.heads import linear_head
 
@@ -57,9 +57,11 @@ class LinearResult:
 class Classifier(nn.Module):
     """Backbone + linear head. Frozen: backbone always in eval mode and run without gradients."""
 
-    def __init__(self, backbone: nn.Module, head: nn.Module, finetune: bool) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module, finetune: bool,
+                 channels_last: bool = False) -> None:
         super().__init__()
         self.backbone, self.head, self.finetune = backbone, head, finetune
+        self.channels_last = channels_last  # (frozen: see features.on_device)
         if not finetune:
             self.backbone.requires_grad_(False)
 
@@ -67,7 +69,7 @@ class Classifier(nn.Module):
         if self.finetune:
             return self.head(self.backbone(x).flatten(1))
         with torch.no_grad():
-            feats = self.backbone(x).flatten(1)
+            feats = self.backbone(on_device(x, x.device, self.channels_last)).flatten(1)
         return self.head(feats)
 
     def train(self, mode: bool = True) -> Classifier:
@@ -171,7 +173,7 @@ def train_on_images(
     backbone: nn.Module, num_classes: int, feature_dim: int, train_loader: DataLoader,
     recipe: SGDRecipe, *, finetune: bool, seed: int = 0, device: torch.device | str = "cpu",
     test_loader: DataLoader | None = None,
-    test_features: tuple[torch.Tensor, torch.Tensor] | None = None,
+    test_features: tuple[torch.Tensor, torch.Tensor] | None = None, channels_last: bool = False,
 ) -> LinearResult:
     """Linear head on augmented images (frozen backbone) or fine-tuning of the whole network.
 
@@ -183,7 +185,7 @@ def train_on_images(
     if finetune:  # (as SimCLR fine-tunes): a random head's first steps would send the
         nn.init.zeros_(head[-1].weight)  # pre-trained backbone large, meaningless gradients;
         nn.init.zeros_(head[-1].bias)  # a zero one gives it none until the head has learned
-    model = Classifier(backbone, head, finetune).to(device)
+    model = Classifier(backbone, head, finetune, channels_last).to(device)
     groups: list[dict[str, Any]] = [{"params": head.parameters()}]
     if finetune:
         groups.append({"params": backbone.parameters(), "lr": recipe.backbone_lr or recipe.lr})

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from massrl.data import DatasetSplits
 
 Split = Literal["train", "test"]
-FEATURES_VERSION = 2  # bump when extraction changes, so old cache files are not reused
+FEATURES_VERSION = 3  # bump when extraction changes, so old cache files are not reused
 SIZE_WARN_RATIO = 2.0
 
 
@@ -212,6 +212,17 @@ def test_transform_info(run: EvalRun) -> dict[str, Any]:
             "std": list(run.splits.std)}
 
 
+def channels_last(run: EvalRun) -> bool:
+    """The layout of the batches features are computed from: the run's own (trainer.channels_last,
+    unless its model turned it off on the CPU), so that on float32 features `massrl knn` gives
+    the online monitor's number, and by default the faster one."""
+    from massrl.devices import channels_last_hazards
+
+    trainer = run.pre.config.trainer
+    return (run.device.type == "cpu" and trainer.channels_last
+            and not channels_last_hazards(run.pre.backbone))
+
+
 def loader_options(run: EvalRun, *, every_epoch: bool = False) -> dict[str, Any]:
     """The data.* loader settings for the device this evaluation runs on; `every_epoch`: a
     loader read once per epoch, whose workers data.persistent_workers keeps."""
@@ -229,11 +240,12 @@ def features(run: EvalRun, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
            "seed": cfg.seed, "num_samples": len(ds), "files": files_fingerprint(ds),
            "version": FEATURES_VERSION, **test_transform_info(run),
            # (features a GPU computed differ in the last digits: result.json names the device)
-           "device": run.device.type, "torch": torch.__version__}
+           "device": run.device.type, "torch": torch.__version__,
+           "channels_last": channels_last(run)}
     feats, labels = cached_features(
         run.pre.backbone, labeled_images(ds, test_transform(run)), key, cache_dir=cfg.cache_dir,
         use_cache=cfg.cache, device=run.device, batch_size=cfg.data.batch_size,
-        **loader_options(run),
+        channels_last=key["channels_last"], **loader_options(run),
     )
     warn_left_out(run, len(ds) - len(labels), len(ds), split)
     return feats, labels
@@ -265,7 +277,8 @@ def protocol(run: EvalRun) -> dict[str, Any]:
                        "pretrain_image_size": pre.config.data.image_size},
         "config": run.cfg.model_dump(mode="json"),
         # (the online monitors' features are the training precision's: docs/evaluation.md)
-        "features": {"precision": "float32", "backbone_mode": "eval"},
+        "features": {"precision": "float32", "backbone_mode": "eval",
+                     "channels_last": channels_last(run)},
     }
     if run.splits is not None:
         if "data" in info["config"]:  # the size evaluated at (a transfer's own, unless asked)
