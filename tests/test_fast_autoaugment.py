@@ -135,3 +135,53 @@ def test_generator_reproducible():
     a = [aug(img, torch.Generator().manual_seed(7)) for _ in range(2)]
     assert a[0][1] == a[1][1]
     assert np.array_equal(np.asarray(a[0][0]), np.asarray(a[1][0]))
+
+
+def _reference(img: Image.Image, op: str, v: float) -> Image.Image:
+    """Each op from torchvision's functional API, written out from the policy file's
+    conventions (enhance factor = magnitude, translate = fraction of the side, Solarize
+    threshold in 0..256, Posterize bits), black fill, nearest neighbour."""
+    import math
+
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as tf
+
+    near, (w, h) = InterpolationMode.NEAREST, img.size
+    shear = math.degrees(math.atan(v))
+    geometry = {
+        "ShearX": lambda: tf.affine(img, 0.0, [0, 0], 1.0, [shear, 0.0], near, None, [0, 0]),
+        "ShearY": lambda: tf.affine(img, 0.0, [0, 0], 1.0, [0.0, shear], near, None, [0, 0]),
+        "TranslateX": lambda: tf.affine(img, 0.0, [int(v * w), 0], 1.0, [0.0, 0.0], near),
+        "TranslateY": lambda: tf.affine(img, 0.0, [0, int(v * h)], 1.0, [0.0, 0.0], near),
+        "Rotate": lambda: tf.rotate(img, v, near),
+    }
+    colour = {
+        "AutoContrast": tf.autocontrast, "Invert": tf.invert, "Equalize": tf.equalize,
+        "Solarize": lambda x: tf.solarize(x, v), "Posterize": lambda x: tf.posterize(x, int(v)),
+        "Contrast": lambda x: tf.adjust_contrast(x, v),
+        "Color": lambda x: tf.adjust_saturation(x, v),
+        "Brightness": lambda x: tf.adjust_brightness(x, v),
+        "Sharpness": lambda x: tf.adjust_sharpness(x, v),
+    }
+    return geometry[op]() if op in geometry else colour[op](img)
+
+
+@pytest.mark.parametrize("op", sorted(set(faa.op_ranges()) - {"Cutout"}))
+@pytest.mark.parametrize("level", [0.1, 0.8])
+def test_every_op_is_torchvisions_at_the_policy_files_magnitude(op, level):
+    """Not only the right size: the right pixels (an op that returned its input, or read the
+    magnitude on another scale, passed the tests above)."""
+    img = _textured()
+    value = faa.magnitude(op, level)
+    out = np.asarray(faa.apply_op(img, op, value)).astype(int)
+    assert np.array_equal(out, np.asarray(_reference(img, op, value)).astype(int))
+    assert not np.array_equal(out, np.asarray(img)), "the op left the image as it was"
+
+
+def test_cutout_paints_one_grey_square_of_the_fraction_of_the_side():
+    img = _textured(size=40)
+    out = np.asarray(faa.apply_op(img, "Cutout", 0.2, torch.Generator().manual_seed(3)))
+    grey = np.all(out == np.array(faa.CUTOUT_FILL), axis=2)
+    rows, cols = np.nonzero(grey)
+    assert 0 < grey.sum() <= 8 * 8  # 0.2 of 40 px, clipped at the border
+    assert grey.sum() == (np.ptp(rows) + 1) * (np.ptp(cols) + 1)  # one filled rectangle
