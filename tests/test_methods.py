@@ -372,3 +372,17 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_not_stepped(skip):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before
                if "running" not in k and "num_batches" not in k)
+
+
+def test_the_lr_decays_to_min_lr_ratio_of_its_peak_and_the_probes_stays():
+    cfg = _cfg("byol", **{"optimizer.min_lr_ratio": 0.25})
+    model = build_method(cfg, num_classes=3)
+    lrs = []
+    original = model.after_optimizer_step
+    model.after_optimizer_step = lambda skipped: (
+        lrs.append(model.trainer.optimizers[0].param_groups[0]["lr"]), original(skipped))
+    _trainer(max_epochs=1, limit_train_batches=4).fit(model, DataLoader(_Views(), batch_size=8))
+    groups = model.trainer.optimizers[0].param_groups
+    assert len(lrs) == 4 and lrs == sorted(lrs, reverse=True)  # (no warm-up: lrs[0] = peak)
+    assert groups[0]["lr"] == pytest.approx(0.25 * lrs[0])  # where the schedule ends
+    assert groups[-1]["lr"] == cfg.eval.probe_lr
