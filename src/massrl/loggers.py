@@ -30,10 +30,17 @@ WANDB_ID_FILE = "wandb_run_id"
 
 class _NoAdverts(logging.Filter):
     """Lightning advertises a hosted logging service at every Trainer it builds ("💡 Tip: ...
-    litlogger"): a line that says nothing about the run, dropped from massrl's output."""
+    litlogger"): a line that says nothing about the run, dropped from massrl's output. So are
+    lines that repeat massrl's own: `Trainer.fit` stopped at max_epochs (written into the live
+    bar, which then drew itself twice) and the restore lines of a resume (massrl says where
+    it resumes from)."""
+
+    DROPPED = ("litlogger", "`Trainer.fit` stopped: `max_epochs=", "Restoring states from the "
+               "checkpoint path", "Restored all states from the checkpoint")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        message = record.getMessage()
+        return not any(text in message for text in self.DROPPED)
 
 
 def hide_lightning_adverts() -> None:

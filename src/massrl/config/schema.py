@@ -150,13 +150,16 @@ class TrainerConfig(Section):
                                  "batch (GPUs only)")
     channels_last: bool = Field(True, description="off on the CPU for models with strided 1x1 "
                                 "convs of < 16 input channels (oneDNN bug; devices.py)")
-    compile: bool = False
+    compile: bool = Field(False, description="torch.compile the encoders (the first steps "
+                          "compile; worth it for long GPU runs)")
     gradient_clip_val: float | None = Field(
         None, ge=0, description="clip the gradient norm to this (null or 0: no clipping)")
-    log_every_n_steps: int = Field(10, gt=0)
+    log_every_n_steps: int = Field(10, gt=0, description="optimizer steps between logged "
+                                   "step metrics (metrics.csv, TensorBoard, W&B)")
     limit_train_batches: int | float | None = Field(
         None, description="batches per epoch: a number, or a fraction in (0, 1] of the split")
-    progress_bar: bool = True
+    progress_bar: bool = Field(True, description="a live bar in a terminal, one line per epoch "
+                               "written to a file; false: neither")
     checkpoint_every_n_steps: int = Field(
         500, ge=0, description="also save last.ckpt every N optimizer steps (0 = epoch ends only)")
     skip_nonfinite: bool = Field(False, description="skip steps whose loss is NaN/inf")

@@ -91,12 +91,13 @@ class KnnEvalConfig(_DataEval):
 
 
 class LinearEvalConfig(_DataEval):
-    epochs: int = Field(100, gt=0)
+    epochs: int = Field(100, gt=0, description="epochs of the head's (or fine-tuning's) training")
     lr: float = Field(0.1, gt=0, description="SGD learning rate of the linear head (cosine decay)")
-    batch_size: int = Field(256, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(256, gt=0, description="images per training step of the head "
+                            "(data.batch_size: per feature-extraction batch)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    nesterov: bool = Field(False, description="Nesterov momentum (SimCLR's fine-tuning)")
+    weight_decay: float = Field(0.0, ge=0, description="SGD weight decay")
     features_cached: bool = Field(
         False, description="train on cached features of un-augmented images (fast)"
     )
