@@ -90,6 +90,14 @@ def test_a_loaded_checkpoint_keeps_its_normalisation_and_the_callers_random_stat
     assert after_load[1:] == seeded[1:] and other_seed[0] != after_load[0]
     assert loaded.normalization == model.normalization
     assert loaded.normalization["mean"] == [0.5] * 3 and loaded.normalization["image_size"] == 16
+    # another method's class refuses the checkpoint in one line (BYOL's: a long list of
+    # missing keys; MASSRL's of a BYOL run built a MASSRL that said byol)
+    from massrl.config import ConfigError
+    from massrl.methods import BYOL
+
+    with pytest.raises(ConfigError, match="a BYOL cannot take a massrl config or checkpoint: use "
+                                          "MASSRL"):
+        BYOL.load_from_checkpoint(tmp_path / "m.ckpt")
 
 
 def test_dataset_splits_need_only_the_training_set_and_check_what_they_are_given():

@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from massrl import __version__
 from massrl.augment import pair_mask
-from massrl.config import RunConfig
+from massrl.config import ConfigError, RunConfig
 from massrl.data.folder import file_list_digest
 from massrl.data.sampler import sample_seed, seed_torch
 from massrl.devices import use_channels_last
@@ -53,6 +53,7 @@ class SSLMethod(OnlineMonitors, L.LightningModule):
         super().__init__()
         quiet_hook_notice()
         cfg = config if isinstance(config, RunConfig) else RunConfig.model_validate(config)
+        self._check_class(cfg.method)
         self.save_hyperparameters({"config": cfg.model_dump(mode="json"),
                                    "num_classes": num_classes,
                                    "strategy_names": strategy_names})
@@ -95,6 +96,19 @@ class SSLMethod(OnlineMonitors, L.LightningModule):
     # a plugin method's own settings (config method_kwargs): a pydantic model checks them, and
     # self.method_kwargs is its instance (None for a method without any)
     KWARGS: ClassVar[type[BaseModel] | None] = None
+
+    def _check_class(self, method: str) -> None:
+        """A registered method's class takes its own method's config only: MASSRL's
+        load_from_checkpoint of a BYOL run built a MASSRL that said byol, and BYOL's of a
+        SimCLR run failed on a long list of missing keys. (Unregistered subclasses are free.)"""
+        from massrl.methods import METHODS
+
+        wanted = METHODS.get(method)
+        if wanted is not None and type(self) in set(METHODS.values()) and wanted is not type(self):
+            raise ConfigError(
+                f"a {type(self).__name__} cannot take a {method} config or checkpoint: use "
+                f"{wanted.__name__} (massrl.methods.build_method(config) picks it; "
+                f"{wanted.__name__}.load_from_checkpoint(path) for a checkpoint)")
 
     @classmethod
     def check_global_batch(cls, cfg: RunConfig, images: int) -> None:
