@@ -79,10 +79,11 @@ class SSLDataModule(L.LightningDataModule):
         """The views of cfg.augment: the whole per-image pipeline, or (backend=batched) only the
         crops, which the model's BatchedAugmenter then augments on its device."""
         from massrl.augment import MultiViewTransform
-        from massrl.augment.batched import CropOnlyTransform
 
         aug, size = self.cfg.augment, self.cfg.data.image_size
-        if aug.backend == "batched":
+        if aug.backend == "batched":  # (the engine's package loads numba: not needed otherwise)
+            from massrl.augment.batched import CropOnlyTransform
+
             return CropOnlyTransform(aug, size)
         return MultiViewTransform(aug, size, self.splits.mean, self.splits.std)
 
