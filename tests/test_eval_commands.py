@@ -212,6 +212,21 @@ def test_umap_without_umap_learn_says_so_before_computing_features(tmp_path, ckp
     assert "massrl umap needs the umap-learn package: pip install umap-learn (or pip install " \
         "'massrl[umap]')" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
+    assert main(["umap", f"ckpt={ckpt}", "--print-config"]) == 0  # (needs no umap-learn)
+    assert "n_neighbors" in capsys.readouterr().out
+
+
+def test_a_folder_named_like_an_extra_is_not_the_package(tmp_path, monkeypatch):
+    """A run's umap/ folder in the working directory is found as a namespace package: not
+    umap-learn, so the check still says what to install."""
+    from massrl import extras
+    from massrl.config import ConfigError
+
+    monkeypatch.setitem(extras.EXTRAS, "no_such_extra", ("no-such-package", "extra"))
+    (tmp_path / "no_such_extra").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="needs the no-such-package package"):
+        extras.require("no_such_extra", "this")
 
 
 def test_cached_features_follow_the_files_of_a_folder(tmp_path, ckpt):
@@ -292,6 +307,30 @@ def test_a_runs_picture_shows_the_views_of_the_backend_it_trains_with(monkeypatc
                                                 load_dataset(cfg.data, seed=0))
     assert drawn == [("MultiViewTransform", "massrl views on digits"),
                      ("BatchedPreview", "massrl views on digits (batched engine)")]
+
+
+@pytest.mark.parametrize("backend", ["per_image", "batched"])
+def test_a_runs_picture_leaves_the_random_streams_as_they_were(tmp_path, backend):
+    """The model is built after the picture: its initial weights must not depend on how the
+    picture was drawn (the batched engine's preview draws other numbers than the per-image
+    pipeline) or on whether it failed."""
+    import random
+
+    import numpy as np
+
+    import massrl.augviz
+    from massrl.config import build_config
+    from massrl.data import load_dataset
+
+    cfg = build_config(overrides=["data.name=digits", "data.image_size=16",
+                                  f"augment.backend={backend}"])
+    splits = load_dataset(cfg.data, seed=0)
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    massrl.augviz.save_augmentation_picture(cfg, tmp_path / "a.png", splits)
+    after = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    assert (tmp_path / "a.png").is_file()
+    assert torch.equal(after[0], torch.rand(3)) and after[1:] == (random.random(), np.random.rand())
 
 
 def test_weights_of_another_backbone_are_named_in_one_short_line(tmp_path):

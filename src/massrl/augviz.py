@@ -84,9 +84,13 @@ def view_maker(cfg: RunConfig, splits: DatasetSplits) -> tuple:
 
 
 def save_augmentation_picture(cfg: RunConfig, path: Path, splits: DatasetSplits) -> None:
-    """A pre-training run's views, made by the backend it trains with."""
+    """A pre-training run's views, made by the backend it trains with. Drawn on the side: the
+    random streams are left as they were, so the model's initial weights, built next, do not
+    depend on the picture (how it is drawn, or whether it failed)."""
     from massrl.data import BadImageError
+    from massrl.resilience import rng_state, set_rng_state
 
+    state = rng_state()
     try:
         transform, note = view_maker(cfg, splits)
         augmentation_grid(splits.train, transform, path, num_images=6,
@@ -95,3 +99,5 @@ def save_augmentation_picture(cfg: RunConfig, path: Path, splits: DatasetSplits)
         if cfg.data.strict and isinstance(exc, BadImageError):
             raise  # (unless the run is to stop at the first bad file: here is one)
         warnings.warn(f"could not draw the augmentation picture: {exc}", stacklevel=2)
+    finally:
+        set_rng_state(state)

@@ -17,7 +17,10 @@ EXTRAS = {"umap": ("umap-learn", "umap"), "wandb": ("wandb", "wandb")}
 
 def require(module: str, what: str) -> None:
     """A ConfigError naming the pip command when `module`, an extra's package, is missing."""
-    if importlib.util.find_spec(module) is None:
+    spec = importlib.util.find_spec(module)
+    # (a folder of that name in the working directory, such as a run's umap/ pictures, is found
+    # as a namespace package without an origin)
+    if spec is None or spec.origin is None:
         package, extra = EXTRAS[module]
         raise ConfigError(f"{what} needs the {package} package: pip install {package} "
                           f"(or pip install 'massrl[{extra}]')")

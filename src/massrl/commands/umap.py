@@ -26,10 +26,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out:
         args.overrides = [*args.overrides, f"out={args.out}"]
-    require("umap", "massrl umap")  # (before the features are computed)
     r = session.start(NAME, UmapEvalConfig, args)
-    if r is None:
+    if r is None:  # (--print-config needs no umap-learn)
         return 0
+    require("umap", "massrl umap")  # (before the features are computed)
     cfg = r.cfg
     try:
         out = picture_path(session.output_file(cfg.out, r, "umap.png"))

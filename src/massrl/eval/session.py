@@ -315,13 +315,19 @@ def finish(run: EvalRun, title: str, results: dict[str, Any], rows: list[tuple[s
 def keep_earlier(path: Path) -> None:
     """An earlier evaluation's record in the same place is kept as <stem>.N<suffix> (the
     newest is always `path`), not overwritten."""
-    if not path.exists():
-        return
     n = 1
-    while (kept := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
-        n += 1
-    path.rename(kept)
-    print(f"note: the earlier {path.name} in {path.parent} is kept as {kept.name}")
+    while path.exists():
+        kept = path.with_name(f"{path.stem}.{n}{path.suffix}")
+        try:  # claims the name atomically: two evaluations finishing together keep both
+            os.link(path, kept)
+        except FileExistsError:
+            n += 1
+            continue
+        except FileNotFoundError:  # another evaluation kept it first
+            return
+        path.unlink(missing_ok=True)
+        print(f"note: the earlier {path.name} in {path.parent} is kept as {kept.name}")
+        return
 
 
 def pct(x: float) -> str:
