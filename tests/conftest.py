@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -9,7 +11,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 # evaluations' cached features go to a folder of the session's, not the user's ~/.cache (where
 # a later session would find them and skip the feature pass a test means to run)
-os.environ.setdefault("MASSRL_CACHE", tempfile.mkdtemp(prefix="massrl-tests-cache-"))
+if "MASSRL_CACHE" not in os.environ:
+    os.environ["MASSRL_CACHE"] = tempfile.mkdtemp(prefix="massrl-tests-cache-")
+    atexit.register(shutil.rmtree, os.environ["MASSRL_CACHE"], True)
 
 import lightning  # noqa: E402,F401  (see below)
 import pytest  # noqa: E402

@@ -386,3 +386,31 @@ def test_the_lr_decays_to_min_lr_ratio_of_its_peak_and_the_probes_stays():
     assert len(lrs) == 4 and lrs == sorted(lrs, reverse=True)  # (no warm-up: lrs[0] = peak)
     assert groups[0]["lr"] == pytest.approx(0.25 * lrs[0])  # where the schedule ends
     assert groups[-1]["lr"] == cfg.eval.probe_lr
+
+
+def test_skipped_steps_are_counted_once_whichever_check_found_them():
+    """A NaN loss (step 0) and NaN/inf gradients of finite losses (steps 1, 2) in one epoch:
+    three skipped steps (two log calls from two hooks overwrote each other's count)."""
+    from massrl.resilience import gradient_is_finite
+
+    torch.manual_seed(0)
+    model = build_method(_cfg("byol", **{"trainer.skip_nonfinite": True}), num_classes=3)
+    step = {"n": 0}
+    ssl_step = model.ssl_step
+
+    def nan_first(batch):
+        out = ssl_step(batch)
+        step["n"] += 1
+        if step["n"] == 1:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    model.ssl_step = nan_first
+    next(model.backbone.parameters()).register_hook(
+        lambda g: g * float("inf") if step["n"] in (2, 3) else g)
+    trainer = _trainer(max_epochs=1, limit_train_batches=4)
+    trainer.fit(model, DataLoader(_Views(), batch_size=8))
+    assert trainer.callback_metrics["train/skipped_nonfinite"] == 3
+    # (a parameter of no elements: its infinity norm would raise)
+    assert gradient_is_finite([torch.ones(3), torch.empty(0)])
+    assert not gradient_is_finite([torch.ones(3), torch.tensor([float("nan")])])

@@ -274,12 +274,18 @@ def check_finite(loss: torch.Tensor, step: int, epoch: int, skip: bool) -> bool:
     return _non_finite(f"the loss became {loss.item()}", step, epoch, skip)
 
 
-def check_finite_gradient(grads: list[torch.Tensor], step: int, epoch: int, skip: bool) -> bool:
-    """As check_finite, for the gradient of a finite loss (the step would make the weights NaN,
-    and the next loss would only say so after a checkpoint may have kept them)."""
+def gradient_is_finite(grads: list[torch.Tensor]) -> bool:
+    """Whether every value of `grads` is finite."""
+    grads = [g for g in grads if g.numel()]  # (the infinity norm of an empty tensor raises)
     # (the largest |value| of each tensor: a norm of large finite values could overflow)
     peaks = torch._foreach_norm(grads, float("inf")) if grads else []
-    if not peaks or bool(torch.stack([p.float() for p in peaks]).isfinite().all()):
+    return not peaks or bool(torch.stack([p.float() for p in peaks]).isfinite().all())
+
+
+def check_finite_gradient(finite: bool, step: int, epoch: int, skip: bool) -> bool:
+    """As check_finite, for the gradient of a finite loss (the step would make the weights NaN,
+    and the next loss would only say so after a checkpoint may have kept them)."""
+    if finite:
         return True
     return _non_finite("the loss was finite but its gradient became NaN/inf", step, epoch, skip)
 

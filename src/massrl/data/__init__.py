@@ -40,3 +40,7 @@ def __getattr__(name: str) -> Any:
 
         return SSLDataModule
     raise AttributeError(f"module 'massrl.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "SSLDataModule"])

@@ -34,7 +34,8 @@ def seed_torch(seed: int, device: torch.device | str = "cpu") -> None:
     of a CPU pre-training's time."""
     torch.random.default_generator.manual_seed(seed)
     if torch.device(device).type == "cuda":
-        torch.cuda.manual_seed(seed)
+        with torch.cuda.device(device):  # (that GPU, not the current one)
+            torch.cuda.manual_seed(seed)
 
 
 class ResumableSampler(DistributedSampler):

@@ -101,7 +101,7 @@ def _fit(
             for step, batch in enumerate(loader):
                 # stochastic layers (dropout, drop-path) draw from a stream seeded per batch:
                 # without workers, the data pipeline reseeds the process's stream per image
-                seed_torch(sample_seed(seed, epoch, step), device)
+                seed_torch(sample_seed(seed ^ 0x5EED, epoch, step), device)  # (not a crop's)
                 bar.advance(task)
                 left_out.update(batch.get("skipped_index", ()) if isinstance(batch, dict) else ())
                 if (xy := unpack(batch)) is None or len(xy[1]) < 2:

@@ -29,7 +29,13 @@ from massrl.models import build_backbone
 from massrl.models.backbones import feature_dim
 from massrl.models.heads import linear_head
 from massrl.optim import build_optimizer, scaled_lr, warmup_cosine
-from massrl.resilience import check_finite, check_finite_gradient, rng_state, set_rng_state
+from massrl.resilience import (
+    check_finite,
+    check_finite_gradient,
+    gradient_is_finite,
+    rng_state,
+    set_rng_state,
+)
 
 if TYPE_CHECKING:
     from massrl.data import DatasetSplits
@@ -86,6 +92,8 @@ class SSLMethod(OnlineMonitors, L.LightningModule):
         self.channels_last = cfg.trainer.channels_last
         self.method_kwargs = self.KWARGS.model_validate(cfg.method_kwargs) if self.KWARGS else None
         self._skipping = False  # the current step is being skipped (see _skip_step)
+        self._nonfinite = False  # ... because of a NaN/inf loss (counted in optimizer_step)
+        self._kept: list[torch.Tensor] | None = None  # BN buffers before the step (skip_nonfinite)
 
     # ------------------------------------------------------------------ method interface
 
@@ -215,18 +223,16 @@ class SSLMethod(OnlineMonitors, L.LightningModule):
             return self._skip_step()
         # a step that may be skipped must leave the batch-norm statistics as they were too: a
         # forward through NaN activations makes them NaN, and every later feature with them
-        kept = ([b.clone() for b in self.buffers()] if self.cfg.trainer.skip_nonfinite
-                else None)
+        self._kept = ([b.clone() for b in self.buffers()] if self.cfg.trainer.skip_nonfinite
+                      else None)
         out = self.ssl_step(batch)
         loss = out.pop("loss")
         if not self._on_every_rank(bool(torch.isfinite(loss))):  # stop or skip on all ranks
             loss = loss.detach() * float("nan")
         if not check_finite(loss, self.global_step, self.current_epoch + 1,
                             self.cfg.trainer.skip_nonfinite):
-            self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", on_epoch=True,
-                     on_step=False)
-            with torch.no_grad():
-                torch._foreach_copy_(list(self.buffers()), kept)
+            self._nonfinite = True  # (counted where the step is skipped: optimizer_step)
+            self._restore_buffers()
             return self._skip_step()
         feats = out.pop("feats")
         b = batch["label"].shape[0]
@@ -265,21 +271,32 @@ class SSLMethod(OnlineMonitors, L.LightningModule):
         # a skipped step does not reach the optimizer (at lr 0, LARS's momentum still moved)
         loss = optimizer_closure() if optimizer_closure is not None else None
         skipped, self._skipping = self._skipping, False
+        nonfinite, self._nonfinite = self._nonfinite, False
         scale = self._loss_scale()
         if not skipped and scale is None:  # (a GradScaler checks the gradient itself)
-            # DDP ranks hold the same all-reduced gradient: they decide alike, without a collective
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            skipped = not check_finite_gradient(grads, self.global_step, self.current_epoch + 1,
-                                                self.cfg.trainer.skip_nonfinite)
+            # every rank decides alike (DDP's all-reduced gradients are the same on each; a
+            # sharded strategy's are each rank's own)
+            finite = self._on_every_rank(gradient_is_finite(
+                [p.grad for p in self.parameters() if p.grad is not None]))
+            skipped = nonfinite = not check_finite_gradient(
+                finite, self.global_step, self.current_epoch + 1, self.cfg.trainer.skip_nonfinite)
             if skipped:
-                self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", on_epoch=True,
-                         on_step=False)
+                self._restore_buffers()
+        if nonfinite:  # one count per skipped optimizer step, whichever check found it
+            self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", on_epoch=True,
+                     on_step=False)
         if not skipped:
             optimizer.step(closure=lambda: loss)
             # under 16-mixed, the GradScaler skips a step whose gradients overflowed, and says so
             # only by lowering its scale: the EMA target must not follow that step either
             skipped = scale is not None and self._loss_scale() < scale
         self.after_optimizer_step(skipped)
+
+    def _restore_buffers(self) -> None:
+        """Batch-norm statistics as before the skipped step's forward (skip_nonfinite)."""
+        if self._kept is not None:
+            with torch.no_grad():
+                torch._foreach_copy_(list(self.buffers()), self._kept)
 
     def _loss_scale(self) -> float | None:
         """The GradScaler's loss scale (16-mixed), None without one. (A host sync, but the
