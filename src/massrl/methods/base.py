@@ -3,7 +3,8 @@
 A method subclass implements `ssl_step(batch)` (its loss) and, if it has one, what it does after
 each optimizer step. Everything else — the online linear probe on detached features, logging, the
 optimizer and lr schedule — lives here; the validation-time monitors (kNN, probe accuracy, UMAP)
-in monitors.py, the run's length in run_length.py.
+in monitors.py, skipped steps and the optimizer step in step_skipping.py, the run's length in
+run_length.py.
 """
 
 from __future__ import annotations
@@ -25,17 +26,12 @@ from massrl.devices import use_channels_last
 from massrl.epoch_clock import EpochClock
 from massrl.methods.monitors import OnlineMonitors
 from massrl.methods.run_length import epoch_steps, run_steps
+from massrl.methods.step_skipping import StepSkipping
 from massrl.models import build_backbone
 from massrl.models.backbones import feature_dim
 from massrl.models.heads import linear_head
 from massrl.optim import build_optimizer, scaled_lr, warmup_cosine
-from massrl.resilience import (
-    check_finite,
-    check_finite_gradient,
-    gradient_is_finite,
-    rng_state,
-    set_rng_state,
-)
+from massrl.resilience import check_finite, rng_state, set_rng_state
 
 if TYPE_CHECKING:
     from massrl.data import DatasetSplits
@@ -50,7 +46,7 @@ def quiet_hook_notice() -> None:
         r"have passed in a `LightningDataModule`")
 
 
-class SSLMethod(OnlineMonitors, L.LightningModule):
+class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
     """Base of every method. Batches are dicts: views (list of [B,3,S,S]), strategy [B,V],
     crop [B,V], label [B] (-1 = unlabeled), skipped (bad files dropped from the batch)."""
 
@@ -253,66 +249,6 @@ class SSLMethod(OnlineMonitors, L.LightningModule):
         self._images_this_epoch += b
         self.images_seen += b * self.trainer.world_size  # per step: exact across a resume
         return loss
-
-    def _skip_step(self) -> torch.Tensor:
-        """A step that changes nothing, taken the same way on every rank.
-
-        Returning None would skip the step on one process only, which DDP cannot do (the other
-        ranks wait in the gradient all-reduce). Instead every parameter gets a zero gradient and
-        optimizer_step leaves the optimizer out: weights, optimizer state (momentum) and EMA
-        target stay as they were.
-        """
-        self._skipping = True
-        return sum((p * 0.0).sum() for p in self.parameters() if p.requires_grad)
-
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
-                       optimizer_closure: Any = None) -> None:
-        # the closure runs the step's forward and backward, which decide whether it is skipped;
-        # a skipped step does not reach the optimizer (at lr 0, LARS's momentum still moved)
-        loss = optimizer_closure() if optimizer_closure is not None else None
-        skipped, self._skipping = self._skipping, False
-        nonfinite, self._nonfinite = self._nonfinite, False
-        scale = self._loss_scale()
-        if not skipped and scale is None:  # (a GradScaler checks the gradient itself)
-            # every rank decides alike (DDP's all-reduced gradients are the same on each; a
-            # sharded strategy's are each rank's own)
-            finite = self._on_every_rank(gradient_is_finite(
-                [p.grad for p in self.parameters() if p.grad is not None]))
-            skipped = nonfinite = not check_finite_gradient(
-                finite, self.global_step, self.current_epoch + 1, self.cfg.trainer.skip_nonfinite)
-            if skipped:
-                self._restore_buffers()
-        if nonfinite:  # one count per skipped optimizer step, whichever check found it
-            self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", on_epoch=True,
-                     on_step=False)
-        if not skipped:
-            optimizer.step(closure=lambda: loss)
-            # under 16-mixed, the GradScaler skips a step whose gradients overflowed, and says so
-            # only by lowering its scale: the EMA target must not follow that step either
-            skipped = scale is not None and self._loss_scale() < scale
-        self.after_optimizer_step(skipped)
-
-    def _restore_buffers(self) -> None:
-        """Batch-norm statistics as before the skipped step's forward (skip_nonfinite)."""
-        if self._kept is not None:
-            with torch.no_grad():
-                torch._foreach_copy_(list(self.buffers()), self._kept)
-
-    def _loss_scale(self) -> float | None:
-        """The GradScaler's loss scale (16-mixed), None without one. (A host sync, but the
-        scaler syncs every step anyway to decide whether to step.)"""
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        return scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
-
-    def after_optimizer_step(self, skipped: bool) -> None:
-        """Called after each optimizer step (after the weights changed, before checkpoints)."""
-
-    def _on_every_rank(self, ok: bool) -> bool:
-        """Whether `ok` holds on every rank. DDP ranks must all train or all skip a step: a rank
-        that skips its backward (or raises) leaves the others waiting in a collective."""
-        if self.trainer.world_size == 1:
-            return ok
-        return bool(self.all_gather(torch.tensor([int(ok)], device=self.device)).min())
 
     def _probe_step(self, feats: torch.Tensor, labels: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
