@@ -129,7 +129,9 @@ def test_chain_pretrain_knn_linear_export(tiny, tmp_path):
     assert main(["knn", *common, "k=[20]", f"output_dir={tmp_path / 'knn'}"]) == 0
     knn = json.loads((tmp_path / "knn" / "result.json").read_text())
     assert knn["results"]["k=20"]["top1"] == pytest.approx(summary["knn_top1"], abs=1e-3)
-    linear = ["linear", *common, "epochs=10", "data.subset=null", f"output_dir={tmp_path / 'lin'}"]
+    # (the cached-features protocol: the augmented one is tested in test_eval_commands.py)
+    linear = ["linear", *common, "epochs=10", "features_cached=true", "data.subset=null",
+              f"output_dir={tmp_path / 'lin'}"]
     assert main(linear) == 0
     lin = json.loads((tmp_path / "lin" / "result.json").read_text())
     assert 0.15 < lin["results"]["best_top1"] <= 1.0  # 10 classes: chance is 0.1
