@@ -53,11 +53,28 @@ def test_pretrain_writes_a_complete_run_directory(method, tiny, capsys):
     assert ckpt["hyper_parameters"]["config"]["method"] == method
 
 
-def test_pretrain_view_modes_and_batched_pairs(tiny):
-    for mode in ("per_strategy", "crops_x_strategies"):
+def test_pretrain_view_modes_and_cross_strategy_pairs(tiny, monkeypatch):
+    """The view modes reach training: 4 strategies give 4 views (per_strategy) or 2 crops x 4
+    (crops_x_strategies), and cross_strategy pairs only views of different strategies."""
+    from massrl.methods import MASSRL
+
+    seen = []
+    real = MASSRL.pair_mask
+
+    def spy(self, batch):
+        mask = real(self, batch)
+        strategy = batch["strategy"]  # [B, V]
+        same = strategy[:, :, None] == strategy[:, None, :]
+        seen.append((len(batch["views"]), bool(mask[same].any()), bool(mask.any())))
+        return mask
+
+    monkeypatch.setattr(MASSRL, "pair_mask", spy)
+    for mode, views in (("per_strategy", 4), ("crops_x_strategies", 8)):
+        seen.clear()
         args = tiny("massrl", **{"augment.view_mode": mode, "augment.pairs": "cross_strategy",
                                  "output_dir": f"{_run_dir(tiny())}_{mode}"})
         assert main(["pretrain", *args]) == 0
+        assert seen and all(s == (views, False, True) for s in seen), seen[:2]
 
 
 def test_pretrain_missing_dataset_is_a_clear_error(tmp_path, capsys):
