@@ -201,8 +201,8 @@ def test_summary_table_formats_by_kind(capsys):
                    "knn_after_epochs": 3, "best_checkpoint": "/r/checkpoints/best-knn-1.ckpt",
                    "run_dir": "r"})
     out = capsys.readouterr().out
-    assert re.search(r"knn_top1 +│ 0.3900 │ final model, after 3 epoch\(s\)", out), out
-    assert re.search(r"best_knn_top1 +│ 0.3300 │ checkpoint best-knn-1.ckpt", out), out
+    assert re.search(r"knn_top1 +│ 39.00 % │ final model, after 3 epoch\(s\)", out), out
+    assert re.search(r"best_knn_top1 +│ 33.00 % │ checkpoint best-knn-1.ckpt", out), out
 
 
 def test_default_run_directories_and_processes_started_apart(tmp_path, monkeypatch):

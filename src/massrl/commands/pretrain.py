@@ -86,8 +86,10 @@ def continue_command(run_dir: object) -> str:
 
 
 def _fmt(key: str, v: object) -> str:
-    if isinstance(v, float):  # accuracies and the loss to 4 places, speeds and times to 1
-        return f"{v:.4f}" if key.endswith(("top1", "loss")) else f"{v:,.1f}"
+    if isinstance(v, float):  # accuracies in % as the evaluations' tables (summary.json:
+        if key.endswith("top1"):  # fractions), the loss to 4 places, speeds and times to 1
+            return f"{100 * v:.2f} %"
+        return f"{v:.4f}" if key.endswith("loss") else f"{v:,.1f}"
     return "-" if v is None else str(v)
 
 
