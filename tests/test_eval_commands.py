@@ -85,6 +85,25 @@ def test_knn_records_protocol_and_reuses_cached_features(tmp_path, ckpt, capsys)
     assert "is kept as result.1.json" in capsys.readouterr().out
 
 
+
+def test_an_earlier_record_is_kept_where_the_filesystem_has_no_hard_links(tmp_path,
+                                                                         monkeypatch):
+    """FAT, many FUSE and SMB mounts refuse os.link: the record is kept by a rename instead
+    (it raised after the evaluation's work, and its result was lost)."""
+    from massrl.eval import session
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(session.os, "link", no_links)
+    (tmp_path / "result.json").write_text("first")
+    (tmp_path / "result.1.json").write_text("older")
+    session.keep_earlier(tmp_path / "result.json")
+    assert not (tmp_path / "result.json").exists()
+    assert (tmp_path / "result.2.json").read_text() == "first"
+    assert (tmp_path / "result.1.json").read_text() == "older"
+
+
 @pytest.mark.parametrize(("width", "trained_channels_last", "expected"), [
     (16, "true", True), (16, "false", False), (8, "true", False)])
 def test_features_are_computed_in_the_layout_the_run_trained_in(tmp_path, width,
@@ -310,7 +329,7 @@ def test_a_runs_picture_shows_the_views_of_the_backend_it_trains_with(monkeypatc
 
 
 @pytest.mark.parametrize("backend", ["per_image", "batched"])
-def test_a_runs_picture_leaves_the_random_streams_as_they_were(tmp_path, backend):
+def test_a_runs_picture_leaves_the_random_streams_as_they_were(tmp_path, backend, monkeypatch):
     """The model is built after the picture: its initial weights must not depend on how the
     picture was drawn (the batched engine's preview draws other numbers than the per-image
     pipeline) or on whether it failed."""
@@ -331,6 +350,19 @@ def test_a_runs_picture_leaves_the_random_streams_as_they_were(tmp_path, backend
     torch.manual_seed(5), random.seed(5), np.random.seed(5)
     assert (tmp_path / "a.png").is_file()
     assert torch.equal(after[0], torch.rand(3)) and after[1:] == (random.random(), np.random.rand())
+
+    # also when the picture fails after drawing (a picture never stops a run)
+    def fails(*args, **kwargs):
+        torch.rand(100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(massrl.augviz, "augmentation_grid", fails)
+    torch.manual_seed(5)
+    with pytest.warns(UserWarning, match="could not draw the augmentation picture: disk full"):
+        massrl.augviz.save_augmentation_picture(cfg, tmp_path / "b.png", splits)
+    drawn = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(drawn, torch.rand(3))
 
 
 def test_weights_of_another_backbone_are_named_in_one_short_line(tmp_path):

@@ -414,3 +414,23 @@ def test_skipped_steps_are_counted_once_whichever_check_found_them():
     # (a parameter of no elements: its infinity norm would raise)
     assert gradient_is_finite([torch.ones(3), torch.empty(0)])
     assert not gradient_is_finite([torch.ones(3), torch.tensor([float("nan")])])
+
+
+def test_a_skipped_accumulation_window_keeps_the_batch_norm_statistics_of_its_start():
+    """An inf gradient from the window's first micro-batch skips the window's step; the
+    statistics go back to before the window, not to before its last micro-batch."""
+    torch.manual_seed(0)
+    model = build_method(_cfg("byol", **{"trainer.skip_nonfinite": True}), num_classes=3)
+    calls = {"n": 0}
+
+    def first_only(g):
+        calls["n"] += 1
+        return g * float("inf") if calls["n"] == 1 else g
+
+    next(model.backbone.parameters()).register_hook(first_only)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = _fit(model, accumulate=2, batches=2)
+    assert trainer.callback_metrics["train/skipped_nonfinite"] == 1
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), \
+        [k for k in before if not torch.equal(before[k], after[k])][:3]

@@ -325,6 +325,11 @@ def keep_earlier(path: Path) -> None:
             continue
         except FileNotFoundError:  # another evaluation kept it first
             return
+        except OSError:  # no hard links here (FAT, many FUSE and SMB mounts): a rename
+            if kept.exists():
+                n += 1
+                continue
+            path.rename(kept)
         path.unlink(missing_ok=True)
         print(f"note: the earlier {path.name} in {path.parent} is kept as {kept.name}")
         return

@@ -89,7 +89,8 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
         self.method_kwargs = self.KWARGS.model_validate(cfg.method_kwargs) if self.KWARGS else None
         self._skipping = False  # the current step is being skipped (see _skip_step)
         self._nonfinite = False  # ... because of a NaN/inf loss (counted in optimizer_step)
-        self._kept: list[torch.Tensor] | None = None  # BN buffers before the step (skip_nonfinite)
+        # BN buffers at the start of the accumulation window (skip_nonfinite)
+        self._kept: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ method interface
 
@@ -219,8 +220,8 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
             return self._skip_step()
         # a step that may be skipped must leave the batch-norm statistics as they were too: a
         # forward through NaN activations makes them NaN, and every later feature with them
-        self._kept = ([b.clone() for b in self.buffers()] if self.cfg.trainer.skip_nonfinite
-                      else None)
+        if self.cfg.trainer.skip_nonfinite and self._kept is None:  # (at a window's start)
+            self._kept = [b.clone() for b in self.buffers()]
         out = self.ssl_step(batch)
         loss = out.pop("loss")
         if not self._on_every_rank(bool(torch.isfinite(loss))):  # stop or skip on all ranks

@@ -39,8 +39,9 @@ class StepSkipping:
                 [p.grad for p in self.parameters() if p.grad is not None]))
             skipped = nonfinite = not check_finite_gradient(
                 finite, self.global_step, self.current_epoch + 1, self.cfg.trainer.skip_nonfinite)
-            if skipped:
-                self._restore_buffers()
+        if skipped:  # the whole window's, also its micro-batches after a NaN loss
+            self._restore_buffers()
+        self._kept = None  # (the next window keeps its own)
         if nonfinite:  # one count per skipped optimizer step, whichever check found it
             self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", on_epoch=True,
                      on_step=False)
@@ -52,7 +53,8 @@ class StepSkipping:
         self.after_optimizer_step(skipped)
 
     def _restore_buffers(self) -> None:
-        """Batch-norm statistics as before the skipped step's forward (skip_nonfinite)."""
+        """Batch-norm statistics as at the start of the skipped step's accumulation window
+        (skip_nonfinite)."""
         if self._kept is not None:
             with torch.no_grad():
                 torch._foreach_copy_(list(self.buffers()), self._kept)
