@@ -717,3 +717,22 @@ def test_massrl_knn_gives_the_online_monitors_number_on_the_same_features(tiny, 
                      "k=[200]")
     assert code == 0
     assert res["results"]["k=200"]["top1"] == pytest.approx(online, abs=1e-6)
+
+
+def test_the_batched_picture_does_not_warn_about_augment_compile():
+    """The picture's views come one image at a time from the CPU; augment.compile is the GPU
+    whole-batch mode's, so a GPU run with it got a warning that it does not apply."""
+    import warnings
+
+    from massrl.augviz import view_maker
+    from massrl.config import build_config
+    from massrl.data import load_dataset
+
+    cfg = build_config(overrides=["data.name=digits", "data.image_size=16",
+                                  "augment.backend=batched", "augment.compile=true"])
+    splits = load_dataset(cfg.data, seed=0)
+    transform, _ = view_maker(cfg, splits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        views = transform.sample(splits.train[0][0])
+    assert len(views) == cfg.augment.num_views and cfg.augment.compile  # (the run's is kept)

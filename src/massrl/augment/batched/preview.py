@@ -23,7 +23,9 @@ class BatchedPreview:
     def __init__(self, cfg: AugmentConfig, image_size: int, mean: Sequence[float],
                  std: Sequence[float]) -> None:
         self.crops = CropOnlyTransform(cfg, image_size)
-        self.engine = BatchedAugmenter(cfg, mean, std)
+        # one image at a time on the CPU: augment.compile (whole-batch GPU mode) does not apply,
+        # and would only warn so at the start of a GPU run
+        self.engine = BatchedAugmenter(cfg.model_copy(update={"compile": False}), mean, std)
         self.names = list(cfg.strategies)
         mean, std = channel_stats(mean, std)  # (one value serves the 3 channels)
         self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
