@@ -172,7 +172,9 @@ def test_kernels_compile_where_no_cache_can_be_written():
 def test_numba_required_but_missing(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     cfg = AugmentConfig(cpu_kernels="numba")
-    with pytest.raises(ValueError, match="pip install numba"):
+    from massrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="pip install numba"):
         BatchedAugmenter(cfg, MEAN, STD)
     # auto falls back to the torch ops
     assert not BatchedAugmenter(AugmentConfig(), MEAN, STD).fused

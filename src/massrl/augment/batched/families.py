@@ -38,7 +38,9 @@ _FUSED = {"gray_blend", "equalize", "hue", "blur", "warp", "brightness", "sharpn
 def use_cpu_kernels(choice: str) -> bool:
     """Whether augment.cpu_kernels=`choice` runs the fused kernels here."""
     if choice == "numba" and not cpu_kernels.available():
-        raise ValueError("augment.cpu_kernels=numba needs numba, which is not installed: "
+        from massrl.config import ConfigError  # (a one-line error on the command line)
+
+        raise ConfigError("augment.cpu_kernels=numba needs numba, which is not installed: "
                          "`pip install numba`, or set augment.cpu_kernels=auto (torch ops then)")
     return choice != "torch" and cpu_kernels.available()
 
