@@ -74,9 +74,7 @@ def _cached_mode(r: session.EvalRun, train: Dataset, subset: dict[str, Any],
                "split_seed": r.split_seed, "dataset": cfg.data.name, "root": cfg.data.root,
                "subset": cfg.data.subset, "eval_subset": cfg.data.eval_subset,
                "num_samples": len(train), "files": files_fingerprint(train),
-               "version": session.FEATURES_VERSION, **session.test_transform_info(r),
-               "device": r.device.type, "torch": torch.__version__,
-               "channels_last": session.channels_last(r)}
+               **session.extraction_info(r)}
         train_x, train_y = cached_features(
             r.pre.backbone, labeled_images(train, session.test_transform(r)), key,
             cache_dir=cfg.cache_dir, use_cache=cfg.cache, device=r.device,

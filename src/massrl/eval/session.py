@@ -223,6 +223,13 @@ def channels_last(run: EvalRun) -> bool:
             and not channels_last_hazards(run.pre.backbone))
 
 
+def extraction_info(run: EvalRun) -> dict[str, Any]:
+    """What, besides the images, decides a feature cache entry: the extraction's version, the
+    test transform, and what changes the last digits (device, torch, batch layout)."""
+    return {"version": FEATURES_VERSION, **test_transform_info(run), "device": run.device.type,
+            "torch": torch.__version__, "channels_last": channels_last(run)}
+
+
 def loader_options(run: EvalRun, *, every_epoch: bool = False) -> dict[str, Any]:
     """The data.* loader settings for the device this evaluation runs on; `every_epoch`: a
     loader read once per epoch, whose workers data.persistent_workers keeps."""
@@ -238,10 +245,7 @@ def features(run: EvalRun, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     key = {"ckpt_sha256": run.pre.sha256, "split": split, "dataset": cfg.data.name,
            "root": cfg.data.root, "subset": cfg.data.subset, "eval_subset": cfg.data.eval_subset,
            "seed": cfg.seed, "num_samples": len(ds), "files": files_fingerprint(ds),
-           "version": FEATURES_VERSION, **test_transform_info(run),
-           # (features a GPU computed differ in the last digits: result.json names the device)
-           "device": run.device.type, "torch": torch.__version__,
-           "channels_last": channels_last(run)}
+           **extraction_info(run)}
     feats, labels = cached_features(
         run.pre.backbone, labeled_images(ds, test_transform(run)), key, cache_dir=cfg.cache_dir,
         use_cache=cfg.cache, device=run.device, batch_size=cfg.data.batch_size,
