@@ -86,6 +86,26 @@ def test_knn_records_protocol_and_reuses_cached_features(tmp_path, ckpt, capsys)
 
 
 
+def test_result_tables_line_up_figures_and_leave_paths_readable():
+    """Figures are right-aligned (their digits line up); a table holding a path is
+    left-aligned throughout (a right-aligned path scattered the export table's values)."""
+    from rich.console import Console
+
+    from massrl.eval.session import result_table
+
+    def rendered(rows):
+        console = Console(width=120, record=True, file=open(os.devnull, "w"))
+        console.print(result_table(rows))
+        return console.export_text()
+
+    figures = rendered([("k=20 top-1", "25.78 %"), ("images", "128")])
+    assert "│ 25.78 % │" in figures and "│     128 │" in figures, figures
+    paths = rendered([("weights", "/a/long/folder/name/backbone.pt"), ("feature dim", "64")])
+    assert re.search(r"│ 64 {20,}│", paths), paths
+    assert "│ /a/long/folder/name/backbone.pt │" in paths, paths
+    assert "metric" not in figures + paths  # no header row
+
+
 def test_an_earlier_record_is_kept_where_the_filesystem_has_no_hard_links(tmp_path,
                                                                          monkeypatch):
     """FAT, many FUSE and SMB mounts refuse os.link: the record is kept by a rename instead

@@ -135,6 +135,6 @@ def run(args: argparse.Namespace) -> int:
             ("top-5 (last epoch)", session.pct(result.top5)),
             (f"best top-1 (epoch {result.best_epoch})", session.pct(result.best_top1))]
     frac = f", {cfg.label_fraction:g} of labels" if cfg.label_fraction else ""
-    title = f"{mode} - {r.pre.config.method} {r.pre.path.name} on {cfg.data.name}{frac}"
+    title = f"linear ({mode}) - {r.pre.config.method} {r.pre.path.name} on {cfg.data.name}{frac}"
     session.finish(r, title, results, rows)
     return 0

@@ -305,15 +305,22 @@ def finish(run: EvalRun, title: str, results: dict[str, Any], rows: list[tuple[s
     payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results,
                "protocol": protocol(run), "warnings": run.warnings}
     write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in rows:
-        table.add_row(name, value)
     console = Console()
-    console.print(table)
+    console.print(title, style="bold", highlight=False)  # (a table's title wraps to its width)
+    console.print(result_table(rows))
     console.print(f"result: {path}", highlight=False)
     return path
+
+
+def result_table(rows: list[tuple[str, str]]) -> Table:
+    """The rows as a two-column table: short values (figures) right-aligned, so their digits
+    line up; where some are long (paths), all left-aligned, as one reads them."""
+    table = Table(show_header=False)
+    table.add_column()
+    table.add_column(justify="left" if any(len(v) > 24 for _, v in rows) else "right")
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
 
 
 def keep_earlier(path: Path) -> None:
