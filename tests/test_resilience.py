@@ -260,6 +260,18 @@ def test_sigterm_to_every_process_of_a_ddp_run_saves_and_stops(tiny, tmp_path):
     assert f"SIGTERM: last.ckpt saved at optimizer step {saved['global_step']}" in result.stdout
 
 
+def test_ctrl_c_in_a_ddp_run_stops_every_process_at_one_step_with_a_checkpoint(tiny, tmp_path):
+    """A terminal's Ctrl-C reaches every process, each at its own point: the run stopped at
+    once with nothing saved. Now the processes agree on a step as for SIGTERM and save there."""
+    args, result = _interrupted_ddp(tiny, tmp_path, KILL_AT="5", KILL_SIGNAL="SIGINT",
+                                    KILL_GROUP="1", KILL_RANK="0")
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert result.stderr.count("Ctrl-C: stopping after this step") == 1  # (said by rank 0)
+    saved = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] in (5, 6)  # the step after the Ctrl-C's, at the latest
+    assert "stopped by Ctrl-C. Continue with: " in result.stderr
+
+
 def test_sigterm_to_one_ddp_process_in_validation_stops_every_process_together(tiny, tmp_path):
     """Rank 1 alone signalled at its first validation batch: it stopped there while rank 0
     validated on into the gather of the features, which then failed ("Connection closed by

@@ -133,11 +133,10 @@ class Preemption(Callback):
         self._pid, self._trainer = os.getpid(), trainer
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             self._handlers[sig] = signal.signal(sig, self._on_signal)
-        # Lightning answers Ctrl-C by exiting mid-step with nothing saved: in one process (in
-        # DDP every rank gets the Ctrl-C at its own point) the first one stops the run at the
-        # next step boundary, with last.ckpt saved
-        if trainer.world_size == 1:
-            self._handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_ctrl_c)
+        # Lightning answers Ctrl-C by exiting mid-step with nothing saved: the first one stops
+        # the run at the next step boundary, with last.ckpt saved (under DDP each rank gets it at
+        # its own point; they agree on the step as for SIGTERM)
+        self._handlers[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_ctrl_c)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         if os.getpid() != self._pid:  # a DataLoader worker forked with this handler
@@ -158,8 +157,9 @@ class Preemption(Callback):
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self.by_ctrl_c = True
-        print("\nCtrl-C: stopping after this step (Ctrl-C again stops at once, without saving)",
-              file=sys.stderr, flush=True)
+        if self._trainer is None or self._trainer.global_rank == 0:  # (said once)
+            print("\nCtrl-C: stopping after this step (Ctrl-C again stops at once, without "
+                  "saving)", file=sys.stderr, flush=True)
         self._on_signal(signum, frame)
 
     def _agreed(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
