@@ -1,6 +1,11 @@
-"""What data.num_workers=auto becomes on each kind of machine, and its validation."""
+"""What the `auto` settings (workers, precision) become on each kind of machine, and their
+validation."""
+
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from massrl.config import ConfigError, build_config
 from massrl.devices import (
@@ -8,6 +13,7 @@ from massrl.devices import (
     auto_num_workers,
     devices_per_node,
     resolve_num_workers,
+    resolve_precision,
     run_num_workers,
     usable_cores,
 )
@@ -110,3 +116,61 @@ def test_srun_tasks_with_their_own_cores_do_not_divide_them_again(monkeypatch) -
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "7")
     monkeypatch.setattr(devices, "usable_cores", lambda: 16)
     assert run_num_workers(cfg) == 16 // 4 - 1
+
+
+def _a_gpu(monkeypatch, emulated_only: bool) -> None:
+    """A stand-in CUDA device: pre-Ampere (bf16 only by emulation) or not."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation or not emulated_only)
+
+
+@pytest.mark.parametrize(("emulated_only", "expected"), [(True, "16-mixed"),
+                                                          (False, "bf16-mixed")])
+def test_precision_auto_on_a_gpu_takes_bf16_only_where_it_is_native(monkeypatch, emulated_only,
+                                                                    expected) -> None:
+    """torch counts bf16 emulation (V100, T4) as support by default: `auto` chose a slow
+    bf16 there instead of fp16."""
+    _a_gpu(monkeypatch, emulated_only)
+    assert resolve_precision("auto", "auto") == expected
+    assert resolve_precision("32-true", "auto") == "32-true"
+
+
+def test_precision_auto_before_a_forked_launch_asks_a_child_process(monkeypatch) -> None:
+    """Asking initialises CUDA, and Lightning refuses to fork (ddp_fork, a notebook's pick
+    for several GPUs) once it is: a child process asks instead."""
+    import massrl.devices as devices
+
+    _a_gpu(monkeypatch, emulated_only=False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", pytest.fail)  # not asked in here
+    asked = []
+
+    def child(cmd, **kwargs):
+        asked.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout="False\n", stderr="")
+
+    monkeypatch.setattr(devices.subprocess, "run", child)
+    assert resolve_precision("auto", "gpu", strategy="ddp_fork") == "16-mixed"
+    assert asked and asked[0][0] == sys.executable and "native_bf16" in asked[0][-1]
+
+
+def test_a_resume_with_fewer_gpus_visible_restores_the_gpu_random_state_it_has(monkeypatch
+                                                                                ) -> None:
+    """Checkpoints kept every visible GPU's random state and a resume restored them all: with
+    fewer GPUs visible (another machine, CUDA_VISIBLE_DEVICES) it failed on the missing ones.
+    Now a checkpoint keeps the process's own GPU's, and an older one restores the entry of
+    the GPU this process uses, if it has one."""
+    from massrl.resilience import rng_state, set_rng_state
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", restored.append)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", pytest.fail)
+    state = rng_state()
+    for saved, device, expected in (("one", 0, ["one"]), (["a", "b"], 1, ["b"]),
+                                    (["a", "b"], 3, [])):
+        restored.clear()
+        monkeypatch.setattr(torch.cuda, "current_device", lambda d=device: d)
+        set_rng_state({**state, "cuda": saved})
+        assert restored == expected

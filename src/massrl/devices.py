@@ -8,6 +8,8 @@ picks that machine's value.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from typing import Any
 
 import torch
@@ -134,3 +136,41 @@ def use_channels_last(requested: bool, accelerator: str, model: nn.Module) -> bo
               "crash oneDNN's channels-last backward (uxlfoundation/oneDNN#6035); "
               f"model.width >= {ONEDNN_1X1_MIN_CHANNELS} avoids it")
     return not hazards
+
+
+def resolve_precision(precision: str, accelerator: str, strategy: str = "auto") -> str:
+    """'auto' -> bf16 mixed precision where the hardware computes it natively, else fp32 on the
+    CPU and fp16 mixed on GPUs without bf16 (V100, T4: torch counts its slow emulation there
+    as support)."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
+        return "bf16-mixed" if _gpu_computes_bf16(_launch_forks(strategy)) else "16-mixed"
+    return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+
+
+def _launch_forks(strategy: str) -> bool:
+    """Whether Lightning will start the run's processes by forking this one (ddp_fork, and its
+    pick for several GPUs in a notebook), which it refuses once CUDA is initialised here."""
+    from lightning.fabric.utilities.imports import _IS_INTERACTIVE
+
+    return strategy in ("ddp_fork", "ddp_notebook") or (strategy == "auto" and _IS_INTERACTIVE)
+
+
+def _gpu_computes_bf16(ask_a_child: bool) -> bool:
+    """Whether the first GPU computes bf16 natively. Asking initialises CUDA in the asking
+    process: before a forked launch a child process asks instead."""
+    if not ask_a_child or torch.cuda.is_initialized():
+        return native_bf16()
+    query = "from massrl.devices import native_bf16; print(native_bf16())"
+    answer = subprocess.run([sys.executable, "-c", query], capture_output=True, text=True,
+                            timeout=300, check=False)
+    return answer.stdout.strip() == "True"
+
+
+def native_bf16() -> bool:
+    """torch.cuda.is_bf16_supported without the emulation torch >= 2.4 counts by default."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch < 2.4: no emulation counted, no argument
+        return torch.cuda.is_bf16_supported()

@@ -65,7 +65,7 @@ def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # (reading it initialises
-        state["cuda"] = torch.cuda.get_rng_state_all()  # CUDA: not before a forked launch)
+        state["cuda"] = torch.cuda.get_rng_state()  # CUDA: not before a forked launch)
     return state
 
 
@@ -74,8 +74,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        # the GPU this process trains on (each rank's own). Older checkpoints kept every
+        # visible GPU's, and a resume with fewer GPUs visible failed on the missing ones
+        if isinstance(cuda, (list, tuple)):
+            index = torch.cuda.current_device()
+            cuda = cuda[index] if index < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 class EpochEndCheckpoint(Checkpoint):

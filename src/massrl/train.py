@@ -22,6 +22,7 @@ from massrl.config import ConfigError, RunConfig, to_yaml
 from massrl.data.folder import check_headers
 from massrl.devices import (
     check_accelerator,
+    resolve_precision,
     run_num_workers,
     trains_on_cpu,
     usable_cores,
@@ -65,16 +66,6 @@ from massrl.run_summary import KNN_METRIC, RunSummary
 
 if TYPE_CHECKING:
     from massrl.data import DatasetSplits, SSLDataModule
-
-def resolve_precision(precision: str, accelerator: str) -> str:
-    """'auto' -> bf16 mixed precision where the hardware runs it fast, else fp32 (fp16 on GPUs
-    without bf16)."""
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
-
 
 def set_cpu_threads(cfg: RunConfig) -> None:
     """On a CPU run, leave one core to each DataLoader worker (or use trainer.cpu_threads).
@@ -154,7 +145,7 @@ def _trainer(cfg: RunConfig, run_dir: Path, has_labels: bool, callbacks: list,
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=t.strategy,
-        precision=resolve_precision(t.precision, t.accelerator),
+        precision=resolve_precision(t.precision, t.accelerator, t.strategy),
         accumulate_grad_batches=t.accumulate_grad_batches,
         sync_batchnorm=use_sync_batchnorm(t.sync_batchnorm, t.accelerator),
         gradient_clip_val=t.gradient_clip_val,

@@ -144,7 +144,8 @@ class TrainerConfig(Section):
     num_nodes: int = Field(1, gt=0)
     strategy: str = Field("auto", description="Lightning's: auto, ddp, ...")
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = Field(
-        "auto", description="auto = bf16-mixed where supported, else 32-true")
+        "auto", description="auto = bf16-mixed where computed natively, else 32-true on a "
+        "CPU, 16-mixed on a GPU")
     accumulate_grad_batches: int = Field(1, gt=0)
     sync_batchnorm: bool = Field(False, description="BatchNorm statistics over every rank's "
                                  "batch (GPUs only)")
