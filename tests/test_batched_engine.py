@@ -272,6 +272,18 @@ def test_planned_mode_reads_nothing_on_the_host(monkeypatch):
         aug(batch["views"], batch["strategy"], seeds=batch["seed"], counts=[4, 4, 4, 2, 2])
 
 
+def test_no_plan_is_drawn_for_a_compiled_engine():
+    """augment.compile draws the programs on the device: a plan drawn, pinned and copied for
+    every batch was thrown away."""
+    cfg = AugmentConfig(strategies=ALL, view_mode="random", compile=True)
+    batch = _batch(cfg, 4)
+    planned = plan_batch(batch, BatchedAugmenter(cfg, MEAN, STD), torch.device("meta"))
+    assert "plan" not in planned and sum(planned["strategy_counts"]) == 8
+    eager = plan_batch(batch, BatchedAugmenter(cfg.model_copy(update={"compile": False}),
+                                               MEAN, STD), torch.device("meta"))
+    assert "plan" in eager
+
+
 def test_consecutive_runs():
     from massrl.augment.batched.plan import consecutive_runs
 
@@ -470,6 +482,31 @@ def _no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.parametrize("view_mode, host", [("random", None), ("random", "counts"),
+                                             ("random", "plan"), ("crops_x_strategies", None),
+                                             ("crops_x_strategies", "plan"),
+                                             ("per_strategy", "plan")])
+def test_the_device_path_reads_no_value_on_the_host(view_mode, host, monkeypatch):
+    """The engine's GPU modes, run on 'meta' tensors (shapes without values): an op that reads
+    a value on the host, which on a GPU waits for the device, fails there. Equalize's bincount
+    did (a CUDA bincount reads the min and max: two synchronisations per call)."""
+    real_autocast = torch.autocast  # (no autocast on the meta device)
+    monkeypatch.setattr(torch, "autocast", lambda device_type, **kw: contextlib.nullcontext()
+                        if device_type == "meta" else real_autocast(device_type, **kw))
+    cfg = AugmentConfig(strategies=ALL, view_mode=view_mode)
+    batch = _batch(cfg, 16, size=32)
+    aug = BatchedAugmenter(cfg, MEAN, STD)
+    planned = plan_batch(batch, aug, torch.device("cuda"))  # as for a GPU, on the host
+    meta = torch.device("meta")
+    kwargs = {"counts": planned["strategy_counts"]} if host == "counts" else {}
+    if host == "plan":
+        kwargs["plan"] = planned["plan"].to(meta)
+    out = aug([v.to(meta) for v in batch["views"]], batch["strategy"].to(meta),
+              seeds=batch["seed"].to(meta), **kwargs)
+    assert len(out) == batch["strategy"].shape[1]  # one per view the ids describe
+    assert out[0].shape == (16, 3, 32, 32) and out[0].dtype == torch.float32
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("view_mode, host", [("random", None), ("random", "counts"),
                                              ("random", "plan"), ("crops_x_strategies", None),
@@ -579,6 +616,8 @@ def test_crop_pixels_match_torchvision_resized_crop(size):
     ("not square", r"views must be square .* got 8x6: crop them square"),
     ("int32 seeds", r"seeds must be int64 \[B, V\] like strategy \[4, 2\], got torch.int32 "
                     r"\[4, 2\]"),
+    ("devices", r"must be on one device, got views on cpu, strategy on meta, seeds on cpu: "
+                r"move them with .to\(device\)"),
 ])
 def test_wrong_inputs_are_refused_before_any_kernel(bad, message):
     """The numba kernels index 3 channels and the strategy ids unchecked: a grey batch wrote out
@@ -602,6 +641,8 @@ def test_wrong_inputs_are_refused_before_any_kernel(bad, message):
         strategy = strategy.float() + 0.7
     elif bad == "not square":  # the magnitudes and cutouts follow one side S
         views = [v[..., :6] for v in views]
+    elif bad == "devices":  # an op deep inside failed, naming none of them
+        strategy = strategy.to("meta")
     elif bad != "int32 seeds":
         strategy[1, 1] = 2
     seeds = torch.zeros(strategy.shape, dtype=torch.int32 if bad == "int32 seeds" else torch.long)

@@ -33,6 +33,12 @@ def check_call(views: Sequence[Tensor], strategy: Tensor, seeds: Tensor | None,
             raise ValueError(f"every view batch must have one shape, got {list(v.shape)} "
                              f"and {list(views[0].shape)}")
     check_plan_inputs(strategy, seeds)
+    named = (("views", views[0] if views else None), ("strategy", strategy), ("seeds", seeds))
+    devices = {name: t.device for name, t in named if t is not None}
+    if len(set(devices.values())) > 1:  # (an op deep inside would fail, naming none of them)
+        listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
+        raise ValueError(f"views, strategy and seeds must be on one device, got {listed}: "
+                         f"move them with .to(device)")
     if views and strategy.shape[0] != views[0].shape[0]:
         raise ValueError(f"strategy must be [B, V] for batches of B = "
                          f"{views[0].shape[0] if views else '?'}, got {list(strategy.shape)}")

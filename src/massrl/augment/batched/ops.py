@@ -212,9 +212,9 @@ def autocontrast_(x: Tensor, enabled: Tensor) -> Tensor:
 def equalize_(x: Tensor, enabled: Tensor) -> Tensor:
     """PIL's histogram equalisation per channel on the 0..255 levels, as a per-channel LUT.
 
-    One flat index (level + 256 * channel row) per pixel, as int32: a bincount gives every
-    histogram and an index_select applies every LUT (no int64 temporaries, no gather). Values
-    are in [0, 1] (every op clamps), so the index needs no clamp."""
+    One flat index (level + 256 * channel row) per pixel, as int32: one count (bincount on the
+    CPU, a scatter-add elsewhere) gives every histogram and an index_select applies every LUT
+    (no gather). Values are in [0, 1] (every op clamps), so the index needs no clamp."""
     n, c, h, w = x.shape
     rows = n * c
     # round-half-up of x * 255 (levels k / 255 never tie), then the row offset, in int32: added
@@ -222,11 +222,12 @@ def equalize_(x: Tensor, enabled: Tensor) -> Tensor:
     # rounds by its row; from 65,536 rows every odd level slips into the next bin)
     offset = torch.arange(rows, device=x.device, dtype=torch.int32).mul_(256)
     flat = x.mul(255).add_(0.5).to(torch.int32).add_(offset.view(n, c, 1, 1)).view(-1)
-    if torch.compiler.is_compiling():  # bincount's output size depends on the values
+    if _reads_free(x):
+        hist = torch.bincount(flat, minlength=rows * 256)
+    else:  # a GPU's bincount reads the values' min and max on the host (two synchronisations),
+        # and under torch.compile its output size depends on the values
         hist = flat.new_zeros(rows * 256, dtype=torch.int64)
         hist = hist.scatter_add_(0, flat.long(), hist.new_ones(1).expand(flat.numel()))
-    else:
-        hist = torch.bincount(flat, minlength=rows * 256)
     hist = hist.view(rows, 256)
     # PIL: step = (pixels - count of the brightest level) // 255,
     # lut[k] = (cum[k-1] + step // 2) // step

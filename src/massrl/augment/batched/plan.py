@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .families import FamilyFn
-from .policies import Op, Program
+from .policies import Op, Program, can_copy_async
 
 if TYPE_CHECKING:
     from .engine import BatchedAugmenter
@@ -63,7 +63,7 @@ class Plan:
     def to(self, device: torch.device) -> Plan:
         """The plan on `device`, copied without waiting (the group sizes stay host ints). The
         training loop's transfer does this itself; a loop of one's own calls it."""
-        return self.map(lambda t: t.to(device, non_blocking=True))
+        return self.map(lambda t: t.to(device, non_blocking=can_copy_async(device)))
 
 
 def family_lut(families: Sequence[tuple[set[int], FamilyFn]]) -> Tensor:
@@ -116,9 +116,11 @@ def count_strategies(batch: dict, augmenter: BatchedAugmenter) -> dict:
 def plan_batch(batch: dict, augmenter: BatchedAugmenter, device: torch.device | str) -> dict:
     """Before the transfer to `device`: the strategy counts and, for a device other than the CPU
     (whose grouped mode plans for itself, for free), batch["plan"], the views' programs and
-    their grouping (pinned, so that the transfer does not wait for the device)."""
+    their grouping (pinned, so that the transfer does not wait for the device). With
+    augment.compile the device draws the programs itself: no plan."""
     batch = count_strategies(batch, augmenter)
-    if torch.device(device).type == "cpu" or not _crops_on_host(batch) or "seed" not in batch:
+    if (torch.device(device).type == "cpu" or augmenter.cfg.compile
+            or not _crops_on_host(batch) or "seed" not in batch):
         return batch
     size = batch["views"][0].shape[-1]
     plan = augmenter.plan(batch["strategy"], batch["seed"], size)

@@ -98,7 +98,14 @@ class Program:
         return self.map(lambda t: t.index_select(0, index))
 
     def to(self, device: torch.device) -> Program:
-        return self.map(lambda t: t.to(device, non_blocking=True))
+        return self.map(lambda t: t.to(device, non_blocking=can_copy_async(device)))
+
+
+def can_copy_async(device: torch.device | str) -> bool:
+    """Whether a copy to `device` may run without waiting: towards an accelerator, yes (the
+    device's own queue orders it before the ops that read it); back to the CPU, no (the host
+    would read the values before they arrive)."""
+    return torch.device(device).type != "cpu"
 
 
 # ------------------------------------------------------------------------------ torchvision spaces
