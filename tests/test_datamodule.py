@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -98,6 +99,36 @@ def test_val_loaders():
         assert b["image"].shape == (8, 3, SIZE, SIZE) and b["skipped"] == 0
         assert b["label"].dtype == torch.long
         assert b["image"].mean().abs() < 3  # normalised, not 0..255
+
+
+def test_the_online_knn_bank_can_be_smaller_than_the_labeled_split():
+    """eval.knn_bank: the online kNN's bank only (every rank holds its features: ImageNet's
+    1.28M ResNet-50 ones are 10 GB), class-balanced; the test split stays whole, and the
+    offline evaluations, which default to the checkpoint's data.eval_subset, are not cut."""
+    cfg = RunConfig.model_validate({"seed": 0, "eval": {"knn_bank": 50},
+                                    "data": {"name": "digits", "batch_size": 64,
+                                             "num_workers": 0, "image_size": SIZE}})
+    dm = SSLDataModule(cfg)
+    dm.setup("validate")
+    bank, test = dm.val_dataloader()
+    labels = torch.cat([b["label"] for b in bank])
+    assert torch.bincount(labels).tolist() == [5] * 10
+    assert len(test.dataset) == len(dm.splits.test) == 360
+    assert len(dm.splits.train_labeled) == 1437
+
+
+def test_shipped_configs_keep_the_online_knn_bank_small_enough_for_a_gpu():
+    from massrl.config import PACKAGE_CONFIGS, build_config
+
+    labeled_train = {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000,
+                     "stl10": 5_000, "imagenet100": 126_689, "imagenet": 1_281_167}
+    for path in sorted(PACKAGE_CONFIGS.rglob("*.yaml")):
+        cfg = build_config(config_file=path)
+        if not cfg.eval.knn_every:
+            continue
+        bank = min(labeled_train[cfg.data.name], cfg.data.eval_subset or math.inf,
+                   cfg.eval.knn_bank or math.inf)
+        assert bank * 2048 * 4 <= 2**30, f"{path}: a bank of {bank} is over 1 GiB"
 
 
 @pytest.mark.parametrize("backend, dtype", [("per_image", torch.float32), ("batched", torch.uint8)])

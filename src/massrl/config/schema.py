@@ -194,6 +194,10 @@ class EvalConfig(Section):
                            "validation) every N epochs (0 = off)")
     knn_k: int = Field(200, gt=0, description="online kNN neighbours")
     knn_temperature: float = Field(0.07, gt=0, description="online kNN vote temperature")
+    knn_bank: int | None = Field(
+        None, gt=0, description="online kNN's bank: a seeded class-balanced subset of this "
+        "many labeled training images (null: all that data.eval_subset keeps). Every rank "
+        "holds the bank's features: 1.28M ImageNet ResNet-50 ones are 10 GB")
     probe: bool = Field(True, description="online linear probe on detached features")
     probe_lr: float = Field(0.1, gt=0, description="online linear probe's lr")
     umap_every: int | None = Field(None, gt=0, description="UMAP picture every N epochs")

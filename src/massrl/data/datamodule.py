@@ -12,7 +12,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from massrl.config import RunConfig
-from massrl.data.datasets import DatasetSplits, load_dataset
+from massrl.data.datasets import DatasetSplits, class_balanced, load_dataset
 from massrl.data.eval_transform import EvalTransform
 from massrl.data.folder import UnusableDataError
 from massrl.data.loading import (
@@ -129,8 +129,10 @@ class SSLDataModule(L.LightningDataModule):
         splits = self.splits
         transform = EvalTransform(self.cfg.data.image_size, splits.mean, splits.std,
                                   native_size=splits.native_size)
-        return [self._loader(labeled_images(split, transform))
-                for split in (splits.train_labeled, splits.test)]
+        bank = splits.train_labeled
+        if self.cfg.eval.knn_bank is not None:  # (the probe is validated on the test split)
+            bank = class_balanced(bank, self.cfg.eval.knn_bank, self.cfg.seed)
+        return [self._loader(labeled_images(split, transform)) for split in (bank, splits.test)]
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         data, trainer = self.cfg.data, self.trainer

@@ -25,7 +25,7 @@ from massrl.data.folder import (
     why_unlabeled,
 )
 from massrl.data.idx import FASHION_STEMS, find_idx_folder, idx_file, read_idx
-from massrl.data.subset import balanced_subset
+from massrl.data.subset import balanced_subset, random_subset
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [
@@ -132,23 +132,27 @@ def load_dataset(cfg: DataConfig, seed: int = 0) -> DatasetSplits:
 def _apply_config(splits: DatasetSplits, cfg: DataConfig, seed: int) -> DatasetSplits:
     if cfg.subset is not None:
         same = splits.train_labeled is splits.train
-        splits.train = _subset(splits.train, cfg.subset, seed)
+        splits.train = class_balanced(splits.train, cfg.subset, seed)
         if same:
             splits.train_labeled = splits.train
     if cfg.eval_subset is not None:
         if splits.train_labeled is not None:
-            splits.train_labeled = _subset(splits.train_labeled, cfg.eval_subset, seed)
+            splits.train_labeled = class_balanced(splits.train_labeled, cfg.eval_subset, seed)
         if splits.test is not None:
-            splits.test = _subset(splits.test, cfg.eval_subset, seed)
+            splits.test = class_balanced(splits.test, cfg.eval_subset, seed)
     splits.mean = tuple(cfg.mean) if cfg.mean is not None else splits.mean
     splits.std = tuple(cfg.std) if cfg.std is not None else splits.std
     return splits
 
 
-def _subset(ds: Dataset, n: int, seed: int) -> Dataset:
+def class_balanced(ds: Dataset, n: int, seed: int) -> Dataset:
+    """A seeded class-balanced subset of n images of `ds` (all of them when it has no more; a
+    uniform one of a dataset of one's own that lists no `targets`)."""
     if n >= len(ds):
         return ds
-    return SubsetDataset(ds, balanced_subset(ds.targets, n, seed))
+    labels = getattr(ds, "targets", None)
+    return SubsetDataset(ds, balanced_subset(labels, n, seed) if labels is not None
+                         else random_subset(len(ds), n, seed))
 
 
 def _not_found(name: str, looked: Sequence[str | Path], how: Sequence[str]) -> DatasetNotFoundError:
