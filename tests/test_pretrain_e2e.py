@@ -213,7 +213,23 @@ def test_default_run_directories_and_processes_started_apart(tmp_path, monkeypat
     cfg = build_config(overrides=["data.name=digits"])
     for n in range(2):
         monkeypatch.delenv(RUN_DIR_ENV, raising=False)
-        assert make_run_dir(cfg) == Path("runs/massrl_digits") / f"version_{n}"
+        run_dir = Path("runs/massrl_digits") / f"version_{n}"
+        made = Path("runs") if n == 0 else run_dir  # (the outermost folder made for it)
+        assert make_run_dir(cfg) == (run_dir, made.resolve())
+    # two runs started at once: the second finds version_2 free when it looks, but the first
+    # makes it before the second does, and the second takes version_3
+    monkeypatch.delenv(RUN_DIR_ENV, raising=False)
+    real_mkdir = Path.mkdir
+
+    def first_run_wins(self, *args, **kwargs):
+        if self.name == "version_2" and not self.exists():
+            real_mkdir(self)
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", first_run_wins)
+    assert make_run_dir(cfg)[0] == Path("runs/massrl_digits/version_3")
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
     # ranks started by torchrun or srun would each pick their own: output_dir is required
     for variable in ("WORLD_SIZE", "SLURM_NTASKS"):
         monkeypatch.delenv(RUN_DIR_ENV, raising=False)

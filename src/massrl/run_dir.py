@@ -28,14 +28,37 @@ except ImportError:  # not on a POSIX system: runs go unguarded
 RUN_DIR_ENV = "MASSRL_RUN_DIR"
 
 
-def make_run_dir(cfg: RunConfig, run_dir: Path | None = None) -> Path:
-    """Make the run directory (`run_dir`, or the one `choose_run_dir` names) and put it in the
-    environment, so the processes Lightning starts for DDP (which re-run the command) use the
-    same one instead of taking the next free version."""
-    run_dir = run_dir or choose_run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+def make_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
+    """Make the run directory (output_dir, the launching process's, or the next free
+    runs/<name>/version_N, claimed atomically: two runs started at once take two) and put it in
+    the environment, so the processes Lightning starts for DDP (which re-run the command) use
+    the same one. Also returns the outermost folder made for it (None: none was, or processes
+    started apart share it), which a run that stops before training removes again."""
+    run_dir = choose_run_dir(cfg)
+    if run_dir is None:
+        run_dir, made = _claim_next_version(Path("runs") / cfg.run_name)
+    else:
+        check_utf8_name(run_dir)
+        made = None if launched_apart() else outermost_missing(run_dir.resolve())
+        run_dir.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(run_dir)
-    return run_dir
+    return run_dir, made
+
+
+def _claim_next_version(base: Path) -> tuple[Path, Path | None]:
+    n = 0
+    while True:
+        run_dir = base / f"version_{n}"
+        n += 1
+        if run_dir.exists():
+            continue
+        check_utf8_name(run_dir)
+        made = outermost_missing(run_dir.resolve())
+        try:
+            run_dir.mkdir(parents=True)  # (fails when another run took the name meanwhile)
+        except FileExistsError:
+            continue
+        return run_dir, made
 
 
 def check_utf8_name(run_dir: Path) -> None:
@@ -51,9 +74,9 @@ def check_utf8_name(run_dir: Path) -> None:
                           "cannot write its logs: choose output_dir (or name) in UTF-8") from None
 
 
-def choose_run_dir(cfg: RunConfig) -> Path:
-    """output_dir if given, else the directory of the run that started this process, else the
-    next free runs/<name>/version_N."""
+def choose_run_dir(cfg: RunConfig) -> Path | None:
+    """output_dir if given, else the directory of the run that started this process, else None
+    (the next free runs/<name>/version_N, which make_run_dir claims)."""
     if cfg.output_dir:
         run_dir = Path(cfg.output_dir)
         if run_dir.exists() and not run_dir.is_dir():
@@ -65,11 +88,7 @@ def choose_run_dir(cfg: RunConfig) -> Path:
         # processes started apart (torchrun, srun) would each pick a directory of their own
         raise ConfigError("a run launched as several processes (torchrun, srun) needs "
                           "output_dir=DIR, the same on every process")
-    base = Path("runs") / cfg.run_name
-    n = 0
-    while (base / f"version_{n}").exists():
-        n += 1
-    return base / f"version_{n}"
+    return None
 
 
 @contextlib.contextmanager

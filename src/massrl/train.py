@@ -52,13 +52,9 @@ from massrl.resume import (
 )
 from massrl.run_dir import (
     RUN_DIR_ENV,
-    check_utf8_name,
-    choose_run_dir,
     finished_already,
     keep_previous_record,
-    launched_apart,
     make_run_dir,
-    outermost_missing,
     remove_new_run_dir,
     run_lock,
 )
@@ -225,14 +221,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
         print(f"data.num_workers=auto: {run_num_workers(cfg)} DataLoader workers on this machine")
     if cfg.resume == "auto" and not cfg.output_dir and run_dir is None:
         raise ConfigError("resume=auto needs output_dir=DIR: the run directory to continue")
-    new_folder = None
+    new_folder = None  # (a run that stops before training leaves no folder of its own)
     if run_dir is None:
-        run_dir = choose_run_dir(cfg)
-        check_utf8_name(run_dir)
-        # a run that stops before training leaves no folder of its own behind (one process: in
-        # DDP the other ranks may be using it)
-        new_folder = None if launched_apart() else outermost_missing(run_dir.resolve())
-        make_run_dir(cfg, run_dir)
+        run_dir, new_folder = make_run_dir(cfg)
     # (refused: the directory is another running run's, and stays as it is)
     held.enter_context(run_lock(run_dir, rank_zero_only.rank))
     try:
