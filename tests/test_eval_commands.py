@@ -106,6 +106,45 @@ def test_result_tables_line_up_figures_and_leave_paths_readable():
     assert "metric" not in figures + paths  # no header row
 
 
+def test_two_evaluations_finishing_into_one_folder_at_once_keep_both_records(tmp_path,
+                                                                           monkeypatch):
+    """One evaluation kept the earlier record aside, another wrote result.json meanwhile, and
+    the first then wrote over it: a record lost (and both wrote through one temporary file)."""
+    from massrl.eval import session
+
+    path = tmp_path / "result.json"
+    path.write_text("earlier")
+    real_link = os.link
+    interleaved = []
+
+    def the_other_finishes_first(src, dst):
+        if Path(dst) == path and not interleaved:  # between A's keep_earlier and its claim
+            interleaved.append(True)
+            session.write_record(path, "B")
+        return real_link(src, dst)
+
+    monkeypatch.setattr(session.os, "link", the_other_finishes_first)
+    session.write_record(path, "A")
+    records = sorted(p.read_text() for p in tmp_path.glob("result*.json"))
+    assert interleaved and records == ["A", "B", "earlier"]
+    assert path.read_text() == "A"  # the newest is result.json
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["result.1.json", "result.2.json",
+                                                          "result.json"]  # no leftovers
+
+
+def test_writers_of_one_shared_file_do_not_share_a_temporary_file(tmp_path):
+    """Two evaluations caching the same features wrote through one `<file>.tmp`: the first
+    rename took the second's file away mid-write."""
+    from massrl.files import atomic_write
+
+    path = tmp_path / "features.pt"
+    with atomic_write(path, shared=True) as a, atomic_write(path, shared=True) as b:
+        a.write(b"A" * 10)
+        b.write(b"B" * 20)
+    # (b finished first; a, finishing last, replaced it whole)
+    assert path.read_bytes() == b"A" * 10 and list(tmp_path.iterdir()) == [path]
+
+
 def test_an_earlier_record_is_kept_where_the_filesystem_has_no_hard_links(tmp_path,
                                                                          monkeypatch):
     """FAT, many FUSE and SMB mounts refuse os.link: the record is kept by a rename instead

@@ -9,6 +9,7 @@ full disk as a RuntimeError without a path).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import stat
 from collections.abc import Iterator
@@ -17,14 +18,16 @@ from typing import IO, Any
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path) -> Iterator[IO[bytes]]:
-    """A binary file to write `path` through; it replaces `path` only once all is written."""
+def atomic_write(path: str | Path, shared: bool = False) -> Iterator[IO[bytes]]:
+    """A binary file to write `path` through; it replaces `path` only once all is written.
+    `shared`: other processes may write `path` at the same time (evaluations, feature caches)."""
     path = Path(path)
     if path.is_symlink():  # (write where the link points: the link stays a link)
         path = path.resolve()
-    # one name per file (each file has one writer): a save killed midway leaves one stale
-    # temporary file at most, which the next save replaces
-    tmp = path.with_name(path.name + ".tmp")
+    # one name per file where it has one writer (a run's: it holds the run's lock): a save
+    # killed midway leaves one stale temporary file at most, which the next save replaces.
+    # Writers that share a file each need their own (one's rename took the other's file away)
+    tmp = own_sibling(path, ".tmp") if shared else path.with_name(f"{path.name}.tmp")
     recorder = None
     try:
         with open(tmp, "wb") as f:
@@ -42,6 +45,14 @@ def atomic_write(path: str | Path) -> Iterator[IO[bytes]]:
         if isinstance(cause, OSError):
             raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from exc
         raise
+
+
+_serial = itertools.count()
+
+
+def own_sibling(path: Path, suffix: str) -> Path:
+    """A name beside `path` that no other writer uses (process id and a serial number)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.{next(_serial)}{suffix}")
 
 
 class _Recorder:
@@ -62,9 +73,9 @@ class _Recorder:
         return getattr(self._f, name)
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """`path` holds `text` (UTF-8), or keeps what it held."""
-    with atomic_write(path) as f:
+def write_text(path: str | Path, text: str, shared: bool = False) -> None:
+    """`path` holds `text` (UTF-8), or keeps what it held (`shared`: see atomic_write)."""
+    with atomic_write(path, shared) as f:
         f.write(text.encode())
 
 

@@ -145,7 +145,9 @@ def cached_features(
     if use_cache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_write(path) as f:  # a crash never leaves a truncated cache file behind
+            # (a crash never leaves a truncated cache file behind; two evaluations of one
+            # checkpoint may write it together)
+            with atomic_write(path, shared=True) as f:
                 torch.save({"features": feats, "labels": labels,
                             "key": json.dumps(key, default=str)}, f)
         except OSError as exc:  # the evaluation goes on without its cache

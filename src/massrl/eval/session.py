@@ -30,7 +30,7 @@ from massrl.eval.features import (
     cached_features,
     resolve_device,
 )
-from massrl.files import write_text
+from massrl.files import own_sibling, write_text
 from massrl.models.backbones import input_size_error
 from massrl.provenance import package_versions, source_commit
 
@@ -301,10 +301,9 @@ def finish(run: EvalRun, title: str, results: dict[str, Any], rows: list[tuple[s
     """Write <output_dir>/<name> (result.json) and print the result table."""
     path = run.output_dir / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    keep_earlier(path)
     payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results,
                "protocol": protocol(run), "warnings": run.warnings}
-    write_text(path, json.dumps(payload, indent=2, default=str) + "\n")
+    write_record(path, json.dumps(payload, indent=2, default=str) + "\n")
     console = Console()
     console.print(title, style="bold", highlight=False)  # (a table's title wraps to its width)
     console.print(result_table(rows))
@@ -321,6 +320,27 @@ def result_table(rows: list[tuple[str, str]]) -> Table:
     for name, value in rows:
         table.add_row(name, value)
     return table
+
+
+def write_record(path: Path, text: str) -> None:
+    """Write `path`, an earlier record there kept as <stem>.N<suffix> (keep_earlier): the
+    newest is always `path`. The record is written whole beside it, then takes the name only
+    while it is free, so two evaluations finishing into one folder at once keep both."""
+    tmp = own_sibling(path, ".new")
+    write_text(tmp, text)
+    try:
+        while True:
+            keep_earlier(path)
+            try:
+                os.link(tmp, path)
+                return
+            except FileExistsError:  # another evaluation's, written meanwhile: keep it too
+                continue
+            except OSError:  # no hard links here (FAT, many FUSE and SMB mounts)
+                os.replace(tmp, path)
+                return
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def keep_earlier(path: Path) -> None:
