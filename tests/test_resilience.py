@@ -581,6 +581,27 @@ def test_a_second_ctrl_c_stops_at_once_and_says_how_to_continue(tiny):
     assert main(["pretrain", *args, "resume=auto"]) == 0
 
 
+def test_a_runs_own_config_resumes_that_run_from_any_folder(tiny, tmp_path, monkeypatch,
+                                                           capsys):
+    """config.yaml kept output_dir as typed: `-c ../a/run/config.yaml resume=auto` from
+    another folder said "no checkpoint in run yet" and trained a new run there."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    args = [*_byol(tiny), "output_dir=run"]  # relative, as typed
+    assert main(["pretrain", *args]) == 0
+    monkeypatch.chdir(tmp_path / "b")
+    capsys.readouterr()
+    assert main(["pretrain", "-c", "../a/run/config.yaml", "resume=auto",
+                 "trainer.max_epochs=2"]) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "a" / "run"
+    assert f"resume=auto: continuing the run in {run_dir}" in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["run_dir"] == str(run_dir)
+    assert not (tmp_path / "b" / "run").exists()
+
+
 def test_resume_accepts_the_same_folder_spelled_another_way(tiny, tmp_path, monkeypatch, capsys):
     from PIL import Image
 

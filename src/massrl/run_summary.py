@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,8 +76,10 @@ class RunSummary(Callback):
             # (None for a session that trained no step)
             "images_per_s": (round((module.images_seen - self._images_at_start)
                                    / self.train_seconds, 1) if self.train_seconds else None),
-            "run_dir": str(self.run_dir),
-            "last_checkpoint": str(self.run_dir / "checkpoints" / "last.ckpt"),
+            # (absolute, as Lightning's best_model_path: the file is read from other folders)
+            "run_dir": os.path.abspath(self.run_dir),
+            "last_checkpoint": os.path.join(os.path.abspath(self.run_dir), "checkpoints",
+                                            "last.ckpt"),
             "best_checkpoint": (ckpt.best_model_path or None) if ckpt is not None else None,
             "runtime": runtime(trainer, module),
         }

@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         rank_zero_only.rank = int(os.environ["NODE_RANK"])
     if rank_zero_only.rank != 0:  # a DDP process of rank > 0: rank 0 speaks for the run
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+    cfg = _resume_where_the_config_is(cfg, args)
 
     from massrl.data import BadImageError, DatasetNotFoundError, UnusableDataError
     from massrl.resilience import CheckpointWriteError, NonFiniteLossError
@@ -74,6 +75,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume_where_the_config_is(cfg: RunConfig, args: argparse.Namespace) -> RunConfig:
+    """`-c <run>/config.yaml resume=auto` continues that run, wherever the command is run
+    from and wherever the run's folder has moved: its config's output_dir (as typed when the
+    run started, perhaps relative to another folder) named a folder with no run, and a new
+    run started there. output_dir=... on the command line still decides."""
+    config = Path(str(args.config))
+    run_dir = Path(os.path.abspath(config.parent))
+    if (cfg.resume != "auto" or config.name != "config.yaml" or not config.is_file()
+            or not (run_dir / "checkpoints").is_dir()
+            or any(o.split("=", 1)[0].strip() == "output_dir" for o in args.overrides)):
+        return cfg
+    if cfg.output_dir is None or Path(os.path.abspath(cfg.output_dir)) != run_dir:
+        print(f"resume=auto: continuing the run in {run_dir}, the folder of its config.yaml "
+              f"(output_dir=DIR names another)")
+    return cfg.model_copy(update={"output_dir": str(run_dir)})
+
+
 def continue_command(run_dir: object) -> str:
     """The command that continues an interrupted run: its own config.yaml holds every setting
     it ran with (the command it was started with, plus resume=auto, does the same)."""
@@ -81,6 +99,7 @@ def continue_command(run_dir: object) -> str:
         return "the same command with resume=auto output_dir=<the run directory>"
     from massrl.run_dir import own_config_option
 
+    run_dir = os.path.abspath(str(run_dir))  # (it works from any folder)
     return (f"massrl pretrain {own_config_option(str(run_dir))} resume=auto "
             f"{shlex.quote(f'output_dir={run_dir}')}")
 
