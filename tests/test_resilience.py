@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -600,6 +601,25 @@ def test_a_runs_own_config_resumes_that_run_from_any_folder(tiny, tmp_path, monk
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["run_dir"] == str(run_dir)
     assert not (tmp_path / "b" / "run").exists()
+
+
+def test_a_run_rewound_to_an_earlier_checkpoint_keeps_its_last_one(tiny, capsys):
+    """resume=<run>/checkpoints/best-knn-E.ckpt into the run's own folder replaced last.ckpt
+    and summary.json: the run's final model was gone."""
+    args = _byol(tiny)
+    assert main(["pretrain", *args]) == 0  # 1 epoch, kept aside as the earlier checkpoint
+    run = _out(args)
+    best = run / "checkpoints" / "epoch1.ckpt"
+    shutil.copy(run / "checkpoints" / "last.ckpt", best)
+    assert main(["pretrain", *args, "trainer.max_epochs=2", "resume=auto"]) == 0
+    last, summary = (run / "checkpoints" / "last.ckpt").read_bytes(), \
+        (run / "summary.json").read_text()
+    capsys.readouterr()
+    assert main(["pretrain", *args, "trainer.max_epochs=2", f"resume={best}"]) == 0
+    # (the second session, resumed, kept the first one's record as before_resume_1)
+    assert "the last.ckpt it had is kept as last.before_resume_2.ckpt" in capsys.readouterr().out
+    assert (run / "checkpoints" / "last.before_resume_2.ckpt").read_bytes() == last
+    assert (run / "summary.before_resume_2.json").read_text() == summary
 
 
 def test_resume_accepts_the_same_folder_spelled_another_way(tiny, tmp_path, monkeypatch, capsys):

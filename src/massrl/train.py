@@ -236,7 +236,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
     resume_from, resumed_step, dm, method, trainer, parts = started
     if rank_zero_only.rank == 0:  # (once the run is sure to train)
         if resume_from is not None:
-            keep_previous_record(run_dir, resumed_step, to_yaml(cfg))
+            keep_previous_record(run_dir, resumed_step, to_yaml(cfg), resume_from)
         write_text(run_dir / "config.yaml", to_yaml(cfg))
     with quiet_lightning():
         try:
