@@ -102,3 +102,19 @@ def test_cpu_features_come_in_channels_last_and_match_the_plain_forward():
     with torch.no_grad():
         assert torch.allclose(feats, backbone.eval()(x).flatten(1), atol=1e-5)
     assert backbone.conv1.weight.is_contiguous()
+
+
+def test_a_long_extraction_writes_progress_lines_to_a_log(monkeypatch, capsys):
+    """Written to a file, an evaluation said nothing until its features were all computed
+    (minutes on a large split): now a line every PROGRESS_EVERY_S seconds."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from massrl.eval import features
+
+    monkeypatch.setattr(features, "PROGRESS_EVERY_S", 0.0)
+    loader = DataLoader(TensorDataset(torch.randn(9, 4), torch.arange(9)), batch_size=3)
+    features.extract_features(torch.nn.Linear(4, 2), loader, desc="features (test)")
+    lines = [x for x in capsys.readouterr().out.splitlines() if x]  # (not a terminal)
+    assert [line.split("  ")[0] for line in lines] == [
+        "features (test): 1/3 batches", "features (test): 2/3 batches",
+        "features (test): 9 images"]

@@ -65,6 +65,10 @@ def progress() -> Progress:
     )
 
 
+# seconds between the lines a feature extraction writes to a file (a live bar in a terminal)
+PROGRESS_EVERY_S = 60.0
+
+
 def progress_line(*parts: str) -> None:
     """One line of progress where the live bar shows nothing: output written to a file (a batch
     job's log), which would otherwise stay empty until the command ends."""
@@ -92,12 +96,16 @@ def extract_features(
     was_training = backbone.training
     backbone.eval().to(device)
     feats, labels = [], []
-    start = time.perf_counter()
+    start = said = time.perf_counter()
     try:
         with progress() as bar:
             task = bar.add_task(desc, total=len(loader))
-            for batch in loader:
+            for done, batch in enumerate(loader, 1):
                 bar.advance(task)
+                if time.perf_counter() - said >= PROGRESS_EVERY_S and done < len(loader):
+                    said = time.perf_counter()  # (a long extraction's log is not left empty)
+                    progress_line(f"{desc}: {done}/{len(loader)} batches",
+                                  f"{said - start:.0f} s")
                 if (xy := unpack(batch)) is None:
                     continue
                 x = on_device(xy[0], device, channels_last)
