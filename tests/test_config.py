@@ -24,6 +24,8 @@ def test_defaults_validate_and_overrides_apply():
     ("optimizr.lr=1", "unknown key 'optimizr'. Did you mean 'optimizer'?"),
     ("augment.view_mod=random", "Did you mean 'augment.view_mode'?"),
     ("optimizer.lr=-1", "optimizer.lr: Input should be greater than 0"),
+    # (1 px "trained"; 4 px stopped on a NaN gradient under bf16, the advice naming the lr)
+    ("data.image_size=4", "data.image_size: Input should be greater than or equal to 8"),
     ("augment.num_views=0", "augment.num_views"),
     ("data.batch_size=abc", "data.batch_size"),
     ("augment.strategies=[simclr,colour]", "augment.strategies.1"),
@@ -82,6 +84,11 @@ def test_unknown_key_in_yaml_file(tmp_path):
         build_config(config_file=f)
     assert "c.yaml" in str(err.value)
     assert "unknown key 'optimizer.learning_rate'. Did you mean 'optimizer.lr'?" in str(err.value)
+    # a dotted name as one YAML key was "unknown key 'optimizer.lr'. Did you mean 'optimizer.lr'?"
+    f.write_text("optimizer.lr: 0.1\n")
+    with pytest.raises(ConfigError, match="In a YAML file write it nested: 'optimizer:' and, "
+                                          "indented below, 'lr:'"):
+        build_config(config_file=f)
 
 
 def test_a_key_written_twice_an_empty_file_and_two_config_files(tmp_path, capsys):

@@ -73,6 +73,10 @@ def test_sync_batchnorm_is_off_on_the_cpu_with_a_notice(capsys) -> None:
     (["trainer.accelerator=gpu"], "trainer.accelerator=gpu, but torch sees no CUDA GPU here"),
     (["trainer.accelerator=cpu", "trainer.devices=[0]"],
      "Lightning cannot run trainer.accelerator=cpu trainer.devices=[0]"),
+    # (a package Lightning needs for it: was an ImportError traceback)
+    (["trainer.accelerator=tpu"], "Lightning cannot run trainer.accelerator=tpu"),
+    # started on one machine only: it waited for the others, silently, forever
+    (["trainer.num_nodes=2"], "trainer.num_nodes=2 needs the command started on each machine"),
 ])
 def test_trainer_settings_this_machine_cannot_run_are_one_line_errors(tiny, tmp_path, capsys,
                                                                       monkeypatch, settings,

@@ -35,3 +35,27 @@ def test_umap_pictures_are_left_out_of_the_epochs_time_and_speed(tiny, monkeypat
     assert summary["train_seconds"] + 5 <= summary["wall_seconds"]
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 1/1"))
     assert float(line.split()[-2]) <= summary["train_seconds"] + 0.5  # (rounded to 1 s)
+
+
+def test_umap_pictures_are_named_by_the_epochs_trained(tiny, monkeypatch):
+    """With knn_every=2 in a 3-epoch run the validation after fit drew 'epoch_0004.png' (it
+    runs at current_epoch = max_epochs); umap_every that no kNN check meets drew nothing."""
+    from pathlib import Path
+
+    import massrl.eval.umap_plot
+    from massrl.cli import main
+    from massrl.config import ConfigError, build_config
+
+    drawn = []
+    monkeypatch.setattr(massrl.eval.umap_plot, "save_umap",
+                        lambda feats, labels, classes, title, path, **k: drawn.append(
+                            (Path(path).name, title.rsplit(", ", 1)[-1])))
+    args = tiny("byol", **{"eval.umap_every": "2", "eval.knn_every": "2",
+                           "trainer.max_epochs": "3", "data.subset": "64"})
+    assert main(["pretrain", *args]) == 0
+    assert drawn == [("epoch_0002.png", "epoch 2")]  # (epoch 3: not a multiple of 2)
+    for bad, message in ((["eval.umap_every=3", "eval.knn_every=2"], "make it a multiple of 2"),
+                         (["eval.umap_every=1", "eval.knn_every=0"], "set knn_every too")):
+        with pytest.raises(ConfigError, match=message):
+            build_config(overrides=bad)
+    assert build_config(overrides=["eval.umap_every=0"]).eval.umap_every == 0  # off

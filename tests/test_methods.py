@@ -434,3 +434,20 @@ def test_a_skipped_accumulation_window_keeps_the_batch_norm_statistics_of_its_st
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), \
         [k for k in before if not torch.equal(before[k], after[k])][:3]
+
+
+def test_settings_a_method_does_not_use_are_named(capsys):
+    """loss.temperature under BYOL, loss.tau_* under SimCLR: accepted, changing nothing,
+    without a word. The shipped configs set none."""
+    from massrl.config import PACKAGE_CONFIGS
+    from massrl.methods import METHODS
+
+    simclr = build_config(config_file="fashion_mnist/simclr",
+                          overrides=["loss.tau_base=0.5", "model.pred_hidden_dim=64"])
+    assert METHODS["simclr"].ignored_settings(simclr) == ["model.pred_hidden_dim=64",
+                                                          "loss.tau_base=0.5"]
+    byol = build_config(config_file="fashion_mnist/byol", overrides=["loss.temperature=0.05"])
+    assert METHODS["byol"].ignored_settings(byol) == ["loss.temperature=0.05"]
+    for path in PACKAGE_CONFIGS.rglob("*.yaml"):
+        cfg = build_config(config_file=path)
+        assert METHODS[cfg.method].ignored_settings(cfg) == [], path

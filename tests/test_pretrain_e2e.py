@@ -210,6 +210,8 @@ def test_default_run_directories_and_processes_started_apart(tmp_path, monkeypat
     from massrl.run_dir import RUN_DIR_ENV, make_run_dir
 
     monkeypatch.chdir(tmp_path)
+    # (make_run_dir sets it in os.environ: this records its absence, restored at the end)
+    monkeypatch.setenv(RUN_DIR_ENV, "")
     cfg = build_config(overrides=["data.name=digits"])
     for n in range(2):
         monkeypatch.delenv(RUN_DIR_ENV, raising=False)
@@ -226,10 +228,9 @@ def test_default_run_directories_and_processes_started_apart(tmp_path, monkeypat
             real_mkdir(self)
         return real_mkdir(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "mkdir", first_run_wins)
-    assert make_run_dir(cfg)[0] == Path("runs/massrl_digits/version_3")
-    monkeypatch.undo()
-    monkeypatch.chdir(tmp_path)
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "mkdir", first_run_wins)
+        assert make_run_dir(cfg)[0] == Path("runs/massrl_digits/version_3")
     # ranks started by torchrun or srun would each pick their own: output_dir is required
     for variable in ("WORLD_SIZE", "SLURM_NTASKS"):
         monkeypatch.delenv(RUN_DIR_ENV, raising=False)
@@ -332,3 +333,18 @@ def test_devices_that_do_not_match_the_launch_are_one_line_errors(tiny, tmp_path
     assert "trainer.devices=2 trainer.num_nodes=1 do not match how the processes were started" \
         in err and "--ntasks-per-node=1" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_checkpoints_kept_every_n_epochs(tiny):
+    """trainer.keep_every_n_epochs: one checkpoint per N epochs beside last.ckpt, to evaluate a
+    run across its training (only last.ckpt and one best-knn were kept)."""
+    import torch
+
+    args = tiny("byol", **{"trainer.max_epochs": "4", "trainer.keep_every_n_epochs": "2",
+                           "data.subset": "64"})
+    assert main(["pretrain", "-c", "fashion_mnist/byol", *args]) == 0
+    folder = _run_dir(args) / "checkpoints"
+    kept = sorted(p.name for p in folder.glob("epoch-*.ckpt"))
+    assert kept == ["epoch-1.ckpt", "epoch-3.ckpt"]  # (after epochs 2 and 4, counted from 0)
+    steps = [torch.load(folder / k, weights_only=False)["global_step"] for k in kept]
+    assert steps == [4, 8]  # 64 images, batch 32: 2 steps an epoch

@@ -436,6 +436,32 @@ def test_resume_with_a_changed_backbone_is_refused(tiny, capsys):
     err = capsys.readouterr().err
     assert "seed: 0 in the checkpoint, 1 now" in err
     assert "optimizer.name: 'lars' in the checkpoint, 'adamw' now" in err
+    # other parameter groups: the optimizer's state would not load (a traceback, after
+    # config.yaml was rewritten and metrics.csv moved aside)
+    assert main(["pretrain", *args, "resume=auto", "trainer.max_epochs=2",
+                 "optimizer.exclude_bias_norm=false"]) == 2
+    assert "optimizer.exclude_bias_norm: True in the checkpoint, False now" in \
+        capsys.readouterr().err
+
+
+def test_a_resume_trains_at_the_optimizer_settings_it_names(tiny, capsys):
+    """Lightning restored the checkpoint's lr, weight decay, momentum and probe lr with the
+    optimizer's state: the resume note and config.yaml named the new values, the run trained
+    on at the old ones."""
+    args = _byol(tiny, **{"trainer.max_epochs": "1"})
+    assert main(["pretrain", *args]) == 0
+    assert main(["pretrain", *args, "resume=auto", "trainer.max_epochs=2", "optimizer.lr=0.008",
+                 "optimizer.weight_decay=0.5", "optimizer.momentum=0.5",
+                 "eval.probe_lr=0.25"]) == 0
+    assert "optimizer.lr: 1.0 -> 0.008" in capsys.readouterr().out
+    ckpt = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    peak = 0.008 * 32 / 256  # (optimizer.scale_lr: per 256 images)
+    assert ckpt["lr_schedulers"][0]["base_lrs"] == pytest.approx([peak, peak, 0.25])
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0, 0.0]  # (no decay: biases, norms)
+    assert {g["momentum"] for g in groups} == {0.5}
+    # at the run's end the cosine has come down from the new peak, not the old one
+    assert max(g["lr"] for g in groups[:2]) <= peak and groups[2]["lr"] == 0.25
 
 
 def test_resume_with_another_number_of_processes_is_refused(tiny, capsys):
@@ -620,6 +646,24 @@ def test_a_run_rewound_to_an_earlier_checkpoint_keeps_its_last_one(tiny, capsys)
     assert "the last.ckpt it had is kept as last.before_resume_2.ckpt" in capsys.readouterr().out
     assert (run / "checkpoints" / "last.before_resume_2.ckpt").read_bytes() == last
     assert (run / "summary.before_resume_2.json").read_text() == summary
+
+
+def test_a_branch_into_a_new_folder_says_so_in_a_line(tiny, tmp_path, capsys):
+    """resume=<a run's checkpoint> output_dir=<a new folder>: Lightning's warning named two
+    paths and `best_model_score`; massrl says what it means."""
+    import warnings
+
+    args = _byol(tiny)
+    assert main(["pretrain", *args]) == 0
+    branch = tmp_path / "branch"
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["pretrain", *args, "trainer.max_epochs=2", f"output_dir={branch}",
+                     f"resume={_out(args) / 'checkpoints' / 'last.ckpt'}"]) == 0
+    assert not [w for w in seen if "dirpath has changed" in str(w.message)]
+    assert f"note: a branch of that run into {branch}" in capsys.readouterr().out
+    assert json.loads((branch / "summary.json").read_text())["epochs"] == 2
 
 
 def test_resume_accepts_the_same_folder_spelled_another_way(tiny, tmp_path, monkeypatch, capsys):

@@ -118,6 +118,8 @@ QUIET = (
     # a resume with another trainer.checkpoint_every_n_steps: the periodic save's callback is
     # keyed by its cadence, and its state (no top-k) holds nothing the resumed run needs
     ".*callbacks used to create the checkpoint need to be provided.*",
+    # a run branched off another's checkpoint into a new folder: massrl says so (train.py)
+    ".*The dirpath has changed from.*",
     # training metrics are rank 0's share of the batch by design (docs/distributed.md)
     ".*when logging on epoch level in distributed setting.*",
     # inside Lightning's all_gather(sync_grads=True) (SimCLR's negatives from every rank); the

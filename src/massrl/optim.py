@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from timm.optim import Lars
@@ -50,6 +51,20 @@ def build_optimizer(
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
     return torch.optim.AdamW(groups, lr=lr)
+
+
+def take_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: Any,
+                         fresh: torch.optim.Optimizer, fresh_scheduler: Any) -> None:
+    """A resumed optimizer and LambdaLR keep their state (momentum, step count) and take the
+    hyper-parameters of ones built from the run's config now (`fresh`, same groups), the lr
+    where the schedule is at."""
+    for group, new in zip(optimizer.param_groups, fresh.param_groups, strict=True):
+        group.update({k: v for k, v in new.items() if k != "params"})
+    scheduler.base_lrs = list(fresh_scheduler.base_lrs)
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs,
+                                   scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

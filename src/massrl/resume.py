@@ -19,6 +19,7 @@ from massrl.run_dir import own_config_option
 # place in the epoch would no longer match (the process count is checked apart)
 FROZEN_KEYS = ("method", "seed", "data.name", "data.root", "data.subset", "data.image_size",
                "data.batch_size", "trainer.accumulate_grad_batches", "optimizer.name",
+               "optimizer.exclude_bias_norm",
                "model.backbone", "model.cifar_stem", "model.width", "model.kwargs",
                "model.proj_hidden_dim", "model.proj_output_dim", "model.pred_hidden_dim")
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
@@ -97,6 +98,10 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool,
         best = ModelCheckpoint(dirpath=ckpt_dir, monitor=KNN_METRIC, mode="max", save_top_k=1,
                                filename="best-knn-{epoch}", auto_insert_metric_name=False)
         callbacks.append(best)
+    if t.keep_every_n_epochs:
+        callbacks.append(ModelCheckpoint(
+            dirpath=ckpt_dir, filename="epoch-{epoch}", auto_insert_metric_name=False,
+            every_n_epochs=t.keep_every_n_epochs, save_top_k=-1, enable_version_counter=False))
     # after `best` (checkpoint callbacks run in this order at the epoch end): the epoch's
     # last.ckpt then holds the best score so far, which a resumed run must beat
     callbacks.append(EpochEndCheckpoint(ckpt_dir / "last.ckpt"))
@@ -107,8 +112,9 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool,
     hide_lightning_adverts()
     try:
         trainer = _trainer(cfg, run_dir, has_labels, callbacks, loggers)
-    except (MisconfigurationException, TypeError, ValueError) as exc:
-        if not isinstance(exc, MisconfigurationException) and not any(
+    except (MisconfigurationException, TypeError, ValueError, ImportError) as exc:
+        # (ImportError: an accelerator whose package is missing, e.g. tpu without torch_xla)
+        if not isinstance(exc, (MisconfigurationException, ImportError)) and not any(
                 key in str(exc) for key in ("accelerator", "devices", "strategy", "num_nodes")):
             raise  # (not the settings Lightning refuses: a bug to see whole)
         raise ConfigError(f"Lightning cannot run trainer.accelerator={t.accelerator} "
@@ -124,6 +130,11 @@ def _check_launch(trainer: L.Trainer, devices: Any, num_nodes: int) -> None:
     env = getattr(trainer.strategy, "cluster_environment", None)
     if env is None:
         return
+    if num_nodes > 1 and isinstance(env, LightningEnvironment) and "MASTER_ADDR" not in os.environ:
+        raise ConfigError(f"trainer.num_nodes={num_nodes} needs the command started on each "
+                          "machine, by srun (SLURM), torchrun --nnodes, or with MASTER_ADDR, "
+                          "MASTER_PORT and NODE_RANK set on each (docs/distributed.md): started "
+                          "alone it waits for the other machines forever")
     try:
         env.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
     except ValueError as exc:
@@ -284,6 +295,10 @@ def _start(cfg: RunConfig, run_dir: Path, splits: DatasetSplits | None
         if done >= cfg.trainer.max_epochs:
             return finished_already(cfg, run_dir, resume_from, done)
         print(f"resuming from {resume_from} ({done} of {cfg.trainer.max_epochs} epochs done)")
+        if not Path(resume_from).resolve().is_relative_to(run_dir.resolve()):
+            # (Lightning's own warning on it names two paths and an attribute)
+            print(f"note: a branch of that run into {run_dir}: its best-kNN checkpoint is "
+                  "chosen afresh among this run's epochs")
     elif cfg.resume == "auto":
         print(f"resume=auto: no checkpoint in {run_dir} yet, starting the run")
     dm, method, trainer, parts = _prepare(cfg, run_dir, resumed_step, splits)
@@ -316,6 +331,10 @@ def _prepare(cfg: RunConfig, run_dir: Path, resumed_step: int | None,
         save_augmentation_picture(cfg, run_dir / "augmentations.png", dm.splits)
     method = build_method(cfg, num_classes=dm.num_classes,
                           strategy_names=list(cfg.augment.strategies))
+    ignored = method.ignored_settings(cfg)
+    if ignored:
+        print(f"note: {' '.join(ignored)} set, but method={cfg.method} does not use "
+              f"{'it' if len(ignored) == 1 else 'them'}")
     method.use_data(dm.splits)
     check_input_size(method.backbone, cfg.model.backbone, cfg.data.image_size)
     method.channels_last = use_channels_last(cfg.trainer.channels_last, cfg.trainer.accelerator,

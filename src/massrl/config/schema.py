@@ -53,7 +53,8 @@ class DataConfig(Section):
     download: bool = Field(False, description="let torchvision download when a network exists")
     subset: int | None = Field(None, gt=0, description="seeded class-balanced subset of N images")
     eval_subset: int | None = Field(None, gt=0, description="subset of labeled splits (monitors)")
-    image_size: int = Field(32, gt=0, description="crop size of every view")
+    # (below 8 px the views hold no more than a few colours, and bf16 gradients overflowed)
+    image_size: int = Field(32, ge=8, description="crop size of every view (pixels, >= 8)")
     batch_size: int = Field(256, gt=0, description="per-device batch size")
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="DataLoader workers of each process; auto: 0 on a CPU with <= 4 "
@@ -104,8 +105,10 @@ class ModelConfig(Section):
 
 
 class LossConfig(Section):
-    tau_base: float = Field(0.99, ge=0, le=1, description="EMA momentum at the first step")
-    tau_final: float = Field(1.0, ge=0, le=1, description="EMA momentum at the last step")
+    tau_base: float = Field(0.99, ge=0, le=1, description="EMA target's momentum at the "
+                            "first step (BYOL, MASSRL)")
+    tau_final: float = Field(1.0, ge=0, le=1, description="EMA target's momentum at the last "
+                             "step (BYOL, MASSRL)")
     temperature: float = Field(0.2, gt=0, description="SimCLR NT-Xent temperature")
 
 
@@ -163,9 +166,13 @@ class TrainerConfig(Section):
                                "written to a file; false: neither")
     checkpoint_every_n_steps: int = Field(
         500, ge=0, description="also save last.ckpt every N optimizer steps (0 = epoch ends only)")
+    keep_every_n_epochs: int = Field(
+        0, ge=0, description="also keep checkpoints/epoch-E.ckpt every N epochs (E counted from "
+        "0, as in best-knn-E; 0 = none), to evaluate a run across its training")
     skip_nonfinite: bool = Field(False, description="skip steps whose loss is NaN/inf")
     cpu_threads: int | None = Field(
-        None, gt=0, description="torch threads of a CPU run (default: cores - data.num_workers)")
+        None, gt=0, description="torch threads of a CPU run (default: with DataLoader "
+        "workers, the cores they leave; without, torch's own: every core, or OMP_NUM_THREADS)")
     retain_freed_memory: bool = Field(
         True, description="glibc keeps freed blocks up to 32 MiB for reuse: fewer page faults, "
                           "~10 % more images/s on a 2-core CPU (massrl/memory.py)")
@@ -199,8 +206,25 @@ class EvalConfig(Section):
         "many labeled training images (null: all that data.eval_subset keeps). Every rank "
         "holds the bank's features: 1.28M ImageNet ResNet-50 ones are 10 GB")
     probe: bool = Field(True, description="online linear probe on detached features")
-    probe_lr: float = Field(0.1, gt=0, description="online linear probe's lr")
-    umap_every: int | None = Field(None, gt=0, description="UMAP picture every N epochs")
+    probe_lr: float = Field(0.1, gt=0, description="online linear probe's lr, constant (a "
+                            "parameter group of optimizer.name's optimizer, so an AdamW lr "
+                            "under adamw)")
+    umap_every: int | None = Field(None, ge=0, description="UMAP picture of the test "
+                                   "features every N epochs, at a kNN check (a multiple of "
+                                   "knn_every; null or 0 = off)")
+
+    @model_validator(mode="after")
+    def _umap_at_a_check(self) -> EvalConfig:
+        # the picture is drawn from the validation's features: with no validation in its epoch
+        # none was drawn, silently
+        if self.umap_every and not self.knn_every:
+            raise ValueError(f"umap_every={self.umap_every} draws at the kNN checks, which "
+                             f"knn_every=0 turns off: set knn_every too")
+        if self.umap_every and self.umap_every % self.knn_every:
+            raise ValueError(f"umap_every={self.umap_every} draws at the kNN checks, every "
+                             f"knn_every={self.knn_every} epochs: make it a multiple of "
+                             f"{self.knn_every}")
+        return self
 
 
 class WandbConfig(Section):

@@ -36,6 +36,9 @@ ALIASES = {
 
 def _closest(key: str, schema: type[BaseModel] = RunConfig) -> str:
     keys = _valid_keys(schema)
+    if key in keys:  # a dotted name written as one key, in a YAML file
+        section, leaf = key.rsplit(".", 1)
+        return f" In a YAML file write it nested: '{section}:' and, indented below, '{leaf}:'."
     alias = ALIASES.get(key.rsplit(".", 1)[-1])
     if alias in keys:
         return f" Did you mean '{alias}'?"

@@ -30,7 +30,7 @@ from massrl.methods.step_skipping import StepSkipping
 from massrl.models import build_backbone
 from massrl.models.backbones import feature_dim
 from massrl.models.heads import linear_head
-from massrl.optim import build_optimizer, scaled_lr, warmup_cosine
+from massrl.optim import build_optimizer, scaled_lr, take_hyperparameters, warmup_cosine
 from massrl.resilience import check_finite, rng_state, set_rng_state
 
 if TYPE_CHECKING:
@@ -101,6 +101,19 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
     # a plugin method's own settings (config method_kwargs): a pydantic model checks them, and
     # self.method_kwargs is its instance (None for a method without any)
     KWARGS: ClassVar[type[BaseModel] | None] = None
+
+    @classmethod
+    def ignored_settings(cls, cfg: RunConfig) -> list[str]:
+        """UNUSED_KEYS the config sets away from their defaults ("key=value"): set for another
+        method, they change nothing, which a run says at its start."""
+        def value(tree: Any, key: str) -> Any:
+            for part in key.split("."):
+                tree = getattr(tree, part)
+            return tree
+
+        default = RunConfig()
+        return [f"{k}={value(cfg, k)}" for k in cls.UNUSED_KEYS
+                if value(cfg, k) != value(default, k)]
 
     def _check_class(self, method: str) -> None:
         """A registered method's class takes its own method's config only: MASSRL's
@@ -270,6 +283,14 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
 
     def on_train_start(self) -> None:
         self._clock.start(self)  # a run resumed mid-epoch has no epoch start
+        if self.trainer.ckpt_path and self.trainer.lr_scheduler_configs:
+            # Lightning restored the checkpoint's lr, weight decay, momentum, ... with the
+            # optimizer's state: a resume with optimizer.lr=... changed was said and recorded,
+            # but trained on at the old values
+            fresh = self.configure_optimizers()
+            take_hyperparameters(self.trainer.optimizers[0],
+                                 self.trainer.lr_scheduler_configs[0].scheduler,
+                                 fresh["optimizer"], fresh["lr_scheduler"]["scheduler"])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # a stochastic layer (dropout, drop-path, a plugin's torch.rand) draws from its batch's

@@ -15,6 +15,7 @@ from massrl.optim import cosine_tau
 
 class BYOL(SSLMethod):
     ENCODERS = ("backbone", "target_backbone")
+    UNUSED_KEYS = ("loss.temperature",)  # (SimCLR's)
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 
 def _first_occurrences(index: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,8 @@ class OnlineMonitors:
 
     def _maybe_umap(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
         every = self.cfg.eval.umap_every
-        epoch = self.current_epoch + 1
+        # epochs trained: a validation after fit runs at current_epoch = max_epochs
+        epoch = self.current_epoch + (self.trainer.state.fn != TrainerFn.VALIDATING)
         if not every or epoch % every or not self.trainer.is_global_zero:
             return
         from massrl.eval.umap_plot import save_umap

@@ -12,7 +12,8 @@ from massrl.models import mlp
 
 
 class SimCLR(SSLMethod):
-    UNUSED_KEYS = ("model.pred_hidden_dim",)  # no predictor
+    # no predictor, no EMA target
+    UNUSED_KEYS = ("model.pred_hidden_dim", "loss.tau_base", "loss.tau_final")
 
     @classmethod
     def check_global_batch(cls, cfg: RunConfig, images: int) -> None:
