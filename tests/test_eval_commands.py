@@ -448,6 +448,22 @@ def test_transfer_uses_the_eval_dataset_size_and_warns(tmp_path):
     assert any("pre-trained at 32 px" in w for w in res["warnings"])
 
 
+def test_a_folder_of_large_photos_is_evaluated_at_a_bounded_size(tmp_path):
+    """Transfer to a folder of phone pictures ran at their own side, 3,000 px (20 GB for 100
+    images): a folder is seen at no more than 224 px (or the pre-training size if larger)."""
+    from conftest import class_folder
+
+    ckpt = make_checkpoint(tmp_path / "d.ckpt")  # digits, 16 px
+    photos = class_folder(tmp_path / "photos", per_class=6, size=300)
+    code, res = _run(tmp_path, "knn", f"ckpt={ckpt}", "data.name=folder",
+                     f"data.root={photos}", "k=[3]")
+    assert code == 0 and res["protocol"]["dataset"]["image_size"] == 224
+    small = class_folder(tmp_path / "small", per_class=6, size=40)  # own size, when smaller
+    code, res = _run(tmp_path, "knn", f"ckpt={ckpt}", "data.name=folder",
+                     f"data.root={small}", "k=[3]")
+    assert code == 0 and res["protocol"]["dataset"]["image_size"] == 40
+
+
 def test_clear_errors(tmp_path, ckpt, capsys):
     plain = tmp_path / "plain.pt"
     torch.save(load_pretrained(ckpt)[0].state_dict(), plain)
