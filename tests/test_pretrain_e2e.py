@@ -132,6 +132,37 @@ def test_augviz_on_a_folder_of_user_images(tmp_path):
     assert out.stat().st_size > 1000
 
 
+@pytest.mark.parametrize("backend", ["per_image", "batched"])
+def test_the_picture_decodes_large_photos_as_training_does(tmp_path, monkeypatch, backend):
+    """The augmentation picture decoded each original at full size (12 MP phone pictures: 0.8
+    GB and seconds at every run's start) and drew it so: now decoded as far down as training
+    decodes it, and drawn as a thumbnail."""
+    import matplotlib.axes
+
+    from massrl.augviz import augmentation_grid, view_maker
+    from massrl.config import build_config
+    from massrl.data import load_dataset
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(2):
+        Image.new("RGB", (2400, 1800), (i * 90, 20, 90)).save(root / f"p{i}.jpg")
+    cfg = build_config(overrides=["data.name=folder", f"data.root={root}",
+                                  "data.image_size=32", f"augment.backend={backend}"])
+    splits = load_dataset(cfg.data, cfg.seed)
+    maker, _ = view_maker(cfg, splits)
+    seen, drawn = [], []
+    sample = maker.sample
+    monkeypatch.setattr(maker, "sample", lambda img: seen.append(img.size) or sample(img))
+    imshow = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow",
+                        lambda ax, x, **k: drawn.append(getattr(x, "size", None)) or
+                        imshow(ax, x, **k))
+    augmentation_grid(splits.train, maker, tmp_path / "aug.png", num_images=2)
+    assert seen and all(max(side) <= 600 for side in seen), seen  # 1/4 scale (or less)
+    assert max(drawn[0]) <= 256  # the original's thumbnail
+
+
 def test_chain_pretrain_knn_linear_export(tiny, tmp_path):
     """pretrain -> knn -> linear -> export on one tiny run; the offline kNN on the same split and
     checkpoint reproduces the online monitor's number."""

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset  # noqa: E402
 
 from massrl.config import RunConfig  # noqa: E402
 from massrl.data.datasets import UnusableDataError  # noqa: E402
+from massrl.data.images import decode_at_least  # noqa: E402
 from massrl.files import picture_path, save_figure  # noqa: E402
 
 if TYPE_CHECKING:
@@ -38,13 +39,25 @@ def _pick_images(dataset: Dataset, num_images: int, seed: int) -> list:
     return images
 
 
+def _thumbnail(img, side: int = 256):
+    """A PIL image no larger than `side` (a figure cell is under 200 px wide)."""
+    if hasattr(img, "thumbnail") and max(img.size) > side:
+        img = img.copy()
+        img.thumbnail((side, side))
+    return img
+
+
 def augmentation_grid(dataset: Dataset, transform, path: str | Path, num_images: int = 8,
                       title: str = "", seed: int = 0) -> Path:
     """Draw `num_images` rows: the original image, then every view `transform.sample` makes,
     titled with the view's strategy, crop and the ops applied. Returns the PNG path."""
     torch.manual_seed(seed)
-    images = _pick_images(dataset, num_images, seed)
+    # decoded as training decodes them (a 12 MP JPEG at 1/4 scale: the views are the same, and
+    # the full-size originals took 0.8 GB and seconds), the originals drawn as thumbnails
+    with decode_at_least(getattr(transform, "source_side", None)):
+        images = _pick_images(dataset, num_images, seed)
     rows = [transform.sample(img) for img in images]
+    images = [_thumbnail(img) for img in images]
     cols = 1 + max(len(r) for r in rows)
     # constrained layout makes room for each title's lines (tight_layout let a row's labels
     # run into the row above, and the figure title into the first)

@@ -23,6 +23,7 @@ class BatchedPreview:
     def __init__(self, cfg: AugmentConfig, image_size: int, mean: Sequence[float],
                  std: Sequence[float]) -> None:
         self.crops = CropOnlyTransform(cfg, image_size)
+        self.source_side = self.crops.source_side  # (how far a JPEG may be decoded down)
         # one image at a time on the CPU: augment.compile (whole-batch GPU mode) does not apply,
         # and would only warn so at the start of a GPU run
         self.engine = BatchedAugmenter(cfg.model_copy(update={"compile": False}), mean, std)
