@@ -177,3 +177,21 @@ def test_a_plain_import_reaches_the_subpackages_and_stays_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300)
     assert out.stdout.split() == ["True", "byol", "True"], out.stderr[-2000:]
+
+
+def test_a_script_that_leaves_a_training_iterator_alive_still_exits():
+    """The pre-training loaders' workers ignore SIGTERM, which is how multiprocessing ends the
+    workers left at exit: a script that took one batch (or raised inside its loop) hung."""
+    script = (
+        "from massrl.config import build_config\n"
+        "from massrl.data import SSLDataModule\n"
+        "cfg = build_config(overrides=['data.name=digits', 'data.num_workers=1',\n"
+        "                              'data.batch_size=8', 'data.image_size=16'])\n"
+        "dm = SSLDataModule(cfg)\n"
+        "dm.setup('fit')\n"
+        "batches = iter(dm.train_dataloader())  # (kept: alive at exit)\n"
+        "batch = next(batches)\n"
+        "print('got a batch', flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "got a batch" in done.stdout, done.stderr[-2000:]

@@ -13,10 +13,27 @@
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
+
+# the iterators of ResumableLoaders with workers that may still be running
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register  # (after multiprocessing's, so it runs before it)
+def _end_workers() -> None:
+    """A pre-training loader's workers ignore SIGTERM (run_worker_init_fn), which is how
+    multiprocessing ends the workers left at interpreter exit: a script that left an iterator
+    alive (an exception in its loop, one batch taken) waited for them forever. Each live
+    iterator ends its workers as it does when it closes."""
+    for it in list(_LIVE):
+        shutdown = getattr(it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -93,7 +110,10 @@ class ResumableLoader(DataLoader):
         sampler: ResumableSampler = self.sampler
         if self.next_epoch is not None and self.next_epoch() > sampler.epoch:
             sampler.set_epoch(self.next_epoch())
-        return super().__iter__()
+        it = super().__iter__()
+        if self.num_workers > 0:
+            _LIVE.add(it)
+        return it
 
     def state_dict(self) -> dict[str, int]:
         sampler: ResumableSampler = self.sampler
