@@ -15,6 +15,7 @@ from massrl.data import (
     BadImageError,
     BadImageWarning,
     DatasetNotFoundError,
+    UnusableDataError,
     balanced_subset,
     collate_skip_bad,
     fraction_subset,
@@ -159,6 +160,47 @@ def test_flat_and_nested_unlabeled(tmp_path):
     assert len(splits.train) == 4 and splits.train_labeled is None
     paths = [str(p) for p in splits.train.paths]
     assert paths == sorted(paths)
+
+
+def test_data_labels_decides_what_a_folders_sub_folders_are(tmp_path, capsys):
+    """Photos sorted into event folders were read as classes (a fifth held out of pre-training,
+    kNN on meaningless labels), and classes holding their images one level deeper were read
+    unlabeled, "no class sub-folders" said: data.labels=none / folders decide."""
+    events = tmp_path / "events"
+    for name in ("2023-xmas", "2024-beach"):
+        for i in range(5):
+            _img(events / name / f"{i}.jpg", value=20 * i)
+    splits = load_dataset(DataConfig(name="folder", root=str(events), labels="none"))
+    assert len(splits.train) == 10 and splits.num_classes is None
+    assert "10 unlabeled images (data.labels=none)" in capsys.readouterr().out
+
+    nested = tmp_path / "nested"
+    for ci, name in enumerate(("a", "b")):
+        for i in range(5):
+            _img(nested / name / "sub" / f"{i}.png", value=40 * ci + i)
+    load_dataset(DataConfig(name="folder", root=str(nested)))
+    assert "hold their images in folders of their own" in capsys.readouterr().out
+    splits = load_dataset(DataConfig(name="folder", root=str(nested), labels="folders"))
+    assert splits.num_classes == 2 and len(splits.train) + len(splits.test) == 10
+    with pytest.raises(UnusableDataError, match="classes need 2 or more"):
+        load_dataset(DataConfig(name="folder", root=str(events / "2023-xmas"), labels="folders"))
+    with pytest.raises(ValueError, match="labels=none applies to name=folder"):
+        DataConfig(name="digits", labels="none")
+
+
+def test_held_out_folders_are_found_in_any_letter_case_and_the_unused_named(tmp_path, capsys):
+    """Train/ + Val/ was read as one unlabeled folder (the held-out images trained on);
+    validation/ was ignored, and test/ beside val/ silently."""
+    for held_out in ("Val", "test"):
+        _class_folder(tmp_path / "caps" / held_out, classes=("a", "b"), per_class=2)
+    _class_folder(tmp_path / "caps" / "Train", classes=("a", "b"))
+    splits = load_dataset(DataConfig(name="folder", root=str(tmp_path / "caps")))
+    assert (len(splits.train), len(splits.test)) == (8, 4)
+    assert f"data: {tmp_path / 'caps' / 'test'} is not used (held out: Val)" in \
+        capsys.readouterr().out
+    _class_folder(tmp_path / "long" / "train", classes=("a", "b"))
+    _class_folder(tmp_path / "long" / "validation", classes=("a", "b"), per_class=1)
+    assert len(load_dataset(DataConfig(name="folder", root=str(tmp_path / "long"))).test) == 2
 
 
 def test_bad_files_skipped_with_warning_or_strict(tmp_path):

@@ -156,7 +156,7 @@ def build_config(
 
 # set for one dataset, meaningless for another: a config file's values of these are dropped when
 # an override names another data.name (fashion_mnist's 20,000-image subset must not cut a folder)
-DATASET_KEYS = ("root", "subset", "eval_subset", "mean", "std")
+DATASET_KEYS = ("root", "labels", "subset", "eval_subset", "mean", "std")
 
 
 def _for_other_dataset(file_tree: dict, overrides: list[tuple[str, Any]],

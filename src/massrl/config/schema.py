@@ -50,6 +50,10 @@ class DataConfig(Section):
     name: Literal[DATASETS] = Field(  # type: ignore[valid-type]
         "fashion_mnist", description="dataset; folder: data.root, with or without class folders")
     root: str | None = Field(None, description="where the dataset lives (default: per dataset)")
+    labels: Literal["auto", "folders", "none"] = Field(
+        "auto", description="data.name=folder: auto = sub-folders that hold images directly are "
+        "classes, else unlabeled; folders = each sub-folder is a class, images at any depth "
+        "(torchvision's ImageFolder); none = unlabeled (folders sorted by date or event)")
     download: bool = Field(False, description="let torchvision download when a network exists")
     subset: int | None = Field(None, gt=0, description="seeded class-balanced subset of N images")
     eval_subset: int | None = Field(None, gt=0, description="subset of labeled splits (monitors)")
@@ -64,6 +68,13 @@ class DataConfig(Section):
     strict: bool = Field(False, description="fail on an undecodable image instead of skipping it")
     mean: tuple[float, float, float] | None = Field(None, description="default: the dataset's")
     std: tuple[float, float, float] | None = Field(None, description="default: the dataset's")
+
+    @model_validator(mode="after")
+    def _labels_of_a_folder(self) -> DataConfig:
+        if self.labels != "auto" and self.name != "folder":
+            raise ValueError(f"labels={self.labels} applies to name=folder ({self.name} has "
+                             "its own labels)")
+        return self
 
     @field_validator("std")
     @classmethod

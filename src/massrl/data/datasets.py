@@ -18,8 +18,10 @@ from massrl.data.download_lock import one_download_at_a_time
 from massrl.data.folder import (
     FileImageDataset,
     UnusableDataError,
+    folders_with_images,
     is_class_folder_layout,
     labeled_folder,
+    split_dirs,
     typical_size,
     unlabeled_folder,
     why_unlabeled,
@@ -284,17 +286,24 @@ def _folder(cfg: DataConfig, seed: int) -> DatasetSplits:
         ])
     root = Path(cfg.root).expanduser()
     _require_folder("folder", root)
-    train_dir, test_dir = _split_dirs(root)
-    if not is_class_folder_layout(train_dir):
+    train_dir, test_dir, unused = split_dirs(root)
+    for folder in unused:
+        print(f"data: {folder} is not used (held out: {test_dir.name})")
+    labeled = {"auto": is_class_folder_layout(train_dir), "folders": True, "none": False}
+    if not labeled[cfg.labels]:
         train = unlabeled_folder(train_dir, cfg.strict)
         if not train.paths:
             how = [f"put image files ({_EXTS}) under {train_dir}"]
             raise _not_found("folder", [train_dir], how)
         ignored = f"; {test_dir} is not used" if test_dir is not None else ""
-        print(f"data: {train_dir}: {len(train)} unlabeled images{why_unlabeled(train_dir)}"
-              f"{ignored}")
+        why = " (data.labels=none)" if cfg.labels == "none" else why_unlabeled(train_dir)
+        print(f"data: {train_dir}: {len(train)} unlabeled images{why}{ignored}")
         mean, std = IMAGENET_STATS
         return DatasetSplits(train, None, None, None, None, mean, std, typical_size(train.paths))
+    if len(classes := folders_with_images(train_dir)) < 2:  # (data.labels=folders)
+        raise UnusableDataError(f"data.labels=folders: {train_dir} has {len(classes)} sub-folder"
+                                "(s) holding images, and classes need 2 or more; data.labels="
+                                "auto or none reads it unlabeled")
     splits = _labeled_splits("folder", train_dir, test_dir, cfg, seed)
     names = ", ".join(splits.classes[:5]) + (", ..." if len(splits.classes) > 5 else "")
     held_out = f"{test_dir}" if test_dir is not None else "a seeded 80/20 split"
@@ -365,16 +374,6 @@ def _select(ds: FileImageDataset, indices: Sequence[int]) -> FileImageDataset:
     return FileImageDataset(
         [ds.paths[i] for i in indices], [ds.targets[i] for i in indices], ds.classes, ds.strict
     )
-
-
-def _split_dirs(root: Path) -> tuple[Path, Path | None]:
-    """``root/train`` with ``root/val`` (or ``root/test``) when present, else ``root`` alone."""
-    if (root / "train").is_dir():
-        for held_out in ("val", "test"):
-            if (root / held_out).is_dir():
-                return root / "train", root / held_out
-        return root / "train", None
-    return root, None
 
 
 def _require_folder(name: str, root: Path) -> None:

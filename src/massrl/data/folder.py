@@ -87,6 +87,25 @@ def is_class_folder_layout(root: Path, min_classes: int = 2) -> bool:
     return len(with_images) >= min_classes and all(_has_direct_images(d) for d in with_images)
 
 
+def folders_with_images(root: Path) -> list[Path]:
+    """The sub-folders of ``root`` that hold images, at any depth."""
+    return [d for d in _subdirs(root) if _any_image(d)]
+
+
+# held-out folder names beside train/, in the order preferred (any letter case)
+HELD_OUT_NAMES = ("val", "valid", "validation", "test")
+
+
+def split_dirs(root: Path) -> tuple[Path, Path | None, list[Path]]:
+    """(``root/train``, its held-out folder, other held-out folders left unused) when root has
+    a train/ folder (Train/, TRAIN/ too), else (``root``, None, [])."""
+    folders = {d.name.lower(): d for d in _subdirs(root)}
+    if "train" not in folders:
+        return root, None, []
+    held_out = [folders[name] for name in HELD_OUT_NAMES if name in folders]
+    return folders["train"], (held_out[0] if held_out else None), held_out[1:]
+
+
 def why_unlabeled(folder: Path) -> str:
     """Why a folder with sub-folders was not read as classes (and what that costs)."""
     loose = sorted(p.name for p in folder.iterdir() if p.is_file() and is_image_file(p.name))
@@ -99,6 +118,10 @@ def why_unlabeled(folder: Path) -> str:
     if len(with_images) == 1:
         return (f" (one sub-folder, {with_images[0].name}: a single class cannot be evaluated, "
                 "so no kNN or probe monitors)")
+    if with_images:  # each holds its images in folders of its own
+        return (f" (no kNN or probe monitors): its sub-folders ({with_images[0].name}, ...) hold "
+                "their images in folders of their own, as dated collections do; if they are "
+                "classes, data.labels=folders")
     return " (no class sub-folders: no kNN or probe monitors)"
 
 
