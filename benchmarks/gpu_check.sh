@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks of the batched engine in one run (prepared for a session lent a CUDA machine;
-# CI never runs it): the CUDA tests, the engine's GPU images/s at 32 and 224 px, and the engine,
+# CI never runs it): the CUDA tests, tiny end-to-end pre-trainings and the host syncs per step
+# (benchmarks/gpu_train_check.py), the engine's GPU images/s at 32 and 224 px, and the engine,
 # eager and compiled (augment.compile), against a ResNet-50 BYOL step (benchmarks/feed_rate.py).
 # Results go to $OUT (the device tool's folder) or benchmarks/results/gpu_check. Its steps' time
-# limits add up to 550 s: run it with the device tool's timeout at 600 s.
+# limits add up to 570 s: run it with the device tool's timeout at 600 s.
 #
 # The device image has torch, torchvision, lightning, timm and pytest but not pydantic. Before
 # the run, on the development machine, in the repo root (see the device tool's README):
@@ -25,10 +26,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import torch, massrl; print(torch.__version__, torch.cuda.get_device_name())" \
   | tee -a "$out/gpu.txt" || exit 1
 # the CUDA tests only: the CPU ones run in CI, and the CPU compile tests alone take a minute
-timeout 150 python3 -m pytest -q -rs -p no:cacheprovider tests/test_batched_engine.py -k cuda \
+timeout 120 python3 -m pytest -q -rs -p no:cacheprovider tests/test_batched_engine.py -k cuda \
   2>&1 | tee "$out/tests.log"
-timeout 100 python3 benchmarks/augment_throughput.py --cuda --sizes 32 224 --strategies massrl \
+# tiny pre-trainings as a user runs them (batched, resumed, 16-mixed), knn on the GPU, and the
+# host synchronisations per training step
+timeout 150 python3 benchmarks/gpu_train_check.py --out "$out/train_check_gpu.json" 2>&1 \
+  | tee "$out/train_check.log"
+timeout 80 python3 benchmarks/augment_throughput.py --cuda --sizes 32 224 --strategies massrl \
   --repeats 1 --per-image-images 32 --out "$out/augment_throughput_gpu.json" 2>&1 \
   | tee "$out/augment.log"
-timeout 300 python3 benchmarks/feed_rate.py --compile --out "$out/feed_rate_gpu.json" \
+timeout 220 python3 benchmarks/feed_rate.py --compile --out "$out/feed_rate_gpu.json" \
   --profile "$out/engine_ops_gpu.txt" 2>&1 | tee "$out/feed.log"
