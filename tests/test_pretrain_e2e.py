@@ -32,6 +32,9 @@ def test_pretrain_writes_a_complete_run_directory(method, tiny, capsys):
     assert list((run_dir / "checkpoints").glob("best-knn-*.ckpt"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["method"] == method and summary["dataset"] == "digits"
+    # what a sweep compares runs by, and when this session ran
+    assert summary["name"] == f"{method}_digits" and summary["seed"] == 0
+    assert summary["started"] <= summary["finished"] and summary["resumed_from"] is None
     assert 0.0 <= summary["knn_top1"] <= 1.0
     assert summary["epochs"] == summary["knn_after_epochs"] == 1
     assert summary["images_seen"] == 128  # subset of 128, batch 32, drop_last

@@ -626,6 +626,7 @@ def test_a_runs_own_config_resumes_that_run_from_any_folder(tiny, tmp_path, monk
     assert f"resume=auto: continuing the run in {run_dir}" in out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["run_dir"] == str(run_dir)
+    assert summary["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
     assert not (tmp_path / "b" / "run").exists()
 
 

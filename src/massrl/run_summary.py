@@ -27,6 +27,7 @@ class RunSummary(Callback):
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self.start = time.perf_counter()
+        self.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.train_seconds = 0.0
         self._clock = EpochClock()
         self._images_at_start = 0
@@ -64,8 +65,10 @@ class RunSummary(Callback):
                 ) -> dict[str, Any]:
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         return {
+            "name": module.cfg.run_name,
             "method": module.cfg.method,
             "dataset": module.cfg.data.name,
+            "seed": module.cfg.seed,
             **self.val_figures(ckpt),
             "final_loss": m.get("train/loss_epoch"),
             "epochs": trainer.current_epoch,
@@ -73,6 +76,10 @@ class RunSummary(Callback):
             "skipped_files": module.skipped_files,
             "train_seconds": round(self.train_seconds, 2),
             "wall_seconds": round(time.perf_counter() - self.start, 2),
+            # this session's (a resumed run's last one: its times above are this session's)
+            "started": self.started,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "resumed_from": os.path.abspath(trainer.ckpt_path) if trainer.ckpt_path else None,
             # (None for a session that trained no step)
             "images_per_s": (round((module.images_seen - self._images_at_start)
                                    / self.train_seconds, 1) if self.train_seconds else None),
