@@ -203,6 +203,24 @@ def test_held_out_folders_are_found_in_any_letter_case_and_the_unused_named(tmp_
     assert len(load_dataset(DataConfig(name="folder", root=str(tmp_path / "long"))).test) == 2
 
 
+def test_files_that_are_no_images_are_counted_not_passed_over_silently(tmp_path, capsys):
+    """An iPhone folder's HEIC pictures (or any other format) were left out without a word:
+    the run trained on part of the photos."""
+    _class_folder(tmp_path / "mix", classes=("a", "b"))
+    (tmp_path / "mix" / "a" / "IMG_1.HEIC").write_bytes(b"x")
+    (tmp_path / "mix" / "a" / "notes.txt").write_text("x")
+    (tmp_path / "mix" / "b" / "Thumbs.db").write_text("x")  # (no word for these)
+    load_dataset(DataConfig(name="folder", root=str(tmp_path / "mix")))
+    assert capsys.readouterr().out.rstrip().endswith(
+        "; 2 other files left out (1 .heic, 1 .txt); HEIC/HEIF pictures need converting to "
+        "JPEG first")
+    only_heic = tmp_path / "phone"
+    only_heic.mkdir()
+    (only_heic / "IMG_2.heic").write_bytes(b"x")
+    with pytest.raises(DatasetNotFoundError, match=r"1 other files left out \(1 .heic\)"):
+        load_dataset(DataConfig(name="folder", root=str(only_heic)))
+
+
 def test_bad_files_skipped_with_warning_or_strict(tmp_path):
     root = tmp_path / "odd"
     _img(root / "grey.png", mode="L")

@@ -5,6 +5,7 @@ and returns its splits as datasets of ``(PIL RGB image, label)`` items, label -1
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from massrl.data.folder import (
     folders_with_images,
     is_class_folder_layout,
     labeled_folder,
+    left_out_note,
     split_dirs,
     typical_size,
     unlabeled_folder,
@@ -290,25 +292,28 @@ def _folder(cfg: DataConfig, seed: int) -> DatasetSplits:
     for folder in unused:
         print(f"data: {folder} is not used (held out: {test_dir.name})")
     labeled = {"auto": is_class_folder_layout(train_dir), "folders": True, "none": False}
+    left_out: Counter = Counter()  # (files that are no images, by extension)
     if not labeled[cfg.labels]:
-        train = unlabeled_folder(train_dir, cfg.strict)
+        train = unlabeled_folder(train_dir, cfg.strict, left_out)
         if not train.paths:
-            how = [f"put image files ({_EXTS}) under {train_dir}"]
+            how = [f"put image files ({_EXTS}) under {train_dir}{left_out_note(left_out)}"]
             raise _not_found("folder", [train_dir], how)
         ignored = f"; {test_dir} is not used" if test_dir is not None else ""
         why = " (data.labels=none)" if cfg.labels == "none" else why_unlabeled(train_dir)
-        print(f"data: {train_dir}: {len(train)} unlabeled images{why}{ignored}")
+        print(f"data: {train_dir}: {len(train)} unlabeled images{why}{ignored}"
+              f"{left_out_note(left_out)}")
         mean, std = IMAGENET_STATS
         return DatasetSplits(train, None, None, None, None, mean, std, typical_size(train.paths))
     if len(classes := folders_with_images(train_dir)) < 2:  # (data.labels=folders)
         raise UnusableDataError(f"data.labels=folders: {train_dir} has {len(classes)} sub-folder"
                                 "(s) holding images, and classes need 2 or more; data.labels="
                                 "auto or none reads it unlabeled")
-    splits = _labeled_splits("folder", train_dir, test_dir, cfg, seed)
+    splits = _labeled_splits("folder", train_dir, test_dir, cfg, seed, left_out)
     names = ", ".join(splits.classes[:5]) + (", ..." if len(splits.classes) > 5 else "")
     held_out = f"{test_dir}" if test_dir is not None else "a seeded 80/20 split"
     print(f"data: {train_dir}: {splits.num_classes} classes ({names}); {len(splits.train)} "
-          f"images to train on, {len(splits.test)} held out ({held_out})")
+          f"images to train on, {len(splits.test)} held out ({held_out})"
+          f"{left_out_note(left_out)}")
     return splits
 
 
@@ -328,9 +333,10 @@ def _imagenet(cfg: DataConfig, seed: int, name: str) -> DatasetSplits:
 
 
 def _labeled_splits(
-    name: str, train_dir: Path, test_dir: Path | None, cfg: DataConfig, seed: int
+    name: str, train_dir: Path, test_dir: Path | None, cfg: DataConfig, seed: int,
+    left_out: Counter | None = None,
 ) -> DatasetSplits:
-    train = labeled_folder(train_dir, cfg.strict)
+    train = labeled_folder(train_dir, cfg.strict, left_out=left_out)
     classes = train.classes
     if test_dir is not None:
         if not is_class_folder_layout(test_dir, min_classes=1):
@@ -339,7 +345,7 @@ def _labeled_splits(
                 "holding images; sort the held-out images into the same class folders (or "
                 "remove the folder to split train 80/20)"
             )
-        test = labeled_folder(test_dir, cfg.strict, classes)
+        test = labeled_folder(test_dir, cfg.strict, classes, left_out)
     else:  # no held-out folder: a seeded, stratified 80/20 split, as for digits
         train, test = _stratified_split(train, seed)
     mean, std = IMAGENET_STATS

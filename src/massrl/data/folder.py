@@ -8,6 +8,7 @@ import hashlib
 import os
 import statistics
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,10 +38,15 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def find_images(root: str | os.PathLike) -> list[Path]:
+# files of folders of pictures that are no pictures, and need no word
+_NOT_PICTURES = {"thumbs.db", "desktop.ini"}
+
+
+def find_images(root: str | os.PathLike, left_out: Counter | None = None) -> list[Path]:
     """Every image file under ``root`` (recursively, symlinks followed, each folder once: a link
     back up the tree would list its images again and again), in sorted order so that indices
-    (and therefore subsets and splits) are the same on every machine."""
+    (and therefore subsets and splits) are the same on every machine. `left_out` counts the
+    other files by extension."""
     found = []
     top = os.path.realpath(root)
     seen: set[str] = set()
@@ -53,7 +59,23 @@ def find_images(root: str | os.PathLike) -> list[Path]:
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found.extend(Path(dirpath) / f for f in filenames if is_image_file(f))
+        if left_out is not None:
+            left_out.update(Path(f).suffix.lower() or f for f in filenames
+                            if not is_image_file(f) and not f.startswith(".")
+                            and f.lower() not in _NOT_PICTURES)
     return sorted(found)
+
+
+def left_out_note(left_out: Counter) -> str:
+    """"; N other files left out (...)" for the data line, naming formats users expect to work
+    (an iPhone's HEIC pictures), or ""."""
+    if not left_out:
+        return ""
+    kinds = ", ".join(f"{n} {ext}" for ext, n in left_out.most_common(4))
+    more = ", ..." if len(left_out) > 4 else ""
+    heic = ("; HEIC/HEIF pictures need converting to JPEG first"
+            if left_out.keys() & {".heic", ".heif"} else "")
+    return f"; {sum(left_out.values())} other files left out ({kinds}{more}){heic}"
 
 
 def _subdirs(root: Path) -> list[Path]:
@@ -234,14 +256,14 @@ def file_list_change(then: dict[str, Any] | None, now: dict[str, Any] | None) ->
 
 
 def labeled_folder(
-    root: Path, strict: bool, classes: list[str] | None = None
+    root: Path, strict: bool, classes: list[str] | None = None, left_out: Counter | None = None
 ) -> FileImageDataset:
     """An ImageFolder: one class per sub-folder (sorted names), images found recursively inside.
 
     With ``classes`` given (from the train split), the folders must be among them, so that a
     validation split uses the training split's label numbering.
     """
-    per_class = {d.name: find_images(d) for d in _subdirs(root)}
+    per_class = {d.name: find_images(d, left_out) for d in _subdirs(root)}
     found = [name for name, files in per_class.items() if files]
     if classes is None:
         classes = found
@@ -260,8 +282,9 @@ def labeled_folder(
     return FileImageDataset(paths, targets, classes, strict)
 
 
-def unlabeled_folder(root: Path, strict: bool) -> FileImageDataset:
-    return FileImageDataset(find_images(root), None, None, strict)
+def unlabeled_folder(root: Path, strict: bool, left_out: Counter | None = None
+                     ) -> FileImageDataset:
+    return FileImageDataset(find_images(root, left_out), None, None, strict)
 
 
 def typical_size(paths: Sequence[Path], default: int = 224, sample: int = 64) -> int:
