@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
 from massrl.data import BadImageError, load_image
-from massrl.data.images import as_rgb, to_rgb
+from massrl.data.images import as_rgb, decode_at_least, to_rgb
 
 
 def _save(img: Image.Image, path, **kwargs):
@@ -196,3 +197,11 @@ def test_a_very_large_image_is_named_in_the_warning(tmp_path, monkeypatch):
     Image.new("RGB", (15, 15)).save(path)  # 225 px, over twice the limit: refused, named
     with pytest.raises(BadImageError, match="huge.png.*decompression bomb"):
         load_image(path)
+    # a JPEG decoded down to what the crops need is not large: no warning (it said so of a
+    # 10,000 px photo that training decodes at 1/8 scale)
+    jpg = tmp_path / "photo.jpg"
+    Image.new("RGB", (12, 12)).save(jpg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with decode_at_least(3):
+            assert load_image(jpg).size == (3, 3)

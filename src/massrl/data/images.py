@@ -78,38 +78,34 @@ def check_image_header(path: str | os.PathLike) -> None:
     _read(Path(path), decode=False)
 
 
-def _open_naming_large(path: Path) -> Image.Image:
-    """Image.open, with PIL's warning about a very large image (a possible decompression bomb,
-    which names no file) said again with the file's name. Other warnings pass as they are."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            return Image.open(path)  # (raising, PIL closes the file it opened)
-    except Image.DecompressionBombWarning:
-        pass
+def _open_quietly(path: Path) -> Image.Image:
+    """Image.open without PIL's warning about a very large image (a possible decompression
+    bomb, naming no file): `_warn_if_large` says it, with the name, of the size decoded."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(path)
-    try:
+        return Image.open(path)
+
+
+def _warn_if_large(path: Path, img: Image.Image) -> None:
+    """A very large image, as it will be decoded (a JPEG decoded down is not)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
         warnings.warn(f"{path}: a very large image ({img.width} x {img.height} px) takes much "
                       "memory to decode; downscale it if it is not meant to be this large",
-                      Image.DecompressionBombWarning, stacklevel=3)
-    except BaseException:  # (the warning made an error: the file is not left open)
-        img.close()
-        raise
-    return img
+                      Image.DecompressionBombWarning, stacklevel=4)
 
 
 def _read(path: Path, decode: bool) -> Image.Image | None:
     try:
         if path.stat().st_size == 0:
             raise BadImageError(path, "empty file (0 bytes)")
-        with _open_naming_large(path) as img:
+        with _open_quietly(path) as img:
             if not decode:
                 return None
             side = _DECODE_SIDE.get()
             if side and img.format in ("JPEG", "MPO"):  # (MPO: a camera's multi-picture JPEG)
                 img.draft(None, (side, side))  # largest 1/2^k scale with both sides >= side
+            _warn_if_large(path, img)
             _load_fully(img)
             img = ImageOps.exif_transpose(img) or img
             return to_rgb(img)
