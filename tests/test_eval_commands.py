@@ -78,6 +78,9 @@ def test_knn_records_protocol_and_reuses_cached_features(tmp_path, ckpt, capsys)
     assert len(cached) == 2
     code, again = _run(tmp_path, "knn", f"ckpt={ckpt}", "k=[1]", "distance=euclidean")
     assert code == 0 and sorted((tmp_path / "cache").iterdir()) == cached
+    # another evaluation seed on the checkpoint's data draws the same images: no new entries
+    assert _run(tmp_path, "knn", f"ckpt={ckpt}", "k=[1]", "seed=5")[0] == 0
+    assert sorted((tmp_path / "cache").iterdir()) == cached
     assert set(again["results"]) == {"k=1", "num_train", "num_test"}
     # the first evaluation's record in that folder is kept, not overwritten
     earlier = json.loads((tmp_path / "knn" / "result.1.json").read_text())

@@ -261,7 +261,8 @@ def features(run: EvalRun, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
     cfg, ds = run.cfg, split_dataset(run, split)
     key = {"ckpt_sha256": run.pre.sha256, "split": split, "dataset": cfg.data.name,
            "root": cfg.data.root, "subset": cfg.data.subset, "eval_subset": cfg.data.eval_subset,
-           "seed": cfg.seed, "num_samples": len(ds), "files": files_fingerprint(ds),
+           # (the seed that drew the splits and subsets: another evaluation seed, the same images)
+           "seed": run.split_seed, "num_samples": len(ds), "files": files_fingerprint(ds),
            **extraction_info(run)}
     feats, labels = cached_features(
         run.pre.backbone, labeled_images(ds, test_transform(run)), key, cache_dir=cfg.cache_dir,
