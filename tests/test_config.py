@@ -24,8 +24,6 @@ def test_defaults_validate_and_overrides_apply():
     ("optimizr.lr=1", "unknown key 'optimizr'. Did you mean 'optimizer'?"),
     ("augment.view_mod=random", "Did you mean 'augment.view_mode'?"),
     ("optimizer.lr=-1", "optimizer.lr: Input should be greater than 0"),
-    # (1 px "trained"; 4 px stopped on a NaN gradient under bf16, the advice naming the lr)
-    ("data.image_size=4", "data.image_size: Input should be greater than or equal to 8"),
     ("augment.num_views=0", "augment.num_views"),
     ("data.batch_size=abc", "data.batch_size"),
     ("augment.strategies=[simclr,colour]", "augment.strategies.1"),
@@ -289,3 +287,20 @@ def test_simclr_colour_settings_are_checked(override, message):
 
 def test_a_quoted_value_stays_a_string():
     assert build_config(overrides=['name="2021-01-01"']).name == "2021-01-01"
+
+
+def test_settings_a_run_will_not_train_with_are_refused_when_it_starts():
+    """(Not by the schema: checkpoints written before these checks must still load.) 1 px
+    "trained"; 4 px stopped on a NaN gradient under bf16, the advice naming the lr; a UMAP
+    picture no kNN check meets was never drawn."""
+    from massrl.config.schema import check_training_settings
+
+    for bad, message in ((["data.image_size=4"], "data.image_size=4: train at 8 px or more"),
+                         (["eval.umap_every=3", "eval.knn_every=2"], "make it a multiple of 2"),
+                         (["eval.umap_every=1", "eval.knn_every=0"],
+                          "set eval.knn_every too")):
+        cfg = build_config(overrides=bad)  # (a stored config like it loads)
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            check_training_settings(cfg)
+    check_training_settings(build_config(overrides=["eval.umap_every=0"]))  # 0 = off
+

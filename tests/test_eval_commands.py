@@ -451,6 +451,15 @@ def test_transfer_uses_the_eval_dataset_size_and_warns(tmp_path):
     assert any("pre-trained at 32 px" in w for w in res["warnings"])
 
 
+def test_a_checkpoint_with_settings_a_new_run_refuses_still_evaluates(tmp_path):
+    """Checks a new run makes (umap_every a multiple of knn_every, 8 px or more) were schema
+    rules for a while: a checkpoint written before them failed to load, evaluate or export."""
+    ckpt = make_checkpoint(tmp_path / "old.ckpt", data={"image_size": 6},
+                           eval={"knn_every": 2, "umap_every": 3})
+    code, res = _run(tmp_path, "knn", f"ckpt={ckpt}", "k=[3]")
+    assert code == 0 and res["protocol"]["dataset"]["image_size"] == 6
+
+
 def test_a_folder_of_large_photos_is_evaluated_at_a_bounded_size(tmp_path):
     """Transfer to a folder of phone pictures ran at their own side, 3,000 px (20 GB for 100
     images): a folder is seen at no more than 224 px (or the pre-training size if larger)."""

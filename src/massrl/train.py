@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from massrl.augment.views import sparse_pairs_note
 from massrl.config import ConfigError, RunConfig, to_yaml
+from massrl.config.schema import check_training_settings
 from massrl.data.folder import check_headers
 from massrl.devices import (
     check_accelerator,
@@ -223,6 +224,7 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, *, splits: DatasetSpli
 def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
               splits: DatasetSplits | None) -> dict[str, Any]:
     check_accelerator(cfg.trainer.accelerator)
+    check_training_settings(cfg)
     check_run_extras(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     set_cpu_threads(cfg)

@@ -57,8 +57,8 @@ class DataConfig(Section):
     download: bool = Field(False, description="let torchvision download when a network exists")
     subset: int | None = Field(None, gt=0, description="seeded class-balanced subset of N images")
     eval_subset: int | None = Field(None, gt=0, description="subset of labeled splits (monitors)")
-    # (below 8 px the views hold no more than a few colours, and bf16 gradients overflowed)
-    image_size: int = Field(32, ge=8, description="crop size of every view (pixels, >= 8)")
+    image_size: int = Field(32, gt=0, description="crop size of every view (pixels, >= 8 to "
+                            "train)")
     batch_size: int = Field(256, gt=0, description="per-device batch size")
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="DataLoader workers of each process; auto: 0 on a CPU with <= 4 "
@@ -224,18 +224,6 @@ class EvalConfig(Section):
                                    "features every N epochs, at a kNN check (a multiple of "
                                    "knn_every; null or 0 = off)")
 
-    @model_validator(mode="after")
-    def _umap_at_a_check(self) -> EvalConfig:
-        # the picture is drawn from the validation's features: with no validation in its epoch
-        # none was drawn, silently
-        if self.umap_every and not self.knn_every:
-            raise ValueError(f"umap_every={self.umap_every} draws at the kNN checks, which "
-                             f"knn_every=0 turns off: set knn_every too")
-        if self.umap_every and self.umap_every % self.knn_every:
-            raise ValueError(f"umap_every={self.umap_every} draws at the kNN checks, every "
-                             f"knn_every={self.knn_every} epochs: make it a multiple of "
-                             f"{self.knn_every}")
-        return self
 
 
 class WandbConfig(Section):
@@ -302,4 +290,27 @@ class RunConfig(Section):
     @property
     def run_name(self) -> str:
         return self.name or f"{self.method}_{self.data.name}"
+
+
+def check_training_settings(cfg: RunConfig) -> None:
+    """Settings a run refuses to train with, checked when it starts (not by the schema, which
+    also reads the configs of checkpoints written before these checks: they must still load,
+    evaluate and export)."""
+    from massrl.config.section import ConfigError
+
+    e = cfg.eval
+    problems = []
+    if cfg.data.image_size < 8:  # a few colours per view, and bf16 gradients overflowed
+        problems.append(f"data.image_size={cfg.data.image_size}: train at 8 px or more")
+    # the UMAP picture is drawn from a validation's features: without a validation in its
+    # epoch none was drawn, silently
+    if e.umap_every and not e.knn_every:
+        problems.append(f"eval.umap_every={e.umap_every} draws at the kNN checks, which "
+                        "eval.knn_every=0 turns off: set eval.knn_every too")
+    elif e.umap_every and e.umap_every % e.knn_every:
+        problems.append(f"eval.umap_every={e.umap_every} draws at the kNN checks, every "
+                        f"eval.knn_every={e.knn_every} epochs: make it a multiple of "
+                        f"{e.knn_every}")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 

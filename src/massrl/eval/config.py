@@ -52,7 +52,7 @@ class EvalDataConfig(DataConfig):
     eval_subset: int | None = Field(
         None, gt=0, description="seeded class-balanced subset of the labeled train and test "
         "splits (default: the checkpoint's; null: whole splits)")
-    image_size: int = Field(32, ge=8, description="evaluation image size (default: the "
+    image_size: int = Field(32, gt=0, description="evaluation image size (default: the "
                             "checkpoint's; another dataset: its own)")
     batch_size: int = Field(256, gt=0, description="images per feature-extraction batch")
 
