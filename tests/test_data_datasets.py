@@ -188,19 +188,25 @@ def test_data_labels_decides_what_a_folders_sub_folders_are(tmp_path, capsys):
         DataConfig(name="digits", labels="none")
 
 
-def test_held_out_folders_are_found_in_any_letter_case_and_the_unused_named(tmp_path, capsys):
-    """Train/ + Val/ was read as one unlabeled folder (the held-out images trained on);
-    validation/ was ignored, and test/ beside val/ silently."""
-    for held_out in ("Val", "test"):
-        _class_folder(tmp_path / "caps" / held_out, classes=("a", "b"), per_class=2)
-    _class_folder(tmp_path / "caps" / "Train", classes=("a", "b"))
-    splits = load_dataset(DataConfig(name="folder", root=str(tmp_path / "caps")))
+def test_split_folders_spelt_otherwise_are_named_and_an_unused_one_said(tmp_path, capsys):
+    """Train/ + Val/ or train/ + valid/ were read without a word (the held-out images trained
+    on, or ignored), and test/ beside val/ silently. They are not taken for splits (a class
+    may be named Train, and earlier runs' splits must stay as they were): a note says how."""
+    _class_folder(tmp_path / "three" / "train", classes=("a", "b"))
+    for held_out in ("val", "test"):
+        _class_folder(tmp_path / "three" / held_out, classes=("a", "b"), per_class=2)
+    splits = load_dataset(DataConfig(name="folder", root=str(tmp_path / "three")))
     assert (len(splits.train), len(splits.test)) == (8, 4)
-    assert f"data: {tmp_path / 'caps' / 'test'} is not used (held out: Val)" in \
+    assert f"data: {tmp_path / 'three' / 'test'} is not used (held out: val)" in \
         capsys.readouterr().out
-    _class_folder(tmp_path / "long" / "train", classes=("a", "b"))
-    _class_folder(tmp_path / "long" / "validation", classes=("a", "b"), per_class=1)
-    assert len(load_dataset(DataConfig(name="folder", root=str(tmp_path / "long"))).test) == 2
+    for split in ("Train", "Val"):
+        _class_folder(tmp_path / "caps" / split, classes=("a", "b"))
+    load_dataset(DataConfig(name="folder", root=str(tmp_path / "caps")))
+    assert "holds Train/, Val/: split folders are read as train/ with val/ or test/, in lower " \
+           "case" in capsys.readouterr().out
+    _class_folder(tmp_path / "vehicles", classes=("Bus", "Car", "Train"))
+    splits = load_dataset(DataConfig(name="folder", root=str(tmp_path / "vehicles")))
+    assert splits.num_classes == 3 and "note" not in capsys.readouterr().out  # a class Train
 
 
 def test_files_that_are_no_images_are_counted_not_passed_over_silently(tmp_path, capsys):

@@ -24,6 +24,7 @@ from massrl.data.folder import (
     labeled_folder,
     left_out_note,
     split_dirs,
+    split_spelling_note,
     typical_size,
     unlabeled_folder,
     why_unlabeled,
@@ -291,6 +292,8 @@ def _folder(cfg: DataConfig, seed: int) -> DatasetSplits:
     train_dir, test_dir, unused = split_dirs(root)
     for folder in unused:
         print(f"data: {folder} is not used (held out: {test_dir.name})")
+    if note := split_spelling_note(root):
+        print(note)
     labeled = {"auto": is_class_folder_layout(train_dir), "folders": True, "none": False}
     left_out: Counter = Counter()  # (files that are no images, by extension)
     if not labeled[cfg.labels]:

@@ -114,18 +114,30 @@ def folders_with_images(root: Path) -> list[Path]:
     return [d for d in _subdirs(root) if _any_image(d)]
 
 
-# held-out folder names beside train/, in the order preferred (any letter case)
-HELD_OUT_NAMES = ("val", "valid", "validation", "test")
+# held-out folder names beside train/, in the order preferred
+HELD_OUT_NAMES = ("val", "test")
+_SPLIT_LIKE = {"train", "val", "valid", "validation", "test"}
 
 
 def split_dirs(root: Path) -> tuple[Path, Path | None, list[Path]]:
-    """(``root/train``, its held-out folder, other held-out folders left unused) when root has
-    a train/ folder (Train/, TRAIN/ too), else (``root``, None, [])."""
-    folders = {d.name.lower(): d for d in _subdirs(root)}
-    if "train" not in folders:
+    """(``root/train``, its held-out folder ``val/`` or ``test/``, another one left unused) when
+    root has a train/ folder, else (``root``, None, [])."""
+    if not (root / "train").is_dir():
         return root, None, []
-    held_out = [folders[name] for name in HELD_OUT_NAMES if name in folders]
-    return folders["train"], (held_out[0] if held_out else None), held_out[1:]
+    held_out = [root / name for name in HELD_OUT_NAMES if (root / name).is_dir()]
+    return root / "train", (held_out[0] if held_out else None), held_out[1:]
+
+
+def split_spelling_note(root: Path) -> str | None:
+    """A note when root's image folders are all named like splits but not as massrl reads them
+    (Train/ and Val/, valid/, validation/): they are not taken for splits (a class may be named
+    Train), so say how to make them so."""
+    folders = [d.name for d in folders_with_images(root)]
+    other = [n for n in folders if n not in ("train", *HELD_OUT_NAMES)]
+    if not other or not all(n.lower() in _SPLIT_LIKE for n in folders):
+        return None
+    return (f"note: {root} holds {', '.join(f'{n}/' for n in other)}: split folders are read "
+            f"as train/ with val/ or test/, in lower case; rename them to use them so")
 
 
 def why_unlabeled(folder: Path) -> str:
