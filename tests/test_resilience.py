@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -630,23 +629,20 @@ def test_a_runs_own_config_resumes_that_run_from_any_folder(tiny, tmp_path, monk
     assert not (tmp_path / "b" / "run").exists()
 
 
-def test_a_run_rewound_to_an_earlier_checkpoint_keeps_its_last_one(tiny, capsys):
-    """resume=<run>/checkpoints/best-knn-E.ckpt into the run's own folder replaced last.ckpt
-    and summary.json: the run's final model was gone."""
-    args = _byol(tiny)
-    assert main(["pretrain", *args]) == 0  # 1 epoch, kept aside as the earlier checkpoint
-    run = _out(args)
-    best = run / "checkpoints" / "epoch1.ckpt"
-    shutil.copy(run / "checkpoints" / "last.ckpt", best)
+def test_a_resume_from_an_earlier_checkpoint_into_the_runs_folder_is_refused(tiny, capsys):
+    """resume=<run>/checkpoints/<an earlier one> into the run's own folder replaced its
+    last.ckpt, summary.json and later checkpoints: the run's final model was gone. Refused,
+    before anything changes, pointing at a branch into a new folder."""
+    args = _byol(tiny, **{"trainer.keep_every_n_epochs": "1"})
+    assert main(["pretrain", *args]) == 0
     assert main(["pretrain", *args, "trainer.max_epochs=2", "resume=auto"]) == 0
-    last, summary = (run / "checkpoints" / "last.ckpt").read_bytes(), \
-        (run / "summary.json").read_text()
+    run = _out(args)
+    before = {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()}
     capsys.readouterr()
-    assert main(["pretrain", *args, "trainer.max_epochs=2", f"resume={best}"]) == 0
-    # (the second session, resumed, kept the first one's record as before_resume_1)
-    assert "the last.ckpt it had is kept as last.before_resume_2.ckpt" in capsys.readouterr().out
-    assert (run / "checkpoints" / "last.before_resume_2.ckpt").read_bytes() == last
-    assert (run / "summary.before_resume_2.json").read_text() == summary
+    assert main(["pretrain", *args, "trainer.max_epochs=2",
+                 f"resume={run / 'checkpoints' / 'epoch-0.ckpt'}"]) == 2
+    assert "is an earlier checkpoint of the run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
 
 
 def test_a_branch_into_a_new_folder_says_so_in_a_line(tiny, tmp_path, capsys):

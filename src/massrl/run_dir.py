@@ -164,41 +164,17 @@ def own_config_option(run_dir: Path | str) -> str:
     return f"-c {shlex.quote(str(Path(run_dir) / 'config.yaml'))}"
 
 
-def keep_previous_record(run_dir: Path, resumed_step: int, config_text: str,
-                         resume_from: str | Path | None = None) -> None:
+def keep_previous_record(run_dir: Path, resumed_step: int, config_text: str) -> None:
     """A resumed run rewrites config.yaml and metrics.csv: keep the interrupted sessions' beside
-    them, as `*.before_resume_N.*` (the config only when the resume changed a setting). A run
-    resumed from another checkpoint than its last.ckpt (an earlier one: it rewinds) would also
-    replace last.ckpt and summary.json: they are kept too."""
+    them, as `*.before_resume_N.*` (the config only when the resume changed a setting)."""
     n = 1
-    while any(run_dir.glob(f"*.before_resume_{n}.*")) or \
-            (run_dir / "checkpoints" / f"last.before_resume_{n}.ckpt").exists():
+    while any(run_dir.glob(f"*.before_resume_{n}.*")):
         n += 1
-    last = run_dir / "checkpoints" / "last.ckpt"
-    if resume_from is not None and last.is_file() and \
-            os.path.abspath(resume_from) != os.path.abspath(last):
-        kept = last.with_name(f"last.before_resume_{n}.ckpt")
-        _keep_copy(last, kept)
-        _keep_copy(run_dir / "summary.json", run_dir / f"summary.before_resume_{n}.json")
-        print(f"note: resuming from {Path(resume_from).name}, not the run's last.ckpt: the "
-              f"last.ckpt it had is kept as {kept.name} (output_dir=<a new folder> branches "
-              f"off instead)")
     config = run_dir / "config.yaml"
     with contextlib.suppress(OSError, yaml.YAMLError):
         if _settings(config.read_text()) != _settings(config_text):
             write_text(run_dir / f"config.before_resume_{n}.yaml", config.read_text())
     _keep_previous_metrics(run_dir, resumed_step, n)
-
-
-def _keep_copy(path: Path, kept: Path) -> None:
-    """`kept` holds what `path` holds now (a hard link: the run replaces `path` with a new
-    file, never writes into it; a copy where the filesystem has none)."""
-    if not path.is_file():
-        return
-    try:
-        os.link(path, kept)
-    except OSError:
-        shutil.copy2(path, kept)
 
 
 def _settings(config_text: str) -> dict:

@@ -249,7 +249,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
     resume_from, resumed_step, dm, method, trainer, parts = started
     if rank_zero_only.rank == 0:  # (once the run is sure to train)
         if resume_from is not None:
-            keep_previous_record(run_dir, resumed_step, to_yaml(cfg), resume_from)
+            keep_previous_record(run_dir, resumed_step, to_yaml(cfg))
         write_text(run_dir / "config.yaml", to_yaml(cfg))
     with quiet_lightning():
         try:
@@ -292,6 +292,12 @@ def _start(cfg: RunConfig, run_dir: Path, splits: DatasetSplits | None
             raise ConfigError(f"output_dir {run_dir} already holds a run, and resume="
                               f"{cfg.resume} is another run's checkpoint: continue that one "
                               "into a new output_dir, or this one with resume=auto")
+        if holds_a_run and Path(resume_from).resolve() != \
+                (run_dir / "checkpoints" / "last.ckpt").resolve():
+            raise ConfigError(f"resume={cfg.resume} is an earlier checkpoint of the run in "
+                              f"{run_dir}: continued there it would replace the run's later "
+                              "checkpoints, metrics and summary. Branch off into a new folder "
+                              "(output_dir=DIR), or continue the run with resume=auto")
         done, saved_world = epochs_done(ckpt), ckpt.get("massrl", {}).get("world_size")
         resumed_step = ckpt.get("global_step", 0)
         if done >= cfg.trainer.max_epochs:
