@@ -141,11 +141,14 @@ def test_precision_auto_on_a_gpu_takes_bf16_only_where_it_is_native(monkeypatch,
     assert resolve_precision("32-true", "auto") == "32-true"
 
 
-def test_precision_auto_before_a_forked_launch_asks_a_child_process(monkeypatch) -> None:
+def test_precision_auto_before_a_forked_launch_asks_a_child_process(monkeypatch, capsys
+                                                                    ) -> None:
     """Asking initialises CUDA, and Lightning refuses to fork (ddp_fork, a notebook's pick
-    for several GPUs) once it is: a child process asks instead."""
+    for several GPUs) once it is: a child process asks instead, with torch alone (a notebook's
+    massrl may not import in a fresh process); no answer counts as no."""
     import massrl.devices as devices
 
+    real_run = subprocess.run
     _a_gpu(monkeypatch, emulated_only=False)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", pytest.fail)  # not asked in here
     asked = []
@@ -156,7 +159,18 @@ def test_precision_auto_before_a_forked_launch_asks_a_child_process(monkeypatch)
 
     monkeypatch.setattr(devices.subprocess, "run", child)
     assert resolve_precision("auto", "gpu", strategy="ddp_fork") == "16-mixed"
-    assert asked and asked[0][0] == sys.executable and "native_bf16" in asked[0][-1]
+    assert asked and asked[0][0] == sys.executable and "massrl" not in asked[0][-1]
+    # the query itself, in a fresh process of this machine (no GPU: False), answers
+    answer = real_run([sys.executable, "-c", asked[0][-1]], capture_output=True, text=True,
+                      timeout=120)
+    assert answer.returncode == 0 and answer.stdout.strip() in ("True", "False"), answer.stderr
+
+    def no_answer(cmd, **kwargs):
+        raise subprocess.TimeoutExpired(cmd, 300)
+
+    monkeypatch.setattr(devices.subprocess, "run", no_answer)
+    assert resolve_precision("auto", "gpu", strategy="ddp_fork") == "16-mixed"
+    assert "could not ask a child process" in capsys.readouterr().out
 
 
 def test_a_resume_with_fewer_gpus_visible_restores_the_gpu_random_state_it_has(monkeypatch

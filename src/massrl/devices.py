@@ -159,12 +159,19 @@ def _launch_forks(strategy: str) -> bool:
 
 def _gpu_computes_bf16(ask_a_child: bool) -> bool:
     """Whether the first GPU computes bf16 natively. Asking initialises CUDA in the asking
-    process: before a forked launch a child process asks instead."""
+    process: before a forked launch a child process asks instead (torch alone: a notebook's
+    massrl may not be importable from a fresh process); no answer counts as no."""
     if not ask_a_child or torch.cuda.is_initialized():
         return native_bf16()
-    query = "from massrl.devices import native_bf16; print(native_bf16())"
-    answer = subprocess.run([sys.executable, "-c", query], capture_output=True, text=True,
-                            timeout=300, check=False)
+    query = ("import inspect, torch; f = torch.cuda.is_bf16_supported; print(f(False) if "
+             "'including_emulation' in inspect.signature(f).parameters else f())")
+    try:
+        answer = subprocess.run([sys.executable, "-c", query], capture_output=True, text=True,
+                                timeout=300, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        print(f"note: precision=auto could not ask a child process whether the GPU computes "
+              f"bf16 ({type(exc).__name__}): 16-mixed; set trainer.precision to choose")
+        return False
     return answer.stdout.strip() == "True"
 
 

@@ -131,7 +131,9 @@ def _check_launch(trainer: L.Trainer, devices: Any, num_nodes: int) -> None:
     env = getattr(trainer.strategy, "cluster_environment", None)
     if env is None:
         return
-    if num_nodes > 1 and isinstance(env, LightningEnvironment) and "MASTER_ADDR" not in os.environ:
+    launch = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "WORLD_SIZE")  # (node 0 needs no addr)
+    if num_nodes > 1 and isinstance(env, LightningEnvironment) and \
+            not any(v in os.environ for v in launch):
         raise ConfigError(f"trainer.num_nodes={num_nodes} needs the command started on each "
                           "machine, by srun (SLURM), torchrun --nnodes, or with MASTER_ADDR, "
                           "MASTER_PORT and NODE_RANK set on each (docs/distributed.md): started "

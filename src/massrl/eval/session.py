@@ -363,23 +363,28 @@ def write_record(path: Path, text: str) -> None:
 
 def keep_earlier(path: Path) -> None:
     """An earlier evaluation's record in the same place is kept as <stem>.N<suffix> (the
-    newest is always `path`), not overwritten."""
+    newest is always `path`), not overwritten. The record is first moved to a name of this
+    process's own (a rename moves whatever is there, whole: a record another evaluation wrote
+    meanwhile is never the one removed), then given the first free number."""
+    held = own_sibling(path, ".kept")
+    try:
+        path.rename(held)
+    except FileNotFoundError:  # none there, or another evaluation moved it first
+        return
     n = 1
-    while path.exists():
+    while True:
         kept = path.with_name(f"{path.stem}.{n}{path.suffix}")
         try:  # claims the name atomically: two evaluations finishing together keep both
-            os.link(path, kept)
+            os.link(held, kept)
         except FileExistsError:
             n += 1
             continue
-        except FileNotFoundError:  # another evaluation kept it first
-            return
         except OSError:  # no hard links here (FAT, many FUSE and SMB mounts): a rename
             if kept.exists():
                 n += 1
                 continue
-            path.rename(kept)
-        path.unlink(missing_ok=True)
+            held.rename(kept)
+        held.unlink(missing_ok=True)
         print(f"note: the earlier {path.name} in {path.parent} is kept as {kept.name}")
         return
 
