@@ -303,4 +303,6 @@ def test_settings_a_run_will_not_train_with_are_refused_when_it_starts():
         with pytest.raises(ConfigError, match=re.escape(message)):
             check_training_settings(cfg)
     check_training_settings(build_config(overrides=["eval.umap_every=0"]))  # 0 = off
+    # a run that trained at 4 px before the check may continue (its size cannot change)
+    check_training_settings(build_config(overrides=["data.image_size=4", "resume=auto"]))
 

@@ -202,8 +202,10 @@ def test_split_folders_spelt_otherwise_are_named_and_an_unused_one_said(tmp_path
     for split in ("Train", "Val"):
         _class_folder(tmp_path / "caps" / split, classes=("a", "b"))
     load_dataset(DataConfig(name="folder", root=str(tmp_path / "caps")))
+    out = capsys.readouterr().out
     assert "holds Train/, Val/: split folders are read as train/ with val/ or test/, in lower " \
-           "case" in capsys.readouterr().out
+           "case" in out
+    assert "data.labels=folders" not in out  # (that would label the images Train and Val)
     _class_folder(tmp_path / "vehicles", classes=("Bus", "Car", "Train"))
     splits = load_dataset(DataConfig(name="folder", root=str(tmp_path / "vehicles")))
     assert splits.num_classes == 3 and "note" not in capsys.readouterr().out  # a class Train

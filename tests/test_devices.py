@@ -171,6 +171,10 @@ def test_precision_auto_before_a_forked_launch_asks_a_child_process(monkeypatch,
     monkeypatch.setattr(devices.subprocess, "run", no_answer)
     assert resolve_precision("auto", "gpu", strategy="ddp_fork") == "16-mixed"
     assert "could not ask a child process" in capsys.readouterr().out
+    monkeypatch.setattr(devices.subprocess, "run", lambda cmd, **k: subprocess.CompletedProcess(
+        cmd, 1, stdout="", stderr="ImportError"))  # a child that fails says so too
+    assert resolve_precision("auto", "gpu", strategy="ddp_fork") == "16-mixed"
+    assert "(it failed): 16-mixed" in capsys.readouterr().out
 
 
 def test_a_resume_with_fewer_gpus_visible_restores_the_gpu_random_state_it_has(monkeypatch

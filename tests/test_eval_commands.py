@@ -135,6 +135,21 @@ def test_two_evaluations_finishing_into_one_folder_at_once_keep_both_records(tmp
                                                           "result.json"]  # no leftovers
 
 
+def test_an_earlier_record_stays_under_its_name_when_keeping_it_fails(tmp_path, monkeypatch):
+    """A failure after the record was moved aside left it under an internal name."""
+    from massrl.eval import session
+
+    def fails(held, path):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(session, "_number", fails)
+    (tmp_path / "result.json").write_text("earlier")
+    with pytest.raises(OSError):
+        session.keep_earlier(tmp_path / "result.json")
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
+    assert (tmp_path / "result.json").read_text() == "earlier"
+
+
 def test_writers_of_one_shared_file_do_not_share_a_temporary_file(tmp_path):
     """Two evaluations caching the same features wrote through one `<file>.tmp`: the first
     rename took the second's file away mid-write."""

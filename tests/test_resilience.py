@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -641,7 +642,7 @@ def test_a_resume_from_an_earlier_checkpoint_into_the_runs_folder_is_refused(tin
     capsys.readouterr()
     assert main(["pretrain", *args, "trainer.max_epochs=2",
                  f"resume={run / 'checkpoints' / 'epoch-0.ckpt'}"]) == 2
-    assert "is an earlier checkpoint of the run" in capsys.readouterr().err
+    assert "is another checkpoint of the run" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in (run / "checkpoints").iterdir()} == before
 
 
@@ -860,6 +861,32 @@ def test_resume_auto_without_last_ckpt_names_the_runs_other_checkpoint(tiny, cap
     assert f"holds no last.ckpt but best-knn-0.ckpt: continue from it with resume={best}" in \
         " ".join(capsys.readouterr().err.split())
     assert main(["pretrain", *args, f"resume={best}", "trainer.max_epochs=2"]) == 0
+    assert json.loads((_out(args) / "summary.json").read_text())["epochs"] == 2
+
+
+def test_resume_auto_without_last_ckpt_names_the_newest_checkpoint(tiny, capsys):
+    """Picked by name, epoch-9.ckpt came after epoch-10.ckpt: following the advice rewound
+    the run and replaced the newer one."""
+    args = _byol(tiny, **{"trainer.max_epochs": "1"})
+    assert main(["pretrain", *args]) == 0
+    ckpts = _out(args) / "checkpoints"
+    (ckpts / "last.ckpt").rename(ckpts / "epoch-10.ckpt")
+    shutil.copy(ckpts / "epoch-10.ckpt", ckpts / "epoch-9.ckpt")
+    os.utime(ckpts / "epoch-9.ckpt", (1, 1))  # the older one
+    capsys.readouterr()
+    assert main(["pretrain", *args, "resume=auto", "trainer.max_epochs=2"]) == 2
+    assert "holds no last.ckpt but epoch-10.ckpt" in capsys.readouterr().err
+
+
+def test_a_runs_checkpoints_folder_may_be_a_link_to_another_disk(tiny, tmp_path):
+    """resume=auto of a run whose checkpoints/ links elsewhere (a scratch disk) was refused as
+    "another run's checkpoint" (the resolved path lies outside the run's folder)."""
+    args = _byol(tiny, **{"trainer.max_epochs": "1"})
+    assert main(["pretrain", *args]) == 0
+    scratch = tmp_path / "scratch"
+    (_out(args) / "checkpoints").rename(scratch)
+    (_out(args) / "checkpoints").symlink_to(scratch)
+    assert main(["pretrain", *args, "resume=auto", "trainer.max_epochs=2"]) == 0
     assert json.loads((_out(args) / "summary.json").read_text())["epochs"] == 2
 
 

@@ -168,11 +168,13 @@ def _gpu_computes_bf16(ask_a_child: bool) -> bool:
     try:
         answer = subprocess.run([sys.executable, "-c", query], capture_output=True, text=True,
                                 timeout=300, check=False)
+        said = answer.stdout.strip() if answer.returncode == 0 else ""
     except (OSError, subprocess.TimeoutExpired) as exc:
+        said = type(exc).__name__
+    if said not in ("True", "False"):
         print(f"note: precision=auto could not ask a child process whether the GPU computes "
-              f"bf16 ({type(exc).__name__}): 16-mixed; set trainer.precision to choose")
-        return False
-    return answer.stdout.strip() == "True"
+              f"bf16 ({said or 'it failed'}): 16-mixed; set trainer.precision to choose")
+    return said == "True"
 
 
 def native_bf16() -> bool:

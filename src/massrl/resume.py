@@ -65,7 +65,8 @@ def find_resume_checkpoint(cfg: RunConfig, run_dir: Path) -> Path | None:
         last = run_dir / "checkpoints" / "last.ckpt"
         if last.is_file():
             return last
-        others = sorted(last.parent.glob("*.ckpt"))
+        # the newest (by name, epoch-9 would come after epoch-10)
+        others = sorted(last.parent.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
         if others:  # (last.ckpt could not be written: a full disk) the run is not to start over
             raise ConfigError(
                 f"resume=auto: {last.parent} holds no last.ckpt but {others[-1].name}: continue "

@@ -289,14 +289,16 @@ def _start(cfg: RunConfig, run_dir: Path, splits: DatasetSplits | None
     saved_world = resumed_step = None
     if resume_from is not None:
         ckpt = check_resume_compatible(cfg, resume_from)
-        if holds_a_run and not Path(resume_from).resolve().is_relative_to(run_dir.resolve()):
+        inside = _inside(resume_from, run_dir)
+        if holds_a_run and not inside:
             # (its checkpoints, metrics and summary would be overwritten by another run's)
             raise ConfigError(f"output_dir {run_dir} already holds a run, and resume="
                               f"{cfg.resume} is another run's checkpoint: continue that one "
                               "into a new output_dir, or this one with resume=auto")
-        if holds_a_run and Path(resume_from).resolve() != \
-                (run_dir / "checkpoints" / "last.ckpt").resolve():
-            raise ConfigError(f"resume={cfg.resume} is an earlier checkpoint of the run in "
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if holds_a_run and os.path.abspath(resume_from) != os.path.abspath(last) and \
+                Path(resume_from).resolve() != last.resolve():
+            raise ConfigError(f"resume={cfg.resume} is another checkpoint of the run in "
                               f"{run_dir}: continued there it would replace the run's later "
                               "checkpoints, metrics and summary. Branch off into a new folder "
                               "(output_dir=DIR), or continue the run with resume=auto")
@@ -305,7 +307,7 @@ def _start(cfg: RunConfig, run_dir: Path, splits: DatasetSplits | None
         if done >= cfg.trainer.max_epochs:
             return finished_already(cfg, run_dir, resume_from, done)
         print(f"resuming from {resume_from} ({done} of {cfg.trainer.max_epochs} epochs done)")
-        if not Path(resume_from).resolve().is_relative_to(run_dir.resolve()):
+        if not inside:
             # (Lightning's own warning on it names two paths and an attribute)
             print(f"note: a branch of that run into {run_dir}: its best-kNN checkpoint is "
                   "chosen afresh among this run's epochs")
@@ -356,6 +358,14 @@ def _prepare(cfg: RunConfig, run_dir: Path, resumed_step: int | None,
     if cfg.trainer.compile:
         compile_encoders(method)
     return dm, method, trainer, parts
+
+
+def _inside(path: str | Path, run_dir: Path) -> bool:
+    """Whether `path` is in the run's folder, as spelt (its checkpoints/ may be a link to
+    another disk: resolved, they would be elsewhere) or resolved (the folder reached through
+    a link)."""
+    spelt = Path(os.path.abspath(path)).is_relative_to(os.path.abspath(run_dir))
+    return spelt or Path(path).resolve().is_relative_to(run_dir.resolve())
 
 
 def compile_encoders(method: SSLMethod) -> None:

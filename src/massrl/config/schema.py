@@ -300,7 +300,9 @@ def check_training_settings(cfg: RunConfig) -> None:
 
     e = cfg.eval
     problems = []
-    if cfg.data.image_size < 8:  # a few colours per view, and bf16 gradients overflowed
+    # a few colours per view, and bf16 gradients overflowed (a run that trained so before may
+    # continue: its size cannot change on resume)
+    if cfg.data.image_size < 8 and cfg.resume is None:
         problems.append(f"data.image_size={cfg.data.image_size}: train at 8 px or more")
     # the UMAP picture is drawn from a validation's features: without a validation in its
     # epoch none was drawn, silently

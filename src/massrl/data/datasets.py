@@ -292,8 +292,8 @@ def _folder(cfg: DataConfig, seed: int) -> DatasetSplits:
     train_dir, test_dir, unused = split_dirs(root)
     for folder in unused:
         print(f"data: {folder} is not used (held out: {test_dir.name})")
-    if note := split_spelling_note(root):
-        print(note)
+    if spelling := split_spelling_note(root):
+        print(spelling)
     labeled = {"auto": is_class_folder_layout(train_dir), "folders": True, "none": False}
     left_out: Counter = Counter()  # (files that are no images, by extension)
     if not labeled[cfg.labels]:
@@ -302,7 +302,8 @@ def _folder(cfg: DataConfig, seed: int) -> DatasetSplits:
             how = [f"put image files ({_EXTS}) under {train_dir}{left_out_note(left_out)}"]
             raise _not_found("folder", [train_dir], how)
         ignored = f"; {test_dir} is not used" if test_dir is not None else ""
-        why = " (data.labels=none)" if cfg.labels == "none" else why_unlabeled(train_dir)
+        why = (" (data.labels=none)" if cfg.labels == "none" else
+               " (no kNN or probe monitors)" if spelling else why_unlabeled(train_dir))
         print(f"data: {train_dir}: {len(train)} unlabeled images{why}{ignored}"
               f"{left_out_note(left_out)}")
         mean, std = IMAGENET_STATS

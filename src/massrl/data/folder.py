@@ -122,9 +122,10 @@ _SPLIT_LIKE = {"train", "val", "valid", "validation", "test"}
 def split_dirs(root: Path) -> tuple[Path, Path | None, list[Path]]:
     """(``root/train``, its held-out folder ``val/`` or ``test/``, another one left unused) when
     root has a train/ folder, else (``root``, None, [])."""
-    if not (root / "train").is_dir():
+    names = {d.name for d in _subdirs(root)}  # (as listed: on a case-insensitive disk
+    if "train" not in names:                   # Train/ would pass for train/)
         return root, None, []
-    held_out = [root / name for name in HELD_OUT_NAMES if (root / name).is_dir()]
+    held_out = [root / name for name in HELD_OUT_NAMES if name in names]
     return root / "train", (held_out[0] if held_out else None), held_out[1:]
 
 
@@ -133,7 +134,8 @@ def split_spelling_note(root: Path) -> str | None:
     (Train/ and Val/, valid/, validation/): they are not taken for splits (a class may be named
     Train), so say how to make them so."""
     folders = [d.name for d in folders_with_images(root)]
-    other = [n for n in folders if n not in ("train", *HELD_OUT_NAMES)]
+    read = {"train", *HELD_OUT_NAMES} if "train" in folders else set()
+    other = [n for n in folders if n not in read and n.lower() not in read]
     if not other or not all(n.lower() in _SPLIT_LIKE for n in folders):
         return None
     return (f"note: {root} holds {', '.join(f'{n}/' for n in other)}: split folders are read "

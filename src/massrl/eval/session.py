@@ -371,6 +371,17 @@ def keep_earlier(path: Path) -> None:
         path.rename(held)
     except FileNotFoundError:  # none there, or another evaluation moved it first
         return
+    try:
+        kept = _number(held, path)
+    except BaseException:  # (a failed disk, Ctrl-C): the record back under its name
+        with contextlib.suppress(OSError):
+            held.rename(path)
+        raise
+    print(f"note: the earlier {path.name} in {path.parent} is kept as {kept.name}")
+
+
+def _number(held: Path, path: Path) -> Path:
+    """`held` renamed to the first free <stem>.N<suffix> of `path`."""
     n = 1
     while True:
         kept = path.with_name(f"{path.stem}.{n}{path.suffix}")
@@ -379,14 +390,13 @@ def keep_earlier(path: Path) -> None:
         except FileExistsError:
             n += 1
             continue
-        except OSError:  # no hard links here (FAT, many FUSE and SMB mounts): a rename
-            if kept.exists():
+        except OSError:  # no hard links here (FAT, many FUSE and SMB mounts): a rename,
+            if kept.exists():  # which two evaluations finishing at once may both choose
                 n += 1
                 continue
             held.rename(kept)
         held.unlink(missing_ok=True)
-        print(f"note: the earlier {path.name} in {path.parent} is kept as {kept.name}")
-        return
+        return kept
 
 
 def pct(x: float) -> str:
