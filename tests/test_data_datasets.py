@@ -206,6 +206,13 @@ def test_split_folders_spelt_otherwise_are_named_and_an_unused_one_said(tmp_path
     assert "holds Train/, Val/: split folders are read as train/ with val/ or test/, in lower " \
            "case" in out
     assert "data.labels=folders" not in out  # (that would label the images Train and Val)
+    _class_folder(tmp_path / "mixed" / "train", classes=("a", "b"))
+    _class_folder(tmp_path / "mixed" / "Val", classes=("a", "b"))
+    load_dataset(DataConfig(name="folder", root=str(tmp_path / "mixed")))
+    assert "holds Val/: split folders are read as train/" in capsys.readouterr().out
+    _class_folder(tmp_path / "three" / "validation", classes=("a", "b"))
+    load_dataset(DataConfig(name="folder", root=str(tmp_path / "three")))
+    assert "validation/ not used (the held-out split is val/)" in capsys.readouterr().out
     _class_folder(tmp_path / "vehicles", classes=("Bus", "Car", "Train"))
     splits = load_dataset(DataConfig(name="folder", root=str(tmp_path / "vehicles")))
     assert splits.num_classes == 3 and "note" not in capsys.readouterr().out  # a class Train

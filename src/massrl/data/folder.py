@@ -133,13 +133,16 @@ def split_spelling_note(root: Path) -> str | None:
     """A note when root's image folders are all named like splits but not as massrl reads them
     (Train/ and Val/, valid/, validation/): they are not taken for splits (a class may be named
     Train), so say how to make them so."""
-    folders = [d.name for d in folders_with_images(root)]
-    read = {"train", *HELD_OUT_NAMES} if "train" in folders else set()
-    other = [n for n in folders if n not in read and n.lower() not in read]
+    folders = [d.name for d in folders_with_images(root)]  # (as listed, also where the
+    other = [n for n in folders if n not in ("train", *HELD_OUT_NAMES)]  # disk ignores case)
     if not other or not all(n.lower() in _SPLIT_LIKE for n in folders):
         return None
-    return (f"note: {root} holds {', '.join(f'{n}/' for n in other)}: split folders are read "
-            f"as train/ with val/ or test/, in lower case; rename them to use them so")
+    listed = ", ".join(f"{n}/" for n in other)
+    used = next((n for n in HELD_OUT_NAMES if n in folders), None) if "train" in folders else None
+    if used:
+        return f"note: {root}: {listed} not used (the held-out split is {used}/)"
+    return (f"note: {root} holds {listed}: split folders are read as train/ with val/ or "
+            f"test/, in lower case; rename them to use them so")
 
 
 def why_unlabeled(folder: Path) -> str:
