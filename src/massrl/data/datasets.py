@@ -4,84 +4,37 @@ and returns its splits as datasets of ``(PIL RGB image, label)`` items, label -1
 
 from __future__ import annotations
 
-import warnings
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from massrl.config import DataConfig, default_root
+from massrl.config import DataConfig
 from massrl.data.download_lock import one_download_at_a_time
-from massrl.data.folder import (
-    FileImageDataset,
-    UnusableDataError,
-    folders_with_images,
-    is_class_folder_layout,
-    labeled_folder,
-    left_out_note,
-    split_dirs,
-    split_spelling_note,
-    typical_size,
-    unlabeled_folder,
-    why_unlabeled,
-)
+from massrl.data.folder import UnusableDataError
+from massrl.data.folder_splits import folder_splits, imagenet_splits
 from massrl.data.idx import FASHION_STEMS, find_idx_folder, idx_file, read_idx
+from massrl.data.splits import (
+    IMAGENET_STATS,
+    DatasetNotFoundError,
+    DatasetSplits,
+    dataset_root,
+    not_found,
+)
 from massrl.data.subset import balanced_subset, random_subset
+
+__all__ = [  # (DatasetSplits and the errors are imported from here by users and other modules)
+    "DatasetNotFoundError", "DatasetSplits", "IMAGENET_STATS", "UnusableDataError",
+    "class_balanced", "load_dataset",
+]
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
-IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset is not where massrl looked; the message lists the places and how to get it."""
-
-
-@dataclass
-class DatasetSplits:
-    """The datasets of a run; each item is ``(PIL image, label)``, label -1 when unlabeled.
-
-    Datasets of one's own go to ``SSLDataModule(cfg, splits=DatasetSplits(train=...))`` and are
-    used as given: the config's data selection (``data.name``, ``root``, ``subset``,
-    ``eval_subset``, ``mean``, ``std``) applies to the datasets massrl loads, not to these.
-    Only ``train`` is needed; the online kNN monitor and probe run when ``train_labeled`` and
-    ``test`` are given, with ``num_classes`` (or ``classes``, which gives it).
-    """
-
-    train: Dataset  # pre-training images
-    train_labeled: Dataset | None = None  # kNN bank / linear-probe training; may be `train`
-    test: Dataset | None = None
-    num_classes: int | None = None
-    classes: list[str] | None = None
-    mean: tuple[float, float, float] = IMAGENET_STATS[0]  # the input normalisation
-    std: tuple[float, float, float] = IMAGENET_STATS[1]
-    native_size: int | None = None  # the images' typical side (evaluation transfer uses it)
-
-    def __post_init__(self) -> None:
-        if self.num_classes is None and self.classes is not None:
-            self.num_classes = len(self.classes)
-        labeled = self.train_labeled is not None and self.test is not None
-        if labeled and self.num_classes is None:
-            raise ValueError("DatasetSplits with train_labeled and test needs num_classes (or "
-                             "classes) for the kNN monitor and probe; leave train_labeled=None "
-                             "to pre-train without them")
-        for name in ("mean", "std"):
-            values = tuple(float(v) for v in getattr(self, name))
-            if len(values) != 3 or (name == "std" and min(values) <= 0):
-                raise ValueError(f"DatasetSplits.{name} must be 3 channel values"
-                                 + (", all > 0" if name == "std" else "") + f": got {values}")
-            if max(abs(v) for v in values) > 1:  # images are scaled to [0, 1] before
-                raise ValueError(f"DatasetSplits.{name}={values} looks like 0-255 values: "
-                                 "give them on the [0, 1] scale (divide by 255)")
-            setattr(self, name, values)
 
 
 class ArrayImageDataset(Dataset):
@@ -160,31 +113,19 @@ def class_balanced(ds: Dataset, n: int, seed: int) -> Dataset:
                          else random_subset(len(ds), n, seed))
 
 
-def _not_found(name: str, looked: Sequence[str | Path], how: Sequence[str]) -> DatasetNotFoundError:
-    lines = [f"dataset '{name}' not found. Looked in:"]
-    lines += [f"  - {p}" for p in looked]
-    lines.append("To get it:")
-    lines += [f"  - {h}" for h in how]
-    return DatasetNotFoundError("\n".join(lines))
-
 
 # ---------------------------------------------------------------- fashion-mnist and digits
 
 
-def _root(cfg: DataConfig) -> Path:
-    """data.root, or the dataset's default folder."""
-    return Path(cfg.root).expanduser() if cfg.root else default_root(cfg.name)
-
-
 def _fashion_mnist(cfg: DataConfig, seed: int) -> DatasetSplits:
-    base = _root(cfg)
+    base = dataset_root(cfg)
     # the root itself, torchvision's layout below it, then the Debian package
     folders = [base, base / "FashionMNIST" / "raw", base / "fashion-mnist", DEBIAN_FASHION_MNIST]
     folder = find_idx_folder(folders)
     if folder is None and cfg.download:
         folder = _download_fashion_mnist(base, folders)
     if folder is None:
-        raise _not_found("fashion_mnist", folders, [
+        raise not_found("fashion_mnist", folders, [
             f"apt-get install dataset-fashion-mnist (installs into {DEBIAN_FASHION_MNIST})",
             "data.download=true with a network connection (torchvision downloads into data.root)",
             "data.root=DIR pointing at a folder with the four *-ubyte(.gz) IDX files",
@@ -233,7 +174,7 @@ def _torchvision_call(name: str, looked: Sequence[str | Path], make: Callable[[]
         with one_download_at_a_time(download_into):
             return make()
     except (RuntimeError, OSError) as exc:  # RuntimeError: not found; OSError/URLError: offline
-        err = _not_found(name, looked, [
+        err = not_found(name, looked, [
             "data.download=true with a network connection (torchvision downloads into data.root)",
             "data.root=DIR pointing at the folder that holds the torchvision files",
         ])
@@ -244,7 +185,7 @@ def _cifar(cfg: DataConfig, seed: int, hundred: bool) -> DatasetSplits:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     cls, name = (CIFAR100, "cifar100") if hundred else (CIFAR10, "cifar10")
-    root = _root(cfg)
+    root = dataset_root(cfg)
     looked = [root / cls.base_folder]
 
     def make(train: bool) -> TorchvisionDataset:
@@ -263,7 +204,7 @@ def _cifar(cfg: DataConfig, seed: int, hundred: bool) -> DatasetSplits:
 def _stl10(cfg: DataConfig, seed: int) -> DatasetSplits:
     from torchvision.datasets import STL10
 
-    root = _root(cfg)
+    root = dataset_root(cfg)
     looked = [root / STL10.base_folder]
 
     def make(split: str) -> TorchvisionDataset:
@@ -278,131 +219,14 @@ def _stl10(cfg: DataConfig, seed: int) -> DatasetSplits:
     return DatasetSplits(train, labeled, test, 10, labeled.classes, *stats, 96)
 
 
-# ---------------------------------------------------------------- image folders
-
-
-def _folder(cfg: DataConfig, seed: int) -> DatasetSplits:
-    if not cfg.root:
-        raise _not_found("folder", ["(data.root is not set)"], [
-            "data.root=DIR pointing at a folder of images: class sub-folders (labeled), any "
-            "layout (unlabeled), or train/ and val/ sub-folders"
-        ])
-    root = Path(cfg.root).expanduser()
-    _require_folder("folder", root)
-    train_dir, test_dir, unused = split_dirs(root)
-    for folder in unused:
-        print(f"data: {folder} is not used (held out: {test_dir.name})")
-    if spelling := split_spelling_note(root):
-        print(spelling)
-    labeled = {"auto": is_class_folder_layout(train_dir), "folders": True, "none": False}
-    left_out: Counter = Counter()  # (files that are no images, by extension)
-    if not labeled[cfg.labels]:
-        train = unlabeled_folder(train_dir, cfg.strict, left_out)
-        if not train.paths:
-            how = [f"put image files ({_EXTS}) under {train_dir}{left_out_note(left_out)}"]
-            raise _not_found("folder", [train_dir], how)
-        ignored = f"; {test_dir} is not used" if test_dir is not None else ""
-        why = (" (data.labels=none)" if cfg.labels == "none" else
-               " (no kNN or probe monitors)" if spelling else why_unlabeled(train_dir))
-        print(f"data: {train_dir}: {len(train)} unlabeled images{why}{ignored}"
-              f"{left_out_note(left_out)}")
-        mean, std = IMAGENET_STATS
-        return DatasetSplits(train, None, None, None, None, mean, std, typical_size(train.paths))
-    if len(classes := folders_with_images(train_dir)) < 2:  # (data.labels=folders)
-        raise UnusableDataError(f"data.labels=folders: {train_dir} has {len(classes)} sub-folder"
-                                "(s) holding images, and classes need 2 or more; data.labels="
-                                "auto or none reads it unlabeled")
-    splits = _labeled_splits("folder", train_dir, test_dir, cfg, seed, left_out)
-    names = ", ".join(splits.classes[:5]) + (", ..." if len(splits.classes) > 5 else "")
-    held_out = f"{test_dir}" if test_dir is not None else "a seeded 80/20 split"
-    print(f"data: {train_dir}: {splits.num_classes} classes ({names}); {len(splits.train)} "
-          f"images to train on, {len(splits.test)} held out ({held_out})"
-          f"{left_out_note(left_out)}")
-    return splits
-
-
-def _imagenet(cfg: DataConfig, seed: int, name: str) -> DatasetSplits:
-    root = _root(cfg)
-    looked = [root / "train", root / "val"]
-    how = [f"data.root=DIR where DIR/train and DIR/val hold one sub-folder per class ({name} "
-           "must be obtained from image-net.org; torchvision cannot download it)"]
-    if not (root / "train").is_dir() or not (root / "val").is_dir():
-        raise _not_found(name, looked, how)
-    if not is_class_folder_layout(root / "val", min_classes=1):
-        raise DatasetNotFoundError(
-            f"{root / 'val'} has no class sub-folders; sort the validation images into one "
-            "folder per class (as in train/)"
-        )
-    return _labeled_splits(name, root / "train", root / "val", cfg, seed)
-
-
-def _labeled_splits(
-    name: str, train_dir: Path, test_dir: Path | None, cfg: DataConfig, seed: int,
-    left_out: Counter | None = None,
-) -> DatasetSplits:
-    train = labeled_folder(train_dir, cfg.strict, left_out=left_out)
-    classes = train.classes
-    if test_dir is not None:
-        if not is_class_folder_layout(test_dir, min_classes=1):
-            raise UnusableDataError(
-                f"{train_dir} has class sub-folders but {test_dir} has no class sub-folder "
-                "holding images; sort the held-out images into the same class folders (or "
-                "remove the folder to split train 80/20)"
-            )
-        test = labeled_folder(test_dir, cfg.strict, classes, left_out)
-    else:  # no held-out folder: a seeded, stratified 80/20 split, as for digits
-        train, test = _stratified_split(train, seed)
-    mean, std = IMAGENET_STATS
-    size = typical_size(train.paths)
-    return DatasetSplits(train, train, test, len(classes), classes, mean, std, size)
-
-
-def _stratified_split(
-    ds: FileImageDataset, seed: int, test_fraction: float = 0.2
-) -> tuple[FileImageDataset, FileImageDataset]:
-    from sklearn.model_selection import train_test_split
-
-    targets = np.asarray(ds.targets)
-    counts = np.bincount(targets)
-    # sklearn stratifies classes of 2 images or more: a class of one goes to the training split
-    # whole (dropping the stratification for every class left whole classes out of the test)
-    single = np.flatnonzero(counts[targets] < 2)
-    idx = np.flatnonzero(counts[targets] >= 2)
-    try:
-        tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed,
-                                  stratify=targets[idx])
-    except ValueError:  # fewer test images than classes: a plain split of what there is
-        tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed)
-    if len(single):
-        names = [ds.classes[c] if ds.classes else str(c) for c in np.flatnonzero(counts == 1)]
-        warnings.warn(f"classes with a single image have no test image: {names[:10]}; the "
-                      "held-out split scores the other classes only", stacklevel=2)
-    return _select(ds, np.sort(np.concatenate([tr, single]))), _select(ds, np.sort(te))
-
-
-def _select(ds: FileImageDataset, indices: Sequence[int]) -> FileImageDataset:
-    return FileImageDataset(
-        [ds.paths[i] for i in indices], [ds.targets[i] for i in indices], ds.classes, ds.strict
-    )
-
-
-def _require_folder(name: str, root: Path) -> None:
-    if not root.is_dir():
-        raise _not_found(name, [root], [
-            "data.root=DIR pointing at an existing folder of images (an ImageFolder with class "
-            "sub-folders, or any folder of images for unlabeled pre-training)"
-        ])
-
-
-_EXTS = "jpg, jpeg, png, bmp, gif, tif, tiff, webp"
 _LOADERS: dict[str, Callable[[DataConfig, int], DatasetSplits]] = {
     "fashion_mnist": _fashion_mnist,
     "digits": _digits,
     "cifar10": lambda cfg, seed: _cifar(cfg, seed, hundred=False),
     "cifar100": lambda cfg, seed: _cifar(cfg, seed, hundred=True),
     "stl10": _stl10,
-    "folder": _folder,
-    "imagenet": lambda cfg, seed: _imagenet(cfg, seed, "imagenet"),
-    "imagenet100": lambda cfg, seed: _imagenet(cfg, seed, "imagenet100"),
+    "folder": folder_splits,
+    "imagenet": lambda cfg, seed: imagenet_splits(cfg, seed, "imagenet"),
+    "imagenet100": lambda cfg, seed: imagenet_splits(cfg, seed, "imagenet100"),
 }
 
