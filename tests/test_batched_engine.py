@@ -209,6 +209,27 @@ def test_full_mode_runs_each_strategy_s_families_on_its_views_only():
                                                         batch["strategy"].flip(1))
 
 
+@pytest.mark.parametrize("mode", ["per_strategy", "crops_x_strategies"])
+def test_ids_off_the_view_modes_layout_are_refused_in_every_mode_and_plan(mode):
+    """Full mode (the GPU's default) runs a view with its layout strategy's families only: ids
+    off the layout lost ops there, unchecked on the GPU, while the CPU's grouped mode took them.
+    On the CPU every mode and the host plan refuse them; random mode takes any ids."""
+    cfg = AugmentConfig(strategies=ALL[:4], view_mode=mode, num_crops=2)
+    batch = _batch(cfg, 3)
+    wrong = batch["strategy"].flip(1)
+    seeds = torch.arange(wrong.numel()).view_as(wrong)
+    for grouped in (True, False, None):
+        with pytest.raises(ValueError, match="expects view v to have strategy"):
+            BatchedAugmenter(cfg, MEAN, STD, grouped=grouped)(batch["views"], wrong, seeds=seeds)
+    aug = BatchedAugmenter(cfg, MEAN, STD)
+    with pytest.raises(ValueError, match="view_mode=random takes ids"):
+        aug.plan(wrong, seeds, batch["views"][0].shape[-1])
+    assert len(aug(batch["views"], batch["strategy"], seeds=seeds)) == wrong.shape[1]
+    random = AugmentConfig(strategies=ALL[:4], view_mode="random", num_views=wrong.shape[1])
+    views = aug.expand(batch["views"], wrong.shape[1])  # (one batch per view)
+    assert len(BatchedAugmenter(random, MEAN, STD)(views, wrong, seeds=seeds)) == wrong.shape[1]
+
+
 @pytest.mark.parametrize("view_mode, size", [("random", 16), ("crops_x_strategies", 16),
                                              ("random", 80)])
 def test_planned_grouped_mode_matches_grouped_mode(view_mode, size):
@@ -659,7 +680,8 @@ def test_normalisation_statistics_are_checked_and_one_value_serves_three_channel
     for x, y in zip(grey, rgb, strict=True):
         torch.testing.assert_close(x, y)
     for mean, std, message in (([0.5] * 3, [0.2, 0.0, 0.2], "std must be positive"),
-                               ([0.5] * 4, [0.2] * 3, "mean needs 1 or 3 values")):
+                               ([0.5] * 4, [0.2] * 3, "mean needs 1 or 3 values"),
+                               ([124, 116, 104], [58, 57, 57], "look like 0-255 values")):
         with pytest.raises(ValueError, match=message):
             BatchedAugmenter(cfg, mean, std)
 

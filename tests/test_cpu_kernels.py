@@ -203,3 +203,39 @@ def test_kernels_keep_torchs_thread_count():
                          timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "1"]
+
+
+def test_a_process_forked_after_the_kernels_ran_uses_the_torch_ops():
+    """GNU OpenMP is not fork-safe: numba terminated a forked child (a DataLoader worker whose
+    collate_fn calls an engine the parent had tried) at its first parallel call. The child runs
+    the torch ops instead, says so, and gives the parent's views within float rounding."""
+    import subprocess
+    import sys
+
+    code = (
+        "import multiprocessing as mp, numba, torch\n"
+        "from massrl.augment.batched import BatchedAugmenter\n"
+        "from massrl.config import AugmentConfig\n"
+        "aug = BatchedAugmenter(AugmentConfig(), (0.5,) * 3, (0.25,) * 3)\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "u8 = torch.randint(0, 256, (16, 3, 24, 24), dtype=torch.uint8, generator=g)\n"
+        "strategy, seeds = torch.arange(32).view(16, 2) % 4, torch.arange(32).view(16, 2)\n"
+        "parent = aug([u8, u8], strategy, seeds=seeds)\n"
+        "def child(q):\n"
+        "    out = aug([u8, u8], strategy, seeds=seeds)\n"
+        "    q.put(max((a - b).abs().max().item() for a, b in zip(out, parent)))\n"
+        "ctx = mp.get_context('fork')\n"
+        "q = ctx.Queue()\n"
+        "p = ctx.Process(target=child, args=(q,))\n"
+        "p.start()\n"
+        "p.join(120)\n"
+        "print(numba.threading_layer(), p.exitcode, q.get(timeout=5) if p.exitcode == 0 else '-')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    layer, exitcode, largest = out.stdout.split()
+    assert exitcode == "0", out.stderr  # (-15: numba's "Terminating: fork() called from ...")
+    assert float(largest) < 0.2  # a level across a discrete op's step at most
+    if layer == "omp":
+        assert "torch ops run instead" in out.stderr

@@ -35,7 +35,7 @@ from . import ops
 from .buffers import BufferPool
 from .families import FamilyFn, OpFamilies, use_cpu_kernels
 from .flips import flip_after, flip_first, load_flipped
-from .inputs import check_call, check_plan, check_plan_inputs, check_strategy_ids
+from .inputs import check_call, check_layout, check_plan, check_plan_inputs, check_strategy_ids
 from .plan import Grouping, Plan, consecutive_runs, family_lut, group_by_family
 from .policies import PolicySampler, Program, on_device
 
@@ -96,6 +96,8 @@ class BatchedAugmenter:
         without a synchronising read; without it, `counts` (how many views of each strategy
         `strategy` holds) lets full mode run each strategy's views apart in random view mode."""
         check_call(views, strategy, seeds, self.cfg.strategies, read_values=plan is None)
+        if plan is None:  # (a plan's ids were checked when it was drawn; check_plan: the same)
+            check_layout(strategy, self._strategy_of_view(strategy.shape[1]), self.cfg.view_mode)
         views = self.expand(views, strategy.shape[1])
         if not views:
             return []
@@ -123,6 +125,7 @@ class BatchedAugmenter:
                              "pass the same seeds")
         check_plan_inputs(strategy, seeds)
         check_strategy_ids(strategy, self.cfg.strategies)
+        check_layout(strategy, self._strategy_of_view(strategy.shape[1]), self.cfg.view_mode)
         prog = self._sample(strategy, size, None, seeds)
         families = self._families[False]
         return Plan(prog, group_by_family(prog, family_lut(families), len(families)), size,
@@ -177,11 +180,6 @@ class BatchedAugmenter:
             return self._apply_sorted(views, prog, strategy, counts)
         if groups is None:
             return self._apply_views(views, prog, grouped=False)
-        if strategy.device.type == "cpu":  # reading it is free here: check the layout
-            expected = torch.tensor(groups).expand_as(strategy)
-            if not torch.equal(strategy, expected):
-                raise ValueError(f"{self.cfg.view_mode} mode expects view v to have strategy "
-                                 f"{groups} (CropOnlyTransform's layout)")
         n = strategy.shape[0]
         out: dict[int, Tensor] = {}
         for s in sorted(set(groups)):

@@ -64,7 +64,7 @@ class OpFamilies:
         """Whether the fused CPU kernels run on x."""
         # (torch.compile traces the torch ops; it cannot trace into the numba kernels)
         return (self.fused and x.device.type == "cpu" and x.dtype == torch.float32
-                and not torch.compiler.is_compiling())
+                and not torch.compiler.is_compiling() and cpu_kernels.usable_here())
 
     def kernel_for(self, family: str, x: Tensor) -> bool:
         """Whether `family` runs as a fused CPU kernel on x (the warp only when nearest)."""

@@ -46,6 +46,18 @@ def check_call(views: Sequence[Tensor], strategy: Tensor, seeds: Tensor | None,
         check_strategy_ids(strategy, strategies)
 
 
+def check_layout(strategy: Tensor, groups: Sequence[int] | None, view_mode: str) -> None:
+    """Where the view mode fixes each view's strategy (`groups`, view v's), the ids must say so:
+    full mode (the GPU's) runs a view with its layout strategy's op families only, and would
+    drop the ops of any other. Checked where reading the ids is free, on the CPU, in every mode:
+    a loop written on the CPU then runs the same on a GPU."""
+    if groups is None or strategy.device.type != "cpu":
+        return
+    if not torch.equal(strategy, torch.tensor(groups).to(strategy.dtype).expand_as(strategy)):
+        raise ValueError(f"{view_mode} mode expects view v to have strategy {list(groups)} "
+                         "(CropOnlyTransform's layout); view_mode=random takes ids of one's own")
+
+
 def check_plan_inputs(strategy: Tensor, seeds: Tensor | None) -> None:
     """strategy and seeds as [B, V] integer tensors (a float id would be truncated to no
     strategy at all: the view would come out un-augmented)."""

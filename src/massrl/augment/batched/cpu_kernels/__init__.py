@@ -13,7 +13,7 @@ place. Why numba rather than torch.compile: inductor's CPU code needs a C++ comp
 and compiled the blur slower than eager; numba ships its own LLVM (and comes with umap-learn).
 """
 
-from .base import available
+from .base import available, usable_here
 from .colour import (
     adjust_hue_,
     autocontrast_,
@@ -27,5 +27,6 @@ from .spatial import cutout_, gaussian_blur_, sharpness_, warp_nearest_
 
 __all__ = [
     "adjust_hue_", "autocontrast_", "available", "brightness_", "cutout_", "equalize_",
-    "gaussian_blur_", "gray_blend_", "posterize_", "sharpness_", "solarize_", "warp_nearest_",
+    "gaussian_blur_", "gray_blend_", "posterize_", "sharpness_", "solarize_", "usable_here",
+    "warp_nearest_",
 ]

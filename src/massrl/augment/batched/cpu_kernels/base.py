@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import warnings
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -28,8 +31,30 @@ LEVEL_EPS = np.float32(1e-3)  # ops.posterize_'s: a level on a step must not rou
 SIGMA_OFF, TAP_REACH = 1e-3, 6.44
 
 
+_LAUNCHED_IN: int | None = None  # the process whose kernel call started numba's thread pool
+
+
 def available() -> bool:
     return numba is not None
+
+
+def usable_here() -> bool:
+    """Whether the kernels can run in this process. Not in a process forked from one that ran
+    them on numba's OpenMP layer: GNU OpenMP is not fork-safe and numba terminates such a child
+    at its first parallel call (a DataLoader worker's collate_fn calling an engine the parent
+    had tried). The torch ops run there instead, with a warning."""
+    if numba is None:
+        return False
+    if _LAUNCHED_IN in (None, os.getpid()) or numba.threading_layer() != "omp":
+        return True
+    warnings.warn(
+        "the batched augmentation engine runs in a process forked from one that ran its numba "
+        "kernels on the OpenMP threading layer, which cannot run them again (numba would "
+        "terminate it): its torch ops run instead (same draws, float rounding apart; slower). "
+        "To keep the kernels, start worker processes with multiprocessing_context='spawn' or "
+        "'forkserver', or set NUMBA_THREADING_LAYER=workqueue before the first call",
+        RuntimeWarning, stacklevel=2)
+    return False
 
 
 def jit(fn, **options):
@@ -76,6 +101,8 @@ def run(fn, x: Tensor, layout: str, *params: Tensor, **constants) -> Tensor:
         a = a.reshape(a.shape[0], -1) if layout == "flat" else a.reshape(*a.shape[:2], -1)
     arrays = (p.detach().to("cpu", torch.float32).contiguous().numpy() for p in params)
     fn(a, *arrays, *constants.values())
+    global _LAUNCHED_IN
+    _LAUNCHED_IN = _LAUNCHED_IN or os.getpid()
     # torch and numba's OpenMP layer share one libgomp (one soname, loaded once), and starting
     # numba's thread pool sets the process's OpenMP thread count to every core, which torch then
     # reads as its own: a process set to 1 thread (a per-core benchmark) or to cores - workers
