@@ -59,8 +59,13 @@ KILLER = textwrap.dedent("""
         trainer.callbacks.insert(0, Kill())
         return trainer, parts
     train.build_trainer = patched
-    from massrl.cli import main
-    sys.exit(main(sys.argv[1:]))
+    if os.environ.get("KILL_API"):  # a script of one's own: pretrain() without sys.exit
+        from massrl.config import build_config
+        args = sys.argv[1:]  # pretrain -c CONFIG OVERRIDES...
+        train.pretrain(build_config(config_file=args[2], overrides=args[3:]))
+    else:
+        from massrl.cli import main
+        sys.exit(main(sys.argv[1:]))
 """)
 
 
@@ -201,6 +206,18 @@ def test_stochastic_layers_draw_the_same_with_any_worker_count_and_after_a_resum
     assert killed.returncode == 143, killed.stderr[-2000:]
     assert main(["pretrain", *one, "resume=auto"]) == 0
     _assert_same_backbones(_out(none), _out(one))
+
+
+@pytest.mark.parametrize("sig, status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_script_calling_pretrain_exits_with_the_signals_status(tiny, sig, status):
+    """A script of one's own that calls massrl.train.pretrain exits as the command does when a
+    signal stops the run: it exited 0, and a scheduler or `train.py && eval.py` took the
+    stopped run for a finished one."""
+    args = _byol(tiny, **RUN)
+    result = _interrupted(args, at=3, sig=sig, KILL_API="1")
+    assert result.returncode == status, result.stderr[-2000:]
+    assert torch.load(_out(args) / "checkpoints" / "last.ckpt",
+                      weights_only=False)["global_step"] in (3, 4)
 
 
 def test_a_finished_run_leaves_the_processs_signal_handlers_as_they_were(tiny):

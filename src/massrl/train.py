@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from massrl.augment.views import sparse_pairs_note
+from massrl.caller_state import callers_process_kept
 from massrl.config import ConfigError, RunConfig, to_yaml
 from massrl.config.schema import check_training_settings
 from massrl.data.folder import check_headers
@@ -44,7 +45,12 @@ from massrl.memory import retain_freed_memory
 from massrl.methods import SSLMethod, build_method
 from massrl.models.backbones import check_input_size
 from massrl.optim import warmup_note
-from massrl.resilience import AtomicCheckpointIO, EpochEndCheckpoint, Preemption, StepCheckpoint
+from massrl.resilience import (
+    AtomicCheckpointIO,
+    EpochEndCheckpoint,
+    Preemption,
+    StepCheckpoint,
+)
 from massrl.resume import (
     check_resume_compatible,
     check_resume_fits,
@@ -53,7 +59,6 @@ from massrl.resume import (
     find_resume_checkpoint,
 )
 from massrl.run_dir import (
-    RUN_DIR_ENV,
     finished_already,
     keep_previous_record,
     make_run_dir,
@@ -212,15 +217,8 @@ def pretrain(cfg: RunConfig, run_dir: Path | None = None, *, splits: DatasetSpli
 
     `splits`: datasets of one's own (massrl.data.DatasetSplits), used as given instead of the
     ones `cfg.data` names (the run's name and directory still follow `cfg`)."""
-    inherited = RUN_DIR_ENV in os.environ
-    threads = torch.get_num_threads()
-    try:
-        with contextlib.ExitStack() as held:  # (the run directory's lock, once it is known)
-            return _pretrain(cfg, run_dir, held, splits)
-    finally:
-        if not inherited:  # the next run in this process picks its own directory
-            os.environ.pop(RUN_DIR_ENV, None)
-        torch.set_num_threads(threads)  # the caller's, whatever the run's workers needed
+    with callers_process_kept(), contextlib.ExitStack() as held:  # (held: the run's lock)
+        return _pretrain(cfg, run_dir, held, splits)
 
 
 def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
@@ -259,6 +257,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
         except SIGTERMException as exc:  # the command says where and how to continue
             exc.run_dir, exc.by_ctrl_c = run_dir, parts["preemption"].by_ctrl_c
             exc.signal_name = parts["preemption"].signal_name
+            exc.code = 130 if exc.by_ctrl_c else 143  # (a script calling pretrain exits so)
             raise
         except SystemExit:  # Lightning's exit after a second Ctrl-C, nothing saved since
             if not parts["preemption"].by_ctrl_c:

@@ -9,6 +9,7 @@ run_length.py.
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -114,6 +115,20 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
         default = RunConfig()
         return [f"{k}={value(cfg, k)}" for k in cls.UNUSED_KEYS
                 if value(cfg, k) != value(default, k)]
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's, leaving the caller's random streams as they were (building the model
+        draws its initial weights from torch's). `SSLMethod.load_from_checkpoint(path)` builds
+        the checkpoint's own method (MASSRL, BYOL, SimCLR or a plugin's)."""
+        method = cls
+        if cls is SSLMethod and isinstance(checkpoint_path, str | os.PathLike):
+            from massrl.eval.checkpoint import checkpoint_config, read_checkpoint
+            from massrl.methods import METHODS
+
+            method = METHODS[checkpoint_config(read_checkpoint(checkpoint_path)).method]
+        with torch.random.fork_rng(devices=[]):
+            return super(SSLMethod, method).load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def _check_class(self, method: str) -> None:
         """A registered method's class takes its own method's config only: MASSRL's
