@@ -306,3 +306,18 @@ def test_settings_a_run_will_not_train_with_are_refused_when_it_starts():
     # a run that trained at 4 px before the check may continue (its size cannot change)
     check_training_settings(build_config(overrides=["data.image_size=4", "resume=auto"]))
 
+
+
+def test_path_settings_expand_a_leading_tilde(monkeypatch, tmp_path):
+    """YAML and quoted arguments keep ~ as typed: a run's own files went to a folder named ~ in
+    the working directory while Lightning's loggers wrote into the home folder."""
+    from massrl.eval.config import ExportConfig, KnnEvalConfig, UmapEvalConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = build_config(overrides=["output_dir=~/runs/a", "resume=~/a/last.ckpt"])
+    assert (cfg.output_dir, cfg.resume) == (f"{tmp_path}/runs/a", f"{tmp_path}/a/last.ckpt")
+    assert build_config(overrides=["resume=auto", "output_dir=runs/~a"]).output_dir == "runs/~a"
+    knn = KnnEvalConfig(ckpt="~/a/last.ckpt", output_dir="~/evals")
+    assert (knn.ckpt, knn.output_dir) == (f"{tmp_path}/a/last.ckpt", f"{tmp_path}/evals")
+    assert UmapEvalConfig(ckpt="c.ckpt", out="~/u.png").out == f"{tmp_path}/u.png"
+    assert ExportConfig(ckpt="c.ckpt", out="~/b.pt").out == f"{tmp_path}/b.pt"

@@ -22,7 +22,7 @@ def test_python_api_example_runs(backend, tmp_path, monkeypatch):
     code, n = re.subn(r'\["data\.subset=2000", "trainer\.max_epochs=1"\]', tiny, code)
     assert n == 1, "the README example changed: update this test"
     monkeypatch.chdir(tmp_path)
-    scope: dict = {}
+    scope: dict = {"__name__": "__main__"}
     exec(compile(code, "README.md", "exec"), scope)
     assert scope["features"].shape == (8, scope["model"].feat_dim)
     assert torch.isfinite(scope["features"]).all()

@@ -957,3 +957,24 @@ def test_the_earlier_config_is_kept_only_when_a_resume_changed_a_setting(tmp_pat
                                       "loss": {"tau_base": 0.9}})
     keep_previous_record(tmp_path, 0, to_yaml(other))
     assert (tmp_path / "config.before_resume_1.yaml").read_text() == to_yaml(first)
+
+
+def test_without_sigusr1_the_stop_signals_are_sigterm_alone():
+    """Windows has no SIGUSR1: every run crashed at its start, and every loader worker."""
+    code = (
+        "import signal\n"
+        "del signal.SIGUSR1\n"
+        "from massrl.data.loading import STOP_SIGNALS, run_worker_init_fn\n"
+        "from massrl.resilience import Preemption\n"
+        "assert STOP_SIGNALS == (signal.SIGTERM,)\n"
+        "run_worker_init_fn(0)\n"
+        "assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+        "p = Preemption(None)\n"
+        "p.on_train_start(object(), None)\n"
+        "assert signal.getsignal(signal.SIGTERM) == p._on_signal\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

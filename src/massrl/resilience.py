@@ -28,6 +28,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from massrl.data.loading import STOP_SIGNALS
 from massrl.files import atomic_write
 
 
@@ -138,7 +139,7 @@ class Preemption(Callback):
         if threading.current_thread() is not threading.main_thread():
             return
         self._pid, self._trainer = os.getpid(), trainer
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in STOP_SIGNALS:
             self._handlers[sig] = signal.signal(sig, self._on_signal)
         # Lightning answers Ctrl-C by exiting mid-step with nothing saved: the first one stops
         # the run at the next step boundary, with last.ckpt saved (under DDP each rank gets it at

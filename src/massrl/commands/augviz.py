@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from massrl.data import BadImageError, DatasetNotFoundError, UnusableDataError, load_dataset
     from massrl.files import picture_path
 
-    out = Path(args.out)
+    out = Path(args.out).expanduser()
     if out.is_dir() or args.out.endswith(("/", os.sep)):  # a folder: the picture goes inside
         out = out / "augmentations.png"
     try:

@@ -15,7 +15,7 @@ from pydantic import (
 
 from massrl import plugins
 from massrl.config.augment import AugmentConfig
-from massrl.config.section import Section, known_name
+from massrl.config.section import Section, UserPath, known_name
 from massrl.plugins import BUILTIN_METHODS, BUILTIN_STRATEGIES
 
 STRATEGIES = BUILTIN_STRATEGIES
@@ -246,8 +246,8 @@ class RunConfig(Section):
         "config is checked: they register methods, strategies, timm backbones "
         "(docs/extending.md)")
     seed: int = Field(0, ge=0, lt=2**32, description="seeds torch, numpy, python and every view")
-    output_dir: str | None = Field(None, description="everything of the run goes here")
-    resume: str | None = Field(None, description="'auto' or a checkpoint path")
+    output_dir: UserPath | None = Field(None, description="everything of the run goes here")
+    resume: UserPath | None = Field(None, description="'auto' or a checkpoint path")
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -3,14 +3,25 @@ a name against what massrl and its plugins know."""
 
 from __future__ import annotations
 
+import os
 from difflib import get_close_matches
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator
 
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the user (which key, what is wrong, how to fix)."""
+
+
+def _expand_home(path: str) -> str:
+    # (YAML and quoted arguments reach massrl with the ~ unexpanded: a run's own files went to a
+    # folder named ~ in the working directory, Lightning's loggers to the home folder's)
+    return os.path.expanduser(path) if path.startswith("~") else path
+
+
+# a path setting: a leading ~ (or ~user) is the home folder, as in a shell
+UserPath = Annotated[str, AfterValidator(_expand_home)]
 
 
 class Section(BaseModel):

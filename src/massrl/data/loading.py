@@ -62,13 +62,18 @@ def worker_init_fn(worker_id: int) -> None:
     np.random.seed(np.random.SeedSequence(seed).generate_state(4))
 
 
+# the signals a job scheduler stops a run with (Windows has no SIGUSR1)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1")
+                     if hasattr(signal, name))
+
+
 def run_worker_init_fn(worker_id: int) -> None:
     """worker_init_fn of a pre-training run's loaders: SIGTERM and SIGUSR1 are the main
     process's too, which stops at a step with a checkpoint and then ends its workers (a worker
     that died of one sent to the whole process group, by a job scheduler or `timeout`, failed
     the run's next batch first). Other loaders keep the default: multiprocessing ends a loader's
     workers left at interpreter exit with SIGTERM."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     worker_init_fn(worker_id)
 

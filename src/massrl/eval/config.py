@@ -25,6 +25,7 @@ from massrl.config import (
     root_path,
     set_dotted,
 )
+from massrl.config.section import UserPath
 
 # Loader settings that do not depend on which dataset is read: kept when evaluating on another one.
 DATASET_INDEPENDENT = ("download", "batch_size", "num_workers", "pin_memory",
@@ -32,9 +33,10 @@ DATASET_INDEPENDENT = ("download", "batch_size", "num_workers", "pin_memory",
 
 
 class _Base(Section):
-    ckpt: str = Field("", validate_default=True,
+    ckpt: UserPath = Field("", validate_default=True,
                       description="(required) massrl pre-training checkpoint")
-    output_dir: str | None = Field(None, description="default: runs/eval/<command>/<timestamp>")
+    output_dir: UserPath | None = Field(None,
+                                        description="default: runs/eval/<command>/<timestamp>")
     seed: int | None = Field(None, ge=0, lt=2**32, description="default: the checkpoint's seed")
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
@@ -136,7 +138,7 @@ class LinearEvalConfig(_DataEval):
 
 
 class UmapEvalConfig(_DataEval):
-    out: str | None = Field(None, description="PNG path (default: <output_dir>/umap.png)")
+    out: UserPath | None = Field(None, description="PNG path (default: <output_dir>/umap.png)")
     split: Literal["train", "test"] = Field("train", description="labeled split to embed")
     max_points: int | None = Field(5000, ge=3, description="seeded subsample for speed")
     n_neighbors: int = Field(15, gt=1)
@@ -145,7 +147,8 @@ class UmapEvalConfig(_DataEval):
 
 
 class ExportConfig(_Base):
-    out: str | None = Field(None, description="weights path (default: <output_dir>/backbone.pt)")
+    out: UserPath | None = Field(None,
+                                 description="weights path (default: <output_dir>/backbone.pt)")
 
 
 def same_data(name: str, root: str | None, pretrain: DataConfig) -> bool:
