@@ -196,3 +196,33 @@ def test_a_resume_with_fewer_gpus_visible_restores_the_gpu_random_state_it_has(m
         monkeypatch.setattr(torch.cuda, "current_device", lambda d=device: d)
         set_rng_state({**state, "cuda": saved})
         assert restored == expected
+
+
+@pytest.mark.parametrize(("macos_14", "expected"), [(True, "bf16-mixed"), (False, "32-true")])
+def test_a_mac_with_accelerator_auto_is_set_up_for_its_gpu(monkeypatch, capsys, macos_14,
+                                                           expected) -> None:
+    """Lightning's `auto` trains on an Apple GPU (MPS): massrl sized the run for the CPU (no
+    loader workers on 4 cores, precision from the CPU's bf16, CPU threads), and evaluations could
+    not use the GPU at all. (MPS is simulated: its decisions, not its kernels.)"""
+    from massrl.devices import trains_on_apple_gpu, trains_on_cpu, use_sync_batchnorm
+    from massrl.eval.config import KnnEvalConfig
+    from massrl.eval.features import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_macos_or_newer",
+                        lambda major, minor: macos_14 and major <= 14)
+    assert not trains_on_cpu("auto") and trains_on_apple_gpu("auto")
+    assert trains_on_cpu("cpu") and not trains_on_apple_gpu("cpu")
+    assert resolve_precision("auto", "auto") == expected == resolve_precision("auto", "mps")
+    assert resolve_precision("auto", "cpu") in ("bf16-mixed", "32-true")  # (the CPU's own)
+    mac = build_config(config_file="fashion_mnist/byol")
+    assert run_num_workers(mac) == auto_num_workers(False, usable_cores())
+    assert use_sync_batchnorm(True, "auto") is False
+    assert "off on an Apple GPU" in capsys.readouterr().out
+    assert resolve_device("auto") == torch.device("mps") == resolve_device("mps")
+    assert KnnEvalConfig(ckpt="c.ckpt", device="mps").device == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device=mps was asked for but torch sees no Apple GPU"):
+        resolve_device("mps")
+    assert resolve_device("auto") == torch.device("cpu") and trains_on_cpu("auto")

@@ -29,8 +29,17 @@ def usable_cores() -> int:
 
 
 def trains_on_cpu(accelerator: str) -> bool:
-    """Whether a run with this trainer.accelerator computes on the CPU."""
-    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    """Whether a run with this trainer.accelerator computes on the CPU (Lightning's `auto`
+    picks a CUDA GPU, else an Apple GPU, else the CPU)."""
+    if accelerator != "auto":
+        return accelerator == "cpu"
+    return not torch.cuda.is_available() and not torch.backends.mps.is_available()
+
+
+def trains_on_apple_gpu(accelerator: str) -> bool:
+    """Whether a run with this trainer.accelerator computes on an Apple GPU (MPS)."""
+    return (accelerator in ("auto", "gpu", "mps") and not torch.cuda.is_available()
+            and torch.backends.mps.is_available())
 
 
 def check_accelerator(accelerator: str) -> None:
@@ -116,9 +125,10 @@ def channels_last_hazards(model: nn.Module) -> list[str]:
 def use_sync_batchnorm(requested: bool, accelerator: str) -> bool:
     """trainer.sync_batchnorm as it can run: torch's SyncBatchNorm synchronises CUDA tensors only
     (on CPU ranks it raises), so a CPU run keeps each rank's own statistics, with a notice."""
-    if requested and trains_on_cpu(accelerator):
-        print("trainer.sync_batchnorm: off on the CPU (torch's SyncBatchNorm runs on GPUs only); "
-              "each rank normalises over its own batch")
+    if requested and (trains_on_cpu(accelerator) or trains_on_apple_gpu(accelerator)):
+        where = "the CPU" if trains_on_cpu(accelerator) else "an Apple GPU"
+        print(f"trainer.sync_batchnorm: off on {where} (torch's SyncBatchNorm runs on CUDA GPUs "
+              "only); each rank normalises over its own batch")
         return False
     return requested
 
@@ -141,11 +151,13 @@ def use_channels_last(requested: bool, accelerator: str, model: nn.Module) -> bo
 def resolve_precision(precision: str, accelerator: str, strategy: str = "auto") -> str:
     """'auto' -> bf16 mixed precision where the hardware computes it natively, else fp32 on the
     CPU and fp16 mixed on GPUs without bf16 (V100, T4: torch counts its slow emulation there
-    as support)."""
+    as support). On an Apple GPU bf16 from macOS 14 (MPS has no bf16 before), else fp32."""
     if precision != "auto":
         return precision
     if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
         return "bf16-mixed" if _gpu_computes_bf16(_launch_forks(strategy)) else "16-mixed"
+    if trains_on_apple_gpu(accelerator):
+        return "bf16-mixed" if torch.backends.mps.is_macos_or_newer(14, 0) else "32-true"
     return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
 
 

@@ -38,7 +38,8 @@ class _Base(Section):
     output_dir: UserPath | None = Field(None,
                                         description="default: runs/eval/<command>/<timestamp>")
     seed: int | None = Field(None, ge=0, lt=2**32, description="default: the checkpoint's seed")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto: a CUDA GPU, else an Apple GPU (mps), else the CPU")
 
     @field_validator("ckpt", mode="before")
     @classmethod

@@ -29,10 +29,15 @@ from massrl.files import atomic_write
 
 
 def resolve_device(name: str = "auto") -> torch.device:
+    """device=auto: a CUDA GPU, else an Apple GPU (MPS), else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else
+                            "mps" if torch.backends.mps.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device=cuda was asked for but no CUDA GPU is visible; use device=cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device=mps was asked for but torch sees no Apple GPU (MPS); use "
+                         "device=cpu")
     return torch.device(name)
 
 
