@@ -64,7 +64,8 @@ class DataConfig(Section):
         "auto", description="DataLoader workers of each process; auto: 0 on a CPU with <= 4 "
         "cores, cores/4 on more; on GPUs cores/devices - 1 per GPU process, at most 8")
     pin_memory: bool = Field(True, description="page-locked batches (with a GPU only)")
-    persistent_workers: bool = Field(True, description="keep workers between epochs")
+    persistent_workers: bool = Field(True, description="keep the training loader's workers "
+                                     "between epochs (the monitors' start at each check)")
     strict: bool = Field(False, description="fail on an undecodable image instead of skipping it")
     mean: tuple[float, float, float] | None = Field(None, description="default: the dataset's")
     std: tuple[float, float, float] | None = Field(None, description="default: the dataset's")
@@ -215,7 +216,8 @@ class EvalConfig(Section):
     knn_bank: int | None = Field(
         None, gt=0, description="online kNN's bank: a seeded class-balanced subset of this "
         "many labeled training images (null: all that data.eval_subset keeps). Every rank "
-        "holds the bank's features: 1.28M ImageNet ResNet-50 ones are 10 GB")
+        "holds the bank's features: 1.28M ImageNet ResNet-50 ones are 10 GB, and the check "
+        "needs about twice that")
     probe: bool = Field(True, description="online linear probe on detached features")
     probe_lr: float = Field(0.1, gt=0, description="online linear probe's lr, constant (a "
                             "parameter group of optimizer.name's optimizer, so an AdamW lr "

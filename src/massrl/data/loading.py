@@ -4,6 +4,7 @@ seeding of worker processes."""
 
 from __future__ import annotations
 
+import gc
 import random
 import signal
 from collections.abc import Callable
@@ -54,6 +55,10 @@ def worker_init_fn(worker_id: int) -> None:
     per-worker seed so random augmentations differ between workers yet repeat across runs.
     Ctrl-C is the main process's (which stops at the next step with a checkpoint): a worker
     that died of it would fail that step first."""
+    # the objects a forked worker inherits are left out of its garbage collections: a full one
+    # touched every one of them, copying the parent's pages into each worker (at 100k files,
+    # 16 -> 147 MiB private memory per worker; 34 MiB frozen)
+    gc.freeze()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     seed = torch.initial_seed() % 2**32  # base_seed + worker_id, drawn from the loader generator

@@ -38,8 +38,8 @@ class OnlineMonitors:
         outputs, self._val_outputs = self._val_outputs, {}
         if self.trainer.sanity_checking or 1 not in outputs:
             return
-        bank_f, bank_y = self._gather(outputs[0])
-        test_f, test_y = self._gather(outputs[1])
+        bank_f, bank_y = self._gather(outputs.pop(0))  # (each batch freed once copied)
+        test_f, test_y = self._gather(outputs.pop(1))
         metrics = {}
         if self.cfg.eval.knn_every and self.num_classes:
             from massrl.eval.knn import weighted_knn
@@ -75,7 +75,9 @@ class OnlineMonitors:
     def _gather(self, outs: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and labels of the whole split: every rank's shard, gathered, each sample once
         and in dataset order (as one process would see them)."""
-        parts = [torch.cat(column) for column in zip(*outs, strict=True)]
+        columns = [list(column) for column in zip(*outs, strict=True)]
+        outs.clear()
+        parts = [_cat_freeing(column) for column in columns]
         if self.trainer.world_size == 1:
             return parts[0], parts[1]
         # shards differ in length when a rank skipped undecodable files
@@ -92,3 +94,16 @@ class OnlineMonitors:
         pad = t.new_zeros((max(sizes) - len(t), *t.shape[1:]))
         gathered = self.all_gather(torch.cat([t, pad]))
         return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])
+
+
+def _cat_freeing(chunks: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(chunks), emptying the list as it copies: the batches and their concatenation
+    were held at once (with the kNN's normalised copy, 4x the bank's features at the peak)."""
+    out = chunks[0].new_empty((sum(len(c) for c in chunks), *chunks[0].shape[1:]))
+    end = len(out)
+    while chunks:  # from the last batch back: list.pop() is O(1)
+        chunk = chunks.pop()
+        out[end - len(chunk):end] = chunk
+        end -= len(chunk)
+        del chunk
+    return out
