@@ -3,6 +3,7 @@ instead of a traceback or a run that trains nothing and exits 0."""
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -128,8 +129,14 @@ def test_train_and_val_folders_that_do_not_match_are_one_line_errors(tmp_path, t
                 Image.new("RGB", (20, 20), (9, 99, 199)).save(root / split / name / "0.png")
     (extra / "val" / "z").mkdir()
     Image.new("RGB", (20, 20)).save(extra / "val" / "z" / "0.png")
+    # a class folder of train/ without images (it said train/ lacked the folder)
+    unfilled = tmp_path / "unfilled"
+    shutil.copytree(extra, unfilled)
+    (unfilled / "train" / "z").mkdir()
     expected = {extra: "class folders that the training split lacks: ['z']",
-                empty: "has no class sub-folder holding images"}
+                empty: "has no class sub-folder holding images",
+                unfilled: f"images of classes whose folders in {unfilled / 'train'} hold none: "
+                          "['z']"}
     for root, message in expected.items():
         args = tiny("byol", **{"data.name": "folder", "data.root": str(root),
                                "data.subset": "null"})

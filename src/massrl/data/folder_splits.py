@@ -101,7 +101,7 @@ def _labeled_splits(
                 "holding images; sort the held-out images into the same class folders (or "
                 "remove the folder to split train 80/20)"
             )
-        test = labeled_folder(test_dir, cfg.strict, classes, left_out)
+        test = labeled_folder(test_dir, cfg.strict, classes, left_out, train_dir)
     else:  # no held-out folder: a seeded, stratified 80/20 split, as for digits
         train, test = _stratified_split(train, seed)
     mean, std = IMAGENET_STATS
