@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import torch
 
@@ -15,10 +16,14 @@ LOADER = textwrap.dedent("""
     import json, sys
     sys.modules["massrl"] = None  # any import of massrl now fails
     import timm, torch, torchvision
+    from PIL import Image
     x = torch.load(sys.argv[1])
     out = {}
-    for manifest in sys.argv[3:]:
+    for manifest in sys.argv[4:]:
         meta = json.load(open(manifest))
+        scope = {"meta": meta}
+        exec(meta["transform"], scope)  # the test transform, from the manifest alone
+        out[meta["width"], "transform"] = scope["transform"](Image.open(sys.argv[3]))
         for lib in ("timm", "torchvision"):
             code = meta.get("load_" + lib)
             if code is None:
@@ -31,6 +36,9 @@ LOADER = textwrap.dedent("""
             os.chdir(cwd)
             with torch.no_grad():
                 out[meta["width"], lib] = scope["model"](x)
+            if lib == "timm":  # timm's data config of the model built as the manifest says
+                config = timm.data.resolve_data_config({}, model=scope["model"])
+                out[meta["width"], "timm_cfg"] = config
     torch.save(out, sys.argv[2])
 """)
 
@@ -45,27 +53,48 @@ def _trained_stats(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def test_exported_backbone_loads_in_timm_and_torchvision_without_massrl(tmp_path):
+    """Also as safetensors (`--out x.safetensors` wrote pickled x.safetensors.pt), and with the
+    test transform massrl evaluated with, which timm's data config now gives too."""
+    from PIL import Image
+
+    from massrl.data.eval_transform import EvalTransform
+
     torch.manual_seed(0)
     x = torch.randn(2, 3, 16, 16)
     torch.save(x, tmp_path / "x.pt")
+    image = Image.fromarray(torch.randint(0, 256, (90, 120, 3), dtype=torch.uint8).numpy())
+    image.save(tmp_path / "image.png")
     expected, manifests = {}, []
-    for width in (64, 16):
+    for width, name, size, native in ((64, "backbone", 32, None), (16, "b.safetensors", 96, 400)):
         model, spec = build_backbone("resnet18", cifar_stem=True, width=width)
         model = _trained_stats(model)
         with torch.no_grad():
             expected[width] = model(x)
-        info = export_backbone(model, spec, tmp_path / f"w{width}" / "backbone", image_size=32,
-                               mean=(0.5,) * 3, std=(0.25,) * 3, source={"sha256": "abc"})
-        meta = json.loads((tmp_path / f"w{width}" / "backbone.json").read_text())
-        assert meta["feature_dim"] == expected[width].shape[1] and meta["input_size"] == 32
+        info = export_backbone(model, spec, tmp_path / f"w{width}" / name, image_size=size,
+                               mean=(0.5,) * 3, std=(0.25,) * 3, native_size=native,
+                               source={"sha256": "abc"})
+        meta = json.loads(Path(info["manifest_path"]).read_text())
+        assert meta["feature_dim"] == expected[width].shape[1] and meta["input_size"] == size
         assert (meta["torchvision"] == "resnet18") == (width == 64)
         manifests.append(info["manifest_path"])
+        expected[width, "transform"] = EvalTransform(size, (0.5,) * 3, (0.25,) * 3,
+                                                     native_size=native)(image)
+    assert info["weights_path"].endswith("w16/b.safetensors")
     subprocess.run([sys.executable, "-c", LOADER, str(tmp_path / "x.pt"),
-                    str(tmp_path / "out.pt"), *manifests], check=True, timeout=120)
+                    str(tmp_path / "out.pt"), str(tmp_path / "image.png"), *manifests],
+                   check=True, timeout=120)
     got = torch.load(tmp_path / "out.pt")
-    assert set(got) == {(64, "timm"), (64, "torchvision"), (16, "timm")}
-    for (width, _lib), feats in got.items():
-        torch.testing.assert_close(feats, expected[width], atol=1e-5, rtol=1e-5)
+    assert set(got) == {(64, "timm"), (64, "torchvision"), (16, "timm"), (64, "timm_cfg"),
+                        (16, "timm_cfg"), (64, "transform"), (16, "transform")}
+    for width in (64, 16):
+        for lib in ("timm", "torchvision") if width == 64 else ("timm",):
+            torch.testing.assert_close(got[width, lib], expected[width], atol=1e-5, rtol=1e-5)
+        assert torch.equal(got[width, "transform"], expected[width, "transform"])
+    # at 96 px of 400 px images massrl evaluates a 0.875 centre crop of a 110 px resize
+    assert got[16, "timm_cfg"] == {"input_size": [3, 96, 96], "interpolation": "bicubic",
+                                   "mean": [0.5] * 3, "std": [0.25] * 3, "crop_pct": 0.875,
+                                   "crop_mode": "center"}
+    assert got[64, "timm_cfg"]["crop_pct"] == 1.0
 
 
 def test_a_resnext_export_loads_in_torchvision_with_the_same_features(tmp_path, monkeypatch):

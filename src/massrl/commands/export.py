@@ -13,8 +13,9 @@ if TYPE_CHECKING:
     from massrl.eval.session import EvalRun
 
 NAME = "export"
-HELP = ("Export the pre-trained backbone as a state_dict + JSON manifest that load with "
-        "timm (and torchvision for ResNets) without massrl: `massrl export ckpt=PATH --out FILE`.")
+HELP = ("Export the pre-trained backbone as a state_dict (.pt, or .safetensors) + JSON manifest "
+        "that load with timm (and torchvision for ResNets) without massrl, with the test "
+        "transform it was evaluated with: `massrl export ckpt=PATH --out FILE`.")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -22,23 +23,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="FILE.pt", help="same as out=FILE.pt")
 
 
-def _normalisation(r: EvalRun) -> tuple[Any, Any]:
-    """The mean/std pre-training used: its config, the checkpoint's record, or the dataset's."""
+def _pretraining_data(r: EvalRun) -> tuple[Any, Any, int | None]:
+    """(mean, std, the images' typical side) of the pre-training data: its config's mean/std,
+    else the checkpoint's record; the dataset itself only for what neither holds (checkpoints
+    before the typical side was recorded)."""
     data = r.pre.config.data
-    if data.mean is not None and data.std is not None:
-        return data.mean, data.std
     recorded = r.pre.meta.get("data") or {}
-    if recorded.get("mean") and recorded.get("std"):
-        return recorded["mean"], recorded["std"]
+    mean, std = ((data.mean, data.std) if data.mean is not None and data.std is not None
+                 else (recorded.get("mean"), recorded.get("std")))
+    native = recorded.get("native_size")
+    if mean and std and "native_size" in recorded:
+        return mean, std, native
     try:
         from massrl.data import load_dataset
 
         splits = load_dataset(data, r.pre.config.seed)
-        return splits.mean, splits.std
+        return mean or splits.mean, std or splits.std, splits.native_size
     except Exception as exc:  # the dataset may not be on this machine: record that instead
-        r.warn(f"mean/std of '{data.name}' unknown ({first_line(exc)}); "
-               "the manifest records null")
-        return None, None
+        if not (mean and std):
+            r.warn(f"mean/std of '{data.name}' unknown ({first_line(exc)}); "
+                   "the manifest records null")
+        return mean or None, std or None, native
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     r = session.start(NAME, ExportConfig, args)
     if r is None:
         return 0
-    mean, std = _normalisation(r)
+    mean, std, native_size = _pretraining_data(r)
     out = session.output_file(r.cfg.out, r, "backbone.pt")
     name = "result.json"
     if r.cfg.out and not r.cfg.output_dir:  # the record beside the export, not in ./runs
@@ -58,12 +63,15 @@ def run(args: argparse.Namespace) -> int:
     pre = r.pre
     info = export_backbone(
         pre.backbone, pre.spec, out, image_size=pre.config.data.image_size, mean=mean, std=std,
+        native_size=native_size,
         source={"checkpoint": str(pre.path), "sha256": pre.sha256, "method": pre.config.method,
                 "dataset": pre.config.data.name, "massrl_version": pre.meta.get("version")},
     )
     rows = [("weights", info["weights_path"]), ("manifest", info["manifest_path"]),
             ("timm", f"{info['architecture']} {info['timm_kwargs'] or ''}".strip()),
             ("torchvision", info["torchvision"] or "- (not a width-64 torchvision ResNet)"),
-            ("cifar stem", str(info["cifar_stem"])), ("feature dim", str(info["feature_dim"]))]
+            ("cifar stem", str(info["cifar_stem"])), ("feature dim", str(info["feature_dim"])),
+            ("test transform", "resize {resize} (bicubic), centre crop {center_crop}".format(
+                **info["test_transform"]))]
     session.finish(r, f"export - {pre.path.name}", info, rows, name)
     return 0

@@ -17,6 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
+from massrl.data.eval_transform import test_resize
 from massrl.files import atomic_write, write_text
 from massrl.models import BackboneSpec
 from massrl.models.backbones import apply_cifar_stem, feature_dim
@@ -35,13 +36,41 @@ _STEM = (
 
 
 def _snippet(weights: str, manifest: str, build: str) -> str:
+    read = ("safetensors.torch.load_file('{w}')" if weights.endswith(".safetensors")
+            else "torch.load('{w}', map_location='cpu')").format(w=weights)
+    imports = ["json", "torch", "timm" if "timm." in build else "torchvision"]
+    if weights.endswith(".safetensors"):
+        imports.append("safetensors.torch")
     return (
-        f"import json, torch{', timm' if 'timm.' in build else ', torchvision'}\n"
+        f"import {', '.join(imports)}\n"
         f"meta = json.load(open('{manifest}'))\n"
         f"{build}\n{_STEM}"
-        f"model.load_state_dict(torch.load('{weights}', map_location='cpu'))\n"
+        f"model.load_state_dict({read})\n"
         "model.eval()  # model(x) -> [N, meta['feature_dim']] pooled features\n"
     )
+
+
+# the images as massrl's evaluations saw them (data/eval_transform.py), from the manifest
+_TRANSFORM = (
+    "from torchvision import transforms as T\n"
+    "t = meta['test_transform']\n"
+    "transform = T.Compose([\n"
+    "    T.Lambda(lambda im: im.convert('RGB')),\n"
+    "    T.Resize(t['resize'], interpolation=T.InterpolationMode.BICUBIC),\n"
+    "    T.CenterCrop(t['center_crop']), T.ToTensor(), T.Normalize(meta['mean'], meta['std'])])\n"
+)
+
+
+def _timm_data_config(image_size: int, ratio: float, mean: Sequence[float] | None,
+                      std: Sequence[float] | None) -> dict[str, Any]:
+    """timm's pretrained_cfg for the export: timm.data.resolve_data_config then gives the test
+    transform (timm floors the resize side S / crop_pct, which massrl rounds: a pixel apart
+    where it is not whole)."""
+    cfg: dict[str, Any] = {"input_size": [3, image_size, image_size],
+                           "interpolation": "bicubic", "crop_pct": ratio}
+    if mean is not None and std is not None:
+        cfg |= {"mean": list(mean), "std": list(std)}
+    return cfg
 
 
 def torchvision_name(spec: BackboneSpec, state: dict[str, torch.Tensor]) -> str | None:
@@ -60,21 +89,29 @@ def torchvision_name(spec: BackboneSpec, state: dict[str, torch.Tensor]) -> str 
 def export_backbone(
     backbone: nn.Module, spec: BackboneSpec, out: str | Path, *,
     image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None,
-    source: dict[str, Any] | None = None,
+    native_size: int | None = None, source: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `out` (state_dict; .pt added unless it ends in .pt or .pth) and `out` with suffix
-    .json (manifest); return the manifest."""
+    """Write `out` (the state_dict: torch.save's for .pt / .pth, safetensors' for
+    .safetensors; .pt added to any other name) and `out` with suffix .json (the manifest, with
+    the test transform for images whose typical side is `native_size`); return the manifest."""
     out = Path(out)
-    if out.suffix not in (".pt", ".pth"):
+    if out.suffix not in (".pt", ".pth", ".safetensors"):
         out = out.with_name(out.name + ".pt")
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     with atomic_write(out) as f:  # (a full disk keeps an earlier export whole)
-        torch.save(state, f)
+        if out.suffix == ".safetensors":
+            from safetensors.torch import save
+
+            f.write(save(state, metadata={"format": FORMAT}))
+        else:
+            torch.save(state, f)
     manifest_path = out.with_suffix(".json")
     tv = torchvision_name(spec, state)
+    resize, ratio = test_resize(image_size, native_size=native_size)
     timm_build = ("model = timm.create_model(meta['architecture'], pretrained=False, "
-                  "num_classes=0, **meta['timm_kwargs'])")
+                  "num_classes=0, pretrained_cfg_overlay=meta['timm_pretrained_cfg'], "
+                  "**meta['timm_kwargs'])")
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "weights": out.name,
@@ -87,8 +124,12 @@ def export_backbone(
         "input_size": image_size,
         "mean": list(mean) if mean is not None else None,
         "std": list(std) if std is not None else None,
+        "test_transform": {"resize": resize, "center_crop": image_size, "crop_ratio": ratio,
+                           "interpolation": "bicubic"},
+        "timm_pretrained_cfg": _timm_data_config(image_size, ratio, mean, std),
         "source": source or {},
         "load_timm": _snippet(out.name, manifest_path.name, timm_build),
+        "transform": _TRANSFORM,
     }
     if tv is not None:
         build = f"model = torchvision.models.{tv}()\nmodel.fc = torch.nn.Identity()"

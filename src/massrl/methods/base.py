@@ -163,7 +163,8 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
         checkpoints keep for evaluation and export, and for augment.backend=batched make the
         augmenter that normalises with it."""
         self.normalization = {"mean": list(splits.mean), "std": list(splits.std),
-                              "image_size": self.cfg.data.image_size, "classes": splits.classes}
+                              "image_size": self.cfg.data.image_size, "classes": splits.classes,
+                              "native_size": splits.native_size}  # (the test transform's)
         # a folder's file list, which its train / held-out split is drawn from (resume checks it)
         self.data_files = {name: file_list_digest(ds) for name, ds in
                            (("train", splits.train), ("test", splits.test)) if ds is not None}
