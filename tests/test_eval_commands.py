@@ -280,8 +280,16 @@ def test_an_inherited_eval_subset_is_said_to_apply(tmp_path, capsys):
                      r"data.eval_subset=null takes the whole splits", out)
 
 
-def test_umap_and_export(tmp_path, ckpt):
+def test_umap_and_export(tmp_path, ckpt, monkeypatch, capsys):
+    """Given --out, they claim no runs/eval/ folder (which a read-only working directory
+    refused: "Permission denied: runs")."""
     pytest.importorskip("umap")
+    from massrl.eval import session
+
+    def read_only(command):
+        raise PermissionError(13, "Permission denied", "runs")
+
+    monkeypatch.setattr(session, "default_output_dir", read_only)
     png = tmp_path / "pic.png"
     code, res = _run(tmp_path, "umap", f"ckpt={ckpt}", "n_epochs=10", "max_points=120",
                      "split=test", flags=["--out", str(png)])
@@ -296,6 +304,18 @@ def test_umap_and_export(tmp_path, ckpt):
                      flags=["--out", str(tmp_path / "noext")])
     assert code == 0 and res["results"]["png"] == str(tmp_path / "noext.png")
     assert (tmp_path / "noext.png").read_bytes()[:4] == b"\x89PNG"
+    # given --out and no output_dir, the record goes beside the file
+    for command, out in (("export", "elsewhere/bb.pt"), ("umap", "elsewhere/u.png")):
+        extra = ["n_epochs=10", "max_points=3"] if command == "umap" else []
+        assert main([command, f"ckpt={ckpt}", "device=cpu", *extra, "--out",
+                     str(tmp_path / out)]) == 0
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == [
+        "bb.json", "bb.pt", "bb.result.json", "u.png", "u.result.json"]
+    # without --out the default folder is needed: a read-only one says what to do
+    capsys.readouterr()
+    assert main(["export", f"ckpt={ckpt}"]) == 1
+    assert capsys.readouterr().err.strip() == ("massrl export: Permission denied: runs (write "
+                                               "elsewhere: output_dir=DIR, --out)")
 
 
 def test_umap_without_umap_learn_says_so_before_computing_features(tmp_path, ckpt, capsys,

@@ -71,6 +71,8 @@ def os_error_message(exc: OSError) -> str:
     text = f"{exc.strerror}: {where}" if exc.strerror and where else str(exc)
     if exc.errno == errno.ENOSPC:
         text += " (free some space, or write elsewhere: output_dir=, --out)"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        text += " (write elsewhere: output_dir=DIR, --out)"
     return text
 
 

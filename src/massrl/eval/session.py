@@ -76,9 +76,22 @@ def start(command: str, schema: type, args: argparse.Namespace) -> EvalRun | Non
         device = resolve_device(cfg.device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    out = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(command)
+    out = _output_dir(cfg, command)
     check_writable(out / "result.json")  # made by `finish`, once there is a result
     return EvalRun(command, cfg, pre, out, device, requested)
+
+
+def _output_dir(cfg: Any, command: str) -> Path:
+    """output_dir; without it the folder of `out` (umap, export: their record goes beside the
+    file), else runs/eval/<command>/<time> (it was made in a working directory where nothing
+    was to be written: refused where that is read-only)."""
+    if cfg.output_dir:
+        return Path(cfg.output_dir)
+    out = getattr(cfg, "out", None)
+    if out:
+        return Path(out) if out.endswith(("/", os.sep)) or Path(out).is_dir() else \
+            Path(out).parent
+    return default_output_dir(command)
 
 
 def output_file(out: str | None, run: EvalRun, default_name: str) -> Path:
