@@ -321,3 +321,15 @@ def test_path_settings_expand_a_leading_tilde(monkeypatch, tmp_path):
     assert (knn.ckpt, knn.output_dir) == (f"{tmp_path}/a/last.ckpt", f"{tmp_path}/evals")
     assert UmapEvalConfig(ckpt="c.ckpt", out="~/u.png").out == f"{tmp_path}/u.png"
     assert ExportConfig(ckpt="c.ckpt", out="~/b.pt").out == f"{tmp_path}/b.pt"
+
+
+def test_a_windows_path_in_double_quotes_gets_a_hint(tmp_path):
+    """YAML reads \\U in "C:\\Users\\..." as an escape: its message alone did not say why."""
+    config = tmp_path / "win.yaml"
+    config.write_text('output_dir: "C:\\Users\\me\\runs"\n')
+    with pytest.raises(ConfigError, match="(?s)is not valid YAML: .*a backslash inside double "
+                                          "quotes starts an escape: write paths with / or "
+                                          "inside 'single quotes'"):
+        build_config(config_file=str(config))
+    config.write_text("output_dir: 'C:\\Users\\me\\runs'\n")
+    assert build_config(config_file=str(config)).output_dir == "C:\\Users\\me\\runs"

@@ -90,7 +90,11 @@ def load_yaml(path: str | Path) -> dict:
         with open(p) as f:  # (from the file: YAML's messages name it)
             tree = yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p} is not valid YAML: {exc}") from exc
+        hint = ""
+        if "escape" in str(exc) and "\\" in p.read_text(errors="replace"):  # C:\Users\...
+            hint = ("; a backslash inside double quotes starts an escape: write paths with / "
+                    "or inside 'single quotes'")
+        raise ConfigError(f"{p} is not valid YAML: {exc}{hint}") from exc
     if tree is None:
         print(f"note: {p} sets no key: the schema defaults apply", file=sys.stderr)
         return {}
