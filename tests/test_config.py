@@ -298,13 +298,17 @@ def test_settings_a_run_will_not_train_with_are_refused_when_it_starts():
     for bad, message in ((["data.image_size=4"], "data.image_size=4: train at 8 px or more"),
                          (["eval.umap_every=3", "eval.knn_every=2"], "make it a multiple of 2"),
                          (["eval.umap_every=1", "eval.knn_every=0"],
-                          "set eval.knn_every too")):
+                          "set eval.knn_every too"),
+                         # every input came out near -2 (a stored one must still evaluate)
+                         (["data.mean=[124,116,104]", "data.std=[58,57,57]"],
+                          "data.mean=[124.0, 116.0, 104.0] looks like 0-255 values")):
         cfg = build_config(overrides=bad)  # (a stored config like it loads)
         with pytest.raises(ConfigError, match=re.escape(message)):
             check_training_settings(cfg)
     check_training_settings(build_config(overrides=["eval.umap_every=0"]))  # 0 = off
     # a run that trained at 4 px before the check may continue (its size cannot change)
     check_training_settings(build_config(overrides=["data.image_size=4", "resume=auto"]))
+    check_training_settings(build_config(overrides=["data.mean=[124,116,104]", "resume=auto"]))
 
 
 

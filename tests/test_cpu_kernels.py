@@ -205,10 +205,12 @@ def test_kernels_keep_torchs_thread_count():
     assert out.stdout.split() == ["1", "1"]
 
 
-def test_a_process_forked_after_the_kernels_ran_uses_the_torch_ops():
+@pytest.mark.parametrize("first", ["engine", "other_numba_code"])
+def test_a_process_forked_after_the_kernels_ran_uses_the_torch_ops(first):
     """GNU OpenMP is not fork-safe: numba terminated a forked child (a DataLoader worker whose
-    collate_fn calls an engine the parent had tried) at its first parallel call. The child runs
-    the torch ops instead, says so, and gives the parent's views within float rounding."""
+    collate_fn calls an engine the parent had tried, or after a UMAP) at its first parallel
+    call. The child runs the torch ops instead, says so, and gives the parent's views within
+    float rounding."""
     import subprocess
     import sys
 
@@ -220,19 +222,31 @@ def test_a_process_forked_after_the_kernels_ran_uses_the_torch_ops():
         "g = torch.Generator().manual_seed(0)\n"
         "u8 = torch.randint(0, 256, (16, 3, 24, 24), dtype=torch.uint8, generator=g)\n"
         "strategy, seeds = torch.arange(32).view(16, 2) % 4, torch.arange(32).view(16, 2)\n"
-        "parent = aug([u8, u8], strategy, seeds=seeds)\n"
+        "if FIRST == 'other_numba_code':  # (as a UMAP does: numba's threads, not the engine's)\n"
+        "    @numba.njit(parallel=True)\n"
+        "    def total(x):\n"
+        "        s = 0.0\n"
+        "        for i in numba.prange(x.shape[0]):\n"
+        "            s += x[i]\n"
+        "        return s\n"
+        "    total(torch.ones(1000).numpy())\n"
+        "    ref = BatchedAugmenter(AugmentConfig(cpu_kernels='torch'), (0.5,) * 3, (0.25,) * 3)\n"
+        "    parent = ref([u8, u8], strategy, seeds=seeds)\n"
+        "else:\n"
+        "    parent = aug([u8, u8], strategy, seeds=seeds)\n"
         "def child(q):\n"
+        "    torch.set_num_threads(1)  # (as a DataLoader worker: torch's OpenMP after a fork)\n"
         "    out = aug([u8, u8], strategy, seeds=seeds)\n"
         "    q.put(max((a - b).abs().max().item() for a, b in zip(out, parent)))\n"
         "ctx = mp.get_context('fork')\n"
         "q = ctx.Queue()\n"
         "p = ctx.Process(target=child, args=(q,))\n"
         "p.start()\n"
-        "p.join(120)\n"
+        "p.join(100)\n"
         "print(numba.threading_layer(), p.exitcode, q.get(timeout=5) if p.exitcode == 0 else '-')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", f"FIRST = {first!r}\n" + code],
+                         capture_output=True, text=True, timeout=200)
     assert out.returncode == 0, out.stderr
     layer, exitcode, largest = out.stdout.split()
     assert exitcode == "0", out.stderr  # (-15: numba's "Terminating: fork() called from ...")

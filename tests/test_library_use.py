@@ -104,6 +104,8 @@ def test_a_loaded_checkpoint_keeps_its_normalisation_and_the_callers_random_stat
 
     generic = SSLMethod.load_from_checkpoint(str(tmp_path / "m.ckpt"))
     assert type(generic) is MASSRL and generic.normalization == model.normalization
+    with open(tmp_path / "m.ckpt", "rb") as f:  # (a file object too)
+        assert type(SSLMethod.load_from_checkpoint(f)) is MASSRL
 
 
 def test_dataset_splits_need_only_the_training_set_and_check_what_they_are_given():

@@ -306,6 +306,11 @@ def check_training_settings(cfg: RunConfig) -> None:
     # continue: its size cannot change on resume)
     if cfg.data.image_size < 8 and cfg.resume is None:
         problems.append(f"data.image_size={cfg.data.image_size}: train at 8 px or more")
+    # images are scaled to [0, 1] first: every input came out near -2 (a run that trained so
+    # before may continue, and its checkpoints evaluate as they did)
+    if cfg.data.mean is not None and max(map(abs, cfg.data.mean)) > 1 and cfg.resume is None:
+        problems.append(f"data.mean={list(cfg.data.mean)} looks like 0-255 values: give mean "
+                        "and std on the [0, 1] scale (divide by 255)")
     # the UMAP picture is drawn from a validation's features: without a validation in its
     # epoch none was drawn, silently
     if e.umap_every and not e.knn_every:

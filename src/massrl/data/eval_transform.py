@@ -21,7 +21,7 @@ SMALL_IMAGE = 64  # up to this size a test image is seen whole (see test_resize)
 def channel_stats(mean: Sequence[float] | float, std: Sequence[float] | float
                   ) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
     """Per-channel (mean, std) of RGB inputs: one value (a grey dataset's) serves all three
-    channels; std must be positive (the inputs are divided by it); both on the 0-1 scale."""
+    channels; std must be positive (the inputs are divided by it)."""
     out = []
     for name, value in (("mean", mean), ("std", std)):
         values = [value] if isinstance(value, int | float) else list(value)
@@ -32,9 +32,6 @@ def channel_stats(mean: Sequence[float] | float, std: Sequence[float] | float
         out.append(tuple(float(v) for v in values))
     if min(out[1]) <= 0:
         raise ValueError(f"std must be positive in every channel, got {list(out[1])}")
-    if max(abs(v) for v in out[0]) > 1:  # images are scaled to [0, 1] before
-        raise ValueError(f"mean={list(out[0])}, std={list(out[1])} look like 0-255 values: "
-                         "give them on the [0, 1] scale (divide by 255)")
     return out[0], out[1]
 
 

@@ -122,11 +122,17 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
         draws its initial weights from torch's). `SSLMethod.load_from_checkpoint(path)` builds
         the checkpoint's own method (MASSRL, BYOL, SimCLR or a plugin's)."""
         method = cls
-        if cls is SSLMethod and isinstance(checkpoint_path, str | os.PathLike):
+        if cls is SSLMethod:  # (the file is read twice: once for its method's name)
             from massrl.eval.checkpoint import checkpoint_config, read_checkpoint
             from massrl.methods import METHODS
 
-            method = METHODS[checkpoint_config(read_checkpoint(checkpoint_path)).method]
+            if isinstance(checkpoint_path, str | os.PathLike):
+                ckpt = read_checkpoint(checkpoint_path)
+            else:  # a file object: read, then put back where it was
+                where = checkpoint_path.tell()
+                ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+                checkpoint_path.seek(where)
+            method = METHODS[checkpoint_config(ckpt).method]
         with torch.random.fork_rng(devices=[]):
             return super(SSLMethod, method).load_from_checkpoint(checkpoint_path, *args, **kwargs)
 

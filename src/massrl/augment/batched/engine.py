@@ -29,15 +29,15 @@ import torch
 from torch import Tensor
 
 from massrl.config import AugmentConfig
-from massrl.data.eval_transform import channel_stats
 
 from . import ops
 from .buffers import BufferPool
 from .families import FamilyFn, OpFamilies, use_cpu_kernels
 from .flips import flip_after, flip_first, load_flipped
 from .inputs import check_call, check_layout, check_plan, check_plan_inputs, check_strategy_ids
+from .normalise import Normaliser
 from .plan import Grouping, Plan, consecutive_runs, family_lut, group_by_family
-from .policies import PolicySampler, Program, on_device
+from .policies import PolicySampler, Program
 
 
 class BatchedAugmenter:
@@ -60,16 +60,29 @@ class BatchedAugmenter:
     ) -> None:
         self.cfg = cfg
         self.sampler = PolicySampler(cfg)
-        self._mean_std = channel_stats(mean, std)  # checked; one value serves 3 channels
+        self.normaliser = Normaliser(mean, std)
         self.grouped = grouped
         self.chunk_bytes = chunk_bytes
         self.families = OpFamilies(use_cpu_kernels(cfg.cpu_kernels), interpolation)
+        self._compile_unused_told = False
+        self._build()
+
+    def _build(self) -> None:
+        """The engine's working state: built here, not pickled (its op families are closures:
+        an engine handed to a spawned DataLoader worker could not be sent)."""
         self._families = {g: self.families.build(g) for g in (False, True)}  # full, grouped
         self._gather = torch.empty(0)  # grouped mode's gather buffer, reused across calls
         self._outputs = BufferPool()  # CPU outputs, reused once the caller has let them go
         self._luts: dict[torch.device, Tensor] = {}  # grouped mode's op -> family, per device
         self._compiled: Callable[..., None] | None = None  # full mode under torch.compile
-        self._compile_unused_told = False
+
+    def __getstate__(self) -> dict:
+        built = ("_families", "_gather", "_outputs", "_luts", "_compiled")
+        return {k: v for k, v in self.__dict__.items() if k not in built}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._build()
 
     @property
     def fused(self) -> bool:
@@ -154,7 +167,7 @@ class BatchedAugmenter:
         x.copy_(u8).mul_(1 / 255)
         self._run_groups(x, plan.prog, plan.grouping, self._families[False], None)
         ops.hflip_(x, plan.prog.flip)
-        self._normaliser(x.device)(x)
+        self.normaliser.on(x.device)(x)
         return list(x.split(views[0].shape[0]))
 
     def _apply_views(self, views: list[Tensor], prog: Program, grouped: bool,
@@ -262,7 +275,7 @@ class BatchedAugmenter:
         threads = torch.get_num_threads() if self.families.fused_on(out) else 1
         step = max(1, self.chunk_bytes * threads // per_image) if grouped else max(1, total)
         slot_ops = self.sampler.slot_ops(present)
-        normalise = self._normaliser(out.device)
+        normalise = self.normaliser.on(out.device)
         # large images on the CPU flip before the ops, as uint8 (flip_first). Small ones flip
         # after them, in one gather / flip / scatter per chunk (fewer calls than one by one),
         # and so does full mode (one masked pass, on devices with bandwidth to spare)
@@ -286,25 +299,6 @@ class BatchedAugmenter:
                     flip_after(x, part.flip, per_image)  # what flip_first left, if it ran
             base += src.shape[0]
         return out
-
-    def _normaliser(self, device: torch.device) -> Callable[[Tensor], None]:
-        """In-place (x - mean) / std, one pass per channel plane: x + w * (end - x) with
-        w = 1 - 1 / std, end = mean / (1 - std), as a lerp (the two passes of mul_ and add_ cost
-        ~30 % more; addcmul with a broadcast shift ~8x more on the CPU)."""
-        mean, std = self._mean_std
-        key = ("lerp_end", *mean, *std)
-        end = on_device(key, device, lambda: torch.tensor(
-            [m / (1 - s) if abs(1 - s) > 1e-3 else 0.0 for m, s in zip(mean, std, strict=True)]))
-        ends = end.unbind()
-
-        def normalise(x: Tensor) -> None:
-            for c, (m, s) in enumerate(zip(mean, std, strict=True)):
-                if abs(1 - s) > 1e-3:
-                    x[:, c].lerp_(ends[c], 1 - 1 / s)
-                else:  # std ~1: the lerp's end would blow up; two exact passes instead
-                    x[:, c].sub_(m).div_(s)
-
-        return normalise
 
     # -------------------------------------------------------------- execution
 

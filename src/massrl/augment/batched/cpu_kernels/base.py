@@ -31,27 +31,43 @@ LEVEL_EPS = np.float32(1e-3)  # ops.posterize_'s: a level on a step must not rou
 SIGMA_OFF, TAP_REACH = 1e-3, 6.44
 
 
-_LAUNCHED_IN: int | None = None  # the process whose kernel call started numba's thread pool
-
-
 def available() -> bool:
     return numba is not None
 
 
+_FORKED_FROM_OPENMP = False  # this process was forked from one running numba's OpenMP threads
+
+
+def _after_fork_in_child() -> None:
+    global _FORKED_FROM_OPENMP
+    try:
+        from numba.np.ufunc import parallel
+
+        # (started by these kernels or by any numba code: UMAP's, a user's)
+        running = parallel._is_initialized and numba.threading_layer() == "omp"
+    except Exception:  # (numba's private state moved: assume the kernels can run)
+        running = False
+    _FORKED_FROM_OPENMP = _FORKED_FROM_OPENMP or running
+
+
+if numba is not None and hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def usable_here() -> bool:
-    """Whether the kernels can run in this process. Not in a process forked from one that ran
-    them on numba's OpenMP layer: GNU OpenMP is not fork-safe and numba terminates such a child
-    at its first parallel call (a DataLoader worker's collate_fn calling an engine the parent
-    had tried). The torch ops run there instead, with a warning."""
+    """Whether the kernels can run in this process. Not in a process forked from one running
+    numba's OpenMP threads: GNU OpenMP is not fork-safe and numba terminates such a child at
+    its first parallel call (a DataLoader worker's collate_fn calling the engine after the
+    parent had run it, or a UMAP). The torch ops run there instead, with a warning."""
     if numba is None:
         return False
-    if _LAUNCHED_IN in (None, os.getpid()) or numba.threading_layer() != "omp":
+    if not _FORKED_FROM_OPENMP:
         return True
     warnings.warn(
-        "the batched augmentation engine runs in a process forked from one that ran its numba "
-        "kernels on the OpenMP threading layer, which cannot run them again (numba would "
-        "terminate it): its torch ops run instead (same draws, float rounding apart; slower). "
-        "To keep the kernels, start worker processes with multiprocessing_context='spawn' or "
+        "the batched augmentation engine runs in a process forked from one running numba's "
+        "OpenMP threads, where its numba kernels cannot run (numba would terminate it): its "
+        "torch ops run instead (same draws, float rounding apart; slower). To keep the "
+        "kernels, start worker processes with multiprocessing_context='spawn' or "
         "'forkserver', or set NUMBA_THREADING_LAYER=workqueue before the first call",
         RuntimeWarning, stacklevel=2)
     return False
@@ -101,8 +117,6 @@ def run(fn, x: Tensor, layout: str, *params: Tensor, **constants) -> Tensor:
         a = a.reshape(a.shape[0], -1) if layout == "flat" else a.reshape(*a.shape[:2], -1)
     arrays = (p.detach().to("cpu", torch.float32).contiguous().numpy() for p in params)
     fn(a, *arrays, *constants.values())
-    global _LAUNCHED_IN
-    _LAUNCHED_IN = _LAUNCHED_IN or os.getpid()
     # torch and numba's OpenMP layer share one libgomp (one soname, loaded once), and starting
     # numba's thread pool sets the process's OpenMP thread count to every core, which torch then
     # reads as its own: a process set to 1 thread (a per-core benchmark) or to cores - workers
