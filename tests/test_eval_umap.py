@@ -54,3 +54,19 @@ def test_umap_pictures_are_named_by_the_epochs_trained(tiny, monkeypatch):
     assert main(["pretrain", *args]) == 0
     assert drawn == [("epoch_0002.png", "epoch 2")]  # (epoch 3: not a multiple of 2)
     # (a setting no kNN check meets: tests/test_config.py)
+
+
+def test_a_log_gets_a_line_within_a_long_epoch_and_check(tiny, monkeypatch, capsys):
+    """Written to a file, a run printed one line per epoch: an ImageNet epoch's log stayed
+    empty for an hour, a 100k-image kNN bank's check for minutes."""
+    import massrl.loggers
+    from massrl.cli import main
+
+    monkeypatch.setattr(massrl.loggers, "PROGRESS_EVERY_S", 0.0)  # (a line at every batch)
+    assert main(["pretrain", *tiny("byol", **{"trainer.progress_bar": "true"})]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    training = [x for x in lines if x.startswith("epoch 1/1:  batch ")]
+    assert training and training[-1].split()[3] in ("4/4", "8/8")  # ("batch b/B")
+    assert "  loss " in training[-1]
+    assert any(x.startswith("epoch 1/1:  validation, kNN bank: batch 1/") for x in lines)
+    assert any(x.startswith("epoch 1/1:  validation, test split: batch 1/") for x in lines)

@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import sys
+import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from massrl.config import RunConfig
 from massrl.epoch_clock import EpochClock
+from massrl.eval.features import PROGRESS_EVERY_S
 from massrl.extras import require
 from massrl.files import write_text
 
@@ -158,12 +160,15 @@ class EpochBar(RichProgressBar):
 
 
 class EpochLines(Callback):
-    """After each training epoch: `epoch E/N  loss ...  val/knn_top1 ...  images/s  seconds`."""
+    """After each training epoch: `epoch E/N  loss ...  val/knn_top1 ...  images/s  seconds`;
+    within a long epoch or check, a line every PROGRESS_EVERY_S (an ImageNet epoch's log
+    stayed empty for an hour; a 100k-image kNN bank's for minutes)."""
 
     def __init__(self) -> None:
         self._clock = EpochClock()
         self._seen = 0
         self._validated = False
+        self._said = time.monotonic()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # a run resumed mid-epoch has no epoch start: its first line counts from here
@@ -173,6 +178,30 @@ class EpochLines(Callback):
         self._clock.start(pl_module)
         self._seen = getattr(pl_module, "images_seen", 0)
         self._validated = False
+        self._said = time.monotonic()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if self._due(trainer):
+            loss = trainer.callback_metrics.get("train/loss_step")
+            self._progress(trainer, f"batch {batch_idx + 1}/{trainer.num_training_batches}",
+                           *([f"loss {float(loss):.4f}"] if loss is not None else []))
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                outputs: Any, batch: Any, batch_idx: int,
+                                dataloader_idx: int = 0) -> None:
+        if self._due(trainer) and not trainer.sanity_checking:
+            total = trainer.num_val_batches[dataloader_idx]
+            split = ("kNN bank", "test split")[dataloader_idx] if dataloader_idx < 2 else ""
+            self._progress(trainer, f"validation, {split}: batch {batch_idx + 1}/{total}")
+
+    def _due(self, trainer: L.Trainer) -> bool:
+        return trainer.is_global_zero and time.monotonic() - self._said >= PROGRESS_EVERY_S
+
+    def _progress(self, trainer: L.Trainer, *parts: str) -> None:
+        self._said = time.monotonic()
+        print("  ".join([f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}:", *parts]),
+              flush=True)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._validated = not trainer.sanity_checking
