@@ -337,3 +337,18 @@ def test_a_windows_path_in_double_quotes_gets_a_hint(tmp_path):
         build_config(config_file=str(config))
     config.write_text("output_dir: 'C:\\Users\\me\\runs'\n")
     assert build_config(config_file=str(config)).output_dir == "C:\\Users\\me\\runs"
+
+
+def test_an_escape_yaml_accepts_in_a_path_is_refused_too(tmp_path, monkeypatch):
+    """"D:\\runs\\test" in double quotes is valid YAML: D: with a carriage return and a tab, and
+    a data.root with \\b lost a letter ("not found: .../dsad"); `-c ~/x.yaml` was not found."""
+    config = tmp_path / "win.yaml"
+    config.write_text('output_dir: "D:\\runs\\test"\n')
+    with pytest.raises(ConfigError, match="output_dir='D:\\\\runs\\\\test' holds a control "
+                                          "character: inside YAML's double quotes a backslash"):
+        build_config(config_file=str(config))
+    with pytest.raises(ConfigError, match="data.root=.* holds a control character"):
+        build_config(overrides=['data.root="/data/ds\\bad"'])
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config.write_text("output_dir: 'D:/runs'\n")
+    assert build_config(config_file="~/win.yaml").output_dir == "D:/runs"

@@ -215,6 +215,13 @@ def test_a_mac_with_accelerator_auto_is_set_up_for_its_gpu(monkeypatch, capsys, 
     assert not trains_on_cpu("auto") and trains_on_apple_gpu("auto")
     assert trains_on_cpu("cpu") and not trains_on_apple_gpu("cpu")
     assert resolve_precision("auto", "auto") == expected == resolve_precision("auto", "mps")
+    import lightning  # (before 2.6 Lightning autocast "cuda" on an Apple GPU: fp32 then)
+
+    monkeypatch.setattr(lightning, "__version__", "2.5.6")
+    assert resolve_precision("auto", "auto") == "32-true"
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert resolve_precision("auto", "cpu") in ("bf16-mixed", "32-true")  # (the CPU's own)
     mac = build_config(config_file="fashion_mnist/byol")
     assert run_num_workers(mac) == auto_num_workers(False, usable_cores())

@@ -112,3 +112,25 @@ def test_a_resnext_export_loads_in_torchvision_with_the_same_features(tmp_path, 
     exec(info["load_torchvision"], scope)
     with torch.no_grad():
         torch.testing.assert_close(scope["model"](x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_an_old_checkpoint_whose_data_is_gone_says_what_its_test_transform_assumes():
+    """Before checkpoints recorded their images' typical side, the export reads it from the
+    dataset; where that is gone above 64 px the manifest's crop is an assumption, said so (it
+    was recorded silently); up to 64 px the dataset is not needed (images are seen whole)."""
+    from types import SimpleNamespace
+
+    from massrl.commands.export import _pretraining_data
+    from massrl.config import DataConfig
+
+    said: list[str] = []
+    for size in (96, 32):
+        data = DataConfig(name="folder", root="/nonexistent/photos", image_size=size)
+        run = SimpleNamespace(
+            pre=SimpleNamespace(config=SimpleNamespace(data=data, seed=0),
+                                meta={"data": {"mean": [0.5] * 3, "std": [0.2] * 3}}),
+            warn=said.append)
+        assert _pretraining_data(run) == ([0.5] * 3, [0.2] * 3, None)
+    assert len(said) == 1 and said[0].startswith(
+        "the size of the images of 'folder' is unknown (dataset 'folder' not found")
+    assert "assumes them larger than 96 px (a 0.875 centre crop)" in said[0]

@@ -151,14 +151,26 @@ def use_channels_last(requested: bool, accelerator: str, model: nn.Module) -> bo
 def resolve_precision(precision: str, accelerator: str, strategy: str = "auto") -> str:
     """'auto' -> bf16 mixed precision where the hardware computes it natively, else fp32 on the
     CPU and fp16 mixed on GPUs without bf16 (V100, T4: torch counts its slow emulation there
-    as support). On an Apple GPU bf16 from macOS 14 (MPS has no bf16 before), else fp32."""
+    as support). On an Apple GPU bf16 where it autocasts (macOS 14, torch and Lightning 2.6),
+    else fp32."""
     if precision != "auto":
         return precision
     if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda"):
         return "bf16-mixed" if _gpu_computes_bf16(_launch_forks(strategy)) else "16-mixed"
     if trains_on_apple_gpu(accelerator):
-        return "bf16-mixed" if torch.backends.mps.is_macos_or_newer(14, 0) else "32-true"
+        return "bf16-mixed" if _apple_gpu_autocasts_bf16() else "32-true"
     return "bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true"
+
+
+def _apple_gpu_autocasts_bf16() -> bool:
+    """bf16 autocast on an Apple GPU needs macOS 14, torch 2.6 (MPS bf16 autocast) and
+    Lightning 2.6 (before, its mixed precision autocast "cuda" there: a warning, and fp32)."""
+    import lightning
+    from packaging.version import Version
+
+    new_enough = all(Version(v).release >= (2, 6) for v in (torch.__version__,
+                                                             lightning.__version__))
+    return new_enough and torch.backends.mps.is_macos_or_newer(14, 0)
 
 
 def _launch_forks(strategy: str) -> bool:

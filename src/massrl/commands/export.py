@@ -27,12 +27,15 @@ def _pretraining_data(r: EvalRun) -> tuple[Any, Any, int | None]:
     """(mean, std, the images' typical side) of the pre-training data: its config's mean/std,
     else the checkpoint's record; the dataset itself only for what neither holds (checkpoints
     before the typical side was recorded)."""
+    from massrl.data.eval_transform import SMALL_IMAGE
+
     data = r.pre.config.data
     recorded = r.pre.meta.get("data") or {}
     mean, std = ((data.mean, data.std) if data.mean is not None and data.std is not None
                  else (recorded.get("mean"), recorded.get("std")))
     native = recorded.get("native_size")
-    if mean and std and "native_size" in recorded:
+    # (up to 64 px a test image is seen whole whatever its own size: eval_transform.py)
+    if mean and std and ("native_size" in recorded or data.image_size <= SMALL_IMAGE):
         return mean, std, native
     try:
         from massrl.data import load_dataset
@@ -43,6 +46,10 @@ def _pretraining_data(r: EvalRun) -> tuple[Any, Any, int | None]:
         if not (mean and std):
             r.warn(f"mean/std of '{data.name}' unknown ({first_line(exc)}); "
                    "the manifest records null")
+        if "native_size" not in recorded and data.image_size > SMALL_IMAGE:
+            r.warn(f"the size of the images of '{data.name}' is unknown ({first_line(exc)}): "
+                   f"the manifest's test transform assumes them larger than {data.image_size} "
+                   "px (a 0.875 centre crop); massrl evaluates smaller ones whole")
         return mean or None, std or None, native
 
 

@@ -49,7 +49,7 @@ def dotted_items(key: str, value: Any) -> list[tuple[str, Any]]:
 
 def resolve_config_path(path: str | Path) -> Path:
     """A config file, or a name of a shipped one such as `cifar10/byol`."""
-    p = Path(path)
+    p = Path(path).expanduser()
     if p.is_file():
         return p
     shipped = PACKAGE_CONFIGS / (str(path).removesuffix(".yaml") + ".yaml")
@@ -100,7 +100,20 @@ def load_yaml(path: str | Path) -> dict:
         return {}
     if not isinstance(tree, dict):
         raise ConfigError(f"{p} must hold a mapping of keys, not {type(tree).__name__}")
+    for top, section in tree.items():
+        for key, value in dotted_items(str(top), section):
+            check_typed_text(key, value)
     return tree
+
+
+def check_typed_text(key: str, value: Any) -> None:
+    """A typed text holds no control character: "D:\\runs\\test" in YAML's double quotes
+    (a file's or a shell argument's) is D: with a carriage return and a tab, silently."""
+    texts = value if isinstance(value, list) else [value]
+    if any(isinstance(t, str) and any(ord(c) < 32 for c in t) for t in texts):
+        raise ConfigError(f"{key}={value!r} holds a control character: inside YAML's double "
+                          "quotes a backslash starts an escape; write paths with / or inside "
+                          "'single quotes'")
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
@@ -112,6 +125,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
             )
         key, value = item.split("=", 1)
         out.append((key.strip(), parse_value(value)))
+        check_typed_text(key.strip(), out[-1][1])
     return out
 
 

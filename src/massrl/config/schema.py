@@ -49,7 +49,8 @@ def root_path(root: str | None, name: str | None = None) -> Path | None:
 class DataConfig(Section):
     name: Literal[DATASETS] = Field(  # type: ignore[valid-type]
         "fashion_mnist", description="dataset; folder: data.root, with or without class folders")
-    root: str | None = Field(None, description="where the dataset lives (default: per dataset)")
+    root: UserPath | None = Field(None,
+                                  description="where the dataset lives (default: per dataset)")
     labels: Literal["auto", "folders", "none"] = Field(
         "auto", description="data.name=folder: auto = sub-folders that hold images directly are "
         "classes, else unlabeled; folders = each sub-folder is a class, images at any depth "
@@ -64,8 +65,7 @@ class DataConfig(Section):
         "auto", description="DataLoader workers of each process; auto: 0 on a CPU with <= 4 "
         "cores, cores/4 on more; on GPUs cores/devices - 1 per GPU process, at most 8")
     pin_memory: bool = Field(True, description="page-locked batches (with a GPU only)")
-    persistent_workers: bool = Field(True, description="keep the training loader's workers "
-                                     "between epochs (the monitors' start at each check)")
+    persistent_workers: bool = Field(True, description="keep workers between epochs")
     strict: bool = Field(False, description="fail on an undecodable image instead of skipping it")
     mean: tuple[float, float, float] | None = Field(None, description="default: the dataset's")
     std: tuple[float, float, float] | None = Field(None, description="default: the dataset's")

@@ -132,17 +132,14 @@ class SSLDataModule(L.LightningDataModule):
         bank = splits.train_labeled
         if self.cfg.eval.knn_bank is not None:  # (the probe is validated on the test split)
             bank = class_balanced(bank, self.cfg.eval.knn_bank, self.cfg.seed)
-        # their workers start at each check: kept, every check's 2 x num_workers processes
-        # stayed beside the training loader's, each with its copy-on-write share of memory
-        return [self._loader(labeled_images(split, transform), persistent=False)
-                for split in (bank, splits.test)]
+        return [self._loader(labeled_images(split, transform)) for split in (bank, splits.test)]
 
-    def _loader(self, dataset: Dataset, persistent: bool = True, **kwargs: Any) -> DataLoader:
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         data, trainer = self.cfg.data, self.trainer
         # pinned memory helps only a copy to a GPU, the one the trainer runs on when attached
         device = (trainer.strategy.root_device if trainer is not None
                   else "cuda" if torch.cuda.is_available() else "cpu")
         return make_loader(dataset, data.batch_size, num_workers=run_num_workers(self.cfg),
                            device=device, pin_memory=data.pin_memory,
-                           persistent_workers=data.persistent_workers and persistent,
+                           persistent_workers=data.persistent_workers,
                            worker_init=run_worker_init_fn, **kwargs)

@@ -217,13 +217,13 @@ class FileImageDataset(Dataset):
         return image, self.targets[index]
 
     def _say_skipped(self, path: str, reason: str) -> None:
-        """Name an undecodable file once per process (each epoch named them all again, in
-        every loader), and at most NAMED_BAD_FILES of them (1 % bad files of ImageNet made
-        25k lines per epoch)."""
-        if path in self._named_bad or len(self._named_bad) > NAMED_BAD_FILES:
+        """Name an undecodable file once per process (each epoch named them all again), and at
+        most NAMED_BAD_FILES of them (1 % bad files of ImageNet made 25k lines per epoch); each
+        loader worker names its own."""
+        if path in self._named_bad or len(self._named_bad) >= NAMED_BAD_FILES:
             return
         self._named_bad.add(path)
-        more = len(self._named_bad) > NAMED_BAD_FILES
+        more = len(self._named_bad) == NAMED_BAD_FILES  # (the last one named says so)
         warnings.warn(f"skipping image {path}: {reason}" + (
             "; further undecodable files are skipped without a word (the run's summary counts "
             "them: skipped_files; data.strict=true stops at the first)" if more else ""),

@@ -110,7 +110,7 @@ class LinearEvalConfig(_DataEval):
     )
     finetune: bool = Field(False, description="train the whole network, not only the head")
     backbone_lr: float | None = Field(None, gt=0, description="finetune: backbone lr (default lr)")
-    subset_file: str | None = Field(
+    subset_file: UserPath | None = Field(
         None, description="reuse the label subset a run saved (JSON), or a text file of image "
         "file names, one per line (SimCLR's 1 % / 10 % ImageNet lists)")
 

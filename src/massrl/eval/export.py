@@ -54,7 +54,8 @@ def _snippet(weights: str, manifest: str, build: str) -> str:
 _TRANSFORM = (
     "from torchvision import transforms as T\n"
     "t = meta['test_transform']\n"
-    "transform = T.Compose([\n"
+    "transform = T.Compose([  # (for RGB and 8-bit grey images: massrl puts transparent\n"
+    "    # areas on white and scales 16-bit ones to 8 bits before this)\n"
     "    T.Lambda(lambda im: im.convert('RGB')),\n"
     "    T.Resize(t['resize'], interpolation=T.InterpolationMode.BICUBIC),\n"
     "    T.CenterCrop(t['center_crop']), T.ToTensor(), T.Normalize(meta['mean'], meta['std'])])\n"
