@@ -293,22 +293,26 @@ def test_settings_a_run_will_not_train_with_are_refused_when_it_starts():
     """(Not by the schema: checkpoints written before these checks must still load.) 1 px
     "trained"; 4 px stopped on a NaN gradient under bf16, the advice naming the lr; a UMAP
     picture no kNN check meets was never drawn."""
-    from massrl.config.schema import check_training_settings
+    from massrl.config.schema import check_training_data, check_training_settings
 
-    for bad, message in ((["data.image_size=4"], "data.image_size=4: train at 8 px or more"),
-                         (["eval.umap_every=3", "eval.knn_every=2"], "make it a multiple of 2"),
+    for bad, message in ((["eval.umap_every=3", "eval.knn_every=2"], "make it a multiple of 2"),
                          (["eval.umap_every=1", "eval.knn_every=0"],
-                          "set eval.knn_every too"),
-                         # every input came out near -2 (a stored one must still evaluate)
-                         (["data.mean=[124,116,104]", "data.std=[58,57,57]"],
-                          "data.mean=[124.0, 116.0, 104.0] looks like 0-255 values")):
+                          "set eval.knn_every too")):
         cfg = build_config(overrides=bad)  # (a stored config like it loads)
         with pytest.raises(ConfigError, match=re.escape(message)):
             check_training_settings(cfg)
     check_training_settings(build_config(overrides=["eval.umap_every=0"]))  # 0 = off
-    # a run that trained at 4 px before the check may continue (its size cannot change)
-    check_training_settings(build_config(overrides=["data.image_size=4", "resume=auto"]))
-    check_training_settings(build_config(overrides=["data.mean=[124,116,104]", "resume=auto"]))
+    # data settings, once it is known whether the run continues a checkpoint: one that
+    # trained so before may continue with the same value; a fresh run (resume=auto that found
+    # nothing: a SLURM job's first start) or a resume that sets it anew may not
+    small = build_config(overrides=["data.image_size=4", "resume=auto"])
+    bright = build_config(overrides=["data.mean=[124,116,104]", "data.std=[58,57,57]"])
+    for cfg, message in ((small, "data.image_size=4: train at 8 px or more"),
+                         (bright, "data.mean=[124.0, 116.0, 104.0] looks like 0-255 values")):
+        for saved in (None, {"data": {"image_size": 32, "mean": None}}):
+            with pytest.raises(ConfigError, match=re.escape(message)):
+                check_training_data(cfg, saved)
+        check_training_data(cfg, cfg.model_dump(mode="json"))  # (the checkpoint's own)
 
 
 
@@ -352,3 +356,15 @@ def test_an_escape_yaml_accepts_in_a_path_is_refused_too(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     config.write_text("output_dir: 'D:/runs'\n")
     assert build_config(config_file="~/win.yaml").output_dir == "D:/runs"
+
+
+def test_multi_line_text_outside_paths_is_left_alone():
+    """A YAML block scalar (a plugin's text setting) holds newlines: only paths are checked."""
+    from massrl.config.files import check_typed_text
+
+    check_typed_text("method_kwargs.note", "line one\nline two\n")
+    check_typed_text("name", "tab\there")
+    with pytest.raises(ConfigError, match="data.root='/d/x\\\\ty' holds a control character"):
+        check_typed_text("data", {"root": "/d/x\ty"})
+    with pytest.raises(ConfigError, match="plugins=.* holds a control character"):
+        check_typed_text("plugins", ["./a\rb.py"])

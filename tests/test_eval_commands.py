@@ -858,3 +858,12 @@ def test_the_batched_picture_does_not_warn_about_augment_compile():
         warnings.simplefilter("error")
         views = transform.sample(splits.train[0][0])
     assert len(views) == cfg.augment.num_views and cfg.augment.compile  # (the run's is kept)
+
+
+def test_a_mean_typed_on_the_0_255_scale_is_refused(ckpt, capsys):
+    """Evaluated so, every input came out near -2 and the score fell without a word (the
+    checkpoint's own normalisation is used as trained, whatever it holds)."""
+    assert main(["knn", f"ckpt={ckpt}", "data.mean=[125,123,114]", "data.std=[63,62,66]"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "massrl knn: data.mean=[125, 123, 114] looks like 0-255 values: give mean and std on "
+        "the [0, 1] scale (divide by 255)")

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from massrl.augment.views import sparse_pairs_note
 from massrl.caller_state import callers_process_kept
 from massrl.config import ConfigError, RunConfig, to_yaml
-from massrl.config.schema import check_training_settings
+from massrl.config.schema import check_training_data, check_training_settings
 from massrl.data.folder import check_headers
 from massrl.devices import (
     check_accelerator,
@@ -285,7 +285,7 @@ def _start(cfg: RunConfig, run_dir: Path, splits: DatasetSplits | None
     if cfg.resume is None and holds_a_run:
         raise ConfigError(f"output_dir {run_dir} already holds a run (checkpoints/last.ckpt): "
                           "continue it with resume=auto, or choose another output_dir")
-    saved_world = resumed_step = None
+    saved_world = resumed_step = ckpt = None
     if resume_from is not None:
         ckpt = check_resume_compatible(cfg, resume_from)
         inside = _inside(resume_from, run_dir)
@@ -312,6 +312,7 @@ def _start(cfg: RunConfig, run_dir: Path, splits: DatasetSplits | None
                   "chosen afresh among this run's epochs")
     elif cfg.resume == "auto":
         print(f"resume=auto: no checkpoint in {run_dir} yet, starting the run")
+    check_training_data(cfg, ((ckpt or {}).get("hyper_parameters") or {}).get("config"))
     dm, method, trainer, parts = _prepare(cfg, run_dir, resumed_step, splits)
     if resume_from is not None:
         check_resume_fits(ckpt, method, resume_from)

@@ -106,10 +106,22 @@ def load_yaml(path: str | Path) -> dict:
     return tree
 
 
+# the settings that name files and folders (a multi-line text elsewhere is a plugin's business)
+PATH_KEYS = {"output_dir", "resume", "root", "ckpt", "out", "subset_file", "cache_dir",
+             "plugins"}
+
+
 def check_typed_text(key: str, value: Any) -> None:
-    """A typed text holds no control character: "D:\\runs\\test" in YAML's double quotes
+    """A typed path holds no control character: "D:\\runs\\test" in YAML's double quotes
     (a file's or a shell argument's) is D: with a carriage return and a tab, silently."""
+    if isinstance(value, Mapping):  # (an override of a whole section: `data={root: ...}`)
+        for dotted, item in dotted_items(key, value):
+            if dotted != key:
+                check_typed_text(dotted, item)
+        return
     texts = value if isinstance(value, list) else [value]
+    if key.rsplit(".", 1)[-1] not in PATH_KEYS:
+        return
     if any(isinstance(t, str) and any(ord(c) < 32 for c in t) for t in texts):
         raise ConfigError(f"{key}={value!r} holds a control character: inside YAML's double "
                           "quotes a backslash starts an escape; write paths with / or inside "

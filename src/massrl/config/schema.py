@@ -302,15 +302,6 @@ def check_training_settings(cfg: RunConfig) -> None:
 
     e = cfg.eval
     problems = []
-    # a few colours per view, and bf16 gradients overflowed (a run that trained so before may
-    # continue: its size cannot change on resume)
-    if cfg.data.image_size < 8 and cfg.resume is None:
-        problems.append(f"data.image_size={cfg.data.image_size}: train at 8 px or more")
-    # images are scaled to [0, 1] first: every input came out near -2 (a run that trained so
-    # before may continue, and its checkpoints evaluate as they did)
-    if cfg.data.mean is not None and max(map(abs, cfg.data.mean)) > 1 and cfg.resume is None:
-        problems.append(f"data.mean={list(cfg.data.mean)} looks like 0-255 values: give mean "
-                        "and std on the [0, 1] scale (divide by 255)")
     # the UMAP picture is drawn from a validation's features: without a validation in its
     # epoch none was drawn, silently
     if e.umap_every and not e.knn_every:
@@ -323,3 +314,23 @@ def check_training_settings(cfg: RunConfig) -> None:
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
+
+def check_training_data(cfg: RunConfig, saved: dict | None) -> None:
+    """The data settings a run refuses to train with, once it is known whether it continues a
+    checkpoint (`saved`: its stored config): a run that trained so before may continue with
+    the same value (and its checkpoints evaluate as they did); a fresh one, a resume=auto that
+    found nothing, or a resume that sets it anew may not."""
+    from massrl.config.section import ConfigError
+
+    before = (saved or {}).get("data") or {}
+    problems = []
+    # a few colours per view, and bf16 gradients overflowed
+    if cfg.data.image_size < 8 and before.get("image_size") != cfg.data.image_size:
+        problems.append(f"data.image_size={cfg.data.image_size}: train at 8 px or more")
+    # images are scaled to [0, 1] first: every input came out near -2
+    mean = cfg.data.mean
+    if mean is not None and max(map(abs, mean)) > 1 and before.get("mean") != list(mean):
+        problems.append(f"data.mean={list(mean)} looks like 0-255 values: give mean and std "
+                        "on the [0, 1] scale (divide by 255)")
+    if problems:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

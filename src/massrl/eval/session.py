@@ -65,6 +65,7 @@ class EvalRun:
 def start(command: str, schema: type, args: argparse.Namespace) -> EvalRun | None:
     """Load the checkpoint and resolve the config; None (after printing) for --print-config."""
     requested = raw_tree(args.config, args.overrides)
+    _check_typed_mean(requested)
     ckpt = requested.get("ckpt")
     pre = load(str(ckpt)) if ckpt else None
     cfg = build_eval_config(schema, args.config, args.overrides, pre.config if pre else None)
@@ -92,6 +93,15 @@ def _output_dir(cfg: Any, command: str) -> Path:
         return Path(out) if out.endswith(("/", os.sep)) or Path(out).is_dir() else \
             Path(out).parent
     return default_output_dir(command)
+
+
+def _check_typed_mean(requested: dict[str, Any]) -> None:
+    """A data.mean typed on the 0-255 scale (a checkpoint's own is used as it was trained)."""
+    mean = (requested.get("data") or {}).get("mean")
+    values = mean if isinstance(mean, list) else [mean]
+    if any(isinstance(v, int | float) and abs(v) > 1 for v in values):
+        raise ConfigError(f"data.mean={mean} looks like 0-255 values: give mean and std on the "
+                          "[0, 1] scale (divide by 255)")
 
 
 def output_file(out: str | None, run: EvalRun, default_name: str) -> Path:
