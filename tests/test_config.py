@@ -368,3 +368,14 @@ def test_multi_line_text_outside_paths_is_left_alone():
         check_typed_text("data", {"root": "/d/x\ty"})
     with pytest.raises(ConfigError, match="plugins=.* holds a control character"):
         check_typed_text("plugins", ["./a\rb.py"])
+
+
+def test_the_command_line_entry_leaves_the_callers_output_streams_as_they_were():
+    """massrl.cli.main from Python switched stdout and stderr to backslashreplace for good."""
+    code = ("import sys\nfrom massrl.cli import main\n"
+            "before = (sys.stdout.errors, sys.stderr.errors)\n"
+            "main(['pretrain', 'no_such_key=1'])\n"
+            "print(before == (sys.stdout.errors, sys.stderr.errors), sys.stdout.errors)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.split()[-2] == "True", out.stderr[-2000:]

@@ -108,6 +108,19 @@ def test_a_loaded_checkpoint_keeps_its_normalisation_and_the_callers_random_stat
         assert type(SSLMethod.load_from_checkpoint(f)) is MASSRL
 
 
+def test_checkpoints_hold_weights_in_the_standard_layout(tmp_path):
+    """A channels-last run's checkpoint held strided weights: safetensors (and other tools fed
+    a checkpoint's state_dict) refused them."""
+    cfg = build_config(overrides=[*TINY, "data.image_size=16"])
+    model, fit = _fit(cfg, _splits(16), limit_train_batches=1, limit_val_batches=1)
+    model.to(memory_format=torch.channels_last)
+    assert not all(t.is_contiguous() for t in model.state_dict().values())
+    fit.save_checkpoint(tmp_path / "m.ckpt")
+    weights = torch.load(tmp_path / "m.ckpt", weights_only=False)["state_dict"]
+    assert all(t.is_contiguous() for t in weights.values())
+    assert not all(t.is_contiguous() for t in model.state_dict().values())  # (model unchanged)
+
+
 def test_dataset_splits_need_only_the_training_set_and_check_what_they_are_given():
     data = Squares(8)
     plain = DatasetSplits(train=data)

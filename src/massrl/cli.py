@@ -88,10 +88,19 @@ def _format_warning(message: Warning | str, category: type[Warning], filename: s
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # a file name that is not UTF-8 (Linux names are bytes) is printed with \x escapes, not a
-    # UnicodeEncodeError in the middle of a run
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(errors="backslashreplace")
+    # UnicodeEncodeError in the middle of a run (put back for a Python caller afterwards)
+    streams = [s for s in (sys.stdout, sys.stderr) if hasattr(s, "reconfigure")]
+    before = [s.errors for s in streams]
+    for stream in streams:
+        stream.reconfigure(errors="backslashreplace")
+    try:
+        return _main(argv)
+    finally:
+        for stream, errors in zip(streams, before, strict=True):
+            stream.reconfigure(errors=errors)
+
+
+def _main(argv: list[str]) -> int:
     command = argv[0] if argv and argv[0] in COMMANDS else None
     parser, parsers = build_parser([command] if command else [])
     if command is not None:

@@ -225,6 +225,12 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
                                 "skipped_files": self.skipped_files,
                                 "bad_images": sorted(self._bad_images),
                                 "rng": rng_state()}
+        # in the standard layout (a channels-last run's weights were strided: safetensors and
+        # other tools that take a checkpoint's state_dict refused them); a resume copies them
+        # back into the model's own layout
+        weights = checkpoint.get("state_dict") or {}
+        for name, tensor in weights.items():
+            weights[name] = tensor.contiguous()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         weights = checkpoint.get("state_dict", {})
