@@ -1,6 +1,8 @@
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,6 +24,12 @@ import torch  # noqa: E402
 # Lightning's logging handlers keep the sys.stderr of the moment it is first imported: imported
 # inside a test that captures output, they write to a closed stream in later tests
 torch.set_num_threads(1)
+
+
+def run_python(code: str, *args: str, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
+    """`python -c code args...` in a process of its own, its output captured as text."""
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=timeout, **kwargs)
 
 
 def class_folder(root: Path, per_class: int = 20, classes: tuple[str, ...] = ("a", "b"),

@@ -1,9 +1,9 @@
 """trainer.channels_last is turned off on the CPU for models that crash oneDNN (devices.py)."""
 
-import subprocess
 import sys
 
 import pytest
+from conftest import run_python
 
 from massrl.devices import channels_last_hazards, use_channels_last
 from massrl.models.backbones import build_backbone
@@ -46,5 +46,5 @@ for _ in range(2):
     model(x).sum().backward()
 print("done")
 """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    res = run_python(code, timeout=120)
     assert res.returncode == 0 and "done" in res.stdout, (res.returncode, res.stderr[-2000:])

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_python
 
 import massrl
 from massrl.cli import COMMANDS, main
@@ -261,8 +262,7 @@ def test_help_loads_no_torch():
         code = "\n".join(["import sys", "from massrl.cli import main", "try:",
                           f"    main({argv!r})", "except SystemExit:", "    pass",
                           "print(sorted({'torch', 'lightning'} & set(sys.modules)))"])
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             check=True).stdout
+        out = run_python(code, check=True).stdout
         assert out.strip().splitlines()[-1] == "[]", argv
 
 
@@ -376,6 +376,5 @@ def test_the_command_line_entry_leaves_the_callers_output_streams_as_they_were()
             "before = (sys.stdout.errors, sys.stderr.errors)\n"
             "main(['pretrain', 'no_such_key=1'])\n"
             "print(before == (sys.stdout.errors, sys.stderr.errors), sys.stdout.errors)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+    out = run_python(code, timeout=120)
     assert out.stdout.split()[-2] == "True", out.stderr[-2000:]

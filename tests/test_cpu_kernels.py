@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from conftest import run_python
 
 from massrl.augment.batched import BatchedAugmenter, cpu_kernels, families, ops
 from massrl.config import AugmentConfig
@@ -184,8 +185,6 @@ def test_numba_required_but_missing(monkeypatch):
 def test_kernels_keep_torchs_thread_count():
     """Starting numba's OpenMP pool resets the OpenMP thread count that torch shares with it; the
     kernels put torch's back (in a fresh process: the pool starts once per process)."""
-    import subprocess
-    import sys
 
     code = (
         "import torch, numba\n"
@@ -199,8 +198,7 @@ def test_kernels_keep_torchs_thread_count():
     # (without the suite's OMP_NUM_THREADS=1, both pools start at the machine's core count)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS",
                                                              "NUMBA_NUM_THREADS")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, env=env)
+    out = run_python(code, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "1"]
 
@@ -211,8 +209,6 @@ def test_a_process_forked_after_the_kernels_ran_uses_the_torch_ops(first):
     collate_fn calls an engine the parent had tried, or after a UMAP) at its first parallel
     call. The child runs the torch ops instead, says so, and gives the parent's views within
     float rounding."""
-    import subprocess
-    import sys
 
     code = (
         "import multiprocessing as mp, numba, torch\n"
@@ -245,8 +241,7 @@ def test_a_process_forked_after_the_kernels_ran_uses_the_torch_ops(first):
         "p.join(100)\n"
         "print(numba.threading_layer(), p.exitcode, q.get(timeout=5) if p.exitcode == 0 else '-')\n"
     )
-    out = subprocess.run([sys.executable, "-c", f"FIRST = {first!r}\n" + code],
-                         capture_output=True, text=True, timeout=200)
+    out = run_python(f"FIRST = {first!r}\n" + code, timeout=200)
     assert out.returncode == 0, out.stderr
     layer, exitcode, largest = out.stdout.split()
     assert exitcode == "0", out.stderr  # (-15: numba's "Terminating: fork() called from ...")

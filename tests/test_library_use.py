@@ -4,13 +4,12 @@ one's own, checkpoints loaded back, configs and losses built by hand."""
 import json
 import os
 import random
-import subprocess
-import sys
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
+from conftest import run_python
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -204,8 +203,7 @@ def test_a_plain_import_reaches_the_subpackages_and_stays_light():
             "light = not {'torch', 'lightning'} & set(sys.modules)\n"
             "cfg = massrl.config.build_config(overrides={'method': 'byol'})\n"
             "print(light, cfg.method, callable(massrl.train.pretrain))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300)
+    out = run_python(code)
     assert out.stdout.split() == ["True", "byol", "True"], out.stderr[-2000:]
 
 
@@ -222,6 +220,5 @@ def test_a_script_that_leaves_a_training_iterator_alive_still_exits():
         "batches = iter(dm.train_dataloader())  # (kept: alive at exit)\n"
         "batch = next(batches)\n"
         "print('got a batch', flush=True)\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+    done = run_python(script, timeout=120)
     assert done.returncode == 0 and "got a batch" in done.stdout, done.stderr[-2000:]

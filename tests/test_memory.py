@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
+from conftest import run_python
 
 from massrl.memory import ENV
 
@@ -30,8 +30,7 @@ def _probe(mode: str) -> tuple[bool, int]:
     # a clean environment: variables that libraries set when a run starts in this process would
     # change the child's allocations
     env = {k: os.environ[k] for k in ("PATH", "HOME", "PYTHONPATH", "LANG") if k in os.environ}
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True,
-                         env=env, check=True).stdout.split()
+    out = run_python(PROBE, mode, env=env, check=True).stdout.split()
     return out[0] == "True", int(out[1])
 
 

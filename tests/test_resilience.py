@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_python
 
 from massrl.cli import main
 from massrl.resilience import AtomicCheckpointIO, CheckpointWriteError
@@ -247,8 +248,7 @@ def test_pretraining_loader_workers_ignore_sigterm_and_sigusr1():
             "run_worker_init_fn(0)\n"
             "print([signal.getsignal(s) == signal.SIG_IGN\n"
             "       for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)])\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+    out = run_python(code, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[True, True, True]"
 
@@ -975,6 +975,5 @@ def test_without_sigusr1_the_stop_signals_are_sigterm_alone():
         "assert signal.getsignal(signal.SIGTERM) == p._on_signal\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300)
+    out = run_python(code)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
