@@ -363,7 +363,9 @@ def test_multi_line_text_outside_paths_is_left_alone():
     from massrl.config.files import check_typed_text
 
     check_typed_text("method_kwargs.note", "line one\nline two\n")
-    check_typed_text("name", "tab\there")
+    check_typed_text("wandb.notes", "tab\there")
+    with pytest.raises(ConfigError, match="name=.* holds a control character"):
+        check_typed_text("name", "D:\runs\test")  # (the run's folder: runs/<name>/version_N)
     with pytest.raises(ConfigError, match="data.root='/d/x\\\\ty' holds a control character"):
         check_typed_text("data", {"root": "/d/x\ty"})
     with pytest.raises(ConfigError, match="plugins=.* holds a control character"):

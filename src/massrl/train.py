@@ -285,9 +285,10 @@ def _start(cfg: RunConfig, run_dir: Path, splits: DatasetSplits | None
     if cfg.resume is None and holds_a_run:
         raise ConfigError(f"output_dir {run_dir} already holds a run (checkpoints/last.ckpt): "
                           "continue it with resume=auto, or choose another output_dir")
-    saved_world = resumed_step = ckpt = None
+    saved_world = resumed_step = None
     if resume_from is not None:
         ckpt = check_resume_compatible(cfg, resume_from)
+        check_training_data(cfg, (ckpt.get("hyper_parameters") or {}).get("config"))
         inside = _inside(resume_from, run_dir)
         if holds_a_run and not inside:
             # (its checkpoints, metrics and summary would be overwritten by another run's)
@@ -310,9 +311,10 @@ def _start(cfg: RunConfig, run_dir: Path, splits: DatasetSplits | None
             # (Lightning's own warning on it names two paths and an attribute)
             print(f"note: a branch of that run into {run_dir}: its best-kNN checkpoint is "
                   "chosen afresh among this run's epochs")
-    elif cfg.resume == "auto":
-        print(f"resume=auto: no checkpoint in {run_dir} yet, starting the run")
-    check_training_data(cfg, ((ckpt or {}).get("hyper_parameters") or {}).get("config"))
+    else:
+        if cfg.resume == "auto":
+            print(f"resume=auto: no checkpoint in {run_dir} yet, starting the run")
+        check_training_data(cfg, None)
     dm, method, trainer, parts = _prepare(cfg, run_dir, resumed_step, splits)
     if resume_from is not None:
         check_resume_fits(ckpt, method, resume_from)

@@ -108,7 +108,7 @@ def load_yaml(path: str | Path) -> dict:
 
 # the settings that name files and folders (a multi-line text elsewhere is a plugin's business)
 PATH_KEYS = {"output_dir", "resume", "root", "ckpt", "out", "subset_file", "cache_dir",
-             "plugins"}
+             "plugins", "name"}  # (a run's name is its folder's: runs/<name>/version_N)
 
 
 def check_typed_text(key: str, value: Any) -> None:

@@ -230,7 +230,8 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
         # back into the model's own layout
         weights = checkpoint.get("state_dict") or {}
         for name, tensor in weights.items():
-            weights[name] = tensor.contiguous()
+            if torch.is_tensor(tensor):
+                weights[name] = tensor.contiguous()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         weights = checkpoint.get("state_dict", {})
