@@ -315,6 +315,16 @@ def check_training_settings(cfg: RunConfig) -> None:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
 
 
+def mean_scale_problem(mean: Any) -> str | None:
+    """What is wrong with a data.mean given on the 0-255 scale (images are scaled to [0, 1]
+    first: every input came out near -2), or None."""
+    values = mean if isinstance(mean, list | tuple) else [mean]
+    if not any(isinstance(v, int | float) and abs(v) > 1 for v in values):
+        return None
+    return (f"data.mean={mean} looks like 0-255 values: give mean and std on the [0, 1] scale "
+            "(divide by 255)")
+
+
 def check_training_data(cfg: RunConfig, saved: dict | None) -> None:
     """The data settings a run refuses to train with, once it is known whether it continues a
     checkpoint (`saved`: its stored config): a run that trained so before may continue with
@@ -327,10 +337,9 @@ def check_training_data(cfg: RunConfig, saved: dict | None) -> None:
     # a few colours per view, and bf16 gradients overflowed
     if cfg.data.image_size < 8 and before.get("image_size") != cfg.data.image_size:
         problems.append(f"data.image_size={cfg.data.image_size}: train at 8 px or more")
-    # images are scaled to [0, 1] first: every input came out near -2
     mean = cfg.data.mean
-    if mean is not None and max(map(abs, mean)) > 1 and before.get("mean") != list(mean):
-        problems.append(f"data.mean={list(mean)} looks like 0-255 values: give mean and std "
-                        "on the [0, 1] scale (divide by 255)")
+    if mean is not None and (problem := mean_scale_problem(list(mean))) and \
+            before.get("mean") != list(mean):
+        problems.append(problem)
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))

@@ -97,11 +97,10 @@ def _output_dir(cfg: Any, command: str) -> Path:
 
 def _check_typed_mean(requested: dict[str, Any]) -> None:
     """A data.mean typed on the 0-255 scale (a checkpoint's own is used as it was trained)."""
-    mean = (requested.get("data") or {}).get("mean")
-    values = mean if isinstance(mean, list) else [mean]
-    if any(isinstance(v, int | float) and abs(v) > 1 for v in values):
-        raise ConfigError(f"data.mean={mean} looks like 0-255 values: give mean and std on the "
-                          "[0, 1] scale (divide by 255)")
+    from massrl.config.schema import mean_scale_problem
+
+    if problem := mean_scale_problem((requested.get("data") or {}).get("mean")):
+        raise ConfigError(problem)
 
 
 def output_file(out: str | None, run: EvalRun, default_name: str) -> Path:
