@@ -254,12 +254,12 @@ def baseline_features(setup: Setup, offline: Evaluator) -> dict[str, Any]:
 
 
 def evaluate_features(train: tuple, test: tuple, num_classes: int, epochs: int) -> dict[str, float]:
-    from massrl.eval.knn import weighted_knn
+    from massrl.eval.knn import weighted_knn_per_k
     from massrl.eval.linear import SGDRecipe, train_linear_on_features
 
     (xtr, ytr), (xte, yte) = train, test
-    k200 = weighted_knn(xtr, ytr, xte, yte, 200, 0.07, num_classes)[0]
-    k20 = weighted_knn(xtr, ytr, xte, yte, 20, 0.07, num_classes)[0]
+    knn = weighted_knn_per_k(xtr, ytr, xte, yte, (200, 20), 0.07, num_classes)
+    k200, k20 = knn[200][0], knn[20][0]
     lin = train_linear_on_features(xtr, ytr, xte, yte, num_classes, SGDRecipe(epochs=epochs))
     return {"offline_knn_top1_k200": k200, "offline_knn_top1_k20": k20, "linear_top1": lin.top1}
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from massrl.eval.knn import knn_scores, topk_accuracy, weighted_knn
+from massrl.eval import knn
+from massrl.eval.knn import knn_scores, knn_scores_per_k, topk_accuracy, weighted_knn
 
 
 def _clusters(n_per: int = 20, seed: int = 0):
@@ -140,3 +141,25 @@ def test_the_bank_is_normalised_once_with_the_same_votes_and_the_monitor_frees_i
     assert torch.equal(scores, torch.cat(reference))
     batches = list(bank.split(64))
     assert torch.equal(_cat_freeing(batches), bank) and batches == []
+
+
+def test_every_k_is_served_by_one_similarity_pass_with_each_ks_own_votes(monkeypatch):
+    """`massrl knn` computed the test x bank similarity once per k (k=20 and 200: twice, the
+    pass costing most of the time); the votes for each k are those of its own k nearest."""
+    g = torch.Generator().manual_seed(1)
+    bank, test = torch.randn(300, 16, generator=g), torch.randn(70, 16, generator=g)
+    labels = torch.randint(0, 4, (300,), generator=g)
+    passes = []
+    real = knn._similarity
+    monkeypatch.setattr(knn, "_similarity", lambda *a: passes.append(1) or real(*a))
+    per_k = knn_scores_per_k(bank, labels, test, (1, 7, 50, 400), 0.1, 4, chunk_size=32)
+    assert len(passes) == 3  # one per chunk of 32 test images, not one per chunk and k
+    sim = F.normalize(test, dim=1) @ F.normalize(bank, dim=1).T
+    order = sim.argsort(dim=1, descending=True)  # an independent full sort as the reference
+    for k in (1, 7, 50, 400):
+        nearest = order[:, :min(k, 300)]
+        near_sim = sim.gather(1, nearest)
+        votes = torch.zeros(70, 4).scatter_add_(
+            1, labels[nearest], ((near_sim - near_sim[:, :1]) / 0.1).exp())
+        torch.testing.assert_close(per_k[k], votes)
+    assert not torch.equal(per_k[7], per_k[50])

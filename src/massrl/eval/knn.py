@@ -7,6 +7,7 @@ knn` command compute the same number on the same features.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -25,6 +26,50 @@ def _similarity(test: torch.Tensor, train: torch.Tensor, distance: Distance) -> 
 
 
 @torch.no_grad()
+def knn_scores_per_k(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    ks: Sequence[int],
+    temperature: float,
+    num_classes: int,
+    distance: Distance = "cosine",
+    chunk_size: int = 256,
+) -> dict[int, torch.Tensor]:
+    """Per-class vote totals for each k in `ks`, each of shape (num_test, num_classes), relative
+    to the nearest neighbour. One similarity pass serves every k (the pass costs most: computed per
+    k it doubled `massrl knn`'s time for k=20 and 200), as the k nearest are the first k of the
+    largest k's nearest (topk sorts).
+
+    Cosine similarity normalises the features itself; for euclidean the caller decides whether to
+    L2-normalise first. A k larger than the training set is clamped to its size.
+    """
+    if not ks or min(ks) < 1 or temperature <= 0:
+        raise ValueError(f"need k >= 1 and temperature > 0, got k={list(ks)}, "
+                         f"temperature={temperature}")
+    train_feats = train_feats.float()
+    test_feats = test_feats.to(train_feats.device, torch.float32)
+    if distance == "cosine":  # once, not for every chunk (the same numbers, a fifth faster)
+        train_feats, test_feats = F.normalize(train_feats, dim=1), F.normalize(test_feats, dim=1)
+    labels = train_labels.to(train_feats.device, torch.long)
+    largest = min(max(ks), train_feats.shape[0])
+    out: dict[int, list[torch.Tensor]] = {k: [] for k in ks}
+    # Chunk over test samples: the full test x train similarity matrix may not fit in memory.
+    for start in range(0, test_feats.shape[0], chunk_size):
+        sim = _similarity(test_feats[start:start + chunk_size], train_feats, distance)
+        top_sim, top_idx = sim.topk(largest, dim=1)
+        # Shifting by each row's nearest similarity scales that row's votes by a constant (the
+        # ranking is unchanged) and keeps exp() finite for large euclidean distances.
+        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()
+        top_labels = labels[top_idx]
+        for k in ks:
+            scores = torch.zeros(sim.shape[0], num_classes, device=sim.device)
+            scores.scatter_add_(1, top_labels[:, :k], weights[:, :k])
+            out[k].append(scores)
+    empty = torch.zeros(0, num_classes, device=train_feats.device)
+    return {k: torch.cat(chunks) if chunks else empty for k, chunks in out.items()}
+
+
 def knn_scores(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -35,31 +80,9 @@ def knn_scores(
     distance: Distance = "cosine",
     chunk_size: int = 256,
 ) -> torch.Tensor:
-    """Per-class vote totals, shape (num_test, num_classes), relative to the nearest neighbour.
-
-    Cosine similarity normalises the features itself; for euclidean the caller decides whether to
-    L2-normalise first. k larger than the training set is clamped to its size.
-    """
-    if k < 1 or temperature <= 0:
-        raise ValueError(f"need k >= 1 and temperature > 0, got k={k}, temperature={temperature}")
-    train_feats = train_feats.float()
-    test_feats = test_feats.to(train_feats.device, torch.float32)
-    if distance == "cosine":  # once, not for every chunk (the same numbers, a fifth faster)
-        train_feats, test_feats = F.normalize(train_feats, dim=1), F.normalize(test_feats, dim=1)
-    labels = train_labels.to(train_feats.device, torch.long)
-    k = min(k, train_feats.shape[0])
-    out = []
-    # Chunk over test samples: the full test x train similarity matrix may not fit in memory.
-    for start in range(0, test_feats.shape[0], chunk_size):
-        sim = _similarity(test_feats[start:start + chunk_size], train_feats, distance)
-        top_sim, top_idx = sim.topk(k, dim=1)
-        # Shifting by each row's nearest similarity scales that row's votes by a constant (the
-        # ranking is unchanged) and keeps exp() finite for large euclidean distances.
-        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()
-        scores = torch.zeros(sim.shape[0], num_classes, device=sim.device)
-        scores.scatter_add_(1, labels[top_idx], weights)
-        out.append(scores)
-    return torch.cat(out) if out else torch.zeros(0, num_classes)
+    """knn_scores_per_k for a single k."""
+    return knn_scores_per_k(train_feats, train_labels, test_feats, (k,), temperature, num_classes,
+                            distance, chunk_size)[k]
 
 
 def topk_accuracy(
@@ -75,6 +98,35 @@ def topk_accuracy(
     return tuple(hits[:, :k].any(dim=1).float().mean().item() for k in ks)
 
 
+def weighted_knn_per_k(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    test_labels: torch.Tensor,
+    ks: Sequence[int],
+    temperature: float,
+    num_classes: int,
+    distance: Distance = "cosine",
+    chunk_size: int = 256,
+) -> dict[int, tuple[float, float]]:
+    """(top-1, top-5) accuracy as fractions in [0, 1] of the weighted kNN classifier, for each k
+    in `ks` from one similarity pass. Top-5 counts only classes that got votes: with fewer than 5
+    voted classes (small k), the others are no guesses, whatever order a sort leaves them in."""
+    for name, labels in (("train", train_labels), ("test", test_labels)):
+        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
+            raise ValueError(f"weighted_knn: the {name} labels must lie in 0..{num_classes - 1} "
+                             f"(num_classes={num_classes}): got {int(labels.min())}.."
+                             f"{int(labels.max())}")
+    per_k = knn_scores_per_k(
+        train_feats, train_labels, test_feats, ks, temperature, num_classes, distance, chunk_size
+    )
+    accuracy = {}
+    for k, scores in per_k.items():
+        scores = scores.masked_fill(scores == 0, float("-inf"))  # (every vote weighs exp(.) > 0)
+        accuracy[k] = topk_accuracy(scores, test_labels, (1, 5))
+    return accuracy
+
+
 def weighted_knn(
     train_feats: torch.Tensor,
     train_labels: torch.Tensor,
@@ -86,17 +138,6 @@ def weighted_knn(
     distance: Distance = "cosine",
     chunk_size: int = 256,
 ) -> tuple[float, float]:
-    """(top-1, top-5) accuracy as fractions in [0, 1] of the weighted kNN classifier. Top-5
-    counts only classes that got votes: with fewer than 5 voted classes (small k), the others
-    are no guesses, whatever order a sort leaves them in."""
-    for name, labels in (("train", train_labels), ("test", test_labels)):
-        if len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
-            raise ValueError(f"weighted_knn: the {name} labels must lie in 0..{num_classes - 1} "
-                             f"(num_classes={num_classes}): got {int(labels.min())}.."
-                             f"{int(labels.max())}")
-    scores = knn_scores(
-        train_feats, train_labels, test_feats, k, temperature, num_classes, distance, chunk_size
-    )
-    scores = scores.masked_fill(scores == 0, float("-inf"))  # (every vote weighs exp(.) > 0)
-    top1, top5 = topk_accuracy(scores, test_labels, (1, 5))
-    return top1, top5
+    """weighted_knn_per_k for a single k: (top-1, top-5)."""
+    return weighted_knn_per_k(train_feats, train_labels, test_feats, test_labels, (k,),
+                              temperature, num_classes, distance, chunk_size)[k]
