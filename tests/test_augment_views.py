@@ -322,3 +322,14 @@ def test_sparse_pairs_note_states_the_fraction_random_views_keep(pairs, strategi
     for fine in (dict(pairs="all"), dict(pairs=pairs, view_mode="crops_x_strategies"),
                  dict(pairs="cross_strategy", strategies=ALL[:4])):
         assert sparse_pairs_note(AugmentConfig(**{"strategies": strategies, **fine})) is None
+
+
+def test_per_strategys_one_simclr_view_takes_the_first_pipeline_wherever_it_sits():
+    """Its position in augment.strategies chose the pipeline: [randaugment, simclr] gave the
+    simclr view BYOL's second (blur 0.1, solarize 0.2), [simclr, randaugment] the first."""
+    torch.manual_seed(0)
+    for order in (["simclr", "randaugment"], ["randaugment", "simclr"]):
+        t = _mvt(strategies=order, view_mode="per_strategy")
+        views = [t.sample(_textured())[order.index("simclr")] for _ in range(40)]
+        assert all(any(o.startswith("Blur") for o in v.ops) for v in views), order
+        assert not any(o.startswith("Solarize") for v in views for o in v.ops), order

@@ -731,3 +731,15 @@ def test_an_engine_can_be_sent_to_a_spawned_worker():
     copy = pickle.loads(pickle.dumps(aug))
     out = copy(batch["views"], batch["strategy"], seeds=batch["seed"])
     assert all(torch.equal(x, y) for x, y in zip(out, ref, strict=True))
+
+
+def test_per_strategys_one_simclr_view_takes_the_first_pipeline_as_per_image():
+    """The engine gave a simclr view not first in augment.strategies BYOL's second pipeline."""
+    for order in (["simclr", "randaugment"], ["randaugment", "simclr"]):
+        cfg = AugmentConfig(strategies=order, view_mode="per_strategy")
+        aug = BatchedAugmenter(cfg, MEAN, STD)
+        strategy = torch.tensor([[0, 1]] * 64)
+        prog = aug._sample(strategy, 16, None, torch.arange(128).view(64, 2))
+        rows = prog.op[64 * order.index("simclr"):][:64]  # view-major: that view's images
+        assert (rows == int(Op.BLUR)).any(dim=1).all(), order  # first pipeline: blur p=1
+        assert not (rows == int(Op.SOLARIZE)).any(), order

@@ -80,9 +80,12 @@ class MultiViewTransform:
         self.num_views = {
             "random": cfg.num_views, "per_strategy": S, "crops_x_strategies": cfg.num_crops * S,
         }[cfg.view_mode]
-        # The asymmetric simclr pipeline alternates with this index: the view index in random /
-        # per_strategy mode, the crop index in crops_x_strategies (so the two crops differ).
-        slots = cfg.num_crops if cfg.view_mode == "crops_x_strategies" else self.num_views
+        # The asymmetric simclr pipeline alternates with this index: the view index in random
+        # mode, the crop index in crops_x_strategies (so the two crops differ). per_strategy has
+        # one simclr view: it takes the first pipeline wherever simclr sits in the list (its
+        # position chose the pipeline: [randaugment, simclr] blurred a tenth of its views).
+        slots = {"random": self.num_views, "per_strategy": 1,
+                 "crops_x_strategies": cfg.num_crops}[cfg.view_mode]
         self._strategies: list[list[Strategy]] = [
             [build_strategy(name, cfg, i) for name in self.strategy_names] for i in range(slots)
         ]
@@ -105,7 +108,7 @@ class MultiViewTransform:
                 for v in range(self.num_views)
             ]
         if mode == "per_strategy":
-            return [self._view(self.crop(img), k, k, k) for k in range(S)]
+            return [self._view(self.crop(img), 0, k, k) for k in range(S)]
         views = []
         for c in range(self.cfg.num_crops):
             cropped = self.crop(img)  # shared by every strategy of this crop

@@ -49,8 +49,9 @@ class SimCLRColourConfig(Section):
     grayscale_p: Probability = Field(0.2, description="probability of grayscale")
     blur_p: tuple[Probability, Probability] = Field(
         (1.0, 0.1), description="Gaussian blur (sigma 0.1-2, kernel a tenth of the side) "
-        "probability: first view, second view (odd views with augment.asymmetric; without it "
-        "every view takes the first)")
+        "probability: first view, second view (odd views with augment.asymmetric, odd crops in "
+        "crops_x_strategies; per_strategy's one simclr view and, without asymmetric, every view "
+        "take the first)")
     solarize_p: tuple[Probability, Probability] = Field(
         (0.0, 0.2), description="solarize (threshold 128) probability: first view, second view")
 

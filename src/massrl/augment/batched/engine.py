@@ -45,7 +45,8 @@ class BatchedAugmenter:
 
     `strategy` [B, V] holds each view's strategy id (an index into cfg.strategies). Views are
     expected in CropOnlyTransform's order; with cfg.asymmetric, simclr views take BYOL's second
-    pipeline on odd view indices (odd crop indices in crops_x_strategies), as the per-image backend.
+    pipeline on odd view indices (odd crop indices in crops_x_strategies; per_strategy's one simclr
+    view takes the first), as the per-image backend.
     """
 
     def __init__(
@@ -152,6 +153,8 @@ class BatchedAugmenter:
         v = torch.arange(strategy.shape[1], device=sid.device)
         if self.cfg.view_mode == "crops_x_strategies":
             v = v // len(self.cfg.strategies)
+        elif self.cfg.view_mode == "per_strategy":  # one simclr view: the first pipeline
+            v = torch.zeros_like(v)
         odd = (v % 2 == 1).repeat_interleave(strategy.shape[0])
         per_view = None if seeds is None else seeds.t().reshape(-1)
         return self.sampler.sample(sid, size, odd, generator, per_view)
