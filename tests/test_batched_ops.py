@@ -215,9 +215,9 @@ def test_cutout(impl):
     x = torch.zeros(2, 3, 10, 10)
     fill = torch.tensor([125, 123, 114]) / 255
     out = impl.cutout_(x, torch.tensor([4.0, 0.0]), torch.tensor([[1.0, 8.5], [5.0, 5.0]]), fill)
-    # image 0: x0 = max(0, 1 - 2) = 0, x1 = 4; y0 = floor(6.5) = 6, y1 = 10
+    # image 0: x0 = max(0, 1 - 2) = 0, x1 = 4 inclusive; y0 = floor(6.5) = 6, y1 = 10 (clipped)
     expect = torch.zeros(10, 10, dtype=torch.bool)
-    expect[6:10, 0:4] = True
+    expect[6:10, 0:5] = True
     assert torch.equal(out[0, 0] > 0, expect)
     assert torch.allclose(out[0, :, 7, 1], fill)
     assert out[1].abs().sum() == 0  # side 0: untouched

@@ -12,6 +12,7 @@ TrivialAugmentWide op spaces through it so that every view can be labelled with 
 from __future__ import annotations
 
 import json
+import math
 from functools import cache
 from importlib import resources
 
@@ -100,13 +101,15 @@ def apply_tv_op(img: Image.Image, op: str, value: float) -> Image.Image:
 
 
 def cutout(img: Image.Image, side: float, generator: torch.Generator | None = None) -> Image.Image:
-    """A grey square of `side` pixels centred at a uniform random point, clipped to the image."""
+    """A grey square of `side` pixels centred at a uniform random point, clipped to the image.
+    As Fast AutoAugment's code, whose PIL rectangle holds its far edge too: columns x0 ..
+    floor(x0 + side) (a 6.4 px side at 32 px covers 7; ours covered 6, and 42 % less area)."""
     if side <= 0:
         return img
     w, h = img.size
     cx, cy = (torch.rand(2, generator=generator) * torch.tensor([w, h])).tolist()
     x0, y0 = int(max(0.0, cx - side / 2)), int(max(0.0, cy - side / 2))
-    x1, y1 = int(min(w, x0 + side)), int(min(h, y0 + side))
+    x1, y1 = min(w, math.floor(x0 + side) + 1), min(h, math.floor(y0 + side) + 1)
     out = img.copy()
     out.paste(CUTOUT_FILL if out.mode == "RGB" else CUTOUT_FILL[0], (x0, y0, x1, y1))
     return out
@@ -122,11 +125,15 @@ def apply_op(
         return F.solarize(img, threshold=value)
     if op in ENHANCE_OPS:  # Fast AutoAugment's magnitude is the PIL enhance factor itself
         return apply_tv_op(img, op, value - 1.0)
-    if op == "TranslateX":  # a fraction of the width; torchvision wants pixels
-        return apply_tv_op(img, op, value * img.size[0])
-    if op == "TranslateY":
-        return apply_tv_op(img, op, value * img.size[1])
+    if op in ("TranslateX", "TranslateY"):  # a fraction of the side; torchvision wants pixels
+        return apply_tv_op(img, op, translate_pixels(value, img.size[op == "TranslateY"]))
     return apply_tv_op(img, op, value)
+
+
+def translate_pixels(value: float, side: int) -> int:
+    """A translation of `value` x `side` pixels, rounded as Fast AutoAugment's nearest-neighbour
+    PIL transform does (half up): torchvision truncates, which shifted 32 px images 12 % less."""
+    return math.floor(value * side + 0.5)
 
 
 def format_op(op: str, value: float) -> str:

@@ -347,17 +347,18 @@ def gaussian_blur_(x: Tensor, sigma: Tensor, radius: int) -> Tensor:
 def cutout_(x: Tensor, side: Tensor, centre: Tensor, fill: Tensor) -> Tensor:
     """Fill a `side`-pixel square with `fill` [3] (in [0, 1]); centre [N, 2] = (x, y) pixels.
 
-    As the per-image backend: the left/top edge is clamped at 0, the square keeps its side and is
-    then clipped at the right/bottom edge (integer pixel bounds by truncation).
+    As the per-image backend (Fast AutoAugment's rule): the left/top edge is clamped at 0 and
+    truncated, the square then covers columns x0 .. floor(x0 + side) inclusive, clipped at the
+    right/bottom edge.
     """
     n, _, h, w = x.shape
     x0 = (centre[:, 0] - side / 2).clamp_min(0).floor()
     y0 = (centre[:, 1] - side / 2).clamp_min(0).floor()
-    x1 = (x0 + side).clamp_max(w).floor()
-    y1 = (y0 + side).clamp_max(h).floor()
+    x1 = ((x0 + side).floor() + 1).clamp_max(w)
+    y1 = ((y0 + side).floor() + 1).clamp_max(h)
     cols = torch.arange(w, device=x.device, dtype=x0.dtype)
     rows = torch.arange(h, device=x.device, dtype=x0.dtype)
-    in_x = (cols >= x0[:, None]) & (cols < x1[:, None])
+    in_x = (cols >= x0[:, None]) & (cols < x1[:, None]) & (side[:, None] > 0)  # 0: no square
     in_y = (rows >= y0[:, None]) & (rows < y1[:, None])
     mask = (in_y[:, :, None] & in_x[:, None, :])[:, None]
     return torch.where(mask, fill.to(x.dtype).view(1, -1, 1, 1), x, out=x)

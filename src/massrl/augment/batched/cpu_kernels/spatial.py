@@ -190,7 +190,7 @@ def _cutout(x, side, centre, fill):
             half = s / np.float32(2)
             x0 = np.floor(max(centre[i, 0] - half, F0))  # float32 throughout, as ops.cutout_
             y0 = np.floor(max(centre[i, 1] - half, F0))
-            x1 = np.floor(min(x0 + s, np.float32(w)))
-            y1 = np.floor(min(y0 + s, np.float32(h)))
+            x1 = min(np.floor(x0 + s) + np.float32(1), np.float32(w))  # far edge included
+            y1 = min(np.floor(y0 + s) + np.float32(1), np.float32(h))
             for ch in range(c):
                 x[i, ch, int(y0) : int(y1), int(x0) : int(x1)] = fill[ch]
