@@ -30,6 +30,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from massrl.data.loading import STOP_SIGNALS
 from massrl.files import atomic_write
+from massrl.finite import nonfinite_rows
 
 
 class CheckpointWriteError(OSError):
@@ -298,12 +299,27 @@ def check_finite_gradient(finite: bool, step: int, epoch: int, skip: bool) -> bo
     return _non_finite("the loss was finite but its gradient became NaN/inf", step, epoch, skip)
 
 
+USUAL_FIXES = ("Usual fixes: a lower optimizer.lr, trainer.precision=32-true, "
+               "trainer.gradient_clip_val=1.0, a longer optimizer.warmup_epochs")
+
+
 def _non_finite(what: str, step: int, epoch: int, skip: bool) -> bool:
     if skip:
         return False
     raise NonFiniteLossError(
         f"{what} at optimizer step {step} (epoch {epoch}). The run stopped "
-        "(checkpoints saved before this step are kept). Usual fixes: a lower optimizer.lr, "
-        "trainer.precision=32-true, trainer.gradient_clip_val=1.0, a longer "
-        "optimizer.warmup_epochs; or trainer.skip_nonfinite=true to skip such steps."
+        f"(checkpoints saved before this step are kept). {USUAL_FIXES}; or "
+        "trainer.skip_nonfinite=true to skip such steps."
     )
+
+
+def check_finite_features(features: list[torch.Tensor], epoch: int, step: int) -> None:
+    """NonFiniteLossError when the validation's features hold NaN/inf: finite weights (each
+    step's gradient was) can still overflow the forward pass, and the epoch's checkpoints,
+    'best' among them for a kNN of 0 %, were saved from such a model."""
+    bad = sum(nonfinite_rows(f) for f in features)
+    if bad:
+        raise NonFiniteLossError(
+            f"the model's features became NaN/inf in the validation after epoch {epoch} "
+            f"(optimizer step {step}), for {bad} of {sum(len(f) for f in features)} images. "
+            f"The run stopped without saving this epoch's checkpoints. {USUAL_FIXES}.")

@@ -11,6 +11,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_only
 
 from massrl.config import ConfigError, RunConfig, dotted_items, root_path
+from massrl.finite import first_nonfinite
 from massrl.run_dir import own_config_option
 
 # what cannot change when a run is resumed: the checkpoint's tensors would not fit, the run
@@ -166,6 +167,13 @@ def check_resume_fits(ckpt: dict, method: Any, ckpt_path: Path) -> None:
     load would fail later, with config.yaml rewritten and metrics.csv moved aside): the files a
     folder's splits are drawn from, and the model's parameters (eval.probe, the number of
     classes, a plugin method's method_kwargs)."""
+    bad = first_nonfinite((ckpt.get("state_dict") or {}).items())
+    if bad is not None:  # (it stopped at once, blaming optimizer.lr: the weights were NaN before)
+        raise ConfigError(
+            f"cannot resume from {ckpt_path}: its weights hold NaN/inf (first: {bad}), the run "
+            "had diverged when it was saved. Branch from an earlier checkpoint of the run into "
+            "a new folder (resume=<run>/checkpoints/epoch-*.ckpt or best-knn-*.ckpt "
+            "output_dir=<new folder>) with a lower optimizer.lr, or start anew.")
     problems = [*_changed_files(ckpt, method.data_files), *_changed_parameters(ckpt, method)]
     if problems:
         raise ConfigError(f"cannot resume from {ckpt_path}:\n  " + "\n  ".join(problems)

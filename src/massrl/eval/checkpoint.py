@@ -12,6 +12,7 @@ from pydantic import BaseModel, ValidationError
 from torch import nn
 
 from massrl.config import ConfigError, RunConfig
+from massrl.finite import first_nonfinite, nonfinite_rows
 from massrl.messages import first_line
 from massrl.models import BackboneSpec, build_backbone
 
@@ -134,8 +135,25 @@ def _load(ckpt: dict[str, Any], path: str | Path) -> tuple[nn.Module, RunConfig,
             f"the backbone weights in '{path}' do not match model.backbone={m.backbone} "
             f"cifar_stem={m.cifar_stem} width={m.width}: {_first_problem(exc)}"
         ) from None
+    bad = first_nonfinite(backbone.state_dict().items())  # (batch-norm statistics too)
+    if bad is not None:  # (its features were all NaN: kNN and linear scored 0.00 % in silence)
+        raise CheckpointError(
+            f"the backbone weights in '{path}' hold NaN/inf (first: {bad}): the pre-training "
+            "had diverged when this checkpoint was saved. Evaluate an earlier checkpoint of the "
+            "run (checkpoints/best-knn-*.ckpt, epoch-*.ckpt).")
     backbone.eval()
     return backbone, cfg, spec, file_sha256(path)
+
+
+def check_finite_features(feats: torch.Tensor, what: str, path: str | Path) -> None:
+    """CheckpointError when features of a checkpoint's backbone hold NaN/inf: finite weights
+    too large for the forward pass (kNN scored such features 0.00 %, a linear head trained on)."""
+    bad = nonfinite_rows(feats)
+    if bad:
+        raise CheckpointError(
+            f"the backbone of '{path}' gives NaN/inf features for {bad} of {len(feats)} {what}: "
+            "its weights are finite but too large (the pre-training was diverging when it was "
+            "saved). Evaluate an earlier checkpoint of the run.")
 
 
 def _first_problem(exc: RuntimeError, keys_shown: int = 3) -> str:

@@ -24,7 +24,7 @@ from massrl.data.eval_transform import EvalTransform
 from massrl.data.folder import files_fingerprint
 from massrl.data.loading import labeled_images
 from massrl.devices import resolve_num_workers
-from massrl.eval.checkpoint import Pretrained, load
+from massrl.eval.checkpoint import Pretrained, check_finite_features, load
 from massrl.eval.config import build_eval_config, default_output_dir, raw_tree, same_data
 from massrl.eval.features import (
     cached_features,
@@ -292,6 +292,7 @@ def features(run: EvalRun, split: Split) -> tuple[torch.Tensor, torch.Tensor]:
         channels_last=key["channels_last"], **loader_options(run),
     )
     warn_left_out(run, len(ds) - len(labels), len(ds), split)
+    check_finite_features(feats, f"{split} images", run.pre.path)
     return feats, labels
 
 

@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
+from massrl.resilience import check_finite_features
+
 
 def _first_occurrences(index: torch.Tensor) -> torch.Tensor:
     """Positions of the first occurrence of each distinct value of `index`, by ascending value."""
@@ -40,6 +42,7 @@ class OnlineMonitors:
             return
         bank_f, bank_y = self._gather(outputs.pop(0))  # (each batch freed once copied)
         test_f, test_y = self._gather(outputs.pop(1))
+        check_finite_features([bank_f, test_f], self._epochs_trained(), self.global_step)
         metrics = {}
         if self.cfg.eval.knn_every and self.num_classes:
             from massrl.eval.knn import weighted_knn
@@ -58,9 +61,7 @@ class OnlineMonitors:
         self._maybe_umap(test_f, test_y)
 
     def _maybe_umap(self, feats: torch.Tensor, labels: torch.Tensor) -> None:
-        every = self.cfg.eval.umap_every
-        # epochs trained: a validation after fit runs at current_epoch = max_epochs
-        epoch = self.current_epoch + (self.trainer.state.fn != TrainerFn.VALIDATING)
+        every, epoch = self.cfg.eval.umap_every, self._epochs_trained()
         if not every or epoch % every or not self.trainer.is_global_zero:
             return
         from massrl.eval.umap_plot import save_umap
@@ -71,6 +72,10 @@ class OnlineMonitors:
                   f"{self.cfg.method} on {self.cfg.data.name} (test split), epoch {epoch}", path,
                   seed=self.cfg.seed, max_points=5000)
         self.umap_seconds += time.perf_counter() - start
+
+    def _epochs_trained(self) -> int:
+        # (a validation after fit runs at current_epoch = max_epochs)
+        return self.current_epoch + (self.trainer.state.fn != TrainerFn.VALIDATING)
 
     def _gather(self, outs: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Features and labels of the whole split: every rank's shard, gathered, each sample once

@@ -1,0 +1,88 @@
+"""A diverged model is said by name where it shows: in a run's validation, a resume and every
+evaluation (they scored its NaN features 0.00 % with exit code 0, and a run saved its NaN model as
+'best' before stopping, saying the earlier checkpoints were kept)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from test_eval_commands import make_checkpoint
+
+from massrl.cli import main
+
+
+def _byol(tiny, **extra: str) -> list[str]:
+    return ["-c", "fashion_mnist/byol", *tiny("byol", **extra)]
+
+
+def _out(args: list[str]) -> Path:
+    return Path(next(a for a in args if a.startswith("output_dir=")).split("=", 1)[1])
+
+
+def _damaged(path: Path, scale: float | None = None) -> Path:
+    """A checkpoint whose first conv's weights are NaN, or (scale) finite but huge."""
+    ckpt = torch.load(path, weights_only=False)
+    key = next(k for k in ckpt["state_dict"] if k.startswith("backbone.") and "conv" in k)
+    weight = ckpt["state_dict"][key]
+    if scale is None:
+        weight.view(-1)[0] = float("nan")
+    else:
+        weight.mul_(scale)
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["knn", "linear", "umap", "export"])
+def test_an_evaluation_of_nan_weights_names_them(tmp_path, command, capsys):
+    ckpt = _damaged(make_checkpoint(tmp_path / "nan.ckpt"))
+    out = tmp_path / command
+    args = [command, f"ckpt={ckpt}", f"output_dir={out}", "device=cpu"]
+    if command != "export":
+        args.append(f"cache_dir={tmp_path / 'cache'}")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "hold NaN/inf (first: conv1.weight)" in err and "earlier checkpoint" in err
+    assert not (out / "result.json").exists() and not list(out.glob("*.pt"))
+
+
+def test_an_evaluation_of_weights_that_overflow_names_the_features(tmp_path, capsys):
+    ckpt = _damaged(make_checkpoint(tmp_path / "huge.ckpt"), scale=1e38)
+    assert main(["knn", f"ckpt={ckpt}", f"output_dir={tmp_path / 'knn'}", "device=cpu",
+                 f"cache_dir={tmp_path / 'cache'}"]) == 2
+    err = capsys.readouterr().err
+    assert "gives NaN/inf features for" in err and "train images" in err
+
+
+def test_nan_features_in_a_validation_stop_the_run_before_its_checkpoints(tiny, monkeypatch,
+                                                                         capsys):
+    from massrl.methods.monitors import OnlineMonitors
+
+    real = OnlineMonitors.validation_step
+
+    def nan_in_the_second_epoch(self, batch, batch_idx, dataloader_idx=0):
+        real(self, batch, batch_idx, dataloader_idx)
+        if self.current_epoch == 1 and not self.trainer.sanity_checking:
+            self._val_outputs[dataloader_idx][-1][0][0] = float("nan")
+
+    monkeypatch.setattr(OnlineMonitors, "validation_step", nan_in_the_second_epoch)
+    args = _byol(tiny, **{"trainer.max_epochs": "3"})
+    assert main(["pretrain", *args]) == 1
+    err = capsys.readouterr().err
+    assert "features became NaN/inf in the validation after epoch 2 (optimizer step 8)" in err
+    checkpoints = _out(args) / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 4
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best-knn-0.ckpt", "last.ckpt"]
+
+
+def test_a_resume_from_nan_weights_names_them_not_the_learning_rate(tiny, capsys):
+    args = _byol(tiny)
+    assert main(["pretrain", *args]) == 0
+    summary = (_out(args) / "summary.json").read_text()
+    _damaged(_out(args) / "checkpoints" / "last.ckpt")
+    capsys.readouterr()
+    assert main(["pretrain", *args, "trainer.max_epochs=2", "resume=auto"]) == 2
+    err = capsys.readouterr().err
+    assert "its weights hold NaN/inf (first: backbone." in err and "output_dir=<new" in err
+    assert (_out(args) / "summary.json").read_text() == summary
+    assert json.loads(summary)["epochs"] == 1
