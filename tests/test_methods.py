@@ -391,7 +391,7 @@ def test_the_lr_decays_to_min_lr_ratio_of_its_peak_and_the_probes_stays():
 def test_skipped_steps_are_counted_once_whichever_check_found_them():
     """A NaN loss (step 0) and NaN/inf gradients of finite losses (steps 1, 2) in one epoch:
     three skipped steps (two log calls from two hooks overwrote each other's count)."""
-    from massrl.resilience import gradient_is_finite
+    from massrl.resilience import gradients_finite
 
     torch.manual_seed(0)
     model = build_method(_cfg("byol", **{"trainer.skip_nonfinite": True}), num_classes=3)
@@ -411,9 +411,10 @@ def test_skipped_steps_are_counted_once_whichever_check_found_them():
     trainer = _trainer(max_epochs=1, limit_train_batches=4)
     trainer.fit(model, DataLoader(_Views(), batch_size=8))
     assert trainer.callback_metrics["train/skipped_nonfinite"] == 3
+    assert model.skipped_nonfinite_steps == 3
     # (a parameter of no elements: its infinity norm would raise)
-    assert gradient_is_finite([torch.ones(3), torch.empty(0)])
-    assert not gradient_is_finite([torch.ones(3), torch.tensor([float("nan")])])
+    assert gradients_finite(([torch.ones(3), torch.empty(0)], [])) == (True, True)
+    assert gradients_finite(([torch.ones(3)], [torch.tensor([float("nan")])])) == (True, False)
 
 
 def test_a_skipped_accumulation_window_keeps_the_batch_norm_statistics_of_its_start():
@@ -429,8 +430,11 @@ def test_a_skipped_accumulation_window_keeps_the_batch_norm_statistics_of_its_st
 
     next(model.backbone.parameters()).register_hook(first_only)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer = _fit(model, accumulate=2, batches=2)
-    assert trainer.callback_metrics["train/skipped_nonfinite"] == 1
+    from massrl.resilience import NonFiniteLossError
+
+    with pytest.raises(NonFiniteLossError, match="every optimizer step of epoch 1 \\(1\\)"):
+        _fit(model, accumulate=2, batches=2)  # (the epoch's one step skipped: it stops)
+    assert model.skipped_nonfinite_steps == 1
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), \
         [k for k in before if not torch.equal(before[k], after[k])][:3]

@@ -86,3 +86,48 @@ def test_a_resume_from_nan_weights_names_them_not_the_learning_rate(tiny, capsys
     assert "its weights hold NaN/inf (first: backbone." in err and "output_dir=<new" in err
     assert (_out(args) / "summary.json").read_text() == summary
     assert json.loads(summary)["epochs"] == 1
+
+
+def test_skipped_steps_are_said_counted_and_an_epoch_of_nothing_but_skips_stops(tiny, monkeypatch,
+                                                                              capsys):
+    """trainer.skip_nonfinite=true skipped every step of a run, which exited 0 with kNN 0.00 %
+    and no word (the count was in metrics.csv only); images_seen counted gradient-skipped
+    steps' images but not loss-skipped ones'."""
+    import massrl.methods.byol as byol
+
+    real, calls = byol.byol_per_pair, {"n": 0, "bad": {2}}
+
+    def nan_on_some(p, z):
+        calls["n"] += 1
+        loss = real(p, z)
+        return loss * float("nan") if calls["n"] in calls["bad"] else loss
+
+    monkeypatch.setattr(byol, "byol_per_pair", nan_on_some)
+    args = _byol(tiny, **{"trainer.skip_nonfinite": "true"})
+    assert main(["pretrain", *args]) == 0
+    out = capsys.readouterr().out
+    assert "note: 1 of 4 optimizer steps of epoch 1 were skipped for a NaN/inf loss" in out
+    assert "skipped_nonfinite_steps" in out  # (the table shows it where there were some)
+    summary = json.loads((_out(args) / "summary.json").read_text())
+    assert summary["skipped_nonfinite_steps"] == 1 and summary["images_seen"] == 3 * 32
+
+    calls["n"], calls["bad"] = 0, set(range(1, 100))
+    args = _byol(tiny, **{"trainer.skip_nonfinite": "true", "output_dir": str(_out(args)) + "2"})
+    assert main(["pretrain", *args]) == 1
+    err = capsys.readouterr().err
+    assert "every optimizer step of epoch 1 (4) was skipped" in err and "no longer learns" in err
+
+
+def test_a_diverging_online_probe_restarts_and_pre_training_goes_on(tiny, capsys):
+    """Its NaN gradient stopped the run blaming optimizer.lr (with skip_nonfinite: skipped every
+    step); the probe is a monitor."""
+    args = _byol(tiny, **{"eval.probe_lr": "1e38", "trainer.max_epochs": "2",
+                          "optimizer.name": "sgd"})
+    assert main(["pretrain", *args]) == 0
+    out = capsys.readouterr().out
+    assert "note: the online probe's gradient became NaN/inf at optimizer step" in out
+    assert "eval.probe_lr (now 1e+38)" in out
+    summary = json.loads((_out(args) / "summary.json").read_text())
+    assert summary["images_seen"] == 2 * 4 * 32 and summary["skipped_nonfinite_steps"] == 0
+    state = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for k, v in state.items() if v.is_floating_point())

@@ -283,12 +283,17 @@ def check_finite(loss: torch.Tensor, step: int, epoch: int, skip: bool) -> bool:
     return _non_finite(f"the loss became {loss.item()}", step, epoch, skip)
 
 
-def gradient_is_finite(grads: list[torch.Tensor]) -> bool:
-    """Whether every value of `grads` is finite."""
-    grads = [g for g in grads if g.numel()]  # (the infinity norm of an empty tensor raises)
-    # (the largest |value| of each tensor: a norm of large finite values could overflow)
-    peaks = torch._foreach_norm(grads, float("inf")) if grads else []
-    return not peaks or bool(torch.stack([p.float() for p in peaks]).isfinite().all())
+def gradients_finite(groups: tuple[list[torch.Tensor], ...]) -> tuple[bool, ...]:
+    """Whether every value of each group of gradients is finite, with one wait for the device."""
+    device = next((g.device for grads in groups for g in grads), torch.device("cpu"))
+    flags = []
+    for grads in groups:
+        grads = [g for g in grads if g.numel()]  # (the infinity norm of an empty tensor raises)
+        # (the largest |value| of each tensor: a norm of large finite values could overflow)
+        peaks = torch._foreach_norm(grads, float("inf")) if grads else []
+        flags.append(torch.stack([p.float() for p in peaks]).isfinite().all() if peaks
+                     else torch.ones((), dtype=torch.bool, device=device))
+    return tuple(torch.stack(flags).tolist())
 
 
 def check_finite_gradient(finite: bool, step: int, epoch: int, skip: bool) -> bool:

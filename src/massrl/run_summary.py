@@ -74,6 +74,7 @@ class RunSummary(Callback):
             "epochs": trainer.current_epoch,
             "images_seen": module.images_seen,
             "skipped_files": module.skipped_files,
+            "skipped_nonfinite_steps": module.skipped_nonfinite_steps,
             "train_seconds": round(self.train_seconds, 2),
             "wall_seconds": round(time.perf_counter() - self.start, 2),
             # this session's (a resumed run's last one: its times above are this session's)

@@ -128,7 +128,9 @@ def print_summary(summary: dict) -> None:
     table = Table(title=f"{summary['method']} on {summary['dataset']}", show_header=False)
     notes = _notes(summary)
     for key in ("knn_top1", "best_knn_top1", "probe_top1", "final_loss", "epochs",
-                "images_seen", "images_per_s", "train_seconds", "skipped_files"):
-        table.add_row(key, _fmt(key, summary.get(key)), notes.get(key, ""))
+                "images_seen", "images_per_s", "train_seconds", "skipped_files",
+                "skipped_nonfinite_steps"):
+        if key != "skipped_nonfinite_steps" or summary.get(key):  # (that one: where there were)
+            table.add_row(key, _fmt(key, summary.get(key)), notes.get(key, ""))
     console.print(table)
     print(f"run directory: {summary['run_dir']}")

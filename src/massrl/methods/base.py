@@ -88,10 +88,7 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
         # channels-last batches, as the model (train.py may turn it off: devices.py)
         self.channels_last = cfg.trainer.channels_last
         self.method_kwargs = self.KWARGS.model_validate(cfg.method_kwargs) if self.KWARGS else None
-        self._skipping = False  # the current step is being skipped (see _skip_step)
-        self._nonfinite = False  # ... because of a NaN/inf loss (counted in optimizer_step)
-        # BN buffers at the start of the accumulation window (skip_nonfinite)
-        self._kept: list[torch.Tensor] | None = None
+        self._init_step_skipping()
 
     # ------------------------------------------------------------------ method interface
 
@@ -223,6 +220,7 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
                                 "images_seen": self.images_seen,
                                 "world_size": self.trainer.world_size,
                                 "skipped_files": self.skipped_files,
+                                "skipped_nonfinite_steps": self.skipped_nonfinite_steps,
                                 "bad_images": sorted(self._bad_images),
                                 "rng": rng_state()}
         # in the standard layout (a channels-last run's weights were strided: safetensors and
@@ -244,6 +242,7 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
                 weights.setdefault(f"probe.0.{name}", value)
         state = checkpoint.get("massrl", {})
         self.images_seen = state.get("images_seen", 0)
+        self.skipped_nonfinite_steps = state.get("skipped_nonfinite_steps", 0)
         self._bad_images = set(state.get("bad_images", ()))
         if not self.normalization:  # (a resumed fit has its data's already: setup)
             self.normalization = dict(state.get("data", {}))
@@ -290,7 +289,8 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True,
                  on_epoch=False, batch_size=b)
         self._images_this_epoch += b
-        self.images_seen += b * self.trainer.world_size  # per step: exact across a resume
+        # (added to images_seen once the optimizer step trains: per step, exact across a resume)
+        self._images_of_step += b * self.trainer.world_size
         return loss
 
     def _probe_step(self, feats: torch.Tensor, labels: torch.Tensor
@@ -343,6 +343,7 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
                 f"no training image could be decoded in epoch {self.current_epoch}: all "
                 f"{self._skipped_this_epoch} were skipped (see the warnings above). Check "
                 f"data.root and the files' format")
+        self._end_epoch_of_skips()
         if self.trainer.world_size > 1:  # each rank met its own bad files: count their union
             gathered: list = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(gathered, sorted(self._bad_images))

@@ -1,7 +1,7 @@
 """Steps that change nothing, and the optimizer step that decides it: a batch no image of which
 decoded, a NaN/inf loss or gradient (trainer.skip_nonfinite), a step the 16-mixed GradScaler
-skipped. A mixin of SSLMethod (it uses the module's cfg, trainer, parameters, buffers, log and
-all_gather, and the state SSLMethod.__init__ sets: _skipping, _nonfinite, _kept)."""
+skipped. A mixin of SSLMethod (it uses the module's cfg, trainer, probe, parameters, buffers,
+log, print and all_gather; `_init_step_skipping` sets its state)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,27 @@ from typing import Any
 
 import torch
 
-from massrl.resilience import check_finite_gradient, gradient_is_finite
+from massrl.models.heads import restart_linear_head
+from massrl.resilience import (
+    USUAL_FIXES,
+    NonFiniteLossError,
+    check_finite_gradient,
+    gradients_finite,
+)
 
 
 class StepSkipping:
+    def _init_step_skipping(self) -> None:
+        self._skipping = False  # the current step is being skipped (see _skip_step)
+        self._nonfinite = False  # ... because of a NaN/inf loss (counted in optimizer_step)
+        # BN buffers at the start of the accumulation window (skip_nonfinite)
+        self._kept: list[torch.Tensor] | None = None
+        self.skipped_nonfinite_steps = 0  # (in checkpoints and summary.json)
+        self._steps_this_epoch = self._nonfinite_this_epoch = 0
+        # images of the optimizer step under way: counted in images_seen if it trains
+        self._images_of_step = 0
+        self._probe_restarted_this_epoch = False
+
     def _skip_step(self) -> torch.Tensor:
         """A step that changes nothing, taken the same way on every rank.
 
@@ -32,17 +49,25 @@ class StepSkipping:
         skipped, self._skipping = self._skipping, False
         nonfinite, self._nonfinite = self._nonfinite, False
         scale = self._loss_scale()
-        if not skipped and scale is None:  # (a GradScaler checks the gradient itself)
+        if not skipped:
             # every rank decides alike (DDP's all-reduced gradients are the same on each; a
             # sharded strategy's are each rank's own)
-            finite = self._on_every_rank(gradient_is_finite(
-                [p.grad for p in self.parameters() if p.grad is not None]))
-            skipped = nonfinite = not check_finite_gradient(
-                finite, self.global_step, self.current_epoch + 1, self.cfg.trainer.skip_nonfinite)
+            model_ok, probe_ok = self._gradients_finite()
+            if model_ok and not probe_ok:
+                self._restart_probe(optimizer)
+            if scale is None:  # (a GradScaler checks the model's gradient itself)
+                skipped = nonfinite = not check_finite_gradient(
+                    model_ok, self.global_step, self.current_epoch + 1,
+                    self.cfg.trainer.skip_nonfinite)
         if skipped:  # the whole window's, also its micro-batches after a NaN loss
             self._restore_buffers()
-        self._kept = None  # (the next window keeps its own)
+        else:  # (images of skipped steps were not trained on)
+            self.images_seen += self._images_of_step
+        self._kept, self._images_of_step = None, 0  # (the next window keeps its own)
+        self._steps_this_epoch += 1
         if nonfinite:  # one count per skipped optimizer step, whichever check found it
+            self.skipped_nonfinite_steps += 1
+            self._nonfinite_this_epoch += 1
             self.log("train/skipped_nonfinite", 1.0, reduce_fx="sum", on_epoch=True,
                      on_step=False)
         if not skipped:
@@ -51,6 +76,48 @@ class StepSkipping:
             # only by lowering its scale: the EMA target must not follow that step either
             skipped = scale is not None and self._loss_scale() < scale
         self.after_optimizer_step(skipped)
+
+    def _gradients_finite(self) -> tuple[bool, bool]:
+        """Whether the model's gradients, and the online probe's, are finite (on every rank)."""
+        probe = {id(p) for p in self.probe.parameters()} if self.probe is not None else set()
+        grads: tuple[list, list] = ([], [])
+        for p in self.parameters():
+            if p.grad is not None:
+                grads[id(p) in probe].append(p.grad)
+        return tuple(self._on_every_rank(ok) for ok in gradients_finite(grads))
+
+    def _restart_probe(self, optimizer: Any) -> None:
+        """The online probe diverged (its loss or gradient NaN/inf, eval.probe_lr too high): a
+        monitor, it restarts from zero and pre-training goes on (its NaN gradient stopped the
+        run, blaming optimizer.lr, or trainer.skip_nonfinite skipped every step)."""
+        restart_linear_head(self.probe)
+        state = getattr(optimizer, "optimizer", optimizer).state
+        for p in self.probe.parameters():
+            p.grad = None  # (the optimizer leaves it out of this step)
+            state.pop(p, None)  # (its momentum holds the NaN too)
+        if not self._probe_restarted_this_epoch:
+            self._probe_restarted_this_epoch = True
+            self.print(f"note: the online probe's gradient became NaN/inf at optimizer step "
+                       f"{self.global_step}: the probe restarts from zero and pre-training goes "
+                       f"on; a lower eval.probe_lr (now {self.cfg.eval.probe_lr}) keeps it finite")
+
+    def _end_epoch_of_skips(self) -> None:
+        """At an epoch's end: how many of its steps were skipped for a NaN/inf loss or gradient
+        (said nowhere but metrics.csv: a run that skipped every step ended "successfully"); a
+        run that skipped them all no longer learns, and stops."""
+        skipped, steps = self._nonfinite_this_epoch, self._steps_this_epoch
+        self._steps_this_epoch = self._nonfinite_this_epoch = 0
+        self._probe_restarted_this_epoch = False
+        if not skipped:
+            return
+        epoch = self.current_epoch + 1
+        if skipped == steps:
+            raise NonFiniteLossError(
+                f"every optimizer step of epoch {epoch} ({steps}) was skipped for a NaN/inf loss "
+                "or gradient (trainer.skip_nonfinite=true): the model no longer learns. The run "
+                f"stopped; its checkpoints hold the model as it was before them. {USUAL_FIXES}.")
+        self.print(f"note: {skipped} of {steps} optimizer steps of epoch {epoch} were skipped "
+                   "for a NaN/inf loss or gradient (trainer.skip_nonfinite)")
 
     def _restore_buffers(self) -> None:
         """Batch-norm statistics as at the start of the skipped step's accumulation window

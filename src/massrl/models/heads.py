@@ -41,6 +41,13 @@ class FeatureStandardiser(nn.Module):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self.steps = 0  # (num_batches_tracked on the host: reading the buffer would wait)
 
+    def restart(self) -> None:
+        """Back to the state of a new one."""
+        self.running_mean.zero_()
+        self.running_var.fill_(1.0)
+        self.num_batches_tracked.zero_()
+        self.steps = 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         learn = self.training and x.shape[0] > 1
         if learn:
@@ -62,3 +69,13 @@ def linear_head(feature_dim: int, num_classes: int) -> nn.Sequential:
     with a std of a few hundredths, on which a plain linear head barely moves at lr 0.1.
     """
     return nn.Sequential(FeatureStandardiser(feature_dim), nn.Linear(feature_dim, num_classes))
+
+
+@torch.no_grad()
+def restart_linear_head(head: nn.Sequential) -> None:
+    """A linear_head from zero weights and fresh statistics: the same on every rank (a random
+    initialisation would draw each rank's own)."""
+    standardiser, linear = head
+    standardiser.restart()
+    linear.weight.zero_()
+    linear.bias.zero_()
