@@ -163,3 +163,16 @@ def test_every_k_is_served_by_one_similarity_pass_with_each_ks_own_votes(monkeyp
             1, labels[nearest], ((near_sim - near_sim[:, :1]) / 0.1).exp())
         torch.testing.assert_close(per_k[k], votes)
     assert not torch.equal(per_k[7], per_k[50])
+
+
+def test_a_vote_that_underflows_still_counts_for_top5():
+    """exp((sim - nearest) / T) underflows to 0 for far neighbours (euclidean, or a small T):
+    their classes were taken for unvoted ones and top-5 fell to top-1."""
+    bank = torch.tensor([[0.0, 0.0], [10.0, 0.0], [10.0, 0.1]])
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[0.0, 0.0]])
+    assert weighted_knn(bank, labels, query, torch.tensor([1]), k=3, temperature=0.07,
+                        num_classes=2, distance="euclidean") == (0.0, 1.0)
+    # with k=1 the far class has no vote: not among the guesses, whatever the sort leaves
+    assert weighted_knn(bank, labels, query, torch.tensor([1]), k=1, temperature=0.07,
+                        num_classes=2, distance="euclidean") == (0.0, 0.0)

@@ -35,6 +35,7 @@ def knn_scores_per_k(
     num_classes: int,
     distance: Distance = "cosine",
     chunk_size: int = 256,
+    mark_voted: bool = False,
 ) -> dict[int, torch.Tensor]:
     """Per-class vote totals for each k in `ks`, each of shape (num_test, num_classes), relative
     to the nearest neighbour. One similarity pass serves every k (the pass costs most: computed per
@@ -42,7 +43,9 @@ def knn_scores_per_k(
     largest k's nearest (topk sorts).
 
     Cosine similarity normalises the features itself; for euclidean the caller decides whether to
-    L2-normalise first. A k larger than the training set is clamped to its size.
+    L2-normalise first. A k larger than the training set is clamped to its size. With
+    `mark_voted`, classes no neighbour voted for score -inf (a vote far from the nearest one
+    underflows to 0: testing scores for 0 took such classes for unvoted ones).
     """
     if not ks or min(ks) < 1 or temperature <= 0:
         raise ValueError(f"need k >= 1 and temperature > 0, got k={list(ks)}, "
@@ -65,6 +68,10 @@ def knn_scores_per_k(
         for k in ks:
             scores = torch.zeros(sim.shape[0], num_classes, device=sim.device)
             scores.scatter_add_(1, top_labels[:, :k], weights[:, :k])
+            if mark_voted:
+                voted = torch.zeros_like(scores, dtype=torch.bool)
+                voted.scatter_(1, top_labels[:, :k], True)
+                scores.masked_fill_(~voted, float("-inf"))
             out[k].append(scores)
     empty = torch.zeros(0, num_classes, device=train_feats.device)
     return {k: torch.cat(chunks) if chunks else empty for k, chunks in out.items()}
@@ -118,13 +125,9 @@ def weighted_knn_per_k(
                              f"(num_classes={num_classes}): got {int(labels.min())}.."
                              f"{int(labels.max())}")
     per_k = knn_scores_per_k(
-        train_feats, train_labels, test_feats, ks, temperature, num_classes, distance, chunk_size
-    )
-    accuracy = {}
-    for k, scores in per_k.items():
-        scores = scores.masked_fill(scores == 0, float("-inf"))  # (every vote weighs exp(.) > 0)
-        accuracy[k] = topk_accuracy(scores, test_labels, (1, 5))
-    return accuracy
+        train_feats, train_labels, test_feats, ks, temperature, num_classes, distance, chunk_size,
+        mark_voted=True)
+    return {k: topk_accuracy(scores, test_labels, (1, 5)) for k, scores in per_k.items()}
 
 
 def weighted_knn(
