@@ -131,3 +131,35 @@ def test_a_diverging_online_probe_restarts_and_pre_training_goes_on(tiny, capsys
     assert summary["images_seen"] == 2 * 4 * 32 and summary["skipped_nonfinite_steps"] == 0
     state = torch.load(_out(args) / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     assert all(torch.isfinite(v).all() for k, v in state.items() if v.is_floating_point())
+
+
+def test_a_diverging_linear_or_fine_tuning_stops_naming_its_lr(tmp_path, capsys):
+    """It trained on to the last epoch at loss nan and reported its best epoch, exit code 0."""
+    ckpt = make_checkpoint(tmp_path / "tiny.ckpt")
+    common = [f"ckpt={ckpt}", "device=cpu", "epochs=3", f"cache_dir={tmp_path / 'cache'}"]
+    assert main(["linear", *common, "features_cached=true", "lr=1e38",
+                 f"output_dir={tmp_path / 'lin'}"]) == 2
+    err = capsys.readouterr().err
+    assert "the loss became" in err and "training diverged" in err and "lr (now 1e+38)" in err
+    assert not (tmp_path / "lin" / "result.json").exists()
+    assert main(["linear", *common, "finetune=true", "label_fraction=0.5", "lr=1e38",
+                 "backbone_lr=0.1", "data.eval_subset=100", f"output_dir={tmp_path / 'ft'}"]) == 2
+    assert "lr (now 1e+38) or backbone_lr (now 0.1)" in capsys.readouterr().err
+
+
+def test_a_frozen_linear_head_trains_on_batches_of_one(tmp_path, capsys):
+    """batch_size=1 skipped every batch (loss 0.0000, chance accuracy): only fine-tuning's
+    batch-norm cannot train on one image."""
+    ckpt = make_checkpoint(tmp_path / "tiny.ckpt")
+    assert main(["linear", f"ckpt={ckpt}", "device=cpu", "epochs=1", "batch_size=1",
+                 "features_cached=true", "data.eval_subset=50", f"cache_dir={tmp_path / 'c'}",
+                 f"output_dir={tmp_path / 'lin'}"]) == 0
+    result = json.loads((tmp_path / "lin" / "result.json").read_text())
+    assert result["results"]["history"][0]["loss"] > 0
+
+
+def test_records_write_nan_as_null():
+    from massrl.files import json_text
+
+    assert json.loads(json_text({"loss": float("nan"), "x": [1.0, float("inf")], "n": 2})) == \
+        {"loss": None, "x": [1.0, None], "n": 2}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import math
 import os
 import stat
 from collections.abc import Iterator
@@ -77,6 +79,20 @@ def write_text(path: str | Path, text: str, shared: bool = False) -> None:
     """`path` holds `text` (UTF-8), or keeps what it held (`shared`: see atomic_write)."""
     with atomic_write(path, shared) as f:
         f.write(text.encode())
+
+
+def json_text(obj: Any, **kwargs: Any) -> str:
+    """JSON with NaN and infinities written as null: Python's NaN is no JSON (strict parsers,
+    JavaScript's and Go's among them, refused a record holding a diverged loss)."""
+    def finite(x: Any) -> Any:
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: finite(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [finite(v) for v in x]
+        return x
+    return json.dumps(finite(obj), allow_nan=False, **kwargs)
 
 
 def picture_path(path: str | Path) -> Path:

@@ -5,7 +5,6 @@ augmentation picture and summary.json)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +32,7 @@ from massrl.devices import (
     use_sync_batchnorm,
 )
 from massrl.extras import check_run_extras
-from massrl.files import write_text
+from massrl.files import json_text, write_text
 from massrl.loggers import (
     build_loggers,
     finish_loggers,
@@ -271,7 +270,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
             trainer.validate(method, datamodule=dm, verbose=False)
         summary.update(parts["summary"].val_figures(parts["best"]))
     if trainer.is_global_zero:
-        write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+        write_text(run_dir / "summary.json", json_text(summary, indent=2))
     finish_loggers(trainer.loggers, summary)
     return summary
 

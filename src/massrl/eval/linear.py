@@ -8,6 +8,7 @@ images. Fine-tuning: the whole network trained on a seeded class-balanced fracti
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from massrl.config import ConfigError
 from massrl.data.sampler import sample_seed, seed_torch
 from massrl.eval.features import on_device, progress, progress_line, unpack
 from massrl.eval.knn import topk_accuracy
@@ -79,6 +81,18 @@ class Classifier(nn.Module):
         return self
 
 
+class DivergedError(ConfigError):
+    """A linear or fine-tuning training whose loss became NaN/inf: its settings (the lr) made it
+    diverge (it trained on to the last epoch and reported its best epoch, exit code 0)."""
+
+
+def _lr_names(param_groups: list[dict[str, Any]]) -> str:
+    # (initial_lr: the setting, which the scheduler's cosine has begun to lower)
+    named = [f"{g['name']} (now {g.get('initial_lr', g['lr']):g})" for g in param_groups
+             if "name" in g]
+    return " or ".join(named) if named else "lr"
+
+
 def _fit(
     model: nn.Module, param_groups: list[dict[str, Any]], loader: DataLoader,
     evaluate: Callable[[], Scores], recipe: SGDRecipe, device: torch.device | str, desc: str,
@@ -90,6 +104,9 @@ def _fit(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)  # stepped per batch
     history: list[dict[str, float]] = []
     left_out: set[int] = set()  # (by index: each bad image once, whichever epochs met it)
+    # fine-tuning's batch-norm cannot train on a batch of one (a last, odd image); the frozen
+    # head's standardiser can (batch_size=1 trained nothing, at loss 0)
+    smallest = 2 if getattr(model, "finetune", False) else 1
     with progress() as bar:
         task = bar.add_task(desc, total=steps)
         for epoch in range(1, recipe.epochs + 1):
@@ -104,15 +121,19 @@ def _fit(
                 seed_torch(sample_seed(seed ^ 0x5EED, epoch, step), device)  # (not a crop's)
                 bar.advance(task)
                 left_out.update(batch.get("skipped_index", ()) if isinstance(batch, dict) else ())
-                if (xy := unpack(batch)) is None or len(xy[1]) < 2:
-                    continue  # (batch-norm cannot train on a batch of one: a last, odd image)
+                if (xy := unpack(batch)) is None or len(xy[1]) < smallest:
+                    continue
                 x, y = xy[0].to(device, non_blocking=True), xy[1].to(device)
                 loss = F.cross_entropy(model(x), y)
+                if not math.isfinite(value := loss.item()):
+                    raise DivergedError(f"{desc}: the loss became {value} at epoch {epoch}, step "
+                                        f"{step + 1}: the training diverged and was stopped. "
+                                        f"Use a lower {_lr_names(opt.param_groups)}.")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
-                total, count = total + loss.item() * len(y), count + len(y)
+                total, count = total + value * len(y), count + len(y)
             scores = evaluate()
             history.append({"epoch": epoch, "loss": total / max(count, 1),
                             "top1": scores.top1, "top5": scores.top5})
@@ -165,8 +186,8 @@ def train_linear_on_features(
         head.eval()
         return _accuracy(head, test, device)
 
-    return _fit(head, [{"params": head.parameters()}], loader, evaluate, recipe, device,
-                "linear (cached features)", seed)
+    return _fit(head, [{"params": head.parameters(), "name": "lr"}], loader, evaluate, recipe,
+                device, "linear (cached features)", seed)
 
 
 def train_on_images(
@@ -186,9 +207,10 @@ def train_on_images(
         nn.init.zeros_(head[-1].weight)  # pre-trained backbone large, meaningless gradients;
         nn.init.zeros_(head[-1].bias)  # a zero one gives it none until the head has learned
     model = Classifier(backbone, head, finetune, channels_last).to(device)
-    groups: list[dict[str, Any]] = [{"params": head.parameters()}]
-    if finetune:
-        groups.append({"params": backbone.parameters(), "lr": recipe.backbone_lr or recipe.lr})
+    groups: list[dict[str, Any]] = [{"params": head.parameters(), "name": "lr"}]
+    if finetune:  # (names: the settings a divergence's message points at)
+        groups.append({"params": backbone.parameters(), "lr": recipe.backbone_lr or recipe.lr,
+                       "name": "backbone_lr"})
 
     def evaluate() -> Scores:
         model.eval()

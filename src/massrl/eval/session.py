@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from massrl.eval.features import (
     cached_features,
     resolve_device,
 )
-from massrl.files import own_sibling, write_text
+from massrl.files import json_text, own_sibling, write_text
 from massrl.models.backbones import input_size_error
 from massrl.provenance import package_versions, source_commit
 
@@ -344,7 +343,7 @@ def finish(run: EvalRun, title: str, results: dict[str, Any], rows: list[tuple[s
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results,
                "protocol": protocol(run), "warnings": run.warnings}
-    write_record(path, json.dumps(payload, indent=2, default=str) + "\n")
+    write_record(path, json_text(payload, indent=2, default=str) + "\n")
     console = Console()
     console.print(title, style="bold", highlight=False)  # (a table's title wraps to its width)
     console.print(result_table(rows))
