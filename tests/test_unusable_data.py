@@ -207,3 +207,14 @@ def test_strict_mode_checks_the_held_out_files_before_training(tiny, capsys, spl
     assert "cannot decode image" in err and "empty.png: empty file (0 bytes)" in err
     out = Path(next(a for a in args if a.startswith("output_dir=")).split("=", 1)[1])
     assert not out.exists()  # stopped before training: nothing trained, nothing left
+
+
+@pytest.mark.parametrize("key", ["data.eval_subset", "eval.knn_bank"])
+def test_a_labeled_subset_smaller_than_the_class_count_is_refused(tiny, key, capsys):
+    """eval_subset=5 on 10 classes drew classes [1,3,4,5,6] for the bank and [0,1,3,5,9] for
+    the test split: kNN and the linear probe scored 0 % without a word."""
+    args = tiny("byol", **{key: "5"})
+    assert main(["pretrain", "-c", "fashion_mnist/byol", *args]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}=5 is fewer images than the 10 classes" in err and f"{key} >= 10" in err
+    assert not Path(args[-1].split("=", 1)[1]).exists()  # (output_dir: nothing made)

@@ -12,7 +12,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from massrl.config import RunConfig
-from massrl.data.datasets import DatasetSplits, class_balanced, load_dataset
+from massrl.data.datasets import (
+    DatasetSplits,
+    check_covers_the_classes,
+    class_balanced,
+    load_dataset,
+)
 from massrl.data.eval_transform import EvalTransform
 from massrl.data.folder import UnusableDataError
 from massrl.data.loading import (
@@ -57,6 +62,8 @@ class SSLDataModule(L.LightningDataModule):
         if self._splits is None:
             # After prepare_data the files exist, so download=True only verifies them here.
             self._splits = load_dataset(self.cfg.data, seed=self.cfg.seed)
+            if self.cfg.eval.knn_bank is not None:
+                check_covers_the_classes("eval.knn_bank", self.cfg.eval.knn_bank, self._splits)
 
     @property
     def splits(self) -> DatasetSplits:

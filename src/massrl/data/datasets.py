@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset, Subset
 
-from massrl.config import DataConfig
+from massrl.config import ConfigError, DataConfig
 from massrl.data.download_lock import one_download_at_a_time
 from massrl.data.folder import UnusableDataError
 from massrl.data.folder_splits import folder_splits, imagenet_splits
@@ -94,6 +94,7 @@ def _apply_config(splits: DatasetSplits, cfg: DataConfig, seed: int) -> DatasetS
         if same:
             splits.train_labeled = splits.train
     if cfg.eval_subset is not None:
+        check_covers_the_classes("data.eval_subset", cfg.eval_subset, splits)
         if splits.train_labeled is not None:
             splits.train_labeled = class_balanced(splits.train_labeled, cfg.eval_subset, seed)
         if splits.test is not None:
@@ -101,6 +102,18 @@ def _apply_config(splits: DatasetSplits, cfg: DataConfig, seed: int) -> DatasetS
     splits.mean = tuple(cfg.mean) if cfg.mean is not None else splits.mean
     splits.std = tuple(cfg.std) if cfg.std is not None else splits.std
     return splits
+
+
+def check_covers_the_classes(key: str, n: int, splits: DatasetSplits) -> None:
+    """ConfigError when a class-balanced subset of the labeled splits of `n` images cannot hold
+    every class: the bank and the test split would each draw other classes (by their sizes), and
+    kNN and probe scored 0 % on classes the bank lacks, without a word."""
+    classes = splits.num_classes
+    if classes and splits.train_labeled is not None and n < classes:
+        raise ConfigError(f"{key}={n} is fewer images than the {classes} classes: a "
+                          "class-balanced draw of them leaves classes out of the kNN bank (and "
+                          "the test split's draw other ones), and a test image of a class the "
+                          f"bank lacks cannot be recognised. Use {key} >= {classes} (or null)")
 
 
 def class_balanced(ds: Dataset, n: int, seed: int) -> Dataset:
