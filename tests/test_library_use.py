@@ -172,6 +172,32 @@ def test_pretrain_takes_datasets_of_ones_own(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_a_run_on_ones_own_splits_is_not_taken_for_its_configs_dataset(tmp_path, capsys):
+    """Its config names data.name=fashion_mnist: summary.json said so, `massrl knn` scored the
+    checkpoint on Fashion-MNIST as its own data, and the printed resume command trained on on
+    Fashion-MNIST, each without a word."""
+    from massrl.cli import main
+    from massrl.train import pretrain
+
+    run = tmp_path / "run"
+    cfg = build_config(overrides=[*TINY, "data.image_size=16", "trainer.progress_bar=false",
+                                  f"output_dir={run}"])
+    assert pretrain(cfg, splits=_splits(32))["dataset"] == "own splits"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    assert main(["knn", f"ckpt={ckpt}", "device=cpu", f"output_dir={tmp_path / 'knn'}"]) == 2
+    assert "pre-trained on datasets given to pretrain(cfg, splits=...)" in capsys.readouterr().err
+    assert main(["knn", f"ckpt={ckpt}", "device=cpu", "data.name=digits", "data.eval_subset=50",
+                 f"output_dir={tmp_path / 'knn'}", f"cache_dir={tmp_path / 'c'}"]) == 0
+    assert json.loads((tmp_path / "knn" / "result.json").read_text())["protocol"]["dataset"][
+        "transfer"]
+    assert main(["pretrain", "-c", str(run / "config.yaml"), "resume=auto",
+                 "trainer.max_epochs=2"]) == 2
+    assert "Continue it from Python with the same splits" in capsys.readouterr().err
+    assert pretrain(cfg.model_copy(update={"resume": "auto", "trainer": cfg.trainer.model_copy(
+        update={"max_epochs": 2})}), splits=_splits(32))["epochs"] == 2
+
+
 def test_config_overrides_given_as_a_mapping_keep_the_sections_other_keys():
     file_only = build_config(config_file="fashion_mnist/massrl")
     nested = build_config(config_file="fashion_mnist/massrl", overrides={"optimizer": {"lr": 0.5}})

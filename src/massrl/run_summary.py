@@ -67,7 +67,8 @@ class RunSummary(Callback):
         return {
             "name": module.cfg.run_name,
             "method": module.cfg.method,
-            "dataset": module.cfg.data.name,
+            # (a run on pretrain(splits=...)'s datasets: its config's data.name is not them)
+            "dataset": "own splits" if module.own_splits else module.cfg.data.name,
             "seed": module.cfg.seed,
             **self.val_figures(ckpt),
             "final_loss": m.get("train/loss_epoch"),

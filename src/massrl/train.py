@@ -287,6 +287,11 @@ def _start(cfg: RunConfig, run_dir: Path, splits: DatasetSplits | None
     saved_world = resumed_step = None
     if resume_from is not None:
         ckpt = check_resume_compatible(cfg, resume_from)
+        if (ckpt.get("massrl") or {}).get("own_splits") and splits is None:
+            raise ConfigError(f"cannot resume from {resume_from}: it trained on datasets given "
+                              "to pretrain(cfg, splits=...) from Python, which its config does "
+                              "not name (it would go on with data.name's). Continue it from "
+                              "Python with the same splits and resume=auto")
         check_training_data(cfg, (ckpt.get("hyper_parameters") or {}).get("config"))
         inside = _inside(resume_from, run_dir)
         if holds_a_run and not inside:
@@ -349,6 +354,7 @@ def _prepare(cfg: RunConfig, run_dir: Path, resumed_step: int | None,
         print(f"note: {' '.join(ignored)} set, but method={cfg.method} does not use "
               f"{'it' if len(ignored) == 1 else 'them'}")
     method.use_data(dm.splits)
+    method.own_splits = splits is not None
     check_input_size(method.backbone, cfg.model.backbone, cfg.data.image_size)
     method.channels_last = use_channels_last(cfg.trainer.channels_last, cfg.trainer.accelerator,
                                              method)

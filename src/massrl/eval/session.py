@@ -138,7 +138,15 @@ def open_data(run: EvalRun, needs_labels: bool = True) -> None:
     from massrl.data import DatasetNotFoundError, load_dataset
 
     data, pre_data = run.cfg.data, run.pre.config.data
-    run.transfer = not same_data(data.name, data.root, pre_data)
+    asked = run.requested.get("data") or {}
+    # trained on pretrain(splits=...)'s datasets: its config's data.name is not what it saw
+    own = bool(run.pre.meta.get("own_splits"))
+    if own and "name" not in asked:
+        raise ConfigError(f"{run.pre.path} was pre-trained on datasets given to pretrain(cfg, "
+                          "splits=...) from Python, which its config does not name: say what "
+                          "to evaluate on with data.name=... (a folder: data.name=folder "
+                          "data.root=DIR), or evaluate from Python")
+    run.transfer = own or not same_data(data.name, data.root, pre_data)
     # the pre-training data is split (and subset) as pre-training split it, whatever the
     # evaluation's seed: another split would put pre-training images in the test split
     run.split_seed = run.cfg.seed if run.transfer else run.pre.config.seed
@@ -153,7 +161,6 @@ def open_data(run: EvalRun, needs_labels: bool = True) -> None:
             "needs labeled train and test images. Use a labeled dataset, e.g. a folder with one "
             "sub-folder per class, or data.name=cifar10."
         )
-    asked = run.requested.get("data") or {}
     note_inherited_subsets(data, asked, splits)
     if not run.transfer:
         warn_changed_files(run, splits)

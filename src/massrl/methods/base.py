@@ -83,6 +83,7 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
         # recorded in checkpoints so evaluation and export can reproduce it
         self.normalization: dict[str, Any] = {}
         self.data_files: dict[str, Any] = {}  # (set by use_data)
+        self.own_splits = False  # trained on pretrain(splits=...): no dataset a name loads
         # augment.backend=batched: the strategies run here on the device (made by use_data)
         self.augmenter: Any = None
         # channels-last batches, as the model (train.py may turn it off: devices.py)
@@ -217,6 +218,7 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
         checkpoint["massrl"] = {"version": __version__, "backbone": self.backbone_spec.to_dict(),
                                 "data": dict(self.normalization),
                                 "files": self.data_files,
+                                "own_splits": self.own_splits,
                                 "images_seen": self.images_seen,
                                 "world_size": self.trainer.world_size,
                                 "skipped_files": self.skipped_files,
