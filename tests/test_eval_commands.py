@@ -113,7 +113,7 @@ def test_two_evaluations_finishing_into_one_folder_at_once_keep_both_records(tmp
                                                                            monkeypatch):
     """One evaluation kept the earlier record aside, another wrote result.json meanwhile, and
     the first then wrote over it: a record lost (and both wrote through one temporary file)."""
-    from massrl.eval import session
+    from massrl.eval import records
 
     path = tmp_path / "result.json"
     path.write_text("earlier")
@@ -123,11 +123,11 @@ def test_two_evaluations_finishing_into_one_folder_at_once_keep_both_records(tmp
     def the_other_finishes_first(src, dst):
         if Path(dst) == path and not interleaved:  # between A's keep_earlier and its claim
             interleaved.append(True)
-            session.write_record(path, "B")
+            records.write_record(path, "B")
         return real_link(src, dst)
 
-    monkeypatch.setattr(session.os, "link", the_other_finishes_first)
-    session.write_record(path, "A")
+    monkeypatch.setattr(records.os, "link", the_other_finishes_first)
+    records.write_record(path, "A")
     records = sorted(p.read_text() for p in tmp_path.glob("result*.json"))
     assert interleaved and records == ["A", "B", "earlier"]
     assert path.read_text() == "A"  # the newest is result.json
@@ -137,15 +137,15 @@ def test_two_evaluations_finishing_into_one_folder_at_once_keep_both_records(tmp
 
 def test_an_earlier_record_stays_under_its_name_when_keeping_it_fails(tmp_path, monkeypatch):
     """A failure after the record was moved aside left it under an internal name."""
-    from massrl.eval import session
+    from massrl.eval import records
 
     def fails(held, path):
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(session, "_number", fails)
+    monkeypatch.setattr(records, "_number", fails)
     (tmp_path / "result.json").write_text("earlier")
     with pytest.raises(OSError):
-        session.keep_earlier(tmp_path / "result.json")
+        records.keep_earlier(tmp_path / "result.json")
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]
     assert (tmp_path / "result.json").read_text() == "earlier"
 
@@ -167,15 +167,15 @@ def test_an_earlier_record_is_kept_where_the_filesystem_has_no_hard_links(tmp_pa
                                                                          monkeypatch):
     """FAT, many FUSE and SMB mounts refuse os.link: the record is kept by a rename instead
     (it raised after the evaluation's work, and its result was lost)."""
-    from massrl.eval import session
+    from massrl.eval import records
 
     def no_links(src, dst):
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(session.os, "link", no_links)
+    monkeypatch.setattr(records.os, "link", no_links)
     (tmp_path / "result.json").write_text("first")
     (tmp_path / "result.1.json").write_text("older")
-    session.keep_earlier(tmp_path / "result.json")
+    records.keep_earlier(tmp_path / "result.json")
     assert not (tmp_path / "result.json").exists()
     assert (tmp_path / "result.2.json").read_text() == "first"
     assert (tmp_path / "result.1.json").read_text() == "older"
