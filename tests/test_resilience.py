@@ -921,8 +921,13 @@ def test_a_resume_says_which_other_settings_changed(tiny, capsys):
         "earlier config.yaml is kept as config.before_resume_N.yaml): " \
         "augment.simclr.blur_p: [1.0, 0.1] -> [0.0, 0.0]; loss.tau_base: 0.99 -> 0.98"
     # training longer is allowed, and said to bend the schedule from here on
-    assert any(line.startswith("note: trainer.max_epochs 1 -> 2: the lr schedule")
-               for line in out)
+    assert any(line.startswith("note: trainer.max_epochs 1 -> 2: the lr schedule and the "
+                               "target's τ schedule now spans 2 epochs") for line in out)
+    from massrl.config import build_config
+    from massrl.resume import _length_change
+
+    simclr = build_config(config_file="fashion_mnist/simclr", overrides=["trainer.max_epochs=3"])
+    assert "the lr schedule now spans 3" in _length_change({"trainer": {"max_epochs": 1}}, simclr)
     # the run's record keeps what the first session ran with (re-running it from its own
     # config.yaml gave another model)
     run = _out(args)

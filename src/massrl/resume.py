@@ -125,9 +125,15 @@ def _length_change(saved: dict, cfg: RunConfig) -> str | None:
     before, after = (saved.get("trainer") or {}).get("max_epochs"), cfg.trainer.max_epochs
     if before is None or before == after:
         return None
-    return (f"note: trainer.max_epochs {before} -> {after}: the lr schedule (and BYOL's tau) "
-            f"now spans {after} epochs, so the lr jumps at the resumed step and the run will "
-            f"not equal a {after}-epoch run from the start")
+    from massrl.methods import METHODS
+    from massrl.methods.byol import BYOL
+
+    # (a target network's τ follows the run's length too; a plugin method's note named BYOL's)
+    method = METHODS.get(cfg.method)
+    tau = " and the target's τ schedule" if method and issubclass(method, BYOL) else ""
+    return (f"note: trainer.max_epochs {before} -> {after}: the lr schedule{tau} now spans "
+            f"{after} epochs, so the lr jumps at the resumed step and the run will not equal a "
+            f"{after}-epoch run from the start")
 
 
 # what a resumed run is expected to change: where it runs, how long, how it reports
