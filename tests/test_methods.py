@@ -366,9 +366,10 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_not_stepped(skip):
     if not skip:
         with pytest.raises(NonFiniteLossError, match="gradient became NaN/inf at optimizer step 0"):
             trainer.fit(model, DataLoader(_Views(), batch_size=8))
-    else:
-        trainer.fit(model, DataLoader(_Views(), batch_size=8))
-        assert trainer.callback_metrics["train/skipped_nonfinite"] == 2
+    else:  # (both steps of the epoch skipped: the run stops at its end, no longer learning)
+        with pytest.raises(NonFiniteLossError, match="every optimizer step of epoch 1 \\(2\\)"):
+            trainer.fit(model, DataLoader(_Views(), batch_size=8))
+        assert model.skipped_nonfinite_steps == 2
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before
                if "running" not in k and "num_batches" not in k)
