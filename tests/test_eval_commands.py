@@ -128,8 +128,8 @@ def test_two_evaluations_finishing_into_one_folder_at_once_keep_both_records(tmp
 
     monkeypatch.setattr(records.os, "link", the_other_finishes_first)
     records.write_record(path, "A")
-    records = sorted(p.read_text() for p in tmp_path.glob("result*.json"))
-    assert interleaved and records == ["A", "B", "earlier"]
+    texts = sorted(p.read_text() for p in tmp_path.glob("result*.json"))
+    assert interleaved and texts == ["A", "B", "earlier"]
     assert path.read_text() == "A"  # the newest is result.json
     assert sorted(p.name for p in tmp_path.iterdir()) == ["result.1.json", "result.2.json",
                                                           "result.json"]  # no leftovers

@@ -205,7 +205,8 @@ def test_cutout_and_translate_cover_what_fast_autoaugments_own_code_does(size):
         ImageDraw.Draw(ref).rectangle((x0, y0, min(size, x0 + side), min(size, y0 + side)),
                                       faa.CUTOUT_FILL)
         assert np.array_equal(np.asarray(out), np.asarray(ref)), (seed, side)
-    for v in (0.05, 0.1, 0.3, 0.45):  # 1.6 / 3.2 / 9.6 / 14.4 px at 32: each rounds up or down
+    # 1.6 / 3.2 / 9.6 / 14.4 px at 32: each rounds up or down; and exact halves of a pixel
+    for v in (0.05, 0.1, 0.3, 0.45, 0.5 / size, 1.5 / size, -0.5 / size, -2.5 / size):
         moved = np.asarray(faa.apply_op(img, "TranslateX", -v))
         ref = img.transform(img.size, Image.AFFINE, (1, 0, v * size, 0, 1, 0))
         assert np.array_equal(moved, np.asarray(ref)), v

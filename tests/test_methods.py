@@ -367,7 +367,8 @@ def test_a_finite_loss_with_a_non_finite_gradient_is_not_stepped(skip):
         with pytest.raises(NonFiniteLossError, match="gradient became NaN/inf at optimizer step 0"):
             trainer.fit(model, DataLoader(_Views(), batch_size=8))
     else:  # (both steps of the epoch skipped: the run stops at its end, no longer learning)
-        with pytest.raises(NonFiniteLossError, match="every optimizer step of epoch 1 \\(2\\)"):
+        with pytest.raises(NonFiniteLossError, match="the last 2 optimizer steps, to the end of "
+                                                     "epoch 1, were all skipped"):
             trainer.fit(model, DataLoader(_Views(), batch_size=8))
         assert model.skipped_nonfinite_steps == 2
     after = model.state_dict()
@@ -431,11 +432,8 @@ def test_a_skipped_accumulation_window_keeps_the_batch_norm_statistics_of_its_st
 
     next(model.backbone.parameters()).register_hook(first_only)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    from massrl.resilience import NonFiniteLossError
-
-    with pytest.raises(NonFiniteLossError, match="every optimizer step of epoch 1 \\(1\\)"):
-        _fit(model, accumulate=2, batches=2)  # (the epoch's one step skipped: it stops)
-    assert model.skipped_nonfinite_steps == 1
+    trainer = _fit(model, accumulate=2, batches=2)  # (one step skipped: no divergence, goes on)
+    assert trainer.callback_metrics["train/skipped_nonfinite"] == 1
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), \
         [k for k in before if not torch.equal(before[k], after[k])][:3]

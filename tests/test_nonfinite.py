@@ -75,6 +75,34 @@ def test_nan_features_in_a_validation_stop_the_run_before_its_checkpoints(tiny, 
     assert sorted(p.name for p in checkpoints.iterdir()) == ["best-knn-0.ckpt", "last.ckpt"]
 
 
+def test_nan_features_after_training_or_with_step_checkpoints_say_what_last_ckpt_holds(
+        tiny, monkeypatch, capsys):
+    """The validation after training (eval.knn_every left the last epoch out) found last.ckpt
+    saved already, and step checkpoints may be newer than the last validation: "stopped
+    without saving this epoch's checkpoints" was not true there."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from massrl.methods.monitors import OnlineMonitors
+
+    real = OnlineMonitors.validation_step
+
+    def nan_after_fit(self, batch, batch_idx, dataloader_idx=0):
+        real(self, batch, batch_idx, dataloader_idx)
+        if self.trainer.state.fn == TrainerFn.VALIDATING:
+            self._val_outputs[dataloader_idx][-1][0][0] = float("nan")
+
+    monkeypatch.setattr(OnlineMonitors, "validation_step", nan_after_fit)
+    args = _byol(tiny, **{"trainer.max_epochs": "3", "eval.knn_every": "2"})
+    assert main(["pretrain", *args]) == 1
+    err = capsys.readouterr().err
+    assert "in the validation after training (optimizer step 12)" in err
+    assert "checkpoints/last.ckpt holds this final model" in err
+    from massrl.resilience import check_finite_features
+
+    with pytest.raises(Exception, match="one saved by trainer.checkpoint_every_n_steps"):
+        check_finite_features([torch.full((2, 3), float("nan"))], 2, 8, saved_by_step=True)
+
+
 def test_a_resume_from_nan_weights_names_them_not_the_learning_rate(tiny, capsys):
     args = _byol(tiny)
     assert main(["pretrain", *args]) == 0
@@ -115,7 +143,8 @@ def test_skipped_steps_are_said_counted_and_an_epoch_of_nothing_but_skips_stops(
     args = _byol(tiny, **{"trainer.skip_nonfinite": "true", "output_dir": str(_out(args)) + "2"})
     assert main(["pretrain", *args]) == 1
     err = capsys.readouterr().err
-    assert "every optimizer step of epoch 1 (4) was skipped" in err and "no longer learns" in err
+    assert "the last 4 optimizer steps, to the end of epoch 1, were all skipped" in err
+    assert "no longer learns" in err
 
 
 def test_a_diverging_online_probe_restarts_and_pre_training_goes_on(tiny, capsys):

@@ -318,13 +318,25 @@ def _non_finite(what: str, step: int, epoch: int, skip: bool) -> bool:
     )
 
 
-def check_finite_features(features: list[torch.Tensor], epoch: int, step: int) -> None:
+def check_finite_features(features: list[torch.Tensor], epoch: int, step: int, *,
+                          after_fit: bool = False, saved_by_step: bool = False) -> None:
     """NonFiniteLossError when the validation's features hold NaN/inf: finite weights (each
     step's gradient was) can still overflow the forward pass, and the epoch's checkpoints,
-    'best' among them for a kNN of 0 %, were saved from such a model."""
+    'best' among them for a kNN of 0 %, were saved from such a model. `after_fit`: the
+    validation after training, whose model last.ckpt holds already; `saved_by_step`:
+    trainer.checkpoint_every_n_steps may have saved it since the last validation."""
     bad = sum(nonfinite_rows(f) for f in features)
-    if bad:
-        raise NonFiniteLossError(
-            f"the model's features became NaN/inf in the validation after epoch {epoch} "
-            f"(optimizer step {step}), for {bad} of {sum(len(f) for f in features)} images. "
-            f"The run stopped without saving this epoch's checkpoints. {USUAL_FIXES}.")
+    if not bad:
+        return
+    if after_fit:
+        kept = ("checkpoints/last.ckpt holds this final model; the best-kNN checkpoint holds an "
+                "earlier one")
+    else:
+        kept = "The run stopped without saving this epoch's checkpoints" + (
+            " (one saved by trainer.checkpoint_every_n_steps since the last validation may hold "
+            "this model: branch from the best-kNN one, resume=<it> output_dir=<new folder>)"
+            if saved_by_step else "")
+    when = "after training" if after_fit else f"after epoch {epoch}"
+    raise NonFiniteLossError(
+        f"the model's features became NaN/inf in the validation {when} (optimizer step {step}), "
+        f"for {bad} of {sum(len(f) for f in features)} images. {kept}. {USUAL_FIXES}.")

@@ -132,8 +132,9 @@ def apply_op(
 
 def translate_pixels(value: float, side: int) -> int:
     """A translation of `value` x `side` pixels, rounded as Fast AutoAugment's nearest-neighbour
-    PIL transform does (half up): torchvision truncates, which shifted 32 px images 12 % less."""
-    return math.floor(value * side + 0.5)
+    PIL transform rounds its offset (in massrl's direction, a half goes down: 0.5 px moves
+    nothing, -0.5 px one pixel): torchvision truncates, which shifted 32 px images 12 % less."""
+    return math.ceil(value * side - 0.5)
 
 
 def format_op(op: str, value: float) -> str:

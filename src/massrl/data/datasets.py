@@ -111,9 +111,10 @@ def check_covers_the_classes(key: str, n: int, splits: DatasetSplits) -> None:
     classes = splits.num_classes
     if classes and splits.train_labeled is not None and n < classes:
         raise ConfigError(f"{key}={n} is fewer images than the {classes} classes: a "
-                          "class-balanced draw of them leaves classes out of the kNN bank (and "
-                          "the test split's draw other ones), and a test image of a class the "
-                          f"bank lacks cannot be recognised. Use {key} >= {classes} (or null)")
+                          "class-balanced draw of them leaves classes out of the labeled "
+                          "training images (the kNN bank, a linear head's; the test split's "
+                          "draw leaves out other ones), and a test image of a class they lack "
+                          f"cannot be recognised. Use {key} >= {classes} (or null)")
 
 
 def class_balanced(ds: Dataset, n: int, seed: int) -> Dataset:

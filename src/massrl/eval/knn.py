@@ -43,10 +43,13 @@ def knn_scores_per_k(
     largest k's nearest (topk sorts).
 
     Cosine similarity normalises the features itself; for euclidean the caller decides whether to
-    L2-normalise first. A k larger than the training set is clamped to its size. With
+    L2-normalise first. A k larger than the training set is clamped to its size. Neighbours
+    tied exactly at the k-th place (duplicate images, collapsed features) may be other ones than
+    a pass for k alone would pick: topk breaks ties as it likes. With
     `mark_voted`, classes no neighbour voted for score -inf (a vote far from the nearest one
     underflows to 0: testing scores for 0 took such classes for unvoted ones).
     """
+    ks = list(dict.fromkeys(ks))  # (each k once)
     if not ks or min(ks) < 1 or temperature <= 0:
         raise ValueError(f"need k >= 1 and temperature > 0, got k={list(ks)}, "
                          f"temperature={temperature}")

@@ -42,7 +42,9 @@ class OnlineMonitors:
             return
         bank_f, bank_y = self._gather(outputs.pop(0))  # (each batch freed once copied)
         test_f, test_y = self._gather(outputs.pop(1))
-        check_finite_features([bank_f, test_f], self._epochs_trained(), self.global_step)
+        check_finite_features([bank_f, test_f], self._epochs_trained(), self.global_step,
+                              after_fit=self.trainer.state.fn == TrainerFn.VALIDATING,
+                              saved_by_step=bool(self.cfg.trainer.checkpoint_every_n_steps))
         metrics = {}
         if self.cfg.eval.knn_every and self.num_classes:
             from massrl.eval.knn import weighted_knn

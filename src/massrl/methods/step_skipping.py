@@ -26,6 +26,7 @@ class StepSkipping:
         self._kept: list[torch.Tensor] | None = None
         self.skipped_nonfinite_steps = 0  # (in checkpoints and summary.json)
         self._steps_this_epoch = self._nonfinite_this_epoch = 0
+        self._nonfinite_in_a_row = 0  # skipped steps since the last one that trained
         # images of the optimizer step under way: counted in images_seen if it trains
         self._images_of_step = 0
         self._probe_restarted_this_epoch = False
@@ -49,22 +50,22 @@ class StepSkipping:
         skipped, self._skipping = self._skipping, False
         nonfinite, self._nonfinite = self._nonfinite, False
         scale = self._loss_scale()
-        if not skipped:
+        if not skipped and scale is None:  # (a GradScaler checks the gradient itself)
             # every rank decides alike (DDP's all-reduced gradients are the same on each; a
             # sharded strategy's are each rank's own)
             model_ok, probe_ok = self._gradients_finite()
             if model_ok and not probe_ok:
                 self._restart_probe(optimizer)
-            if scale is None:  # (a GradScaler checks the model's gradient itself)
-                skipped = nonfinite = not check_finite_gradient(
-                    model_ok, self.global_step, self.current_epoch + 1,
-                    self.cfg.trainer.skip_nonfinite)
+            skipped = nonfinite = not check_finite_gradient(
+                model_ok, self.global_step, self.current_epoch + 1,
+                self.cfg.trainer.skip_nonfinite)
         if skipped:  # the whole window's, also its micro-batches after a NaN loss
             self._restore_buffers()
         else:  # (images of skipped steps were not trained on)
             self.images_seen += self._images_of_step
         self._kept, self._images_of_step = None, 0  # (the next window keeps its own)
         self._steps_this_epoch += 1
+        self._nonfinite_in_a_row = self._nonfinite_in_a_row + 1 if nonfinite else 0
         if nonfinite:  # one count per skipped optimizer step, whichever check found it
             self.skipped_nonfinite_steps += 1
             self._nonfinite_this_epoch += 1
@@ -84,7 +85,7 @@ class StepSkipping:
         for p in self.parameters():
             if p.grad is not None:
                 grads[id(p) in probe].append(p.grad)
-        return tuple(self._on_every_rank(ok) for ok in gradients_finite(grads))
+        return self._on_every_rank(*gradients_finite(grads))
 
     def _restart_probe(self, optimizer: Any) -> None:
         """The online probe diverged (its loss or gradient NaN/inf, eval.probe_lr too high): a
@@ -104,18 +105,21 @@ class StepSkipping:
     def _end_epoch_of_skips(self) -> None:
         """At an epoch's end: how many of its steps were skipped for a NaN/inf loss or gradient
         (said nowhere but metrics.csv: a run that skipped every step ended "successfully"); a
-        run that skipped them all no longer learns, and stops."""
+        run that skipped a whole epoch's worth of steps in a row (at least 2: one transient NaN
+        in a one-step epoch, or in the last step left to a resumed one, is no divergence) no
+        longer learns, and stops."""
         skipped, steps = self._nonfinite_this_epoch, self._steps_this_epoch
         self._steps_this_epoch = self._nonfinite_this_epoch = 0
         self._probe_restarted_this_epoch = False
         if not skipped:
             return
-        epoch = self.current_epoch + 1
-        if skipped == steps:
+        epoch, in_a_row = self.current_epoch + 1, self._nonfinite_in_a_row
+        if in_a_row >= max(2, self.steps_per_epoch()):
             raise NonFiniteLossError(
-                f"every optimizer step of epoch {epoch} ({steps}) was skipped for a NaN/inf loss "
-                "or gradient (trainer.skip_nonfinite=true): the model no longer learns. The run "
-                f"stopped; its checkpoints hold the model as it was before them. {USUAL_FIXES}.")
+                f"the last {in_a_row} optimizer steps, to the end of epoch {epoch}, were all "
+                "skipped for a NaN/inf loss or gradient (trainer.skip_nonfinite=true): the model "
+                "no longer learns. The run stopped; its checkpoints hold the model as it was "
+                f"before them. {USUAL_FIXES}.")
         self.print(f"note: {skipped} of {steps} optimizer steps of epoch {epoch} were skipped "
                    "for a NaN/inf loss or gradient (trainer.skip_nonfinite)")
 
@@ -135,9 +139,11 @@ class StepSkipping:
     def after_optimizer_step(self, skipped: bool) -> None:
         """Called after each optimizer step (after the weights changed, before checkpoints)."""
 
-    def _on_every_rank(self, ok: bool) -> bool:
-        """Whether `ok` holds on every rank. DDP ranks must all train or all skip a step: a rank
-        that skips its backward (or raises) leaves the others waiting in a collective."""
-        if self.trainer.world_size == 1:
-            return ok
-        return bool(self.all_gather(torch.tensor([int(ok)], device=self.device)).min())
+    def _on_every_rank(self, *oks: bool) -> Any:
+        """Whether `ok` holds on every rank (for several: a tuple, from one collective). DDP
+        ranks must all train or all skip a step: a rank that skips its backward (or raises)
+        leaves the others waiting in a collective."""
+        if self.trainer.world_size > 1:
+            flags = torch.tensor([int(ok) for ok in oks], device=self.device)
+            oks = tuple(bool(v) for v in self.all_gather(flags).view(-1, len(oks)).amin(0))
+        return oks[0] if len(oks) == 1 else oks

@@ -266,8 +266,8 @@ class FastAutoAugmentSampler(_Strategy):
         fire = draws.rand(k) < prob
         value = value * _signs(signed, draws, k)
         translate = (op == Op.TRANSLATE_X) | (op == Op.TRANSLATE_Y)
-        # a fraction of the side, rounded half up as fast_autoaugment.translate_pixels
-        mag = torch.where(translate, (value * size + 0.5).floor(), value)
+        # a fraction of the side, rounded as fast_autoaugment.translate_pixels
+        mag = torch.where(translate, (value * size - 0.5).ceil(), value)
         mag = torch.where(op == Op.CUTOUT, value * size, mag)
         aux = draws.rand(k, 2) * size  # cutout centre
         return torch.where(fire, op, int(Op.IDENTITY)), mag, aux
