@@ -647,6 +647,33 @@ def test_a_runs_own_config_resumes_that_run_from_any_folder(tiny, tmp_path, monk
     assert not (tmp_path / "b" / "run").exists()
 
 
+def test_a_moved_run_keeps_its_best_checkpoint_and_says_where_it_is_now(tiny, tmp_path, capsys):
+    """Lightning reloads its best-kNN record only from the folder it saved it in: a run
+    resumed after its folder moved named a later, worse epoch best (both files kept), and a
+    finished moved run's summary named the old folder's paths."""
+    args = _byol(tiny, **{"trainer.max_epochs": "2"})
+    assert main(["pretrain", *args]) == 0
+    moved = tmp_path / "moved"
+    shutil.copytree(_out(args), moved)
+    shutil.rmtree(_out(args))
+    assert main(["pretrain", "-c", str(moved / "config.yaml"), "resume=auto",
+                 "trainer.max_epochs=4"]) == 0
+    summary = json.loads((moved / "summary.json").read_text())
+    with open(moved / "metrics.csv") as f:
+        knn = [float(r["val/knn_top1"]) for r in csv.DictReader(f) if r.get("val/knn_top1")]
+    with open(moved / "metrics.before_resume_1.csv") as f:
+        knn += [float(r["val/knn_top1"]) for r in csv.DictReader(f) if r.get("val/knn_top1")]
+    assert len(knn) == 4 and summary["best_knn_top1"] == pytest.approx(max(knn))
+    best = sorted(p.name for p in (moved / "checkpoints").glob("best-knn-*.ckpt"))
+    assert len(best) == 1 and summary["best_checkpoint"] == str(moved / "checkpoints" / best[0])
+    again = tmp_path / "again"
+    shutil.move(moved, again)
+    capsys.readouterr()
+    assert main(["pretrain", "-c", str(again / "config.yaml"), "resume=auto",
+                 "trainer.max_epochs=4"]) == 0
+    assert f"run directory: {again}" in capsys.readouterr().out
+
+
 def test_a_resume_from_an_earlier_checkpoint_into_the_runs_folder_is_refused(tiny, capsys):
     """resume=<run>/checkpoints/<an earlier one> into the run's own folder replaced its
     last.ckpt, summary.json and later checkpoints: the run's final model was gone. Refused,

@@ -101,7 +101,41 @@ class EpochEndCheckpoint(Checkpoint):
             trainer.save_checkpoint(self.last_path, weights_only=False)
 
 
-class StepCheckpoint(ModelCheckpoint):
+class RunCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint that follows its run's folder when it moves. Lightning reloads its best
+    score and files only from the folder it saved them in: a run resumed after its folder was
+    moved or copied lost its best-kNN record (a later, worse epoch was named best). Where the
+    files it recorded are in this folder, they are taken as these; a branch into a new folder
+    (where they are not) starts afresh, as Lightning does."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and os.path.abspath(saved) != os.path.abspath(self.dirpath):
+            state_dict = _rebased(state_dict, saved, self.dirpath) or state_dict
+        super().load_state_dict(state_dict)
+
+
+def _rebased(state: dict[str, Any], old: str, new: str) -> dict[str, Any] | None:
+    """`state` with the paths under `old` moved to `new`; None unless each of those it names
+    is there."""
+    def moved(path: Any) -> Any:
+        if not isinstance(path, str) or not path or \
+                os.path.dirname(os.path.abspath(path)) != os.path.abspath(old):
+            return path
+        return os.path.join(new, os.path.basename(path))
+
+    files = [p for p in (state.get("best_model_path"), *(state.get("best_k_models") or {}))
+             if isinstance(p, str) and p]
+    if not files or not all(os.path.isfile(moved(p)) for p in files):
+        return None
+    out = dict(state, dirpath=new)
+    for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+        out[key] = moved(state.get(key))
+    out["best_k_models"] = {moved(p): v for p, v in (state.get("best_k_models") or {}).items()}
+    return out
+
+
+class StepCheckpoint(RunCheckpoint):
     """last.ckpt every N optimizer steps. Lightning's ModelCheckpoint also writes `last` when
     training ends, after EpochEndCheckpoint has just written the same state: a second full
     write (twice the room on a nearly full disk, where it failed the finished run)."""

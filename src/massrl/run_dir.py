@@ -207,12 +207,26 @@ def _keep_previous_metrics(run_dir: Path, resumed_step: int, n: int) -> None:
     metrics.unlink()
 
 
+def _rebased_summary(summary: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """A summary's paths in the run's folder as it is now: a moved folder's named the old one,
+    which may be gone."""
+    then, now = summary.get("run_dir"), os.path.abspath(run_dir)
+    if not isinstance(then, str) or os.path.abspath(then) == now:
+        return summary
+    then = then.rstrip(os.sep)
+    for key in ("run_dir", "last_checkpoint", "best_checkpoint"):
+        path = summary.get(key)
+        if isinstance(path, str) and (path == then or path.startswith(then + os.sep)):
+            summary[key] = now + path[len(then):]
+    return summary
+
+
 def finished_already(cfg: RunConfig, run_dir: Path, ckpt: Path, done: int) -> dict[str, Any]:
     """Resuming a run that has trained all its epochs: nothing to do, and its summary stays."""
     print(f"nothing to train: {ckpt} has completed {done} epochs, trainer.max_epochs="
           f"{cfg.trainer.max_epochs}. Raise trainer.max_epochs to train longer.")
     with contextlib.suppress(OSError, ValueError):  # (none, or an unreadable one)
-        return json.loads((run_dir / "summary.json").read_text())
+        return _rebased_summary(json.loads((run_dir / "summary.json").read_text()), run_dir)
     print(f"{run_dir / 'summary.json'} is missing or unreadable: `massrl knn ckpt={ckpt}` "
           "measures the final model")
     return {"method": cfg.method, "dataset": cfg.data.name, "epochs": done,

@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -48,6 +48,7 @@ from massrl.resilience import (
     AtomicCheckpointIO,
     EpochEndCheckpoint,
     Preemption,
+    RunCheckpoint,
     StepCheckpoint,
 )
 from massrl.resume import (
@@ -100,11 +101,11 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool,
                                         enable_version_counter=False))
     best = None
     if has_labels and cfg.eval.knn_every:
-        best = ModelCheckpoint(dirpath=ckpt_dir, monitor=KNN_METRIC, mode="max", save_top_k=1,
-                               filename="best-knn-{epoch}", auto_insert_metric_name=False)
+        best = RunCheckpoint(dirpath=ckpt_dir, monitor=KNN_METRIC, mode="max", save_top_k=1,
+                             filename="best-knn-{epoch}", auto_insert_metric_name=False)
         callbacks.append(best)
     if t.keep_every_n_epochs:
-        callbacks.append(ModelCheckpoint(
+        callbacks.append(RunCheckpoint(
             dirpath=ckpt_dir, filename="epoch-{epoch}", auto_insert_metric_name=False,
             every_n_epochs=t.keep_every_n_epochs, save_top_k=-1, enable_version_counter=False))
     # after `best` (checkpoint callbacks run in this order at the epoch end): the epoch's
