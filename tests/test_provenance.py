@@ -48,3 +48,34 @@ def test_package_versions_name_the_installed_ones():
     versions = provenance.package_versions()
     assert torch.__version__.startswith(versions["torch"])
     assert versions["lightning"] and versions["massrl"]
+
+
+def test_checkpoints_record_the_code_that_wrote_them_and_a_resume_by_other_code_says_so(
+        tiny, monkeypatch, capsys):
+    """Every version was 0.1.0: nothing told which code trained a checkpoint, nor that a run was
+    continued by another (its figures then differ); result.json named only the evaluation's."""
+    import json
+
+    import massrl.methods.base as base
+    from massrl.cli import main
+
+    def commit(value):  # (where the checkpoint hook and the resume note read it)
+        monkeypatch.setattr(provenance, "running_commit", lambda: value)
+        monkeypatch.setattr(base, "running_commit", lambda: value)
+
+    commit("a" * 40)
+    args = ["-c", "fashion_mnist/byol", *tiny("byol")]
+    out = args[-1].split("=", 1)[1]
+    assert main(["pretrain", *args]) == 0
+    ckpt = torch.load(f"{out}/checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["massrl"]["commit"] == "a" * 40
+    assert main(["knn", f"ckpt={out}/checkpoints/last.ckpt", "device=cpu",
+                 f"output_dir={out}/knn"]) == 0
+    checkpoint = json.loads(open(f"{out}/knn/result.json").read())["protocol"]["checkpoint"]
+    assert checkpoint["massrl_commit"] == "a" * 40 and checkpoint["massrl_version"]
+    commit("b" * 40 + "+changes")
+    capsys.readouterr()
+    assert main(["pretrain", *args, "resume=auto", "trainer.max_epochs=2"]) == 0
+    assert (f"note: the checkpoint was written by massrl {'a' * 12}, this is {'b' * 12}+changes"
+            in capsys.readouterr().out)
+    assert provenance.code_change_note({"massrl": {"commit": None}}) is None  # (unknown: none)

@@ -56,6 +56,27 @@ def source_commit() -> str | None:
     return commit + ("+changes" if dirty else "")
 
 
+@cache
+def running_commit() -> str | None:
+    """source_commit() of this process's code, asked once (checkpoints record it at each save)."""
+    return source_commit()
+
+
+def code_change_note(ckpt: dict[str, Any]) -> str | None:
+    """A note when a checkpoint was written by other massrl code than the one running (both
+    known: a git checkout's commits): a resumed run goes on with this code, and its figures may
+    differ from those the earlier code would have given."""
+    then, now = (ckpt.get("massrl") or {}).get("commit"), running_commit()
+    if not then or not now or then == now:
+        return None
+    def short(commit: str) -> str:
+        return commit[:12] + ("+changes" if commit.endswith("+changes") else "")
+
+    return (f"note: the checkpoint was written by massrl {short(then)}, this is {short(now)}: "
+            "the run goes on with this code (its figures may differ from the earlier code's; "
+            "summary.json records this one)")
+
+
 def runtime(trainer: L.Trainer, module: SSLMethod) -> dict[str, Any]:
     """What the run's device-dependent settings became (config.yaml keeps them as written):
     the figures of two runs compare only when these match."""

@@ -44,6 +44,7 @@ from massrl.memory import retain_freed_memory
 from massrl.methods import SSLMethod, build_method
 from massrl.models.backbones import check_input_size
 from massrl.optim import warmup_note
+from massrl.provenance import code_change_note
 from massrl.resilience import (
     AtomicCheckpointIO,
     EpochEndCheckpoint,
@@ -312,6 +313,8 @@ def _start(cfg: RunConfig, run_dir: Path, splits: DatasetSplits | None
         if done >= cfg.trainer.max_epochs:
             return finished_already(cfg, run_dir, resume_from, done)
         print(f"resuming from {resume_from} ({done} of {cfg.trainer.max_epochs} epochs done)")
+        if note := code_change_note(ckpt):
+            print(note)
         if not inside:
             # (Lightning's own warning on it names two paths and an attribute)
             print(f"note: a branch of that run into {run_dir}: its best-kNN checkpoint is "

@@ -324,6 +324,9 @@ def protocol(run: EvalRun) -> dict[str, Any]:
                     **({"num_workers": loader_options(run)["num_workers"]}
                        if hasattr(run.cfg, "data") else {})},
         "checkpoint": {"path": str(pre.path.resolve()), "sha256": pre.sha256,
+                       # (the code that wrote it; the commit only from a git checkout's runs)
+                       "massrl_version": pre.meta.get("version"),
+                       "massrl_commit": pre.meta.get("commit"),
                        "method": pre.config.method, "run_name": pre.config.run_name,
                        "backbone": pre.spec.to_dict(), "pretrain_dataset": pre.config.data.name,
                        "pretrain_image_size": pre.config.data.image_size},

@@ -32,6 +32,7 @@ from massrl.models import build_backbone
 from massrl.models.backbones import feature_dim
 from massrl.models.heads import linear_head
 from massrl.optim import build_optimizer, scaled_lr, take_hyperparameters, warmup_cosine
+from massrl.provenance import running_commit
 from massrl.resilience import check_finite, rng_state, set_rng_state
 
 if TYPE_CHECKING:
@@ -215,7 +216,8 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # marks the file as massrl's, for evaluation / export commands
-        checkpoint["massrl"] = {"version": __version__, "backbone": self.backbone_spec.to_dict(),
+        checkpoint["massrl"] = {"version": __version__, "commit": running_commit(),
+                                "backbone": self.backbone_spec.to_dict(),
                                 "data": dict(self.normalization),
                                 "files": self.data_files,
                                 "own_splits": self.own_splits,
