@@ -218,3 +218,14 @@ def test_a_labeled_subset_smaller_than_the_class_count_is_refused(tiny, key, cap
     err = capsys.readouterr().err
     assert f"{key}=5 is fewer images than the 10 classes" in err and f"{key} >= 10" in err
     assert not Path(args[-1].split("=", 1)[1]).exists()  # (output_dir: nothing made)
+
+
+def test_a_checkpoints_own_small_eval_subset_is_named_as_the_checkpoints(tmp_path, capsys):
+    from test_eval_commands import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "small.ckpt", data={"eval_subset": 5})
+    base = ["knn", f"ckpt={ckpt}", "device=cpu", f"output_dir={tmp_path / 'knn'}",
+            f"cache_dir={tmp_path / 'c'}"]
+    assert main(base) == 2
+    assert "the checkpoint's data.eval_subset=5 is fewer" in capsys.readouterr().err
+    assert main([*base, "data.eval_subset=null"]) == 0

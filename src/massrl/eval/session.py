@@ -154,7 +154,10 @@ def open_data(run: EvalRun, needs_labels: bool = True) -> None:
     try:
         run.splits = splits = load_dataset(data, run.split_seed)
     except (DatasetNotFoundError, ValueError) as exc:
-        raise ConfigError(str(exc)) from None
+        text = str(exc)
+        if text.startswith("data.eval_subset=") and "eval_subset" not in asked:
+            text = f"the checkpoint's {text}"  # (inherited: the user never typed it)
+        raise ConfigError(text) from None
     if needs_labels and (splits.train_labeled is None or splits.test is None
                          or not splits.num_classes):
         raise ConfigError(
