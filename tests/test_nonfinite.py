@@ -101,6 +101,9 @@ def test_nan_features_after_training_or_with_step_checkpoints_say_what_last_ckpt
 
     with pytest.raises(Exception, match="one saved by trainer.checkpoint_every_n_steps"):
         check_finite_features([torch.full((2, 3), float("nan"))], 2, 8, saved_by_step=True)
+    with pytest.raises(Exception, match=r"holds this final model\. Usual"):  # (no best saved)
+        check_finite_features([torch.full((2, 3), float("nan"))], 2, 8, after_fit=True,
+                              best_saved=False)
 
 
 def test_a_resume_from_nan_weights_names_them_not_the_learning_rate(tiny, capsys):
@@ -192,3 +195,29 @@ def test_records_write_nan_as_null():
 
     assert json.loads(json_text({"loss": float("nan"), "x": [1.0, float("inf")], "n": 2})) == \
         {"loss": None, "x": [1.0, None], "n": 2}
+
+
+@pytest.mark.parametrize("sixteen_mixed", [False, True])
+def test_a_diverging_probe_restarts_also_under_a_grad_scaler(sixteen_mixed):
+    """Under 16-mixed the probe's NaN gradient made the GradScaler skip every later step (the
+    model froze, exit 0): the probe restarts there too, and the model trains on."""
+    import lightning as L
+    from lightning.pytorch.plugins.precision import MixedPrecision
+    from test_methods import _cfg, _Views
+    from torch.utils.data import DataLoader
+
+    from massrl.methods import build_method
+
+    torch.manual_seed(0)
+    model = build_method(_cfg("byol", **{"eval.probe_lr": 1e38, "optimizer.name": "sgd"}),
+                         num_classes=3)
+    before = next(model.backbone.parameters()).detach().clone()
+    plugins = [MixedPrecision("16-mixed", "cpu")] if sixteen_mixed else []
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, plugins=plugins,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, DataLoader(_Views(), batch_size=8))
+    assert not torch.equal(next(model.backbone.parameters()), before)
+    if sixteen_mixed:  # (a scale halved at every skipped step: 65536 after 8 steps taken)
+        assert trainer.precision_plugin.scaler.get_scale() >= 2.0 ** 14
+    assert all(torch.isfinite(p).all() for p in model.probe.parameters())

@@ -666,6 +666,13 @@ def test_a_moved_run_keeps_its_best_checkpoint_and_says_where_it_is_now(tiny, tm
     assert len(knn) == 4 and summary["best_knn_top1"] == pytest.approx(max(knn))
     best = sorted(p.name for p in (moved / "checkpoints").glob("best-knn-*.ckpt"))
     assert len(best) == 1 and summary["best_checkpoint"] == str(moved / "checkpoints" / best[0])
+    # checkpoints of earlier runs hold the record under Lightning's class name: still found
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from massrl.resilience import RunCheckpoint
+
+    kwargs = {"dirpath": str(moved), "monitor": "val/knn_top1", "mode": "max"}
+    assert RunCheckpoint(**kwargs).state_key == ModelCheckpoint(**kwargs).state_key
     again = tmp_path / "again"
     shutil.move(moved, again)
     capsys.readouterr()
@@ -949,7 +956,7 @@ def test_a_resume_says_which_other_settings_changed(tiny, capsys):
         "augment.simclr.blur_p: [1.0, 0.1] -> [0.0, 0.0]; loss.tau_base: 0.99 -> 0.98"
     # training longer is allowed, and said to bend the schedule from here on
     assert any(line.startswith("note: trainer.max_epochs 1 -> 2: the lr schedule and the "
-                               "target's τ schedule now spans 2 epochs") for line in out)
+                               "target's τ schedule now span 2 epochs") for line in out)
     from massrl.config import build_config
     from massrl.resume import _length_change
 

@@ -108,6 +108,14 @@ class RunCheckpoint(ModelCheckpoint):
     files it recorded are in this folder, they are taken as these; a branch into a new folder
     (where they are not) starts afresh, as Lightning does."""
 
+    @property
+    def state_key(self) -> str:
+        # Lightning's own class name, under which checkpoints of earlier runs hold the state
+        # (its key starts with the class's name: under ours, a resume found none)
+        key = super().state_key
+        return key.replace(type(self).__qualname__, "ModelCheckpoint", 1) \
+            if type(self) is RunCheckpoint else key
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("dirpath")
         if saved and self.dirpath and os.path.abspath(saved) != os.path.abspath(self.dirpath):
@@ -353,7 +361,8 @@ def _non_finite(what: str, step: int, epoch: int, skip: bool) -> bool:
 
 
 def check_finite_features(features: list[torch.Tensor], epoch: int, step: int, *,
-                          after_fit: bool = False, saved_by_step: bool = False) -> None:
+                          after_fit: bool = False, saved_by_step: bool = False,
+                          best_saved: bool = True) -> None:
     """NonFiniteLossError when the validation's features hold NaN/inf: finite weights (each
     step's gradient was) can still overflow the forward pass, and the epoch's checkpoints,
     'best' among them for a kNN of 0 %, were saved from such a model. `after_fit`: the
@@ -363,8 +372,8 @@ def check_finite_features(features: list[torch.Tensor], epoch: int, step: int, *
     if not bad:
         return
     if after_fit:
-        kept = ("checkpoints/last.ckpt holds this final model; the best-kNN checkpoint holds an "
-                "earlier one")
+        kept = "checkpoints/last.ckpt holds this final model" + (
+            "; the best-kNN checkpoint holds an earlier one" if best_saved else "")
     else:
         kept = "The run stopped without saving this epoch's checkpoints" + (
             " (one saved by trainer.checkpoint_every_n_steps since the last validation may hold "

@@ -131,7 +131,8 @@ def _length_change(saved: dict, cfg: RunConfig) -> str | None:
     # (a target network's τ follows the run's length too; a plugin method's note named BYOL's)
     method = METHODS.get(cfg.method)
     tau = " and the target's τ schedule" if method and issubclass(method, BYOL) else ""
-    return (f"note: trainer.max_epochs {before} -> {after}: the lr schedule{tau} now spans "
+    spans = "span" if tau else "spans"
+    return (f"note: trainer.max_epochs {before} -> {after}: the lr schedule{tau} now {spans} "
             f"{after} epochs, so the lr jumps at the resumed step and the run will not equal a "
             f"{after}-epoch run from the start")
 

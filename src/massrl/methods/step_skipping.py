@@ -50,15 +50,18 @@ class StepSkipping:
         skipped, self._skipping = self._skipping, False
         nonfinite, self._nonfinite = self._nonfinite, False
         scale = self._loss_scale()
-        if not skipped and scale is None:  # (a GradScaler checks the gradient itself)
+        if not skipped:
             # every rank decides alike (DDP's all-reduced gradients are the same on each; a
             # sharded strategy's are each rank's own)
             model_ok, probe_ok = self._gradients_finite()
+            # (also under a GradScaler, which would skip every later step for the probe's NaN:
+            # the model froze; a probe overflowing the loss scale alone restarts needlessly)
             if model_ok and not probe_ok:
                 self._restart_probe(optimizer)
-            skipped = nonfinite = not check_finite_gradient(
-                model_ok, self.global_step, self.current_epoch + 1,
-                self.cfg.trainer.skip_nonfinite)
+            if scale is None:  # (a GradScaler checks the model's gradient itself)
+                skipped = nonfinite = not check_finite_gradient(
+                    model_ok, self.global_step, self.current_epoch + 1,
+                    self.cfg.trainer.skip_nonfinite)
         if skipped:  # the whole window's, also its micro-batches after a NaN loss
             self._restore_buffers()
         else:  # (images of skipped steps were not trained on)
