@@ -44,7 +44,7 @@ from massrl.memory import retain_freed_memory
 from massrl.methods import SSLMethod, build_method
 from massrl.models.backbones import check_input_size
 from massrl.optim import warmup_note
-from massrl.provenance import code_change_note
+from massrl.provenance import code_change_note, running_commit
 from massrl.resilience import (
     AtomicCheckpointIO,
     EpochEndCheckpoint,
@@ -227,6 +227,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
     check_accelerator(cfg.trainer.accelerator)
     check_training_settings(cfg)
     check_run_extras(cfg)
+    running_commit()  # (asked now: the code as the run starts, not as at its first save)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     set_cpu_threads(cfg)
     if cfg.trainer.retain_freed_memory:
