@@ -220,10 +220,12 @@ def _simclr_uneven_step() -> dict:
 
 def _nonfinite_on_one_rank(rank: int) -> dict[bool, object]:
     """A NaN loss on rank 1 only, with trainer.skip_nonfinite true and false: every rank must
-    skip the step, or every rank stop, rather than leave the others in a collective."""
-    out: dict[bool, object] = {}
-    for skip in (True, False):
-        model = _model("byol", **{"trainer.skip_nonfinite": skip})
+    skip the step, or every rank stop, rather than leave the others in a collective. Skipping
+    is run for one one-step epoch (skipped, the run goes on: key True) and two (every step
+    skipped in a row: the run stops at the end, key "twice")."""
+    out: dict[object, object] = {}
+    for skip in (True, "twice", False):
+        model = _model("byol", **{"trainer.skip_nonfinite": bool(skip)})
         step = model.ssl_step
 
         def poisoned(batch: dict, step=step) -> dict:
@@ -233,8 +235,9 @@ def _nonfinite_on_one_rank(rank: int) -> dict[bool, object]:
 
         model.ssl_step = poisoned
         before = _params(model)
-        try:  # (skipping: two one-step epochs, every step skipped: the run stops at the end)
-            _trainer(WORLD, epochs=2 if skip else 1).fit(model, DataLoader(_Views(), batch_size=B))
+        try:
+            _trainer(WORLD, epochs=2 if skip == "twice" else 1).fit(
+                model, DataLoader(_Views(), batch_size=B))
             out[skip] = ("trained", all(torch.equal(before[n], p)
                                         for n, p in _params(model).items()))
         except Exception as exc:  # noqa: BLE001 - the test compares what each rank raised
@@ -402,12 +405,13 @@ def test_nonfinite_loss_on_one_rank_stops_every_rank(ranks):
 
 
 def test_nonfinite_loss_on_one_rank_is_skipped_on_every_rank(ranks):
-    # every step skipped, on every rank, the weights as they were; two epochs of it: each rank
-    # stops at the same epoch's end (none left waiting in a collective)
+    # skipped on every rank, the weights as they were; two epochs of it: each rank stops at
+    # the same epoch's end (none left waiting in a collective)
     for result in ranks:
-        assert result["nonfinite"][True] == "NonFiniteLossError", result["nonfinite"]
-        assert "were all skipped" in result["nonfinite"][(True, "message")]
-        assert result["nonfinite"][(True, "unchanged")]
+        assert result["nonfinite"][True] == ("trained", True), result["nonfinite"]
+        assert result["nonfinite"]["twice"] == "NonFiniteLossError", result["nonfinite"]
+        assert "were all skipped" in result["nonfinite"][("twice", "message")]
+        assert result["nonfinite"][("twice", "unchanged")]
 
 
 def test_the_command_line_on_two_cpu_processes_speaks_once(tmp_path):

@@ -668,11 +668,20 @@ def test_a_moved_run_keeps_its_best_checkpoint_and_says_where_it_is_now(tiny, tm
     assert len(best) == 1 and summary["best_checkpoint"] == str(moved / "checkpoints" / best[0])
     # checkpoints of earlier runs hold the record under Lightning's class name: still found
     from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.trainer.call import _call_callbacks_load_state_dict
 
     from massrl.resilience import RunCheckpoint
 
     kwargs = {"dirpath": str(moved), "monitor": "val/knn_top1", "mode": "max"}
     assert RunCheckpoint(**kwargs).state_key == ModelCheckpoint(**kwargs).state_key
+    # and under our own class name, as main's checkpoints held it for a while
+    callback = RunCheckpoint(**kwargs)
+    saved = dict(ModelCheckpoint(**kwargs).state_dict(), best_model_score=torch.tensor(0.5))
+    key = callback._legacy_state_key
+    assert key.startswith("RunCheckpoint{")
+    _call_callbacks_load_state_dict(type("T", (), {"callbacks": [callback]})(),
+                                    {"callbacks": {key: saved}})
+    assert float(callback.best_model_score) == 0.5
     again = tmp_path / "again"
     shutil.move(moved, again)
     capsys.readouterr()

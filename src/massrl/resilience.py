@@ -116,6 +116,12 @@ class RunCheckpoint(ModelCheckpoint):
         return key.replace(type(self).__qualname__, "ModelCheckpoint", 1) \
             if type(self) is RunCheckpoint else key
 
+    @property
+    def _legacy_state_key(self) -> str:  # type: ignore[override]
+        # the key under our own name, which checkpoints saved for a while held the state under:
+        # Lightning looks there when the state key finds nothing
+        return super().state_key
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("dirpath")
         if saved and self.dirpath and os.path.abspath(saved) != os.path.abspath(self.dirpath):
