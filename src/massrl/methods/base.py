@@ -392,7 +392,7 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
         if not gradient_clip_val:
             return
         # (by identity: a checkpoint from before the groups were marked restores unmarked ones)
-        probe = {id(p) for p in self.probe.parameters()} if self.probe is not None else set()
+        probe = self._probe_parameter_ids()
         params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in probe]
         if gradient_clip_algorithm == "value":
             torch.nn.utils.clip_grad_value_(params, gradient_clip_val)

@@ -81,9 +81,14 @@ class StepSkipping:
             skipped = scale is not None and self._loss_scale() < scale
         self.after_optimizer_step(skipped)
 
+    def _probe_parameter_ids(self) -> set[int]:
+        """The online probe's parameters, by identity (a monitor's: left out of the model's
+        gradient checks and clipping)."""
+        return {id(p) for p in self.probe.parameters()} if self.probe is not None else set()
+
     def _gradients_finite(self) -> tuple[bool, bool]:
         """Whether the model's gradients, and the online probe's, are finite (on every rank)."""
-        probe = {id(p) for p in self.probe.parameters()} if self.probe is not None else set()
+        probe = self._probe_parameter_ids()
         grads: tuple[list, list] = ([], [])
         for p in self.parameters():
             if p.grad is not None:
