@@ -97,13 +97,13 @@ def test_nan_features_after_training_or_with_step_checkpoints_say_what_last_ckpt
     err = capsys.readouterr().err
     assert "in the validation after training (optimizer step 12)" in err
     assert "checkpoints/last.ckpt holds this final model" in err
-    from massrl.resilience import check_finite_features
+    from massrl.resilience import check_validation_features
 
     with pytest.raises(Exception, match="one saved by trainer.checkpoint_every_n_steps"):
-        check_finite_features([torch.full((2, 3), float("nan"))], 2, 8, saved_by_step=True)
+        check_validation_features([torch.full((2, 3), float("nan"))], 2, 8, saved_by_step=True)
     with pytest.raises(Exception, match=r"holds this final model\. Usual"):  # (no best saved)
-        check_finite_features([torch.full((2, 3), float("nan"))], 2, 8, after_fit=True,
-                              best_saved=False)
+        check_validation_features([torch.full((2, 3), float("nan"))], 2, 8, after_fit=True,
+                                  best_saved=False)
 
 
 def test_a_resume_from_nan_weights_names_them_not_the_learning_rate(tiny, capsys):

@@ -366,9 +366,9 @@ def _non_finite(what: str, step: int, epoch: int, skip: bool) -> bool:
     )
 
 
-def check_finite_features(features: list[torch.Tensor], epoch: int, step: int, *,
-                          after_fit: bool = False, saved_by_step: bool = False,
-                          best_saved: bool = True) -> None:
+def check_validation_features(features: list[torch.Tensor], epoch: int, step: int, *,
+                              after_fit: bool = False, saved_by_step: bool = False,
+                              best_saved: bool = True) -> None:
     """NonFiniteLossError when the validation's features hold NaN/inf: finite weights (each
     step's gradient was) can still overflow the forward pass, and the epoch's checkpoints,
     'best' among them for a kNN of 0 %, were saved from such a model. `after_fit`: the

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
-from massrl.resilience import check_finite_features
+from massrl.resilience import check_validation_features
 
 
 def _first_occurrences(index: torch.Tensor) -> torch.Tensor:
@@ -42,11 +42,12 @@ class OnlineMonitors:
             return
         bank_f, bank_y = self._gather(outputs.pop(0))  # (each batch freed once copied)
         test_f, test_y = self._gather(outputs.pop(1))
-        check_finite_features([bank_f, test_f], self._epochs_trained(), self.global_step,
-                              after_fit=self.trainer.state.fn == TrainerFn.VALIDATING,
-                              saved_by_step=bool(self.cfg.trainer.checkpoint_every_n_steps),
-                              best_saved=any(getattr(c, "monitor", None) and c.best_model_path
-                                             for c in self.trainer.checkpoint_callbacks))
+        check_validation_features(
+            [bank_f, test_f], self._epochs_trained(), self.global_step,
+            after_fit=self.trainer.state.fn == TrainerFn.VALIDATING,
+            saved_by_step=bool(self.cfg.trainer.checkpoint_every_n_steps),
+            best_saved=any(getattr(c, "monitor", None) and c.best_model_path
+                           for c in self.trainer.checkpoint_callbacks))
         metrics = {}
         if self.cfg.eval.knn_every and self.num_classes:
             from massrl.eval.knn import weighted_knn
