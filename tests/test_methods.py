@@ -150,7 +150,7 @@ def test_the_probe_standardiser_is_left_alone_by_sync_batchnorm():
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in converted.backbone.modules())
 
 
-def test_a_checkpoint_from_before_the_probe_standardiser_loads(tmp_path):
+def test_a_checkpoint_from_before_the_probe_standardiser_loads(capsys):
     model = build_method(_cfg("byol"), num_classes=3)
     state = {"state_dict": {k: v for k, v in model.state_dict().items()
                             if not k.startswith("probe.")}}
@@ -159,6 +159,17 @@ def test_a_checkpoint_from_before_the_probe_standardiser_loads(tmp_path):
     model.on_load_checkpoint(state)
     model.load_state_dict(state["state_dict"])  # (strict: every key in its place)
     assert torch.equal(model.probe[1].weight, old.weight)
+    assert "predates" not in capsys.readouterr().out  # (no fit: nothing to say)
+
+
+def test_a_resume_from_before_the_probe_standardiser_says_the_probe_restarts(capsys):
+    """Its probe accuracy fell (16 % to 9 % in an old run's resume) without a word."""
+    model = build_method(_cfg("byol"), num_classes=3)
+    model.trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    state = {"state_dict": {"probe.weight": torch.zeros(3, model.feat_dim),
+                            "probe.bias": torch.zeros(3)}}
+    model.on_load_checkpoint(state)
+    assert "predates its feature standardiser" in capsys.readouterr().out
 
 
 def test_checkpoint_holds_config_and_marker(tmp_path):

@@ -1,10 +1,10 @@
 """The shared LightningModule: backbone, online monitors, optimizer and schedule.
 
 A method subclass implements `ssl_step(batch)` (its loss) and, if it has one, what it does after
-each optimizer step. Everything else — the online linear probe on detached features, logging, the
-optimizer and lr schedule — lives here; the validation-time monitors (kNN, probe accuracy, UMAP)
-in monitors.py, skipped steps and the optimizer step in step_skipping.py, the run's length in
-run_length.py.
+each optimizer step. Everything else — the online linear probe on detached features, logging,
+checkpoint state — lives here; the validation-time monitors (kNN, probe accuracy, UMAP) in
+monitors.py, skipped steps and the optimizer step in step_skipping.py, the optimizer, lr schedule
+and clipping in optimisation.py, the run's length in run_length.py.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from massrl.data.sampler import sample_seed, seed_torch
 from massrl.devices import use_channels_last
 from massrl.epoch_clock import EpochClock
 from massrl.methods.monitors import OnlineMonitors
-from massrl.methods.run_length import epoch_steps, run_steps
+from massrl.methods.optimisation import Optimisation
 from massrl.methods.step_skipping import StepSkipping
 from massrl.models import build_backbone
 from massrl.models.backbones import feature_dim
 from massrl.models.heads import linear_head
-from massrl.optim import build_optimizer, scaled_lr, take_hyperparameters, warmup_cosine
+from massrl.optim import take_hyperparameters
 from massrl.provenance import running_commit
 from massrl.resilience import check_finite, rng_state, set_rng_state
 
@@ -48,7 +48,7 @@ def quiet_hook_notice() -> None:
         r"have passed in a `LightningDataModule`")
 
 
-class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
+class SSLMethod(OnlineMonitors, StepSkipping, Optimisation, L.LightningModule):
     """Base of every method. Batches are dicts: views (list of [B,3,S,S]), strategy [B,V],
     crop [B,V], label [B] (-1 = unlabeled), skipped (bad files dropped from the batch)."""
 
@@ -244,6 +244,10 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
                 weights[f"probe.1.{name}"] = weights.pop(f"probe.{name}")
             for name, value in self.probe[0].state_dict().items():
                 weights.setdefault(f"probe.0.{name}", value)
+            if self._trainer is not None:  # a resumed fit: its probe figures start lower
+                self.print("note: this checkpoint's online probe predates its feature "
+                           "standardiser, which starts afresh: the probe's accuracy needs some "
+                           "epochs to recover (kNN and the backbone are unaffected)")
         state = checkpoint.get("massrl", {})
         self.images_seen = state.get("images_seen", 0)
         self.skipped_nonfinite_steps = state.get("skipped_nonfinite_steps", 0)
@@ -357,51 +361,3 @@ class SSLMethod(OnlineMonitors, StepSkipping, L.LightningModule):
         self.log_dict({"throughput/images_per_s": images / seconds,
                        "throughput/epoch_seconds": seconds,
                        "data/skipped_files": float(self.skipped_files)}, sync_dist=False)
-
-    # ------------------------------------------------------------------ optimisation
-
-    def global_batch_size(self) -> int:
-        t = self.trainer
-        return self.cfg.data.batch_size * t.world_size * t.accumulate_grad_batches
-
-    def configure_optimizers(self) -> Any:
-        ocfg = self.cfg.optimizer
-        lr = scaled_lr(ocfg, self.global_batch_size())
-        params = [(n, p) for n, p in self.named_parameters() if not n.startswith("probe.")]
-        optimizer = build_optimizer(ocfg, params, lr)
-        if self.probe is not None:  # the probe learns on its own fixed lr, never decayed
-            optimizer.add_param_group({"params": list(self.probe.parameters()),
-                                       "lr": self.cfg.eval.probe_lr, "weight_decay": 0.0,
-                                       "always_adapt": False})
-        total = self.total_steps()
-        warmup = int(ocfg.warmup_epochs * self.steps_per_epoch())
-        n_ssl_groups = len(optimizer.param_groups) - (self.probe is not None)
-
-        def factor(step: int) -> float:
-            return warmup_cosine(step, warmup, total, ocfg.min_lr_ratio)
-
-        lambdas = [factor] * n_ssl_groups + [lambda _: 1.0] * (self.probe is not None)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def configure_gradient_clipping(self, optimizer: Any, gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
-        """Lightning's clipping, over the pre-training parameters only: the online probe is a
-        monitor, and its gradient in the clipped norm would shrink the backbone's steps."""
-        if not gradient_clip_val:
-            return
-        # (by identity: a checkpoint from before the groups were marked restores unmarked ones)
-        probe = self._probe_parameter_ids()
-        params = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in probe]
-        if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
-        else:
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
-
-    def total_steps(self) -> int:
-        """Optimizer steps of the whole run (for the lr and tau schedules)."""
-        return run_steps(self.trainer)
-
-    def steps_per_epoch(self) -> int:
-        return epoch_steps(self.trainer)
