@@ -47,6 +47,8 @@ def test_defaults_validate_and_overrides_apply():
     ("name=yes", "name: was read by YAML as true/false: quote a text value"),
     ("name=1.10", "name: Input should be a valid string (YAML read it as a number; quote"),
     ("loss.temperature=.nan", "loss.temperature: Input should be a finite number"),
+    # (1/T is inf in float32 below ~1e-38: the run stopped at step 0 naming the lr)
+    ("loss.temperature=1e-40", "loss.temperature: Input should be greater than or equal to"),
     ("trainer.gradient_clip_val=-1", "trainer.gradient_clip_val: Input should be greater"),
     ("seed=4294967296", "seed: Input should be less than 4294967296"),  # numpy's seed range
     ("data.std=[0.2,0,0.2]", "every channel's std must be positive"),

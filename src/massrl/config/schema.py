@@ -121,7 +121,8 @@ class LossConfig(Section):
                             "first step (BYOL, MASSRL)")
     tau_final: float = Field(1.0, ge=0, le=1, description="EMA target's momentum at the last "
                              "step (BYOL, MASSRL)")
-    temperature: float = Field(0.2, gt=0, description="SimCLR NT-Xent temperature")
+    # (below ~1e-38 the logits' 1/T is inf in float32: NaN at the first step, blamed on the lr)
+    temperature: float = Field(0.2, ge=1e-4, description="SimCLR NT-Xent temperature")
 
 
 class OptimizerConfig(Section):
