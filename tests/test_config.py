@@ -258,6 +258,24 @@ def test_each_command_describes_its_own_keys(capsys):
             assert "per-device batch size" not in out and "(monitors)" not in out
 
 
+def test_the_command_exits_with_mains_code_and_skips_the_last_collections(monkeypatch):
+    """The interpreter's final garbage collections over torch's and Lightning's objects took
+    3-5 s after the run directory's line; the `massrl` command freezes them and exits."""
+    import gc
+
+    from massrl import cli
+
+    frozen = []
+    monkeypatch.setattr(cli, "main", lambda: 3)
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(True))
+    with pytest.raises(SystemExit) as exit_:
+        cli.run()
+    assert exit_.value.code == 3 and frozen == [True]
+    bad = subprocess.run([sys.executable, "-m", "massrl", "pretrain", "optimizer.lrr=1"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "Did you mean 'optimizer.lr'" in bad.stderr
+
+
 def test_help_loads_no_torch():
     """--help answers at once: no command imports torch or Lightning for its options."""
     for argv in ([], ["--help"], *([c, "--help"] for c in COMMANDS)):

@@ -1,5 +1,3 @@
-import sys
+from massrl.cli import run
 
-from massrl.cli import main
-
-sys.exit(main())
+run()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import gc
 import importlib
 import os
 import sys
@@ -83,6 +84,17 @@ def _format_warning(message: Warning | str, category: type[Warning], filename: s
     if category.__module__.startswith(("massrl", "PIL")) or filename.startswith(_ONE_LINE_DIRS):
         return f"warning: {message}\n"
     return _python_format_warning(message, category, filename, lineno, line)
+
+
+def run() -> None:
+    """The `massrl` command (its console script and `python -m massrl`): main, then the exit."""
+    code = main()
+    # The interpreter's last garbage collections walk every object torch, Lightning and numba
+    # made: 3-5 s between the run directory's line and the prompt, for nothing, as the process
+    # is ending. Frozen, those objects are left to the OS (refcounting still frees what it
+    # can); massrl has closed its files by now. Not in main(): a Python caller's process goes on.
+    gc.freeze()
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:
