@@ -14,12 +14,18 @@ from pydantic import BaseModel, ValidationError
 from massrl.config.schema import RunConfig
 
 
+def _is_section(ann: Any) -> bool:
+    """A nested config section (a BaseModel subclass); not list[str] etc., which Python 3.10
+    takes for a type (isinstance(list[str], type) is True there)."""
+    return get_origin(ann) is None and isinstance(ann, type) and issubclass(ann, BaseModel)
+
+
 def _valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         keys.append(prefix + name)
         ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
+        if _is_section(ann):
             keys.extend(_valid_keys(ann, prefix + name + "."))
     return keys
 
@@ -112,7 +118,7 @@ def describe_options(schema: type[BaseModel] = RunConfig, prefix: str = "",
             continue
         ann = field.annotation
         given = (without_c or {}).get(name)
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
+        if _is_section(ann):
             lines.extend(describe_options(ann, prefix + name + ".",
                                           given if isinstance(given, dict) else None))
             continue
