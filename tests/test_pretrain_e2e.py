@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import run_python
 from PIL import Image
 
 from massrl.cli import main
@@ -164,6 +165,25 @@ def test_the_picture_decodes_large_photos_as_training_does(tmp_path, monkeypatch
     augmentation_grid(splits.train, maker, tmp_path / "aug.png", num_images=2)
     assert seen and all(max(side) <= 600 for side in seen), seen  # 1/4 scale (or less)
     assert max(drawn[0]) <= 256  # the original's thumbnail
+
+
+def test_the_augmentation_picture_leaves_the_callers_matplotlib_backend(tmp_path):
+    """Importing it switched the process to Agg: after a pretrain() in a notebook, plt.show()
+    drew nothing. (A process of its own: the import happens once per process.)"""
+    code = "\n".join([
+        "import matplotlib", "matplotlib.use('svg')",
+        "from PIL import Image",
+        "from massrl.augment import MultiViewTransform",
+        "from massrl.augviz import augmentation_grid",
+        "from massrl.config import build_config",
+        "cfg = build_config(overrides=['data.image_size=16'])",
+        "images = [(Image.new('RGB', (20, 20), (i * 60, 9, 9)), 0) for i in range(3)]",
+        "maker = MultiViewTransform(cfg.augment, 16, [0.5] * 3, [0.25] * 3)",
+        f"augmentation_grid(images, maker, {str(tmp_path / 'a.png')!r}, num_images=2)",
+        "print(matplotlib.get_backend())"])
+    done = run_python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-1] == "svg" and (tmp_path / "a.png").stat().st_size > 0
 
 
 def test_chain_pretrain_knn_linear_export(tiny, tmp_path):

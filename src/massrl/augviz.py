@@ -7,17 +7,14 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure  # files only, without pyplot: the caller's backend stays
+from torch.utils.data import Dataset
 
-matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
-
-from massrl.config import RunConfig  # noqa: E402
-from massrl.data.datasets import UnusableDataError  # noqa: E402
-from massrl.data.images import decode_at_least  # noqa: E402
-from massrl.files import picture_path, save_figure  # noqa: E402
+from massrl.config import RunConfig
+from massrl.data.datasets import UnusableDataError
+from massrl.data.images import decode_at_least
+from massrl.files import picture_path, save_figure
 
 if TYPE_CHECKING:
     from massrl.data import DatasetSplits
@@ -61,8 +58,8 @@ def augmentation_grid(dataset: Dataset, transform, path: str | Path, num_images:
     cols = 1 + max(len(r) for r in rows)
     # constrained layout makes room for each title's lines (tight_layout let a row's labels
     # run into the row above, and the figure title into the first)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.9 * cols, 2.3 * len(rows)),
-                             squeeze=False, layout="constrained")
+    fig = Figure(figsize=(1.9 * cols, 2.3 * len(rows)), layout="constrained")
+    axes = fig.subplots(len(rows), cols, squeeze=False)
     for r, (img, views) in enumerate(zip(images, rows, strict=True)):
         axes[r][0].imshow(img)
         axes[r][0].set_title("original", fontsize=8)
@@ -79,7 +76,6 @@ def augmentation_grid(dataset: Dataset, transform, path: str | Path, num_images:
     path = picture_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_figure(fig, path, dpi=100)
-    plt.close(fig)
     return path
 
 
