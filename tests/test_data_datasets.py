@@ -315,14 +315,24 @@ def test_imagenet_layout(tmp_path):
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_offline(tmp_path):
-    # an empty root: the loader must fall back to the Debian folder, never download
-    splits = load_dataset(DataConfig(name="fashion_mnist", root=str(tmp_path)))
+    # no data.root: the Debian folder, never a download
+    splits = load_dataset(DataConfig(name="fashion_mnist"))
     assert (len(splits.train), len(splits.test), splits.num_classes) == (60000, 10000, 10)
     image, label = splits.train[0]
     assert image.mode == "RGB" and image.size == (28, 28) and 0 <= label < 10
     arr = np.asarray(image)
     assert (arr[..., 0] == arr[..., 2]).all() and arr.max() > 0
     assert Counter(splits.test.targets) == {c: 1000 for c in range(10)}
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_a_data_root_without_fashion_mnist_is_not_replaced_by_the_debian_copy(tmp_path):
+    """A mistyped data.root trained on the Debian copy without a word, and the run recorded the
+    folder it never read."""
+    with pytest.raises(DatasetNotFoundError) as err:
+        load_dataset(DataConfig(name="fashion_mnist", root=str(tmp_path / "fmnist_noisy")))
+    assert "fmnist_noisy" in str(err.value)
+    assert f"data.root=null reads the Debian package's copy in {FASHION}" in str(err.value)
 
 
 def test_digits_and_subsets():

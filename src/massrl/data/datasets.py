@@ -133,13 +133,18 @@ def class_balanced(ds: Dataset, n: int, seed: int) -> Dataset:
 
 def _fashion_mnist(cfg: DataConfig, seed: int) -> DatasetSplits:
     base = dataset_root(cfg)
-    # the root itself, torchvision's layout below it, then the Debian package
-    folders = [base, base / "FashionMNIST" / "raw", base / "fashion-mnist", DEBIAN_FASHION_MNIST]
+    # the root itself, torchvision's layout below it, then (without a data.root: a mistyped one
+    # trained on the Debian copy, recording a folder it never read) the Debian package
+    folders = [base, base / "FashionMNIST" / "raw", base / "fashion-mnist"]
+    if not cfg.root:
+        folders.append(DEBIAN_FASHION_MNIST)
     folder = find_idx_folder(folders)
     if folder is None and cfg.download:
         folder = _download_fashion_mnist(base, folders)
     if folder is None:
         raise not_found("fashion_mnist", folders, [
+            f"data.root=null reads the Debian package's copy in {DEBIAN_FASHION_MNIST} (apt-get "
+            "install dataset-fashion-mnist)" if cfg.root else
             f"apt-get install dataset-fashion-mnist (installs into {DEBIAN_FASHION_MNIST})",
             "data.download=true with a network connection (torchvision downloads into data.root)",
             "data.root=DIR pointing at a folder with the four *-ubyte(.gz) IDX files",
