@@ -51,6 +51,20 @@ def _run(tmp_path, command, *args, flags=()):
     return code, (json.loads(result.read_text()) if result.is_file() else None)
 
 
+def test_the_result_line_is_the_last_one_whole_and_absolute(tmp_path, ckpt, capsys,
+                                                           monkeypatch):
+    """A script takes it with `| tail -1`: rich wrapped a long path at 80 columns (and printed
+    a relative one without output_dir)."""
+    deep = tmp_path / "a_rather_long_directory_name_for_a_sweep" / "lr_0.5_wd_1e-6_seed_3"
+    code, _ = _run(deep, "knn", f"ckpt={ckpt}", "k=[1]")
+    assert code == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"result: {deep / 'knn' / 'result.json'}"
+    monkeypatch.chdir(tmp_path)
+    assert main(["knn", f"ckpt={ckpt}", "k=[1]", "device=cpu", "output_dir=rel",
+                 f"cache_dir={deep / 'cache'}"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"result: {tmp_path / 'rel/result.json'}"
+
+
 def test_knn_records_protocol_and_reuses_cached_features(tmp_path, ckpt, capsys):
     code, res = _run(tmp_path, "knn", f"ckpt={ckpt}")
     assert code == 0

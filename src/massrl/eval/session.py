@@ -361,7 +361,9 @@ def finish(run: EvalRun, title: str, results: dict[str, Any], rows: list[tuple[s
     console = Console()
     console.print(title, style="bold", highlight=False)  # (a table's title wraps to its width)
     console.print(result_table(rows))
-    console.print(f"result: {path}", highlight=False)
+    # plain print, absolute: a script takes the last line (rich wrapped a long path at the
+    # terminal's or 80 columns, and `| tail -1` got its end)
+    print(f"result: {os.path.abspath(path)}", flush=True)
     return path
 
 
