@@ -231,6 +231,29 @@ def test_a_finished_run_leaves_the_processs_signal_handlers_as_they_were(tiny):
     assert {s: signal.getsignal(s) for s in before} == before
 
 
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_while_the_run_is_set_up_says_so_and_removes_its_new_folder(
+        tiny, monkeypatch, capsys, sig):
+    """Before training (the data loading, the model, the augmentation picture) the signal's
+    default action killed the process without a word, leaving a folder holding only .lock."""
+    import signal
+
+    import massrl.train
+
+    find = massrl.train.find_resume_checkpoint
+
+    def signalled(*args):
+        os.kill(os.getpid(), getattr(signal, sig))
+        return find(*args)
+
+    monkeypatch.setattr(massrl.train, "find_resume_checkpoint", signalled)
+    args = _byol(tiny)
+    assert main(["pretrain", *args]) == 143
+    assert f"stopped by {sig} while the run was being set up" in capsys.readouterr().err
+    assert not _out(args).exists()
+    assert signal.getsignal(getattr(signal, sig)) == signal.SIG_DFL
+
+
 def test_a_signal_to_the_process_group_with_loader_workers_saves_and_stops(tiny):
     """A scheduler or `timeout` signals the whole group, DataLoader workers included: a worker
     that died of it failed the run's next batch ("DataLoader worker is killed by signal")."""

@@ -67,6 +67,7 @@ from massrl.run_dir import (
     run_lock,
 )
 from massrl.run_summary import KNN_METRIC, RunSummary
+from massrl.setup_signals import stop_signals_raise
 
 if TYPE_CHECKING:
     from massrl.data import DatasetSplits, SSLDataModule
@@ -242,7 +243,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
     # (refused: the directory is another running run's, and stays as it is)
     held.enter_context(run_lock(run_dir, rank_zero_only.rank))
     try:
-        started = _start(cfg, run_dir, splits)
+        with stop_signals_raise():  # (Preemption takes them once training starts)
+            started = _start(cfg, run_dir, splits)
     except BaseException:
         remove_new_run_dir(run_dir.resolve(), new_folder)
         raise

@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     from massrl.data import BadImageError, DatasetNotFoundError, UnusableDataError
     from massrl.resilience import CheckpointWriteError, NonFiniteLossError
+    from massrl.setup_signals import StoppedWhileStarting
     from massrl.train import StoppedAtOnce, pretrain
 
     try:
@@ -53,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     except (NonFiniteLossError, CheckpointWriteError) as exc:
         print(f"massrl pretrain: {exc}", file=sys.stderr)
         return 1
+    except StoppedWhileStarting as exc:
+        print(f"massrl pretrain: stopped by {exc.signal_name} while the run was being set up, "
+              "before training: nothing was trained", file=sys.stderr)
+        return 143
     except StoppedAtOnce as exc:
         print(f"massrl pretrain: stopped at once by a second Ctrl-C. Continue from the last "
               f"checkpoint with: {continue_command(exc.run_dir)}", file=sys.stderr)
