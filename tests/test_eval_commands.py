@@ -51,6 +51,38 @@ def _run(tmp_path, command, *args, flags=()):
     return code, (json.loads(result.read_text()) if result.is_file() else None)
 
 
+class _Payload:
+    """What a malicious checkpoint carries: unpickled, it creates its marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_carrying_code_is_refused_without_running_it(tmp_path, ckpt, capsys):
+    """Every ckpt= and resume= path unpickled the whole file: a downloaded checkpoint ran its
+    own code (and the command then went on as if nothing happened)."""
+    from massrl.methods import SSLMethod
+
+    marker = tmp_path / "ran"
+    evil = torch.load(ckpt, weights_only=True)
+    evil["payload"] = _Payload(marker)
+    torch.save(evil, tmp_path / "evil.ckpt")
+    for command in ("knn", "export"):
+        code, _ = _run(tmp_path, command, f"ckpt={tmp_path / 'evil.ckpt'}")
+        assert code == 2 and "does not unpickle" in capsys.readouterr().err
+    assert main(["pretrain", "data.name=digits", f"output_dir={tmp_path / 'run'}",
+                 f"resume={tmp_path / 'evil.ckpt'}"]) == 2
+    assert "does not unpickle" in capsys.readouterr().err
+    with open(tmp_path / "evil.ckpt", "rb") as f, pytest.raises(CheckpointError,
+                                                                 match="does not unpickle"):
+        SSLMethod.load_from_checkpoint(f)
+    assert not marker.exists()
+    assert load_pretrained(ckpt)[0] is not None  # a true one loads
+
+
 def test_the_result_line_is_the_last_one_whole_and_absolute(tmp_path, ckpt, capsys,
                                                            monkeypatch):
     """A script takes it with `| tail -1`: rich wrapped a long path at 80 columns (and printed

@@ -49,6 +49,9 @@ def test_a_plugin_method_strategy_and_backbone_train_and_evaluate(plugin, tiny, 
     knn = _massrl("knn", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "k=[5]",
                   f"output_dir={tmp_path / 'knn'}", cwd=tmp_path)
     assert knn.returncode == 0, knn.stderr[-2000:]
+    # (its code runs: a checkpoint from elsewhere may name any file)
+    assert knn.stderr.count(f"note: importing the plugins '{run / 'checkpoints' / 'last.ckpt'}' "
+                            f"names: ['{plugin}']") == 1
     result = json.loads((tmp_path / "knn" / "result.json").read_text())
     assert result["protocol"]["checkpoint"]["method"] == "vicreg"
     # the run's own config continues it: the plugin comes with it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,24 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def load_weights_only(source: Any, name: str) -> Any:
+    """torch.load of tensors and plain data only: a full unpickle runs whatever code the file
+    carries, and checkpoints are shared and downloaded. (massrl's and Lightning's checkpoints
+    hold nothing else: Lightning resumes so too.)"""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any unpickling failure means "not a checkpoint"
+        if "Weights only load failed" in str(exc):
+            raise CheckpointError(
+                f"'{name}' holds Python objects besides tensors and plain data, which massrl "
+                "does not unpickle (that can run code the file carries): a checkpoint "
+                "`massrl pretrain` writes holds none. Only if you trust where it came from, "
+                "load it in Python with torch.load(path, weights_only=False) and save its "
+                "tensors and plain values again.") from None
+        raise CheckpointError(
+            f"'{name}' is truncated or not a PyTorch checkpoint ({first_line(exc)}).") from None
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw checkpoint dict, after checking that it is a massrl pre-training checkpoint."""
     p = Path(path)
@@ -47,12 +66,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     if p.stat().st_size == 0:
         raise CheckpointError(f"checkpoint '{path}' is an empty file (0 bytes).")
-    try:
-        # Lightning checkpoints pickle more than tensors (hyper-parameters, loop state).
-        ckpt = torch.load(p, map_location="cpu", weights_only=False)
-    except Exception as exc:  # any unpickling failure means "not a checkpoint"
-        raise CheckpointError(
-            f"'{path}' is truncated or not a PyTorch checkpoint ({first_line(exc)}).") from None
+    ckpt = load_weights_only(p, str(path))
     if not isinstance(ckpt, dict) or "massrl" not in ckpt:
         hint = ""
         if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
@@ -72,6 +86,8 @@ def checkpoint_config(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> 
         raw = raw.model_dump(mode="json")
     if not isinstance(raw, dict):
         raise CheckpointError(f"'{path}' has no run config under hyper_parameters.config.")
+    if raw.get("plugins"):  # (its code runs here: said, as it comes from the file)
+        print(f"note: importing the plugins '{path}' names: {raw['plugins']}", file=sys.stderr)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:

@@ -122,14 +122,14 @@ class SSLMethod(OnlineMonitors, StepSkipping, Optimisation, L.LightningModule):
         the checkpoint's own method (MASSRL, BYOL, SimCLR or a plugin's)."""
         method = cls
         if cls is SSLMethod:  # (the file is read twice: once for its method's name)
-            from massrl.eval.checkpoint import checkpoint_config, read_checkpoint
+            from massrl.eval.checkpoint import checkpoint_config, load_weights_only, read_checkpoint
             from massrl.methods import METHODS
 
             if isinstance(checkpoint_path, str | os.PathLike):
                 ckpt = read_checkpoint(checkpoint_path)
             else:  # a file object: read, then put back where it was
                 where = checkpoint_path.tell()
-                ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+                ckpt = load_weights_only(checkpoint_path, "the checkpoint file")
                 checkpoint_path.seek(where)
             method = METHODS[checkpoint_config(ckpt).method]
         with torch.random.fork_rng(devices=[]):
