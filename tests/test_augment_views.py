@@ -333,3 +333,13 @@ def test_per_strategys_one_simclr_view_takes_the_first_pipeline_wherever_it_sits
         views = [t.sample(_textured())[order.index("simclr")] for _ in range(40)]
         assert all(any(o.startswith("Blur") for o in v.ops) for v in views), order
         assert not any(o.startswith("Solarize") for v in views for o in v.ops), order
+
+
+def test_images_up_to_64_px_are_evaluated_whole_and_larger_ones_centre_cropped():
+    """solo-learn evaluates CIFAR (32 px) and STL-10 (64-96 px) whole, ImageNet with the 0.875
+    crop: the boundary moves every kNN, linear and UMAP figure at the sizes between."""
+    from massrl.data.eval_transform import test_resize
+
+    assert test_resize(32) == (32, 1.0) and test_resize(64) == (64, 1.0)
+    assert test_resize(65) == (74, 0.875) and test_resize(224) == (256, 0.875)
+    assert test_resize(96, native_size=96) == (96, 1.0)  # seen at its own size: whole

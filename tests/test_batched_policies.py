@@ -109,8 +109,11 @@ def test_fastautoaugment_op_frequencies_and_magnitudes(policy):
     rot = torch.tensor([abs(magnitude(o, lv)) for sub in subs for o, _, lv in sub if o == "Rotate"])
     drawn = prog.mag[prog.op == Op.ROTATE].abs()
     assert (drawn[:, None] - rot[None]).abs().amin(1).max() < 1e-4
+    # every drawn cutout side is one of the file's, in pixels (a bound alone let half of them by)
+    sides = torch.tensor([magnitude(o, lv) * SIZE for sub in subs for o, _, lv in sub
+                          if o == "Cutout"])
     cut = prog.mag[prog.op == Op.CUTOUT]
-    assert (cut >= 0).all() and (cut <= 0.2 * SIZE + 1e-4).all()
+    assert len(cut) and (cut[:, None] - sides[None]).abs().amin(1).max() < 1e-4
     assert ((prog.aux >= 0) & (prog.aux <= SIZE)).all()
 
 
@@ -167,3 +170,12 @@ def test_tv_to_engine_units():
     mag = torch.tensor([-0.3, -7.9, 6.0, 0.5, -12.5])
     out = tv_to_engine(op, mag)
     torch.testing.assert_close(out, torch.tensor([0.7, -7.0, 6.0, 127.5, -12.5]))
+
+
+def test_simclr_blur_sigma_spans_its_range():
+    from massrl.augment.batched.policies import Op, PolicySampler
+    from massrl.config import AugmentConfig
+    prog = PolicySampler(AugmentConfig(strategies=["simclr"])).sample(
+        torch.zeros(20000, dtype=torch.long), 32, False, torch.Generator().manual_seed(0))
+    sigma = prog.mag[:, 5][prog.op[:, 5] == Op.BLUR]
+    assert sigma.min() < 0.15 and sigma.max() > 1.95

@@ -48,11 +48,16 @@ def test_temperature_changes_the_answer():
 
 
 def test_k_larger_than_bank_and_top5_with_few_classes():
-    train = torch.randn(4, 8)
+    train = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1, 0, 1])
+    # k clamps to the bank's 4; each query finds itself (weight 1, the others' e^((s-1)/T) are
+    # tiny): top-1 is exact, and top-5 of 2 classes holds every label
     top1, top5 = weighted_knn(train, labels, train, labels, k=200, temperature=0.07,
                               num_classes=2)
-    assert 0.0 <= top1 <= 1.0 and top5 == 1.0
+    assert top1 == 1.0 and top5 == 1.0
+    flipped = 1 - labels  # (so the vote is not vacuous: every query now misses at top-1)
+    assert weighted_knn(train, labels, train, flipped, k=200, temperature=0.07,
+                        num_classes=2) == (0.0, 1.0)
 
 
 def test_topk_accuracy():
@@ -176,3 +181,14 @@ def test_a_vote_that_underflows_still_counts_for_top5():
     # with k=1 the far class has no vote: not among the guesses, whatever the sort leaves
     assert weighted_knn(bank, labels, query, torch.tensor([1]), k=1, temperature=0.07,
                         num_classes=2, distance="euclidean") == (0.0, 0.0)
+
+
+def test_top5_hits_a_label_ranked_fifth_but_not_sixth():
+    angles = torch.deg2rad(torch.arange(10) * 5.0)
+    bank = torch.stack([angles.cos(), angles.sin()], 1)
+    labels = torch.arange(10)
+    query = torch.tensor([[1.0, 0.0]])
+    assert weighted_knn(bank, labels, query, torch.tensor([4]), k=10, temperature=0.1,
+                        num_classes=10) == (0.0, 1.0)
+    assert weighted_knn(bank, labels, query, torch.tensor([5]), k=10, temperature=0.1,
+                        num_classes=10) == (0.0, 0.0)

@@ -132,3 +132,10 @@ def test_losses_stay_float32_under_bf16_autocast():
     for a, b in zip(plain, mixed, strict=True):
         assert b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_projection_std_detects_collapse_to_a_common_non_constant_direction():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(64, generator=g)
+    collapsed = v.expand(512, 64) + 1e-4 * torch.randn(512, 64, generator=g)
+    assert projection_std(collapsed).item() < 0.01

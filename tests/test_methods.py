@@ -3,11 +3,13 @@ import copy
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from massrl.config import ConfigError, build_config
 from massrl.data import SSLDataModule
 from massrl.methods import BYOL, MASSRL, build_method
+from massrl.optim import cosine_tau
 
 
 def _cfg(method="massrl", **over):
@@ -58,7 +60,8 @@ def test_each_method_trains_and_changes_the_backbone(method):
 
 def test_target_is_ema_and_not_trained_by_gradient():
     torch.manual_seed(0)
-    model = build_method(_cfg("byol", **{"loss.tau_base": 0.5}), num_classes=3)
+    # (tau 0.9: at 0.5, tau and 1 - tau are one number, and a swapped lerp weight passed)
+    model = build_method(_cfg("byol", **{"loss.tau_base": 0.9}), num_classes=3)
     assert isinstance(model, BYOL)
     assert all(not p.requires_grad for p in model.target_parameters())
     target_before = [p.clone() for p in model.target_backbone.parameters()]
@@ -66,6 +69,7 @@ def test_target_is_ema_and_not_trained_by_gradient():
     _fit(model, batches=1)
     # one optimizer step, then target <- tau*target + (1-tau)*online_after, tau from the schedule
     tau = model.tau
+    assert tau == pytest.approx(0.9)
     for tb, t, o in zip(target_before, model.target_backbone.parameters(),
                         model.backbone.parameters(), strict=True):
         assert torch.allclose(t, tau * tb + (1 - tau) * o, atol=1e-6)
@@ -465,3 +469,78 @@ def test_settings_a_method_does_not_use_are_named(capsys):
     for path in PACKAGE_CONFIGS.rglob("*.yaml"):
         cfg = build_config(config_file=path)
         assert METHODS[cfg.method].ignored_settings(cfg) == [], path
+
+
+def _batch(b=6, v=2, size=16):
+    g = torch.Generator().manual_seed(0)
+    return {"views": [torch.randn(b, 3, size, size, generator=g) for _ in range(v)],
+            "strategy": torch.arange(v).expand(b, v) % 2, "crop": torch.arange(v).expand(b, v),
+            "label": torch.zeros(b, dtype=torch.long)}
+
+
+def test_tau_follows_the_configured_final_value():
+    model = build_method(_cfg("byol", **{"loss.tau_base": 0.5, "loss.tau_final": 0.95}),
+                         num_classes=3)
+    _fit(model, batches=4)
+    # the last of 4 optimizer steps sets tau at step index 3 of 4
+    assert model.tau == pytest.approx(cosine_tau(3, 4, 0.5, 0.95))
+
+
+def test_target_batch_norm_statistics_are_the_online_ones_after_a_step():
+    torch.manual_seed(0)
+    model = build_method(_cfg("byol"), num_classes=3)
+    _fit(model, batches=2)
+    for online, target in ((model.backbone, model.target_backbone),
+                           (model.projector, model.target_projector)):
+        for a, b in zip(online.buffers(), target.buffers(), strict=True):
+            assert torch.equal(a, b)
+
+
+def test_byol_loss_is_predictor_of_online_vs_target_projection_of_the_same_image():
+    """Reference written from the paper: p = q(g(f(x))), z' = g'(f'(x)); loss over the two
+    ordered view pairs of each image. Catches a target that runs the online encoder, a skipped
+    predictor and views paired across images."""
+    torch.manual_seed(0)
+    model = build_method(_cfg("byol"), num_classes=3).eval()
+    with torch.no_grad():  # make target differ from online, as after training
+        for p in [*model.target_backbone.parameters(), *model.target_projector.parameters()]:
+            p.add_(0.3 * torch.randn_like(p))
+    batch = _batch()
+    loss = model.ssl_step(batch)["loss"]
+    x = torch.cat(batch["views"])
+    with torch.no_grad():
+        p = model.predictor(model.projector(model.backbone(x))).chunk(2)
+        t = model.target_projector(model.target_backbone(x)).chunk(2)
+    cos = lambda a, b: (2 - 2 * F.cosine_similarity(a, b, dim=-1)).mean()  # noqa: E731
+    expected = (cos(p[0], t[1]) + cos(p[1], t[0])) / 2
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_warmup_epochs_are_epochs_of_optimizer_steps():
+    model = build_method(_cfg("byol", **{"optimizer.warmup_epochs": 1}), num_classes=3)
+    lrs = []
+    original = model.after_optimizer_step
+    model.after_optimizer_step = lambda skipped: (
+        lrs.append(model.trainer.optimizers[0].param_groups[0]["lr"]), original(skipped))
+    _trainer(max_epochs=2, limit_train_batches=4).fit(model, DataLoader(_Views(), batch_size=8))
+    assert lrs[0] == pytest.approx(lrs[3] / 4) and lrs[1] == pytest.approx(lrs[3] / 2)
+
+
+def test_the_lr_scales_with_the_accumulated_global_batch():
+    model = build_method(_cfg("byol", **{"optimizer.lr": 0.3}), num_classes=3)
+    _fit(model, accumulate=2, batches=4)
+    assert model.trainer.optimizers[0].param_groups[0]["initial_lr"] == pytest.approx(
+        0.3 * 16 / 256)
+
+
+def test_simclr_uses_the_configured_temperature():
+    from massrl.losses import nt_xent
+    torch.manual_seed(0)
+    model = build_method(_cfg("simclr", **{"loss.temperature": 0.1}), num_classes=3).eval()
+    model._trainer = type("T", (), {"world_size": 1})()  # ssl_step reads world_size only
+    batch = _batch()
+    loss = model.ssl_step(batch)["loss"]
+    with torch.no_grad():
+        z = model.projector(model.backbone(torch.cat(batch["views"])))
+        z = z.reshape(2, -1, z.shape[-1]).transpose(0, 1)
+    torch.testing.assert_close(loss.detach(), nt_xent(z, model.pair_mask(batch), 0.1))

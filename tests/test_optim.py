@@ -112,3 +112,18 @@ def test_a_warm_up_as_long_as_the_run_gets_a_note():
     assert "e.g. optimizer.warmup_epochs=0.1" in warmup_note(10, 1)  # (1 would get the note)
     assert warmup_note(10, 10) is not None
     assert warmup_note(0.5, 4) is None and warmup_note(0, 1) is None
+
+
+def test_sgd_and_adamw_take_the_configs_momentum_and_decay_groups():
+    net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    sgd = build_optimizer(OptimizerConfig(name="sgd", momentum=0.7, weight_decay=0.3),
+                          net.named_parameters(), lr=0.1)
+    assert [g["momentum"] for g in sgd.param_groups] == [0.7, 0.7]
+    adamw = build_optimizer(OptimizerConfig(name="adamw", weight_decay=0.3),
+                            net.named_parameters(), lr=0.1)
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.3, 0.0]
+
+
+def test_min_lr_ratio_leaves_the_peak_and_the_midpoint_in_place():
+    assert warmup_cosine(10, 10, 100, min_ratio=0.1) == pytest.approx(1.0)
+    assert warmup_cosine(55, 10, 100, min_ratio=0.1) == pytest.approx(0.55)
