@@ -148,3 +148,19 @@ def test_the_live_bar_counts_epochs_from_one_as_the_other_outputs_do():
     bar._trainer = SimpleNamespace(max_epochs=2)
     assert bar._get_train_description(0).strip() == "Epoch 1/2"
     assert bar._get_train_description(1).strip() == "Epoch 2/2"
+
+
+def test_an_online_wandb_run_without_credentials_is_refused_before_it_starts(
+        tiny, monkeypatch, tmp_path, capsys):
+    """wandb raised its UsageError at the first log, inside training: a traceback, and a run
+    folder left holding its lock and config."""
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # (no ~/.netrc, no settings file)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    args = tiny("byol", **{"wandb.enabled": "true"})
+    assert main(["pretrain", *args]) == 2
+    err = capsys.readouterr().err
+    assert "wandb.enabled=true: no W&B credentials" in err and "WANDB_MODE=offline" in err
+    assert "Traceback" not in err and not _out(args).exists()
+

@@ -6,6 +6,7 @@ A resumed run logs to the same W&B run: its id is kept in the run directory (`wa
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import secrets
@@ -21,7 +22,7 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from massrl.config import RunConfig
+from massrl.config import ConfigError, RunConfig
 from massrl.epoch_clock import EpochClock
 from massrl.eval.features import PROGRESS_EVERY_S
 from massrl.extras import require
@@ -87,6 +88,8 @@ def build_loggers(cfg: RunConfig, run_dir: Path, resumed_step: int | None = None
 
 def wandb_logger(cfg: RunConfig, run_dir: Path) -> WandbLogger:
     require("wandb", "wandb.enabled=true")
+    if rank_zero_only.rank == 0:  # (the rank that logs)
+        check_wandb_login()
     id_file = run_dir / WANDB_ID_FILE
     run_id = id_file.read_text().strip() if id_file.is_file() else None
     if run_id is None:
@@ -97,6 +100,21 @@ def wandb_logger(cfg: RunConfig, run_dir: Path) -> WandbLogger:
                        name=run_dir.name if cfg.output_dir else cfg.run_name, id=run_id,
                        resume="allow", save_dir=str(run_dir),
                        config=utf8_safe(cfg.model_dump(mode="json")))
+
+
+def check_wandb_login() -> None:
+    """An online W&B run needs credentials: without them wandb raised its UsageError at the
+    first log, inside training (a traceback, and a run folder left holding a lock)."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return
+    import wandb
+
+    if "prompt" not in inspect.signature(wandb.login).parameters:
+        return  # (a wandb before login(prompt=...): it says so itself, later)
+    if not wandb.login(prompt=False, verify=False):
+        raise ConfigError("wandb.enabled=true: no W&B credentials on this machine. Log in once "
+                          "with `wandb login`, set WANDB_API_KEY, or log offline with "
+                          "WANDB_MODE=offline (`wandb sync` uploads the run later)")
 
 
 def finish_loggers(loggers: list[Logger], summary: dict[str, Any]) -> None:
