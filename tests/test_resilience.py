@@ -648,6 +648,16 @@ def test_a_second_ctrl_c_stops_at_once_and_says_how_to_continue(tiny):
     assert main(["pretrain", *args, "resume=auto"]) == 0
 
 
+def test_a_second_ctrl_c_before_any_checkpoint_says_the_run_starts_over(tiny):
+    """It said "Continue from the last checkpoint" when there was none."""
+    args = _byol(tiny, **{**RUN, "trainer.checkpoint_every_n_steps": "0"})
+    result = _interrupted(args, at=2, sig="SIGINT", KILL_TWICE="1")
+    assert result.returncode == 130, result.stderr[-2000:]
+    assert not (_out(args) / "checkpoints" / "last.ckpt").exists()
+    said = "stopped at once by a second Ctrl-C. No checkpoint was saved yet: massrl pretrain "
+    assert said in result.stderr and "starts the run again from the beginning" in result.stderr
+
+
 def test_a_runs_own_config_resumes_that_run_from_any_folder(tiny, tmp_path, monkeypatch,
                                                            capsys):
     """config.yaml kept output_dir as typed: `-c ../a/run/config.yaml resume=auto` from

@@ -275,7 +275,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
             trainer.validate(method, datamodule=dm, verbose=False)
         summary.update(parts["summary"].val_figures(parts["best"]))
     if trainer.is_global_zero:
-        write_text(run_dir / "summary.json", json_text(summary, indent=2))
+        write_text(run_dir / "summary.json", json_text(summary, indent=2) + "\n")
     finish_loggers(trainer.loggers, summary)
     return summary
 

@@ -59,8 +59,11 @@ def run(args: argparse.Namespace) -> int:
               "before training: nothing was trained", file=sys.stderr)
         return 143
     except StoppedAtOnce as exc:
-        print(f"massrl pretrain: stopped at once by a second Ctrl-C. Continue from the last "
-              f"checkpoint with: {continue_command(exc.run_dir)}", file=sys.stderr)
+        saved = (Path(exc.run_dir) / "checkpoints" / "last.ckpt").is_file()
+        print("massrl pretrain: stopped at once by a second Ctrl-C. " + (
+            f"Continue from the last checkpoint with: {continue_command(exc.run_dir)}" if saved
+            else f"No checkpoint was saved yet: {continue_command(exc.run_dir)} starts the run "
+                 "again from the beginning"), file=sys.stderr)
         return 130
     except SIGTERMException as exc:
         where = getattr(exc, "run_dir", None) or cfg.output_dir
