@@ -144,3 +144,35 @@ def test_a_labeled_split_is_identified_by_its_images_not_by_where_they_are(tmp_p
         SubsetDataset(here, [0, 5]))
     relabeled = FileImageDataset(here.paths, [0, 0, 1, 1, 1, 1])
     assert split_identity(relabeled) != split_identity(here)
+
+
+@pytest.mark.parametrize(("indices", "problem"), [
+    ([-1, 5], r"-1 is not a position in the split's 100 images \(0 to 99\)"),
+    ([5, 100], "100 is not a position in the split's 100 images"),
+    ([5, 2.5], "2.5 is not a position"),
+    ([5, 7, 5], "names an image more than once"),
+    ([], r"holds indices that are \[\], not a non-empty list"),
+    (None, "holds no indices, not a non-empty list"),
+    ({"0": 1}, "not a non-empty list"),
+])
+def test_a_subset_file_with_indices_a_run_never_saves_is_refused(tmp_path, indices, problem):
+    """An edited or damaged file trained on the wrong images (a negative index counts from the
+    end, a repeated one weighs an image twice, an empty list trains on nothing) or stopped with
+    a raw IndexError / KeyError."""
+    labels = [i % 10 for i in range(100)]
+    _, path, _ = label_subset(labels, 0.1, seed=1, dataset="toy", save_dir=tmp_path)
+    saved = json.loads(path.read_text())
+    saved.pop("indices")
+    if indices is not None:
+        saved["indices"] = indices
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=rf"subset_file {path}.*{problem}"):
+        label_subset(labels, None, seed=1, dataset="toy", subset_file=path)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "{not json", "\xff\xfe"])
+def test_a_subset_file_that_is_no_saved_object_is_refused_naming_it(tmp_path, text):
+    path = tmp_path / "subset.json"
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"subset_file {path} (holds a JSON list|is not the)"):
+        label_subset([0, 1] * 5, None, seed=1, dataset="toy", subset_file=path)

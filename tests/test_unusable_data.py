@@ -1,18 +1,23 @@
 """Data that cannot be trained on stops the command with one line that says what to change,
 instead of a traceback or a run that trains nothing and exits 0."""
 
+import gzip
 import json
 import os
 import shutil
+import signal
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from massrl.cli import main
 from massrl.commands.common import data_error_message
-from massrl.data import BadImageError
+from massrl.config import DataConfig
+from massrl.data import BadImageError, BadImageWarning, UnusableDataError, load_dataset
 
 
 def _folder(root, good: int, bad: int):
@@ -229,3 +234,135 @@ def test_a_checkpoints_own_small_eval_subset_is_named_as_the_checkpoints(tmp_pat
     assert main(base) == 2
     assert "the checkpoint's data.eval_subset=5 is fewer" in capsys.readouterr().err
     assert main([*base, "data.eval_subset=null"]) == 0
+
+
+def _read_every_item(splits) -> tuple[list[str], str]:
+    """The names of the files skipped when every item of the splits is read, and the warnings."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = [(p.name, ds[i]) for ds in (splits.train, splits.test)
+                 for i, p in enumerate(ds.paths)]
+    said = " ".join(str(w.message) for w in caught if issubclass(w.category, BadImageWarning))
+    return sorted(name for name, item in items if item is None), said
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_among_the_images_is_skipped_not_waited_on(split_folders):
+    """A named pipe named like an image made the folder's size sampling wait forever for a
+    writer (before any file was checked)."""
+    root = split_folders(per_class=3)
+    os.mkfifo(root / "train" / "b" / "fifo.png")
+
+    class Waited(BaseException):  # (not an Exception: the sampling passed over those)
+        pass
+
+    def waited(*_):
+        raise Waited("load_dataset waited 30 s on the named pipe")
+
+    before = signal.signal(signal.SIGALRM, waited)
+    signal.alarm(30)
+    try:
+        splits = load_dataset(DataConfig(name="folder", root=str(root)))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
+    assert splits.native_size == 16
+    skipped, said = _read_every_item(splits)
+    assert skipped == ["fifo.png"]
+    assert "fifo.png: not a regular file (a named pipe, socket or device)" in said
+
+
+def test_a_symlink_loop_among_the_images_is_skipped(split_folders):
+    """A symlink loop (a.png -> b.png -> a.png) stopped the run with "Too many levels of
+    symbolic links" where scandir listed it before an image."""
+    root = split_folders(per_class=3)
+    for where in (root, root / "train", root / "val" / "a"):  # beside and among class folders
+        (where / "loopa.png").symlink_to("loopb.png")
+        (where / "loopb.png").symlink_to("loopa.png")
+    (root / "train" / "loop").symlink_to("loop")
+    splits = load_dataset(DataConfig(name="folder", root=str(root)))
+    assert splits.classes == ["a", "b"] and splits.native_size == 16
+    skipped, said = _read_every_item(splits)
+    assert skipped == ["loopa.png", "loopb.png"]
+    assert "loopa.png: Too many levels of symbolic links" in said
+
+
+def test_a_very_large_image_in_a_folder_is_named_in_its_warning(split_folders, monkeypatch):
+    """The folder's size sampling opened it with PIL's decompression-bomb warning, which names
+    no file; the one massrl gives when the image is read names it."""
+    root = split_folders(per_class=2)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 200)  # 16 x 16 = 256: large, not refused
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        splits = load_dataset(DataConfig(name="folder", root=str(root)))
+        splits.train[0]
+    said = [str(w.message) for w in caught if w.category is Image.DecompressionBombWarning]
+    assert said == [f"{splits.train.paths[0]}: a very large image (16 x 16 px) takes much "
+                    "memory to decode; downscale it if it is not meant to be this large"]
+
+
+def _idx(path: Path, arr: np.ndarray) -> None:
+    header = bytes([0, 0, 8, arr.ndim]) + np.asarray(arr.shape, ">i4").tobytes()
+    path.write_bytes(gzip.compress(header + arr.astype(np.uint8).tobytes()))
+
+
+def _fashion_files(folder: Path, train_labels=None, test_labels=None) -> Path:
+    """The four Fashion-MNIST files, of 20 and 10 tiny images."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n, labels in (("train", 20, train_labels), ("t10k", 10, test_labels)):
+        _idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 255, (n, 6, 6)))
+        _idx(folder / f"{split}-labels-idx1-ubyte.gz",
+             np.arange(n) % 10 if labels is None else np.asarray(labels))
+    return folder
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "cut":  # a download killed while it wrote
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "garbled":
+        path.write_bytes(data[:12] + b"\xff" * 8 + data[20:])
+    elif how == "not gzip":
+        path.write_bytes(b"<html>404</html>")
+    elif how == "short":  # a whole gzip stream, of fewer values than the header says
+        path.write_bytes(gzip.compress(gzip.decompress(data)[:-3]))
+    else:  # "no idx": another format's magic
+        path.write_bytes(gzip.compress(b"\x00\x00\x0d\x01" + gzip.decompress(data)[4:]))
+
+
+@pytest.mark.parametrize("how", ["cut", "garbled", "not gzip", "short", "no idx"])
+def test_a_damaged_fashion_mnist_file_is_named_with_what_to_do(tmp_path, how):
+    root = _fashion_files(tmp_path / "fm")
+    assert len(load_dataset(DataConfig(name="fashion_mnist", root=str(root))).test) == 10
+    bad = root / "t10k-labels-idx1-ubyte.gz"
+    _damage(bad, how)
+    with pytest.raises(UnusableDataError) as err:
+        load_dataset(DataConfig(name="fashion_mnist", root=str(root)))
+    assert str(err.value).startswith(str(bad))
+    assert str(err.value).endswith(": delete the bad file and download the dataset again "
+                                   "(data.download=true), or copy it again from where it came "
+                                   "from")
+
+
+def test_fashion_mnist_labels_that_do_not_fit_the_images_are_refused(tmp_path):
+    """A labels file of 5 labels for 20 images trained without a word; a label of 200 stopped
+    the first batch with cross_entropy's "Target 200 is out of bounds"."""
+    root = _fashion_files(tmp_path / "few", train_labels=[1, 2, 3, 4, 5])
+    with pytest.raises(UnusableDataError, match=rf"{root}/train-images-idx3-ubyte.gz holds 20 "
+                       rf"images but {root}/train-labels-idx1-ubyte.gz 5 labels"):
+        load_dataset(DataConfig(name="fashion_mnist", root=str(root)))
+    root = _fashion_files(tmp_path / "beyond", test_labels=[200] + [0] * 9)
+    with pytest.raises(UnusableDataError, match=rf"{root}/t10k-labels-idx1-ubyte.gz holds the "
+                       r"label 200, beyond the 10 classes \(0 to 9\)"):
+        load_dataset(DataConfig(name="fashion_mnist", root=str(root)))
+
+
+def test_a_damaged_fashion_mnist_file_is_one_line_on_the_command_line(tmp_path, tiny, capsys):
+    root = _fashion_files(tmp_path / "fm")
+    _damage(root / "t10k-labels-idx1-ubyte.gz", "cut")
+    args = tiny(**{"data.name": "fashion_mnist", "data.root": str(root)})
+    assert main(["pretrain", *args]) == 2
+    assert _last_error_line(capsys).startswith(
+        f"massrl pretrain: {root}/t10k-labels-idx1-ubyte.gz is damaged (Compressed file ended "
+        "before the end-of-stream marker was reached; a download cut short?)")

@@ -15,7 +15,7 @@ from massrl.config import ConfigError, DataConfig
 from massrl.data.download_lock import one_download_at_a_time
 from massrl.data.folder import UnusableDataError
 from massrl.data.folder_splits import folder_splits, imagenet_splits
-from massrl.data.idx import FASHION_STEMS, find_idx_folder, idx_file, read_idx
+from massrl.data.idx import FASHION_STEMS, find_idx_folder, idx_file, read_idx_pair
 from massrl.data.splits import (
     IMAGENET_STATS,
     DatasetNotFoundError,
@@ -149,12 +149,21 @@ def _fashion_mnist(cfg: DataConfig, seed: int) -> DatasetSplits:
             "data.download=true with a network connection (torchvision downloads into data.root)",
             "data.root=DIR pointing at a folder with the four *-ubyte(.gz) IDX files",
         ])
-    arrays = {stem: read_idx(idx_file(folder, stem)) for stem in FASHION_STEMS}
-    train = ArrayImageDataset(arrays[FASHION_STEMS[0]], arrays[FASHION_STEMS[1]], FASHION_CLASSES)
-    test = ArrayImageDataset(arrays[FASHION_STEMS[2]], arrays[FASHION_STEMS[3]], FASHION_CLASSES)
+    files = [idx_file(folder, stem) for stem in FASHION_STEMS]
+    remedy = _fashion_remedy(folder)
+    train = ArrayImageDataset(*read_idx_pair(*files[:2], 10, remedy), FASHION_CLASSES)
+    test = ArrayImageDataset(*read_idx_pair(*files[2:], 10, remedy), FASHION_CLASSES)
     return DatasetSplits(
         train, train, test, 10, list(FASHION_CLASSES), (0.2860,) * 3, (0.3530,) * 3, 28
     )
+
+
+def _fashion_remedy(folder: Path) -> str:
+    """What to do about a bad file of `folder`: the Debian package's cannot be deleted."""
+    if folder == DEBIAN_FASHION_MNIST:
+        return "reinstall the package: apt-get install --reinstall dataset-fashion-mnist"
+    return ("delete the bad file and download the dataset again (data.download=true), or copy "
+            "it again from where it came from")
 
 
 def _download_fashion_mnist(base: Path, looked: Sequence[Path]) -> Path:

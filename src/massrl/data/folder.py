@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import statistics
 import warnings
 from collections import Counter
@@ -16,7 +17,7 @@ from typing import Any
 from PIL import Image
 from torch.utils.data import Dataset
 
-from massrl.data.images import BadImageError, check_image_header, load_image
+from massrl.data.images import BadImageError, _open_quietly, check_image_header, load_image
 from massrl.data.subset import base_and_indices
 
 
@@ -86,9 +87,19 @@ def _entries(folder: Path) -> list[os.DirEntry]:
         return list(entries)
 
 
+def _is(entry: os.DirEntry, kind: str) -> bool:
+    """entry.is_dir() / is_file(), False where it cannot be told: a symlink loop (a.png -> b.png
+    -> a.png) raised ELOOP there and stopped the run; os.walk lists it with the files, and like
+    any other file that is no image it is skipped with a warning when read."""
+    try:
+        return entry.is_dir() if kind == "dir" else entry.is_file()
+    except OSError:
+        return False
+
+
 def _subdirs(root: Path) -> list[Path]:
     return sorted(Path(e.path) for e in _entries(root) if not e.name.startswith(".")
-                  and e.is_dir())
+                  and _is(e, "dir"))
 
 
 def _any_image(folder: Path) -> bool:
@@ -101,7 +112,7 @@ def _any_image(folder: Path) -> bool:
 
 
 def _has_direct_images(folder: Path) -> bool:
-    return any(is_image_file(e.name) and e.is_file() for e in _entries(folder))
+    return any(is_image_file(e.name) and _is(e, "file") for e in _entries(folder))
 
 
 def is_class_folder_layout(root: Path, min_classes: int = 2) -> bool:
@@ -156,7 +167,8 @@ def split_spelling_note(root: Path) -> str | None:
 
 def why_unlabeled(folder: Path) -> str:
     """Why a folder with sub-folders was not read as classes (and what that costs)."""
-    loose = sorted(e.name for e in _entries(folder) if is_image_file(e.name) and e.is_file())
+    loose = sorted(e.name for e in _entries(folder)
+                   if is_image_file(e.name) and _is(e, "file"))
     with_images = [d for d in _subdirs(folder) if _any_image(d)]
     if loose and with_images:
         lie = "images lie" if len(loose) > 1 else "image lies"
@@ -340,11 +352,25 @@ def typical_size(paths: Sequence[Path], default: int = 224, sample: int = 64) ->
     """Median shorter side of up to `sample` images spread over the folder (headers only): one
     odd file (a 1x1 icon, a banner) does not decide the size the folder is evaluated at."""
     step = max(1, len(paths) // sample)
-    sides = []
-    for path in paths[::step][:sample]:
-        try:
-            with Image.open(path) as img:
-                sides.append(min(img.size))
-        except Exception:  # noqa: BLE001 - only informational; bad files are reported on use
-            continue
+    sides = [side for path in paths[::step][:sample] if (side := _shorter_side(path))]
     return int(statistics.median_low(sides)) if sides else default
+
+
+def _shorter_side(path: Path) -> int | None:
+    """The shorter side in the file's header; None for a file that is no image, or no regular
+    file: opening a named pipe waited forever for a writer, so it is opened without waiting and
+    looked at before PIL reads it. (One open and fstat: os.path.isfile would stat every file
+    sampled, which listing a folder avoids.) Quietly: PIL's decompression-bomb warning names
+    no file; reading the image warns, naming it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        try:
+            with _open_quietly(f) as img:
+                return min(img.size)
+        except Exception:  # noqa: BLE001 - only informational; bad files are reported on use
+            return None

@@ -23,11 +23,13 @@ scaling) when its shorter side stays >= side: a transform that needs no more det
 from __future__ import annotations
 
 import os
+import stat
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -78,9 +80,10 @@ def check_image_header(path: str | os.PathLike) -> None:
     _read(Path(path), decode=False)
 
 
-def _open_quietly(path: Path) -> Image.Image:
-    """Image.open without PIL's warning about a very large image (a possible decompression
-    bomb, naming no file): `_warn_if_large` says it, with the name, of the size decoded."""
+def _open_quietly(path: Path | BinaryIO) -> Image.Image:
+    """Image.open (of a path or an open file) without PIL's warning about a very large image
+    (a possible decompression bomb, naming no file): `_warn_if_large` says it, with the name,
+    of the size decoded."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         return Image.open(path)
@@ -97,8 +100,7 @@ def _warn_if_large(path: Path, img: Image.Image) -> None:
 
 def _read(path: Path, decode: bool) -> Image.Image | None:
     try:
-        if path.stat().st_size == 0:
-            raise BadImageError(path, "empty file (0 bytes)")
+        _check_file(path)
         with _open_quietly(path) as img:
             if not decode:
                 return None
@@ -119,6 +121,20 @@ def _read(path: Path, decode: bool) -> Image.Image | None:
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # PIL signals truncated and corrupt data with OSError, SyntaxError or ValueError.
         raise BadImageError(path, f"{type(exc).__name__}: {exc}") from None
+
+
+def _check_file(path: Path) -> None:
+    """BadImageError for what PIL should not open: an empty file, or no regular file (a named
+    pipe had it wait forever for a writer; reading a device never ends); a symlink loop says so
+    (OSError's text repeated the path)."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise BadImageError(path, exc.strerror or str(exc)) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BadImageError(path, "not a regular file (a named pipe, socket or device)")
+    if st.st_size == 0:
+        raise BadImageError(path, "empty file (0 bytes)")
 
 
 def _load_fully(img: Image.Image) -> None:

@@ -120,7 +120,7 @@ def label_subset(
     from massrl.data import fraction_subset
 
     if subset_file is not None:
-        saved = json.loads(Path(subset_file).read_text())
+        saved = _read_saved(subset_file)
         if saved.get("dataset") != dataset or saved.get("num_samples") != len(labels):
             raise ValueError(
                 f"subset_file {subset_file} was made for {saved.get('dataset')} with "
@@ -139,7 +139,8 @@ def label_subset(
                 f"subset_file {subset_file} holds a label_fraction of "
                 f"{saved.get('label_fraction')}, not {fraction}: leave label_fraction out (the "
                 "file decides) or drop subset_file")
-        return [int(i) for i in saved["indices"]], Path(subset_file), saved.get("label_fraction")
+        indices = _saved_indices(subset_file, saved.get("indices"), len(labels))
+        return indices, Path(subset_file), saved.get("label_fraction")
     if fraction is None:
         raise ValueError("label_subset needs a fraction or a subset_file")
     indices = fraction_subset(labels, fraction, seed)
@@ -152,3 +153,35 @@ def label_subset(
             "label_fraction": fraction, "seed": seed, "source": source or {}, "indices": indices,
         }))
     return indices, path, fraction
+
+
+def _read_saved(path: str | Path) -> dict[str, Any]:
+    """The JSON object a run saved (`label_subset`'s file), or a ValueError naming the file."""
+    try:
+        saved = json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"subset_file {path} is not the JSON a run saves ({exc}): pass the "
+                         "label_subset_*.json an earlier run wrote, unedited") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"subset_file {path} holds a JSON {type(saved).__name__}, not the "
+                         "object a run saves (with dataset, num_samples and indices)")
+    return saved
+
+
+def _saved_indices(path: str | Path, indices: Any, n: int) -> list[int]:
+    """A saved file's indices, checked: positions in a split of `n` images, each once. An edited
+    or damaged file trained on the wrong images without a word (a negative index names an image
+    from the end, a repeated one weighs it twice, an empty list trains on nothing)."""
+    if not isinstance(indices, list) or not indices:
+        what = "no indices" if indices is None else f"indices that are {indices!r:.40}"
+        raise ValueError(f"subset_file {path} holds {what}, not a non-empty list of image "
+                         "positions: pass the label_subset_*.json an earlier run wrote, unedited, "
+                         "or draw a new subset (label_fraction)")
+    bad = next((i for i in indices if type(i) is not int or not 0 <= i < n), None)
+    if bad is not None or len(set(indices)) != len(indices):
+        problem = (f"{bad!r} is not a position in the split's {n} images (0 to {n - 1})"
+                   if bad is not None else "it names an image more than once")
+        raise ValueError(f"subset_file {path}: its indices are not the ones a run saves: "
+                         f"{problem}. Pass the label_subset_*.json an earlier run wrote, "
+                         "unedited, or draw a new subset (label_fraction)")
+    return indices
