@@ -99,6 +99,26 @@ def test_resnets_keep_their_plain_timm_arguments():
         build_backbone("no_such_net")
 
 
+def test_a_model_too_large_for_memory_is_not_called_an_unknown_name(monkeypatch):
+    """torch's failed allocation is a RuntimeError, as timm's unknown name: a model.width=4096
+    ResNet-18 under a memory limit was "unknown model.backbone 'resnet18'"."""
+    import timm
+
+    def too_large(name, **kwargs):
+        return torch.empty(2**62, dtype=torch.uint8)  # (more than any machine has)
+
+    monkeypatch.setattr(timm, "create_model", too_large)
+    with pytest.raises(ConfigError) as caught:
+        build_backbone("resnet18", cifar_stem=True, width=4096)
+    message = str(caught.value)
+    assert "unknown" not in message and "can't allocate memory" in message
+    assert message.startswith("model.backbone=resnet18 does not fit in memory with {'channels': "
+                              "(4096, 8192, 16384, 32768), 'stem_width': 4096}")
+    assert message.endswith("lower model.width, or the sizes in model.kwargs")
+    with pytest.raises(ConfigError, match="^unknown model.backbone 'no_such_net'"):
+        build_backbone("no_such_net")
+
+
 @pytest.mark.parametrize("name, kwargs", [
     ("mobilenetv3_small_100", {}),  # a conv_head after the pooling: 1024 wide, not 576
     ("resnext50_32x4d", {"width": 16, "cifar_stem": True}),  # timm's ResNet family: width

@@ -437,6 +437,59 @@ def test_out_paths_folders_suffixes_and_unwritable_places(tmp_path, ckpt, capsys
     assert not (tmp_path / "cache").exists()  # umap stopped before computing any feature
 
 
+def test_export_never_replaces_its_checkpoint_or_an_unrelated_json(tmp_path, capsys):
+    """A checkpoint named model.pt exported with --out model.pt was replaced by the export
+    (rc 0); --out exp/report.safetensors replaced the user's exp/report.json with the manifest.
+    An earlier export's manifest is replaced, as before."""
+    ckpt = make_checkpoint(tmp_path / "model.pt")
+    (tmp_path / "link.pt").symlink_to(ckpt)
+    before = ckpt.read_bytes()
+    for out in (ckpt, tmp_path / "model", tmp_path / "link.pt"):
+        capsys.readouterr()
+        assert main(["export", f"ckpt={ckpt}", "device=cpu", "--out", str(out)]) == 2
+        err = " ".join(capsys.readouterr().err.split())
+        assert f"which is the checkpoint being exported (ckpt={ckpt}), replacing it: give " \
+            "another --out, e.g. --out" in err, err
+        assert ckpt.read_bytes() == before and not (tmp_path / "model.json").exists()
+    report = tmp_path / "exp" / "report.json"
+    report.parent.mkdir()
+    report.write_text('{"accuracy": 0.9}')
+    out = str(tmp_path / "exp" / "report.safetensors")
+    assert main(["export", f"ckpt={ckpt}", "device=cpu", "--out", out]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"writes its manifest beside the weights as {report}, which exists and is not a " \
+        "massrl export manifest" in err and "e.g. --out " in err, err
+    assert report.read_text() == '{"accuracy": 0.9}'
+    assert sorted(p.name for p in report.parent.iterdir()) == ["report.json"]
+    out = str(tmp_path / "exp" / "bb.pt")
+    for _ in range(2):  # exporting again over an export
+        assert main(["export", f"ckpt={ckpt}", "device=cpu", "--out", out]) == 0
+    assert json.loads((tmp_path / "exp" / "bb.json").read_text())["weights"] == "bb.pt"
+
+
+def test_an_output_path_that_is_a_fifo_is_refused_at_once(tmp_path, ckpt, capsys):
+    """The writability check opened it and waited for a reader forever."""
+    import signal
+
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)
+
+    def hung(*args):
+        raise AssertionError("export waited for a reader of the FIFO")
+
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        code = main(["export", f"ckpt={ckpt}", "device=cpu", "--out", str(fifo)])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"massrl export: {fifo} exists and is a FIFO (named pipe), not a file: name a file or "
+        "a folder to write the output to")
+
+
 def test_augviz_checks_its_picture_name_first_and_writes_into_a_folder(tmp_path, capsys):
     from massrl.cli import main
 

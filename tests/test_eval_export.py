@@ -108,8 +108,18 @@ def test_a_resnext_export_loads_in_torchvision_with_the_same_features(tmp_path, 
                            mean=(0.5,) * 3, std=(0.25,) * 3)
     assert info["torchvision"] == "resnext50_32x4d"
     monkeypatch.chdir(tmp_path)
+    loads = []
+    real_load = torch.load
+
+    def load(*args, **kwargs):  # the snippet's torch.load, recorded
+        loads.append(kwargs)
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
     scope: dict = {}
     exec(info["load_torchvision"], scope)
+    # (torch < 2.6 unpickles anything by default, which can run code from a file one was sent)
+    assert [kw.get("weights_only") for kw in loads] == [True]
     with torch.no_grad():
         torch.testing.assert_close(scope["model"](x), expected, atol=1e-4, rtol=1e-4)
 

@@ -539,6 +539,14 @@ def test_resuming_a_finished_run_trains_nothing_and_keeps_its_summary(tiny, caps
     (_out(args) / "summary.json").unlink()  # a run killed after its last save
     assert main(["pretrain", *args, "resume=auto"]) == 0
     assert "nothing to train" in capsys.readouterr().out
+    # a summary.json damaged by hand is no summary (they raised AttributeError and KeyError)
+    own_config = ["-c", str(_out(args) / "config.yaml"), "resume=auto"]
+    for damaged in ("[1, 2]", "{}"):
+        (_out(args) / "summary.json").write_text(damaged)
+        assert main(["pretrain", *own_config]) == 0
+        out = capsys.readouterr().out
+        assert "nothing to train" in out and f"run directory: {_out(args)}" in out
+        assert f"{_out(args) / 'summary.json'} is missing or unreadable" in out
 
 
 @pytest.mark.parametrize("damage", ["truncated", "empty", "directory", "last"])
@@ -628,6 +636,18 @@ def test_a_new_run_into_a_run_directory_is_refused(tiny, capsys):
     err = capsys.readouterr().err
     assert f"output_dir {_out(args)} already holds a run" in err and "resume=auto" in err
     assert (_out(args) / "summary.json").read_bytes() == summary
+    # a finished run whose checkpoints were deleted to save space: its record stays too
+    shutil.rmtree(_out(args) / "checkpoints")
+    assert main(["pretrain", *args]) == 2
+    assert f"output_dir {_out(args)} already holds a finished run (summary.json, its " \
+        "checkpoints gone)" in capsys.readouterr().err
+    assert (_out(args) / "summary.json").read_bytes() == summary
+    assert main(["pretrain", *args, "resume=auto"]) == 0  # which starts the run, as before
+    assert "resume=auto: no checkpoint in" in capsys.readouterr().out
+    # a folder with a config.yaml alone (a run that failed before training) is run again
+    shutil.rmtree(_out(args) / "checkpoints")
+    (_out(args) / "summary.json").unlink()
+    assert main(["pretrain", *args]) == 0
 
 
 def test_an_output_dir_that_is_a_file_is_explained(tiny, tmp_path, capsys):

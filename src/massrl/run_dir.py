@@ -112,6 +112,20 @@ def run_lock(run_dir: Path, rank: int) -> Iterator[None]:
         yield
 
 
+def refuse_a_used_folder(run_dir: Path, holds_a_run: bool) -> None:
+    """A new run (resume not set) would overwrite the record of the run in `run_dir`: its
+    checkpoints (`holds_a_run`), or the summary.json of a finished run whose checkpoints were
+    deleted to save space. A folder with a config.yaml alone (a run that failed before
+    training) may be run again."""
+    if holds_a_run:
+        raise ConfigError(f"output_dir {run_dir} already holds a run (checkpoints/last.ckpt): "
+                          "continue it with resume=auto, or choose another output_dir")
+    if (run_dir / "summary.json").exists():
+        raise ConfigError(f"output_dir {run_dir} already holds a finished run (summary.json, "
+                          "its checkpoints gone): a new run would overwrite its config, metrics "
+                          "and summary. Choose another output_dir")
+
+
 def launched_apart() -> bool:
     """Whether this process is one of several started apart (torchrun, srun, or one command
     per machine with Lightning's NODE_RANK and MASTER_ADDR)."""
@@ -226,7 +240,10 @@ def finished_already(cfg: RunConfig, run_dir: Path, ckpt: Path, done: int) -> di
     print(f"nothing to train: {ckpt} has completed {done} epochs, trainer.max_epochs="
           f"{cfg.trainer.max_epochs}. Raise trainer.max_epochs to train longer.")
     with contextlib.suppress(OSError, ValueError):  # (none, or an unreadable one)
-        return _rebased_summary(json.loads((run_dir / "summary.json").read_text()), run_dir)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        # (one damaged by hand, `{}` or `[]`, is no summary: the command prints its fields)
+        if isinstance(summary, dict) and {"method", "dataset", "run_dir"} <= summary.keys():
+            return _rebased_summary(summary, run_dir)
     print(f"{run_dir / 'summary.json'} is missing or unreadable: `massrl knn ckpt={ckpt}` "
           "measures the final model")
     return {"method": cfg.method, "dataset": cfg.data.name, "epochs": done,

@@ -63,6 +63,7 @@ from massrl.run_dir import (
     finished_already,
     keep_previous_record,
     make_run_dir,
+    refuse_a_used_folder,
     remove_new_run_dir,
     run_lock,
 )
@@ -286,9 +287,8 @@ def _start(cfg: RunConfig, run_dir: Path, splits: DatasetSplits | None
     has nothing left to train."""
     resume_from = find_resume_checkpoint(cfg, run_dir)
     holds_a_run = (run_dir / "checkpoints" / "last.ckpt").is_file()
-    if cfg.resume is None and holds_a_run:
-        raise ConfigError(f"output_dir {run_dir} already holds a run (checkpoints/last.ckpt): "
-                          "continue it with resume=auto, or choose another output_dir")
+    if cfg.resume is None:
+        refuse_a_used_folder(run_dir, holds_a_run)
     saved_world = resumed_step = None
     if resume_from is not None:
         ckpt = check_resume_compatible(cfg, resume_from)

@@ -55,22 +55,23 @@ def _pretraining_data(r: EvalRun) -> tuple[Any, Any, int | None]:
 
 def run(args: argparse.Namespace) -> int:
     from massrl.eval import session
-    from massrl.eval.export import export_backbone
+    from massrl.eval.export import check_export_paths, export_backbone
 
     if args.out:
         args.overrides = [*args.overrides, f"out={args.out}"]
     r = session.start(NAME, ExportConfig, args)
     if r is None:
         return 0
-    mean, std, native_size = _pretraining_data(r)
     out = session.output_file(r.cfg.out, r, "backbone.pt")
+    check_export_paths(out, r.pre.path)  # (before reading the dataset, in _pretraining_data)
+    mean, std, native_size = _pretraining_data(r)
     name = "result.json"
     if r.cfg.out and not r.cfg.output_dir:  # the record beside the export, not in ./runs
         r.output_dir, name = out.parent, f"{out.with_suffix('').name}.result.json"
     pre = r.pre
     info = export_backbone(
         pre.backbone, pre.spec, out, image_size=pre.config.data.image_size, mean=mean, std=std,
-        native_size=native_size,
+        native_size=native_size, checkpoint=pre.path,
         source={"checkpoint": str(pre.path), "sha256": pre.sha256, "method": pre.config.method,
                 "dataset": pre.config.data.name, "massrl_version": pre.meta.get("version")},
     )

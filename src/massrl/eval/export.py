@@ -9,6 +9,7 @@ torchvision ResNets share parameter names, so width-64 ResNets also load into
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 import torchvision
 from torch import nn
 
+from massrl.config import ConfigError
 from massrl.data.eval_transform import test_resize
 from massrl.files import atomic_write, write_text
 from massrl.models import BackboneSpec
@@ -37,7 +39,8 @@ _STEM = (
 
 def _snippet(weights: str, manifest: str, build: str) -> str:
     read = ("safetensors.torch.load_file('{w}')" if weights.endswith(".safetensors")
-            else "torch.load('{w}', map_location='cpu')").format(w=weights)
+            # (weights_only: before torch 2.6 torch.load unpickles whatever the file holds)
+            else "torch.load('{w}', map_location='cpu', weights_only=True)").format(w=weights)
     imports = ["json", "torch", "timm" if "timm." in build else "torchvision"]
     if weights.endswith(".safetensors"):
         imports.append("safetensors.torch")
@@ -87,17 +90,55 @@ def torchvision_name(spec: BackboneSpec, state: dict[str, torch.Tensor]) -> str 
     return spec.name if same else None
 
 
+def export_paths(out: str | Path) -> tuple[Path, Path]:
+    """(weights, manifest) that export_backbone writes for `out`."""
+    out = Path(out)
+    if out.suffix not in (".pt", ".pth", ".safetensors"):
+        out = out.with_name(out.name + ".pt")
+    return out, out.with_suffix(".json")
+
+
+def _is_manifest(path: Path) -> bool:
+    """Whether `path` holds a manifest an export wrote (re-exporting over it is allowed)."""
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    family = FORMAT.split("/")[0] + "/"  # (any version of the format)
+    return isinstance(meta, dict) and str(meta.get("format", "")).startswith(family)
+
+
+def check_export_paths(out: str | Path, checkpoint: str | Path | None = None
+                       ) -> tuple[Path, Path]:
+    """(weights, manifest) for `out`, refused (ConfigError) where writing them would replace
+    the checkpoint exported (`checkpoint`) or a .json of another kind: the manifest goes beside
+    the weights as <name>.json, which may be an unrelated file of the user's."""
+    weights, manifest = export_paths(out)
+    other = weights.with_name(f"{weights.stem}.backbone{weights.suffix}")
+    for path in (weights, manifest):
+        if checkpoint is not None and path.exists() and os.path.samefile(path, checkpoint):
+            raise ConfigError(f"--out {out}: the export would write {path}, which is the "
+                              f"checkpoint being exported (ckpt={checkpoint}), replacing it: "
+                              f"give another --out, e.g. --out {other}")
+    if manifest.exists() and not _is_manifest(manifest):
+        raise ConfigError(f"--out {out}: the export writes its manifest beside the weights as "
+                          f"{manifest}, which exists and is not a massrl export manifest (no "
+                          f'"format": "{FORMAT}"), and would replace it: give another --out, '
+                          f"e.g. --out {other}")
+    return weights, manifest
+
+
 def export_backbone(
     backbone: nn.Module, spec: BackboneSpec, out: str | Path, *,
     image_size: int, mean: Sequence[float] | None, std: Sequence[float] | None,
     native_size: int | None = None, source: dict[str, Any] | None = None,
+    checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Write `out` (the state_dict: torch.save's for .pt / .pth, safetensors' for
     .safetensors; .pt added to any other name) and `out` with suffix .json (the manifest, with
-    the test transform for images whose typical side is `native_size`); return the manifest."""
-    out = Path(out)
-    if out.suffix not in (".pt", ".pth", ".safetensors"):
-        out = out.with_name(out.name + ".pt")
+    the test transform for images whose typical side is `native_size`); return the manifest.
+    Neither replaces `checkpoint` (the source) nor a .json that is not an earlier export's."""
+    out, manifest_path = check_export_paths(out, checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     with atomic_write(out) as f:  # (a full disk keeps an earlier export whole)
@@ -107,7 +148,6 @@ def export_backbone(
             f.write(save(state, metadata={"format": FORMAT}))
         else:
             torch.save(state, f)
-    manifest_path = out.with_suffix(".json")
     tv = torchvision_name(spec, state)
     resize, ratio = test_resize(image_size, native_size=native_size)
     timm_build = ("model = timm.create_model(meta['architecture'], pretrained=False, "

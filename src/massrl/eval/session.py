@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import errno
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,9 @@ def check_writable(path: Path) -> None:
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), exc.filename) from None
     try:
         existed = path.exists()
+        if existed and not path.is_file():  # (opening a FIFO waited for a reader forever)
+            raise ConfigError(f"{path} exists and is {_kind(path)}, not a file: "
+                              "name a file or a folder to write the output to")
         with open(path, "ab"):
             pass
         if not existed:
@@ -132,6 +136,12 @@ def check_writable(path: Path) -> None:
         for folder in missing:  # deepest first; one another process has filled stays
             with contextlib.suppress(OSError):
                 folder.rmdir()
+
+
+def _kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    return ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device")
 
 
 def open_data(run: EvalRun, needs_labels: bool = True) -> None:

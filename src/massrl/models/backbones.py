@@ -57,14 +57,28 @@ def _create(name: str, options: dict[str, Any], image_size: int | None
             if kwargs is tries[-1] or "img_size" not in str(exc):
                 raise ConfigError(f"model.backbone={name} refused its keyword arguments: "
                                   f"{exc} (check model.kwargs)") from None
-        except RuntimeError as exc:  # timm raises RuntimeError for unknown names
-            raise ConfigError(f"unknown model.backbone '{name}': {exc}. Any timm model name "
-                              "works, e.g. resnet18, resnet50, vit_small_patch16_224.") from None
+        except RuntimeError as exc:  # timm's for unknown names; also torch's out of memory
+            raise _build_error(name, kwargs, exc) from None
         except (ValueError, ZeroDivisionError, AssertionError) as exc:  # a value it cannot take
             raise ConfigError(f"model.backbone={name} cannot be built with {kwargs}: "
                               f"{type(exc).__name__}: {exc} (check model.kwargs and "
                               "model.width)") from None
     raise AssertionError("unreachable")
+
+
+def _build_error(name: str, kwargs: dict[str, Any], exc: RuntimeError) -> ConfigError:
+    """What a RuntimeError building `name` means: an unknown name only where timm knows no such
+    model (an allocation that failed was reported as one)."""
+    text = first_line(exc)
+    if not timm.is_model(name):
+        return ConfigError(f"unknown model.backbone '{name}': {text}. Any timm model name "
+                           "works, e.g. resnet18, resnet50, vit_small_patch16_224.")
+    if "can't allocate memory" in text or "out of memory" in text.lower():
+        sizes = kwargs or "its default sizes"
+        return ConfigError(f"model.backbone={name} does not fit in memory with {sizes} ({text}): "
+                           "lower model.width, or the sizes in model.kwargs")
+    return ConfigError(f"model.backbone={name} cannot be built with {kwargs}: {text} (check "
+                       "model.kwargs and model.width)")
 
 
 def apply_cifar_stem(model: nn.Module) -> nn.Module:
