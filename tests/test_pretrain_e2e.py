@@ -111,7 +111,7 @@ def test_pretrain_on_a_folder_with_bad_files(tmp_path, tiny):
     assert summary["skipped_files"] == 2
 
 
-def test_augviz_writes_a_png(tmp_path, capsys):
+def test_augviz_writes_a_png(tmp_path, capsys, monkeypatch):
     out = tmp_path / "grid.png"
     assert main(["augviz", "data.name=digits", "augment.view_mode=per_strategy",
                  "--images", "3", "--out", str(out)]) == 0
@@ -123,6 +123,10 @@ def test_augviz_writes_a_png(tmp_path, capsys):
                  str(tmp_path / "noext")]) == 0
     assert f"wrote {tmp_path / 'noext.png'}" in capsys.readouterr().out
     assert Image.open(tmp_path / "noext.png").format == "PNG"
+    # a relative name: the last line is the absolute path, as every command's (README)
+    monkeypatch.chdir(tmp_path)
+    assert main(["augviz", "data.name=digits", "--images", "1", "--out", "rel.png"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {tmp_path / 'rel.png'}"
 
 
 def test_augviz_on_a_folder_of_user_images(tmp_path):

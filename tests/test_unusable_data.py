@@ -366,3 +366,25 @@ def test_a_damaged_fashion_mnist_file_is_one_line_on_the_command_line(tmp_path, 
     assert _last_error_line(capsys).startswith(
         f"massrl pretrain: {root}/t10k-labels-idx1-ubyte.gz is damaged (Compressed file ended "
         "before the end-of-stream marker was reached; a download cut short?)")
+
+
+def test_only_a_symlink_loop_is_passed_over_not_a_folder_that_cannot_be_read():
+    """A class folder whose type cannot be read (permissions, a network disk's EIO) was dropped
+    with its class, without a word, once every OSError counted as 'not a folder'."""
+    import errno
+
+    from massrl.data.folder import _is
+
+    class Entry:
+        def __init__(self, err: int) -> None:
+            self.err = err
+
+        def is_dir(self) -> bool:
+            raise OSError(self.err, os.strerror(self.err))
+
+        is_file = is_dir
+
+    assert _is(Entry(errno.ELOOP), "dir") is False and _is(Entry(errno.ELOOP), "file") is False
+    with pytest.raises(PermissionError):
+        _is(Entry(errno.EACCES), "dir")
+

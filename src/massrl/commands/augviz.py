@@ -62,5 +62,5 @@ def run(args: argparse.Namespace) -> int:
     except (DatasetNotFoundError, UnusableDataError, BadImageError) as exc:
         print(f"massrl augviz: {data_error_message(exc)}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
+    print(f"wrote {os.path.abspath(out)}")  # (absolute: scripts take the last line)
     return 0

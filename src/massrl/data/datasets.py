@@ -143,8 +143,10 @@ def _fashion_mnist(cfg: DataConfig, seed: int) -> DatasetSplits:
         folder = _download_fashion_mnist(base, folders)
     if folder is None:
         raise not_found("fashion_mnist", folders, [
-            f"data.root=null reads the Debian package's copy in {DEBIAN_FASHION_MNIST} (apt-get "
-            "install dataset-fashion-mnist)" if cfg.root else
+            f"restore data.root, or link the Debian package's copy there (ln -s "
+            f"{DEBIAN_FASHION_MNIST} {base}): a checkpoint's evaluation or resume then reads "
+            f"the same data; a new run may take data.root=null, which reads that copy" if cfg.root
+            else
             f"apt-get install dataset-fashion-mnist (installs into {DEBIAN_FASHION_MNIST})",
             "data.download=true with a network connection (torchvision downloads into data.root)",
             "data.root=DIR pointing at a folder with the four *-ubyte(.gz) IDX files",

@@ -4,6 +4,7 @@ the dataset that decodes files with `load_image`, skipping undecodable ones unle
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -88,13 +89,16 @@ def _entries(folder: Path) -> list[os.DirEntry]:
 
 
 def _is(entry: os.DirEntry, kind: str) -> bool:
-    """entry.is_dir() / is_file(), False where it cannot be told: a symlink loop (a.png -> b.png
-    -> a.png) raised ELOOP there and stopped the run; os.walk lists it with the files, and like
-    any other file that is no image it is skipped with a warning when read."""
+    """entry.is_dir() / is_file(), False for a symlink loop (a.png -> b.png -> a.png): it raised
+    ELOOP there and stopped the run; os.walk lists it with the files, and like any other file
+    that is no image it is skipped with a warning when read. (Other errors, a class folder that
+    cannot be read, stop the run: passed over, its class would be left out without a word.)"""
     try:
         return entry.is_dir() if kind == "dir" else entry.is_file()
-    except OSError:
-        return False
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return False
+        raise
 
 
 def _subdirs(root: Path) -> list[Path]:
