@@ -254,6 +254,70 @@ def test_a_stop_signal_while_the_run_is_set_up_says_so_and_removes_its_new_folde
     assert signal.getsignal(getattr(signal, sig)) == signal.SIG_DFL
 
 
+def test_a_ctrl_c_as_lightning_sets_up_is_an_interrupt_and_leaves_ctrl_c_working(
+        tiny, monkeypatch, capsys):
+    """Before training starts (a checkpoint being restored, devices set up) Lightning answered
+    Ctrl-C with SystemExit(1) and left SIGINT ignored: IPython could no longer be interrupted,
+    the command exited 1 without a word, and the new folder stayed."""
+    import signal
+
+    from massrl.methods import SSLMethod
+
+    configure = SSLMethod.configure_optimizers
+
+    def interrupted(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        return configure(self)
+
+    monkeypatch.setattr(SSLMethod, "configure_optimizers", interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    args = _byol(tiny)
+    assert main(["pretrain", *args]) == 130
+    assert "massrl pretrain: interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is before and not _out(args).exists()
+
+
+def test_a_ctrl_c_in_the_final_validation_keeps_the_finished_runs_summary(
+        tiny, monkeypatch, capsys):
+    """The validation after training (eval.knn_every left the last epoch unmeasured): a Ctrl-C
+    there lost summary.json, and a resume then had none to show."""
+    import signal
+
+    from massrl.methods import SSLMethod
+
+    step = SSLMethod.validation_step
+
+    def interrupted(self, *args, **kwargs):
+        if self.trainer.state.fn == "validate":
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(SSLMethod, "validation_step", interrupted)
+    args = _byol(tiny, **{"eval.knn_every": "5"})
+    assert main(["pretrain", *args]) == 0
+    assert "the final model's validation was skipped" in capsys.readouterr().err
+    summary = json.loads((_out(args) / "summary.json").read_text())
+    assert summary["epochs"] == 1 and summary["knn_top1"] is None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_stopped_run_says_where_and_how_to_continue_to_a_python_caller(tmp_path):
+    """In IPython a Ctrl-C showed a bare 'SIGTERMException'."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from massrl.stop_signals import name_the_stop
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    exc = SIGTERMException()
+    name_the_stop(exc, tmp_path, SimpleNamespace(by_ctrl_c=True, signal_name="SIGINT"))
+    assert exc.code == 130 and exc.run_dir == tmp_path
+    assert str(exc) == (f"Ctrl-C: the run in {tmp_path} stopped with checkpoints/last.ckpt "
+                        f"saved; continue it with resume=auto output_dir={tmp_path}")
+
+
 def test_a_signal_to_the_process_group_with_loader_workers_saves_and_stops(tiny):
     """A scheduler or `timeout` signals the whole group, DataLoader workers included: a worker
     that died of it failed the run's next batch ("DataLoader worker is killed by signal")."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -103,3 +104,26 @@ class RunSummary(Callback):
         return {"knn_top1": knn, "knn_after_epochs": self.last_val.get("after_epochs"),
                 "best_knn_top1": None if best is None else float(best),
                 "probe_top1": self.last_val.get("val/probe_top1")}
+
+
+def measure_final_model(trainer: L.Trainer, method: L.LightningModule, datamodule: Any,
+                        record: RunSummary, best: ModelCheckpoint | None,
+                        summary: dict[str, Any]) -> None:
+    """eval.knn_every left the last epochs unmeasured: one more validation makes `summary` the
+    final model's. A Ctrl-C there skips it: training is done, and its summary is kept without
+    (Lightning's exit lost summary.json: a resume then had none to show)."""
+    from massrl.loggers import quiet_lightning
+    from massrl.stop_signals import by_ctrl_c, ctrl_c_kept
+
+    try:
+        with quiet_lightning(), ctrl_c_kept():
+            trainer.validate(method, datamodule=datamodule, verbose=False)
+        summary.update(record.val_figures(best))
+    except SystemExit as exc:
+        if not by_ctrl_c(exc):
+            raise
+        last = Path(record.run_dir) / "checkpoints" / "last.ckpt"
+        print("note: Ctrl-C: the final model's validation was skipped, and summary.json holds "
+              f"the last one measured: `massrl knn ckpt={last}` measures the final model",
+              file=sys.stderr)
+

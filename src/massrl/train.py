@@ -67,8 +67,14 @@ from massrl.run_dir import (
     remove_new_run_dir,
     run_lock,
 )
-from massrl.run_summary import KNN_METRIC, RunSummary
-from massrl.setup_signals import stop_signals_raise
+from massrl.run_summary import KNN_METRIC, RunSummary, measure_final_model
+from massrl.stop_signals import (
+    StoppedAtOnce,
+    by_ctrl_c,
+    ctrl_c_kept,
+    name_the_stop,
+    stop_signals_raise,
+)
 
 if TYPE_CHECKING:
     from massrl.data import DatasetSplits, SSLDataModule
@@ -256,25 +262,25 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
         if resume_from is not None:
             keep_previous_record(run_dir, resumed_step, to_yaml(cfg))
         write_text(run_dir / "config.yaml", to_yaml(cfg))
-    with quiet_lightning():
+    with quiet_lightning(), ctrl_c_kept():
         try:
             trainer.fit(method, datamodule=dm, ckpt_path=resume_from)
         except SIGTERMException as exc:  # the command says where and how to continue
-            exc.run_dir, exc.by_ctrl_c = run_dir, parts["preemption"].by_ctrl_c
-            exc.signal_name = parts["preemption"].signal_name
-            exc.code = 130 if exc.by_ctrl_c else 143  # (a script calling pretrain exits so)
+            name_the_stop(exc, run_dir, parts["preemption"])
             raise
-        except SystemExit:  # Lightning's exit after a second Ctrl-C, nothing saved since
-            if not parts["preemption"].by_ctrl_c:
+        except SystemExit as exc:  # Lightning's exit on a Ctrl-C
+            if parts["preemption"].by_ctrl_c:  # the second: nothing saved since the first
+                raise StoppedAtOnce(run_dir) from None
+            if not by_ctrl_c(exc):
                 raise
-            raise StoppedAtOnce(run_dir) from None
+            # before training (Preemption takes Ctrl-C from its start): nothing to keep
+            if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+                remove_new_run_dir(run_dir.resolve(), new_folder)
+            raise KeyboardInterrupt from None
     summary = parts["summary"].summary(trainer, method, parts["best"])
     if dm.has_labels and cfg.eval.knn_every and \
             parts["summary"].last_val.get("after_epochs") != trainer.current_epoch:
-        # eval.knn_every left the last epochs unmeasured: the summary is the final model's
-        with quiet_lightning():
-            trainer.validate(method, datamodule=dm, verbose=False)
-        summary.update(parts["summary"].val_figures(parts["best"]))
+        measure_final_model(trainer, method, dm, parts["summary"], parts["best"], summary)
     if trainer.is_global_zero:
         write_text(run_dir / "summary.json", json_text(summary, indent=2) + "\n")
     finish_loggers(trainer.loggers, summary)
@@ -387,11 +393,3 @@ def compile_encoders(method: SSLMethod) -> None:
     checkpoint keys plain and leaves the data-dependent loss bookkeeping in eager mode."""
     for name in method.ENCODERS:
         getattr(method, name).compile()
-
-
-class StoppedAtOnce(KeyboardInterrupt):
-    """A second Ctrl-C: the run stopped mid-step; its last checkpoint is the one before."""
-
-    def __init__(self, run_dir: Path) -> None:
-        super().__init__(str(run_dir))
-        self.run_dir = run_dir

@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
 
     from massrl.data import BadImageError, DatasetNotFoundError, UnusableDataError
     from massrl.resilience import CheckpointWriteError, NonFiniteLossError
-    from massrl.setup_signals import StoppedWhileStarting
-    from massrl.train import StoppedAtOnce, pretrain
+    from massrl.stop_signals import StoppedAtOnce, StoppedWhileStarting
+    from massrl.train import pretrain
 
     try:
         summary = pretrain(cfg)

@@ -1,0 +1,101 @@
+"""How a pre-training run stops on a signal outside the steps resilience.Preemption handles.
+
+- While the run is set up, before training: SIGTERM's and SIGUSR1's default action killed the
+  process at once, silently, while it loaded the data, built the model or drew the augmentation
+  picture (exit 143 without a word, a new run folder left holding only its lock). Here they
+  raise, so the folder is removed as for any failure before training, and the command says so.
+- Ctrl-C inside Lightning's fit or validate, where Preemption's handler is not (yet) installed:
+  Lightning turns it into sys.exit(1) and leaves Ctrl-C ignored (SIG_IGN) for the rest of the
+  process (an IPython session could no longer be interrupted). Here it is a KeyboardInterrupt
+  again, and the process's own Ctrl-C handler comes back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from massrl.data.loading import STOP_SIGNALS
+
+
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C: the run stopped mid-step; its last checkpoint is the one before."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+
+
+class StoppedWhileStarting(SystemExit):
+    """SystemExit(143): what a stopped run exits with (a Python caller's script too)."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(143)
+        self.signal_name = signal_name
+
+
+@contextlib.contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """SIGTERM and SIGUSR1 raise StoppedWhileStarting inside the block, where they would kill
+    the process (a handler the caller installed stays theirs)."""
+    if not _main_thread():  # (signals: main thread only)
+        yield
+        return
+    pid = os.getpid()
+
+    def stop(signum: int, frame: Any) -> None:
+        if os.getpid() != pid:  # a process forked inside the block: the default action
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise StoppedWhileStarting(signal.Signals(signum).name)
+
+    taken = [sig for sig in STOP_SIGNALS if signal.getsignal(sig) == signal.SIG_DFL]
+    for sig in taken:
+        signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig in taken:
+            if signal.getsignal(sig) is stop:
+                signal.signal(sig, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def ctrl_c_kept() -> Iterator[None]:
+    """Puts back the process's Ctrl-C handler where Lightning left Ctrl-C ignored."""
+    before = signal.getsignal(signal.SIGINT) if _main_thread() else None
+    try:
+        yield
+    finally:
+        if before is not None and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+            signal.signal(signal.SIGINT, before)
+
+
+def by_ctrl_c(exc: SystemExit) -> bool:
+    """Whether a SystemExit is Lightning's answer to a KeyboardInterrupt (its sys.exit(1) in
+    the `except KeyboardInterrupt` of its interrupt handling)."""
+    return isinstance(exc.__context__, KeyboardInterrupt)
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def name_the_stop(exc: SystemExit, run_dir: Path, preemption: Any) -> None:
+    """Lightning's SIGTERMException of a run Preemption stopped, marked for the command (where,
+    by which signal) and for a Python caller: it exits with the command's status, and says what
+    happened (in IPython a Ctrl-C showed a bare 'SIGTERMException')."""
+    exc.run_dir, exc.by_ctrl_c = run_dir, preemption.by_ctrl_c
+    exc.signal_name = preemption.signal_name
+    exc.code = 130 if exc.by_ctrl_c else 143
+    saved = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    exc.args = (f"{'Ctrl-C' if exc.by_ctrl_c else exc.signal_name}: the run in {run_dir} "
+                f"stopped{' with checkpoints/last.ckpt saved' if saved else ''}; continue it "
+                f"with resume=auto output_dir={run_dir}",)
+
