@@ -77,6 +77,14 @@ def test_sync_batchnorm_is_off_on_the_cpu_with_a_notice(capsys) -> None:
     (["trainer.accelerator=tpu"], "Lightning cannot run trainer.accelerator=tpu"),
     # started on one machine only: it waited for the others, silently, forever
     (["trainer.num_nodes=2"], "trainer.num_nodes=2 needs the command started on each machine"),
+    # processes started from inside fit: the summary said 0 epochs, metrics.csv was rewritten
+    (["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn"],
+     "trainer.strategy=ddp_spawn here has Lightning start the 2 processes from inside the run"),
+    (["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_fork"],
+     "run it as a script with trainer.strategy=ddp"),
+    # (what Lightning picks for several devices in a notebook: ddp_notebook)
+    (["trainer.accelerator=cpu", "trainer.devices=2", "NOTEBOOK"],
+     "trainer.strategy=auto here has Lightning start the 2 processes from inside the run (fork)"),
 ])
 def test_trainer_settings_this_machine_cannot_run_are_one_line_errors(tiny, tmp_path, capsys,
                                                                       monkeypatch, settings,
@@ -90,6 +98,10 @@ def test_trainer_settings_this_machine_cannot_run_are_one_line_errors(tiny, tmp_
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (also on a GPU machine)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    if "NOTEBOOK" in settings:
+        monkeypatch.setattr("lightning.pytorch.trainer.connectors.accelerator_connector."
+                            "_IS_INTERACTIVE", True)
+        settings = [s for s in settings if s != "NOTEBOOK"]
     out = tmp_path / "run"
     args = [a for a in tiny("byol") if not a.startswith("output_dir=")]
     assert main(["pretrain", *args, *settings, f"output_dir={out}"]) == 2

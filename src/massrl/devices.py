@@ -173,6 +173,25 @@ def _apple_gpu_autocasts_bf16() -> bool:
     return new_enough and torch.backends.mps.is_macos_or_newer(14, 0)
 
 
+def refuse_launch_from_inside(trainer: Any, strategy: str) -> None:
+    """Processes Lightning starts from inside fit (ddp_spawn, ddp_fork, ddp_notebook: its pick
+    for several devices in a notebook) run the epochs where the process that called pretrain()
+    does not see them: its summary said 0 epochs and no kNN, and the validation after training,
+    launched again, rewrote metrics.csv. A script starts one process per device instead."""
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    from massrl.config import ConfigError
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if isinstance(launcher, _MultiProcessingLauncher):
+        raise ConfigError(
+            f"trainer.strategy={strategy} here has Lightning start the {trainer.num_devices} "
+            f"processes from inside the run ({launcher._start_method}), whose summary and "
+            "metrics massrl cannot gather: run it as a script with trainer.strategy=ddp "
+            "(`massrl pretrain ...`, a python file calling massrl.train.pretrain, or torchrun), "
+            "not from a notebook; docs/distributed.md")
+
+
 def _launch_forks(strategy: str) -> bool:
     """Whether Lightning will start the run's processes by forking this one (ddp_fork, and its
     pick for several GPUs in a notebook), which it refuses once CUDA is initialised here."""

@@ -24,6 +24,7 @@ from massrl.config.schema import check_training_data, check_training_settings
 from massrl.data.folder import check_headers
 from massrl.devices import (
     check_accelerator,
+    refuse_launch_from_inside,
     resolve_precision,
     run_num_workers,
     trains_on_cpu,
@@ -135,6 +136,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool,
         raise ConfigError(f"Lightning cannot run trainer.accelerator={t.accelerator} "
                           f"trainer.devices={t.devices} trainer.strategy={t.strategy} "
                           f"trainer.num_nodes={t.num_nodes} here: {exc}") from None
+    refuse_launch_from_inside(trainer, t.strategy)
     _check_launch(trainer, t.devices, t.num_nodes)
     return trainer, {"summary": summary, "best": best, "preemption": callbacks[0]}
 
