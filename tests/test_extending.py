@@ -69,6 +69,42 @@ def test_a_plugin_method_strategy_and_backbone_train_and_evaluate(plugin, tiny, 
     assert summary["knn_top1"] is not None and summary["runtime"]["augment_backend"] == "batched"
 
 
+def test_a_plugin_imported_in_python_is_recorded_for_the_commands(plugin, tiny, tmp_path,
+                                                                  capsys):
+    """`import my_plugin` then pretrain() (docs/extending.md's way in Python) recorded no plugin:
+    `massrl knn` refused the checkpoint ("unknown method 'vicreg'"), and so did a resume."""
+    import importlib
+    import sys
+
+    from massrl.cli import main
+    from massrl.plugins import METHODS, record_imported
+
+    sys.path.insert(0, str(plugin.parent))
+    try:
+        importlib.import_module(plugin.stem)
+    finally:
+        sys.path.remove(str(plugin.parent))
+    run = tmp_path / "run_vicreg"
+    assert main(["pretrain", "method=vicreg", "augment.strategies=[simclr,geometric]",
+                 *tiny("vicreg")]) == 0
+    assert f"- {plugin}" in (run / "config.yaml").read_text()
+    knn = _massrl("knn", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "k=[5]",
+                  f"output_dir={tmp_path / 'knn'}", cwd=tmp_path)
+    assert knn.returncode == 0, knn.stderr[-2000:]
+    # a method defined in __main__ (a notebook cell) cannot be recorded: said
+    main_cls = type("InACell", (METHODS["vicreg"],), {"__module__": "__main__"})
+    METHODS["incell"] = main_cls
+    try:
+        from massrl.config import build_config
+
+        cfg = build_config(overrides=["method=vicreg"])
+        cfg.method = "incell"
+        assert record_imported(cfg).plugins == cfg.plugins
+        assert "is defined in __main__" in capsys.readouterr().out
+    finally:
+        METHODS.pop("incell")
+
+
 def test_the_plugins_strategy_is_seeded_per_image_and_its_sampler_per_image(plugin):
     import torch
     from PIL import Image

@@ -147,3 +147,30 @@ def import_plugins(names: list[str]) -> list[str]:
 def _file_of(module: Any) -> Path | None:
     file = getattr(module, "__file__", None)
     return Path(file).resolve() if file else None
+
+
+def record_imported(cfg: Any) -> Any:
+    """`cfg` with the modules that registered its method and strategies added to its plugins,
+    where a Python caller imported them itself (`import my_plugin`, as docs/extending.md says)
+    rather than naming them in plugins=: config.yaml and the checkpoints then name them, so
+    `massrl knn|linear|umap|export` and a resume from the command line import them too (they
+    refused the checkpoint: "unknown method"). One defined in __main__ (a notebook cell, the
+    script itself) cannot be imported elsewhere: said. The caller's cfg is left as it was."""
+    owners = [METHODS.get(cfg.method)] + [getattr(STRATEGIES.get(s), "per_image", None)
+                                          for s in cfg.augment.strategies]
+    recorded = list(cfg.plugins)
+    for owner in filter(None, owners):
+        module = sys.modules.get(getattr(owner, "__module__", ""))
+        name = getattr(module, "__name__", "__main__")
+        if name == "__main__" or module is None:
+            print(f"note: {_origin(owner)} is defined in __main__ (a notebook or the script "
+                  "itself): `massrl knn|linear|umap|export` and a resume from the command "
+                  "line cannot import it; put it in a module and name that in plugins=")
+            continue
+        file = _file_of(module)
+        # (a top-level module by its file: found from any folder, as a plugins= file is)
+        entry = str(file) if file is not None and "." not in name else name
+        if entry not in recorded and name not in recorded:
+            recorded.append(entry)
+    return cfg if recorded == list(cfg.plugins) else cfg.model_copy(update={"plugins": recorded})
+

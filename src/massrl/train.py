@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from massrl import plugins
 from massrl.augment.views import sparse_pairs_note
 from massrl.caller_state import callers_process_kept
 from massrl.config import ConfigError, RunConfig, to_yaml
@@ -237,6 +238,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
     check_accelerator(cfg.trainer.accelerator)
     check_training_settings(cfg)
     check_run_extras(cfg)
+    cfg = plugins.record_imported(cfg)
     running_commit()  # (asked now: the code as the run starts, not as at its first save)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     set_cpu_threads(cfg)
