@@ -488,6 +488,17 @@ def test_an_output_path_that_is_a_fifo_is_refused_at_once(tmp_path, ckpt, capsys
     assert capsys.readouterr().err.strip() == (
         f"massrl export: {fifo} exists and is a FIFO (named pipe), not a file: name a file or "
         "a folder to write the output to")
+    # the manifest beside the weights: checked before it is read (review: export hung there)
+    os.mkfifo(tmp_path / "m.json")
+    signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        code = main(["export", f"ckpt={ckpt}", "device=cpu", "--out", str(tmp_path / "m.pt")])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert code == 2 and f"{tmp_path / 'm.json'} exists and is not a file" in \
+        capsys.readouterr().err
 
 
 def test_augviz_checks_its_picture_name_first_and_writes_into_a_folder(tmp_path, capsys):

@@ -2,9 +2,11 @@
 run continues the same W&B run, and a missing wandb package is explained."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
+from conftest import run_python
 from lightning.pytorch.loggers import WandbLogger
 
 from massrl.cli import main
@@ -163,4 +165,18 @@ def test_an_online_wandb_run_without_credentials_is_refused_before_it_starts(
     err = capsys.readouterr().err
     assert "wandb.enabled=true: no W&B credentials" in err and "WANDB_MODE=offline" in err
     assert "Traceback" not in err and not _out(args).exists()
+    # a malformed key: W&B's refusal, in one line (review: a traceback, exit 1). (A process of
+    # its own: wandb keeps the credentials it read first for the process's life.)
+    code = ("from massrl.config import ConfigError\nfrom massrl.loggers import check_wandb_login\n"
+            "try:\n    check_wandb_login()\nexcept ConfigError as exc:\n    print(exc)\n")
+    refused = run_python(code, env={**os.environ, "WANDB_API_KEY": "abc"}).stdout
+    assert refused.startswith("wandb.enabled=true: W&B refused the credentials here"), refused
+    # `wandb offline` in the working folder is W&B's own switch: the run starts (review)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb").mkdir()
+    (tmp_path / "wandb" / "settings").write_text("[default]\nmode = offline\n")
+    monkeypatch.chdir(tmp_path)
+    from massrl.loggers import check_wandb_login
+
+    check_wandb_login()  # (no refusal)
 

@@ -27,6 +27,7 @@ from massrl.epoch_clock import EpochClock
 from massrl.eval.features import PROGRESS_EVERY_S
 from massrl.extras import require
 from massrl.files import write_text
+from massrl.messages import first_line
 
 WANDB_ID_FILE = "wandb_run_id"
 
@@ -105,16 +106,27 @@ def wandb_logger(cfg: RunConfig, run_dir: Path) -> WandbLogger:
 def check_wandb_login() -> None:
     """An online W&B run needs credentials: without them wandb raised its UsageError at the
     first log, inside training (a traceback, and a run folder left holding a lock)."""
-    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+    offline = ("offline", "disabled", "dryrun")
+    if os.environ.get("WANDB_MODE", "").lower() in offline:
         return
     import wandb
 
     if "prompt" not in inspect.signature(wandb.login).parameters:
         return  # (a wandb before login(prompt=...): it says so itself, later)
-    if not wandb.login(prompt=False, verify=False):
-        raise ConfigError("wandb.enabled=true: no W&B credentials on this machine. Log in once "
-                          "with `wandb login`, set WANDB_API_KEY, or log offline with "
-                          "WANDB_MODE=offline (`wandb sync` uploads the run later)")
+    how = ("Log in once with `wandb login`, set WANDB_API_KEY, or log offline with "
+           "WANDB_MODE=offline (`wandb sync` uploads the run later)")
+    with contextlib.suppress(AttributeError):  # (W&B's settings files: `wandb offline` here)
+        settings = wandb.Settings()  # (read afresh: wandb.setup()'s stay as first read)
+        settings.update_from_system_settings()
+        if settings.mode in offline:
+            return
+    try:
+        logged_in = wandb.login(prompt=False, verify=False)
+    except Exception as exc:  # noqa: BLE001 - W&B's refusal of a key, named
+        raise ConfigError(f"wandb.enabled=true: W&B refused the credentials here "
+                          f"({first_line(exc)}). {how}") from None
+    if not logged_in:
+        raise ConfigError(f"wandb.enabled=true: no W&B credentials on this machine. {how}")
 
 
 def finish_loggers(loggers: list[Logger], summary: dict[str, Any]) -> None:

@@ -120,6 +120,10 @@ def check_export_paths(out: str | Path, checkpoint: str | Path | None = None
             raise ConfigError(f"--out {out}: the export would write {path}, which is the "
                               f"checkpoint being exported (ckpt={checkpoint}), replacing it: "
                               f"give another --out, e.g. --out {other}")
+    for path in (weights, manifest):  # (reading a FIFO to check it waited for a writer)
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"--out {out}: {path} exists and is not a file: give another "
+                              f"--out, e.g. --out {other}")
     if manifest.exists() and not _is_manifest(manifest):
         raise ConfigError(f"--out {out}: the export writes its manifest beside the weights as "
                           f"{manifest}, which exists and is not a massrl export manifest (no "
