@@ -977,3 +977,13 @@ def test_a_mean_typed_on_the_0_255_scale_is_refused(ckpt, capsys):
     assert capsys.readouterr().err.strip() == (
         "massrl knn: data.mean=[125, 123, 114] looks like 0-255 values: give mean and std on "
         "the [0, 1] scale (divide by 255)")
+
+
+def test_loading_a_checkpoint_leaves_the_callers_random_stream(ckpt):
+    """Building the backbone drew its initial weights (replaced by the checkpoint's) from the
+    caller's torch stream: a notebook's seeded draws changed with a load in between."""
+    torch.manual_seed(3)
+    load_pretrained(ckpt)
+    after = torch.rand(3)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(3))

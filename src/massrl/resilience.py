@@ -178,6 +178,7 @@ class Preemption(Callback):
         self.saved = False
         self.by_ctrl_c = False
         self.signalled = False
+        self.started = False  # (its handlers are in place: stop_signals.py's are not)
         self._at_epoch_end = False  # agreed at an epoch's last step: stop once it is saved
         self.signal_name = "SIGTERM"
         self._signum = 0  # the signal this process got (0: none)
@@ -187,7 +188,7 @@ class Preemption(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if threading.current_thread() is not threading.main_thread():
             return
-        self._pid, self._trainer = os.getpid(), trainer
+        self._pid, self._trainer, self.started = os.getpid(), trainer, True
         for sig in STOP_SIGNALS:
             self._handlers[sig] = signal.signal(sig, self._on_signal)
         # Lightning answers Ctrl-C by exiting mid-step with nothing saved: the first one stops

@@ -113,17 +113,17 @@ def run_lock(run_dir: Path, rank: int) -> Iterator[None]:
 
 
 def refuse_a_used_folder(run_dir: Path, holds_a_run: bool) -> None:
-    """A new run (resume not set) would overwrite the record of the run in `run_dir`: its
-    checkpoints (`holds_a_run`), or the summary.json of a finished run whose checkpoints were
-    deleted to save space. A folder with a config.yaml alone (a run that failed before
-    training) may be run again."""
+    """A new run (resume not set, or resume=auto finding nothing) would overwrite the record of
+    the run in `run_dir`: its checkpoints (`holds_a_run`), or the summary.json of a finished
+    run whose checkpoints were deleted to save space. A folder with a config.yaml alone (a run
+    that failed before training) may be run again."""
     if holds_a_run:
         raise ConfigError(f"output_dir {run_dir} already holds a run (checkpoints/last.ckpt): "
                           "continue it with resume=auto, or choose another output_dir")
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"output_dir {run_dir} already holds a finished run (summary.json, "
-                          "its checkpoints gone): a new run would overwrite its config, metrics "
-                          "and summary. Choose another output_dir")
+                          "its checkpoints gone: nothing to resume): a new run would overwrite "
+                          "its config, metrics and summary. Choose another output_dir")
 
 
 def launched_apart() -> bool:

@@ -16,7 +16,7 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,10 @@ class StoppedWhileStarting(SystemExit):
 
 
 @contextlib.contextmanager
-def stop_signals_raise() -> Iterator[None]:
+def stop_signals_raise(handed_over: Callable[[], bool] = lambda: False) -> Iterator[None]:
     """SIGTERM and SIGUSR1 raise StoppedWhileStarting inside the block, where they would kill
-    the process (a handler the caller installed stays theirs)."""
+    the process (a handler the caller installed stays theirs), until `handed_over()`: from then
+    on another handler answers them (Lightning may still call this one after its own)."""
     if not _main_thread():  # (signals: main thread only)
         yield
         return
@@ -53,7 +54,8 @@ def stop_signals_raise() -> Iterator[None]:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        raise StoppedWhileStarting(signal.Signals(signum).name)
+        if not handed_over():
+            raise StoppedWhileStarting(signal.Signals(signum).name)
 
     taken = [sig for sig in STOP_SIGNALS if signal.getsignal(sig) == signal.SIG_DFL]
     for sig in taken:
@@ -98,4 +100,42 @@ def name_the_stop(exc: SystemExit, run_dir: Path, preemption: Any) -> None:
     exc.args = (f"{'Ctrl-C' if exc.by_ctrl_c else exc.signal_name}: the run in {run_dir} "
                 f"stopped{' with checkpoints/last.ckpt saved' if saved else ''}; continue it "
                 f"with resume=auto output_dir={run_dir}",)
+
+
+def fit(trainer: Any, method: Any, datamodule: Any, resume_from: Any, run_dir: Path,
+        new_folder: Path | None, preemption: Any) -> None:
+    """trainer.fit, each way it may stop said and marked (the module's doc): a signal before
+    training, while Lightning sets up or restores a checkpoint, as during the run's setup."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from massrl.loggers import quiet_lightning
+
+    with quiet_lightning(), ctrl_c_kept(), stop_signals_raise(lambda: preemption.started):
+        try:
+            trainer.fit(method, datamodule=datamodule, ckpt_path=resume_from)
+        except SIGTERMException as exc:  # Preemption's stop: the command says how to go on
+            name_the_stop(exc, run_dir, preemption)
+            raise
+        except StoppedWhileStarting:
+            _stopped_before_training(trainer, run_dir, new_folder)
+            raise
+        except SystemExit as exc:  # Lightning's exit on a Ctrl-C
+            if preemption.by_ctrl_c:  # the second: nothing saved since the first
+                raise StoppedAtOnce(run_dir) from None
+            if not by_ctrl_c(exc):
+                raise
+            _stopped_before_training(trainer, run_dir, new_folder)
+            raise KeyboardInterrupt from None
+
+
+def _stopped_before_training(trainer: Any, run_dir: Path, new_folder: Path | None) -> None:
+    """Ends the processes Lightning started (they waited for this one forever) and removes the
+    run's new folder, where nothing was saved yet."""
+    from massrl.run_dir import remove_new_run_dir
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    if launcher is not None and hasattr(launcher, "kill"):
+        launcher.kill(signal.SIGTERM)
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        remove_new_run_dir(run_dir.resolve(), new_folder)
 

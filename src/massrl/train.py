@@ -15,7 +15,6 @@ from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, RichProgressBar
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from massrl import plugins
 from massrl.augment.views import sparse_pairs_note
@@ -40,7 +39,6 @@ from massrl.loggers import (
     finish_loggers,
     hide_lightning_adverts,
     progress_callbacks,
-    quiet_lightning,
 )
 from massrl.memory import retain_freed_memory
 from massrl.methods import SSLMethod, build_method
@@ -70,13 +68,7 @@ from massrl.run_dir import (
     run_lock,
 )
 from massrl.run_summary import KNN_METRIC, RunSummary, measure_final_model
-from massrl.stop_signals import (
-    StoppedAtOnce,
-    by_ctrl_c,
-    ctrl_c_kept,
-    name_the_stop,
-    stop_signals_raise,
-)
+from massrl.stop_signals import fit, stop_signals_raise
 
 if TYPE_CHECKING:
     from massrl.data import DatasetSplits, SSLDataModule
@@ -266,21 +258,7 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
         if resume_from is not None:
             keep_previous_record(run_dir, resumed_step, to_yaml(cfg))
         write_text(run_dir / "config.yaml", to_yaml(cfg))
-    with quiet_lightning(), ctrl_c_kept():
-        try:
-            trainer.fit(method, datamodule=dm, ckpt_path=resume_from)
-        except SIGTERMException as exc:  # the command says where and how to continue
-            name_the_stop(exc, run_dir, parts["preemption"])
-            raise
-        except SystemExit as exc:  # Lightning's exit on a Ctrl-C
-            if parts["preemption"].by_ctrl_c:  # the second: nothing saved since the first
-                raise StoppedAtOnce(run_dir) from None
-            if not by_ctrl_c(exc):
-                raise
-            # before training (Preemption takes Ctrl-C from its start): nothing to keep
-            if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-                remove_new_run_dir(run_dir.resolve(), new_folder)
-            raise KeyboardInterrupt from None
+    fit(trainer, method, dm, resume_from, run_dir, new_folder, parts["preemption"])
     summary = parts["summary"].summary(trainer, method, parts["best"])
     if dm.has_labels and cfg.eval.knn_every and \
             parts["summary"].last_val.get("after_epochs") != trainer.current_epoch:
@@ -297,7 +275,7 @@ def _start(cfg: RunConfig, run_dir: Path, splits: DatasetSplits | None
     has nothing left to train."""
     resume_from = find_resume_checkpoint(cfg, run_dir)
     holds_a_run = (run_dir / "checkpoints" / "last.ckpt").is_file()
-    if cfg.resume is None:
+    if cfg.resume is None or resume_from is None:  # (resume=auto with nothing to resume)
         refuse_a_used_folder(run_dir, holds_a_run)
     saved_world = resumed_step = None
     if resume_from is not None:
@@ -309,7 +287,7 @@ def _start(cfg: RunConfig, run_dir: Path, splits: DatasetSplits | None
                               "Python with the same splits and resume=auto")
         check_training_data(cfg, (ckpt.get("hyper_parameters") or {}).get("config"))
         inside = _inside(resume_from, run_dir)
-        if holds_a_run and not inside:
+        if (holds_a_run or (run_dir / "summary.json").is_file()) and not inside:
             # (its checkpoints, metrics and summary would be overwritten by another run's)
             raise ConfigError(f"output_dir {run_dir} already holds a run, and resume="
                               f"{cfg.resume} is another run's checkpoint: continue that one "

@@ -139,8 +139,10 @@ def load_pretrained(path: str | Path) -> tuple[nn.Module, RunConfig, BackboneSpe
 def _load(ckpt: dict[str, Any], path: str | Path) -> tuple[nn.Module, RunConfig, BackboneSpec, str]:
     cfg = checkpoint_config(ckpt, path)
     m = cfg.model
-    backbone, spec = build_backbone(m.backbone, m.cifar_stem, m.width, cfg.data.image_size,
-                                    m.kwargs)
+    # (its initial weights, replaced next, would draw from the caller's torch stream)
+    with torch.random.fork_rng(devices=[]):
+        backbone, spec = build_backbone(m.backbone, m.cifar_stem, m.width, cfg.data.image_size,
+                                        m.kwargs)
     weights = backbone_state_dict(ckpt)
     if not weights:
         raise CheckpointError(f"'{path}' holds no backbone weights (no 'backbone.*' keys).")
