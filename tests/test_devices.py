@@ -79,12 +79,12 @@ def test_sync_batchnorm_is_off_on_the_cpu_with_a_notice(capsys) -> None:
     (["trainer.num_nodes=2"], "trainer.num_nodes=2 needs the command started on each machine"),
     # processes started from inside fit: the summary said 0 epochs, metrics.csv was rewritten
     (["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn"],
-     "trainer.strategy=ddp_spawn here has Lightning start the 2 processes from inside the run"),
+     "trainer.strategy=ddp_spawn has Lightning start the run's processes from inside it"),
     (["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_fork"],
-     "run it as a script with trainer.strategy=ddp"),
+     "use trainer.strategy=ddp; docs/distributed.md"),
     # (what Lightning picks for several devices in a notebook: ddp_notebook)
     (["trainer.accelerator=cpu", "trainer.devices=2", "NOTEBOOK"],
-     "trainer.strategy=auto here has Lightning start the 2 processes from inside the run (fork)"),
+     "trainer.strategy=auto has Lightning start the run's processes from inside it (fork)"),
 ])
 def test_trainer_settings_this_machine_cannot_run_are_one_line_errors(tiny, tmp_path, capsys,
                                                                       monkeypatch, settings,

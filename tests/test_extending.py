@@ -91,18 +91,33 @@ def test_a_plugin_imported_in_python_is_recorded_for_the_commands(plugin, tiny, 
     knn = _massrl("knn", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "k=[5]",
                   f"output_dir={tmp_path / 'knn'}", cwd=tmp_path)
     assert knn.returncode == 0, knn.stderr[-2000:]
-    # a method defined in __main__ (a notebook cell) cannot be recorded: said
-    main_cls = type("InACell", (METHODS["vicreg"],), {"__module__": "__main__"})
-    METHODS["incell"] = main_cls
+    # a method registered in __main__ (a notebook cell) cannot be recorded: said
+    from massrl.plugins import REGISTERED_BY, register_method, register_strategy
+
+    METHODS["incell"] = METHODS["vicreg"]
+    REGISTERED_BY["method:incell"] = "__main__"
     try:
         from massrl.config import build_config
 
         cfg = build_config(overrides=["method=vicreg"])
         cfg.method = "incell"
         assert record_imported(cfg).plugins == cfg.plugins
-        assert "is defined in __main__" in capsys.readouterr().out
+        assert "the method incell is registered in __main__" in capsys.readouterr().out
+        # the module that registered it is recorded, not where the class or function lives
+        # (review 2: a class imported from a helper module, a functools.partial)
+        import functools
+
+        register_method("reexported")(METHODS["vicreg"])
+        register_strategy("partial", per_image=functools.partial(print))
+        cfg.method = "reexported"
+        cfg.augment.strategies = ["simclr", "partial"]
+        assert record_imported(cfg).plugins == [str(Path(__file__).resolve())]
     finally:
-        METHODS.pop("incell")
+        for name in ("incell", "reexported"):
+            METHODS.pop(name, None)
+        from massrl.plugins import STRATEGIES
+
+        STRATEGIES.pop("partial", None)
 
 
 def test_the_plugins_strategy_is_seeded_per_image_and_its_sampler_per_image(plugin):

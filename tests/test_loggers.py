@@ -179,4 +179,10 @@ def test_an_online_wandb_run_without_credentials_is_refused_before_it_starts(
     from massrl.loggers import check_wandb_login
 
     check_wandb_login()  # (no refusal)
+    # ...unless WANDB_MODE=online overrides it, as it does for W&B (review 2)
+    monkeypatch.setenv("WANDB_MODE", "online")
+    from massrl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="no W&B credentials"):
+        check_wandb_login()
 

@@ -238,12 +238,16 @@ SIGNALLED_AT = {"setup": ("massrl.train", "find_resume_checkpoint"),
 
 
 @pytest.mark.parametrize("where, sig", [("setup", "SIGTERM"), ("setup", "SIGUSR1"),
-                                        ("fit", "SIGTERM")])
+                                        ("fit", "SIGTERM"), ("resume", "SIGTERM")])
 def test_a_stop_signal_before_training_says_so_and_removes_its_new_folder(tiny, where, sig):
     """The signal's default action killed the process without a word, leaving a folder that
     held only .lock (or config.yaml and more, inside fit). (A process of its own: without the
-    fix the signal kills the process running the test.)"""
+    fix the signal kills the process running the test.) A resumed run's folder stays, and the
+    command says how to continue it (review 2: it said "nothing was trained")."""
     args = _byol(tiny)
+    if where == "resume":  # (stopped as Lightning restores its checkpoint, inside fit)
+        assert main(["pretrain", *args]) == 0
+        args, where = [*args, "resume=auto", "trainer.max_epochs=2"], "fit"
     holder, name = SIGNALLED_AT[where]
     module, _, cls = holder.partition(".methods.")
     code = textwrap.dedent(f"""
@@ -262,7 +266,11 @@ def test_a_stop_signal_before_training_says_so_and_removes_its_new_folder(tiny, 
     done = run_python(code, *args)
     assert done.stdout.split()[-3:] == ["rc", "143", "True"], done.stderr[-2000:]
     assert f"stopped by {sig} while the run was being set up" in done.stderr
-    assert not _out(args).exists()
+    if "resume=auto" in args:
+        assert "its last.ckpt is kept; continue with: massrl pretrain" in done.stderr
+        assert (_out(args) / "checkpoints" / "last.ckpt").is_file()
+    else:
+        assert not _out(args).exists()
 
 
 def test_a_ctrl_c_as_lightning_sets_up_is_an_interrupt_and_leaves_ctrl_c_working(
@@ -306,10 +314,35 @@ def test_a_ctrl_c_in_the_final_validation_keeps_the_finished_runs_summary(
     monkeypatch.setattr(SSLMethod, "validation_step", interrupted)
     args = _byol(tiny, **{"eval.knn_every": "5"})
     assert main(["pretrain", *args]) == 0
-    assert "the final model's validation was skipped" in capsys.readouterr().err
+    assert "stopped in the validation after training, which was skipped" in \
+        capsys.readouterr().err
     summary = json.loads((_out(args) / "summary.json").read_text())
     assert summary["epochs"] == 1 and summary["knn_top1"] is None
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGUSR1"])
+def test_a_stop_signal_in_the_final_validation_keeps_the_finished_runs_summary(tiny, sig):
+    """(review 2) SIGTERM there lost summary.json and said the resumed run would repeat steps;
+    SIGUSR1 killed the process silently. (A process of its own: see above.)"""
+    args = _byol(tiny, **{"eval.knn_every": "5"})
+    code = textwrap.dedent(f"""
+        import os, signal, sys
+        from massrl.methods import SSLMethod
+        from massrl.cli import main
+        step = SSLMethod.validation_step
+        def signalled(self, *a, **k):
+            if self.trainer.state.fn == "validate":
+                os.kill(os.getpid(), signal.{sig})
+            return step(self, *a, **k)
+        SSLMethod.validation_step = signalled
+        print("rc", main(["pretrain", *sys.argv[1:]]))
+    """)
+    done = run_python(code, *args)
+    assert done.stdout.split()[-2:] == ["rc", "0"], done.stderr[-2000:]
+    assert "stopped in the validation after training" in done.stderr
+    assert "repeats the steps" not in done.stdout + done.stderr
+    assert json.loads((_out(args) / "summary.json").read_text())["epochs"] == 1
 
 
 def test_a_stopped_run_says_where_and_how_to_continue_to_a_python_caller(tmp_path):

@@ -184,12 +184,12 @@ def refuse_launch_from_inside(trainer: Any, strategy: str) -> None:
 
     launcher = getattr(trainer.strategy, "launcher", None)
     if isinstance(launcher, _MultiProcessingLauncher):
+        where = (" (in a notebook, Lightning's pick for several devices: run a script or "
+                 "`massrl pretrain` instead)" if strategy == "auto" else "")
         raise ConfigError(
-            f"trainer.strategy={strategy} here has Lightning start the {trainer.num_devices} "
-            f"processes from inside the run ({launcher._start_method}), whose summary and "
-            "metrics massrl cannot gather: run it as a script with trainer.strategy=ddp "
-            "(`massrl pretrain ...`, a python file calling massrl.train.pretrain, or torchrun), "
-            "not from a notebook; docs/distributed.md")
+            f"trainer.strategy={strategy} has Lightning start the run's processes from inside it "
+            f"({launcher._start_method}), whose epochs, summary and metrics massrl cannot "
+            f"gather: use trainer.strategy=ddp{where}; docs/distributed.md")
 
 
 def _launch_forks(strategy: str) -> bool:

@@ -118,6 +118,7 @@ def check_wandb_login() -> None:
     with contextlib.suppress(AttributeError):  # (W&B's settings files: `wandb offline` here)
         settings = wandb.Settings()  # (read afresh: wandb.setup()'s stay as first read)
         settings.update_from_system_settings()
+        settings.update_from_env_vars(dict(os.environ))  # (over the files, as W&B does)
         if settings.mode in offline:
             return
     try:

@@ -26,6 +26,8 @@ ENTRY_POINT_GROUP = "massrl.plugins"
 # name -> the method's class (an SSLMethod subclass) / the strategy's builders
 METHODS: dict[str, type] = {}
 STRATEGIES: dict[str, StrategyPlugin] = {}
+# "method:<name>" / "strategy:<name>" -> the module that registered it (recorded in a run's plugins)
+REGISTERED_BY: dict[str, str] = {}
 
 T = TypeVar("T", bound=type)
 
@@ -51,6 +53,7 @@ def register_method(name: str) -> Callable[[T], T]:
     def register(cls: T) -> T:
         _check_new(name, BUILTIN_METHODS, METHODS.get(name), cls, "method")
         METHODS[name] = cls
+        REGISTERED_BY[f"method:{name}"] = _caller_module()
         return cls
     return register
 
@@ -62,6 +65,13 @@ def register_strategy(name: str, per_image: Callable[[Any, int], Callable],
     old = STRATEGIES.get(name)
     _check_new(name, BUILTIN_STRATEGIES, old and old.per_image, per_image, "strategy")
     STRATEGIES[name] = StrategyPlugin(per_image, batched)
+    REGISTERED_BY[f"strategy:{name}"] = _caller_module()
+
+
+def _caller_module() -> str:
+    """The module whose code called register_* (the plugin to import again; the class or
+    function registered may come from another one, or be a functools.partial)."""
+    return sys._getframe(2).f_globals.get("__name__", "__main__")
 
 
 def _origin(obj: Any) -> str:
@@ -156,16 +166,23 @@ def record_imported(cfg: Any) -> Any:
     `massrl knn|linear|umap|export` and a resume from the command line import them too (they
     refused the checkpoint: "unknown method"). One defined in __main__ (a notebook cell, the
     script itself) cannot be imported elsewhere: said. The caller's cfg is left as it was."""
-    owners = [METHODS.get(cfg.method)] + [getattr(STRATEGIES.get(s), "per_image", None)
-                                          for s in cfg.augment.strategies]
+    keys = [f"method:{cfg.method}", *(f"strategy:{s}" for s in cfg.augment.strategies)]
+    owners = [(k, REGISTERED_BY[k]) for k in keys if k in REGISTERED_BY]
+    import timm
+
+    backbone = cfg.model.backbone
+    if timm.is_model(backbone):  # (one a plugin registered with timm: not timm's or massrl's)
+        owner = timm.models.model_entrypoint(backbone).__module__
+        if not owner.startswith(("timm.", "massrl.")):
+            owners.append((f"backbone:{backbone}", owner))
     recorded = list(cfg.plugins)
-    for owner in filter(None, owners):
-        module = sys.modules.get(getattr(owner, "__module__", ""))
+    for what, owner in owners:
+        module = sys.modules.get(owner)
         name = getattr(module, "__name__", "__main__")
         if name == "__main__" or module is None:
-            print(f"note: {_origin(owner)} is defined in __main__ (a notebook or the script "
-                  "itself): `massrl knn|linear|umap|export` and a resume from the command "
-                  "line cannot import it; put it in a module and name that in plugins=")
+            print(f"note: the {what.replace(':', ' ')} is registered in __main__ (a notebook or "
+                  "the script itself): `massrl knn|linear|umap|export` and a resume from the "
+                  "command line cannot import it; put it in a module and name that in plugins=")
             continue
         file = _file_of(module)
         # (a top-level module by its file: found from any folder, as a plugins= file is)

@@ -279,8 +279,8 @@ class Preemption(Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule,
                      exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
-            return
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return  # (the validation after training: run_summary.measure_final_model)
         why = None if self.saved else _not_resumable_here(trainer)
         if why is None and not self.saved:
             trainer.save_checkpoint(self.last_path, weights_only=False)

@@ -110,20 +110,22 @@ def measure_final_model(trainer: L.Trainer, method: L.LightningModule, datamodul
                         record: RunSummary, best: ModelCheckpoint | None,
                         summary: dict[str, Any]) -> None:
     """eval.knn_every left the last epochs unmeasured: one more validation makes `summary` the
-    final model's. A Ctrl-C there skips it: training is done, and its summary is kept without
-    (Lightning's exit lost summary.json: a resume then had none to show)."""
+    final model's. A Ctrl-C, SIGTERM or SIGUSR1 there skips it: training is done, and its
+    summary is kept without (the stop lost summary.json: a resume then had none to show)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     from massrl.loggers import quiet_lightning
-    from massrl.stop_signals import by_ctrl_c, ctrl_c_kept
+    from massrl.stop_signals import StoppedWhileStarting, by_ctrl_c, ctrl_c_kept, stop_signals_raise
 
     try:
-        with quiet_lightning(), ctrl_c_kept():
+        with quiet_lightning(), ctrl_c_kept(), stop_signals_raise():
             trainer.validate(method, datamodule=datamodule, verbose=False)
         summary.update(record.val_figures(best))
-    except SystemExit as exc:
-        if not by_ctrl_c(exc):
+    except SystemExit as exc:  # (Lightning's exit on Ctrl-C, SIGTERMException, ours)
+        if not (by_ctrl_c(exc) or isinstance(exc, SIGTERMException | StoppedWhileStarting)):
             raise
         last = Path(record.run_dir) / "checkpoints" / "last.ckpt"
-        print("note: Ctrl-C: the final model's validation was skipped, and summary.json holds "
-              f"the last one measured: `massrl knn ckpt={last}` measures the final model",
+        print("note: stopped in the validation after training, which was skipped: summary.json "
+              f"holds the last one measured; `massrl knn ckpt={last}` measures the final model",
               file=sys.stderr)
 

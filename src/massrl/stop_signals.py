@@ -116,7 +116,8 @@ def fit(trainer: Any, method: Any, datamodule: Any, resume_from: Any, run_dir: P
         except SIGTERMException as exc:  # Preemption's stop: the command says how to go on
             name_the_stop(exc, run_dir, preemption)
             raise
-        except StoppedWhileStarting:
+        except StoppedWhileStarting as exc:
+            exc.run_dir = run_dir
             _stopped_before_training(trainer, run_dir, new_folder)
             raise
         except SystemExit as exc:  # Lightning's exit on a Ctrl-C

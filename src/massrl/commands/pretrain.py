@@ -55,8 +55,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"massrl pretrain: {exc}", file=sys.stderr)
         return 1
     except StoppedWhileStarting as exc:
+        where = getattr(exc, "run_dir", None) or cfg.output_dir
+        kept = where is not None and (Path(where) / "checkpoints" / "last.ckpt").is_file()
         print(f"massrl pretrain: stopped by {exc.signal_name} while the run was being set up, "
-              "before training: nothing was trained", file=sys.stderr)
+              "before training: " + (f"its last.ckpt is kept; continue with: "
+                                     f"{continue_command(where)}" if kept else
+                                     "nothing was trained"), file=sys.stderr)
         return 143
     except StoppedAtOnce as exc:
         saved = (Path(exc.run_dir) / "checkpoints" / "last.ckpt").is_file()
