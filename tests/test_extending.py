@@ -92,7 +92,7 @@ def test_a_plugin_imported_in_python_is_recorded_for_the_commands(plugin, tiny, 
                   f"output_dir={tmp_path / 'knn'}", cwd=tmp_path)
     assert knn.returncode == 0, knn.stderr[-2000:]
     # a method registered in __main__ (a notebook cell) cannot be recorded: said
-    from massrl.plugins import REGISTERED_BY, register_method, register_strategy
+    from massrl.plugins import REGISTERED_BY
 
     METHODS["incell"] = METHODS["vicreg"]
     REGISTERED_BY["method:incell"] = "__main__"
@@ -103,15 +103,26 @@ def test_a_plugin_imported_in_python_is_recorded_for_the_commands(plugin, tiny, 
         cfg.method = "incell"
         assert record_imported(cfg).plugins == cfg.plugins
         assert "the method incell is registered in __main__" in capsys.readouterr().out
-        # the module that registered it is recorded, not where the class or function lives
-        # (review 2: a class imported from a helper module, a functools.partial)
-        import functools
-
-        register_method("reexported")(METHODS["vicreg"])
-        register_strategy("partial", per_image=functools.partial(print))
+        # the module being imported is recorded, not where the class or function lives (review
+        # 2: a re-exported class, a functools.partial) nor a helper of another package that
+        # registers for it (review 3: a base class's __init_subclass__, an add() helper)
+        (tmp_path / "reghelper_pkg").mkdir()
+        (tmp_path / "reghelper_pkg" / "__init__.py").write_text(
+            "from massrl.plugins import register_method\n"
+            "def add(name, cls):\n    register_method(name)(cls)\n")
+        (tmp_path / "userplug_rec.py").write_text(
+            "import functools\nimport reghelper_pkg\n"
+            "from massrl.plugins import METHODS, register_strategy\n"
+            "reghelper_pkg.add('reexported', METHODS['vicreg'])\n"
+            "register_strategy('partial', per_image=functools.partial(print))\n")
+        sys.path.insert(0, str(tmp_path))
+        try:
+            importlib.import_module("userplug_rec")
+        finally:
+            sys.path.remove(str(tmp_path))
         cfg.method = "reexported"
         cfg.augment.strategies = ["simclr", "partial"]
-        assert record_imported(cfg).plugins == [str(Path(__file__).resolve())]
+        assert record_imported(cfg).plugins == [str(tmp_path / "userplug_rec.py")]
     finally:
         for name in ("incell", "reexported"):
             METHODS.pop(name, None)

@@ -185,4 +185,8 @@ def test_an_online_wandb_run_without_credentials_is_refused_before_it_starts(
 
     with pytest.raises(ConfigError, match="no W&B credentials"):
         check_wandb_login()
+    # a WANDB_* variable W&B cannot read: one line, not pydantic's traceback (review 3)
+    monkeypatch.setenv("WANDB_SILENT", "maybe")
+    with pytest.raises(ConfigError, match=r"W&B's settings \(WANDB_\* variables"):
+        check_wandb_login()
 

@@ -115,12 +115,17 @@ def check_wandb_login() -> None:
         return  # (a wandb before login(prompt=...): it says so itself, later)
     how = ("Log in once with `wandb login`, set WANDB_API_KEY, or log offline with "
            "WANDB_MODE=offline (`wandb sync` uploads the run later)")
-    with contextlib.suppress(AttributeError):  # (W&B's settings files: `wandb offline` here)
+    try:  # (W&B's settings files too: `wandb offline` here)
         settings = wandb.Settings()  # (read afresh: wandb.setup()'s stay as first read)
         settings.update_from_system_settings()
         settings.update_from_env_vars(dict(os.environ))  # (over the files, as W&B does)
         if settings.mode in offline:
             return
+    except AttributeError:  # (a wandb without these: its login below decides)
+        pass
+    except ValueError as exc:  # (pydantic's: a WANDB_* variable W&B cannot read)
+        raise ConfigError(f"wandb.enabled=true: W&B's settings (WANDB_* variables or its settings "
+                          f"files) are invalid: {first_line(exc)}") from None
     try:
         logged_in = wandb.login(prompt=False, verify=False)
     except Exception as exc:  # noqa: BLE001 - W&B's refusal of a key, named

@@ -69,9 +69,14 @@ def register_strategy(name: str, per_image: Callable[[Any, int], Callable],
 
 
 def _caller_module() -> str:
-    """The module whose code called register_* (the plugin to import again; the class or
-    function registered may come from another one, or be a functools.partial)."""
-    return sys._getframe(2).f_globals.get("__name__", "__main__")
+    """The module being imported (or run) when register_* was called: the plugin to import
+    again. Not the class's or function's module (a re-exported class, a functools.partial),
+    nor the immediate caller's (a base class's __init_subclass__, a helper of another package
+    registering for it): the innermost frame running a module's body."""
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_name != "<module>":
+        frame = frame.f_back
+    return (frame or sys._getframe(2)).f_globals.get("__name__", "__main__")
 
 
 def _origin(obj: Any) -> str:

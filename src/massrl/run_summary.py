@@ -115,7 +115,13 @@ def measure_final_model(trainer: L.Trainer, method: L.LightningModule, datamodul
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from massrl.loggers import quiet_lightning
-    from massrl.stop_signals import StoppedWhileStarting, by_ctrl_c, ctrl_c_kept, stop_signals_raise
+    from massrl.stop_signals import (
+        StoppedWhileStarting,
+        by_ctrl_c,
+        ctrl_c_kept,
+        end_launched_processes,
+        stop_signals_raise,
+    )
 
     try:
         with quiet_lightning(), ctrl_c_kept(), stop_signals_raise():
@@ -124,8 +130,12 @@ def measure_final_model(trainer: L.Trainer, method: L.LightningModule, datamodul
     except SystemExit as exc:  # (Lightning's exit on Ctrl-C, SIGTERMException, ours)
         if not (by_ctrl_c(exc) or isinstance(exc, SIGTERMException | StoppedWhileStarting)):
             raise
+        end_launched_processes(trainer)
         last = Path(record.run_dir) / "checkpoints" / "last.ckpt"
-        print("note: stopped in the validation after training, which was skipped: summary.json "
-              f"holds the last one measured; `massrl knn ckpt={last}` measures the final model",
-              file=sys.stderr)
+        held = ("the last one measured" if summary.get("knn_after_epochs") is not None
+                else "no kNN accuracy")
+        if trainer.is_global_zero:
+            print(f"note: stopped in the validation after training, which was skipped: "
+                  f"summary.json holds {held}; `massrl knn ckpt={last}` measures the final model",
+                  file=sys.stderr)
 

@@ -134,9 +134,15 @@ def _stopped_before_training(trainer: Any, run_dir: Path, new_folder: Path | Non
     run's new folder, where nothing was saved yet."""
     from massrl.run_dir import remove_new_run_dir
 
+    end_launched_processes(trainer)
+    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+        remove_new_run_dir(run_dir.resolve(), new_folder)
+
+
+def end_launched_processes(trainer: Any) -> None:
+    """SIGTERM to the processes Lightning started for the run (a signal this one alone got left
+    them waiting in a collective until its connection broke)."""
     launcher = getattr(trainer.strategy, "launcher", None)
     if launcher is not None and hasattr(launcher, "kill"):
         launcher.kill(signal.SIGTERM)
-    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
-        remove_new_run_dir(run_dir.resolve(), new_folder)
 
