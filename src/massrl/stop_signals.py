@@ -1,9 +1,11 @@
 """How a pre-training run stops on a signal outside the steps resilience.Preemption handles.
 
-- While the run is set up, before training: SIGTERM's and SIGUSR1's default action killed the
-  process at once, silently, while it loaded the data, built the model or drew the augmentation
-  picture (exit 143 without a word, a new run folder left holding only its lock). Here they
-  raise, so the folder is removed as for any failure before training, and the command says so.
+- Before training (the run's setup: data, model, augmentation picture; then Lightning's: its
+  setup, a checkpoint's restore): SIGTERM's and SIGUSR1's default action killed the process at
+  once, silently (exit 143 without a word, a new run folder left behind, a DDP rank waiting
+  forever). Here they raise, so the folder is removed as for any failure before training, and
+  the command says so. run_summary.measure_final_model uses it for the validation after
+  training too.
 - Ctrl-C inside Lightning's fit or validate, where Preemption's handler is not (yet) installed:
   Lightning turns it into sys.exit(1) and leaves Ctrl-C ignored (SIG_IGN) for the rest of the
   process (an IPython session could no longer be interrupted). Here it is a KeyboardInterrupt
