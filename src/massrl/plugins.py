@@ -171,10 +171,10 @@ def record_imported(cfg: Any) -> Any:
     `massrl knn|linear|umap|export` and a resume from the command line import them too (they
     refused the checkpoint: "unknown method"). One defined in __main__ (a notebook cell, the
     script itself) cannot be imported elsewhere: said. The caller's cfg is left as it was."""
+    import timm  # (here: --help reads this module without torch)
+
     keys = [f"method:{cfg.method}", *(f"strategy:{s}" for s in cfg.augment.strategies)]
     owners = [(k, REGISTERED_BY[k]) for k in keys if k in REGISTERED_BY]
-    import timm
-
     backbone = cfg.model.backbone
     if timm.is_model(backbone):  # (one a plugin registered with timm: not timm's or massrl's)
         owner = timm.models.model_entrypoint(backbone).__module__
