@@ -28,6 +28,11 @@ except ImportError:  # not on a POSIX system: runs go unguarded
 RUN_DIR_ENV = "MASSRL_RUN_DIR"
 
 
+def last_checkpoint(run_dir: str | Path) -> Path:
+    """Where a run keeps the checkpoint it continues from (whether it holds one or not)."""
+    return Path(run_dir) / "checkpoints" / "last.ckpt"
+
+
 def make_run_dir(cfg: RunConfig) -> tuple[Path, Path | None]:
     """Make the run directory (output_dir, the launching process's, or the next free
     runs/<name>/version_N, claimed atomically: two runs started at once take two) and put it in

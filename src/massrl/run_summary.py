@@ -115,6 +115,7 @@ def measure_final_model(trainer: L.Trainer, method: L.LightningModule, datamodul
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from massrl.loggers import quiet_lightning
+    from massrl.run_dir import last_checkpoint
     from massrl.stop_signals import (
         StoppedWhileStarting,
         by_ctrl_c,
@@ -131,7 +132,7 @@ def measure_final_model(trainer: L.Trainer, method: L.LightningModule, datamodul
         if not (by_ctrl_c(exc) or isinstance(exc, SIGTERMException | StoppedWhileStarting)):
             raise
         end_launched_processes(trainer)
-        last = Path(record.run_dir) / "checkpoints" / "last.ckpt"
+        last = last_checkpoint(record.run_dir)
         held = ("the last one measured" if summary.get("knn_after_epochs") is not None
                 else "no kNN accuracy")
         if trainer.is_global_zero:

@@ -98,7 +98,9 @@ def name_the_stop(exc: SystemExit, run_dir: Path, preemption: Any) -> None:
     exc.run_dir, exc.by_ctrl_c = run_dir, preemption.by_ctrl_c
     exc.signal_name = preemption.signal_name
     exc.code = 130 if exc.by_ctrl_c else 143
-    saved = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    from massrl.run_dir import last_checkpoint
+
+    saved = last_checkpoint(run_dir).is_file()
     exc.args = (f"{'Ctrl-C' if exc.by_ctrl_c else exc.signal_name}: the run in {run_dir} "
                 f"stopped{' with checkpoints/last.ckpt saved' if saved else ''}; continue it "
                 f"with resume=auto output_dir={run_dir}",)
@@ -134,10 +136,10 @@ def fit(trainer: Any, method: Any, datamodule: Any, resume_from: Any, run_dir: P
 def _stopped_before_training(trainer: Any, run_dir: Path, new_folder: Path | None) -> None:
     """Ends the processes Lightning started (they waited for this one forever) and removes the
     run's new folder, where nothing was saved yet."""
-    from massrl.run_dir import remove_new_run_dir
+    from massrl.run_dir import last_checkpoint, remove_new_run_dir
 
     end_launched_processes(trainer)
-    if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+    if not last_checkpoint(run_dir).is_file():
         remove_new_run_dir(run_dir.resolve(), new_folder)
 
 

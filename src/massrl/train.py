@@ -62,6 +62,7 @@ from massrl.resume import (
 from massrl.run_dir import (
     finished_already,
     keep_previous_record,
+    last_checkpoint,
     make_run_dir,
     refuse_a_used_folder,
     remove_new_run_dir,
@@ -274,7 +275,7 @@ def _start(cfg: RunConfig, run_dir: Path, splits: DatasetSplits | None
     """The checkpoint to resume from and what `_prepare` builds, or the summary of a run that
     has nothing left to train."""
     resume_from = find_resume_checkpoint(cfg, run_dir)
-    holds_a_run = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    holds_a_run = last_checkpoint(run_dir).is_file()
     if cfg.resume is None or resume_from is None:  # (resume=auto with nothing to resume)
         refuse_a_used_folder(run_dir, holds_a_run)
     saved_world = resumed_step = None

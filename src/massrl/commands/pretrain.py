@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from lightning.pytorch.utilities import rank_zero_only
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from massrl.run_dir import another_machines_first_process
+    from massrl.run_dir import another_machines_first_process, last_checkpoint
 
     if another_machines_first_process():  # (the Trainer sets its true rank later)
         rank_zero_only.rank = int(os.environ["NODE_RANK"])
@@ -56,14 +56,14 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except StoppedWhileStarting as exc:
         where = getattr(exc, "run_dir", None) or cfg.output_dir
-        kept = where is not None and (Path(where) / "checkpoints" / "last.ckpt").is_file()
+        kept = where is not None and last_checkpoint(where).is_file()
         print(f"massrl pretrain: stopped by {exc.signal_name} while the run was being set up, "
               "before training: " + (f"its last.ckpt is kept; continue with: "
                                      f"{continue_command(where)}" if kept else
                                      "nothing was trained"), file=sys.stderr)
         return 143
     except StoppedAtOnce as exc:
-        saved = (Path(exc.run_dir) / "checkpoints" / "last.ckpt").is_file()
+        saved = last_checkpoint(exc.run_dir).is_file()
         print("massrl pretrain: stopped at once by a second Ctrl-C. " + (
             f"Continue from the last checkpoint with: {continue_command(exc.run_dir)}" if saved
             else f"No checkpoint was saved yet: {continue_command(exc.run_dir)} starts the run "
