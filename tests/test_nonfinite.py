@@ -166,16 +166,17 @@ def test_a_diverging_online_probe_restarts_and_pre_training_goes_on(tiny, capsys
 
 
 def test_a_diverging_linear_or_fine_tuning_stops_naming_its_lr(tmp_path, capsys):
-    """It trained on to the last epoch at loss nan and reported its best epoch, exit code 0."""
+    """It trained on to the last epoch at loss nan and reported its best epoch, exit code 0;
+    now exit 1, as pre-training's NaN loss (it was 2, the status of a refused input)."""
     ckpt = make_checkpoint(tmp_path / "tiny.ckpt")
     common = [f"ckpt={ckpt}", "device=cpu", "epochs=3", f"cache_dir={tmp_path / 'cache'}"]
     assert main(["linear", *common, "features_cached=true", "lr=1e38",
-                 f"output_dir={tmp_path / 'lin'}"]) == 2
+                 f"output_dir={tmp_path / 'lin'}"]) == 1
     err = capsys.readouterr().err
     assert "the loss became" in err and "training diverged" in err and "lr (now 1e+38)" in err
     assert not (tmp_path / "lin" / "result.json").exists()
     assert main(["linear", *common, "finetune=true", "label_fraction=0.5", "lr=1e38",
-                 "backbone_lr=0.1", "data.eval_subset=100", f"output_dir={tmp_path / 'ft'}"]) == 2
+                 "backbone_lr=0.1", "data.eval_subset=100", f"output_dir={tmp_path / 'ft'}"]) == 1
     assert "lr (now 1e+38) or backbone_lr (now 0.1)" in capsys.readouterr().err
 
 

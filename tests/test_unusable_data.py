@@ -74,6 +74,26 @@ def test_strict_mode_names_the_bad_file_in_one_line(tmp_path, tiny, capsys, work
     assert "Traceback" not in err
 
 
+def test_every_command_exits_2_for_an_undecodable_image_under_strict(tmp_path, capsys):
+    """The same bad input, the same exit status: an evaluation met the file as an OSError and
+    exited 1 where pretrain exited 2 (README: 2 = the input was refused)."""
+    from test_eval_commands import make_checkpoint
+
+    root = tmp_path / "strict"
+    root.mkdir()
+    _folder(root / "a", good=12, bad=1), _folder(root / "b", good=12, bad=0)  # two classes
+    ckpt = make_checkpoint(tmp_path / "tiny.ckpt")
+    data = ["data.name=folder", "data.strict=true", "data.num_workers=0"]
+    few = _folder(tmp_path / "few", good=2, bad=1)  # (augviz draws some images: here, all)
+    for argv in (["knn", f"ckpt={ckpt}", "device=cpu", f"output_dir={tmp_path / 'knn'}",
+                  f"cache_dir={tmp_path / 'cache'}", f"data.root={root}", *data],
+                 ["augviz", f"data.root={few}", *data, "--images=3",
+                  f"--out={tmp_path / 'a.png'}"]):
+        assert main(argv) == 2, argv[0]
+        last = _last_error_line(capsys)
+        assert last.startswith(f"massrl {argv[0]}: cannot decode image ") and "broken0" in last
+
+
 def test_data_error_message_keeps_a_worker_error_to_its_last_line():
     worker = BadImageError("Caught BadImageError in DataLoader worker process 0.\n"
                            "Original Traceback (most recent call last):\n  File \"x.py\", ...\n"

@@ -14,7 +14,7 @@ from collections.abc import Collection
 import PIL
 
 from massrl import __version__
-from massrl.commands.common import refuse_several_processes
+from massrl.commands.common import data_error_message, refuse_several_processes
 from massrl.config import ConfigError
 from massrl.eval.config import release_output_dirs
 
@@ -77,6 +77,22 @@ def os_error_message(exc: OSError) -> str:
     return text
 
 
+def _failure(exc: Exception, command: str) -> tuple[int, str] | None:
+    """The exit status and the one-line message of a failure every command may meet (None: a
+    bug, shown with its traceback). 2: bad input (a config error; data that is missing,
+    unusable or, under data.strict=true, undecodable); 1: failed while running (a file that
+    cannot be written, a full disk, a loss that became NaN). The classes say which with
+    `exit_status`, so that every command gives the same status for the same failure."""
+    if isinstance(exc, ConfigError):
+        return 2, str(exc).replace("massrl <command>", f"massrl {command}")
+    status = getattr(exc, "exit_status", None)
+    if status is not None:
+        return status, data_error_message(exc)
+    if isinstance(exc, OSError):  # a path that cannot be written or read, a full disk
+        return 1, os_error_message(exc)
+    return None
+
+
 def _format_warning(message: Warning | str, category: type[Warning], filename: str,
                     lineno: int, line: str | None = None) -> str:
     """massrl's own warnings (a skipped image, ...) and PIL's (an odd file) as one line each,
@@ -131,13 +147,13 @@ def _main(argv: list[str]) -> int:
         finally:
             warnings.formatwarning = previous
             release_output_dirs()  # an evaluation's default folder that stayed empty
-    except ConfigError as exc:
-        text = str(exc).replace("massrl <command>", f"massrl {args.command}")
+    except Exception as exc:
+        failure = _failure(exc, args.command)
+        if failure is None:
+            raise
+        status, text = failure
         print(f"massrl {args.command}: {text}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a path that cannot be written or read, a full disk
-        print(f"massrl {args.command}: {os_error_message(exc)}", file=sys.stderr)
-        return 1
+        return status
     except KeyboardInterrupt:
         print(f"massrl {args.command}: interrupted", file=sys.stderr)
         return 130

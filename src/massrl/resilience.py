@@ -6,7 +6,7 @@
   target, optimizer, scheduler, tau, the sampler's position in the epoch and the RNG states
   (resume.py: which checkpoint, and the checks that refuse a resume that would not fit).
 - SIGTERM (preemption) saves a checkpoint before the process exits; on SLURM the job is requeued.
-  A first Ctrl-C in a single-process run does the same (a second one stops at once).
+  A first Ctrl-C does the same, in a single-process or a DDP run (a second one stops at once).
 - A non-finite loss stops the run with a message naming the step (unless skip_nonfinite).
 """
 
@@ -36,9 +36,13 @@ from massrl.finite import nonfinite_rows
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the previous one is intact."""
 
+    exit_status = 1  # (the command's exit status: cli._failure)
+
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """The training loss became NaN/inf beyond what the run may skip."""
+
+    exit_status = 1
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

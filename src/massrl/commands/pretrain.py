@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from massrl.commands.common import add_config_args, data_error_message, resolve
+from massrl.commands.common import add_config_args, resolve
 from massrl.config import ConfigError, RunConfig
 
 NAME = "pretrain"
@@ -41,19 +41,11 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
     cfg = _resume_where_the_config_is(cfg, args)
 
-    from massrl.data import BadImageError, DatasetNotFoundError, UnusableDataError
-    from massrl.resilience import CheckpointWriteError, NonFiniteLossError
     from massrl.stop_signals import StoppedAtOnce, StoppedWhileStarting
     from massrl.train import pretrain
 
     try:
         summary = pretrain(cfg)
-    except (DatasetNotFoundError, UnusableDataError, BadImageError) as exc:
-        print(f"massrl pretrain: {data_error_message(exc)}", file=sys.stderr)
-        return 2
-    except (NonFiniteLossError, CheckpointWriteError) as exc:
-        print(f"massrl pretrain: {exc}", file=sys.stderr)
-        return 1
     except StoppedWhileStarting as exc:
         where = getattr(exc, "run_dir", None) or cfg.output_dir
         kept = where is not None and last_checkpoint(where).is_file()

@@ -26,6 +26,8 @@ class UnusableDataError(ValueError):
     """The dataset is there but cannot be trained on (no image decodes, fewer images than one
     batch, split folders that do not match); the message says what to change."""
 
+    exit_status = 2  # (the command's exit status: cli._failure)
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 STRICT_HINT = "set data.strict=false to skip undecodable images with a warning"
 

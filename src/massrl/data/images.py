@@ -52,6 +52,8 @@ def decode_at_least(side: int | None) -> Iterator[None]:
 class BadImageError(OSError):
     """A file that cannot be decoded into an image (truncated, empty, not an image, ...)."""
 
+    exit_status = 2  # bad input, as a missing dataset (cli._failure)
+
     def __init__(self, path: str | os.PathLike, reason: str = "") -> None:
         super().__init__(str(path), reason)
         self.path = str(path)

@@ -17,6 +17,8 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset is not where massrl looked; the message lists the places and how to get it."""
 
+    exit_status = 2  # (the command's exit status: cli._failure)
+
 
 @dataclass
 class DatasetSplits:

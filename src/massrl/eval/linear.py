@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from massrl.config import ConfigError
 from massrl.data.sampler import sample_seed, seed_torch
 from massrl.eval.features import on_device, progress, progress_line, unpack
 from massrl.eval.knn import topk_accuracy
@@ -81,9 +80,12 @@ class Classifier(nn.Module):
         return self
 
 
-class DivergedError(ConfigError):
+class DivergedError(RuntimeError):
     """A linear or fine-tuning training whose loss became NaN/inf: its settings (the lr) made it
-    diverge (it trained on to the last epoch and reported its best epoch, exit code 0)."""
+    diverge (it trained on to the last epoch and reported its best epoch, exit code 0). Exit
+    status 1, as pre-training's NaN loss."""
+
+    exit_status = 1
 
 
 def _lr_names(param_groups: list[dict[str, Any]]) -> str:
