@@ -351,6 +351,43 @@ def test_path_settings_expand_a_leading_tilde(monkeypatch, tmp_path):
     assert ExportConfig(ckpt="c.ckpt", out="~/b.pt").out == f"{tmp_path}/b.pt"
 
 
+def test_every_path_setting_of_every_command_expands_a_tilde(monkeypatch, tmp_path):
+    """cache_dir=~/feats made a folder named ~ in the working directory: one path key had
+    been declared a plain str. Every key that names a file or folder, in every command."""
+    from pydantic import BaseModel
+
+    from massrl.config.files import PATH_KEYS
+    from massrl.eval.config import ExportConfig, KnnEvalConfig, LinearEvalConfig, UmapEvalConfig
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+    def path_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+        keys = []
+        for name, field in model.model_fields.items():
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                keys += path_keys(kind, f"{prefix}{name}.")
+            elif name in PATH_KEYS - {"name", "plugins"} and "str" in repr(kind):
+                keys.append(prefix + name)
+        return keys
+
+    checked = []
+    for model in (RunConfig, KnnEvalConfig, LinearEvalConfig, UmapEvalConfig, ExportConfig):
+        for key in path_keys(model):
+            tree = {} if model is RunConfig else {"ckpt": "c.ckpt"}
+            *sections, name = key.split(".")
+            place = tree
+            for section in sections:
+                place = place.setdefault(section, {})
+            place[name] = "~/x"
+            value = model.model_validate(tree)
+            for part in key.split("."):
+                value = getattr(value, part)
+            assert value == f"{tmp_path}/x", (model.__name__, key, value)
+            checked.append(key)
+    assert len(checked) >= 10 and "cache_dir" in checked, checked
+
+
 def test_a_windows_path_in_double_quotes_gets_a_hint(tmp_path):
     """YAML reads \\U in "C:\\Users\\..." as an escape: its message alone did not say why."""
     config = tmp_path / "win.yaml"

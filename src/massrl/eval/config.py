@@ -68,7 +68,7 @@ class _DataEval(_Base):
                     "dataset's own image size, else 0.875)",
     )
     cache: bool = Field(True, description="cache features per checkpoint, split and transform")
-    cache_dir: str | None = Field(None, description="default: ~/.cache/massrl/features")
+    cache_dir: UserPath | None = Field(None, description="default: ~/.cache/massrl/features")
 
 
 class KnnEvalConfig(_DataEval):
