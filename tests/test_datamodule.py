@@ -325,3 +325,19 @@ def test_the_sampler_draws_each_images_seed_as_the_loader_asks_for_it(monkeypatc
     pairs = first + rest
     assert sorted(i for i, _ in pairs) == list(range(1000))
     assert all(seed == real(3, 2, i) for i, seed in pairs)
+
+
+def test_a_run_that_may_download_reads_its_dataset_once(monkeypatch):
+    """With data.download=true Lightning's prepare_data loaded the dataset a second time after
+    the run's own setup (train.build_datamodule): a whole extra read of the data."""
+    from massrl.data import datamodule
+
+    loads = []
+    real = datamodule.load_dataset
+    monkeypatch.setattr(datamodule, "load_dataset",
+                        lambda *a, **k: loads.append(1) or real(*a, **k))
+    dm = SSLDataModule(_cfg(name="digits", download=True))
+    dm.setup("fit")  # (train.build_datamodule, then Lightning's fit: prepare_data, setup)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(loads) == 1 and dm.num_classes == 10

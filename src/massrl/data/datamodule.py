@@ -53,14 +53,11 @@ class SSLDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------ setup
 
-    def prepare_data(self) -> None:
-        # Runs on one process per node: the only place a download may happen, so ranks don't race.
-        if self.cfg.data.download:
-            load_dataset(self.cfg.data, seed=self.cfg.seed)
-
+    # (no prepare_data: train.build_datamodule sets the data up in every process before the
+    # Trainer exists, downloads taking turns through data.download_lock; loading it again in
+    # Lightning's prepare_data read a dataset twice)
     def setup(self, stage: str | None = None) -> None:
         if self._splits is None:
-            # After prepare_data the files exist, so download=True only verifies them here.
             self._splits = load_dataset(self.cfg.data, seed=self.cfg.seed)
             if self.cfg.eval.knn_bank is not None:
                 check_covers_the_classes("eval.knn_bank", self.cfg.eval.knn_bank, self._splits)
