@@ -367,6 +367,22 @@ def test_cifar10_missing_root_no_download(tmp_path, monkeypatch):
     assert isinstance(info.value, FileNotFoundError)
 
 
+def test_an_offline_fashion_mnist_download_names_the_debian_package(tmp_path, monkeypatch):
+    """data.download=true into an empty data.root, offline: the error listed the download and
+    data.root only, not the package that gives the data without a network."""
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise OSError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset(DataConfig(name="fashion_mnist", root=str(tmp_path / "f"), download=True))
+    text = str(info.value)
+    assert "apt-get install dataset-fashion-mnist" in text and "name resolution" in text
+    assert f"ln -s {FASHION} {tmp_path / 'f'}" in text
+
+
 # ---------------------------------------------------------------- subsets
 
 

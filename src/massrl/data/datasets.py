@@ -171,8 +171,11 @@ def _fashion_remedy(folder: Path) -> str:
 def _download_fashion_mnist(base: Path, looked: Sequence[Path]) -> Path:
     from torchvision.datasets import FashionMNIST
 
+    # (offline, the Debian package is the other way to get it: the error says so)
     _torchvision_call("fashion_mnist", looked, lambda: FashionMNIST(str(base), download=True),
-                      download_into=base)
+                      download_into=base, also=[
+                          f"apt-get install dataset-fashion-mnist, then data.root=null (reads "
+                          f"{DEBIAN_FASHION_MNIST}) or ln -s {DEBIAN_FASHION_MNIST} {base}"])
     return base / "FashionMNIST" / "raw"
 
 
@@ -196,17 +199,17 @@ def _digits(cfg: DataConfig, seed: int) -> DatasetSplits:
 
 
 def _torchvision_call(name: str, looked: Sequence[str | Path], make: Callable[[], Dataset],
-                      download_into: Path | None = None):
+                      download_into: Path | None = None, also: Sequence[str] = ()):
     """Run a torchvision constructor (downloading into `download_into` when given, one process
     at a time); its "not found" and offline download errors become a DatasetNotFoundError that
-    says where massrl looked and how to get the data."""
+    says where massrl looked and how to get the data (`also`: other ways)."""
     try:
         with one_download_at_a_time(download_into):
             return make()
     except (RuntimeError, OSError) as exc:  # RuntimeError: not found; OSError/URLError: offline
         err = not_found(name, looked, [
             "data.download=true with a network connection (torchvision downloads into data.root)",
-            "data.root=DIR pointing at the folder that holds the torchvision files",
+            "data.root=DIR pointing at the folder that holds the torchvision files", *also,
         ])
         raise DatasetNotFoundError(f"{err}\n(torchvision said: {exc})") from exc
 
