@@ -67,3 +67,14 @@ def test_batched_engine_example_runs_and_its_plan_line_too():
     planned = eval(call_code.replace(".cuda()", ".cpu()"), scope)
     for x, y in zip(planned, views, strict=True):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=0)
+
+
+def test_the_layout_names_every_module_and_package():
+    """A contributor's map: it had fallen 14 modules behind the source."""
+    layout = README.split("## Layout")[1].split("```")[1]
+    src = ROOT / "src" / "massrl"
+    names = [p.name for p in src.glob("*.py") if not p.name.startswith("__")]
+    names += [p.name + "/" for p in src.iterdir() if (p / "__init__.py").is_file()]
+    names += [p.name for p in (src / "methods").glob("*.py") if not p.name.startswith("__")]
+    missing = [n for n in names if not re.search(rf"(^|[\s/,]){re.escape(n)}", layout, re.M)]
+    assert len(names) > 30 and not missing, f"README's Layout does not name {missing}"

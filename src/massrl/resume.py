@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from massrl.config import ConfigError, RunConfig, dotted_items, root_path
 from massrl.finite import first_nonfinite
-from massrl.run_dir import own_config_option
+from massrl.run_dir import last_checkpoint, own_config_option
 
 # what cannot change when a run is resumed: the checkpoint's tensors would not fit, the run
 # would silently become another experiment (the seed draws the subset and the views), the
@@ -63,7 +63,7 @@ def find_resume_checkpoint(cfg: RunConfig, run_dir: Path) -> Path | None:
     if cfg.resume is None:
         return None
     if cfg.resume == "auto":
-        last = run_dir / "checkpoints" / "last.ckpt"
+        last = last_checkpoint(run_dir)
         if last.is_file():
             return last
         # the newest (by name, epoch-9 would come after epoch-10)

@@ -1,4 +1,5 @@
-"""summary.json: a run's wall time, speed and final figures, kept by a Lightning callback."""
+"""What goes into summary.json: a run's wall time, speed and final figures, kept by a Lightning
+callback (train.pretrain writes the file)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from massrl.epoch_clock import EpochClock
 from massrl.provenance import runtime
+from massrl.run_dir import last_checkpoint
 
 if TYPE_CHECKING:
     from massrl.methods import SSLMethod
@@ -23,7 +25,7 @@ VAL_FIGURES = (KNN_METRIC, "val/probe_top1")  # the summary's validation figures
 
 
 class RunSummary(Callback):
-    """Keeps the wall time and writes summary.json with the run's final figures."""
+    """Keeps the wall time and, at the end, gathers the run's final figures for summary.json."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
@@ -88,8 +90,7 @@ class RunSummary(Callback):
                                    / self.train_seconds, 1) if self.train_seconds else None),
             # (absolute, as Lightning's best_model_path: the file is read from other folders)
             "run_dir": os.path.abspath(self.run_dir),
-            "last_checkpoint": os.path.join(os.path.abspath(self.run_dir), "checkpoints",
-                                            "last.ckpt"),
+            "last_checkpoint": str(last_checkpoint(os.path.abspath(self.run_dir))),
             "best_checkpoint": (ckpt.best_model_path or None) if ckpt is not None else None,
             "runtime": runtime(trainer, module),
         }

@@ -95,10 +95,11 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool,
                   resumed_step: int | None = None) -> tuple[L.Trainer, dict]:
     t = cfg.trainer
     ckpt_dir = run_dir / "checkpoints"
-    # last.ckpt at every epoch end and every N optimizer steps (written atomically), by two
-    # callbacks writing the same file: with the version counter a ModelCheckpoint would keep
-    # its own (last-v1.ckpt), and resume=auto would read whichever came first
-    callbacks: list[Callback] = [Preemption(ckpt_dir / "last.ckpt")]
+    # last.ckpt at every epoch end, every N optimizer steps and on a stop (written atomically),
+    # by three callbacks writing the same file: with the version counter a ModelCheckpoint
+    # would keep its own (last-v1.ckpt), and resume=auto would read whichever came first
+    last = last_checkpoint(run_dir)
+    callbacks: list[Callback] = [Preemption(last)]
     if t.checkpoint_every_n_steps:
         callbacks.append(StepCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
                                         every_n_train_steps=t.checkpoint_every_n_steps,
@@ -114,7 +115,7 @@ def build_trainer(cfg: RunConfig, run_dir: Path, has_labels: bool,
             every_n_epochs=t.keep_every_n_epochs, save_top_k=-1, enable_version_counter=False))
     # after `best` (checkpoint callbacks run in this order at the epoch end): the epoch's
     # last.ckpt then holds the best score so far, which a resumed run must beat
-    callbacks.append(EpochEndCheckpoint(ckpt_dir / "last.ckpt"))
+    callbacks.append(EpochEndCheckpoint(last))
     summary = RunSummary(run_dir)
     callbacks.append(summary)
     callbacks += progress_callbacks(t.progress_bar)
@@ -293,7 +294,7 @@ def _start(cfg: RunConfig, run_dir: Path, splits: DatasetSplits | None
             raise ConfigError(f"output_dir {run_dir} already holds a run, and resume="
                               f"{cfg.resume} is another run's checkpoint: continue that one "
                               "into a new output_dir, or this one with resume=auto")
-        last = run_dir / "checkpoints" / "last.ckpt"
+        last = last_checkpoint(run_dir)
         if holds_a_run and os.path.abspath(resume_from) != os.path.abspath(last) and \
                 Path(resume_from).resolve() != last.resolve():
             raise ConfigError(f"resume={cfg.resume} is another checkpoint of the run in "

@@ -17,7 +17,7 @@ Distance = Literal["cosine", "euclidean"]
 
 
 def _similarity(test: torch.Tensor, train: torch.Tensor, distance: Distance) -> torch.Tensor:
-    if distance == "cosine":  # (of features knn_scores has normalised)
+    if distance == "cosine":  # (of features knn_scores_per_k has normalised)
         return test @ train.T
     if distance == "euclidean":
         # Negative distance, so that "larger is nearer" holds for both metrics.
