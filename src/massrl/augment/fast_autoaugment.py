@@ -50,10 +50,6 @@ def op_ranges() -> dict[str, tuple[float, float]]:
     return {op: (float(lo), float(hi)) for op, (lo, hi) in _data()["op_ranges"].items()}
 
 
-def policy_names() -> list[str]:
-    return list(_data()["policies"])
-
-
 def load_policy(name: str = "imagenet") -> list[SubPolicy]:
     """The searched sub-policies of one dataset search (imagenet, cifar10 or svhn)."""
     policies = _data()["policies"]

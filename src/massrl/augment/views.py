@@ -76,10 +76,7 @@ class MultiViewTransform:
         self._scale, self._shift = _affine(mean, std)
         self.crop = build_crop(cfg, image_size)
         self.source_side = crop_source_side(cfg, image_size)
-        S = len(self.strategy_names)
-        self.num_views = {
-            "random": cfg.num_views, "per_strategy": S, "crops_x_strategies": cfg.num_crops * S,
-        }[cfg.view_mode]
+        self.num_views = cfg.views_per_image
         # The asymmetric simclr pipeline alternates with this index: the view index in random
         # mode, the crop index in crops_x_strategies (so the two crops differ). per_strategy has
         # one simclr view: it takes the first pipeline wherever simclr sits in the list (its

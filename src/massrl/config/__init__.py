@@ -20,7 +20,6 @@ from massrl.config.files import (
 )
 from massrl.config.schema import (
     DATASETS,
-    STRATEGIES,
     DataConfig,
     EvalConfig,
     LossConfig,
@@ -36,7 +35,7 @@ from massrl.config.section import ConfigError, Section
 from massrl.config.text import describe_options
 
 __all__ = [
-    "DATASETS", "DATASET_KEYS", "PACKAGE_CONFIGS", "STRATEGIES", "AugmentConfig", "ConfigError",
+    "DATASETS", "DATASET_KEYS", "PACKAGE_CONFIGS", "AugmentConfig", "ConfigError",
     "DataConfig", "EvalConfig", "LossConfig", "ModelConfig", "OptimizerConfig",
     "RandAugmentConfig", "RunConfig", "Section", "SimCLRColourConfig", "TrainerConfig",
     "WandbConfig", "build_config",

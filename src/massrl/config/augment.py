@@ -126,6 +126,13 @@ class AugmentConfig(Section):
                              "(more views of one strategy: view_mode=random with num_views)")
         return v
 
+    @property
+    def views_per_image(self) -> int:
+        """How many views view_mode makes of each image."""
+        s = len(self.strategies)
+        return {"random": self.num_views, "per_strategy": s,
+                "crops_x_strategies": self.num_crops * s}[self.view_mode]
+
     @model_validator(mode="after")
     def _batched_can_run(self) -> AugmentConfig:
         if self.backend == "batched":
@@ -142,7 +149,7 @@ class AugmentConfig(Section):
         """The loss averages over the selected view pairs: a layout that can never select one
         would train on nothing (a NaN loss at the first step)."""
         s, c, mode = len(self.strategies), self.num_crops, self.view_mode
-        views = {"random": self.num_views, "per_strategy": s, "crops_x_strategies": s * c}[mode]
+        views = self.views_per_image
         shared = mode == "random" or (mode == "crops_x_strategies" and c >= 2)
         needs = {
             "all": (True, ""),

@@ -16,9 +16,8 @@ from pydantic import (
 from massrl import plugins
 from massrl.config.augment import AugmentConfig
 from massrl.config.section import Section, UserPath, known_name
-from massrl.plugins import BUILTIN_METHODS, BUILTIN_STRATEGIES
+from massrl.plugins import BUILTIN_METHODS
 
-STRATEGIES = BUILTIN_STRATEGIES
 DATASETS = (
     "fashion_mnist", "digits", "cifar10", "cifar100", "stl10", "folder", "imagenet", "imagenet100",
 )

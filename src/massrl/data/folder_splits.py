@@ -64,7 +64,7 @@ def folder_splits(cfg: DataConfig, seed: int) -> DatasetSplits:
         raise UnusableDataError(f"data.labels=folders: {train_dir} has {len(classes)} sub-folder"
                                 "(s) holding images, and classes need 2 or more; data.labels="
                                 "auto or none reads it unlabeled")
-    splits = _labeled_splits("folder", train_dir, test_dir, cfg, seed, left_out)
+    splits = _labeled_splits(train_dir, test_dir, cfg, seed, left_out)
     names = ", ".join(splits.classes[:5]) + (", ..." if len(splits.classes) > 5 else "")
     held_out = f"{test_dir}" if test_dir is not None else "a seeded 80/20 split"
     print(f"data: {train_dir}: {splits.num_classes} classes ({names}); {len(splits.train)} "
@@ -85,11 +85,11 @@ def imagenet_splits(cfg: DataConfig, seed: int, name: str) -> DatasetSplits:
             f"{root / 'val'} has no class sub-folders; sort the validation images into one "
             "folder per class (as in train/)"
         )
-    return _labeled_splits(name, root / "train", root / "val", cfg, seed)
+    return _labeled_splits(root / "train", root / "val", cfg, seed)
 
 
 def _labeled_splits(
-    name: str, train_dir: Path, test_dir: Path | None, cfg: DataConfig, seed: int,
+    train_dir: Path, test_dir: Path | None, cfg: DataConfig, seed: int,
     left_out: Counter | None = None,
 ) -> DatasetSplits:
     train = labeled_folder(train_dir, cfg.strict, left_out=left_out)

@@ -144,7 +144,7 @@ def _kind(path: Path) -> str:
             else "a socket" if stat.S_ISSOCK(mode) else "a device")
 
 
-def open_data(run: EvalRun, needs_labels: bool = True) -> None:
+def open_data(run: EvalRun) -> None:
     """Load the evaluation dataset, check its labels and that the backbone takes its image size."""
     from massrl.data import DatasetNotFoundError, load_dataset
 
@@ -168,7 +168,7 @@ def open_data(run: EvalRun, needs_labels: bool = True) -> None:
         if text.startswith("data.eval_subset=") and "eval_subset" not in asked:
             text = f"the checkpoint's {text}"  # (inherited: the user never typed it)
         raise ConfigError(text) from None
-    if needs_labels and (splits.train_labeled is None or splits.test is None
+    if (splits.train_labeled is None or splits.test is None
                          or not splits.num_classes):
         raise ConfigError(
             f"dataset '{data.name}' (root {data.root}) has no labels, but `massrl {run.command}` "

@@ -99,10 +99,12 @@ class OnlineMonitors:
         keep = _first_occurrences(parts[2])
         return parts[0][keep], parts[1][keep]
 
-    def _all_gather_rows(self, t: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """Concatenate every rank's [sizes[r], ...] tensor (all_gather needs equal shapes: pad)."""
+    def _all_gather_rows(self, t: torch.Tensor, sizes: list[int],
+                         sync_grads: bool = False) -> torch.Tensor:
+        """Concatenate every rank's [sizes[r], ...] tensor in rank order (all_gather needs equal
+        shapes: pad, gather, strip); `sync_grads`: the gradient flows back to each rank."""
         pad = t.new_zeros((max(sizes) - len(t), *t.shape[1:]))
-        gathered = self.all_gather(torch.cat([t, pad]))
+        gathered = self.all_gather(torch.cat([t, pad]), sync_grads=sync_grads)
         return torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])
 
 

@@ -39,11 +39,8 @@ class SimCLR(SSLMethod):
 
     def _gather_projections(self, z: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Every rank's [B_r, V, D] projections, concatenated in rank order, and where this
-        rank's rows start. B_r differ when a rank skipped undecodable images, and all_gather
-        needs equal shapes: pad, gather, strip."""
+        rank's rows start (B_r differ when a rank skipped undecodable images)."""
         sizes = self.all_gather(torch.tensor([len(z)], device=z.device)).flatten().tolist()
-        pad = z.new_zeros((max(sizes) - len(z), *z.shape[1:]))
         # sync_grads: each rank's negatives send their gradient back to the rank that made them
-        gathered = self.all_gather(torch.cat([z, pad]), sync_grads=True)
-        z_all = torch.cat([gathered[r, :n] for r, n in enumerate(sizes)])
+        z_all = self._all_gather_rows(z, sizes, sync_grads=True)
         return z_all, sum(sizes[: self.global_rank])

@@ -14,9 +14,9 @@ sub-policy, ops and magnitudes. In a LightningModule::
 from .engine import BatchedAugmenter, augment_batch
 from .plan import Plan, count_strategies, plan_batch
 from .policies import Op, PolicySampler, Program
-from .transform import CropOnlyTransform, num_views
+from .transform import CropOnlyTransform
 
 __all__ = [
     "BatchedAugmenter", "CropOnlyTransform", "Op", "PolicySampler", "Program", "augment_batch",
-    "Plan", "count_strategies", "num_views", "plan_batch",
+    "Plan", "count_strategies", "plan_batch",
 ]

@@ -59,7 +59,6 @@ TV_OPS = {
     "AutoContrast": Op.AUTOCONTRAST, "Equalize": Op.EQUALIZE, "Invert": Op.INVERT,
     "Cutout": Op.CUTOUT,
 }
-ENHANCE = (Op.BRIGHTNESS, Op.SATURATION, Op.CONTRAST, Op.SHARPNESS)
 CUTOUT_FILL = (125, 123, 114)
 BLUR_SIGMA = (0.1, 2.0)
 

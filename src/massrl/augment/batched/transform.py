@@ -55,13 +55,6 @@ def rrc_box(width: int, height: int, scale: tuple[float, float],
     return left, top, left + w, top + h
 
 
-def num_views(cfg: AugmentConfig) -> int:
-    """Views per image of cfg.view_mode."""
-    s = len(cfg.strategies)
-    return {"random": cfg.num_views, "per_strategy": s,
-            "crops_x_strategies": cfg.num_crops * s}[cfg.view_mode]
-
-
 class CropOnlyTransform:
     """PIL image -> {"views": [V x uint8[3,S,S]], "strategy": Long[V], "crop": Long[V],
     "seed": Long[V]} (each view's augmentation seed, for the engine).
@@ -75,7 +68,7 @@ class CropOnlyTransform:
         self.crop = build_crop(cfg, image_size)
         self.source_side = crop_source_side(cfg, image_size)  # see MultiViewTransform
         self.num_strategies = len(cfg.strategies)
-        self.num_views = num_views(cfg)
+        self.num_views = cfg.views_per_image
 
     def _box(self, img: Image.Image) -> tuple[int, int, int, int]:
         if isinstance(self.crop, UniformCrop):
