@@ -26,6 +26,13 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one test process per core this process may use, at most 4 (each imports torch
+    and Lightning, and many tests start training processes of their own)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                      else os.cpu_count() or 1))
+
+
 def run_python(code: str, *args: str, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
     """`python -c code args...` in a process of its own, its output captured as text."""
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,

@@ -35,7 +35,7 @@ def test_python_api_example_runs(backend, tmp_path, monkeypatch):
 
 def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
-    command = "python3 -m pytest -q"
+    command = "python3 -m pytest -q -n auto"
     assert f"```bash\n{command}\n```" in README
     assert command in ci
 
