@@ -987,3 +987,47 @@ def test_loading_a_checkpoint_leaves_the_callers_random_stream(ckpt):
     after = torch.rand(3)
     torch.manual_seed(3)
     assert torch.equal(after, torch.rand(3))
+
+
+def test_results_say_how_far_the_checkpoint_had_trained(tmp_path, capsys):
+    """A run resumed in place replaces last.ckpt: a result.json naming only the path (and a
+    sha256 to compare by hand) could not say which state of the run it measured."""
+    ckpt = make_checkpoint(tmp_path / "last.ckpt")
+    state = torch.load(ckpt, weights_only=False)
+    state.update(epoch=3, global_step=20)
+    state["massrl"]["images_seen"] = 1280
+    torch.save(state, ckpt)
+    code, res = _run(tmp_path, "knn", f"ckpt={ckpt}", "k=5")
+    assert code == 0
+    trained = {"epoch": 3, "global_step": 20, "images_seen": 1280}
+    assert trained.items() <= res["protocol"]["checkpoint"].items()
+    title = " ".join(capsys.readouterr().out.split())  # (rich wraps it at 80 columns)
+    assert "last.ckpt on digits (epoch 3, step 20)" in title
+    code, res = _run(tmp_path, "export", f"ckpt={ckpt}", flags=["--out", str(tmp_path / "b.pt")])
+    assert code == 0
+    assert trained.items() <= json.loads((tmp_path / "b.json").read_text())["source"].items()
+
+
+def test_export_to_another_format_s_name_is_refused(tmp_path, ckpt, capsys):
+    """`--out b.onnx` exited 0 having written b.onnx.pt, b.onnx.json and b.result.json."""
+    assert main(["export", f"ckpt={ckpt}", "--out", str(tmp_path / "b.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "not .onnx" in err and f"--out {tmp_path / 'b.pt'}" in err
+    assert not list(tmp_path.iterdir())
+    assert main(["export", f"ckpt={ckpt}", "--out", str(tmp_path / "bb")]) == 0  # (no suffix)
+    assert (tmp_path / "bb.pt").is_file()
+
+
+def test_records_name_their_files_by_absolute_paths(tmp_path, ckpt, monkeypatch):
+    """A relative --out was recorded as typed (`"png": "u.png"`), relative to a working
+    directory the record does not name, unlike every other path in it."""
+    pytest.importorskip("umap")
+    monkeypatch.chdir(tmp_path)
+    assert main(["umap", f"ckpt={ckpt}", "device=cpu", "n_epochs=10", "max_points=3",
+                 "output_dir=u", "--out", "u.png"]) == 0
+    assert json.loads(Path("u/result.json").read_text())["results"]["png"] == \
+        str(tmp_path / "u.png")
+    assert main(["export", f"ckpt={os.path.relpath(ckpt)}", "output_dir=e", "--out", "b.pt"]) == 0
+    record = json.loads(Path("e/result.json").read_text())["results"]
+    assert record["weights_path"] == str(tmp_path / "b.pt")
+    assert record["source"]["checkpoint"] == str(ckpt)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import TYPE_CHECKING, Any
 
 from massrl.commands.common import add_eval_args
@@ -72,8 +73,9 @@ def run(args: argparse.Namespace) -> int:
     info = export_backbone(
         pre.backbone, pre.spec, out, image_size=pre.config.data.image_size, mean=mean, std=std,
         native_size=native_size, checkpoint=pre.path,
-        source={"checkpoint": str(pre.path), "sha256": pre.sha256, "method": pre.config.method,
-                "dataset": pre.config.data.name, "massrl_version": pre.meta.get("version")},
+        source={"checkpoint": os.path.abspath(pre.path), "sha256": pre.sha256,
+                "method": pre.config.method, "dataset": pre.config.data.name,
+                "massrl_version": pre.meta.get("version"), **pre.trained},
     )
     rows = [("weights", info["weights_path"]), ("manifest", info["manifest_path"]),
             ("timm", f"{info['architecture']} {info['timm_kwargs'] or ''}".strip()),

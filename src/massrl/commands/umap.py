@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from massrl.commands.common import add_eval_args
 from massrl.eval.config import UmapEvalConfig
@@ -45,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     save_umap(feats, labels, r.splits.classes, title, out, seed=cfg.seed,
               n_neighbors=cfg.n_neighbors, min_dist=cfg.min_dist, n_epochs=cfg.n_epochs,
               max_points=cfg.max_points)
-    results = {"png": str(out), "num_points": min(len(labels), cfg.max_points or len(labels))}
+    # (absolute, as the other records' paths: the record is read from other folders)
+    results = {"png": os.path.abspath(out),
+               "num_points": min(len(labels), cfg.max_points or len(labels))}
     session.finish(r, f"UMAP - {r.pre.path.name}", results,
                    [("picture", str(out)), ("points", str(results["num_points"]))], name)
     return 0

@@ -120,6 +120,10 @@ class Pretrained:
     sha256: str
     path: Path
     meta: dict[str, Any]  # ckpt["massrl"]: version and whatever pre-training recorded
+    # how far pre-training had got when it was saved: Lightning's epoch index (from 0, as in
+    # best-knn-E.ckpt), optimizer steps, images (None: not recorded): a run resumed in place
+    # replaces last.ckpt, and result.json must say which state it measured
+    trained: dict[str, int | None]
 
 
 def load(path: str | Path) -> Pretrained:
@@ -128,7 +132,9 @@ def load(path: str | Path) -> Pretrained:
     normalised as `load(p).meta["data"]` (mean, std, image_size) says."""
     ckpt = read_checkpoint(path)
     meta = ckpt["massrl"] if isinstance(ckpt["massrl"], dict) else {}
-    return Pretrained(*_load(ckpt, path), Path(path), dict(meta))
+    trained = {"epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step"),
+               "images_seen": meta.get("images_seen")}
+    return Pretrained(*_load(ckpt, path), Path(path), dict(meta), trained)
 
 
 def load_pretrained(path: str | Path) -> tuple[nn.Module, RunConfig, BackboneSpec, str]:

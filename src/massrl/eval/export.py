@@ -90,10 +90,13 @@ def torchvision_name(spec: BackboneSpec, state: dict[str, torch.Tensor]) -> str 
     return spec.name if same else None
 
 
+WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
+
+
 def export_paths(out: str | Path) -> tuple[Path, Path]:
     """(weights, manifest) that export_backbone writes for `out`."""
     out = Path(out)
-    if out.suffix not in (".pt", ".pth", ".safetensors"):
+    if out.suffix not in WEIGHT_SUFFIXES:
         out = out.with_name(out.name + ".pt")
     return out, out.with_suffix(".json")
 
@@ -113,6 +116,13 @@ def check_export_paths(out: str | Path, checkpoint: str | Path | None = None
     """(weights, manifest) for `out`, refused (ConfigError) where writing them would replace
     the checkpoint exported (`checkpoint`) or a .json of another kind: the manifest goes beside
     the weights as <name>.json, which may be an unrelated file of the user's."""
+    suffix = Path(out).suffix
+    if suffix and suffix not in WEIGHT_SUFFIXES and not suffix[1:].isdigit():
+        # (`--out b.onnx` wrote b.onnx.pt in silence: the user asked for a format it is not)
+        raise ConfigError(f"--out {out}: export writes a state_dict as .pt, .pth or "
+                          f".safetensors, not {suffix} (for ONNX or TorchScript, load the "
+                          "export as its manifest shows and convert it with torch.onnx / "
+                          f"torch.jit): e.g. --out {Path(out).with_suffix('.pt')}")
     weights, manifest = export_paths(out)
     other = weights.with_name(f"{weights.stem}.backbone{weights.suffix}")
     for path in (weights, manifest):
@@ -180,4 +190,5 @@ def export_backbone(
         build = f"model = torchvision.models.{tv}()\nmodel.fc = torch.nn.Identity()"
         manifest["load_torchvision"] = _snippet(out.name, manifest_path.name, build)
     write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
-    return {**manifest, "weights_path": str(out), "manifest_path": str(manifest_path)}
+    return {**manifest, "weights_path": os.path.abspath(out),
+            "manifest_path": os.path.abspath(manifest_path)}

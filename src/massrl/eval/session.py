@@ -336,7 +336,7 @@ def protocol(run: EvalRun) -> dict[str, Any]:
         "runtime": {"cpu_threads": torch.get_num_threads(),
                     **({"num_workers": loader_options(run)["num_workers"]}
                        if hasattr(run.cfg, "data") else {})},
-        "checkpoint": {"path": str(pre.path.resolve()), "sha256": pre.sha256,
+        "checkpoint": {"path": str(pre.path.resolve()), "sha256": pre.sha256, **pre.trained,
                        # (the code that wrote it; the commit only from a git checkout's runs)
                        "massrl_version": pre.meta.get("version"),
                        "massrl_commit": pre.meta.get("commit"),
@@ -369,6 +369,9 @@ def finish(run: EvalRun, title: str, results: dict[str, Any], rows: list[tuple[s
                "protocol": protocol(run), "warnings": run.warnings}
     write_record(path, json_text(payload, indent=2, default=str) + "\n")
     console = Console()
+    step = run.pre.trained["global_step"]
+    if step is not None:  # (which state of a run that goes on: last.ckpt is replaced)
+        title += f" (epoch {run.pre.trained['epoch']}, step {step})"
     console.print(title, style="bold", highlight=False)  # (a table's title wraps to its width)
     console.print(result_table(rows))
     # plain print, absolute: a script takes the last line (rich wrapped a long path at the
