@@ -147,6 +147,15 @@ def test_shipped_configs_cover_datasets_and_methods():
             assert f"{ds}/{m}" in names
 
 
+@pytest.mark.parametrize("path", sorted(PACKAGE_CONFIGS.rglob("simclr.yaml")), ids=str)
+def test_shipped_simclr_configs_use_simclrs_own_colour_recipe(path):
+    """README: "the SimCLR configs use SimCLR's own". fashion_mnist/simclr had BYOL's jitter
+    and, with augment.asymmetric=false, the first view's blur p=1.0 on every view."""
+    colour = build_config(config_file=path).augment.simclr
+    assert tuple(colour.jitter) == (0.8, 0.8, 0.8, 0.2)
+    assert tuple(colour.blur_p) == (0.5, 0.5) and tuple(colour.solarize_p) == (0.0, 0.0)
+
+
 def test_a_config_files_dataset_settings_stay_with_its_dataset(capsys):
     """fashion_mnist/massrl's 20,000-image subset and bank must not cut a folder of images."""
     kept = build_config(config_file="fashion_mnist/massrl", overrides=["seed=1"])
