@@ -12,6 +12,7 @@ from massrl.eval.label_subsets import label_subset
 from massrl.eval.linear import (
     Classifier,
     SGDRecipe,
+    recompute_batch_norm,
     train_linear_on_features,
     train_on_images,
 )
@@ -176,3 +177,49 @@ def test_a_subset_file_that_is_no_saved_object_is_refused_naming_it(tmp_path, te
     path.write_bytes(text.encode("latin-1"))
     with pytest.raises(ValueError, match=rf"subset_file {path} (holds a JSON list|is not the)"):
         label_subset([0, 1] * 5, None, seed=1, dataset="toy", subset_file=path)
+
+
+def test_batch_norm_statistics_are_measured_again_on_the_training_images():
+    """Their plain average over the batches, whatever they held before (here: stale values, as
+    after a few fine-tuning steps with momentum 0.1); the layer's momentum comes back."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    bn = net[1]
+    bn.running_mean.fill_(50.0), bn.running_var.fill_(0.01)
+    x = torch.randn(96, 4) * 3 + 1
+    batches = DataLoader(TensorDataset(x, torch.zeros(96, dtype=torch.long)), batch_size=32)
+    assert recompute_batch_norm(net, batches, "cpu") == 96
+    with torch.no_grad():
+        h = net[0](x).view(3, 32, 3)  # the three batches' inputs to batch-norm
+    torch.testing.assert_close(bn.running_mean, h.mean(1).mean(0))
+    torch.testing.assert_close(bn.running_var, h.var(1, unbiased=True).mean(0))
+    assert bn.momentum == 0.1 and bn.num_batches_tracked == 3
+    assert recompute_batch_norm(net, batches, "cpu", max_batches=1) == 32
+    assert recompute_batch_norm(nn.Linear(4, 3), batches, "cpu") == 0  # (none to measure)
+
+
+def test_fine_tuning_scores_its_network_with_statistics_of_its_last_weights(monkeypatch):
+    """One step per epoch at lr 0.5: statistics kept with momentum lag the weights. Each
+    evaluation measures them again, so after training they are the training images' own (a
+    second measurement changes nothing); the training itself is unchanged by it."""
+    (x, y), (vx, vy) = _separable(64, 0), _separable(32, 1)
+    train = DataLoader(TensorDataset(x, y), batch_size=64)
+    test = DataLoader(TensorDataset(vx, vy), batch_size=32)
+
+    def tune() -> tuple[nn.Module, list[float]]:
+        torch.manual_seed(0)
+        backbone = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.ReLU())
+        result = train_on_images(backbone, 4, 8, train, SGDRecipe(epochs=4, lr=0.5),
+                                 finetune=True, test_loader=test)
+        return backbone, [h["loss"] for h in result.history]
+
+    measured, losses = tune()
+    import massrl.eval.linear
+
+    monkeypatch.setattr(massrl.eval.linear, "recompute_batch_norm", lambda *a, **k: 0)
+    kept, plain_losses = tune()
+    assert losses == plain_losses
+    stats = measured[1].running_mean.clone(), measured[1].running_var.clone()
+    assert not torch.allclose(stats[0], kept[1].running_mean)
+    recompute_batch_norm(measured, train, "cpu")
+    torch.testing.assert_close((measured[1].running_mean, measured[1].running_var), stats)

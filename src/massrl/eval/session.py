@@ -168,8 +168,7 @@ def open_data(run: EvalRun) -> None:
         if text.startswith("data.eval_subset=") and "eval_subset" not in asked:
             text = f"the checkpoint's {text}"  # (inherited: the user never typed it)
         raise ConfigError(text) from None
-    if (splits.train_labeled is None or splits.test is None
-                         or not splits.num_classes):
+    if splits.train_labeled is None or splits.test is None or not splits.num_classes:
         raise ConfigError(
             f"dataset '{data.name}' (root {data.root}) has no labels, but `massrl {run.command}` "
             "needs labeled train and test images. Use a labeled dataset, e.g. a folder with one "
