@@ -1014,8 +1014,9 @@ def test_export_to_another_format_s_name_is_refused(tmp_path, ckpt, capsys):
     err = capsys.readouterr().err
     assert "not .onnx" in err and f"--out {tmp_path / 'b.pt'}" in err
     assert not list(tmp_path.iterdir())
-    assert main(["export", f"ckpt={ckpt}", "--out", str(tmp_path / "bb")]) == 0  # (no suffix)
-    assert (tmp_path / "bb.pt").is_file()
+    for name in ("bb", "run.e10"):  # (no suffix; a dotted name: .pt added to the whole name)
+        assert main(["export", f"ckpt={ckpt}", "--out", str(tmp_path / name)]) == 0
+        assert (tmp_path / f"{name}.pt").is_file()
 
 
 def test_records_name_their_files_by_absolute_paths(tmp_path, ckpt, monkeypatch):

@@ -91,6 +91,10 @@ def torchvision_name(spec: BackboneSpec, state: dict[str, torch.Tensor]) -> str 
 
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")
+# names of files in formats the export does not write (refused rather than given a .pt)
+OTHER_FORMATS = frozenset({".onnx", ".ckpt", ".bin", ".h5", ".keras", ".tflite", ".pb", ".ts",
+                           ".jit", ".torchscript", ".engine", ".plan", ".npz", ".npy", ".pkl",
+                           ".pickle", ".mlmodel", ".json"})
 
 
 def export_paths(out: str | Path) -> tuple[Path, Path]:
@@ -117,8 +121,9 @@ def check_export_paths(out: str | Path, checkpoint: str | Path | None = None
     the checkpoint exported (`checkpoint`) or a .json of another kind: the manifest goes beside
     the weights as <name>.json, which may be an unrelated file of the user's."""
     suffix = Path(out).suffix
-    if suffix and suffix not in WEIGHT_SUFFIXES and not suffix[1:].isdigit():
-        # (`--out b.onnx` wrote b.onnx.pt in silence: the user asked for a format it is not)
+    if suffix.lower() in OTHER_FORMATS:
+        # (`--out b.onnx` wrote b.onnx.pt in silence: the user asked for a format it is not;
+        # any other dotted name, run.e10, keeps its whole name with .pt added)
         raise ConfigError(f"--out {out}: export writes a state_dict as .pt, .pth or "
                           f".safetensors, not {suffix} (for ONNX or TorchScript, load the "
                           "export as its manifest shows and convert it with torch.onnx / "
