@@ -26,6 +26,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.hookimpl(optionalhook=True)  # (without pytest-xdist the hook is unknown: not an error)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto`: one test process per core this process may use, at most 4 (each imports torch
     and Lightning, and many tests start training processes of their own)."""

@@ -1002,7 +1002,7 @@ def test_results_say_how_far_the_checkpoint_had_trained(tmp_path, capsys):
     trained = {"epoch": 3, "global_step": 20, "images_seen": 1280}
     assert trained.items() <= res["protocol"]["checkpoint"].items()
     title = " ".join(capsys.readouterr().out.split())  # (rich wraps it at 80 columns)
-    assert "last.ckpt on digits (epoch 3, step 20)" in title
+    assert "last.ckpt on digits (epoch index 3, step 20)" in title
     code, res = _run(tmp_path, "export", f"ckpt={ckpt}", flags=["--out", str(tmp_path / "b.pt")])
     assert code == 0
     assert trained.items() <= json.loads((tmp_path / "b.json").read_text())["source"].items()

@@ -223,3 +223,13 @@ def test_fine_tuning_scores_its_network_with_statistics_of_its_last_weights(monk
     assert not torch.allclose(stats[0], kept[1].running_mean)
     recompute_batch_norm(measured, train, "cpu")
     torch.testing.assert_close((measured[1].running_mean, measured[1].running_var), stats)
+    # the whole classifier: the head's standardiser is measured afresh too, not averaged on
+    # further at each evaluation; a second measurement changes nothing there either
+    from massrl.models.heads import linear_head
+
+    head = linear_head(8, 4)
+    model = Classifier(measured, head, finetune=True)
+    recompute_batch_norm(model, train, "cpu")
+    first = head[0].running_mean.clone(), head[0].steps
+    recompute_batch_norm(model, train, "cpu")
+    assert torch.equal(head[0].running_mean, first[0]) and head[0].steps == first[1] == 1

@@ -87,7 +87,9 @@ def test_fine_tuning_trains_every_epoch_in_train_mode():
     train_on_images(backbone, 4, 8, DataLoader(TensorDataset(x, y), batch_size=32),
                     SGDRecipe(epochs=3, lr=0.1), finetune=True,
                     test_loader=DataLoader(TensorDataset(vx, vy), batch_size=50))
-    assert modes == [True, True, False] * 3
+    # per epoch: two training batches, the two of the statistics' measurement (the spy, no
+    # statistics layer, stays in eval mode there), the test batch
+    assert modes == [True, True, False, False, False] * 3
 
 
 def test_fine_tuning_trains_the_backbone_at_backbone_lr():

@@ -40,6 +40,18 @@ def test_readme_test_command_is_what_ci_runs():
     assert command in ci
 
 
+def test_the_tests_also_run_without_pytest_xdist():
+    """README: without -n they run one at a time. The conftest's xdist hook made pytest refuse
+    the whole suite where xdist is not loaded ("unknown hook")."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist",
+                           "-p", "no:cacheprovider", "--collect-only", "tests/test_losses.py"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
 def _readme_block(section: str) -> str:
     return README.split(section)[1].split("```python\n")[1].split("```")[0]
 

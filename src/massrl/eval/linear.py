@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from massrl.data.sampler import sample_seed, seed_torch
 from massrl.eval.features import on_device, progress, progress_line, unpack
 from massrl.eval.knn import topk_accuracy
-from massrl.models.heads import linear_head
+from massrl.models.heads import FeatureStandardiser, linear_head
 
 
 @dataclass
@@ -161,7 +161,9 @@ BATCH_NORM_BATCHES = 200
 def recompute_batch_norm(model: nn.Module, loader: Iterable[Any], device: torch.device | str,
                          max_batches: int = BATCH_NORM_BATCHES) -> int:
     """Replace the running statistics of `model`'s batch-norm layers by their plain average over
-    (up to `max_batches`) training batches, the weights as they are now; returns the images used.
+    (up to `max_batches`) training batches, the weights as they are now, and measure a linear
+    head's standardiser afresh on them too; returns the images used. Only those layers are in
+    training mode meanwhile (dropout and drop-path are off: the test images meet none).
 
     Fine-tuning on few labels takes few optimizer steps per epoch (one, for 1 % of a small
     dataset), and statistics kept with momentum 0.1 lag weights that move at lr 0.1: the network
@@ -170,13 +172,18 @@ def recompute_batch_norm(model: nn.Module, loader: Iterable[Any], device: torch.
     docs/evaluation.md)."""
     layers = [m for m in model.modules()
               if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not layers:
+    standardisers = [m for m in model.modules() if isinstance(m, FeatureStandardiser)]
+    if not layers and not standardisers:
         return 0
     momenta = [m.momentum for m in layers]
+    model.eval()
     for m in layers:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average: every batch counts the same
-    model.train()
+        m.train()
+    for m in standardisers:  # (its own average: plain over its first 10 batches)
+        m.restart()
+        m.train()
     images = 0
     try:
         for batch in itertools.islice(loader, max_batches):

@@ -370,7 +370,7 @@ def finish(run: EvalRun, title: str, results: dict[str, Any], rows: list[tuple[s
     console = Console()
     step = run.pre.trained["global_step"]
     if step is not None:  # (which state of a run that goes on: last.ckpt is replaced)
-        title += f" (epoch {run.pre.trained['epoch']}, step {step})"
+        title += f" (epoch index {run.pre.trained['epoch']}, step {step})"
     console.print(title, style="bold", highlight=False)  # (a table's title wraps to its width)
     console.print(result_table(rows))
     # plain print, absolute: a script takes the last line (rich wrapped a long path at the
