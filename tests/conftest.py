@@ -30,8 +30,9 @@ torch.set_num_threads(1)
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto`: one test process per core this process may use, at most 4 (each imports torch
     and Lightning, and many tests start training processes of their own)."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                      else os.cpu_count() or 1))
+    from massrl.devices import usable_cores
+
+    return min(4, usable_cores())
 
 
 def run_python(code: str, *args: str, timeout: int = 300, **kwargs) -> subprocess.CompletedProcess:
