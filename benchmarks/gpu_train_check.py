@@ -10,6 +10,8 @@ cannot see there.
 5. host-device synchronisations of training steps: run 1 again under
    torch.cuda.set_sync_debug_mode("warn"), every warning counted by the line that caused it,
    divided by the optimizer steps (setup and validation included: an upper bound).
+6. run 1's settings with the per-image backend: the end-to-end images/s of each backend (last,
+   as the least needed: a time limit cuts it first).
 
 Each step's exit code, seconds and (for the trainings) summary.json go to --out as JSON.
 Usage: python benchmarks/gpu_train_check.py --out results.json [--device cpu] (cpu: the flow
@@ -102,6 +104,9 @@ def main() -> int:
             ("knn_on_device", lambda: _knn(
                 work, work / "batched" / "checkpoints" / "last.ckpt", args.device)),
             ("host_syncs", lambda: _syncs(work, args.device)),
+            ("per_image_2_epochs", lambda: _pretrain(
+                work, "per_image", "augment.backend=per_image", "trainer.max_epochs=2",
+                f"trainer.accelerator={accelerator}")),
         ]
         for name, step in steps:
             try:
