@@ -10,6 +10,7 @@ import torch
 from massrl.config import ConfigError, build_config
 from massrl.devices import (
     MAX_WORKERS_PER_DEVICE,
+    augment_backend,
     auto_num_workers,
     devices_per_node,
     resolve_num_workers,
@@ -35,6 +36,20 @@ def test_gpu_training_feeds_each_device(cores: int, devices: int, expected: int)
                          [(2, 2), ("4", 4), ([0, 3], 2), ("0,1,2", 3), (0, 1)])
 def test_devices_per_node(devices: object, expected: int) -> None:
     assert devices_per_node(devices) == expected
+
+
+@pytest.mark.parametrize(("backend", "accelerator", "cuda", "expected"), [
+    ("auto", "cpu", True, "batched"), ("auto", "auto", False, "batched"),
+    ("auto", "auto", True, "per_image"), ("auto", "gpu", True, "per_image"),
+    ("per_image", "cpu", False, "per_image"), ("batched", "gpu", True, "batched")])
+def test_augment_backend_auto_is_batched_on_the_cpu_only(monkeypatch, backend, accelerator, cuda,
+                                                         expected) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    cfg = build_config(overrides=[f"augment.backend={backend}",
+                                  f"trainer.accelerator={accelerator}"])
+    assert cfg.augment.backend == backend  # (the config keeps what was asked)
+    assert augment_backend(cfg) == expected
 
 
 def test_an_explicit_number_is_kept() -> None:

@@ -535,6 +535,21 @@ def test_a_runs_picture_shows_the_views_of_the_backend_it_trains_with(monkeypatc
                      ("BatchedPreview", "massrl views on digits (batched engine)")]
 
 
+def test_augviz_labels_its_views_unless_the_engine_is_asked_for(tmp_path, monkeypatch):
+    """augment.backend=auto trains with the engine on the CPU, but `massrl augviz` then draws
+    the per-image views, whose labels name each op (the engine's carry none)."""
+    import massrl.augviz
+
+    drawn = []
+    monkeypatch.setattr(massrl.augviz, "augmentation_grid", lambda data, transform, path, **kw:
+                        drawn.append(type(transform).__name__) or path)
+    for backend in ("auto", "per_image", "batched"):
+        assert main(["augviz", "data.name=digits", f"augment.backend={backend}",
+                     "trainer.accelerator=cpu", "--images", "1",
+                     "--out", str(tmp_path / "a.png")]) == 0
+    assert drawn == ["MultiViewTransform", "MultiViewTransform", "BatchedPreview"]
+
+
 @pytest.mark.parametrize("backend", ["per_image", "batched"])
 def test_a_runs_picture_leaves_the_random_streams_as_they_were(tmp_path, backend, monkeypatch):
     """The model is built after the picture: its initial weights must not depend on how the

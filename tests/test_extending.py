@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from massrl.config import ConfigError, build_config
+from massrl.devices import augment_backend
 
 DOC = Path(__file__).parents[1] / "docs" / "extending.md"
 
@@ -176,6 +177,10 @@ def test_a_strategy_without_a_batched_sampler_is_refused_for_the_batched_backend
         with pytest.raises(ConfigError, match="has no sampler for the batched engine"):
             build_config(overrides=["augment.strategies=[rotate_pil_only]",
                                     "augment.backend=batched"])
+        # the default, auto, trains such a strategy with the per-image backend, also on the CPU
+        cfg = build_config(overrides=["augment.strategies=[rotate_pil_only, simclr]",
+                                      "trainer.accelerator=cpu"])
+        assert cfg.augment.backend == "auto" and augment_backend(cfg) == "per_image"
         with pytest.raises(ValueError, match="massrl's own strategy"):
             plugins.register_strategy("simclr", per_image=lambda cfg, i: None)
         with pytest.raises(ValueError, match="registered twice"):

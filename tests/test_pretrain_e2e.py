@@ -26,6 +26,7 @@ def test_pretrain_writes_a_complete_run_directory(method, tiny, capsys):
     out = capsys.readouterr().out
     run_dir = _run_dir(args)
     assert out.strip().splitlines()[-1] == f"run directory: {run_dir}"
+    assert "augment.backend=auto: batched on the CPU" in out
     for name in ("config.yaml", "metrics.csv", "summary.json", "augmentations.png",
                  "checkpoints/last.ckpt"):
         assert (run_dir / name).is_file(), name
@@ -43,11 +44,12 @@ def test_pretrain_writes_a_complete_run_directory(method, tiny, capsys):
     from massrl.provenance import package_versions, source_commit
 
     assert summary["runtime"] == {
-        "device": "cpu", "world_size": 1, "num_workers": 0, "augment_backend": "per_image",
+        # augment.backend=auto on the CPU: the batched engine with its numba kernels
+        "device": "cpu", "world_size": 1, "num_workers": 0, "augment_backend": "batched",
         "compile": False,
         "precision": "bf16-mixed" if method == "simclr" else "32-true",
         "channels_last": False,  # turned off for a width-8 ResNet on the CPU (devices.py)
-        "cpu_threads": torch.get_num_threads(), "cpu_kernels": None,
+        "cpu_threads": torch.get_num_threads(), "cpu_kernels": "numba",
         "torch_version": torch.__version__, "versions": package_versions(),
         "massrl_commit": source_commit()}
     assert torch.__version__.startswith(summary["runtime"]["versions"]["torch"])

@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from massrl.config import RunConfig
 from massrl.data.datasets import UnusableDataError
 from massrl.data.images import decode_at_least
+from massrl.devices import augment_backend
 from massrl.files import picture_path, save_figure
 
 if TYPE_CHECKING:
@@ -79,10 +80,11 @@ def augmentation_grid(dataset: Dataset, transform, path: str | Path, num_images:
     return path
 
 
-def view_maker(cfg: RunConfig, splits: DatasetSplits) -> tuple:
-    """What draws the views of `cfg.augment.backend`, and the title's note: the batched engine's
-    views as training makes them (the backends give other pixels for the same draws)."""
-    if cfg.augment.backend == "batched":
+def view_maker(cfg: RunConfig, splits: DatasetSplits, backend: str | None = None) -> tuple:
+    """What draws the views of `backend` (default: the one training runs, `augment_backend`),
+    and the title's note: the batched engine's views as training makes them (the backends give
+    other pixels for the same draws)."""
+    if (backend or augment_backend(cfg)) == "batched":
         from massrl.augment.batched.preview import BatchedPreview
 
         return (BatchedPreview(cfg.augment, cfg.data.image_size, splits.mean, splits.std),

@@ -94,6 +94,11 @@ def _check_new(name: str, builtin: tuple[str, ...], old: Any, new: Any, kind: st
                          f"{_origin(new)}")
 
 
+def without_engine_sampler(strategies: list[str]) -> list[str]:
+    """The strategies (plugins') that the batched engine cannot run: registered without one."""
+    return [n for n in strategies if n in STRATEGIES and STRATEGIES[n].batched is None]
+
+
 def method_names(name: str | None = None) -> tuple[str, ...]:
     """The methods known; installed plugins are imported only for a `name` not known yet."""
     return _known(BUILTIN_METHODS, METHODS, name)

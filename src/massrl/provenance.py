@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from massrl.devices import run_num_workers
+from massrl.devices import augment_backend, run_num_workers
 
 if TYPE_CHECKING:
     import lightning as L
@@ -83,7 +83,7 @@ def runtime(trainer: L.Trainer, module: SSLMethod) -> dict[str, Any]:
     device = trainer.strategy.root_device.type
     return {"device": device, "world_size": trainer.world_size, "precision": trainer.precision,
             "num_workers": run_num_workers(module.cfg), "channels_last": module.channels_last,
-            "augment_backend": module.cfg.augment.backend, "compile": module.cfg.trainer.compile,
+            "augment_backend": augment_backend(module.cfg), "compile": module.cfg.trainer.compile,
             "cpu_threads": torch.get_num_threads() if device == "cpu" else None,
             "cpu_kernels": _cpu_kernels(module.cfg) if device == "cpu" else None,
             "torch_version": torch.__version__, "versions": package_versions(),
@@ -93,7 +93,7 @@ def runtime(trainer: L.Trainer, module: SSLMethod) -> dict[str, Any]:
 def _cpu_kernels(cfg: RunConfig) -> str | None:
     """What the batched engine ran its ops as on the CPU (numba kernels and torch ops agree
     per op within 2e-6, which training grows into other weights)."""
-    if cfg.augment.backend != "batched":
+    if augment_backend(cfg) != "batched":
         return None
     from massrl.augment.batched.families import use_cpu_kernels
 

@@ -23,6 +23,7 @@ from massrl.config import ConfigError, RunConfig, to_yaml
 from massrl.config.schema import check_training_data, check_training_settings
 from massrl.data.folder import check_headers
 from massrl.devices import (
+    augment_backend,
     check_accelerator,
     refuse_launch_from_inside,
     resolve_precision,
@@ -240,6 +241,9 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
         retain_freed_memory()
     if cfg.data.num_workers == "auto":
         print(f"data.num_workers=auto: {run_num_workers(cfg)} DataLoader workers on this machine")
+    if cfg.augment.backend == "auto":
+        where = "on the CPU" if trains_on_cpu(cfg.trainer.accelerator) else "on the GPU"
+        print(f"augment.backend=auto: {augment_backend(cfg)} {where}")
     if cfg.resume == "auto" and not cfg.output_dir and run_dir is None:
         raise ConfigError("resume=auto needs output_dir=DIR: the run directory to continue")
     new_folder = None  # (a run that stops before training leaves no folder of its own)
@@ -334,7 +338,7 @@ def _prepare(cfg: RunConfig, run_dir: Path, resumed_step: int | None,
                  warmup_note(cfg.optimizer.warmup_epochs, cfg.trainer.max_epochs)):
         if note:
             print(note)
-    if cfg.augment.compile and cfg.augment.backend == "per_image":
+    if cfg.augment.compile and augment_backend(cfg) == "per_image":
         print("augment.compile applies to augment.backend=batched: the per-image pipeline "
               "runs uncompiled")
     dm = build_datamodule(cfg, splits)

@@ -54,7 +54,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"massrl augviz: --out {args.out}: {exc}", file=sys.stderr)
         return 2
     splits = load_dataset(cfg.data, seed=cfg.seed)  # (its errors: cli._failure)
-    transform, note = view_maker(cfg, splits)
+    # augment.backend=auto draws the per-image pipeline's views, the ones labelled with their ops
+    # (the engine does not report them); batched, asked for, shows the engine's own
+    backend = "per_image" if cfg.augment.backend == "auto" else cfg.augment.backend
+    transform, note = view_maker(cfg, splits, backend)
     out = augmentation_grid(splits.train, transform, out, num_images=args.images,
                             title=f"{cfg.augment.view_mode} views of {cfg.data.name}{note}",
                             seed=cfg.seed)

@@ -100,9 +100,12 @@ class AugmentConfig(Section):
     # BYOL's asymmetric simclr pipeline: odd views take simclr.blur_p[1] / solarize_p[1]
     asymmetric: bool = Field(True, description="simclr views alternate between the first and "
                              "the second view's blur/solarize probabilities (BYOL's asymmetry)")
-    backend: Literal["per_image", "batched"] = Field(
-        "per_image", description="per_image: the pipeline in DataLoader workers; batched: workers "
-        "crop, the strategies run on the whole batch on the training device")
+    backend: Literal["auto", "per_image", "batched"] = Field(
+        "auto", description="per_image: the pipeline in DataLoader workers; batched: workers "
+        "crop, the strategies run on the whole batch on the training device; auto: batched when "
+        "training on the CPU (faster end to end there), per_image on a GPU (small models train "
+        "faster with it there; set batched where the workers cannot keep up: large or many views "
+        "per core)")
     cpu_kernels: Literal["auto", "numba", "torch"] = Field(
         "auto", description="batched backend on the CPU: each op as a fused numba kernel (auto: "
         "when numba is installed; numba: required) or as torch ops")
@@ -136,8 +139,7 @@ class AugmentConfig(Section):
     @model_validator(mode="after")
     def _batched_can_run(self) -> AugmentConfig:
         if self.backend == "batched":
-            missing = [n for n in self.strategies
-                       if n in plugins.STRATEGIES and plugins.STRATEGIES[n].batched is None]
+            missing = plugins.without_engine_sampler(self.strategies)
             if missing:
                 raise ValueError(f"strategy {', '.join(missing)} (a plugin's) has no sampler for "
                                  "the batched engine: set augment.backend=per_image, or register"

@@ -28,7 +28,7 @@ from massrl.data.loading import (
     run_worker_init_fn,
 )
 from massrl.data.sampler import ResumableLoader, ResumableSampler
-from massrl.devices import run_num_workers
+from massrl.devices import augment_backend, run_num_workers
 
 
 class SSLDataModule(L.LightningDataModule):
@@ -85,7 +85,8 @@ class SSLDataModule(L.LightningDataModule):
         from massrl.augment import MultiViewTransform
 
         aug, size = self.cfg.augment, self.cfg.data.image_size
-        if aug.backend == "batched":  # (the engine's package loads numba: not needed otherwise)
+        # (the engine's package loads numba: imported only when needed)
+        if augment_backend(self.cfg) == "batched":
             from massrl.augment.batched import CropOnlyTransform
 
             return CropOnlyTransform(aug, size)

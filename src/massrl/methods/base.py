@@ -23,7 +23,7 @@ from massrl.augment import pair_mask
 from massrl.config import ConfigError, RunConfig
 from massrl.data.folder import file_list_digest
 from massrl.data.sampler import sample_seed, seed_torch
-from massrl.devices import use_channels_last
+from massrl.devices import augment_backend, use_channels_last
 from massrl.epoch_clock import EpochClock
 from massrl.methods.monitors import OnlineMonitors
 from massrl.methods.optimisation import Optimisation
@@ -173,7 +173,7 @@ class SSLMethod(OnlineMonitors, StepSkipping, Optimisation, L.LightningModule):
         # a folder's file list, which its train / held-out split is drawn from (resume checks it)
         self.data_files = {name: file_list_digest(ds) for name, ds in
                            (("train", splits.train), ("test", splits.test)) if ds is not None}
-        if self.cfg.augment.backend == "batched" and self.augmenter is None:
+        if augment_backend(self.cfg) == "batched" and self.augmenter is None:
             from massrl.augment.batched import BatchedAugmenter
 
             self.augmenter = BatchedAugmenter(self.cfg.augment, splits.mean, splits.std)
