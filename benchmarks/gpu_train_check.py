@@ -99,7 +99,8 @@ def main() -> int:
                 work, "batched", "augment.backend=batched", "trainer.max_epochs=3",
                 f"trainer.accelerator={accelerator}", "resume=auto")),
             ("fp16_mixed_per_image", lambda: _pretrain(
-                work, "fp16", "trainer.precision=16-mixed", "trainer.max_epochs=1",
+                work, "fp16", "trainer.precision=16-mixed", "augment.backend=per_image",
+                "trainer.max_epochs=1",
                 f"trainer.accelerator={accelerator}")),
             ("knn_on_device", lambda: _knn(
                 work, work / "batched" / "checkpoints" / "last.ckpt", args.device)),

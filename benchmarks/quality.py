@@ -73,7 +73,10 @@ class Setup:
             f"seed={seed}", f"data.subset={self.subset}", f"data.eval_subset={self.eval_subset}",
             f"data.batch_size={self.batch_size}", f"data.num_workers={self.num_workers}",
             f"model.width={self.width}", f"trainer.max_epochs={self.epochs}",
-            "trainer.progress_bar=false", "eval.knn_every=1", *self.extra,
+            "trainer.progress_bar=false", "eval.knn_every=1",
+            # the published tables' backend (auto picks the engine on the CPU); --override
+            # augment.backend=batched measures the engine
+            "augment.backend=per_image", *self.extra,
         ]
 
 

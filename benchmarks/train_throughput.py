@@ -201,7 +201,9 @@ def plan(a: argparse.Namespace, common: list[str], batched: bool) -> list[dict[s
                               [f"augment.backend={b}"], None))
     for lever in a.levers:
         for label, ov in LEVERS[lever]:
-            specs.append(spec("massrl", "byol", f"{lever}={label}", common, ov, None))
+            # (the levers are measured on the per-image backend, as the docs' heading says)
+            specs.append(spec("massrl", "byol", f"{lever}={label}", common,
+                              ["augment.backend=per_image", *ov], None))
     return specs
 
 

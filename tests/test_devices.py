@@ -11,6 +11,7 @@ from massrl.config import ConfigError, build_config
 from massrl.devices import (
     MAX_WORKERS_PER_DEVICE,
     augment_backend,
+    auto_backend_note,
     auto_num_workers,
     devices_per_node,
     resolve_num_workers,
@@ -50,6 +51,12 @@ def test_augment_backend_auto_is_batched_on_the_cpu_only(monkeypatch, backend, a
                                   f"trainer.accelerator={accelerator}"])
     assert cfg.augment.backend == backend  # (the config keeps what was asked)
     assert augment_backend(cfg) == expected
+    note = auto_backend_note(cfg)  # the run's line says what auto became, and why
+    if backend != "auto":
+        assert note is None
+    else:
+        why = "training on the CPU" if expected == "batched" else "training on an accelerator"
+        assert note.startswith(f"augment.backend=auto: {expected} ({why}")
 
 
 def test_an_explicit_number_is_kept() -> None:

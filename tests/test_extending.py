@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from massrl.config import ConfigError, build_config
-from massrl.devices import augment_backend
+from massrl.devices import augment_backend, auto_backend_note
 
 DOC = Path(__file__).parents[1] / "docs" / "extending.md"
 
@@ -181,6 +181,8 @@ def test_a_strategy_without_a_batched_sampler_is_refused_for_the_batched_backend
         cfg = build_config(overrides=["augment.strategies=[rotate_pil_only, simclr]",
                                       "trainer.accelerator=cpu"])
         assert cfg.augment.backend == "auto" and augment_backend(cfg) == "per_image"
+        assert auto_backend_note(cfg) == ("augment.backend=auto: per_image (strategy "
+                                          "rotate_pil_only has no sampler for the batched engine)")
         with pytest.raises(ValueError, match="massrl's own strategy"):
             plugins.register_strategy("simclr", per_image=lambda cfg, i: None)
         with pytest.raises(ValueError, match="registered twice"):

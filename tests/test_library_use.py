@@ -107,6 +107,23 @@ def test_a_loaded_checkpoint_keeps_its_normalisation_and_the_callers_random_stat
         assert type(SSLMethod.load_from_checkpoint(f)) is MASSRL
 
 
+@pytest.mark.parametrize("backend", ["auto", "per_image", "batched"])
+def test_a_loaded_checkpoint_trains_on_with_a_trainer_of_ones_own(tmp_path, backend):
+    """Fine-tuning a checkpoint from Python on massrl's datamodule: with the batched engine
+    (auto's choice on the CPU) the loaded model had no augmenter and refused the uint8 crops."""
+    cfg = build_config(overrides=[*TINY, "data.image_size=16", f"augment.backend={backend}"])
+    _, fit = _fit(cfg, _splits(16), limit_train_batches=1, limit_val_batches=1)
+    fit.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = MASSRL.load_from_checkpoint(tmp_path / "m.ckpt")
+    on = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, limit_val_batches=1,
+                   limit_train_batches=2, enable_progress_bar=False, enable_model_summary=False)
+    on.fit(loaded, datamodule=SSLDataModule(loaded.cfg, splits=_splits(16)))
+    assert on.global_step == 2
+    assert (loaded.augmenter is not None) == (backend != "per_image")  # (the CPU: auto batched)
+    if loaded.augmenter is not None:  # normalising as the checkpoint's data did
+        assert list(loaded.augmenter.normaliser.mean) == [0.5] * 3
+
+
 def test_checkpoints_hold_weights_in_the_standard_layout(tmp_path):
     """A channels-last run's checkpoint held strided weights: safetensors (and other tools fed
     a checkpoint's state_dict) refused them."""

@@ -26,7 +26,7 @@ def test_pretrain_writes_a_complete_run_directory(method, tiny, capsys):
     out = capsys.readouterr().out
     run_dir = _run_dir(args)
     assert out.strip().splitlines()[-1] == f"run directory: {run_dir}"
-    assert "augment.backend=auto: batched on the CPU" in out
+    assert "augment.backend=auto: batched (training on the CPU)" in out
     for name in ("config.yaml", "metrics.csv", "summary.json", "augmentations.png",
                  "checkpoints/last.ckpt"):
         assert (run_dir / name).is_file(), name
@@ -61,7 +61,9 @@ def test_pretrain_writes_a_complete_run_directory(method, tiny, capsys):
 
 def test_pretrain_view_modes_and_cross_strategy_pairs(tiny, monkeypatch):
     """The view modes reach training: 4 strategies give 4 views (per_strategy) or 2 crops x 4
-    (crops_x_strategies), and cross_strategy pairs only views of different strategies."""
+    (crops_x_strategies), and cross_strategy pairs only views of different strategies. With the
+    per-image backend (auto's choice on a GPU; the batched one: test_pretrain_with_the_batched_
+    backend)."""
     from massrl.methods import MASSRL
 
     seen = []
@@ -78,6 +80,7 @@ def test_pretrain_view_modes_and_cross_strategy_pairs(tiny, monkeypatch):
     for mode, views in (("per_strategy", 4), ("crops_x_strategies", 8)):
         seen.clear()
         args = tiny("massrl", **{"augment.view_mode": mode, "augment.pairs": "cross_strategy",
+                                 "augment.backend": "per_image",
                                  "output_dir": f"{_run_dir(tiny())}_{mode}"})
         assert main(["pretrain", *args]) == 0
         assert seen and all(s == (views, False, True) for s in seen), seen[:2]

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-@pytest.mark.parametrize("backend", ["per_image", "batched"])
+@pytest.mark.parametrize("backend", ["auto", "per_image", "batched"])
 def test_python_api_example_runs(backend, tmp_path, monkeypatch):
     code = README.split("## Python API")[1].split("```python\n")[1].split("```")[0]
     tiny = ('["data.name=digits", "data.image_size=16", "data.batch_size=32", "data.subset=128", '
@@ -29,7 +29,7 @@ def test_python_api_example_runs(backend, tmp_path, monkeypatch):
     model, dm = scope["model"], scope["dm"]
     # the model took the data's normalisation (checkpoints keep it) and, batched, an augmenter
     assert model.normalization["mean"] == list(dm.splits.mean)
-    assert (model.augmenter is not None) == (backend == "batched")
+    assert (model.augmenter is not None) == (backend != "per_image")  # (auto: the CPU's engine)
     assert list(tmp_path.iterdir()) == []  # nothing left in the working directory
 
 

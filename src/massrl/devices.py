@@ -100,17 +100,33 @@ def run_num_workers(cfg: Any) -> int:
 
 def augment_backend(cfg: Any) -> str:
     """augment.backend of a RunConfig as it runs: `auto` becomes batched when training on the CPU
-    (its numba kernels: 10-31 % faster end to end on 2 cores at 32 px) and per_image on an
-    accelerator (on an H200 at 32 px a small model trained 1.6x faster with 8 workers' per-image
-    pipeline than with the engine's kernel launches: docs/augment_throughput.md), or where a
-    plugin's strategy has no sampler for the engine."""
-    aug = cfg.augment
-    if aug.backend != "auto":
-        return aug.backend
+    (its numba kernels: 10-31 % faster end to end on 2 cores at 32 px, at level quality) and
+    per_image on an accelerator, where the engine's work takes the accelerator's time (on an
+    H200, 3.5-8 % of a ResNet-50 BYOL step at 224 px) while DataLoader workers that keep up cost
+    it none (docs/augment_throughput.md), or where a plugin's strategy has no sampler for the
+    engine."""
+    return cfg.augment.backend if cfg.augment.backend != "auto" else _auto_backend(cfg)[0]
+
+
+def _auto_backend(cfg: Any) -> tuple[str, str]:
+    """What augment.backend=auto runs, and why."""
     from massrl.plugins import without_engine_sampler
 
-    on_cpu = trains_on_cpu(cfg.trainer.accelerator)
-    return "batched" if on_cpu and not without_engine_sampler(aug.strategies) else "per_image"
+    missing = without_engine_sampler(cfg.augment.strategies)
+    if missing:
+        return "per_image", f"strategy {', '.join(missing)} has no sampler for the batched engine"
+    if trains_on_cpu(cfg.trainer.accelerator):
+        return "batched", "training on the CPU"
+    return "per_image", ("training on an accelerator: DataLoader workers augment; "
+                         "augment.backend=batched moves the strategies onto the device")
+
+
+def auto_backend_note(cfg: Any) -> str | None:
+    """The run's line saying what augment.backend=auto became (None: the backend was named)."""
+    if cfg.augment.backend != "auto":
+        return None
+    backend, why = _auto_backend(cfg)
+    return f"augment.backend=auto: {backend} ({why})"
 
 
 def own_cores_only() -> bool:

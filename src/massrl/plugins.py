@@ -40,7 +40,8 @@ class StrategyPlugin:
     -> (PIL image, list of op labels)`` that draws with torch's RNG (the generator if given),
     as massrl's own strategies do (``massrl.augment.strategies``). ``batched(cfg)``, optional,
     returns a sampler of the batched engine (``massrl.augment.batched.policies``: ``slots``,
-    ``slot_ops``, ``sample``); without one the strategy runs with augment.backend=per_image only.
+    ``slot_ops``, ``sample``); without one the strategy runs with the per-image backend only
+    (augment.backend=auto picks it; batched is refused).
     ``cfg`` is the run's ``augment`` section."""
 
     per_image: Callable[[Any, int], Callable]

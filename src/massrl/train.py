@@ -24,6 +24,7 @@ from massrl.config.schema import check_training_data, check_training_settings
 from massrl.data.folder import check_headers
 from massrl.devices import (
     augment_backend,
+    auto_backend_note,
     check_accelerator,
     refuse_launch_from_inside,
     resolve_precision,
@@ -241,9 +242,8 @@ def _pretrain(cfg: RunConfig, run_dir: Path | None, held: contextlib.ExitStack,
         retain_freed_memory()
     if cfg.data.num_workers == "auto":
         print(f"data.num_workers=auto: {run_num_workers(cfg)} DataLoader workers on this machine")
-    if cfg.augment.backend == "auto":
-        where = "on the CPU" if trains_on_cpu(cfg.trainer.accelerator) else "on the GPU"
-        print(f"augment.backend=auto: {augment_backend(cfg)} {where}")
+    if note := auto_backend_note(cfg):
+        print(note)
     if cfg.resume == "auto" and not cfg.output_dir and run_dir is None:
         raise ConfigError("resume=auto needs output_dir=DIR: the run directory to continue")
     new_folder = None  # (a run that stops before training leaves no folder of its own)

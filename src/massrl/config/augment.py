@@ -103,9 +103,9 @@ class AugmentConfig(Section):
     backend: Literal["auto", "per_image", "batched"] = Field(
         "auto", description="per_image: the pipeline in DataLoader workers; batched: workers "
         "crop, the strategies run on the whole batch on the training device; auto: batched when "
-        "training on the CPU (faster end to end there), per_image on a GPU (small models train "
-        "faster with it there; set batched where the workers cannot keep up: large or many views "
-        "per core)")
+        "training on the CPU (faster end to end there), per_image on a GPU (set batched where "
+        "the workers cannot keep up: large or many views, few cores per GPU) and for plugin "
+        "strategies without an engine sampler")
     cpu_kernels: Literal["auto", "numba", "torch"] = Field(
         "auto", description="batched backend on the CPU: each op as a fused numba kernel (auto: "
         "when numba is installed; numba: required) or as torch ops")
@@ -142,8 +142,8 @@ class AugmentConfig(Section):
             missing = plugins.without_engine_sampler(self.strategies)
             if missing:
                 raise ValueError(f"strategy {', '.join(missing)} (a plugin's) has no sampler for "
-                                 "the batched engine: set augment.backend=per_image, or register"
-                                 " one (docs/extending.md)")
+                                 "the batched engine: set augment.backend=per_image (or auto, "
+                                 "which picks it), or register one (docs/extending.md)")
         return self
 
     @model_validator(mode="after")

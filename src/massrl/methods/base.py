@@ -173,16 +173,25 @@ class SSLMethod(OnlineMonitors, StepSkipping, Optimisation, L.LightningModule):
         # a folder's file list, which its train / held-out split is drawn from (resume checks it)
         self.data_files = {name: file_list_digest(ds) for name, ds in
                            (("train", splits.train), ("test", splits.test)) if ds is not None}
+        self._make_augmenter()
+
+    def _make_augmenter(self) -> None:
+        """The batched engine, normalising as the model's data does (augment.backend=batched, or
+        auto on the CPU): the views it makes on the device are the model's input."""
         if augment_backend(self.cfg) == "batched" and self.augmenter is None:
             from massrl.augment.batched import BatchedAugmenter
 
-            self.augmenter = BatchedAugmenter(self.cfg.augment, splits.mean, splits.std)
+            norm = self.normalization
+            self.augmenter = BatchedAugmenter(self.cfg.augment, norm["mean"], norm["std"])
 
     def setup(self, stage: str) -> None:
         # fitted from Python with a massrl datamodule: take its data, as `massrl pretrain` does
         dm = getattr(self.trainer, "datamodule", None)
-        if not self.normalization and dm is not None and hasattr(dm, "splits"):
-            self.use_data(dm.splits)
+        if dm is not None and hasattr(dm, "splits"):
+            if not self.normalization:
+                self.use_data(dm.splits)
+            else:  # a loaded checkpoint trained on: its normalisation kept, the engine made anew
+                self._make_augmenter()
         if self.channels_last and self.trainer.strategy.root_device.type == "cpu":
             # (massrl pretrain has decided already; a Trainer of the user's own has not, and
             # channels-last batches would crash oneDNN on a narrow ResNet: devices.py)
