@@ -4,6 +4,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, Dataset
 
 from massrl.config import ConfigError, build_config
@@ -544,3 +545,51 @@ def test_simclr_uses_the_configured_temperature():
         z = model.projector(model.backbone(torch.cat(batch["views"])))
         z = z.reshape(2, -1, z.shape[-1]).transpose(0, 1)
     torch.testing.assert_close(loss.detach(), nt_xent(z, model.pair_mask(batch), 0.1))
+
+
+class _HostReads(TorchDispatchMode):
+    """The aten ops of a block that need tensor values on the host (on a GPU each waits for the
+    device to finish all it was given): item / bool(), nonzero, boolean selection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            torch.is_tensor(i) and i.dtype == torch.bool for i in args[1] if i is not None)
+        if name in ("_local_scalar_dense", "nonzero", "masked_select") or bool_index:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("method", ["byol", "simclr", "massrl"])
+def test_a_training_step_reads_the_device_few_times(method, monkeypatch):
+    """Counted on the CPU: an H200 run counted 14 waits for the device per massrl step (the loss
+    checked twice, the probe's selection of labeled images 4, the per-kind loss logs 4, ...);
+    now the loss is read once, a fully labeled batch once for the probe, the kinds once."""
+    reads = _HostReads()
+    real_tolist = torch.Tensor.tolist
+
+    def tolist(self):
+        reads.seen.append("tolist")
+        return real_tolist(self)
+
+    def counted(self, batch, idx):
+        monkeypatch.setattr(torch.Tensor, "tolist", tolist)
+        try:
+            with reads:
+                return real(self, batch, idx)
+        finally:
+            monkeypatch.setattr(torch.Tensor, "tolist", real_tolist)
+
+    cls = type(build_method(_cfg(method), num_classes=3))
+    real = cls.training_step
+    monkeypatch.setattr(cls, "training_step", counted)
+    torch.manual_seed(0)
+    _fit(build_method(_cfg(method), num_classes=3), batches=2)
+    per_step = len(reads.seen) / 2
+    # the loss's finiteness and the probe's labels (and, for BYOL-style pairs, the selection
+    # of pairs; for massrl its two per-kind logs in one read)
+    assert per_step == {"byol": 3, "simclr": 3, "massrl": 4}[method], reads.seen

@@ -67,13 +67,15 @@ def byol_pair_loss(p: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torc
 
 def pair_losses_by_kind(per_pair: torch.Tensor, mask: torch.Tensor, strategy: torch.Tensor
                         ) -> dict[str, torch.Tensor]:
-    """Split a [B, V, V] per-pair loss into cross- and within-strategy means (for logging)."""
+    """Split a [B, V, V] per-pair loss into cross- and within-strategy means (for logging; a
+    kind without pairs is left out). One read of the device for both kinds."""
     same = strategy[:, :, None] == strategy[:, None, :]
-    out = {}
-    for name, sel in (("cross_strategy", mask & ~same), ("within_strategy", mask & same)):
-        if bool(sel.any()):
-            out[name] = per_pair[sel].mean()
-    return out
+    kinds = torch.stack([mask & ~same, mask & same]).flatten(1)  # [2, B*V*V]
+    sums = torch.where(kinds, per_pair.flatten().unsqueeze(0), 0.0).sum(1)
+    counts = kinds.sum(1)
+    return {name: sums[i] / n for i, (name, n) in
+            enumerate(zip(("cross_strategy", "within_strategy"), counts.tolist(), strict=True))
+            if n}
 
 
 @in_float32

@@ -282,13 +282,14 @@ class SSLMethod(OnlineMonitors, StepSkipping, Optimisation, L.LightningModule):
             self._kept = [b.clone() for b in self.buffers()]
         out = self.ssl_step(batch)
         loss = out.pop("loss")
+        # (the loss read once: on a GPU every read of a value waits for the device)
         if not self._on_every_rank(bool(torch.isfinite(loss))):  # stop or skip on all ranks
             loss = loss.detach() * float("nan")
-        if not check_finite(loss, self.global_step, self.current_epoch + 1,
-                            self.cfg.trainer.skip_nonfinite):
-            self._nonfinite = True  # (counted where the step is skipped: optimizer_step)
-            self._restore_buffers()
-            return self._skip_step()
+            if not check_finite(loss, self.global_step, self.current_epoch + 1,
+                                self.cfg.trainer.skip_nonfinite):
+                self._nonfinite = True  # (counted where the step is skipped: optimizer_step)
+                self._restore_buffers()
+                return self._skip_step()
         feats = out.pop("feats")
         b = batch["label"].shape[0]
         log = {f"train/{k}": v.detach() for k, v in out.items()}
@@ -313,6 +314,9 @@ class SSLMethod(OnlineMonitors, StepSkipping, Optimisation, L.LightningModule):
     def _probe_step(self, feats: torch.Tensor, labels: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         known = labels >= 0
+        if bool(known.all()):  # (every image labeled, the usual case: one read, no selection)
+            logits = self.probe(feats.float())
+            return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
         logits = self.probe(feats[known].float())
         if not bool(known.any()):
             # a zero loss through the probe all the same: under DDP every rank's parameters
