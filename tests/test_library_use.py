@@ -40,10 +40,10 @@ class Squares(Dataset):
         return Image.fromarray(pixels, "L"), label
 
 
-def _splits(n: int = 32, size: int = 16) -> DatasetSplits:
+def _splits(n: int = 32, size: int = 16, mean: float = 0.5, std: float = 0.25) -> DatasetSplits:
     data = Squares(n, size)
     return DatasetSplits(train=data, train_labeled=data, test=data, classes=["left", "right"],
-                         mean=(0.5,) * 3, std=(0.25,) * 3)
+                         mean=(mean,) * 3, std=(std,) * 3)
 
 
 def _fit(cfg, splits: DatasetSplits, **trainer: object) -> tuple[MASSRL, L.Trainer]:
@@ -110,18 +110,36 @@ def test_a_loaded_checkpoint_keeps_its_normalisation_and_the_callers_random_stat
 @pytest.mark.parametrize("backend", ["auto", "per_image", "batched"])
 def test_a_loaded_checkpoint_trains_on_with_a_trainer_of_ones_own(tmp_path, backend):
     """Fine-tuning a checkpoint from Python on massrl's datamodule: with the batched engine
-    (auto's choice on the CPU) the loaded model had no augmenter and refused the uint8 crops."""
+    (auto's choice on the CPU) the loaded model had no augmenter and refused the uint8 crops.
+    Its engine normalises as the new data's transforms do (the per-image views' statistics)."""
     cfg = build_config(overrides=[*TINY, "data.image_size=16", f"augment.backend={backend}"])
     _, fit = _fit(cfg, _splits(16), limit_train_batches=1, limit_val_batches=1)
     fit.save_checkpoint(tmp_path / "m.ckpt")
     loaded = MASSRL.load_from_checkpoint(tmp_path / "m.ckpt")
     on = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, limit_val_batches=1,
                    limit_train_batches=2, enable_progress_bar=False, enable_model_summary=False)
-    on.fit(loaded, datamodule=SSLDataModule(loaded.cfg, splits=_splits(16)))
+    other = _splits(16, mean=0.1, std=0.9)  # other images, of other statistics
+    on.fit(loaded, datamodule=SSLDataModule(loaded.cfg, splits=other))
     assert on.global_step == 2
     assert (loaded.augmenter is not None) == (backend != "per_image")  # (the CPU: auto batched)
-    if loaded.augmenter is not None:  # normalising as the checkpoint's data did
-        assert list(loaded.augmenter.normaliser.mean) == [0.5] * 3
+    if loaded.augmenter is not None:
+        assert loaded.augmenter.normaliser.mean == (0.1,) * 3
+        assert loaded.augmenter.normaliser.std == (0.9,) * 3
+    assert loaded.normalization["mean"] == [0.5] * 3  # (the checkpoint's own, for evaluation)
+
+
+def test_a_model_and_datamodule_of_different_backends_are_told_apart(tmp_path):
+    """A per-image model (an old checkpoint's config) fitted on a datamodule whose config runs
+    the engine: the crops reach a model without one, and the message names the mismatch."""
+    model = build_method(build_config(overrides=[*TINY, "data.image_size=16",
+                                                 "augment.backend=per_image"]), num_classes=2)
+    dm_cfg = build_config(overrides=[*TINY, "data.image_size=16", "augment.backend=batched"])
+    fit = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                    limit_train_batches=1, limit_val_batches=0, enable_progress_bar=False,
+                    enable_model_summary=False)
+    with pytest.raises(RuntimeError, match=r"no augmenter: its config's backend resolves to "
+                                           r"per_image: build the datamodule from the model's"):
+        fit.fit(model, datamodule=SSLDataModule(dm_cfg, splits=_splits(16)))
 
 
 def test_checkpoints_hold_weights_in_the_standard_layout(tmp_path):

@@ -566,9 +566,11 @@ class _HostReads(TorchDispatchMode):
 
 @pytest.mark.parametrize("method", ["byol", "simclr", "massrl"])
 def test_a_training_step_reads_the_device_few_times(method, monkeypatch):
-    """Counted on the CPU: an H200 run counted 14 waits for the device per massrl step (the loss
-    checked twice, the probe's selection of labeled images 4, the per-kind loss logs 4, ...);
-    now the loss is read once, a fully labeled batch once for the probe, the kinds once."""
+    """Counted on the CPU (reads through item/bool, nonzero, boolean indexing and tolist; not
+    copies to the CPU or torch.equal): an H200 run counted 14 waits for the device per massrl
+    step (the loss checked twice, the probe's selection of labeled images 4, the per-kind loss
+    logs 4, ...); now the loss is read once, a fully labeled batch once for the probe, the
+    kinds once."""
     reads = _HostReads()
     real_tolist = torch.Tensor.tolist
 

@@ -71,9 +71,10 @@ def pair_losses_by_kind(per_pair: torch.Tensor, mask: torch.Tensor, strategy: to
     kind without pairs is left out). One read of the device for both kinds."""
     same = strategy[:, :, None] == strategy[:, None, :]
     kinds = torch.stack([mask & ~same, mask & same]).flatten(1)  # [2, B*V*V]
-    sums = torch.where(kinds, per_pair.flatten().unsqueeze(0), 0.0).sum(1)
+    # (summed in float32: half-precision sums of thousands of pairs overflow or round twice)
+    sums = torch.where(kinds, per_pair.flatten().unsqueeze(0), 0.0).sum(1, dtype=torch.float32)
     counts = kinds.sum(1)
-    return {name: sums[i] / n for i, (name, n) in
+    return {name: (sums[i] / n).to(per_pair.dtype) for i, (name, n) in
             enumerate(zip(("cross_strategy", "within_strategy"), counts.tolist(), strict=True))
             if n}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import lightning as L
@@ -173,16 +174,23 @@ class SSLMethod(OnlineMonitors, StepSkipping, Optimisation, L.LightningModule):
         # a folder's file list, which its train / held-out split is drawn from (resume checks it)
         self.data_files = {name: file_list_digest(ds) for name, ds in
                            (("train", splits.train), ("test", splits.test)) if ds is not None}
-        self._make_augmenter()
+        self._make_augmenter(splits.mean, splits.std)
 
-    def _make_augmenter(self) -> None:
-        """The batched engine, normalising as the model's data does (augment.backend=batched, or
-        auto on the CPU): the views it makes on the device are the model's input."""
-        if augment_backend(self.cfg) == "batched" and self.augmenter is None:
-            from massrl.augment.batched import BatchedAugmenter
+    def _make_augmenter(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """The batched engine (augment.backend=batched, or auto on the CPU), normalising as the
+        data's per-image and evaluation transforms do: made anew for data of other statistics
+        (a loaded checkpoint trained on other images)."""
+        if augment_backend(self.cfg) != "batched":
+            return
+        from massrl.augment.batched import BatchedAugmenter
+        from massrl.data.eval_transform import channel_stats
 
-            norm = self.normalization
-            self.augmenter = BatchedAugmenter(self.cfg.augment, norm["mean"], norm["std"])
+        kept = self.augmenter
+        if isinstance(kept, BatchedAugmenter) and (kept.normaliser.mean, kept.normaliser.std) \
+                == channel_stats(mean, std):
+            return
+        if kept is None or isinstance(kept, BatchedAugmenter):  # (one of the user's own stays)
+            self.augmenter = BatchedAugmenter(self.cfg.augment, mean, std)
 
     def setup(self, stage: str) -> None:
         # fitted from Python with a massrl datamodule: take its data, as `massrl pretrain` does
@@ -190,8 +198,8 @@ class SSLMethod(OnlineMonitors, StepSkipping, Optimisation, L.LightningModule):
         if dm is not None and hasattr(dm, "splits"):
             if not self.normalization:
                 self.use_data(dm.splits)
-            else:  # a loaded checkpoint trained on: its normalisation kept, the engine made anew
-                self._make_augmenter()
+            else:  # a loaded checkpoint trained on: its normalisation kept, the engine made
+                self._make_augmenter(dm.splits.mean, dm.splits.std)  # for the data it sees
         if self.channels_last and self.trainer.strategy.root_device.type == "cpu":
             # (massrl pretrain has decided already; a Trainer of the user's own has not, and
             # channels-last batches would crash oneDNN on a narrow ResNet: devices.py)
@@ -208,9 +216,13 @@ class SSLMethod(OnlineMonitors, StepSkipping, Optimisation, L.LightningModule):
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         views = batch.get("views") if isinstance(batch, dict) else None
         if views and views[0].dtype == torch.uint8 and self.augmenter is None:
-            raise RuntimeError(
-                "the batch holds uint8 crops (augment.backend=batched) but the model has no "
-                "augmenter: fit it with massrl's SSLDataModule, or call model.use_data(splits)")
+            if augment_backend(self.cfg) == "batched":
+                fix = "fit it with massrl's SSLDataModule, or call model.use_data(splits)"
+            else:  # (the datamodule's config is not the model's: an old checkpoint's, say)
+                fix = ("its config's backend resolves to per_image: build the datamodule from "
+                       "the model's config, SSLDataModule(model.cfg)")
+            raise RuntimeError("the batch holds uint8 crops (its datamodule's augment.backend "
+                               f"resolves to batched) but the model has no augmenter: {fix}")
         if self.augmenter is not None and self.trainer.training:
             from massrl.augment.batched import augment_batch
 
@@ -314,7 +326,7 @@ class SSLMethod(OnlineMonitors, StepSkipping, Optimisation, L.LightningModule):
     def _probe_step(self, feats: torch.Tensor, labels: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         known = labels >= 0
-        if bool(known.all()):  # (every image labeled, the usual case: one read, no selection)
+        if labels.numel() and bool(known.all()):  # (all labeled, the usual case: one read)
             logits = self.probe(feats.float())
             return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
         logits = self.probe(feats[known].float())

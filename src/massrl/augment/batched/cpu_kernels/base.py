@@ -76,7 +76,8 @@ def usable_here() -> bool:
 def jit(fn, **options):
     """numba.njit with the compiled code cached on disk (next to the module, or in numba's user
     cache, or NUMBA_CACHE_DIR); where none is writable numba refuses to cache at decoration
-    time, and the kernels are compiled in each process instead (~8 s at first use)."""
+    time, and the kernels are compiled in each process instead (~17 s at first use on a 2-core
+    machine)."""
     if numba is None:
         return fn
     try:
