@@ -55,6 +55,14 @@ def test_pretrain_writes_a_complete_run_directory(method, tiny, capsys):
     assert torch.__version__.startswith(summary["runtime"]["versions"]["torch"])
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["method"] == method and saved["data"]["subset"] == 128
+    # the knobs a sweep's runs differ in, as config.yaml has them
+    m, d, a = saved["model"], saved["data"], saved["augment"]
+    assert summary["setup"] == {
+        "backbone": m["backbone"], "width": m["width"], "image_size": d["image_size"],
+        "batch_size": d["batch_size"], "subset": d["subset"], "max_epochs": 1,
+        "optimizer": saved["optimizer"]["name"], "lr": saved["optimizer"]["lr"],
+        "strategies": a["strategies"],
+        "view_mode": a["view_mode"], "views_per_image": 2}
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["hyper_parameters"]["config"]["method"] == method
 

@@ -18,6 +18,7 @@ from massrl.provenance import runtime
 from massrl.run_dir import last_checkpoint
 
 if TYPE_CHECKING:
+    from massrl.config import RunConfig
     from massrl.methods import SSLMethod
 
 KNN_METRIC = "val/knn_top1"
@@ -73,6 +74,7 @@ class RunSummary(Callback):
             # (a run on pretrain(splits=...)'s datasets: its config's data.name is not them)
             "dataset": "own splits" if module.own_splits else module.cfg.data.name,
             "seed": module.cfg.seed,
+            "setup": run_setup(module.cfg),
             **self.val_figures(ckpt),
             "final_loss": m.get("train/loss_epoch"),
             "epochs": trainer.current_epoch,
@@ -105,6 +107,17 @@ class RunSummary(Callback):
         return {"knn_top1": knn, "knn_after_epochs": self.last_val.get("after_epochs"),
                 "best_knn_top1": None if best is None else float(best),
                 "probe_top1": self.last_val.get("val/probe_top1")}
+
+
+def run_setup(cfg: RunConfig) -> dict[str, Any]:
+    """The knobs runs of a sweep differ in, beside method, dataset and seed (config.yaml holds
+    all of them): a table of summaries compares runs without reading their configs."""
+    m, d, a = cfg.model, cfg.data, cfg.augment
+    return {"backbone": m.backbone, "width": m.width, "image_size": d.image_size,
+            "batch_size": d.batch_size, "subset": d.subset, "max_epochs":
+            cfg.trainer.max_epochs, "optimizer": cfg.optimizer.name, "lr": cfg.optimizer.lr,
+            "strategies": list(a.strategies), "view_mode": a.view_mode,
+            "views_per_image": a.views_per_image}
 
 
 def measure_final_model(trainer: L.Trainer, method: L.LightningModule, datamodule: Any,
